@@ -1,0 +1,107 @@
+"""The desired state: services, their ports and their backends.
+
+Frozen dataclasses, validated once at the edge (agent.config for files, agent.sources.kubernetes
+for the API) and trusted everywhere inside. Addresses are stored in their canonical text form
+(ipaddress.ip_address(...).compressed) so that equal addresses compare equal.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+PROTOCOLS = ("TCP", "UDP")
+ALGORITHMS = ("random", "round_robin")
+HEALTH_CHECK_TYPES = ("tcp", "http")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One endpoint of a service.
+
+    The conditions follow EndpointSlice semantics: `ready` backends take new connections;
+    `serving` + `terminating` ones are used only when no backend is ready.
+    """
+
+    address: str
+    weight: int = 1
+    node: Optional[str] = None
+    zone: Optional[str] = None
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    # Per-service-port target ports (service port name -> port), as EndpointSlices carry them.
+    # Empty for file-configured backends, which use ServicePort.target_port.
+    ports: Tuple[Tuple[str, int], ...] = ()
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+    def target_port(self, service_port: "ServicePort") -> int:
+        for name, port in self.ports:
+            if name == service_port.name:
+                return port
+        return service_port.target_port
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int
+    protocol: str = "TCP"
+    name: str = ""
+    node_port: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    type: str = "tcp"
+    interval_seconds: float = 1.0
+    timeout_seconds: float = 1.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+    path: str = "/"
+    port: Optional[int] = None  # defaults to each backend's target port
+
+
+@dataclass(frozen=True)
+class SessionAffinity:
+    timeout_seconds: int = 10800
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    namespace: str
+    vip: str
+    ports: Tuple[ServicePort, ...]
+    backends: Tuple[Backend, ...] = ()
+    algorithm: str = "random"
+    session_affinity: Optional[SessionAffinity] = None
+    health_check: Optional[HealthCheck] = None
+    # Further virtual addresses of the same service (a dual-stack Kubernetes Service has one
+    # ClusterIP per family). Each (vip, port, protocol) is one frontend in the datapath.
+    extra_vips: Tuple[str, ...] = ()
+    internal_traffic_policy: str = "Cluster"  # Cluster | Local
+    traffic_distribution: Optional[str] = None  # e.g. PreferClose
+    labels: Tuple[Tuple[str, str], ...] = field(default=(), compare=True)
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def vips(self) -> Tuple[str, ...]:
+        return (self.vip,) + self.extra_vips
+
+    def frontends(self):
+        """Yield (vip, ServicePort) for every frontend this service programs."""
+        for vip in self.vips:
+            for sp in self.ports:
+                yield vip, sp
+
+
+def canonical_ip(text: str) -> str:
+    """Canonical text of an IP address; raises ValueError for anything else."""
+    return ipaddress.ip_address(text.strip()).compressed
