@@ -1,0 +1,335 @@
+"""The bpf(2) calls nodemesh needs beyond BCC: links, pins, object info and batch map ops.
+
+BCC compiles and loads programs and creates maps; it has no bpf_link API for cgroups and its
+batch helpers copy through Python lists. These thin wrappers call the syscall directly with
+ctypes. Each attr struct is the leading part of union bpf_attr for that command; the kernel
+accepts a shorter attr as long as it is the prefix it expects.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+from functools import lru_cache
+from typing import Optional, Tuple
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
+           "riscv64": 280}
+
+# enum bpf_cmd
+MAP_LOOKUP_ELEM = 1
+MAP_UPDATE_ELEM = 2
+MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
+OBJ_PIN = 6
+OBJ_GET = 7
+PROG_DETACH = 9
+PROG_GET_FD_BY_ID = 13
+MAP_GET_FD_BY_ID = 14
+OBJ_GET_INFO_BY_FD = 15
+PROG_QUERY = 16
+MAP_LOOKUP_BATCH = 24
+MAP_UPDATE_BATCH = 26
+MAP_DELETE_BATCH = 27
+LINK_CREATE = 28
+LINK_UPDATE = 29
+LINK_GET_FD_BY_ID = 30
+LINK_GET_NEXT_ID = 31
+LINK_DETACH = 34
+
+# enum bpf_map_type (the ones we check)
+MAP_TYPE_HASH = 1
+MAP_TYPE_ARRAY = 2
+MAP_TYPE_PERCPU_HASH = 5
+MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_LRU_HASH = 9
+
+# enum bpf_link_type
+LINK_TYPE_CGROUP = 3
+
+
+class BPFError(OSError):
+    pass
+
+
+def _nr() -> int:
+    try:
+        return _NR_BPF[platform.machine()]
+    except KeyError:
+        raise BPFError(errno.ENOSYS, f"unsupported architecture {platform.machine()}")
+
+
+def bpf(cmd: int, attr: ctypes.Structure) -> int:
+    ret = _libc.syscall(_nr(), cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BPFError(err, f"bpf(cmd={cmd}): {os.strerror(err)}")
+    return ret
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
+                ("file_flags", ctypes.c_uint32)]
+
+
+def obj_pin(fd: int, path: str) -> None:
+    p = ctypes.create_string_buffer(path.encode())
+    bpf(OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(p), bpf_fd=fd))
+
+
+def obj_get(path: str) -> int:
+    p = ctypes.create_string_buffer(path.encode())
+    return bpf(OBJ_GET, _ObjAttr(pathname=ctypes.addressof(p)))
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("target_btf_id", ctypes.c_uint32), ("pad", ctypes.c_uint32 * 7)]
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    return bpf(LINK_CREATE, _LinkCreateAttr(prog_fd=prog_fd, target_fd=target_fd,
+                                            attach_type=attach_type))
+
+
+class _LinkUpdateAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32), ("new_prog_fd", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("old_prog_fd", ctypes.c_uint32)]
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """Swap the program behind a link in one step: no moment without a program attached."""
+    bpf(LINK_UPDATE, _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd))
+
+
+class _LinkDetachAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32)]
+
+
+def link_detach(link_fd: int) -> None:
+    bpf(LINK_DETACH, _LinkDetachAttr(link_fd=link_fd))
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+class MapInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 64)]
+
+
+class LinkInfo(ctypes.Structure):
+    # struct bpf_link_info: type, id, prog_id, then a union (8-aligned); for cgroup links the
+    # union starts with cgroup_id (u64) and attach_type (u32).
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("prog_id", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64),
+                ("attach_type", ctypes.c_uint32), ("rest", ctypes.c_uint8 * 60)]
+
+
+class ProgInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
+                ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 160)]
+
+
+def _info(fd: int, info: ctypes.Structure) -> ctypes.Structure:
+    bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+                                      info=ctypes.addressof(info)))
+    return info
+
+
+def map_info(fd: int) -> MapInfo:
+    return _info(fd, MapInfo())
+
+
+def link_info(fd: int) -> LinkInfo:
+    return _info(fd, LinkInfo())
+
+
+def prog_info(fd: int) -> ProgInfo:
+    return _info(fd, ProgInfo())
+
+
+class _GetNextIdAttr(ctypes.Structure):
+    _fields_ = [("start_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32)]
+
+
+def link_ids():
+    """Every bpf_link id on the system."""
+    attr = _GetNextIdAttr(start_id=0)
+    while True:
+        try:
+            bpf(LINK_GET_NEXT_ID, attr)
+        except BPFError as e:
+            if e.errno == errno.ENOENT:
+                return
+            raise
+        yield attr.next_id
+        attr.start_id = attr.next_id
+
+
+class _FdByIdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32)]
+
+
+def link_fd_by_id(link_id: int) -> int:
+    return bpf(LINK_GET_FD_BY_ID, _FdByIdAttr(id=link_id))
+
+
+class _QueryAttr(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+def prog_query(target_fd: int, attach_type: int, max_progs: int = 64) -> Tuple[int, ...]:
+    """Ids of the programs attached to a cgroup at attach_type (effective or not)."""
+    ids = (ctypes.c_uint32 * max_progs)()
+    attr = _QueryAttr(target_fd=target_fd, attach_type=attach_type,
+                      prog_ids=ctypes.addressof(ids), prog_cnt=max_progs)
+    bpf(PROG_QUERY, attr)
+    return tuple(ids[i] for i in range(attr.prog_cnt))
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def map_update(fd: int, key, value, flags: int = 0) -> None:
+    bpf(MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key),
+                                   value=ctypes.addressof(value), flags=flags))
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    try:
+        bpf(MAP_LOOKUP_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key),
+                                       value=ctypes.addressof(value)))
+        return True
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+
+
+def map_delete(fd: int, key) -> bool:
+    try:
+        bpf(MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key)))
+        return True
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
+                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def map_update_batch(fd: int, keys, values, count: int) -> None:
+    """Write count (key, value) pairs, in order, in one syscall. keys/values: ctypes arrays.
+
+    On failure, raises with .done set to the number of elements that were written."""
+    if count == 0:
+        return
+    attr = _BatchAttr(keys=ctypes.addressof(keys), values=ctypes.addressof(values), count=count,
+                      map_fd=fd)
+    try:
+        bpf(MAP_UPDATE_BATCH, attr)
+    except BPFError as e:
+        e.done = attr.count
+        raise
+
+
+def map_delete_batch(fd: int, keys, count: int) -> int:
+    """Delete count keys; keys that are already gone are skipped. Returns how many went."""
+    if count == 0:
+        return 0
+    attr = _BatchAttr(keys=ctypes.addressof(keys), count=count, map_fd=fd)
+    try:
+        bpf(MAP_DELETE_BATCH, attr)
+        return attr.count
+    except BPFError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    # A missing key stops the batch at that key: finish one by one, skipping the missing.
+    done = attr.count
+    size = ctypes.sizeof(keys) // len(keys)
+    base = ctypes.addressof(keys)
+    for i in range(done, count):
+        try:
+            bpf(MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=base + i * size))
+            done += 1
+        except BPFError as e:
+            if e.errno != errno.ENOENT:
+                raise
+    return done
+
+
+def map_lookup_batch(fd: int, key_type, value_type, chunk: int = 4096):
+    """Yield (key, value) for every element, reading `chunk` elements a syscall."""
+    keys = (key_type * chunk)()
+    values = (value_type * chunk)()
+    token_in = ctypes.c_uint64(0)
+    token_out = ctypes.c_uint64(0)
+    first = True
+    while True:
+        attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(token_in),
+                          out_batch=ctypes.addressof(token_out), keys=ctypes.addressof(keys),
+                          values=ctypes.addressof(values), count=chunk, map_fd=fd)
+        done = False
+        try:
+            bpf(MAP_LOOKUP_BATCH, attr)
+        except BPFError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            done = True  # ENOENT: this was the last chunk (possibly empty)
+        for i in range(attr.count):
+            yield keys[i], values[i]
+        if done:
+            return
+        token_in.value = token_out.value
+        first = False
+
+
+@lru_cache(maxsize=1)
+def possible_cpus() -> int:
+    """Number of possible CPUs: the stride of per-CPU map values."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+def cgroup_id(path: str) -> int:
+    """The id the kernel uses for a cgroup v2 folder (its inode number)."""
+    return os.stat(path).st_ino
+
+
+def close(fd: Optional[int]) -> None:
+    if fd is not None and fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,303 @@
+"""Compile bpf/ with BCC, pin and adopt maps, attach the socket hooks through pinned bpf links.
+
+The one place that attaches and detaches. Everything lives under the bpffs folder (mode 0700):
+
+    <bpffs>/services, backends, ...   maps (BCC creates and pins them, or opens existing pins)
+    <bpffs>/links/connect4, ...       one cgroup bpf_link per hook
+
+Pinned links keep the programs attached after the agent exits (SIGTERM, SIGKILL, upgrade): the
+datapath keeps serving. A new agent opens the pinned maps (so it sees the services already
+programmed) and swaps its freshly loaded programs into the existing links with LINK_UPDATE,
+which replaces a program in one step, so no connection ever meets an unhooked socket.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import bpfsys
+from .maps import ABI_VERSION, MAPS, Info, Maps, MapSizes, u32
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BPFFS = "/sys/fs/bpf/nodemesh"
+BPFFS_ROOT = "/sys/fs/bpf"
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str       # pin name under links/
+    function: str   # C function in sock_lb.c
+    attach_type: int
+
+
+HOOKS = (
+    Hook("connect4", "nm_connect4", 10),
+    Hook("connect6", "nm_connect6", 11),
+    Hook("sendmsg4", "nm_sendmsg4", 14),
+    Hook("sendmsg6", "nm_sendmsg6", 15),
+    Hook("recvmsg4", "nm_recvmsg4", 19),
+    Hook("recvmsg6", "nm_recvmsg6", 20),
+    Hook("getpeername4", "nm_getpeername4", 29),
+    Hook("getpeername6", "nm_getpeername6", 30),
+)
+
+
+class DatapathError(Exception):
+    """The datapath cannot be loaded or attached; the message says what to do."""
+
+
+def bpf_source_dir() -> Path:
+    """Where the C sources are: $NODEMESH_BPF_DIR, the source checkout, or the installed copy."""
+    env = os.environ.get("NODEMESH_BPF_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2] / "bpf", Path("/usr/share/nodemesh/bpf")]
+    for c in candidates:
+        if (c / "sock_lb.c").is_file():
+            return c
+    raise DatapathError(f"cannot find the BPF sources (sock_lb.c) in any of: "
+                        f"{', '.join(map(str, candidates))}; set NODEMESH_BPF_DIR")
+
+
+def _mounts():
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                yield parts[1].replace("\\040", " "), parts[2]
+
+
+def cgroup2_root() -> str:
+    """The cgroup v2 mount point, read from /proc/mounts (never assumed)."""
+    for mountpoint, fstype in _mounts():
+        if fstype == "cgroup2":
+            return mountpoint
+    raise DatapathError("no cgroup v2 filesystem is mounted (/proc/mounts has no cgroup2): "
+                        "the socket hooks need cgroup v2")
+
+
+def check_cgroup(path: str) -> str:
+    real = os.path.realpath(path)
+    mounts = [m for m, t in _mounts() if t == "cgroup2"]
+    if not any(real == m or real.startswith(m.rstrip("/") + "/") for m in mounts):
+        raise DatapathError(f"--cgroup {path}: not inside a cgroup v2 mount "
+                            f"({', '.join(mounts) or 'none mounted'})")
+    if not os.path.isfile(os.path.join(real, "cgroup.procs")):
+        raise DatapathError(f"--cgroup {path}: not a cgroup folder (no cgroup.procs)")
+    return real
+
+
+def ensure_bpffs(folder: str) -> None:
+    """Make sure `folder` is on a bpf filesystem, mounting /sys/fs/bpf if nothing is (as Cilium
+    does), and create it with mode 0700."""
+    real = os.path.realpath(folder)
+    bpf_mounts = [m for m, t in _mounts() if t == "bpf"]
+    if not any(real == m or real.startswith(m.rstrip("/") + "/") for m in bpf_mounts):
+        if real.startswith(BPFFS_ROOT + "/") and BPFFS_ROOT not in bpf_mounts:
+            os.makedirs(BPFFS_ROOT, exist_ok=True)
+            log.info("bpffs not mounted; mounting it at %s", BPFFS_ROOT)
+            if os.system(f"mount -t bpf bpf {BPFFS_ROOT}") != 0:
+                raise DatapathError(f"could not mount bpffs at {BPFFS_ROOT}")
+        else:
+            raise DatapathError(f"--bpffs {folder}: not on a bpf filesystem (mount one with "
+                                f"'mount -t bpf bpf {BPFFS_ROOT}')")
+    os.makedirs(os.path.join(real, "links"), mode=0o700, exist_ok=True)
+    os.chmod(real, 0o700)
+    os.chmod(os.path.join(real, "links"), 0o700)
+
+
+class Datapath:
+    """Loads the programs against the pinned maps and keeps the hooks attached to one cgroup."""
+
+    def __init__(self, bpffs: str = DEFAULT_BPFFS, cgroup: Optional[str] = None,
+                 sizes: MapSizes = MapSizes()):
+        self.bpffs = os.path.realpath(bpffs)
+        self.cgroup = cgroup
+        self.sizes = sizes
+        self.bpf = None
+        self.maps: Optional[Maps] = None
+        self.adopted = False
+        self._prog_fds: Dict[str, int] = {}
+        self.load_seconds = 0.0
+
+    # -- load -------------------------------------------------------------------------------
+    def check_pins(self) -> bool:
+        """Compare existing pins with what this build creates. True if there are pins to adopt.
+
+        A pin from an incompatible build would be silently misread; refuse it instead."""
+        found = False
+        problems = []
+        for spec in MAPS:
+            path = os.path.join(self.bpffs, spec.name)
+            if not os.path.exists(path):
+                continue
+            found = True
+            fd = bpfsys.obj_get(path)
+            try:
+                info = bpfsys.map_info(fd)
+            finally:
+                bpfsys.close(fd)
+            want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
+                    self.sizes.capacity(spec))
+            have = (info.type, info.key_size, info.value_size, info.max_entries)
+            if want != have:
+                problems.append(f"{path}: pinned (type, key, value, capacity) = {have}, "
+                                f"this build needs {want}")
+        if problems:
+            raise DatapathError("existing pins do not match this build (another nodemesh "
+                                "version, or other --map-* sizes):\n  " + "\n  ".join(problems)
+                                + f"\nrun 'nodemesh cleanup --bpffs {self.bpffs}' to start afresh")
+        return found
+
+    def load(self) -> Maps:
+        from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no BCC
+
+        ensure_bpffs(self.bpffs)
+        self.adopted = self.check_pins()
+        src = bpf_source_dir()
+        cflags = [f'-DNM_PIN_DIR="{self.bpffs}"', f"-I{src}", *self.sizes.cflags()]
+        started = time.monotonic()
+        try:
+            self.bpf = BPF(src_file=str(src / "sock_lb.c"), cflags=cflags)
+            for hook in HOOKS:
+                fn = self.bpf.load_func(hook.function, BPF.CGROUP_SOCK_ADDR,
+                                        attach_type=hook.attach_type)
+                self._prog_fds[hook.name] = fn.fd
+        except Exception as e:  # BCC raises bare Exceptions with the verifier log on stderr
+            raise DatapathError(f"compiling or loading {src / 'sock_lb.c'} failed: {e}. "
+                                f"Check kernel headers with 'nodemesh preflight'.") from e
+        self.load_seconds = time.monotonic() - started
+        fds = {spec.name: self.bpf[spec.name].map_fd for spec in MAPS}
+        self.maps = Maps(fds)
+        self._stamp_info()
+        log.info("datapath loaded in %.2fs (%s pinned maps under %s)", self.load_seconds,
+                 "adopted" if self.adopted else "new", self.bpffs)
+        return self.maps
+
+    def _stamp_info(self) -> None:
+        assert self.maps is not None
+        key, info = u32(0), Info()
+        bpfsys.map_lookup(self.maps.fd("info"), key, info)
+        if info.abi_version not in (0, ABI_VERSION):
+            raise DatapathError(f"pinned maps in {self.bpffs} were written by ABI "
+                                f"{info.abi_version}, this build is {ABI_VERSION}; run "
+                                f"'nodemesh cleanup --bpffs {self.bpffs}'")
+        if info.abi_version == 0:
+            info.abi_version = ABI_VERSION
+            info.created_unix = int(time.time())
+            bpfsys.map_update(self.maps.fd("info"), key, info)
+
+    # -- attach -----------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Attach every hook to the cgroup: update pinned links in place, or create them."""
+        if self.cgroup is None:
+            raise DatapathError("no cgroup to attach to")
+        cgroup = check_cgroup(self.cgroup)
+        want_cgid = bpfsys.cgroup_id(cgroup)
+        cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for hook in HOOKS:
+                self._attach_one(hook, cg_fd, want_cgid, cgroup)
+        finally:
+            os.close(cg_fd)
+
+    def _attach_one(self, hook: Hook, cg_fd: int, want_cgid: int, cgroup: str) -> None:
+        pin = os.path.join(self.bpffs, "links", hook.name)
+        prog_fd = self._prog_fds[hook.name]
+        if os.path.exists(pin):
+            link_fd = bpfsys.obj_get(pin)
+            try:
+                info = bpfsys.link_info(link_fd)
+                if info.cgroup_id == want_cgid and info.attach_type == hook.attach_type:
+                    bpfsys.link_update(link_fd, prog_fd)
+                    log.debug("hook %s: swapped program into existing link %d", hook.name,
+                              info.id)
+                    return
+                log.warning("hook %s: pinned link is on another cgroup (id %d); moving it to %s",
+                            hook.name, info.cgroup_id, cgroup)
+                bpfsys.link_detach(link_fd)
+            finally:
+                bpfsys.close(link_fd)
+            os.unlink(pin)
+        try:
+            link_fd = bpfsys.link_create(prog_fd, cg_fd, hook.attach_type)
+        except bpfsys.BPFError as e:
+            hint = (" (another program is attached to this cgroup without BPF_F_ALLOW_MULTI)"
+                    if e.errno in (errno.EPERM, errno.EEXIST, errno.EBUSY) else "")
+            raise DatapathError(f"attaching {hook.name} to {cgroup} failed: {e.strerror}{hint}")
+        try:
+            bpfsys.obj_pin(link_fd, pin)
+        finally:
+            bpfsys.close(link_fd)
+        log.debug("hook %s: attached to %s", hook.name, cgroup)
+
+    def close(self) -> None:
+        """Drop this process's fds. Programs stay attached through their pinned links."""
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            except Exception:  # BCC cleanup must not mask the real exit reason
+                pass
+            self.bpf = None
+        self.maps = None
+        self._prog_fds = {}
+
+
+def attachments(bpffs: str = DEFAULT_BPFFS) -> List[Dict[str, object]]:
+    """What the pinned links say is attached: for `nodemesh status`."""
+    out = []
+    for hook in HOOKS:
+        pin = os.path.join(bpffs, "links", hook.name)
+        if not os.path.exists(pin):
+            continue
+        fd = bpfsys.obj_get(pin)
+        try:
+            info = bpfsys.link_info(fd)
+            out.append({"hook": hook.name, "link_id": info.id, "prog_id": info.prog_id,
+                        "cgroup_id": info.cgroup_id, "attached": info.cgroup_id != 0})
+        finally:
+            bpfsys.close(fd)
+    return out
+
+
+def cleanup(bpffs: str = DEFAULT_BPFFS) -> List[str]:
+    """Detach every hook and remove every pin under bpffs. Idempotent. Returns what it did."""
+    done: List[str] = []
+    real = os.path.realpath(bpffs)
+    if not os.path.isdir(real):
+        return done
+    links_dir = os.path.join(real, "links")
+    if os.path.isdir(links_dir):
+        for name in sorted(os.listdir(links_dir)):
+            pin = os.path.join(links_dir, name)
+            try:
+                fd = bpfsys.obj_get(pin)
+                try:
+                    bpfsys.link_detach(fd)
+                except bpfsys.BPFError as e:
+                    if e.errno not in (errno.ENOLINK, errno.EINVAL, errno.ENOENT):
+                        raise
+                finally:
+                    bpfsys.close(fd)
+            except bpfsys.BPFError as e:
+                log.warning("%s: %s", pin, e)
+            os.unlink(pin)
+            done.append(f"detached {name}")
+    for entry in sorted(os.listdir(real)):
+        path = os.path.join(real, entry)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+            done.append(f"unpinned {entry}")
+    os.rmdir(real)
+    done.append(f"removed {real}")
+    return done

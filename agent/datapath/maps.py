@@ -1,0 +1,232 @@
+"""Typed access to the pinned maps: ctypes mirrors of bpf/nodemesh.h and batch reads/writes.
+
+The mirrors are checked against BCC's generated types by tests/datapath/test_layout.py, and
+against existing pins by the loader before it adopts them.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
+
+from . import bpfsys
+
+ABI_VERSION = 1
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+SLOT_BANK_SHIFT = 15
+SLOT_INDEX_MASK = 0x7FFF
+ALG_RANDOM = 0
+ALG_ROUND_ROBIN = 1
+ALGORITHM_IDS = {"random": ALG_RANDOM, "round_robin": ALG_ROUND_ROBIN}
+ALGORITHM_NAMES = {v: k for k, v in ALGORITHM_IDS.items()}
+PROTO_IDS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
+PROTO_NAMES = {v: k for k, v in PROTO_IDS.items()}
+BACKEND_ACTIVE = 0
+
+# enum nm_counter
+COUNTER_NAMES = {0: "slot_miss", 1: "backend_miss", 2: "revnat_failed", 3: "revnat_hit",
+                 4: "udp_sendmsg", 5: "v4_in_v6"}
+COUNTER_SLOTS = 8
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+
+class SvcKey(ctypes.Structure):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("proto", u8), ("family", u8), ("slot", u16),
+                ("pad", u16)]
+
+
+class SvcValue(ctypes.Structure):
+    _fields_ = [("backend_id", u32), ("svc_id", u32), ("count", u16), ("bank", u8),
+                ("algorithm", u8), ("flags", u16), ("pad", u16), ("revision", u32)]
+
+
+class BackendEntry(ctypes.Structure):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("proto", u8), ("family", u8), ("svc_id", u32),
+                ("state", u8), ("pad", u8 * 3)]
+
+
+class RevnatKey(ctypes.Structure):
+    _fields_ = [("cookie", u64), ("addr", u32 * 4), ("port", u16), ("family", u8),
+                ("pad", u8 * 5)]
+
+
+class RevnatValue(ctypes.Structure):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("pad", u16), ("svc_id", u32)]
+
+
+class SvcStats(ctypes.Structure):
+    _fields_ = [("connections", u64), ("no_backend", u64)]
+
+
+class BackendStats(ctypes.Structure):
+    _fields_ = [("connections", u64), ("reserved", u64)]
+
+
+class Info(ctypes.Structure):
+    _fields_ = [("abi_version", u32), ("pad", u32), ("created_unix", u64)]
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    map_type: int
+    key: type
+    value: type
+    size_setting: str  # the NM_MAX_* define that sizes it, or "" for a fixed size
+    fixed_size: int = 0
+
+    @property
+    def percpu(self) -> bool:
+        return self.map_type in (bpfsys.MAP_TYPE_PERCPU_HASH, bpfsys.MAP_TYPE_PERCPU_ARRAY)
+
+
+MAPS: Tuple[MapSpec, ...] = (
+    MapSpec("services", bpfsys.MAP_TYPE_HASH, SvcKey, SvcValue, "NM_MAX_SERVICE_ENTRIES"),
+    MapSpec("backends", bpfsys.MAP_TYPE_HASH, u32, BackendEntry, "NM_MAX_BACKENDS"),
+    MapSpec("rr_state", bpfsys.MAP_TYPE_ARRAY, u32, u64, "NM_MAX_FRONTENDS"),
+    MapSpec("revnat", bpfsys.MAP_TYPE_LRU_HASH, RevnatKey, RevnatValue, "NM_MAX_REVNAT"),
+    MapSpec("svc_stats", bpfsys.MAP_TYPE_PERCPU_HASH, u32, SvcStats, "NM_MAX_FRONTENDS"),
+    MapSpec("backend_stats", bpfsys.MAP_TYPE_PERCPU_HASH, u32, BackendStats, "NM_MAX_BACKENDS"),
+    MapSpec("counters", bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, u64, "", COUNTER_SLOTS),
+    MapSpec("info", bpfsys.MAP_TYPE_ARRAY, u32, Info, "", 1),
+)
+MAP_BY_NAME = {m.name: m for m in MAPS}
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    """Capacities, passed to the C code as -D flags. Defaults suit a large node."""
+
+    service_entries: int = 262144
+    frontends: int = 65536
+    backends: int = 262144
+    revnat: int = 65536
+
+    def setting(self, name: str) -> int:
+        return {"NM_MAX_SERVICE_ENTRIES": self.service_entries, "NM_MAX_FRONTENDS": self.frontends,
+                "NM_MAX_BACKENDS": self.backends, "NM_MAX_REVNAT": self.revnat}[name]
+
+    def capacity(self, spec: MapSpec) -> int:
+        return self.setting(spec.size_setting) if spec.size_setting else spec.fixed_size
+
+    def cflags(self) -> List[str]:
+        return [f"-D{n}={self.setting(n)}" for n in
+                ("NM_MAX_SERVICE_ENTRIES", "NM_MAX_FRONTENDS", "NM_MAX_BACKENDS", "NM_MAX_REVNAT")]
+
+
+def encode_addr(address: str) -> Tuple[int, Tuple[int, int, int, int]]:
+    """(family, four u32 words holding the address bytes in network order)."""
+    ip = ipaddress.ip_address(address)
+    raw = ip.packed.ljust(16, b"\0")
+    words = tuple(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4))
+    return (FAMILY_V4 if ip.version == 4 else FAMILY_V6), words  # type: ignore[return-value]
+
+
+def decode_addr(family: int, words: Sequence[int]) -> str:
+    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
+    if family == FAMILY_V4:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return ipaddress.IPv6Address(raw).compressed
+
+
+def port_be(port: int) -> int:
+    """A port as the u16 the hooks compare: network byte order in memory."""
+    return socket.htons(port)
+
+
+def port_host(port_be_value: int) -> int:
+    return socket.ntohs(port_be_value)
+
+
+def svc_key(family: int, words, port: int, proto: int, slot: int = 0) -> SvcKey:
+    k = SvcKey()
+    k.addr[:] = words
+    k.port = port_be(port)
+    k.proto = proto
+    k.family = family
+    k.slot = slot
+    return k
+
+
+def slot_number(bank: int, index: int) -> int:
+    return (bank << SLOT_BANK_SHIFT) | index
+
+
+class Maps:
+    """Open fds of the pinned maps, with the batch operations the reconciler and metrics use."""
+
+    def __init__(self, fds: Dict[str, int]):
+        self.fds = fds
+
+    def fd(self, name: str) -> int:
+        return self.fds[name]
+
+    # -- writes -----------------------------------------------------------------------------
+    def update_batch(self, name: str, pairs: Sequence[Tuple[object, object]]) -> None:
+        if not pairs:
+            return
+        spec = MAP_BY_NAME[name]
+        n = len(pairs)
+        keys = (spec.key * n)()
+        if spec.percpu:
+            # Per-CPU writes take one value per possible CPU: the first gets the value, the
+            # others zero, so the sum is the value.
+            ncpu = bpfsys.possible_cpus()
+            values = ((spec.value * ncpu) * n)()
+            for i, (k, v) in enumerate(pairs):
+                keys[i] = k
+                values[i][0] = v
+        else:
+            values = (spec.value * n)()
+            for i, (k, v) in enumerate(pairs):
+                keys[i] = k
+                values[i] = v
+        bpfsys.map_update_batch(self.fds[name], keys, values, n)
+
+    def delete_batch(self, name: str, keys: Sequence[object]) -> int:
+        if not keys:
+            return 0
+        spec = MAP_BY_NAME[name]
+        arr = (spec.key * len(keys))(*keys)
+        return bpfsys.map_delete_batch(self.fds[name], arr, len(keys))
+
+    # -- reads ------------------------------------------------------------------------------
+    def items(self, name: str) -> Iterator[Tuple[object, object]]:
+        spec = MAP_BY_NAME[name]
+        value = (spec.value * bpfsys.possible_cpus()) if spec.percpu else spec.value
+        yield from bpfsys.map_lookup_batch(self.fds[name], spec.key, value)
+
+    def count(self, name: str) -> int:
+        return sum(1 for _ in self.items(name))
+
+    def percpu_sums(self, name: str) -> Dict[int, Dict[str, int]]:
+        """{key: {field: sum over CPUs}} for a per-CPU map keyed by u32."""
+        spec = MAP_BY_NAME[name]
+        fields = [f for f, _ in spec.value._fields_ if f != "reserved"] \
+            if hasattr(spec.value, "_fields_") else None
+        out: Dict[int, Dict[str, int]] = {}
+        for key, per_cpu in self.items(name):
+            k = key_int(key)
+            if fields is None:
+                out[k] = {"value": sum(int(v) for v in per_cpu)}
+            else:
+                out[k] = {f: sum(getattr(v, f) for v in per_cpu) for f in fields}
+        return out
+
+    def counters(self) -> Dict[str, int]:
+        sums = self.percpu_sums("counters")
+        return {COUNTER_NAMES[i]: sums.get(i, {}).get("value", 0) for i in COUNTER_NAMES}
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            bpfsys.close(fd)
+        self.fds = {}
+
+
+def key_int(key) -> int:
+    """A u32 map key as int (ctypes arrays of c_uint32 already hand out ints)."""
+    return key if isinstance(key, int) else int(key.value)

@@ -1,0 +1,128 @@
+/* nodemesh.h — every struct and map shared between the datapath and the agent.
+ *
+ * The agent mirrors these structs in agent/datapath/maps.py; tests/datapath/test_layout.py
+ * proves the mirror matches what BCC generated from this file. Change both together, and bump
+ * NM_ABI_VERSION when a pinned map's layout changes (the loader then refuses stale pins).
+ *
+ * Byte order: addresses and ports are stored in network byte order, exactly as the socket
+ * hooks see them in struct bpf_sock_addr, so the hot path never swaps bytes.
+ */
+#ifndef NODEMESH_H
+#define NODEMESH_H
+
+#define NM_ABI_VERSION 1
+
+/* Map sizes: compile-time settings, passed by the loader as -D flags. */
+#ifndef NM_MAX_SERVICE_ENTRIES
+#define NM_MAX_SERVICE_ENTRIES 262144  /* masters + slots of all frontends */
+#endif
+#ifndef NM_MAX_FRONTENDS
+#define NM_MAX_FRONTENDS 65536         /* svc_id space: (VIP, port, protocol) triples */
+#endif
+#ifndef NM_MAX_BACKENDS
+#define NM_MAX_BACKENDS 262144         /* backend_id space */
+#endif
+#ifndef NM_MAX_REVNAT
+#define NM_MAX_REVNAT 65536            /* per-socket reverse translations (LRU, preallocated) */
+#endif
+#ifndef NM_PIN_DIR
+#error "NM_PIN_DIR must name the bpffs folder for pinned maps"
+#endif
+
+#define NM_FAMILY_V4 4
+#define NM_FAMILY_V6 6
+
+/* Selection slots. A frontend's master entry (slot 0) holds the slot count and the active
+ * bank; its slots live at (bank << 15) | index, index 1..count. An update writes the other
+ * bank, flips the master in one map write, then deletes the old bank: a new connection sees
+ * the whole old set or the whole new set, never a mix and never an empty half-written set. */
+#define NM_SLOT_BANK_SHIFT 15
+#define NM_SLOT_INDEX_MASK 0x7fff
+
+enum nm_algorithm {
+	NM_ALG_RANDOM = 0,      /* uniform over slots; weights are expanded into slots */
+	NM_ALG_ROUND_ROBIN = 1, /* slots hold a smooth weighted sequence, walked by a counter */
+};
+
+struct nm_svc_key {
+	__u32 addr[4]; /* VIP; IPv4 in addr[0], the rest zero */
+	__u16 port;    /* VIP port, network order */
+	__u8 proto;    /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family;   /* NM_FAMILY_V4 / NM_FAMILY_V6 */
+	__u16 slot;    /* 0: master; else bank << 15 | index */
+	__u16 pad;
+};
+
+struct nm_svc_value {
+	__u32 backend_id; /* slot entries: the chosen backend */
+	__u32 svc_id;     /* master: index of this frontend in svc_stats / rr_state */
+	__u16 count;      /* master: number of slots in the active bank (0: no backend) */
+	__u8 bank;        /* master: active bank, 0 or 1 */
+	__u8 algorithm;   /* master: enum nm_algorithm */
+	__u16 flags;      /* master: reserved for per-frontend features (affinity, locality) */
+	__u16 pad;
+	__u32 revision;   /* master: bumped by the agent on every change, for debugging */
+};
+
+struct nm_backend {
+	__u32 addr[4]; /* IPv4 in addr[0] */
+	__u16 port;    /* target port, network order */
+	__u8 proto;
+	__u8 family;
+	__u32 svc_id;  /* the frontend this backend id belongs to */
+	__u8 state;    /* enum nm_backend_state; only ACTIVE backends sit in slots today */
+	__u8 pad[3];
+};
+
+enum nm_backend_state {
+	NM_BACKEND_ACTIVE = 0,
+	NM_BACKEND_TERMINATING = 1,
+	NM_BACKEND_QUARANTINED = 2,
+};
+
+/* Reverse translation, keyed by socket: lets recvmsg and getpeername report the VIP. */
+struct nm_revnat_key {
+	__u64 cookie;  /* bpf_get_socket_cookie() of the client socket */
+	__u32 addr[4]; /* backend address */
+	__u16 port;    /* backend port, network order */
+	__u8 family;
+	__u8 pad[5];
+};
+
+struct nm_revnat_value {
+	__u32 addr[4]; /* VIP */
+	__u16 port;    /* VIP port, network order */
+	__u16 pad;
+	__u32 svc_id;
+};
+
+/* Per-CPU counters, summed by the agent at scrape time. */
+struct nm_svc_stats {
+	__u64 connections; /* backend selected (connect, or unconnected UDP sendmsg) */
+	__u64 no_backend;  /* refused with ECONNREFUSED: the frontend has no backend */
+};
+
+struct nm_backend_stats {
+	__u64 connections; /* times this backend was selected */
+	__u64 reserved;    /* room for a failure count without a layout change */
+};
+
+/* Written once by the loader; lets a later agent recognise pins it can adopt. */
+struct nm_info {
+	__u32 abi_version;
+	__u32 pad;
+	__u64 created_unix;
+};
+
+/* Datapath events without a service label, named by reason (like Cilium's drop reasons). */
+enum nm_counter {
+	NM_CTR_SLOT_MISS = 0,       /* a racing update removed the slot we chose; retried */
+	NM_CTR_BACKEND_MISS = 1,    /* a slot named a backend that is gone; retried */
+	NM_CTR_REVNAT_FAILED = 2,   /* reverse-translation entry could not be stored */
+	NM_CTR_REVNAT_HIT = 3,      /* recvmsg/getpeername translated back to the VIP */
+	NM_CTR_UDP_SENDMSG = 4,     /* unconnected UDP datagram translated */
+	NM_CTR_V4_IN_V6 = 5,        /* IPv4-mapped IPv6 destination translated */
+	NM_CTR_MAX = 8,
+};
+
+#endif /* NODEMESH_H */

@@ -1,0 +1,319 @@
+/* sock_lb.c — socket-level service load balancing on cgroup v2 sock_addr hooks.
+ *
+ * Hooks:  connect4/6     TCP connect() and UDP connect(): VIP:port -> backend, once per socket
+ *         sendmsg4/6     unconnected UDP sendto(): the same, once per datagram
+ *         recvmsg4/6     UDP recvfrom(): backend -> VIP, so replies seem to come from the VIP
+ *         getpeername4/6 getpeername(): backend -> VIP, so the application sees the VIP
+ * Reads:  services (masters + slots), backends, rr_state, revnat
+ * Writes: the socket address in ctx, revnat (LRU), per-CPU svc_stats / backend_stats / counters
+ *
+ * Because translation happens at connect(), packets carry the backend address from the start:
+ * no per-packet NAT, no conntrack, nothing extra on the data path after the first syscall.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/socket.h>
+#include "nodemesh.h"
+
+/* Service table: masters and slots; sized for all frontends and all their slots. No
+ * preallocation, so memory follows use and a replaced element is never recycled under a
+ * reader (RCU). */
+BPF_F_TABLE("hash:" NM_PIN_DIR "/services", struct nm_svc_key, struct nm_svc_value, services,
+	    NM_MAX_SERVICE_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash:" NM_PIN_DIR "/backends", u32, struct nm_backend, backends,
+	    NM_MAX_BACKENDS, BPF_F_NO_PREALLOC);
+/* Round-robin positions, one per frontend (svc_id), shared by all CPUs. */
+BPF_TABLE_PINNED("array", u32, u64, rr_state, NM_MAX_FRONTENDS, NM_PIN_DIR "/rr_state");
+BPF_TABLE_PINNED("lru_hash", struct nm_revnat_key, struct nm_revnat_value, revnat,
+		 NM_MAX_REVNAT, NM_PIN_DIR "/revnat");
+/* Per-CPU counters. The agent creates an entry when it allocates the id and deletes it when it
+ * frees it, so memory follows the ids in use and a reused id starts from zero. */
+BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/svc_stats", u32, struct nm_svc_stats, svc_stats,
+	    NM_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/backend_stats", u32, struct nm_backend_stats,
+	    backend_stats, NM_MAX_BACKENDS, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", u32, u64, counters, NM_CTR_MAX, NM_PIN_DIR "/counters");
+BPF_TABLE_PINNED("array", u32, struct nm_info, info, 1, NM_PIN_DIR "/info");
+
+/* sock_addr programs: 1 lets the syscall go on, 0 rejects it (with the retval we set). */
+#define SYS_PROCEED 1
+#define SYS_REJECT 0
+
+static __always_inline void count(u32 reason)
+{
+	u64 *v = counters.lookup(&reason);
+	if (v)
+		*v += 1;
+}
+
+/* Pick a backend for key (slot must be 0 on entry). Returns the backend, or NULL with
+ * *is_service telling whether key was a frontend at all (NULL + is_service: no backend). */
+static __always_inline struct nm_backend *select_backend(struct nm_svc_key *key, int *is_service,
+							  u32 *svc_id_out)
+{
+	*is_service = 0;
+	/* Two tries: a reader that loses a race with an update (its bank was just deleted)
+	 * re-reads the master and then sees the new bank in full. */
+#pragma unroll
+	for (int attempt = 0; attempt < 2; attempt++) {
+		key->slot = 0;
+		struct nm_svc_value *master = services.lookup(key);
+		if (!master)
+			return NULL;
+		*is_service = 1;
+		u32 svc_id = master->svc_id;
+		u32 n = master->count;
+		*svc_id_out = svc_id;
+		if (n == 0)
+			return NULL;
+		u32 index;
+		if (master->algorithm == NM_ALG_ROUND_ROBIN) {
+			u64 *pos = rr_state.lookup(&svc_id);
+			index = pos ? (u32)(__sync_fetch_and_add(pos, 1) % n) : 0;
+		} else {
+			index = bpf_get_prandom_u32() % n;
+		}
+		key->slot = ((u16)master->bank << NM_SLOT_BANK_SHIFT) |
+			    (u16)((index + 1) & NM_SLOT_INDEX_MASK);
+		struct nm_svc_value *slot = services.lookup(key);
+		if (!slot) {
+			count(NM_CTR_SLOT_MISS);
+			continue;
+		}
+		u32 backend_id = slot->backend_id;
+		struct nm_backend *be = backends.lookup(&backend_id);
+		if (!be) {
+			count(NM_CTR_BACKEND_MISS);
+			continue;
+		}
+		struct nm_backend_stats *bs = backend_stats.lookup(&backend_id);
+		if (bs)
+			bs->connections += 1;
+		return be;
+	}
+	return NULL;
+}
+
+static __always_inline void account(u32 svc_id, int selected)
+{
+	struct nm_svc_stats *st = svc_stats.lookup(&svc_id);
+	if (!st)
+		return;
+	if (selected)
+		st->connections += 1;
+	else
+		st->no_backend += 1;
+}
+
+static __always_inline void remember(void *ctx, struct nm_backend *be, struct nm_svc_key *vip,
+				     u32 svc_id)
+{
+	struct nm_revnat_key rk = {};
+	struct nm_revnat_value rv = {};
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.addr[0] = be->addr[0];
+	rk.addr[1] = be->addr[1];
+	rk.addr[2] = be->addr[2];
+	rk.addr[3] = be->addr[3];
+	rk.port = be->port;
+	rk.family = be->family;
+	rv.addr[0] = vip->addr[0];
+	rv.addr[1] = vip->addr[1];
+	rv.addr[2] = vip->addr[2];
+	rv.addr[3] = vip->addr[3];
+	rv.port = vip->port;
+	rv.svc_id = svc_id;
+	if (revnat.update(&rk, &rv))
+		count(NM_CTR_REVNAT_FAILED);
+}
+
+static __always_inline int refuse(void)
+{
+	/* Without this the syscall would fail with EPERM; a missing backend is a refusal. */
+	bpf_set_retval(-ECONNREFUSED);
+	return SYS_REJECT;
+}
+
+static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
+{
+	return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP;
+}
+
+/* ---- IPv4 ---------------------------------------------------------------------------- */
+
+static __always_inline int translate4(struct bpf_sock_addr *ctx)
+{
+	struct nm_svc_key key = {};
+	key.addr[0] = ctx->user_ip4;
+	key.port = (u16)ctx->user_port;
+	key.proto = (u8)ctx->protocol;
+	key.family = NM_FAMILY_V4;
+	struct nm_svc_key vip = key;
+	int is_service;
+	u32 svc_id = 0;
+	struct nm_backend *be = select_backend(&key, &is_service, &svc_id);
+	if (!is_service)
+		return SYS_PROCEED;
+	account(svc_id, be != NULL);
+	if (!be)
+		return refuse();
+	ctx->user_ip4 = be->addr[0];
+	ctx->user_port = be->port;
+	remember(ctx, be, &vip, svc_id);
+	return SYS_PROCEED;
+}
+
+int nm_connect4(struct bpf_sock_addr *ctx)
+{
+	if (!is_lb_protocol(ctx))
+		return SYS_PROCEED;
+	return translate4(ctx);
+}
+
+int nm_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_UDP)
+		return SYS_PROCEED;
+	int ret = translate4(ctx);
+	count(NM_CTR_UDP_SENDMSG);
+	return ret;
+}
+
+/* recvmsg and getpeername: if this socket reached this backend through a VIP, show the VIP. */
+static __always_inline int reverse4(struct bpf_sock_addr *ctx)
+{
+	struct nm_revnat_key rk = {};
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.addr[0] = ctx->user_ip4;
+	rk.port = (u16)ctx->user_port;
+	rk.family = NM_FAMILY_V4;
+	struct nm_revnat_value *rv = revnat.lookup(&rk);
+	if (rv) {
+		ctx->user_ip4 = rv->addr[0];
+		ctx->user_port = rv->port;
+		count(NM_CTR_REVNAT_HIT);
+	}
+	return SYS_PROCEED;
+}
+
+int nm_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return reverse4(ctx);
+}
+
+int nm_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return reverse4(ctx);
+}
+
+/* ---- IPv6 ---------------------------------------------------------------------------- */
+
+/* An AF_INET6 socket may connect to ::ffff:a.b.c.d; such a destination is an IPv4 frontend. */
+static __always_inline int is_v4_mapped(u32 a0, u32 a1, u32 a2)
+{
+	return a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int translate6(struct bpf_sock_addr *ctx)
+{
+	struct nm_svc_key key = {};
+	u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
+	    a3 = ctx->user_ip6[3];
+	int mapped = is_v4_mapped(a0, a1, a2);
+	if (mapped) {
+		key.addr[0] = a3;
+		key.family = NM_FAMILY_V4;
+	} else {
+		key.addr[0] = a0;
+		key.addr[1] = a1;
+		key.addr[2] = a2;
+		key.addr[3] = a3;
+		key.family = NM_FAMILY_V6;
+	}
+	key.port = (u16)ctx->user_port;
+	key.proto = (u8)ctx->protocol;
+	struct nm_svc_key vip = key;
+	int is_service;
+	u32 svc_id = 0;
+	struct nm_backend *be = select_backend(&key, &is_service, &svc_id);
+	if (!is_service)
+		return SYS_PROCEED;
+	account(svc_id, be != NULL);
+	if (!be)
+		return refuse();
+	if (mapped) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = be->addr[0];
+		count(NM_CTR_V4_IN_V6);
+	} else {
+		ctx->user_ip6[0] = be->addr[0];
+		ctx->user_ip6[1] = be->addr[1];
+		ctx->user_ip6[2] = be->addr[2];
+		ctx->user_ip6[3] = be->addr[3];
+	}
+	ctx->user_port = be->port;
+	remember(ctx, be, &vip, svc_id);
+	return SYS_PROCEED;
+}
+
+int nm_connect6(struct bpf_sock_addr *ctx)
+{
+	if (!is_lb_protocol(ctx))
+		return SYS_PROCEED;
+	return translate6(ctx);
+}
+
+int nm_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_UDP)
+		return SYS_PROCEED;
+	int ret = translate6(ctx);
+	count(NM_CTR_UDP_SENDMSG);
+	return ret;
+}
+
+static __always_inline int reverse6(struct bpf_sock_addr *ctx)
+{
+	struct nm_revnat_key rk = {};
+	u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
+	    a3 = ctx->user_ip6[3];
+	int mapped = is_v4_mapped(a0, a1, a2);
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	if (mapped) {
+		rk.addr[0] = a3;
+		rk.family = NM_FAMILY_V4;
+	} else {
+		rk.addr[0] = a0;
+		rk.addr[1] = a1;
+		rk.addr[2] = a2;
+		rk.addr[3] = a3;
+		rk.family = NM_FAMILY_V6;
+	}
+	rk.port = (u16)ctx->user_port;
+	struct nm_revnat_value *rv = revnat.lookup(&rk);
+	if (!rv)
+		return SYS_PROCEED;
+	if (mapped) {
+		ctx->user_ip6[3] = rv->addr[0];
+	} else {
+		ctx->user_ip6[0] = rv->addr[0];
+		ctx->user_ip6[1] = rv->addr[1];
+		ctx->user_ip6[2] = rv->addr[2];
+		ctx->user_ip6[3] = rv->addr[3];
+	}
+	ctx->user_port = rv->port;
+	count(NM_CTR_REVNAT_HIT);
+	return SYS_PROCEED;
+}
+
+int nm_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return reverse6(ctx);
+}
+
+int nm_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return reverse6(ctx);
+}
