@@ -1,0 +1,471 @@
+"""The Kubernetes source with the real `kubernetes` client against a local fake API server.
+
+The fake (tests/k8s_fake_apiserver.py) keeps a cluster-wide resourceVersion and history, streams
+chunked watch events, bookmarks, answers 410 Gone for compacted history and can cut
+connections; these tests drive it and watch what reaches on_change, on_error and the metrics.
+Every wait has a deadline.
+"""
+import copy
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("kubernetes")
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from agent.sources.kubernetes import KubernetesSource, KubernetesSourceError  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from k8s_fake_apiserver import FakeApiServer  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "k8s"
+WAIT_SECONDS = 5.0
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+class Recorder:
+    """Collects on_change / on_error calls and waits, with a deadline, for the one wanted."""
+
+    def __init__(self):
+        self.changes = []   # (monotonic time, [Service])
+        self.errors = []
+        self._cond = threading.Condition()
+
+    def on_change(self, services):
+        with self._cond:
+            self.changes.append((time.monotonic(), services))
+            self._cond.notify_all()
+
+    def on_error(self, message):
+        with self._cond:
+            self.errors.append(message)
+            self._cond.notify_all()
+
+    def latest(self):
+        with self._cond:
+            return self.changes[-1][1] if self.changes else None
+
+    def wait_for_change(self, predicate=lambda services: True, timeout=WAIT_SECONDS,
+                        after=0):
+        """The first delivery (from index `after` on) that satisfies predicate."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for _, services in self.changes[after:]:
+                    if predicate(services):
+                        return services
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no matching on_change within {timeout}s; last: "
+                                         f"{self.changes[-1][1] if self.changes else None}")
+                self._cond.wait(remaining)
+
+    def wait_for_error(self, text, timeout=WAIT_SECONDS):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(text in e for e in self.errors):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no on_error containing {text!r}; got {self.errors}")
+                self._cond.wait(remaining)
+
+
+def by_key(services):
+    return {s.key: s for s in services}
+
+
+def addresses(services, namespace, name):
+    service = by_key(services).get((namespace, name))
+    return None if service is None else sorted(b.address for b in service.backends)
+
+
+def wait_until(predicate, timeout=WAIT_SECONDS, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def api():
+    server = FakeApiServer().start()
+    for path in sorted(FIXTURES.glob("*.json")):
+        obj = json.loads(path.read_text())
+        if obj["kind"] == "Node":
+            server.add_node(obj)
+        else:
+            server.put(obj)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kubeconfig(api, tmp_path):
+    return api.write_kubeconfig(tmp_path / "kubeconfig")
+
+
+@pytest.fixture
+def registry():
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def run_source(kubeconfig, registry):
+    """Start a source against the fake API; it is stopped after the test."""
+    started = []
+
+    def start(**options):
+        options.setdefault("registry", registry)
+        source = KubernetesSource(kubeconfig=kubeconfig, **options)
+        recorder = Recorder()
+        source.start(recorder.on_change, recorder.on_error)
+        started.append(source)
+        return source, recorder
+
+    yield start
+    for source in started:
+        source.stop()
+
+
+def events(registry, kind):
+    return registry.get_sample_value("nodemesh_source_events_total",
+                                     {"source": "kubernetes", "kind": kind}) or 0.0
+
+
+def add_web_endpoint(api, address, slice_name="web-q9d4m"):
+    endpoint_slice = api.get("EndpointSlice", "shop", slice_name)
+    endpoint = copy.deepcopy(endpoint_slice["endpoints"][0])
+    endpoint["addresses"] = [address]
+    endpoint_slice["endpoints"].append(endpoint)
+    return api.put(endpoint_slice)
+
+
+def new_service(name, cluster_ip, namespace="shop"):
+    service = fixture("service-web")
+    service["metadata"] = {"name": name, "namespace": namespace}
+    service["spec"]["clusterIP"] = cluster_ip
+    service["spec"]["clusterIPs"] = [cluster_ip]
+    for port in service["spec"]["ports"]:
+        port.pop("nodePort")
+    service["spec"]["type"] = "ClusterIP"
+    return service
+
+
+# -- initial sync and changes
+
+def test_initial_sync_delivers_every_cluster_ip_service_with_its_backends(run_source):
+    _, recorder = run_source()
+    services = recorder.wait_for_change()
+    assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
+    # Delivered only once both collections were listed: the first set already has backends.
+    assert addresses(services, "shop", "web") == ["10.244.1.12", "10.244.1.13", "10.244.2.7",
+                                                  "10.244.3.4"]
+    assert len(by_key(services)[("default", "api")].backends) == 4
+    assert len(recorder.changes) == 1
+
+
+def test_an_endpointslice_change_reaches_on_change_within_two_seconds(api, run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    add_web_endpoint(api, "10.244.3.5")
+    services = recorder.wait_for_change(
+        lambda s: "10.244.3.5" in addresses(s, "shop", "web"), timeout=2.0)
+    assert len(addresses(services, "shop", "web")) == 5
+
+
+def test_endpoint_conditions_changes_are_delivered(api, run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    endpoint_slice = api.get("EndpointSlice", "shop", "web-q9d4m")
+    endpoint_slice["endpoints"][0]["conditions"] = {"ready": False, "serving": True,
+                                                    "terminating": True}
+    api.put(endpoint_slice)
+
+    def canary_terminating(services):
+        backend = {b.address: b for b in by_key(services)[("shop", "web")].backends}["10.244.3.4"]
+        return (backend.ready, backend.serving, backend.terminating) == (False, True, True)
+
+    recorder.wait_for_change(canary_terminating)
+
+
+def test_median_latency_from_an_endpointslice_change_to_on_change(api, run_source,
+                                                                  record_property):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    latencies = []
+    for i in range(20):
+        address = f"10.244.9.{i + 1}"
+        before = len(recorder.changes)
+        written = time.monotonic()
+        add_web_endpoint(api, address)
+        recorder.wait_for_change(lambda s: address in addresses(s, "shop", "web"), after=before)
+        delivered = next(t for t, s in recorder.changes[before:]
+                         if address in addresses(s, "shop", "web"))
+        latencies.append(delivered - written)
+    median = statistics.median(latencies)
+    record_property("median_latency_seconds", round(median, 4))
+    print(f"\nEndpointSlice change -> on_change: median {median * 1000:.1f} ms, "
+          f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} changes")
+    assert median < 0.5
+
+
+def test_a_burst_of_changes_is_coalesced_into_few_deliveries(api, run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    before = len(recorder.changes)
+    for i in range(50):
+        add_web_endpoint(api, f"10.244.8.{i + 1}")
+    recorder.wait_for_change(lambda s: "10.244.8.50" in addresses(s, "shop", "web"),
+                             after=before)
+    assert len(recorder.changes) - before < 25
+    assert len(addresses(recorder.latest(), "shop", "web")) == 54
+
+
+def test_deleting_a_slice_removes_its_backends_and_deleting_a_service_removes_it(api,
+                                                                               run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    api.delete("EndpointSlice", "shop", "web-q9d4m")
+    recorder.wait_for_change(lambda s: "10.244.3.4" not in addresses(s, "shop", "web"))
+    api.delete("Service", "default", "api")
+    services = recorder.wait_for_change(lambda s: ("default", "api") not in by_key(s))
+    assert list(by_key(services)) == [("shop", "web")]
+
+
+def test_a_slice_that_arrives_before_its_service_is_attached_when_the_service_comes(
+        api, run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    endpoint_slice = fixture("endpointslice-web-q9d4m")
+    endpoint_slice["metadata"]["name"] = "late-x1"
+    endpoint_slice["metadata"]["labels"]["kubernetes.io/service-name"] = "late"
+    api.put(endpoint_slice)
+    api.put(new_service("late", "10.96.50.50"))
+    services = recorder.wait_for_change(lambda s: ("shop", "late") in by_key(s))
+    assert addresses(services, "shop", "late") == ["10.244.3.4"]
+
+
+def test_headless_and_external_name_services_never_reach_on_change(api, registry,
+                                                                   run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    headless = fixture("service-db-headless")
+    headless["metadata"]["name"] = "db2"
+    api.put(headless)
+    external = fixture("service-mail-externalname")
+    external["metadata"]["name"] = "mail2"
+    api.put(external)
+    wait_until(lambda: events(registry, "service_added") >= 2, what="both services seen")
+    api.put(new_service("shop-api", "10.96.60.60"))
+    recorder.wait_for_change(lambda s: ("shop", "shop-api") in by_key(s))
+    for _, services in recorder.changes:
+        assert not {("shop", "db"), ("shop", "db2"), ("shop", "mail"),
+                    ("shop", "mail2")} & set(by_key(services))
+
+
+def test_a_change_that_translates_to_the_same_services_is_not_delivered(api, registry,
+                                                                        run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    service = api.get("Service", "shop", "web")
+    service["metadata"]["annotations"] = {"note": "only metadata changed"}
+    api.put(service)
+    api.put(new_service("after", "10.96.70.70"))
+    recorder.wait_for_change(lambda s: ("shop", "after") in by_key(s))
+    assert len(recorder.changes) == 2
+
+
+# -- watch robustness
+
+def test_a_bookmark_advances_the_resource_version_so_a_reconnect_needs_no_relist(api,
+                                                                                registry,
+                                                                                run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    for i in range(3):  # moves the cluster's resourceVersion past the services watch's
+        add_web_endpoint(api, f"10.244.7.{i + 1}")
+    recorder.wait_for_change(lambda s: "10.244.7.3" in addresses(s, "shop", "web"))
+    bookmarked = api.resource_version
+    api.send_bookmarks()
+    wait_until(lambda: events(registry, "bookmark") >= 2, what="both watches bookmarked")
+    relists = events(registry, "relist")
+    watches_before = len(api.watch_requests("services"))
+
+    api.compact()        # the services watch's original resourceVersion is history now
+    api.drop_watches()
+    wait_until(lambda: len(api.watch_requests("services")) > watches_before,
+               what="the services watch to reconnect")
+    assert api.watch_requests("services")[-1]["resourceVersion"] == str(bookmarked)
+    api.put(new_service("after-bookmark", "10.96.80.80"))
+    recorder.wait_for_change(lambda s: ("shop", "after-bookmark") in by_key(s))
+    assert events(registry, "gone") == 0
+    assert events(registry, "relist") == relists
+
+
+@pytest.mark.parametrize("gone_as_http_status", [False, True],
+                         ids=["410-error-event", "410-http-status"])
+def test_gone_after_a_disconnect_relists_and_no_change_is_lost(api, registry, run_source,
+                                                               gone_as_http_status):
+    api.gone_as_http_status = gone_as_http_status
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    relists = events(registry, "relist")
+    with api.hold_watches():
+        api.drop_watches()
+        # While the agent is away: a delete, a new endpoint, a new service; then the history
+        # that held them is compacted, so only a relist can show them.
+        api.delete("Service", "default", "api")
+        add_web_endpoint(api, "10.244.3.5")
+        api.put(new_service("checkout", "10.96.90.90"))
+        api.compact()
+    services = recorder.wait_for_change(
+        lambda s: ("default", "api") not in by_key(s) and ("shop", "checkout") in by_key(s)
+        and "10.244.3.5" in addresses(s, "shop", "web"))
+    assert sorted(by_key(services)) == [("shop", "checkout"), ("shop", "web")]
+    assert events(registry, "gone") >= 2
+    assert events(registry, "relist") >= relists + 2
+
+
+def test_a_dropped_connection_is_reported_and_the_watch_resumes_where_it_was(api, registry,
+                                                                             run_source):
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    relists = events(registry, "relist")
+    versions = {r: api.watch_requests(r)[-1]["resourceVersion"]
+                for r in ("services", "endpointslices")}
+    api.drop_watches()
+    recorder.wait_for_error("service watch")
+    recorder.wait_for_error("endpointslice watch")
+    wait_until(lambda: all(len(api.watch_requests(r)) >= 2 for r in versions),
+               what="both watches to reconnect")
+    for resource, version in versions.items():
+        assert api.watch_requests(resource)[-1]["resourceVersion"] == version
+    add_web_endpoint(api, "10.244.3.6")
+    recorder.wait_for_change(lambda s: "10.244.3.6" in addresses(s, "shop", "web"))
+    assert events(registry, "relist") == relists
+    assert events(registry, "error") >= 2
+
+
+def test_api_errors_are_reported_and_retried_until_the_server_answers(api, registry,
+                                                                      run_source):
+    api.fail_requests(403, "Forbidden", 'services is forbidden: User "system:serviceaccount:'
+                      'kube-system:nodemesh" cannot list resource "services" in API group "" '
+                      'at the cluster scope')
+    _, recorder = run_source()
+    recorder.wait_for_error("cannot list resource")
+    assert recorder.changes == []
+    api.fail_requests(None)
+    services = recorder.wait_for_change(timeout=10)
+    assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
+    assert events(registry, "error") >= 1
+
+
+def test_periodic_resync_repairs_a_missed_event(api, registry, run_source):
+    _, recorder = run_source(resync_seconds=1)
+    recorder.wait_for_change()
+    endpoint_slice = api.get("EndpointSlice", "shop", "web-q9d4m")
+    endpoint_slice["endpoints"][0]["addresses"] = ["10.244.3.99"]
+    api.put(endpoint_slice, emit=False)  # the state changes, no watch event says so
+    services = recorder.wait_for_change(lambda s: "10.244.3.99" in addresses(s, "shop", "web"))
+    assert "10.244.3.4" not in addresses(services, "shop", "web")
+
+
+def test_a_resync_that_finds_nothing_new_delivers_nothing(registry, run_source):
+    _, recorder = run_source(resync_seconds=1)
+    recorder.wait_for_change()
+    wait_until(lambda: events(registry, "relist") >= 6, timeout=10, what="two resyncs each")
+    assert len(recorder.changes) == 1
+
+
+# -- metrics, node, lifecycle
+
+def test_metrics_count_events_by_kind_and_record_the_last_sync(api, registry, run_source):
+    started = time.time()
+    _, recorder = run_source()
+    recorder.wait_for_change()
+    assert events(registry, "relist") == 2
+    assert events(registry, "service_added") == 0  # the initial state came from the list
+    api.put(new_service("metered", "10.96.100.100"))
+    add_web_endpoint(api, "10.244.3.7")
+    api.delete("EndpointSlice", "default", "api-lz8rt")
+    recorder.wait_for_change(lambda s: ("shop", "metered") in by_key(s)
+                             and len(by_key(s)[("default", "api")].backends) == 2)
+    assert events(registry, "service_added") == 1
+    assert events(registry, "endpointslice_modified") == 1
+    assert events(registry, "endpointslice_deleted") == 1
+    assert events(registry, "gone") == 0
+    last_sync = registry.get_sample_value("nodemesh_source_last_sync_timestamp_seconds",
+                                          {"source": "kubernetes"})
+    assert started <= last_sync <= time.time()
+
+
+def test_two_sources_on_one_registry_share_the_metrics(kubeconfig, registry):
+    KubernetesSource(kubeconfig=kubeconfig, registry=registry)
+    KubernetesSource(kubeconfig=kubeconfig, registry=registry)  # no duplicate registration
+    assert events(registry, "relist") == 0
+
+
+def test_the_node_zone_is_read_from_the_node_object(run_source):
+    source, recorder = run_source(node_name="node-a")
+    recorder.wait_for_change()
+    wait_until(lambda: source.node_zone == "zone-a", what="the node's zone")
+
+
+def test_stop_is_quick_while_watches_are_open_and_idempotent(api, run_source):
+    source, recorder = run_source()
+    recorder.wait_for_change()
+    wait_until(lambda: api.open_watches("services") and api.open_watches("endpointslices"),
+               what="open watches")
+    began = time.monotonic()
+    source.stop()
+    assert time.monotonic() - began < 2
+    assert not any(t.is_alive() for t in source._threads)
+    source.stop()
+
+
+def test_an_on_change_that_raises_does_not_stop_later_deliveries(api, kubeconfig, registry):
+    delivered = []
+
+    def on_change(services):
+        delivered.append(services)
+        if len(delivered) == 1:
+            raise RuntimeError("reconciler blew up")
+
+    source = KubernetesSource(kubeconfig=kubeconfig, registry=registry)
+    source.start(on_change, lambda message: None)
+    try:
+        wait_until(lambda: delivered, what="the first delivery")
+        api.put(new_service("second", "10.96.110.110"))
+        wait_until(lambda: len(delivered) == 2, what="a second delivery")
+    finally:
+        source.stop()
+
+
+# -- configuration errors are clear, and immediate
+
+def test_a_missing_kubeconfig_is_a_clear_error(tmp_path, registry):
+    missing = tmp_path / "nope"
+    with pytest.raises(KubernetesSourceError, match=f"kubeconfig {missing}"):
+        KubernetesSource(kubeconfig=str(missing), registry=registry)
+
+
+def test_outside_a_pod_without_a_kubeconfig_is_a_clear_error(monkeypatch, registry):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
+    with pytest.raises(KubernetesSourceError, match="--kubeconfig"):
+        KubernetesSource(registry=registry)
+
+
+def test_without_the_client_package_the_error_says_what_to_install(monkeypatch, registry):
+    monkeypatch.setitem(sys.modules, "kubernetes", None)  # makes `import kubernetes` fail
+    with pytest.raises(KubernetesSourceError, match="pip install"):
+        KubernetesSource(kubeconfig="/dev/null", registry=registry)
