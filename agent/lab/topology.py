@@ -52,6 +52,7 @@ class Lab:
     prefix: str
     subnet: int  # N in 198.18.N.0/24
     host_link: bool = False
+    host_blackhole: bool = False  # drop the lab's ranges in the host netns (demo, benchmarks)
     backends: List[LabBackend] = field(default_factory=list)
     processes: List[subprocess.Popen] = field(default_factory=list)
     cgroup: str = ""
@@ -96,7 +97,8 @@ class Lab:
         os.makedirs(STATE_DIR, exist_ok=True)
         with open(self.state_file, "w") as f:
             json.dump({"pid": os.getpid(), "prefix": self.prefix, "subnet": self.subnet,
-                       "host_link": self.host_link, "cgroup": self.cgroup,
+                       "host_link": self.host_link, "host_blackhole": self.host_blackhole,
+                       "cgroup": self.cgroup,
                        "backends": [b.netns for b in self.backends]}, f)
 
     def create(self) -> "Lab":
@@ -120,8 +122,12 @@ class Lab:
             sh(f"ip addr add {self.host4}/24 dev {h}")
             sh(f"ip addr add fd6e:6d:{self.subnet:x}::fe/64 dev {h} nodad")
             sh(f"ip link set {h} up")
-            sh(f"ip route add blackhole {self.vip_range4}")
-            sh(f"ip -6 route add blackhole {self.vip_range6}")
+        if self.host_link or self.host_blackhole:
+            sh(f"ip route replace blackhole {self.vip_range4}")
+            sh(f"ip -6 route replace blackhole {self.vip_range6}")
+        if self.host_blackhole and not self.host_link:
+            sh(f"ip route replace blackhole 198.18.{self.subnet}.0/24")
+            sh(f"ip -6 route replace blackhole fd6e:6d:{self.subnet:x}::/64")
         return self
 
     def add_backend(self) -> LabBackend:
@@ -205,11 +211,11 @@ class Lab:
                 pass
         self.processes = []
         teardown(self.prefix, self.subnet, self.host_link, self.cgroup,
-                 [b.netns for b in self.backends])
+                 [b.netns for b in self.backends], self.host_blackhole)
 
 
 def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
-             backend_ns: Sequence[str]) -> None:
+             backend_ns: Sequence[str], host_blackhole: bool = False) -> None:
     """Remove everything a lab made. Each step tolerates what is already gone."""
     for ns in [*backend_ns, f"{prefix}-c"]:
         pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
@@ -221,8 +227,12 @@ def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
         sh(f"ip netns del {ns}", check=False)
     if host_link:
         sh(f"ip link del {prefix}h", check=False)
+    if host_link or host_blackhole:
         sh(f"ip route del blackhole 198.19.{subnet}.0/24", check=False)
         sh(f"ip -6 route del blackhole fd6e:6d:ffff:{subnet:x}::/64", check=False)
+    if host_blackhole and not host_link:
+        sh(f"ip route del blackhole 198.18.{subnet}.0/24", check=False)
+        sh(f"ip -6 route del blackhole fd6e:6d:{subnet:x}::/64", check=False)
     if cgroup and os.path.isdir(cgroup):
         _empty_cgroup(cgroup)
         try:
@@ -269,7 +279,7 @@ def reap_stale() -> List[str]:
         if _alive(st.get("pid", 0)):
             continue
         teardown(st["prefix"], st["subnet"], st.get("host_link", False), st.get("cgroup", ""),
-                 st.get("backends", []))
+                 st.get("backends", []), st.get("host_blackhole", False))
         reaped.append(st["prefix"])
     return reaped
 
@@ -287,7 +297,7 @@ def _alive(pid: int) -> bool:
 
 
 def new_lab(kind: str = "nmt", backends: int = 3, host_link: bool = False,
-            seed: Optional[int] = None) -> Lab:
+            host_blackhole: bool = False, seed: Optional[int] = None) -> Lab:
     """A fresh lab with a unique prefix and subnet; reaps stale labs first."""
     reap_stale()
     rng = random.Random(seed if seed is not None else os.getpid() ^ time.time_ns())
@@ -301,7 +311,7 @@ def new_lab(kind: str = "nmt", backends: int = 3, host_link: bool = False,
                 pass
     subnet = rng.choice([n for n in range(1, 250) if n not in used])
     prefix = f"{kind}{rng.randrange(16 ** 4):04x}"
-    lab = Lab(prefix=prefix, subnet=subnet, host_link=host_link)
+    lab = Lab(prefix=prefix, subnet=subnet, host_link=host_link, host_blackhole=host_blackhole)
     try:
         lab.create()
         for _ in range(backends):

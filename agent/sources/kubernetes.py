@@ -473,7 +473,7 @@ class _Watcher:
                 # Expected after a long disconnect or compaction: relist now, no backoff.
                 self._source._count("gone")
                 log.info("kubernetes %s watch: %s; relisting", self.kind, gone)
-                self.resource_version = None
+                pass
             except Exception as error:  # noqa: BLE001 - every failure is retried the same way
                 if stopping.is_set():
                     break

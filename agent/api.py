@@ -1,0 +1,143 @@
+"""The admin API: JSON over HTTP on a unix socket (mode 0600), read by `nodemesh status` etc.
+
+    GET /v1/status     the agent, its datapath, its source and its last reconcile
+    GET /v1/services   every programmed service with frontends, backends and kernel counters
+
+Callers are checked with SO_PEERCRED: root or the agent's own uid only, whatever the mode.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+import threading
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .daemon import Agent
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/nodemesh/agent.sock"
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    agent: "Agent"
+
+    def address_string(self) -> str:  # unix sockets have no client address
+        return "unix"
+
+    def _peer_allowed(self) -> bool:
+        creds = self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                           struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid in (0, os.getuid())
+
+    def do_GET(self):  # noqa: N802
+        if not self._peer_allowed():
+            return self._send(403, {"error": "only root or the agent's user may ask"})
+        path = self.path.split("?", 1)[0]
+        if path == "/v1/status":
+            return self._send(200, self.agent.status())
+        if path == "/v1/services":
+            return self._send(200, self.agent.services_view())
+        return self._send(404, {"error": f"no such endpoint {path}"})
+
+    def _send(self, code: int, obj: Any) -> None:
+        body = json.dumps(obj, indent=2, sort_keys=False).encode() + b"\n"
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        log.debug("admin: " + fmt, *args)
+
+
+class AdminServer:
+    def __init__(self, agent: "Agent", path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            _refuse_if_live(path)
+            os.unlink(path)
+        handler = type("Handler", (_Handler,), {"agent": agent})
+        old = os.umask(0o177)  # the socket is born 0600: no window with a wider mode
+        try:
+            self.server = _Server(path, handler)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="admin",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _refuse_if_live(path: str) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        return  # a stale socket from a killed agent
+    finally:
+        s.close()
+    raise RuntimeError(f"another agent is serving {path}; stop it first or pass "
+                       f"--admin-socket")
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+class AdminUnavailable(Exception):
+    pass
+
+
+def get(path: str, endpoint: str, timeout: float = 10.0) -> Any:
+    """GET endpoint from the agent at socket path; raises AdminUnavailable with a clear text."""
+    conn = _UnixHTTPConnection(path, timeout)
+    try:
+        conn.request("GET", endpoint)
+        resp = conn.getresponse()
+        data = json.loads(resp.read() or b"null")
+    except FileNotFoundError:
+        raise AdminUnavailable(f"no agent is running: {path} does not exist") from None
+    except ConnectionRefusedError:
+        raise AdminUnavailable(f"no agent is listening on {path}") from None
+    except PermissionError:
+        raise AdminUnavailable(f"permission denied on {path}: run as root") from None
+    except OSError as e:
+        raise AdminUnavailable(f"talking to the agent at {path} failed: {e}") from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise AdminUnavailable(f"agent answered {resp.status}: {data}")
+    return data

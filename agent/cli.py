@@ -1,0 +1,248 @@
+"""`nodemesh`: run the agent, check a config, inspect a running agent, clean up, demo.
+
+Every option of `run` also reads NODEMESH_<NAME> from the environment (e.g.
+NODEMESH_METRICS_ADDR); a flag on the command line wins.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, List, Optional
+
+from . import __version__, api, config
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"NODEMESH_{name.upper().replace('-', '_')}", default)
+
+
+def _table(rows: List[List[str]], header: List[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_check(args) -> int:
+    try:
+        services = config.load(args.config)
+    except config.ConfigError as e:
+        if args.output == "json":
+            print(json.dumps({"valid": False, "file": e.filename, "problems": [
+                {"path": p.path, "line": p.line, "message": p.message} for p in e.problems]},
+                indent=2))
+        else:
+            print(str(e), file=sys.stderr)
+        return 1
+    frontends = sum(len(s.vips) * len(s.ports) for s in services)
+    if args.output == "json":
+        print(json.dumps({"valid": True, "file": args.config, "services": len(services),
+                          "frontends": frontends}))
+    else:
+        print(f"{args.config}: valid ({len(services)} services, {frontends} frontends)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .daemon import Agent, Options, install_signals
+    from .datapath.loader import DatapathError
+    from .datapath.maps import MapSizes
+
+    opts = Options(config=args.config, source=args.source, kubeconfig=args.kubeconfig,
+                   metrics_addr=args.metrics_addr, cgroup=args.cgroup, bpffs=args.bpffs,
+                   admin_socket=args.admin_socket, node_name=args.node_name,
+                   resync_seconds=float(args.resync_seconds),
+                   sizes=MapSizes(service_entries=int(args.map_service_entries),
+                                  frontends=int(args.map_frontends),
+                                  backends=int(args.map_backends),
+                                  revnat=int(args.map_revnat)))
+    agent = Agent(opts)
+    install_signals(agent)
+    try:
+        return agent.run()
+    except DatapathError as e:
+        logging.getLogger("nodemesh").error("%s", e)
+        return 2
+    except RuntimeError as e:
+        logging.getLogger("nodemesh").error("%s", e)
+        return 2
+
+
+def _admin(args, endpoint: str) -> Any:
+    try:
+        return api.get(args.admin_socket, endpoint)
+    except api.AdminUnavailable as e:
+        print(f"nodemesh: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def cmd_status(args) -> int:
+    st = _admin(args, "/v1/status")
+    if args.output == "json":
+        print(json.dumps(st, indent=2))
+        return 0
+    src = st["source"]
+    dp = st["datapath"]
+    print(f"nodemesh {st['version']} (pid {st['pid']}), "
+          f"{'ready' if st['ready'] else 'NOT READY'}, up {st['uptime_seconds']}s")
+    print(f"source:    {src['kind']}" + (f" {src['config']}" if src.get("config") else "") +
+          f" — {'last load OK' if src['ok'] else 'LAST LOAD REJECTED' if src['ok'] is False else 'no load yet'}"
+          f" ({src['loads']} applied, {src['failures']} rejected)")
+    if src.get("error"):
+        print("           " + src["error"].replace("\n", "\n           "))
+    print(f"datapath:  cgroup {dp['cgroup']}, pins {dp['bpffs']}"
+          f" ({'adopted' if dp['adopted_pins'] else 'new'}, loaded in {dp['load_seconds']}s)")
+    hooks = ", ".join(f"{h['hook']}#{h['prog_id']}" for h in dp["hooks"] if h["attached"])
+    print(f"hooks:     {hooks or 'none attached'}")
+    print(f"services:  {st['services']} ({st['frontends']} frontends)")
+    la = st.get("last_apply")
+    if la:
+        print(f"last sync: +{la['added']} ~{la['changed']} -{la['removed']} ={la['unchanged']}"
+              f" !{la['failed']}, {la['writes']} map writes in {la['seconds']}s")
+        for err in la["errors"]:
+            print(f"  error: {err}")
+    ev = dp.get("events") or {}
+    if any(ev.values()):
+        print("events:    " + ", ".join(f"{k}={v}" for k, v in ev.items() if v))
+    return 0
+
+
+def cmd_services(args) -> int:
+    services = _admin(args, "/v1/services")
+    if args.output == "json":
+        print(json.dumps(services, indent=2))
+        return 0
+    rows = []
+    for svc in services:
+        for fe in svc["frontends"]:
+            host = f"[{fe['vip']}]" if ":" in fe["vip"] else fe["vip"]
+            bes = " ".join(
+                f"{b['address']}:{b['port']}(w{b['weight']},{b['connections']})"
+                for b in fe["backends"]) or "-"
+            rows.append([f"{svc['namespace']}/{svc['name']}", f"{host}:{fe['port']}/"
+                         f"{fe['protocol']}", fe["algorithm"], str(fe["connections"]),
+                         str(fe["no_backend"]), bes])
+    if not rows:
+        print("no services programmed")
+        return 0
+    print(_table(rows, ["SERVICE", "FRONTEND", "ALGORITHM", "CONNS", "REFUSED",
+                        "BACKENDS (weight, conns)"]))
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    from .datapath import loader
+
+    try:
+        done = loader.cleanup(args.bpffs)
+    except OSError as e:
+        print(f"nodemesh cleanup: {e}", file=sys.stderr)
+        return 1
+    if not done:
+        print(f"nothing to clean: {args.bpffs} does not exist")
+    for line in done:
+        print(line)
+    return 0
+
+
+def cmd_preflight(args) -> int:
+    from . import preflight
+
+    checks = preflight.run_checks()
+    if not args.no_load and all(c.ok for c in checks):
+        checks.append(preflight.program_types())
+    for c in checks:
+        mark = "ok  " if c.ok else "FAIL"
+        print(f"[{mark}] {c.name}: {c.detail}")
+        if not c.ok and c.fix:
+            print(f"       fix: {c.fix}")
+    bad = [c for c in checks if not c.ok]
+    print("this node can run nodemesh" if not bad else
+          f"this node cannot run nodemesh: {len(bad)} check(s) failed")
+    return 0 if not bad else 1
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.run(once=args.once, metrics_addr=args.metrics_addr, connections=args.connections)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .datapath.loader import DEFAULT_BPFFS
+    from .datapath.maps import MapSizes
+
+    sizes = MapSizes()
+    p = argparse.ArgumentParser(prog="nodemesh", description="In-kernel service load balancing "
+                                "agent (eBPF socket hooks) with kernel-sourced metrics.")
+    p.add_argument("--version", action="version", version=f"nodemesh {__version__}")
+    p.add_argument("--log-level", default=_env("log_level", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def admin_opts(sp):
+        sp.add_argument("--admin-socket", default=_env("admin_socket", api.DEFAULT_SOCKET))
+        sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    r = sub.add_parser("run", help="run the agent in the foreground")
+    r.add_argument("--config", default=_env("config"), help="YAML services file (file source)")
+    r.add_argument("--source", default=_env("source", "file"), choices=["file", "kubernetes"])
+    r.add_argument("--kubeconfig", default=_env("kubeconfig"))
+    r.add_argument("--metrics-addr", default=_env("metrics_addr", "127.0.0.1:9464"))
+    r.add_argument("--cgroup", default=_env("cgroup"),
+                   help="cgroup v2 folder for the socket hooks (default: the cgroup v2 root)")
+    r.add_argument("--bpffs", default=_env("bpffs", DEFAULT_BPFFS))
+    r.add_argument("--admin-socket", default=_env("admin_socket", api.DEFAULT_SOCKET))
+    r.add_argument("--interface", action="append", default=[],
+                   help="(reserved for the TC packet path; not used by the socket datapath)")
+    r.add_argument("--node-name", default=_env("node_name", os.uname().nodename))
+    r.add_argument("--resync-seconds", default=_env("resync_seconds", "30"))
+    r.add_argument("--map-service-entries", default=_env("map_service_entries",
+                                                         sizes.service_entries))
+    r.add_argument("--map-frontends", default=_env("map_frontends", sizes.frontends))
+    r.add_argument("--map-backends", default=_env("map_backends", sizes.backends))
+    r.add_argument("--map-revnat", default=_env("map_revnat", sizes.revnat))
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)")
+    c.add_argument("--config", default=_env("config"), required=_env("config") is None)
+    c.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("status", help="the running agent's state")
+    admin_opts(s)
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("services", help="programmed services with kernel counters")
+    admin_opts(s)
+    s.set_defaults(func=cmd_services)
+
+    cl = sub.add_parser("cleanup", help="detach every hook and remove every pin (idempotent)")
+    cl.add_argument("--bpffs", default=_env("bpffs", DEFAULT_BPFFS))
+    cl.set_defaults(func=cmd_cleanup)
+
+    pf = sub.add_parser("preflight", help="check what this node offers")
+    pf.add_argument("--no-load", action="store_true",
+                    help="skip compiling and loading the programs")
+    pf.set_defaults(func=cmd_preflight)
+
+    d = sub.add_parser("demo", help="backends in netns behind a VIP, balanced, with metrics")
+    d.add_argument("--once", action="store_true", help="exit after showing the balance")
+    d.add_argument("--metrics-addr", default="127.0.0.1:9464")
+    d.add_argument("--connections", type=int, default=300)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The agent: source -> reconciler -> kernel, with metrics and the admin API around it.
+
+One thread (the caller of run()) owns the reconciler: sources hand it complete desired sets
+through a one-element mailbox, so a burst of changes is applied once, in order, by one writer.
+
+Start:  load programs against the pinned maps (adopting them) -> adopt programmed state ->
+        first sync -> attach (swap into existing links) -> ready.
+Stop:   SIGTERM/SIGINT end the process and leave the datapath in the kernel, serving the last
+        state; the next agent adopts it. `nodemesh cleanup` is what removes it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from prometheus_client import CollectorRegistry
+
+from . import __version__, api, metrics
+from .datapath import loader
+from .datapath import maps as m
+from .model import Backend, Service
+from .reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    config: Optional[str] = None
+    source: str = "file"
+    kubeconfig: Optional[str] = None
+    metrics_addr: str = "127.0.0.1:9464"
+    cgroup: Optional[str] = None
+    bpffs: str = loader.DEFAULT_BPFFS
+    admin_socket: str = api.DEFAULT_SOCKET
+    node_name: Optional[str] = None
+    resync_seconds: float = 30.0
+    sizes: m.MapSizes = field(default_factory=m.MapSizes)
+
+
+class Agent:
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.sizes = opts.sizes
+        self.registry = CollectorRegistry()
+        self.own_metrics = metrics.AgentMetrics(self.registry)
+        self.registry.register(metrics.DatapathCollector(self))
+        self.datapath: Optional[loader.Datapath] = None
+        self.maps: Optional[m.Maps] = None
+        self.reconciler: Optional[Reconciler] = None
+        self.source = None
+        self.ready = False
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._mailbox_lock = threading.Lock()
+        self._mailbox: Optional[List[Service]] = None
+        self._first_desired = threading.Event()
+        self.config_state: Dict[str, Any] = {"ok": None, "error": None, "loads": 0,
+                                             "failures": 0, "last_change": None}
+        self.metrics_server: Optional[metrics.MetricsServer] = None
+        self.admin: Optional[api.AdminServer] = None
+        self._retry_at: Optional[float] = None
+        self._retry_delay = 1.0
+
+    # -- source callbacks (any thread) ------------------------------------------------------
+    def desired(self, services: List[Service]) -> None:
+        with self._mailbox_lock:
+            self._mailbox = list(services)
+        self.config_state.update(ok=True, error=None, last_change=time.time())
+        self.config_state["loads"] += 1
+        self.own_metrics.reloads.labels(self.source_name).inc()
+        self.own_metrics.last_reload_success.labels(self.source_name).set(1)
+        self._first_desired.set()
+        self._wake.set()
+
+    def source_error(self, message: str) -> None:
+        log.error("desired state rejected; the last good state keeps serving:\n%s", message)
+        self.config_state.update(ok=False, error=message, last_change=time.time())
+        self.config_state["failures"] += 1
+        self.own_metrics.reload_failures.labels(self.source_name).inc()
+        self.own_metrics.last_reload_success.labels(self.source_name).set(0)
+
+    @property
+    def source_name(self) -> str:
+        return getattr(self.source, "name", self.opts.source)
+
+    def reload(self) -> None:
+        if self.source is not None and hasattr(self.source, "reload"):
+            self.source.reload()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _make_source(self):
+        if self.opts.source == "file":
+            from .sources.file import FileSource
+
+            if not self.opts.config:
+                raise SystemExit("nodemesh run: --config FILE is required with the file source")
+            return FileSource(self.opts.config)
+        if self.opts.source == "kubernetes":
+            try:
+                from .sources.kubernetes import KubernetesSource
+            except ImportError as e:
+                raise SystemExit(f"the kubernetes source is not available: {e}")
+            return KubernetesSource(kubeconfig=self.opts.kubeconfig,
+                                    node_name=self.opts.node_name, registry=self.registry)
+        raise SystemExit(f"unknown source {self.opts.source!r} (file or kubernetes)")
+
+    def run(self) -> int:
+        self.source = self._make_source()
+        self.metrics_server = metrics.MetricsServer(self, self.registry, self.opts.metrics_addr)
+        self.metrics_server.start()
+        log.info("metrics on http://%s/metrics", self.metrics_server.address)
+        cgroup = self.opts.cgroup or loader.cgroup2_root()
+        self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes)
+        try:
+            self.maps = self.datapath.load()
+            self.reconciler = Reconciler(self.maps, self.sizes)
+            self.reconciler.adopt()
+            self.admin = api.AdminServer(self, self.opts.admin_socket)
+            self.admin.start()
+            self.source.start(self.desired, self.source_error)
+            if self.opts.source == "file" and self.config_state["ok"] is False:
+                # A first config that is invalid: say so and exit, touching nothing. Any
+                # datapath a previous agent left keeps serving its last good state.
+                return 1
+            while not self._first_desired.wait(0.2):
+                if self._stop.is_set():
+                    return 0
+            self._apply_pending()
+            self.datapath.attach()
+            self.ready = True
+            self.own_metrics.ready.set(1)
+            log.info("ready: %d frontends programmed, hooks attached to %s",
+                     len(self.reconciler.programmed), cgroup)
+            self._loop()
+            return 0
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        next_resync = time.monotonic() + self.opts.resync_seconds
+        while not self._stop.is_set():
+            timeout = next_resync - time.monotonic()
+            if self._retry_at is not None:
+                timeout = min(timeout, self._retry_at - time.monotonic())
+            self._wake.wait(max(0.0, timeout))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self._apply_pending()
+            now = time.monotonic()
+            if self._retry_at is not None and now >= self._retry_at:
+                self._retry_at = None
+                self._apply(self.reconciler.services)
+            if now >= next_resync:
+                next_resync = now + self.opts.resync_seconds
+                drift = self.reconciler.verify()
+                if drift:
+                    log.warning("kernel state drifted from the agent's; reprogramming: %s",
+                                "; ".join(drift[:5]))
+                    self._apply(self.reconciler.services)
+
+    def _apply_pending(self) -> None:
+        with self._mailbox_lock:
+            services, self._mailbox = self._mailbox, None
+        if services is not None:
+            self._apply(services)
+
+    def _apply(self, services: List[Service]) -> None:
+        result = self.reconciler.apply(services)
+        self.own_metrics.reconcile_runs.inc()
+        self.own_metrics.reconcile_writes.inc(result.writes)
+        self.own_metrics.reconcile_last_seconds.set(result.seconds)
+        if result.failed:
+            # Failed frontends keep their previous state; try again with capped backoff.
+            self.own_metrics.reconcile_errors.inc(result.failed)
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, 30.0)
+        else:
+            self._retry_delay = 1.0
+
+    def _shutdown(self) -> None:
+        self.ready = False
+        if self.source is not None:
+            try:
+                self.source.stop()
+            except Exception as e:  # stopping must go on whatever one part does
+                log.warning("stopping the source: %s", e)
+        if self.admin is not None:
+            self.admin.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        if self.datapath is not None:
+            self.datapath.close()  # fds only: the pinned links keep the hooks attached
+        log.info("stopped; the datapath stays in the kernel (remove it with 'nodemesh cleanup')")
+
+    # -- views ------------------------------------------------------------------------------
+    def backend_healthy(self, svc: Service, b: Backend) -> bool:
+        return b.ready and not b.terminating
+
+    def status(self) -> Dict[str, Any]:
+        rec = self.reconciler
+        last = rec.last_result if rec else None
+        counters = self.maps.counters() if self.maps else {}
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "node_name": self.opts.node_name,
+            "source": {"kind": self.source_name, "config": self.opts.config,
+                       **self.config_state},
+            "datapath": {
+                "bpffs": self.datapath.bpffs if self.datapath else self.opts.bpffs,
+                "cgroup": self.datapath.cgroup if self.datapath else self.opts.cgroup,
+                "adopted_pins": bool(self.datapath and self.datapath.adopted),
+                "load_seconds": round(self.datapath.load_seconds, 3) if self.datapath else None,
+                "hooks": loader.attachments(self.datapath.bpffs) if self.datapath else [],
+                "events": counters,
+            },
+            "services": len(rec.services) if rec else 0,
+            "frontends": len(rec.programmed) if rec else 0,
+            "last_apply": None if last is None else {
+                "added": last.added, "changed": last.changed, "removed": last.removed,
+                "unchanged": last.unchanged, "failed": last.failed, "writes": last.writes,
+                "seconds": round(last.seconds, 4), "errors": last.errors},
+        }
+
+    def services_view(self) -> List[Dict[str, Any]]:
+        rec = self.reconciler
+        if rec is None or self.maps is None:
+            return []
+        svc_stats = self.maps.percpu_sums("svc_stats")
+        be_stats = self.maps.percpu_sums("backend_stats")
+        by_service: Dict[tuple, Dict[str, Any]] = {}
+        for fe in rec.snapshot():
+            key = (fe["namespace"], fe["service"])
+            entry = by_service.setdefault(key, {
+                "namespace": fe["namespace"], "name": fe["service"],
+                "status": rec.status.get(key, {}), "frontends": []})
+            st = svc_stats.get(fe["svc_id"], {})
+            for be in fe["backends"]:
+                be["connections"] = be_stats.get(be["id"], {}).get("connections", 0)
+            entry["frontends"].append({**fe, "connections": st.get("connections", 0),
+                                       "no_backend": st.get("no_backend", 0)})
+        return list(by_service.values())
+
+
+def install_signals(agent: Agent) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    signal.signal(signal.SIGHUP, lambda *_: agent.reload())
