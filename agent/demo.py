@@ -19,7 +19,6 @@ from typing import Dict, List
 
 from .lab.topology import Lab, new_lab
 
-DEMO_BPFFS = "/sys/fs/bpf/nodemesh-demo"
 DEMO_SOCKET = "/run/nodemesh/demo.sock"
 
 
@@ -93,7 +92,7 @@ def run(once: bool = False, metrics_addr: str = "127.0.0.1:9464", connections: i
         print(f"config: {cfg}")
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", cfg, "--cgroup", lab.cgroup,
-             "--bpffs", DEMO_BPFFS, "--admin-socket", DEMO_SOCKET, "--metrics-addr",
+             "--bpffs", lab.bpffs, "--admin-socket", DEMO_SOCKET, "--metrics-addr",
              metrics_addr], start_new_session=True)
         _wait_ready(f"http://{metrics_addr}/readyz", agent)
         print(f"agent ready (pid {agent.pid})")
@@ -138,8 +137,5 @@ def run(once: bool = False, metrics_addr: str = "127.0.0.1:9464", connections: i
                 agent.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 agent.kill()
-        from .datapath.loader import cleanup
-
-        cleanup(DEMO_BPFFS)
         lab.destroy()  # namespaces, cgroup, and the host blackhole routes
         print("demo cleaned up")

@@ -7,14 +7,15 @@ are expressed by how many slots a backend holds:
   * weights are reduced by their greatest common divisor (3:3:6 takes 4 slots, not 12);
   * above MAX_SLOTS they are apportioned by largest remainder, each live backend keeping at
     least one slot (the error is then at most one slot in MAX_SLOTS per backend);
-  * round_robin orders the slots as nginx's smooth weighted round robin does, so a heavy
-    backend's turns are spread out instead of coming in a burst.
+  * round_robin orders the slots so that each backend's turns are spread evenly and no
+    backend comes twice in a row (see smooth_sequence).
 """
 from __future__ import annotations
 
+import heapq
 from functools import reduce
 from math import gcd
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from .model import Backend
 
@@ -61,24 +62,97 @@ def slot_counts(weights: Sequence[int], max_slots: int = MAX_SLOTS) -> List[int]
     return counts
 
 
+def _fits(count: int, free: int, left_same: bool, right_same: bool) -> bool:
+    """Can `count` copies of one backend fill `free` path positions with none adjacent, when
+    the position before the path (and after it) may hold the same backend?"""
+    n = free - (1 if left_same else 0) - (1 if right_same else 0)
+    return count <= max(0, (n + 1) // 2)
+
+
 def smooth_sequence(counts: Sequence[int]) -> List[int]:
-    """nginx's smooth weighted round robin over slot counts: a list of indexes into counts,
-    each index i appearing counts[i] times, as evenly spread as the weights allow."""
-    total = sum(counts)
+    """Round-robin order over slot counts: a list of indexes into counts, index i appearing
+    counts[i] times, spread evenly and, read as a ring, never the same backend twice in a row
+    while no backend holds more than half the slots.
+
+    Each backend's turns have ideal times (j + phase_i) / counts[i], phases staggered so that
+    backends do not all fall due together; the earliest due backend goes next unless it went
+    last or taking it would force a repeat later (checked in O(1) from the largest remaining
+    count). nginx's smooth weighted round robin repeats at the wrap (1:1:2 gives c a b c c a b
+    c); this does not (a c b c a c b c)."""
     live = [i for i, c in enumerate(counts) if c > 0]
-    if all(counts[i] == counts[live[0]] for i in live) if live else True:
-        # Equal weights: plain rotation, the common case, without the O(total * n) walk.
-        return [i for _ in range(counts[live[0]] if live else 0) for i in live]
-    current = [0] * len(counts)
-    out = []
-    for _ in range(total):
-        best = -1
-        for i in live:
-            current[i] += counts[i]
-            if best < 0 or current[i] > current[best]:
-                best = i
-        current[best] -= total
-        out.append(best)
+    if not live:
+        return []
+    if all(counts[i] == counts[live[0]] for i in live):
+        # Equal weights: plain rotation, the common case, in O(total).
+        return [i for _ in range(counts[live[0]]) for i in live]
+    total = sum(counts)
+    remaining = {i: counts[i] for i in live}
+    taken = {i: 0 for i in live}
+    phase = {i: (pos + 0.5) / len(live) for pos, i in enumerate(live)}
+    by_remaining: Dict[int, int] = {}  # remaining count -> how many backends have it
+    for i in live:
+        by_remaining[counts[i]] = by_remaining.get(counts[i], 0) + 1
+
+    def due(i: int) -> Tuple[float, int, int]:
+        return ((taken[i] + phase[i]) / counts[i], -remaining[i], i)
+
+    def take(i: int) -> None:
+        r = remaining[i]
+        by_remaining[r] -= 1
+        if not by_remaining[r]:
+            del by_remaining[r]
+        remaining[i] = r - 1
+        taken[i] += 1
+        if r - 1:
+            by_remaining[r - 1] = by_remaining.get(r - 1, 0) + 1
+
+    def feasible_after(i: int, first: int, free: int) -> bool:
+        # After taking i, every backend must still fit the free positions between i (on the
+        # left) and the ring's first pick (on the right). Only i, first and the backend with
+        # the most turns left can fail that, so three checks suffice.
+        take(i)
+        ok = _fits(remaining[i], free, True, i == first) and \
+            (first == i or _fits(remaining[first], free, False, True)) and \
+            (not by_remaining or _fits(max(by_remaining), free, False, False))
+        untake(i)
+        return ok
+
+    def untake(i: int) -> None:
+        r = remaining[i]
+        if r:
+            by_remaining[r] -= 1
+            if not by_remaining[r]:
+                del by_remaining[r]
+        remaining[i] = r + 1
+        taken[i] -= 1
+        by_remaining[r + 1] = by_remaining.get(r + 1, 0) + 1
+
+    heap = [due(i) for i in live]
+    heapq.heapify(heap)
+    out: List[int] = []
+    prev = first = -1
+    for step in range(total):
+        free = total - step - 1
+        skipped = []
+        pick = -1
+        while heap:
+            entry = heapq.heappop(heap)
+            i = entry[2]
+            if i != prev and feasible_after(i, first if first >= 0 else i, free):
+                pick = i
+                break
+            skipped.append(entry)
+        if pick < 0:  # no repeat-free choice exists (a backend holds over half the slots)
+            pick = skipped.pop(0)[2] if skipped else prev
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        take(pick)
+        out.append(pick)
+        if remaining[pick]:
+            heapq.heappush(heap, due(pick))
+        prev = pick
+        if first < 0:
+            first = pick
     return out
 
 

@@ -89,6 +89,15 @@ class Lab:
         return f"fd6e:6d:ffff:{self.subnet:x}::{i:x}"
 
     @property
+    def bpffs(self) -> str:
+        """The pin folder for an agent serving this lab (reaped with it)."""
+        return f"/sys/fs/bpf/{self.prefix}"
+
+    @property
+    def admin_socket(self) -> str:
+        return f"/run/nodemesh/{self.prefix}.sock"
+
+    @property
     def state_file(self) -> str:
         return os.path.join(STATE_DIR, f"{self.prefix}.json")
 
@@ -217,6 +226,13 @@ class Lab:
 def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
              backend_ns: Sequence[str], host_blackhole: bool = False) -> None:
     """Remove everything a lab made. Each step tolerates what is already gone."""
+    from ..datapath.loader import cleanup as datapath_cleanup
+
+    datapath_cleanup(f"/sys/fs/bpf/{prefix}")  # first: hooks off before the cgroup goes
+    try:
+        os.unlink(f"/run/nodemesh/{prefix}.sock")
+    except FileNotFoundError:
+        pass
     for ns in [*backend_ns, f"{prefix}-c"]:
         pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
         for pid in pids:

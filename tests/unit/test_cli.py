@@ -1,0 +1,48 @@
+"""The CLI without a kernel: `check`, and what status says when no agent runs."""
+import json
+
+from helpers import cli
+
+
+def test_check_accepts_a_good_file_and_exits_zero(tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text("services: [{name: a, vip: 10.96.0.1, ports: [{port: 80}], "
+                 "backends: [{address: 10.0.0.1}]}]\n")
+    res = cli("check", "--config", str(f))
+    assert res.returncode == 0, res.stderr
+    assert "valid (1 services, 1 frontends)" in res.stdout
+
+
+def test_check_names_file_line_field_and_problem_and_exits_one(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("services:\n  - name: a\n    vip: 10.96.0.1\n    ports:\n"
+                 "      - {port: 70000}\n")
+    res = cli("check", "--config", str(f))
+    assert res.returncode == 1
+    assert f"{f}:5: services[0].ports[0].port: 70000 is not a port (1-65535)" in res.stderr
+
+
+def test_check_json_lists_problems_for_machines(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("services: [{name: a, vip: x, ports: [{port: 80}]}]\n")
+    res = cli("check", "--config", str(f), "-o", "json")
+    out = json.loads(res.stdout)
+    assert res.returncode == 1 and out["valid"] is False
+    assert out["problems"][0]["path"] == "services[0].vip"
+
+
+def test_status_without_an_agent_says_so_plainly(tmp_path):
+    res = cli("status", "--admin-socket", str(tmp_path / "none.sock"))
+    assert res.returncode == 1
+    assert "no agent is running" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_options_read_the_environment(monkeypatch):
+    from agent.cli import build_parser
+
+    monkeypatch.setenv("NODEMESH_METRICS_ADDR", "0.0.0.0:9999")
+    monkeypatch.setenv("NODEMESH_BPFFS", "/sys/fs/bpf/x")
+    args = build_parser().parse_args(["run", "--config", "c.yaml"])
+    assert args.metrics_addr == "0.0.0.0:9999" and args.bpffs == "/sys/fs/bpf/x"
+    args = build_parser().parse_args(["run", "--config", "c.yaml", "--bpffs", "/y"])
+    assert args.bpffs == "/y"  # the flag wins

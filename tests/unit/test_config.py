@@ -1,0 +1,137 @@
+"""Config validation: every bad input names the file, line and field path."""
+import pytest
+
+from agent import config
+from agent.model import Backend, ServicePort
+
+GOOD = """\
+services:
+  - name: web
+    namespace: demo
+    vip: 10.96.0.10
+    ports:
+      - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+      - {name: dns, port: 53, protocol: UDP}
+    algorithm: round_robin
+    sessionAffinity: {clientIP: {timeoutSeconds: 60}}
+    healthCheck: {type: http, path: /healthz, intervalSeconds: 2}
+    backends:
+      - {address: 10.200.1.2, weight: 1}
+      - {address: 10.200.1.3, weight: 3, node: node-a, zone: zone-a}
+  - name: web6
+    vip: "fd00:96::10"
+    ports: [{port: 80}]
+    backends: [{address: "fd00:200::2"}]
+"""
+
+
+def test_a_valid_file_becomes_the_model():
+    web, web6 = config.parse(GOOD, "good.yaml")
+    assert web.key == ("demo", "web") and web.algorithm == "round_robin"
+    assert web.ports == (ServicePort(80, 8080, "TCP", "http"), ServicePort(53, 53, "UDP", "dns"))
+    assert web.backends[1] == Backend("10.200.1.3", 3, node="node-a", zone="zone-a")
+    assert web.session_affinity.timeout_seconds == 60
+    assert web.health_check.type == "http" and web.health_check.path == "/healthz"
+    assert web6.namespace == "default" and web6.vip == "fd00:96::10"
+    assert web6.ports[0].target_port == 80 and web6.algorithm == "random"
+
+
+def test_addresses_are_stored_canonically():
+    (svc,) = config.parse("services: [{name: a, vip: 'FD00:0:0::10', ports: [{port: 1}], "
+                          "backends: [{address: 'fd00::0002'}]}]")
+    assert svc.vip == "fd00::10" and svc.backends[0].address == "fd00::2"
+
+
+def test_empty_file_means_no_services():
+    assert config.parse("") == [] and config.parse("services: []") == []
+
+
+def problems(text):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(text, "bad.yaml")
+    return str(e.value)
+
+
+def one(**fields):
+    base = {"name": "web", "vip": "10.96.0.10", "ports": "[{port: 80}]",
+            "backends": "[{address: 10.200.1.2}]"}
+    base.update(fields)
+    body = "\n".join(f"    {k}: {v}" for k, v in base.items() if v is not None)
+    return "services:\n  - " + body.lstrip() + "\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (one(ports="[{port: 70000}]"),
+     "bad.yaml:4: services[0].ports[0].port: 70000 is not a port (1-65535)"),
+    (one(ports="[{port: 0}]"), "services[0].ports[0].port: 0 is not a port (1-65535)"),
+    (one(ports="[{port: '80'}]"), "services[0].ports[0].port: '80' is not a port"),
+    (one(ports="[{port: 80, targetPort: -1}]"), "services[0].ports[0].targetPort: -1 is not"),
+    (one(ports="[{port: 80, protocol: SCTP}]"),
+     "services[0].ports[0].protocol: 'SCTP' is not a protocol (TCP or UDP)"),
+    (one(vip="10.96.0.300"), "bad.yaml:3: services[0].vip: '10.96.0.300' is not an IPv4 or "
+                             "IPv6 address"),
+    (one(vip="0.0.0.0"), "services[0].vip: 0.0.0.0 cannot be a virtual IP"),
+    (one(vip="127.0.0.1"), "services[0].vip: 127.0.0.1 cannot be a virtual IP"),
+    (one(backends="[{address: 10.200.1}]"),
+     "services[0].backends[0].address: '10.200.1' is not an IPv4 or IPv6 address"),
+    (one(backends="[{address: 10.200.1.2, weight: -1}]"),
+     "services[0].backends[0].weight: -1 is not a weight (0-65535)"),
+    (one(backends="[{address: 10.200.1.2, weight: 65536}]"),
+     "services[0].backends[0].weight: 65536 is not a weight (0-65535)"),
+    (one(backends="[{address: 'fd00::2'}]"),
+     "services[0].backends[0].address: fd00::2 is IPv6 but the VIP 10.96.0.10 is IPv4"),
+    (one(backends="[{address: 10.200.1.2}, {address: 10.200.1.2}]"),
+     "services[0].backends[1].address: 10.200.1.2 is listed twice"),
+    (one(algorithm="fastest"), "services[0].algorithm: 'fastest' is not an algorithm "
+                               "(one of: random, round_robin)"),
+    (one(name="Web_1"), "services[0].name: 'Web_1' is not a DNS-1123 label"),
+    (one(name=None), "services[0].name: is required"),
+    (one(vip=None), "services[0].vip: is required"),
+    (one(ports=None), "services[0].ports: is required"),
+    (one(ports="[]"), "services[0].ports: must be a non-empty list of ports"),
+    (one(colour="blue"), "bad.yaml:6: services[0].colour: unknown field"),
+    (one(ports="[{port: 80, tagetPort: 8080}]"), "services[0].ports[0].tagetPort: unknown "
+                                                 "field"),
+    (one(healthCheck="{type: icmp}"), "services[0].healthCheck.type: 'icmp' is not a health "
+                                      "check type"),
+    (one(sessionAffinity="{clientIP: {timeoutSeconds: 0}}"),
+     "services[0].sessionAffinity.clientIP.timeoutSeconds: 0 is not a timeout"),
+    ("servics: []\n", "bad.yaml:1: servics: unknown field"),
+    ("services: {a: 1}\n", "services: must be a list, not a mapping"),
+])
+def test_bad_input_names_the_field_and_the_problem(text, expected):
+    assert expected in problems(text)
+
+
+def test_yaml_syntax_error_gives_the_line():
+    msg = problems("services:\n  - name: web\n    vip: [10.96.0.10\n")
+    assert msg.startswith("bad.yaml:") and "YAML syntax error" in msg and "line" in msg
+
+
+def test_duplicate_frontends_across_services_are_refused():
+    text = ("services:\n"
+            "  - {name: a, vip: 10.96.0.1, ports: [{port: 80}]}\n"
+            "  - {name: b, vip: 10.96.0.1, ports: [{port: 80}]}\n"
+            "  - {name: c, vip: 10.96.0.1, ports: [{port: 80, protocol: UDP}]}\n")
+    msg = problems(text)
+    assert "services[1].vip: 10.96.0.1:80/TCP is already used by services[0] (default/a)" in msg
+    assert "services[2]" not in msg  # UDP on the same port is another frontend
+
+
+def test_duplicate_service_names_and_keys_are_refused():
+    msg = problems("services:\n  - {name: a, vip: 10.96.0.1, ports: [{port: 80}]}\n"
+                   "  - {name: a, vip: 10.96.0.2, ports: [{port: 80}]}\n")
+    assert "services[1].name: service default/a is defined twice" in msg
+    msg = problems("services:\n  - name: a\n    name: b\n")
+    assert "services[0].name: is given twice" in msg
+
+
+def test_every_problem_is_reported_at_once():
+    msg = problems(one(vip="nope", algorithm="x", ports="[{port: 99999}]"))
+    assert len(msg.splitlines()) == 3
+
+
+def test_unreadable_file_is_a_config_error(tmp_path):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(tmp_path / "missing.yaml"))
+    assert "missing.yaml: cannot read the file" in str(e.value)

@@ -1,0 +1,117 @@
+"""Weights to slots, and the round-robin order (pure functions, no kernel)."""
+import random
+
+import pytest
+
+from agent.model import Backend
+from agent.selection import (MAX_SLOTS, eligible, expanded_sequence, slot_counts,
+                             slots_for, smooth_sequence)
+
+
+def longest_ring_run(seq):
+    """Longest run of one value, reading seq as a ring (the counter wraps around)."""
+    if len(set(seq)) <= 1:
+        return len(seq)
+    doubled = seq + seq
+    best = run = 1
+    for a, b in zip(doubled, doubled[1:]):
+        run = run + 1 if a == b else 1
+        best = max(best, run)
+    return best
+
+
+@pytest.mark.parametrize("weights, counts", [
+    ([1, 1, 1], [1, 1, 1]),
+    ([3, 3, 6], [1, 1, 2]),          # reduced by the gcd
+    ([100, 200, 300], [1, 2, 3]),
+    ([0, 5, 5], [0, 1, 1]),          # weight 0 takes no slot
+    ([0, 0], [0, 0]),
+    ([7], [1]),
+])
+def test_weights_become_the_fewest_slots_in_the_same_ratio(weights, counts):
+    assert slot_counts(weights) == counts
+
+
+def test_huge_weights_are_apportioned_within_one_slot_and_every_backend_keeps_one():
+    weights = [65535, 1, 30000, 777]
+    counts = slot_counts(weights, max_slots=1000)
+    assert sum(counts) == 1000
+    assert min(counts) >= 1
+    for w, c in zip(weights, counts):
+        assert abs(c - 1000 * w / sum(weights)) <= 2  # the floor of 1 can add one
+
+
+def test_more_backends_than_slots_is_refused():
+    with pytest.raises(ValueError):
+        slot_counts([1] * (MAX_SLOTS + 1))
+
+
+def test_random_slots_repeat_each_backend_by_its_count():
+    assert sorted(expanded_sequence([1, 0, 3])) == [0, 2, 2, 2]
+
+
+def test_equal_weights_round_robin_is_a_plain_rotation():
+    assert smooth_sequence([2, 2, 2]) == [0, 1, 2, 0, 1, 2]
+
+
+def test_round_robin_never_sends_two_in_a_row_to_one_backend_unlike_nginx_swrr():
+    # nginx's smooth WRR gives c a b c for 1:1:2, so c twice at every wrap.
+    assert longest_ring_run(smooth_sequence([1, 1, 2])) == 1
+
+
+def test_round_robin_has_no_bursts_for_any_weights_where_none_is_possible():
+    rng = random.Random(20261123)  # fixed seed: the same 2,000 weight vectors every run
+    checked = 0
+    for _ in range(2000):
+        weights = [rng.randint(1, 12) for _ in range(rng.randint(2, 8))]
+        counts = slot_counts(weights)
+        seq = smooth_sequence(counts)
+        assert sorted(seq) == expanded_sequence(counts)  # exact proportions per cycle
+        if max(counts) * 2 <= sum(counts):
+            checked += 1
+            assert longest_ring_run(seq) == 1, counts
+    assert checked > 1000
+
+
+def test_round_robin_stays_within_two_turns_of_the_ideal_share_at_every_point():
+    rng = random.Random(7)
+    for _ in range(300):
+        counts = [rng.randint(1, 12) for _ in range(rng.randint(2, 6))]
+        seq = smooth_sequence(counts)
+        total = sum(counts)
+        seen = [0] * len(counts)
+        for step, i in enumerate(seq, 1):
+            seen[i] += 1
+            for j, c in enumerate(counts):
+                assert abs(seen[j] - step * c / total) < 2
+
+
+def test_a_dominant_backend_runs_no_longer_than_it_must():
+    seq = smooth_sequence([1, 3])  # 3 of 4 slots: a run of 3 is unavoidable, 4 is not
+    assert longest_ring_run(seq) == 3
+
+
+def test_slots_for_picks_the_order_by_algorithm():
+    assert sorted(slots_for("random", [1, 2])) == [0, 1, 1]
+    assert slots_for("round_robin", [1, 1]) == [0, 1]
+
+
+def b(address, **kw):
+    return Backend(address=address, **kw)
+
+
+def test_only_ready_backends_with_weight_take_new_connections():
+    chosen, why = eligible([b("10.0.0.1"), b("10.0.0.2", ready=False),
+                            b("10.0.0.3", weight=0), b("10.0.0.4", terminating=True,
+                                                       ready=False)])
+    assert [x.address for x in chosen] == ["10.0.0.1"] and why == "ready"
+
+
+def test_serving_terminating_backends_are_used_when_none_is_ready():
+    chosen, why = eligible([b("10.0.0.1", ready=False, serving=True, terminating=True),
+                            b("10.0.0.2", ready=False, serving=False, terminating=True)])
+    assert [x.address for x in chosen] == ["10.0.0.1"] and why == "terminating-fallback"
+
+
+def test_no_eligible_backend_leaves_the_set_empty():
+    assert eligible([b("10.0.0.1", ready=False, serving=False)]) == ([], "none")
