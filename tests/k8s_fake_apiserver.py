@@ -87,7 +87,7 @@ class FakeApiServer:
         self._watches: List[_Watch] = []
         self._watches_open = threading.Event()
         self._watches_open.set()
-        self._failure: Optional[Tuple[int, str, str]] = None
+        self._failure: Optional[Tuple[int, str, str, Optional[str]]] = None
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.fake = self  # type: ignore[attr-defined]
@@ -215,9 +215,10 @@ class FakeApiServer:
             self._cond.notify_all()
 
     def fail_requests(self, status: Optional[int], reason: str = "InternalError",
-                      message: str = "injected failure") -> None:
-        """Answer every API request with this HTTP status (None: serve normally again)."""
-        self._failure = None if status is None else (status, reason, message)
+                      message: str = "injected failure", resource: Optional[str] = None) -> None:
+        """Answer API requests (all, or one collection's) with this HTTP status; None: serve
+        normally again."""
+        self._failure = None if status is None else (status, reason, message, resource)
 
     def open_watches(self, resource: str) -> int:
         with self._cond:
@@ -282,8 +283,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake.requests.append((parts.path, query))
         if self.fake.token and self.headers.get("Authorization") != f"Bearer {self.fake.token}":
             return self._status(401, "Unauthorized", "Unauthorized")
-        if self.fake._failure is not None:
-            return self._status(*self.fake._failure)
+        failure = self.fake._failure
+        if failure is not None and (failure[3] is None or parts.path.endswith("/" + failure[3])):
+            return self._status(*failure[:3])
         route = self._route(parts.path)
         if route is None:
             return self._status(404, "NotFound", f"the server could not find {parts.path}")

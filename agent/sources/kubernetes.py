@@ -2,7 +2,11 @@
 
     source = KubernetesSource(kubeconfig=None, node_name="node-a")   # in-cluster by default
     source.start(on_change, on_error)                                 # returns at once
-    source.stop()
+    source.node_zone                     # this node's topology.kubernetes.io/zone, once read
+    source.stop()                        # idempotent; a stopped source is not restarted
+
+The constructor raises KubernetesSourceError, with a message fit for the user, when the
+`kubernetes` package is missing or the kubeconfig / in-cluster config cannot be loaded.
 
 How it follows the API
     One thread per collection (core/v1 Services, discovery.k8s.io/v1 EndpointSlices, all
@@ -17,6 +21,8 @@ How it follows the API
       with jitter, and watch again from the last resourceVersion.
     - Every `resync_seconds` the collection is listed again in full (the watch is asked to
       end by then with timeoutSeconds), which repairs anything that went wrong unnoticed.
+    - Lists ask for resourceVersion "0" (served from the API server's watch cache: cheap when
+      every node lists at once), except the relist after a 410, which is a consistent read.
     A third thread translates and delivers: it waits until both collections have been listed
     once (never a half-synced set: services without their backends would black-hole traffic),
     then coalesces bursts (a 20 ms quiet period, at most 100 ms after the first change) and
@@ -25,7 +31,7 @@ How it follows the API
 
 Why raw streaming (`_preload_content=False`) and not `kubernetes.watch.Watch`
     Watch.stream swallows the first 410 and retries with the same, still too old
-    resourceVersion, silently reconnects on its own after a dropped stream, and turns every
+    resourceVersion, quietly opens a new watch whenever a stream ends, and turns every
     object into the client's model classes. We need to see each of those events to relist,
     back off and count them, and we translate from the API's own JSON (the same shape as the
     fixtures and `kubectl get -o json`). So we call the generated list functions with
@@ -279,28 +285,47 @@ def _backends(slices: Sequence[dict], port_names: Set[str], families: Set[int], 
 # Metrics
 # --------------------------------------------------------------------------------------------
 
-class _Metrics:
+class SourceMetrics:
+    """nodemesh_source_* collectors; any source can label them with its own name."""
+
     def __init__(self, registry):
         from prometheus_client import Counter, Gauge
-        self.events = Counter("nodemesh_source_events_total",
-                              "Events a source received or acted on, by kind",
-                              ["source", "kind"], registry=registry)
-        self.last_sync = Gauge("nodemesh_source_last_sync_timestamp_seconds",
-                               "When the source last completed a full list or delivered a "
-                               "change (Unix time)", ["source"], registry=registry)
+        self.events = _registered(registry, "nodemesh_source_events", lambda: Counter(
+            "nodemesh_source_events_total", "Events a source received or acted on, by kind",
+            ["source", "kind"], registry=registry))
+        self.last_sync = _registered(registry, "nodemesh_source_last_sync_timestamp_seconds",
+                                     lambda: Gauge(
+            "nodemesh_source_last_sync_timestamp_seconds",
+            "When the source last completed a full list or delivered a change (Unix time)",
+            ["source"], registry=registry))
 
 
-# One set per registry: a second source on the same registry (a restart in-process, tests)
-# must reuse the collectors instead of failing on a duplicate registration.
-_metrics_by_registry: "weakref.WeakKeyDictionary[Any, _Metrics]" = weakref.WeakKeyDictionary()
+def _registered(registry, name: str, create):
+    """The collector registered under `name`, created if the registry has none yet.
+
+    Another part of the agent (a second source, an in-process restart, the lead's metrics
+    module) may have registered it first; reuse it instead of failing on a duplicate.
+    """
+    try:
+        return create()
+    except ValueError:
+        existing = getattr(registry, "_names_to_collectors", {}).get(name)
+        if existing is None:
+            raise
+        return existing
+
+
+_metrics_by_registry: "weakref.WeakKeyDictionary[Any, SourceMetrics]" = \
+    weakref.WeakKeyDictionary()
 _metrics_lock = threading.Lock()
 
 
-def _metrics_for(registry) -> _Metrics:
+def source_metrics(registry) -> SourceMetrics:
+    """One SourceMetrics per registry."""
     with _metrics_lock:
         metrics = _metrics_by_registry.get(registry)
         if metrics is None:
-            metrics = _metrics_by_registry[registry] = _Metrics(registry)
+            metrics = _metrics_by_registry[registry] = SourceMetrics(registry)
         return metrics
 
 
@@ -459,6 +484,7 @@ class _Watcher:
         self._response_lock = threading.Lock()
         self._response = None
         self.resource_version: Optional[str] = None
+        self._consistent_list = False
 
     def run(self) -> None:
         stopping = self._source._stopping
@@ -473,7 +499,8 @@ class _Watcher:
                 # Expected after a long disconnect or compaction: relist now, no backoff.
                 self._source._count("gone")
                 log.info("kubernetes %s watch: %s; relisting", self.kind, gone)
-                pass
+                self.resource_version = None
+                self._consistent_list = True
             except Exception as error:  # noqa: BLE001 - every failure is retried the same way
                 if stopping.is_set():
                     break
@@ -485,13 +512,19 @@ class _Watcher:
                 stopping.wait(delay)
 
     def _list(self) -> None:
-        response = self._call(_request_timeout=(self.CONNECT_TIMEOUT_SECONDS, 120))
+        # resourceVersion "0" lets the API server answer from its watch cache, which matters
+        # when every node lists at once (boot, API server restart). After a 410 ask for a
+        # consistent read instead, as client-go does: the cache may be what was behind.
+        response = self._call(resource_version=None if self._consistent_list else "0",
+                              _request_timeout=(self.CONNECT_TIMEOUT_SECONDS, 120))
         try:
             body = json.loads(response.data)
         finally:
             response.release_conn()
         items = body.get("items") or []
         self._replace(items)
+        self._consistent_list = False
+        self._backoff.reset()  # the server answers: a later failure starts from a short wait
         self.resource_version = (body.get("metadata") or {}).get("resourceVersion")
         self._source._count("relist")
         self._source._mark_synced()
@@ -519,9 +552,16 @@ class _Watcher:
         finally:
             with self._response_lock:
                 self._response = None
+            # Close rather than return it to the pool: a stream we stopped reading may still
+            # have bytes in flight that the next request on that connection would read.
+            response.close()
             response.release_conn()
-            if time.monotonic() - started >= self.HEALTHY_AFTER_SECONDS:
+            lived = time.monotonic() - started
+            if lived >= self.HEALTHY_AFTER_SECONDS:
                 self._backoff.reset()
+        if lived < 1 and seconds > 1:
+            # A stream that ends cleanly at once (a proxy cutting watches): don't spin.
+            self._source._stopping.wait(self._backoff.next_delay())
 
     def _handle(self, event: dict) -> None:
         kind, obj = event.get("type"), event.get("object") or {}
@@ -631,7 +671,7 @@ class KubernetesSource:
         if registry is None:
             from prometheus_client import REGISTRY
             registry = REGISTRY
-        self._metrics = _metrics_for(registry)
+        self._metrics = source_metrics(registry)
         for kind in EVENT_KINDS:  # make every series visible at 0
             self._metrics.events.labels(source=self.name, kind=kind)
         self._stopping = threading.Event()

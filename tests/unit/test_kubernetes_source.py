@@ -222,12 +222,23 @@ def test_a_burst_of_changes_is_coalesced_into_few_deliveries(api, run_source):
     _, recorder = run_source()
     recorder.wait_for_change()
     before = len(recorder.changes)
-    for i in range(50):
+    for i in range(20):  # a rolling update: one change every few milliseconds
         add_web_endpoint(api, f"10.244.8.{i + 1}")
-    recorder.wait_for_change(lambda s: "10.244.8.50" in addresses(s, "shop", "web"),
+        time.sleep(0.005)
+    recorder.wait_for_change(lambda s: "10.244.8.20" in addresses(s, "shop", "web"),
                              after=before)
-    assert len(recorder.changes) - before < 25
-    assert len(addresses(recorder.latest(), "shop", "web")) == 54
+    assert len(recorder.changes) - before < 10
+    assert len(addresses(recorder.latest(), "shop", "web")) == 24
+
+
+def test_the_first_delivery_waits_until_both_collections_are_listed(api, run_source):
+    api.fail_requests(500, resource="endpointslices")
+    _, recorder = run_source()
+    recorder.wait_for_error("endpointslice watch")
+    assert recorder.changes == []  # the services alone would deliver backend-less services
+    api.fail_requests(None)
+    services = recorder.wait_for_change(timeout=10)
+    assert len(addresses(services, "shop", "web")) == 4
 
 
 def test_deleting_a_slice_removes_its_backends_and_deleting_a_service_removes_it(api,
@@ -324,6 +335,7 @@ def test_gone_after_a_disconnect_relists_and_no_change_is_lost(api, registry, ru
         # While the agent is away: a delete, a new endpoint, a new service; then the history
         # that held them is compacted, so only a relist can show them.
         api.delete("Service", "default", "api")
+        api.delete("EndpointSlice", "shop", "web-7xk2p")
         add_web_endpoint(api, "10.244.3.5")
         api.put(new_service("checkout", "10.96.90.90"))
         api.compact()
@@ -331,8 +343,12 @@ def test_gone_after_a_disconnect_relists_and_no_change_is_lost(api, registry, ru
         lambda s: ("default", "api") not in by_key(s) and ("shop", "checkout") in by_key(s)
         and "10.244.3.5" in addresses(s, "shop", "web"))
     assert sorted(by_key(services)) == [("shop", "checkout"), ("shop", "web")]
+    assert addresses(services, "shop", "web") == ["10.244.3.4", "10.244.3.5"]
     assert events(registry, "gone") >= 2
     assert events(registry, "relist") >= relists + 2
+    # The relist after a 410 is a consistent read (no resourceVersion), not from a cache.
+    lists = [q for path, q in api.requests if path.endswith("/services") and "watch" not in q]
+    assert lists[0].get("resourceVersion") == "0" and "resourceVersion" not in lists[-1]
 
 
 def test_a_dropped_connection_is_reported_and_the_watch_resumes_where_it_was(api, registry,
@@ -412,6 +428,15 @@ def test_two_sources_on_one_registry_share_the_metrics(kubeconfig, registry):
     KubernetesSource(kubeconfig=kubeconfig, registry=registry)
     KubernetesSource(kubeconfig=kubeconfig, registry=registry)  # no duplicate registration
     assert events(registry, "relist") == 0
+
+
+def test_source_metrics_registered_elsewhere_first_are_reused(kubeconfig, registry):
+    from prometheus_client import Counter
+    counter = Counter("nodemesh_source_events_total", "registered by someone else",
+                      ["source", "kind"], registry=registry)
+    KubernetesSource(kubeconfig=kubeconfig, registry=registry)
+    counter.labels(source="kubernetes", kind="relist").inc()
+    assert events(registry, "relist") == 1
 
 
 def test_the_node_zone_is_read_from_the_node_object(run_source):
