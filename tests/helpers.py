@@ -154,4 +154,4 @@ def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 
 def bpftool_json(*args: str):
     res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True)
-    return json.loads(res.stdout or "null")
+    return json.loads(res.stdout.strip() or "null")

@@ -168,14 +168,14 @@ class Datapath:
         try:
             self.bpf = BPF(src_file=str(src / "sock_lb.c"), cflags=cflags)
             for hook in HOOKS:
-                fn = self.bpf.load_func(hook.function, BPF.CGROUP_SOCK_ADDR,
+                fn = self.bpf.load_func(hook.function.encode(), BPF.CGROUP_SOCK_ADDR,
                                         attach_type=hook.attach_type)
                 self._prog_fds[hook.name] = fn.fd
         except Exception as e:  # BCC raises bare Exceptions with the verifier log on stderr
             raise DatapathError(f"compiling or loading {src / 'sock_lb.c'} failed: {e}. "
                                 f"Check kernel headers with 'nodemesh preflight'.") from e
         self.load_seconds = time.monotonic() - started
-        fds = {spec.name: self.bpf[spec.name].map_fd for spec in MAPS}
+        fds = {spec.name: self.bpf[spec.name.encode()].map_fd for spec in MAPS}
         self.maps = Maps(fds)
         self._stamp_info()
         log.info("datapath loaded in %.2fs (%s pinned maps under %s)", self.load_seconds,

@@ -32,7 +32,7 @@ def compiled(tmp_path_factory):
 
 @pytest.mark.parametrize("spec", m.MAPS, ids=lambda s: s.name)
 def test_python_mirror_matches_bcc_generated_types(compiled, spec):
-    table = compiled.bpf[spec.name]
+    table = compiled.bpf[spec.name.encode()]
     assert _layout(spec.key) == _layout(table.Key)
     leaf = table.Leaf
     if spec.percpu:  # BCC types a per-CPU leaf as an array of the value, one per CPU
