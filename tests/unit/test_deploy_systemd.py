@@ -203,13 +203,13 @@ def fake_venv(tmp_path):
     return venv
 
 
-def install(tmp_path, destdir, **env):
+def install(tmp_path, destdir, script=INSTALL, **env):
     """Runs the installer with a systemctl on PATH that records every call."""
     spy = tmp_path / "spy"
     spy.mkdir(exist_ok=True)
     (spy / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {spy}/calls\n')
     (spy / "systemctl").chmod(0o755)
-    result = subprocess.run(["bash", str(INSTALL)], capture_output=True, text=True, timeout=300,
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PATH": f"{spy}:{os.environ['PATH']}",
                                  "DESTDIR": str(destdir), **env})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -261,9 +261,16 @@ def test_install_refuses_a_venv_without_nodemesh(tmp_path):
 @pytest.mark.slow
 def test_install_puts_the_project_into_a_venv_under_opt_nodemesh(tmp_path):
     # Offline: dependencies are not installed (PIP_NO_DEPS) and the wheel is built with the
-    # setuptools the new venv already has (no build isolation, no index).
+    # setuptools the new venv already has (no build isolation, no index). From a copy of
+    # the checkout: the build writes its metadata next to pyproject.toml.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for part in ("pyproject.toml", "agent", "bpf", "deploy", "scripts"):
+        copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy2
+        copy(ROOT / part, checkout / part)
     dest = tmp_path / "dest"
-    install(tmp_path, dest, PIP_NO_INDEX="1", PIP_NO_DEPS="1", PIP_NO_BUILD_ISOLATION="0")
+    install(tmp_path, dest, script=checkout / "scripts/install-host.sh",
+            PIP_NO_INDEX="1", PIP_NO_DEPS="1", PIP_NO_BUILD_ISOLATION="0")
     venv = dest / "opt/nodemesh/venv"
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
     assert (venv / "bin/nodemesh").exists()
