@@ -4,6 +4,7 @@ host mounts and their propagation, probes, RBAC, capabilities, scheduling.
 
 Some API-server rules are not in the OpenAPI schemas (Bidirectional propagation only in
 privileged containers, mounts naming declared volumes); those are asserted here too."""
+import os
 import re
 import shutil
 import subprocess
@@ -25,9 +26,6 @@ VERSIONS = sorted({OLDEST_KUBERNETES, NEWEST_KUBERNETES})
 
 AGENT_CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE", "IPC_LOCK"}
 METRICS_PORT = 9464
-# `nodemesh run` options (DESIGN.md, CLI); each reads NODEMESH_<NAME> from the environment.
-RUN_OPTIONS = {"config", "metrics-addr", "cgroup", "bpffs", "admin-socket", "interface",
-               "node-name", "log-level", "source", "kubeconfig"}
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -213,21 +211,37 @@ def test_node_name_comes_from_the_downward_api():
         "fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}
 
 
-def test_configmap_sets_only_options_the_agent_has_and_the_agent_reads_it():
-    configmap = the("ConfigMap")
-    for key in configmap["data"]:
-        assert key.startswith("NODEMESH_"), key
-        option = key[len("NODEMESH_"):].lower().replace("_", "-")
-        assert option in RUN_OPTIONS, f"{key}: `nodemesh run` has no --{option}"
-        cli = ROOT / "agent" / "cli.py"
-        if cli.exists():
-            assert f"--{option}" in cli.read_text(), f"agent/cli.py has no --{option}"
-    # Node-specific and port-bound settings stay out of a cluster-wide ConfigMap.
-    assert "NODEMESH_NODE_NAME" not in configmap["data"]
-    assert "NODEMESH_METRICS_ADDR" not in configmap["data"]
+def parse_nodemesh_args(argv, env, monkeypatch):
+    """What `nodemesh` makes of these arguments in this environment (options read
+    NODEMESH_<NAME> when the parser is built)."""
+    from agent.cli import build_parser
+    for key in [k for k in os.environ if k.startswith("NODEMESH_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return build_parser().parse_args(argv)
+
+
+def test_agent_takes_every_configmap_setting_its_args_and_the_node_name(monkeypatch):
+    data = the("ConfigMap")["data"]
+    agent = agent_container()
+    args = parse_nodemesh_args(agent["args"], {**data, "NODEMESH_NODE_NAME": "worker-1"}, monkeypatch)
+    for key, value in data.items():
+        option = key[len("NODEMESH_"):].lower()
+        assert hasattr(args, option), f"{key}: `nodemesh run` has no --{option.replace('_', '-')}"
+        assert str(getattr(args, option)) == value, f"{key} is not read from the environment"
+    assert (args.command, args.source, args.metrics_addr, args.node_name) == \
+        ("run", "kubernetes", f"0.0.0.0:{METRICS_PORT}", "worker-1")
+
+
+def test_configmap_holds_neither_node_specific_nor_port_bound_settings():
+    data = the("ConfigMap")["data"]
+    assert "NODEMESH_NODE_NAME" not in data
+    assert "NODEMESH_METRICS_ADDR" not in data  # the probes and annotations name the port
+    configmap_name = the("ConfigMap")["metadata"]["name"]
     for spec in (pod_spec(), cleanup_job()["spec"]["template"]["spec"]):
         refs = [e["configMapRef"]["name"] for c in spec["containers"] for e in c.get("envFrom", [])]
-        assert refs == [configmap["metadata"]["name"]]
+        assert refs == [configmap_name]
 
 
 def test_configmap_paths_are_where_the_host_mounts_are():
@@ -328,6 +342,14 @@ def test_cleanup_job_runs_nodemesh_cleanup_with_the_agents_mounts_and_privileges
     agent_mounts = {host: m["mountPath"] for host, m in host_mounts(pod_spec(), agent_container()).items()}
     assert job_mounts == agent_mounts
     assert container["securityContext"]["capabilities"] == agent_container()["securityContext"]["capabilities"]
+
+
+def test_cleanup_job_cleans_the_bpffs_folder_the_agent_pins_to(monkeypatch):
+    data = the("ConfigMap")["data"]
+    (container,) = cleanup_job()["spec"]["template"]["spec"]["containers"]
+    args = parse_nodemesh_args(container["args"], data, monkeypatch)
+    assert args.command == "cleanup"
+    assert args.bpffs == data["NODEMESH_BPFFS"]
 
 
 def test_cleanup_job_is_refused_until_its_node_name_is_filled_in():
