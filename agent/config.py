@@ -316,7 +316,9 @@ def parse(text: str, filename: str = "<config>") -> List[Service]:
     """Parse and validate a config document. Raises ConfigError listing every problem."""
     lines: Dict[str, int] = {}
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        # libyaml's composer when present: the same marks, about ten times faster on the large
+        # files a big node has (10,000 services).
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None

@@ -3,7 +3,7 @@
 `apply(services)` diffs the desired services against what is programmed and writes only the
 frontends that changed, in an order that keeps every change atomic for new connections:
 
-    1. per-CPU stats entries for new ids (zeroed)      -- before anything can count into them
+    1. stats entries of reused ids deleted               -- the datapath recreates them at zero
     2. backend entries for new backend ids
     3. the frontend's slots, in the bank NOT in use     -- invisible until step 4
     4. the master entry: new count + bank, one write    -- the switch
@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import selection
@@ -45,9 +46,14 @@ class FrontendKey:
     port: int
     protocol: str
 
-    def map_key(self, slot: int = 0) -> m.SvcKey:
+    @cached_property
+    def _prefix(self) -> bytes:
         family, words = m.encode_addr(self.vip)
-        return m.svc_key(family, words, self.port, m.PROTO_IDS[self.protocol], slot)
+        return m.key_prefix(family, words, self.port, m.PROTO_IDS[self.protocol])
+
+    def map_key(self, slot: int = 0) -> bytes:
+        """The packed SvcKey of this frontend's master (slot 0) or of one of its slots."""
+        return m.pack_svc_key(self._prefix, slot)
 
     def __str__(self) -> str:
         host = f"[{self.vip}]" if self.family == m.FAMILY_V6 else self.vip
@@ -93,6 +99,7 @@ class IdPool:
         self.used: set = set()
         self._next = 1
         self._free: List[int] = []
+        self.reused: set = set()  # handed out again since the last take_reused()
 
     def take(self, ident: int) -> None:
         self.used.add(ident)
@@ -103,6 +110,7 @@ class IdPool:
             ident = self._free.pop()
             if ident not in self.used:
                 self.used.add(ident)
+                self.reused.add(ident)
                 return ident
         if self._next > self.capacity:
             raise CapacityError(f"no free {self.what} id: all {self.capacity} are in use "
@@ -111,6 +119,10 @@ class IdPool:
         self._next += 1
         self.used.add(ident)
         return ident
+
+    def take_reused(self) -> set:
+        reused, self.reused = self.reused, set()
+        return reused
 
     def release(self, ident: int) -> None:
         if ident in self.used:
@@ -138,10 +150,10 @@ def desired_frontends(services: Sequence[Service]) -> Dict[FrontendKey, DesiredF
     for svc in services:
         chosen, why = selection.eligible(svc.backends)
         for vip, sp in svc.frontends():
-            family = m.encode_addr(vip)[0]
-            key = FrontendKey(family, vip, sp.port, sp.protocol)
+            v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
+            key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
             backends = tuple((b.address, b.target_port(sp), b.weight) for b in chosen
-                             if m.encode_addr(b.address)[0] == family)
+                             if (":" in b.address) == v6)
             out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
                                        svc.algorithm, backends, why, len(svc.backends))
     return out
@@ -165,7 +177,7 @@ class Reconciler:
         self.programmed: Dict[FrontendKey, ProgrammedFrontend] = {}
         self.svc_ids = IdPool(sizes.frontends - 1, "frontend")
         self.backend_ids = IdPool(sizes.backends - 1, "backend")
-        self._garbage_slots: List[m.SvcKey] = []
+        self._garbage_slots: List[bytes] = []
         self._garbage_backends: List[int] = []
         self._garbage_svc_stats: List[int] = []
         self.services: List[Service] = []
@@ -192,7 +204,7 @@ class Reconciler:
             for ident, (key, master) in masters.items():
                 proto = m.PROTO_NAMES.get(key.proto)
                 if proto is None or key.family not in (m.FAMILY_V4, m.FAMILY_V6):
-                    self._garbage_slots.append(key)
+                    self._garbage_slots.append(bytes(key))
                     continue
                 fk = FrontendKey(key.family, m.decode_addr(key.family, key.addr),
                                  m.port_host(key.port), proto)
@@ -224,7 +236,7 @@ class Reconciler:
                         k = m.SvcKey()
                         k.addr[:] = addr
                         k.port, k.proto, k.family, k.slot = port, proto, family, slot
-                        self._garbage_slots.append(k)
+                        self._garbage_slots.append(bytes(k))
             stat_ids = {m.key_int(k) for k, _ in self.maps.items("backend_stats")}
             self._garbage_backends = sorted((set(backends) | stat_ids) - referenced)
             live_svc = {p.svc_id for p in self.programmed.values()}
@@ -288,6 +300,8 @@ class Reconciler:
             return result
 
     def _plan(self, d: DesiredFrontend, old: Optional[ProgrammedFrontend]) -> Optional[_Change]:
+        if old is not None and not old.damaged and old.desired == d:
+            return None  # the common case on a resync or an unrelated change: nothing to do
         ids: Dict[Tuple[str, int], int] = {}
         new_ids: List[int] = []
         old_ids = old.backend_ids if old else {}
@@ -326,50 +340,47 @@ class Reconciler:
         """Steps 1-4. Returns the changes whose master was written."""
         if not changes:
             return []
-        svc_stats = [(m.u32(c.new.svc_id), m.SvcStats()) for c in changes if c.new_svc_id]
-        be_stats = [(m.u32(i), m.BackendStats()) for c in changes for i in c.new_backend_ids]
-        backends = []
+        # A reused id may still have its previous owner's counters: clear them before the id
+        # is published (the datapath creates a zeroed entry on first use).
+        reused_svc = [m.u32(i) for i in self.svc_ids.take_reused()]
+        reused_be = [m.u32(i) for i in self.backend_ids.take_reused()]
+        be_keys, be_values = [], []
         for c in changes:
             proto = m.PROTO_IDS[c.new.key.protocol]
+            fresh = set(c.new_backend_ids)
             for (address, port), ident in c.new.backend_ids.items():
-                if ident in c.new_backend_ids:
-                    family, words = m.encode_addr(address)
-                    e = m.BackendEntry()
-                    e.addr[:] = words
-                    e.port, e.proto, e.family = m.port_be(port), proto, family
-                    e.svc_id, e.state = c.new.svc_id, m.BACKEND_ACTIVE
-                    backends.append((m.u32(ident), e))
-        slot_pairs = []
+                if ident in fresh:
+                    be_keys.append(m.pack_u32(ident))
+                    be_values.append(m.pack_backend(address, port, proto, c.new.svc_id,
+                                                    m.BACKEND_ACTIVE))
+        slot_keys, slot_values = [], []
         for c in changes:
+            key = c.new.key
+            bank = c.new.bank
             for i, ident in enumerate(c.new.slots, start=1):
-                v = m.SvcValue()
-                v.backend_id = ident
-                slot_pairs.append((c.new.key.map_key(m.slot_number(c.new.bank, i)), v))
+                slot_keys.append(key.map_key(m.slot_number(bank, i)))
+                slot_values.append(m.pack_slot_value(ident))
         try:
-            self.maps.update_batch("svc_stats", svc_stats)
-            self.maps.update_batch("backend_stats", be_stats)
-            self.maps.update_batch("backends", backends)
-            self.maps.update_batch("services", slot_pairs)
+            self.maps.delete_batch("svc_stats", reused_svc)
+            self.maps.delete_batch("backend_stats", reused_be)
+            self.maps.update_packed("backends", be_keys, be_values)
+            self.maps.update_packed("services", slot_keys, slot_values)
         except OSError as e:
             # Nothing points at what we wrote yet: take it back, keep the old sets serving.
-            self.maps.delete_batch("services", [k for k, _ in slot_pairs])
-            self.maps.delete_batch("backends", [k for k, _ in backends])
-            self.maps.delete_batch("backend_stats", [k for k, _ in be_stats])
-            self.maps.delete_batch("svc_stats", [k for k, _ in svc_stats])
+            self.maps.delete_batch("services", slot_keys)
+            self.maps.delete_batch("backends", be_keys)
             self._release(changes)
             for c in changes:
                 failed[c.new.key] = f"map write failed ({e.strerror}); the previous state " \
                                     f"keeps serving"
             return []
-        masters = []
-        for c in changes:
-            v = m.SvcValue()
-            v.svc_id, v.count, v.bank = c.new.svc_id, len(c.new.slots), c.new.bank
-            v.algorithm, v.revision = m.ALGORITHM_IDS[c.new.algorithm], c.new.revision
-            masters.append((c.new.key.map_key(0), v))
-        done = len(masters)
+        master_keys = [c.new.key.map_key(0) for c in changes]
+        master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
+                                             m.ALGORITHM_IDS[c.new.algorithm], c.new.revision)
+                         for c in changes]
+        done = len(master_keys)
         try:
-            self.maps.update_batch("services", masters)
+            self.maps.update_packed("services", master_keys, master_values)
         except OSError as e:
             done = getattr(e, "done", 0)
             lost = changes[done:]
@@ -380,7 +391,7 @@ class Reconciler:
             for c in lost:
                 failed[c.new.key] = f"master write failed ({e.strerror}); the previous state " \
                                     f"keeps serving"
-        result.writes += len(svc_stats) + len(be_stats) + len(backends) + len(slot_pairs) + done
+        result.writes += len(be_keys) + len(slot_keys) + done
         return changes[:done]
 
     def _release(self, changes: List[_Change]) -> None:
@@ -437,9 +448,12 @@ class Reconciler:
         self._garbage_slots, self._garbage_backends, self._garbage_svc_stats = [], [], []
 
     def _update_status(self, services, desired, failed) -> None:
+        by_service: Dict[Tuple[str, str], List[FrontendKey]] = {}
+        for k, d in desired.items():
+            by_service.setdefault((d.namespace, d.service), []).append(k)
         status: Dict[Tuple[str, str], Dict[str, object]] = {}
         for svc in services:
-            keys = [k for k, d in desired.items() if (d.namespace, d.service) == svc.key]
+            keys = by_service.get(svc.key, [])
             errors = [f"{k}: {failed[k]}" for k in keys if k in failed]
             status[svc.key] = {"programmed": not errors, "errors": errors,
                                "frontends": len(keys)}
@@ -456,7 +470,7 @@ class Reconciler:
                         (value.svc_id, value.count, value.bank)
             drift = []
             for fk, p in self.programmed.items():
-                k = fk.map_key(0)
+                k = m.SvcKey.from_buffer_copy(fk.map_key(0))
                 got = kernel.pop((tuple(k.addr), k.port, k.proto, k.family), None)
                 if got != (p.svc_id, len(p.slots), p.bank):
                     drift.append(f"{fk}: kernel has {got}, expected "

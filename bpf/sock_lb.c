@@ -26,8 +26,9 @@ BPF_F_TABLE("hash:" NM_PIN_DIR "/backends", u32, struct nm_backend, backends,
 BPF_TABLE_PINNED("array", u32, u64, rr_state, NM_MAX_FRONTENDS, NM_PIN_DIR "/rr_state");
 BPF_TABLE_PINNED("lru_hash", struct nm_revnat_key, struct nm_revnat_value, revnat,
 		 NM_MAX_REVNAT, NM_PIN_DIR "/revnat");
-/* Per-CPU counters. The agent creates an entry when it allocates the id and deletes it when it
- * frees it, so memory follows the ids in use and a reused id starts from zero. */
+/* Per-CPU counters. An entry is created here on first use and deleted by the agent when it
+ * frees (and again when it reuses) the id, so memory follows the ids in use, programming a
+ * service writes nothing here, and a reused id starts from zero. */
 BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/svc_stats", u32, struct nm_svc_stats, svc_stats,
 	    NM_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/backend_stats", u32, struct nm_backend_stats,
@@ -86,7 +87,8 @@ static __always_inline struct nm_backend *select_backend(struct nm_svc_key *key,
 			count(NM_CTR_BACKEND_MISS);
 			continue;
 		}
-		struct nm_backend_stats *bs = backend_stats.lookup(&backend_id);
+		struct nm_backend_stats zero = {};
+		struct nm_backend_stats *bs = backend_stats.lookup_or_try_init(&backend_id, &zero);
 		if (bs)
 			bs->connections += 1;
 		return be;
@@ -96,7 +98,8 @@ static __always_inline struct nm_backend *select_backend(struct nm_svc_key *key,
 
 static __always_inline void account(u32 svc_id, int selected)
 {
-	struct nm_svc_stats *st = svc_stats.lookup(&svc_id);
+	struct nm_svc_stats zero = {};
+	struct nm_svc_stats *st = svc_stats.lookup_or_try_init(&svc_id, &zero);
 	if (!st)
 		return;
 	if (selected)
