@@ -1,5 +1,5 @@
 # nodemesh — the two commands users run are `make demo` and `make test` (as root).
-.PHONY: setup demo test test-unit test-datapath bench cleanup check-leftovers
+.PHONY: setup demo test test-unit test-datapath bench install
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -22,3 +22,6 @@ test-datapath: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+install: setup
+	bash scripts/install-host.sh

@@ -152,7 +152,7 @@ def cmd_cleanup(args) -> int:
 def cmd_preflight(args) -> int:
     from . import preflight
 
-    checks = preflight.run_checks()
+    checks = preflight.run_checks(args.cgroup)
     if not args.no_load and all(c.ok for c in checks):
         checks.append(preflight.program_types())
     for c in checks:
@@ -183,12 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=_env("log_level", "info"),
                    choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="command", required=True)
+    # Also accepted after the subcommand (`nodemesh run --log-level debug`); SUPPRESS keeps the
+    # global value when it is not given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["debug", "info", "warning", "error"])
 
     def admin_opts(sp):
         sp.add_argument("--admin-socket", default=_env("admin_socket", api.DEFAULT_SOCKET))
         sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
-    r = sub.add_parser("run", help="run the agent in the foreground")
+    r = sub.add_parser("run", help="run the agent in the foreground", parents=[common])
     r.add_argument("--config", default=_env("config"), help="YAML services file (file source)")
     r.add_argument("--source", default=_env("source", "file"), choices=["file", "kubernetes"])
     r.add_argument("--kubeconfig", default=_env("kubeconfig"))
@@ -197,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cgroup v2 folder for the socket hooks (default: the cgroup v2 root)")
     r.add_argument("--bpffs", default=_env("bpffs", DEFAULT_BPFFS))
     r.add_argument("--admin-socket", default=_env("admin_socket", api.DEFAULT_SOCKET))
-    r.add_argument("--interface", action="append", default=[],
-                   help="(reserved for the TC packet path; not used by the socket datapath)")
+    r.add_argument("--interface", action="append",
+                   default=[i for i in (_env("interface") or "").split(",") if i],
+                   help="(reserved for the TC packet path; not used by the socket datapath; "
+                        "NODEMESH_INTERFACE takes a comma-separated list)")
     r.add_argument("--node-name", default=_env("node_name", os.uname().nodename))
     r.add_argument("--resync-seconds", default=_env("resync_seconds", "30"))
     r.add_argument("--map-service-entries", default=_env("map_service_entries",
@@ -208,28 +215,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map-revnat", default=_env("map_revnat", sizes.revnat))
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)")
+    c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)", parents=[common])
     c.add_argument("--config", default=_env("config"), required=_env("config") is None)
     c.add_argument("-o", "--output", choices=["text", "json"], default="text")
     c.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("status", help="the running agent's state")
+    s = sub.add_parser("status", help="the running agent's state", parents=[common])
     admin_opts(s)
     s.set_defaults(func=cmd_status)
-    s = sub.add_parser("services", help="programmed services with kernel counters")
+    s = sub.add_parser("services", help="programmed services with kernel counters", parents=[common])
     admin_opts(s)
     s.set_defaults(func=cmd_services)
 
-    cl = sub.add_parser("cleanup", help="detach every hook and remove every pin (idempotent)")
+    cl = sub.add_parser("cleanup", help="detach every hook and remove every pin (idempotent)", parents=[common])
     cl.add_argument("--bpffs", default=_env("bpffs", DEFAULT_BPFFS))
     cl.set_defaults(func=cmd_cleanup)
 
-    pf = sub.add_parser("preflight", help="check what this node offers")
+    pf = sub.add_parser("preflight", help="check what this node offers", parents=[common])
     pf.add_argument("--no-load", action="store_true",
                     help="skip compiling and loading the programs")
+    pf.add_argument("--cgroup", default=_env("cgroup"),
+                    help="the cgroup the agent will attach to (default: the cgroup v2 root)")
     pf.set_defaults(func=cmd_preflight)
 
-    d = sub.add_parser("demo", help="backends in netns behind a VIP, balanced, with metrics")
+    d = sub.add_parser("demo", help="backends in netns behind a VIP, balanced, with metrics", parents=[common])
     d.add_argument("--once", action="store_true", help="exit after showing the balance")
     d.add_argument("--metrics-addr", default="127.0.0.1:9464")
     d.add_argument("--connections", type=int, default=300)

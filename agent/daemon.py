@@ -107,12 +107,13 @@ class Agent:
                 raise SystemExit("nodemesh run: --config FILE is required with the file source")
             return FileSource(self.opts.config)
         if self.opts.source == "kubernetes":
+            from .sources.kubernetes import KubernetesSource, KubernetesSourceError
+
             try:
-                from .sources.kubernetes import KubernetesSource
-            except ImportError as e:
-                raise SystemExit(f"the kubernetes source is not available: {e}")
-            return KubernetesSource(kubeconfig=self.opts.kubeconfig,
-                                    node_name=self.opts.node_name, registry=self.registry)
+                return KubernetesSource(kubeconfig=self.opts.kubeconfig,
+                                        node_name=self.opts.node_name, registry=self.registry)
+            except KubernetesSourceError as e:
+                raise SystemExit(f"nodemesh run --source kubernetes: {e}")
         raise SystemExit(f"unknown source {self.opts.source!r} (file or kubernetes)")
 
     def run(self) -> int:

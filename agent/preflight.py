@@ -5,7 +5,7 @@ import ctypes
 import os
 import platform
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from .datapath import bpfsys, loader
 
@@ -35,8 +35,10 @@ def _bpf_syscall() -> Check:
         return Check("bpf syscall", False, e.strerror, "a kernel with CONFIG_BPF_SYSCALL=y")
 
 
-def _cgroup2() -> Check:
+def _cgroup2(cgroup: Optional[str]) -> Check:
     try:
+        if cgroup:
+            return Check("cgroup v2", True, f"{loader.check_cgroup(cgroup)} is a cgroup v2 folder")
         root = loader.cgroup2_root()
         return Check("cgroup v2", True, f"mounted at {root}")
     except loader.DatapathError as e:
@@ -93,8 +95,8 @@ def _kernel() -> Check:
                  "needs 5.18 for ECONNREFUSED)")
 
 
-def run_checks() -> List[Check]:
-    return [_kernel(), _bpf_syscall(), _cgroup2(), _bpffs(), _btf(), _headers(), _bcc()]
+def run_checks(cgroup: Optional[str] = None) -> List[Check]:
+    return [_kernel(), _bpf_syscall(), _cgroup2(cgroup), _bpffs(), _btf(), _headers(), _bcc()]
 
 
 def program_types() -> Check:
