@@ -55,6 +55,7 @@ def cmd_run(args) -> int:
     opts = Options(config=args.config, source=args.source, kubeconfig=args.kubeconfig,
                    metrics_addr=args.metrics_addr, cgroup=args.cgroup, bpffs=args.bpffs,
                    admin_socket=args.admin_socket, node_name=args.node_name,
+                   node_zone=args.node_zone,
                    resync_seconds=float(args.resync_seconds),
                    sizes=MapSizes(service_entries=int(args.map_service_entries),
                                   frontends=int(args.map_frontends),
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(reserved for the TC packet path; not used by the socket datapath; "
                         "NODEMESH_INTERFACE takes a comma-separated list)")
     r.add_argument("--node-name", default=_env("node_name", os.uname().nodename))
+    r.add_argument("--node-zone", default=_env("node_zone"),
+                   help="this node's zone, for trafficDistribution: PreferClose (the kubernetes "
+                        "source reads it from the Node)")
     r.add_argument("--resync-seconds", default=_env("resync_seconds", "30"))
     r.add_argument("--map-service-entries", default=_env("map_service_entries",
                                                          sizes.service_entries))

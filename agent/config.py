@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from .model import (ALGORITHMS, HEALTH_CHECK_TYPES, PROTOCOLS, Backend, HealthCheck, Service,
-                    ServicePort, SessionAffinity, canonical_ip)
+from .model import (ALGORITHMS, HEALTH_CHECK_TYPES, PROTOCOLS, Backend, HealthCheck,
+                    OutlierDetection, Service, ServicePort, SessionAffinity, canonical_ip)
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -130,9 +130,11 @@ def _kind(obj: Any) -> str:
 
 
 SERVICE_FIELDS = ("name", "namespace", "vip", "ports", "algorithm", "sessionAffinity",
-                  "healthCheck", "backends")
+                  "healthCheck", "outlierDetection", "panicThresholdPercent", "trafficPolicy",
+                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends")
 PORT_FIELDS = ("name", "port", "targetPort", "protocol")
-BACKEND_FIELDS = ("address", "weight", "node", "zone")
+BACKEND_FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating")
+OUTLIER_FIELDS = ("consecutiveFailures", "baseEjectionSeconds", "maxEjectionPercent")
 HEALTH_FIELDS = ("type", "intervalSeconds", "timeoutSeconds", "unhealthyThreshold",
                  "healthyThreshold", "path", "port")
 
@@ -233,11 +235,44 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
     if "healthCheck" in obj:
         health = _health(c, obj["healthCheck"], f"{path}.healthCheck")
 
+    outlier = None
+    if "outlierDetection" in obj:
+        od = c.fields(obj["outlierDetection"], f"{path}.outlierDetection", OUTLIER_FIELDS,
+                      "outlierDetection")
+        n = c.integer(od.get("consecutiveFailures", 5),
+                      f"{path}.outlierDetection.consecutiveFailures", 1, 1000, "a count")
+        base = c.number(od.get("baseEjectionSeconds", 30),
+                        f"{path}.outlierDetection.baseEjectionSeconds", 0.1, 86400)
+        pct = c.integer(od.get("maxEjectionPercent", 50),
+                        f"{path}.outlierDetection.maxEjectionPercent", 0, 100, "a percentage")
+        if None not in (n, base, pct):
+            outlier = OutlierDetection(n, base, pct)
+    panic = c.integer(obj.get("panicThresholdPercent", 50), f"{path}.panicThresholdPercent",
+                      0, 100, "a percentage")
+    policy = "Cluster"
+    if "trafficPolicy" in obj:
+        tp = c.fields(obj["trafficPolicy"], f"{path}.trafficPolicy", ("internal",),
+                      "trafficPolicy")
+        policy = tp.get("internal", "Cluster")
+        if policy not in ("Cluster", "Local"):
+            c.fail(f"{path}.trafficPolicy.internal", f"{policy!r} is not a traffic policy "
+                                                     f"(Cluster or Local)")
+    distribution = obj.get("trafficDistribution")
+    if distribution is not None and distribution != "PreferClose":
+        c.fail(f"{path}.trafficDistribution", f"{distribution!r} is not a traffic "
+                                              f"distribution (PreferClose)")
+    terminate = obj.get("terminateConnectionsOnRemoval", False)
+    if not isinstance(terminate, bool):
+        c.fail(f"{path}.terminateConnectionsOnRemoval", f"{terminate!r} must be true or false")
+
     if len(c.problems) > before or name is None or namespace is None or vip is None:
         return None
     return Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
                    backends=tuple(backends), algorithm=algorithm,
-                   session_affinity=affinity, health_check=health)
+                   session_affinity=affinity, health_check=health, outlier_detection=outlier,
+                   panic_threshold_percent=panic, internal_traffic_policy=policy,
+                   traffic_distribution=distribution,
+                   terminate_connections_on_removal=terminate)
 
 
 def _port(c: _Checker, raw: Any, path: str) -> Optional[ServicePort]:
@@ -280,6 +315,15 @@ def _backend(c: _Checker, raw: Any, path: str) -> Optional[Backend]:
                 c.fail(f"{path}.{key}", f"{obj[key]!r} must be a non-empty string")
             else:
                 extra[key] = obj[key]
+    # EndpointSlice conditions, for backends managed by hand (defaults: ready and serving).
+    for key in ("ready", "serving", "terminating"):
+        if key in obj:
+            if not isinstance(obj[key], bool):
+                c.fail(f"{path}.{key}", f"{obj[key]!r} must be true or false")
+            else:
+                extra[key] = obj[key]
+    if "serving" not in extra:  # EndpointSlice: an unset serving condition follows ready
+        extra["serving"] = extra.get("ready", True)
     if len(c.problems) > before or address is None or weight is None:
         return None
     return Backend(address=address, weight=weight, **extra)

@@ -20,11 +20,12 @@ from typing import Any, Dict, List, Optional
 
 from prometheus_client import CollectorRegistry
 
-from . import __version__, api, metrics
+from . import __version__, api, metrics, selection
 from .datapath import loader
 from .datapath import maps as m
 from .model import Backend, Service
-from .reconciler import Reconciler
+from .outlier import OutlierDetector
+from .reconciler import ApplyResult, Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Options:
     bpffs: str = loader.DEFAULT_BPFFS
     admin_socket: str = api.DEFAULT_SOCKET
     node_name: Optional[str] = None
+    node_zone: Optional[str] = None
     resync_seconds: float = 30.0
     sizes: m.MapSizes = field(default_factory=m.MapSizes)
 
@@ -67,6 +69,60 @@ class Agent:
         self.admin: Optional[api.AdminServer] = None
         self._retry_at: Optional[float] = None
         self._retry_delay = 1.0
+        self.services: List[Service] = []     # the last desired set, before health is applied
+        self._recompute = threading.Event()   # health or ejections changed: apply again
+        from .health import HealthChecker
+
+        self.health = HealthChecker(self.registry, self._health_changed)
+        self.outlier = OutlierDetector(self.registry, self._health_changed,
+                                       reset_endpoint=self._reset_endpoint)
+        self.terminated_sockets = 0
+        self._threads: List[threading.Thread] = []
+
+    # -- health (checker and ring-buffer threads) -------------------------------------------
+    def _health_changed(self) -> None:
+        self._recompute.set()
+        self._wake.set()
+
+    def _reset_endpoint(self, address: str, port: int) -> None:
+        if self.reconciler is not None:
+            self.reconciler.reset_endpoint(address, port)
+
+    def selection_context(self) -> selection.Context:
+        unhealthy = {(k.namespace, k.service, k.address) for k in self.health.unhealthy_keys()}
+        return selection.Context(node_name=self.opts.node_name, node_zone=self._node_zone(),
+                                 unhealthy=frozenset(unhealthy | self.outlier.ejected()))
+
+    def _node_zone(self) -> Optional[str]:
+        return self.opts.node_zone or getattr(self.source, "node_zone", None)
+
+    def _health_targets(self, services: List[Service]):
+        from .health import TargetKey
+
+        targets = {}
+        for svc in services:
+            hc = svc.health_check
+            if hc is None:
+                continue
+            first = next((sp for sp in svc.ports if sp.protocol == "TCP"), svc.ports[0])
+            for b in svc.backends:
+                port = hc.port or b.target_port(first)
+                targets[TargetKey(svc.namespace, svc.name, b.address, port)] = hc
+        return targets
+
+    def _watch_failures(self) -> None:
+        """Ring buffer of failed connects from sockops -> outlier detector."""
+        import ctypes
+
+        def on_event(_ctx, data, _size):
+            ev = ctypes.cast(data, ctypes.POINTER(m.FailureEvent)).contents
+            self.outlier.on_failure(m.decode_addr(ev.family, ev.addr), m.port_host(ev.port),
+                                    ev.consecutive_failures, ev.ts_ns)
+
+        bpf = self.datapath.bpf
+        bpf[b"failure_events"].open_ring_buffer(on_event)
+        while not self._stop.is_set():
+            bpf.ring_buffer_poll(100)
 
     # -- source callbacks (any thread) ------------------------------------------------------
     def desired(self, services: List[Service]) -> None:
@@ -129,6 +185,11 @@ class Agent:
             self.reconciler.adopt()
             self.admin = api.AdminServer(self, self.opts.admin_socket)
             self.admin.start()
+            self.health.start()
+            watcher = threading.Thread(target=self._watch_failures, name="failure-events",
+                                       daemon=True)
+            watcher.start()
+            self._threads.append(watcher)
             self.source.start(self.desired, self.source_error)
             if self.opts.source == "file" and self.config_state["ok"] is False:
                 # A first config that is invalid: say so and exit, touching nothing. Any
@@ -154,31 +215,44 @@ class Agent:
             timeout = next_resync - time.monotonic()
             if self._retry_at is not None:
                 timeout = min(timeout, self._retry_at - time.monotonic())
+            returns_in = self.outlier.expire()  # ejections whose time is up come back here
+            if returns_in is not None:
+                timeout = min(timeout, returns_in)
             self._wake.wait(max(0.0, timeout))
             self._wake.clear()
             if self._stop.is_set():
                 break
             self._apply_pending()
             now = time.monotonic()
+            if self._recompute.is_set():
+                self._recompute.clear()
+                self._apply(self.services)
             if self._retry_at is not None and now >= self._retry_at:
                 self._retry_at = None
-                self._apply(self.reconciler.services)
+                self._apply(self.services)
             if now >= next_resync:
                 next_resync = now + self.opts.resync_seconds
                 drift = self.reconciler.verify()
                 if drift:
                     log.warning("kernel state drifted from the agent's; reprogramming: %s",
                                 "; ".join(drift[:5]))
-                    self._apply(self.reconciler.services)
+                    self._apply(self.services)
 
     def _apply_pending(self) -> None:
         with self._mailbox_lock:
             services, self._mailbox = self._mailbox, None
         if services is not None:
+            self.services = services
+            self.health.set_targets(self._health_targets(services))
+            self.outlier.configure(services)
             self._apply(services)
 
     def _apply(self, services: List[Service]) -> None:
-        result = self.reconciler.apply(services)
+        self._recompute.clear()
+        result = self.reconciler.apply(services, self.selection_context())
+        self.outlier.programmed()
+        if result.removed_endpoints:
+            self._terminate(result)
         self.own_metrics.reconcile_runs.inc()
         self.own_metrics.reconcile_writes.inc(result.writes)
         self.own_metrics.reconcile_last_seconds.set(result.seconds)
@@ -190,8 +264,43 @@ class Agent:
         else:
             self._retry_delay = 1.0
 
+    def _terminate(self, result: ApplyResult) -> None:
+        """End client sockets still connected to endpoints that left every selection set:
+        connected UDP sockets always (else they stay pinned to a dead backend forever), TCP
+        where the service asked for it. In a thread: it walks every network namespace."""
+        udp = [(a, p) for a, p, proto, _ in result.removed_endpoints if proto == "UDP"]
+        tcp = [(a, p) for a, p, proto, kill in result.removed_endpoints
+               if proto == "TCP" and kill]
+
+        def work():
+            from .datapath import sockterm
+
+            for proto, dests in (("UDP", udp), ("TCP", tcp)):
+                if not dests:
+                    continue
+                try:
+                    res = sockterm.destroy_sockets(dests, proto)
+                except Exception as e:  # must never take the agent down
+                    log.error("terminating %s sockets to %s failed: %s", proto, dests, e)
+                    continue
+                n = getattr(res, "destroyed", getattr(res, "total", 0))
+                self.terminated_sockets += n
+                if n:
+                    log.info("terminated %d %s sockets to removed backends %s", n, proto,
+                             dests)
+
+        if udp or tcp:
+            threading.Thread(target=work, name="sockterm", daemon=True).start()
+
     def _shutdown(self) -> None:
         self.ready = False
+        self._stop.set()
+        try:
+            self.health.stop()
+        except Exception as e:  # stopping must go on whatever one part does
+            log.warning("stopping health checks: %s", e)
+        for t in self._threads:
+            t.join(timeout=2)
         if self.source is not None:
             try:
                 self.source.stop()
@@ -207,7 +316,10 @@ class Agent:
 
     # -- views ------------------------------------------------------------------------------
     def backend_healthy(self, svc: Service, b: Backend) -> bool:
-        return b.ready and not b.terminating
+        """Ready, not terminating, passing its health checks and not ejected."""
+        if not b.ready or b.terminating:
+            return False
+        return (svc.namespace, svc.name, b.address) not in self.selection_context().unhealthy
 
     def status(self) -> Dict[str, Any]:
         rec = self.reconciler
@@ -230,6 +342,11 @@ class Agent:
                 "events": counters,
             },
             "services": len(rec.services) if rec else 0,
+            "health": {"checks": self.health.snapshot(), "ejections": self.outlier.snapshot(),
+                       "ejection_latency_seconds": self.outlier.last_latencies[-10:],
+                       "terminated_sockets": self.terminated_sockets,
+                       "endpoints": [{"address": a, "port": p, **v} for (a, p), v in
+                                     sorted(rec.endpoint_health().items())] if rec else []},
             "frontends": len(rec.programmed) if rec else 0,
             "last_apply": None if last is None else {
                 "added": last.added, "changed": last.changed, "removed": last.removed,

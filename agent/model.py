@@ -71,6 +71,15 @@ class SessionAffinity:
 
 
 @dataclass(frozen=True)
+class OutlierDetection:
+    """Passive health from kernel signals (Envoy's consecutive-failure outlier detection)."""
+
+    consecutive_failures: int = 5
+    base_ejection_seconds: float = 30.0
+    max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     namespace: str
@@ -84,7 +93,10 @@ class Service:
     # ClusterIP per family). Each (vip, port, protocol) is one frontend in the datapath.
     extra_vips: Tuple[str, ...] = ()
     internal_traffic_policy: str = "Cluster"  # Cluster | Local
-    traffic_distribution: Optional[str] = None  # e.g. PreferClose
+    traffic_distribution: Optional[str] = None  # PreferClose: same-zone backends first
+    outlier_detection: Optional[OutlierDetection] = None
+    panic_threshold_percent: int = 50  # below this share of healthy backends, use them all
+    terminate_connections_on_removal: bool = False  # also kill TCP (UDP always) to removed
     labels: Tuple[Tuple[str, str], ...] = field(default=(), compare=True)
 
     @property

@@ -17,6 +17,7 @@ already right and keeps ids (and so counters) stable.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -68,8 +69,9 @@ class DesiredFrontend:
     port_name: str
     algorithm: str
     backends: Tuple[Tuple[str, int, int], ...]  # eligible (address, target port, weight)
-    selection: str                               # why this set: ready | terminating-fallback | none
+    selection: str                               # why this set (selection.eligible)
     all_backends: int
+    affinity_timeout: int = 0                    # seconds; 0: no session affinity
 
 
 @dataclass
@@ -84,6 +86,7 @@ class ProgrammedFrontend:
     desired: Optional[DesiredFrontend] = None
     damaged: bool = False                  # kernel state disagrees; rewrite on next apply
     count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
+    affinity_timeout: int = 0
 
     @property
     def slot_count(self) -> int:
@@ -143,19 +146,26 @@ class ApplyResult:
     writes: int = 0
     seconds: float = 0.0
     errors: List[str] = field(default_factory=list)
+    # (address, port, protocol) no frontend sends new connections to any more, with whether
+    # a service asked for its TCP connections to be ended too (terminateConnectionsOnRemoval)
+    removed_endpoints: List[Tuple[str, int, str, bool]] = field(default_factory=list)
 
 
-def desired_frontends(services: Sequence[Service]) -> Dict[FrontendKey, DesiredFrontend]:
+def desired_frontends(services: Sequence[Service],
+                      ctx: selection.Context = selection.NO_CONTEXT
+                      ) -> Dict[FrontendKey, DesiredFrontend]:
     out: Dict[FrontendKey, DesiredFrontend] = {}
     for svc in services:
-        chosen, why = selection.eligible(svc.backends)
+        chosen, why = selection.eligible(svc.backends, svc, ctx)
+        affinity = svc.session_affinity.timeout_seconds if svc.session_affinity else 0
         for vip, sp in svc.frontends():
             v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
             key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
             backends = tuple((b.address, b.target_port(sp), b.weight) for b in chosen
                              if (":" in b.address) == v6)
             out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
-                                       svc.algorithm, backends, why, len(svc.backends))
+                                       svc.algorithm, backends, why, len(svc.backends),
+                                       affinity)
     return out
 
 
@@ -184,6 +194,7 @@ class Reconciler:
         self.status: Dict[Tuple[str, str], Dict[str, object]] = {}
         self.last_result: Optional[ApplyResult] = None
         self.applied_total = 0
+        self.endpoints: set = set()  # (address, port) watched in endpoint_health
 
     # -- adoption ---------------------------------------------------------------------------
     def adopt(self) -> int:
@@ -224,7 +235,9 @@ class Reconciler:
                 self.programmed[fk] = ProgrammedFrontend(
                     fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm,
                                                                           "random"),
-                    master.revision, ids, backend_ids, damaged=damaged, count=master.count)
+                    master.revision, ids, backend_ids, damaged=damaged, count=master.count,
+                    affinity_timeout=master.affinity_timeout
+                    if master.flags & m.SVC_F_AFFINITY else 0)
                 active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
                 for slot in have:
                     if slot not in active:  # a bank left behind by an interrupted update
@@ -239,6 +252,8 @@ class Reconciler:
                         self._garbage_slots.append(bytes(k))
             stat_ids = {m.key_int(k) for k, _ in self.maps.items("backend_stats")}
             self._garbage_backends = sorted((set(backends) | stat_ids) - referenced)
+            for key, _ in self.maps.items("endpoint_health"):
+                self.endpoints.add((m.decode_addr(key.family, key.addr), m.port_host(key.port)))
             live_svc = {p.svc_id for p in self.programmed.values()}
             self._garbage_svc_stats = [m.key_int(k) for k, _ in self.maps.items("svc_stats")
                                        if m.key_int(k) not in live_svc]
@@ -248,12 +263,14 @@ class Reconciler:
             return len(self.programmed)
 
     # -- apply ------------------------------------------------------------------------------
-    def apply(self, services: Sequence[Service]) -> ApplyResult:
+    def apply(self, services: Sequence[Service],
+              ctx: selection.Context = selection.NO_CONTEXT) -> ApplyResult:
         with self.lock:
             started = time.monotonic()
             result = ApplyResult()
             self._collect_garbage(result)
-            desired = desired_frontends(services)
+            before = self._endpoints_in_use()
+            desired = desired_frontends(services, ctx)
             changes: List[_Change] = []
             failed_keys: Dict[FrontendKey, str] = {}
             for key, d in desired.items():
@@ -282,6 +299,14 @@ class Reconciler:
                 del self.programmed[p.key]
             result.removed = len(removed)
             result.failed = len(failed_keys)
+            self._sync_endpoint_health(services, result)
+            terminate_tcp = {s.key for s in (*self.services, *services)
+                             if s.terminate_connections_on_removal}
+            after = self._endpoints_in_use()
+            result.removed_endpoints = sorted(
+                (addr, port, proto, bool(owners & terminate_tcp))
+                for (addr, port, proto), owners in before.items()
+                if (addr, port, proto) not in after)
             for key, err in failed_keys.items():
                 result.errors.append(f"{desired[key].namespace}/{desired[key].service} {key}: "
                                      f"{err}")
@@ -312,7 +337,7 @@ class Reconciler:
             seq = selection.slots_for(d.algorithm, [w for _, _, w in d.backends])
             # Compare before allocating: an unchanged frontend costs no id and no write.
             if old and not old.damaged and old.algorithm == d.algorithm and \
-                    len(ids) == len(d.backends):
+                    old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends):
                 slots = tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq)
                 if slots == old.slots:
                     return None
@@ -332,7 +357,8 @@ class Reconciler:
         keep = set(ids.values())
         dropped = [i for i in old_ids.values() if i not in keep]
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
-                                 ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d)
+                                 ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
+                                 affinity_timeout=d.affinity_timeout)
         return _Change(d, old, new, new_ids, dropped, new_svc)
 
     def _write(self, changes: List[_Change], failed: Dict[FrontendKey, str],
@@ -376,7 +402,9 @@ class Reconciler:
             return []
         master_keys = [c.new.key.map_key(0) for c in changes]
         master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
-                                             m.ALGORITHM_IDS[c.new.algorithm], c.new.revision)
+                                             m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
+                                             m.SVC_F_AFFINITY if c.new.affinity_timeout else 0,
+                                             c.new.affinity_timeout)
                          for c in changes]
         done = len(master_keys)
         try:
@@ -430,6 +458,54 @@ class Reconciler:
             self.backend_ids.release(b)
         for s in svc_ids:
             self.svc_ids.release(s)
+
+    def _endpoints_in_use(self) -> Dict[Tuple[str, int, str], set]:
+        """(address, port, protocol) of every backend in a selection set -> its services."""
+        out: Dict[Tuple[str, int, str], set] = {}
+        for fk, p in self.programmed.items():
+            owner = (p.desired.namespace, p.desired.service) if p.desired else None
+            for (address, port) in p.backend_ids:
+                out.setdefault((address, port, fk.protocol), set()).add(owner)
+        return out
+
+    def _sync_endpoint_health(self, services: Sequence[Service], result: ApplyResult) -> None:
+        """Watch the TCP endpoints of services with outlierDetection (sockops counts their
+        connect outcomes only if an entry exists), and stop watching the others."""
+        want = set()
+        for svc in services:
+            if svc.outlier_detection is None:
+                continue
+            for sp in svc.ports:
+                if sp.protocol == "TCP":
+                    for b in svc.backends:
+                        want.add((b.address, b.target_port(sp)))
+        add = sorted(want - self.endpoints)
+        drop = sorted(self.endpoints - want)
+        try:
+            self.maps.update_packed("endpoint_health",
+                                    [m.pack_endpoint_key(a, p) for a, p in add],
+                                    [bytes(ctypes.sizeof(m.EndpointHealth))] * len(add))
+            self.maps.delete_batch("endpoint_health", [m.pack_endpoint_key(a, p) for a, p in drop])
+        except OSError as e:
+            result.errors.append(f"endpoint_health: {e}")
+            return
+        result.writes += len(add) + len(drop)
+        self.endpoints = want
+
+    def reset_endpoint(self, address: str, port: int) -> None:
+        """Zero an endpoint's consecutive-failure count (after an ejection)."""
+        with self.lock:
+            if (address, port) in self.endpoints:
+                self.maps.update_packed("endpoint_health", [m.pack_endpoint_key(address, port)],
+                                        [bytes(ctypes.sizeof(m.EndpointHealth))])
+
+    def endpoint_health(self) -> Dict[Tuple[str, int], Dict[str, int]]:
+        out = {}
+        for key, value in self.maps.items("endpoint_health"):
+            out[(m.decode_addr(key.family, key.addr), m.port_host(key.port))] = {
+                "consecutive_failures": value.consecutive_failures, "failures": value.failures,
+                "successes": value.successes}
+        return out
 
     def _collect_garbage(self, result: ApplyResult) -> None:
         """Delete what adoption found unreferenced (an interrupted update's inactive bank,

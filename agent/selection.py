@@ -13,28 +13,70 @@ are expressed by how many slots a backend holds:
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from functools import reduce
 from math import gcd
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from .model import Backend
+from .model import Backend, Service
 
 MAX_SLOTS = 16384  # per frontend; slot indexes are 15 bits in the key
 
 
-def eligible(backends: Sequence[Backend]) -> Tuple[List[Backend], str]:
-    """Backends that take new connections, and why that set (for status).
+@dataclass(frozen=True)
+class Context:
+    """What selection needs beyond the service: where this node is, and which backends the
+    health checks and the outlier detector have taken out, as (namespace, service, address)."""
 
-    Ready backends with a weight above zero take new connections. When none is ready, backends
-    that are still serving while terminating are used rather than refusing every connection
-    (Kubernetes' ProxyTerminatingEndpoints)."""
-    ready = [b for b in backends if b.ready and not b.terminating and b.weight > 0]
-    if ready:
-        return ready, "ready"
-    serving = [b for b in backends if b.serving and b.weight > 0]
-    if serving:
-        return serving, "terminating-fallback"
-    return [], "none"
+    node_name: Optional[str] = None
+    node_zone: Optional[str] = None
+    unhealthy: FrozenSet[Tuple[str, str, str]] = frozenset()
+
+
+NO_CONTEXT = Context()
+
+
+def eligible(backends: Sequence[Backend], service: Optional[Service] = None,
+             ctx: Context = NO_CONTEXT) -> Tuple[List[Backend], str]:
+    """Backends that take new connections, and why that set (shown in status).
+
+    In order:
+      1. weight 0 takes nothing; internalTrafficPolicy Local keeps only this node's backends;
+      2. ready (and not terminating) backends are the candidates; when none is ready, those
+         still serving while terminating are used rather than refusing every connection
+         (Kubernetes' ProxyTerminatingEndpoints);
+      3. candidates that failed health checks or were ejected as outliers drop out, unless
+         fewer than panicThresholdPercent of the candidates would remain: then all are used,
+         as Envoy's panic mode does, so a bad health check cannot black-hole a service;
+      4. trafficDistribution PreferClose keeps the backends in this node's zone while that
+         zone is not itself in panic (enough of its backends healthy), else spills over.
+    """
+    pool = [b for b in backends if b.weight > 0]
+    local = service is not None and service.internal_traffic_policy == "Local"
+    if local:
+        pool = [b for b in pool if b.node is not None and b.node == ctx.node_name]
+    candidates = [b for b in pool if b.ready and not b.terminating]
+    why = "ready"
+    if not candidates:
+        candidates = [b for b in pool if b.serving]
+        why = "terminating-fallback"
+        if not candidates:
+            return [], "none-local" if local else "none"
+    if service is None or not ctx.unhealthy:
+        healthy = candidates
+    else:
+        ns, name = service.namespace, service.name
+        healthy = [b for b in candidates if (ns, name, b.address) not in ctx.unhealthy]
+    threshold = service.panic_threshold_percent if service is not None else 0
+    if len(healthy) * 100 < threshold * len(candidates) or not healthy:
+        return candidates, "panic"
+    if service is not None and service.traffic_distribution == "PreferClose" and ctx.node_zone:
+        zone_all = [b for b in candidates if b.zone == ctx.node_zone]
+        zone_ok = [b for b in healthy if b.zone == ctx.node_zone]
+        if zone_ok and len(zone_ok) * 100 >= threshold * len(zone_all):
+            return zone_ok, "zone-local"
+        return healthy, "zone-spillover" if zone_all else why
+    return healthy, why if len(healthy) == len(candidates) else why + "-healthy"
 
 
 def slot_counts(weights: Sequence[int], max_slots: int = MAX_SLOTS) -> List[int]:

@@ -147,9 +147,13 @@ def bench_connections(args, lab, workdir, results):
                 with open(path, "w") as f:
                     f.write(rulesets["iptables"])
                 sh(f"ip netns exec {lab.client_ns} iptables-restore < {path}")
+                # iptables DNATs after connect()'s route lookup, which the blackhole would
+                # refuse: route this one VIP into the lab bridge (still no way off the machine).
+                sh(f"ip -n {lab.client_ns} route replace {one_vip}/32 dev br0")
                 rec.apply([])
                 programmed = 0
             else:
+                sh(f"ip -n {lab.client_ns} route del {one_vip}/32 dev br0", check=False)
                 sh(f"ip netns exec {lab.client_ns} iptables -t nat -F", check=False)
                 if n is not None and programmed != n:
                     rec.apply(many_services(n, [backend.ipv4], one_vip))

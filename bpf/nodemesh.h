@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_ABI_VERSION 1
+#define NM_ABI_VERSION 2
 
 /* Map sizes: compile-time settings, passed by the loader as -D flags. */
 #ifndef NM_MAX_SERVICE_ENTRIES
@@ -24,6 +24,12 @@
 #endif
 #ifndef NM_MAX_REVNAT
 #define NM_MAX_REVNAT 65536            /* per-socket reverse translations (LRU, preallocated) */
+#endif
+#ifndef NM_MAX_AFFINITY
+#define NM_MAX_AFFINITY 65536          /* session-affinity entries (LRU, preallocated) */
+#endif
+#ifndef NM_MAX_ENDPOINTS
+#define NM_MAX_ENDPOINTS 262144        /* backend endpoints watched for failures */
 #endif
 #ifndef NM_PIN_DIR
 #error "NM_PIN_DIR must name the bpffs folder for pinned maps"
@@ -59,9 +65,54 @@ struct nm_svc_value {
 	__u16 count;      /* master: number of slots in the active bank (0: no backend) */
 	__u8 bank;        /* master: active bank, 0 or 1 */
 	__u8 algorithm;   /* master: enum nm_algorithm */
-	__u16 flags;      /* master: reserved for per-frontend features (affinity, locality) */
+	__u16 flags;      /* master: NM_SVC_F_* */
 	__u16 pad;
 	__u32 revision;   /* master: bumped by the agent on every change, for debugging */
+	__u32 affinity_timeout; /* master: seconds a client keeps its backend (NM_SVC_F_AFFINITY) */
+};
+
+#define NM_SVC_F_AFFINITY 0x1 /* session affinity: a client keeps its backend */
+
+/* Session affinity. The client is its network namespace: at connect() a socket often has no
+ * source address yet, and a pod is one netns with one IP (Cilium's socket LB does the same). */
+struct nm_affinity_key {
+	__u64 client; /* bpf_get_netns_cookie() */
+	__u32 svc_id;
+	__u32 pad;
+};
+
+struct nm_affinity_value {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_used_ns; /* bpf_ktime_get_ns() */
+};
+
+/* Passive health: outcomes of TCP connects to each backend endpoint, seen by sockops. The
+ * agent creates an entry for every endpoint it programs; the datapath only updates them. */
+struct nm_endpoint_key {
+	__u32 addr[4];
+	__u16 port;   /* network order */
+	__u8 family;
+	__u8 pad;
+};
+
+struct nm_endpoint_health {
+	/* u64: BCC's default target has no 32-bit fetch-and-add */
+	__u64 consecutive_failures; /* reset by an established connection (or the agent) */
+	__u64 failures;             /* connects that closed before establishing */
+	__u64 successes;            /* connects that established */
+	__u64 last_failure_ns;
+};
+
+/* Sent on the ring buffer for every failed connect to a watched endpoint. */
+struct nm_failure_event {
+	__u32 addr[4];
+	__u16 port;
+	__u8 family;
+	__u8 old_state; /* TCP state before the close: SYN_SENT (2) for refused/reset/timeout */
+	__u32 consecutive_failures;
+	__u32 pad;
+	__u64 ts_ns;
 };
 
 struct nm_backend {
@@ -122,6 +173,8 @@ enum nm_counter {
 	NM_CTR_REVNAT_HIT = 3,      /* recvmsg/getpeername translated back to the VIP */
 	NM_CTR_UDP_SENDMSG = 4,     /* unconnected UDP datagram translated */
 	NM_CTR_V4_IN_V6 = 5,        /* IPv4-mapped IPv6 destination translated */
+	NM_CTR_AFFINITY_HIT = 6,    /* a client kept its backend (session affinity) */
+	NM_CTR_CONNECT_FAILED = 7,  /* a TCP connect to a watched backend failed */
 	NM_CTR_MAX = 8,
 };
 

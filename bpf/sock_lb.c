@@ -4,8 +4,10 @@
  *         sendmsg4/6     unconnected UDP sendto(): the same, once per datagram
  *         recvmsg4/6     UDP recvfrom(): backend -> VIP, so replies seem to come from the VIP
  *         getpeername4/6 getpeername(): backend -> VIP, so the application sees the VIP
- * Reads:  services (masters + slots), backends, rr_state, revnat
- * Writes: the socket address in ctx, revnat (LRU), per-CPU svc_stats / backend_stats / counters
+ *         sockops        TCP connect outcomes per backend endpoint (passive health)
+ * Reads:  services (masters + slots), backends, rr_state, revnat, affinity
+ * Writes: the socket address in ctx, revnat and affinity (LRU), endpoint_health, failure
+ *         events (ring buffer), per-CPU svc_stats / backend_stats / counters
  *
  * Because translation happens at connect(), packets carry the backend address from the start:
  * no per-packet NAT, no conntrack, nothing extra on the data path after the first syscall.
@@ -35,6 +37,12 @@ BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/backend_stats", u32, struct nm_backend_s
 	    backend_stats, NM_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, NM_CTR_MAX, NM_PIN_DIR "/counters");
 BPF_TABLE_PINNED("array", u32, struct nm_info, info, 1, NM_PIN_DIR "/info");
+BPF_TABLE_PINNED("lru_hash", struct nm_affinity_key, struct nm_affinity_value, affinity,
+		 NM_MAX_AFFINITY, NM_PIN_DIR "/affinity");
+BPF_F_TABLE("hash:" NM_PIN_DIR "/endpoint_health", struct nm_endpoint_key,
+	    struct nm_endpoint_health, endpoint_health, NM_MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+/* Not pinned: each agent reads the ring of the programs it loaded. */
+BPF_RINGBUF_OUTPUT(failure_events, 16);
 
 /* sock_addr programs: 1 lets the syscall go on, 0 rejects it (with the retval we set). */
 #define SYS_PROCEED 1
@@ -49,8 +57,34 @@ static __always_inline void count(u32 reason)
 
 /* Pick a backend for key (slot must be 0 on entry). Returns the backend, or NULL with
  * *is_service telling whether key was a frontend at all (NULL + is_service: no backend). */
-static __always_inline struct nm_backend *select_backend(struct nm_svc_key *key, int *is_service,
-							  u32 *svc_id_out)
+static __always_inline struct nm_backend *sticky_backend(void *ctx, u32 svc_id, u64 timeout_s,
+							  struct nm_affinity_key *ak)
+{
+	ak->client = bpf_get_netns_cookie(ctx);
+	ak->svc_id = svc_id;
+	struct nm_affinity_value *av = affinity.lookup(ak);
+	if (!av)
+		return NULL;
+	u64 now = bpf_ktime_get_ns();
+	u32 backend_id = av->backend_id;
+	struct nm_backend *be = backends.lookup(&backend_id);
+	/* The backend left the set (its id was freed, maybe reused elsewhere) or the client was
+	 * idle too long: forget it and choose afresh. */
+	if (!be || be->svc_id != svc_id || now - av->last_used_ns > timeout_s * 1000000000ULL) {
+		affinity.delete(ak);
+		return NULL;
+	}
+	av->last_used_ns = now;
+	struct nm_backend_stats zero = {};
+	struct nm_backend_stats *bs = backend_stats.lookup_or_try_init(&backend_id, &zero);
+	if (bs)
+		bs->connections += 1;
+	count(NM_CTR_AFFINITY_HIT);
+	return be;
+}
+
+static __always_inline struct nm_backend *select_backend(void *ctx, struct nm_svc_key *key,
+							  int *is_service, u32 *svc_id_out)
 {
 	*is_service = 0;
 	/* Two tries: a reader that loses a race with an update (its bank was just deleted)
@@ -67,6 +101,14 @@ static __always_inline struct nm_backend *select_backend(struct nm_svc_key *key,
 		*svc_id_out = svc_id;
 		if (n == 0)
 			return NULL;
+		struct nm_affinity_key ak = {};
+		int sticky = master->flags & NM_SVC_F_AFFINITY;
+		u64 timeout_s = master->affinity_timeout;
+		if (sticky) {
+			struct nm_backend *kept = sticky_backend(ctx, svc_id, timeout_s, &ak);
+			if (kept)
+				return kept;
+		}
 		u32 index;
 		if (master->algorithm == NM_ALG_ROUND_ROBIN) {
 			u64 *pos = rr_state.lookup(&svc_id);
@@ -91,6 +133,11 @@ static __always_inline struct nm_backend *select_backend(struct nm_svc_key *key,
 		struct nm_backend_stats *bs = backend_stats.lookup_or_try_init(&backend_id, &zero);
 		if (bs)
 			bs->connections += 1;
+		if (sticky) {
+			struct nm_affinity_value av = {.backend_id = backend_id,
+						       .last_used_ns = bpf_ktime_get_ns()};
+			affinity.update(&ak, &av);
+		}
 		return be;
 	}
 	return NULL;
@@ -154,7 +201,7 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx)
 	struct nm_svc_key vip = key;
 	int is_service;
 	u32 svc_id = 0;
-	struct nm_backend *be = select_backend(&key, &is_service, &svc_id);
+	struct nm_backend *be = select_backend(ctx, &key, &is_service, &svc_id);
 	if (!is_service)
 		return SYS_PROCEED;
 	account(svc_id, be != NULL);
@@ -238,7 +285,7 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	struct nm_svc_key vip = key;
 	int is_service;
 	u32 svc_id = 0;
-	struct nm_backend *be = select_backend(&key, &is_service, &svc_id);
+	struct nm_backend *be = select_backend(ctx, &key, &is_service, &svc_id);
 	if (!is_service)
 		return SYS_PROCEED;
 	account(svc_id, be != NULL);
@@ -319,4 +366,92 @@ int nm_recvmsg6(struct bpf_sock_addr *ctx)
 int nm_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return reverse6(ctx);
+}
+
+/* ---- sockops: passive health ------------------------------------------------------------ */
+
+#define NM_TCP_ESTABLISHED 1
+#define NM_TCP_SYN_SENT 2
+#define NM_TCP_CLOSE 7
+
+static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_endpoint_key *ek)
+{
+	if (skops->family == 2 /* AF_INET */) {
+		ek->addr[0] = skops->remote_ip4;
+		ek->family = NM_FAMILY_V4;
+	} else {
+		u32 a0 = skops->remote_ip6[0], a1 = skops->remote_ip6[1], a2 = skops->remote_ip6[2],
+		    a3 = skops->remote_ip6[3];
+		if (is_v4_mapped(a0, a1, a2)) {
+			ek->addr[0] = a3;
+			ek->family = NM_FAMILY_V4;
+		} else {
+			ek->addr[0] = a0;
+			ek->addr[1] = a1;
+			ek->addr[2] = a2;
+			ek->addr[3] = a3;
+			ek->family = NM_FAMILY_V6;
+		}
+	}
+	/* Unlike sock_addr's user_port, sock_ops' remote_port holds the network-order port in its
+	 * upper 16 bits (the kernel shifts it so that bpf_ntohl() gives the port). */
+	ek->port = (u16)(skops->remote_port >> 16);
+}
+
+/* Connect outcomes of client sockets in the cgroup, for endpoints the agent watches:
+ * a connect that reaches ESTABLISHED is a success; one that goes from SYN_SENT to CLOSE was
+ * refused, reset before it was established, or timed out (also when the application gave up
+ * and closed it). Failures go to the agent on a ring buffer at once, so it can eject an
+ * outlier within milliseconds of the Nth failure. */
+int nm_sockops(struct bpf_sock_ops *skops)
+{
+	struct nm_endpoint_key ek = {};
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
+		endpoint_of(skops, &ek);
+		if (endpoint_health.lookup(&ek))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	}
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		endpoint_of(skops, &ek);
+		struct nm_endpoint_health *h = endpoint_health.lookup(&ek);
+		if (h) {
+			h->consecutive_failures = 0;
+			__sync_fetch_and_add(&h->successes, 1);
+		}
+		/* Established: the rest of this socket's life is not our business. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+						 ~BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	}
+	case BPF_SOCK_OPS_STATE_CB: {
+		u32 old_state = skops->args[0], new_state = skops->args[1];
+		if (new_state != NM_TCP_CLOSE || old_state != NM_TCP_SYN_SENT)
+			break;
+		endpoint_of(skops, &ek);
+		struct nm_endpoint_health *h = endpoint_health.lookup(&ek);
+		if (!h)
+			break;
+		u64 consecutive = __sync_fetch_and_add(&h->consecutive_failures, 1) + 1;
+		__sync_fetch_and_add(&h->failures, 1);
+		u64 now = bpf_ktime_get_ns();
+		h->last_failure_ns = now;
+		count(NM_CTR_CONNECT_FAILED);
+		struct nm_failure_event ev = {};
+		ev.addr[0] = ek.addr[0];
+		ev.addr[1] = ek.addr[1];
+		ev.addr[2] = ek.addr[2];
+		ev.addr[3] = ek.addr[3];
+		ev.port = ek.port;
+		ev.family = ek.family;
+		ev.old_state = old_state;
+		ev.consecutive_failures = (u32)consecutive;
+		ev.ts_ns = now;
+		failure_events.ringbuf_output(&ev, sizeof(ev), 0);
+		break;
+	}
+	}
+	return 1;
 }

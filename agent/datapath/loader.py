@@ -32,11 +32,15 @@ BPFFS_ROOT = "/sys/fs/bpf"
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
 
+BPF_PROG_TYPE_SOCK_OPS = 13
+
+
 @dataclass(frozen=True)
 class Hook:
     name: str       # pin name under links/
     function: str   # C function in sock_lb.c
     attach_type: int
+    prog_type: int = BPF_PROG_TYPE_CGROUP_SOCK_ADDR
 
 
 HOOKS = (
@@ -48,6 +52,7 @@ HOOKS = (
     Hook("recvmsg6", "nm_recvmsg6", 20),
     Hook("getpeername4", "nm_getpeername4", 29),
     Hook("getpeername6", "nm_getpeername6", 30),
+    Hook("sockops", "nm_sockops", 3, BPF_PROG_TYPE_SOCK_OPS),
 )
 
 
@@ -168,7 +173,7 @@ class Datapath:
         try:
             self.bpf = BPF(src_file=str(src / "sock_lb.c"), cflags=cflags)
             for hook in HOOKS:
-                fn = self.bpf.load_func(hook.function.encode(), BPF.CGROUP_SOCK_ADDR,
+                fn = self.bpf.load_func(hook.function.encode(), hook.prog_type,
                                         attach_type=hook.attach_type)
                 self._prog_fds[hook.name] = fn.fd
         except Exception as e:  # BCC raises bare Exceptions with the verifier log on stderr

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 from . import bpfsys
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 FAMILY_V4 = 4
 FAMILY_V6 = 6
 SLOT_BANK_SHIFT = 15
@@ -30,7 +30,8 @@ BACKEND_ACTIVE = 0
 
 # enum nm_counter
 COUNTER_NAMES = {0: "slot_miss", 1: "backend_miss", 2: "revnat_failed", 3: "revnat_hit",
-                 4: "udp_sendmsg", 5: "v4_in_v6"}
+                 4: "udp_sendmsg", 5: "v4_in_v6", 6: "affinity_hit", 7: "connect_failed"}
+SVC_F_AFFINITY = 0x1
 COUNTER_SLOTS = 8
 
 _WORDS = struct.Struct("<4I")  # the bytes as they lie in memory, read as native u32 words
@@ -46,7 +47,8 @@ class SvcKey(ctypes.Structure):
 
 class SvcValue(ctypes.Structure):
     _fields_ = [("backend_id", u32), ("svc_id", u32), ("count", u16), ("bank", u8),
-                ("algorithm", u8), ("flags", u16), ("pad", u16), ("revision", u32)]
+                ("algorithm", u8), ("flags", u16), ("pad", u16), ("revision", u32),
+                ("affinity_timeout", u32)]
 
 
 class BackendEntry(ctypes.Structure):
@@ -69,6 +71,28 @@ class SvcStats(ctypes.Structure):
 
 class BackendStats(ctypes.Structure):
     _fields_ = [("connections", u64), ("reserved", u64)]
+
+
+class AffinityKey(ctypes.Structure):
+    _fields_ = [("client", u64), ("svc_id", u32), ("pad", u32)]
+
+
+class AffinityValue(ctypes.Structure):
+    _fields_ = [("backend_id", u32), ("pad", u32), ("last_used_ns", u64)]
+
+
+class EndpointKey(ctypes.Structure):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("family", u8), ("pad", u8)]
+
+
+class EndpointHealth(ctypes.Structure):
+    _fields_ = [("consecutive_failures", u64), ("failures", u64),
+                ("successes", u64), ("last_failure_ns", u64)]
+
+
+class FailureEvent(ctypes.Structure):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("family", u8), ("old_state", u8),
+                ("consecutive_failures", u32), ("pad", u32), ("ts_ns", u64)]
 
 
 class Info(ctypes.Structure):
@@ -98,6 +122,9 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("backend_stats", bpfsys.MAP_TYPE_PERCPU_HASH, u32, BackendStats, "NM_MAX_BACKENDS"),
     MapSpec("counters", bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, u64, "", COUNTER_SLOTS),
     MapSpec("info", bpfsys.MAP_TYPE_ARRAY, u32, Info, "", 1),
+    MapSpec("affinity", bpfsys.MAP_TYPE_LRU_HASH, AffinityKey, AffinityValue, "NM_MAX_AFFINITY"),
+    MapSpec("endpoint_health", bpfsys.MAP_TYPE_HASH, EndpointKey, EndpointHealth,
+            "NM_MAX_ENDPOINTS"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
@@ -110,17 +137,21 @@ class MapSizes:
     frontends: int = 65536
     backends: int = 262144
     revnat: int = 65536
+    affinity: int = 65536
+    endpoints: int = 262144
 
     def setting(self, name: str) -> int:
         return {"NM_MAX_SERVICE_ENTRIES": self.service_entries, "NM_MAX_FRONTENDS": self.frontends,
-                "NM_MAX_BACKENDS": self.backends, "NM_MAX_REVNAT": self.revnat}[name]
+                "NM_MAX_BACKENDS": self.backends, "NM_MAX_REVNAT": self.revnat,
+                "NM_MAX_AFFINITY": self.affinity, "NM_MAX_ENDPOINTS": self.endpoints}[name]
 
     def capacity(self, spec: MapSpec) -> int:
         return self.setting(spec.size_setting) if spec.size_setting else spec.fixed_size
 
     def cflags(self) -> List[str]:
         return [f"-D{n}={self.setting(n)}" for n in
-                ("NM_MAX_SERVICE_ENTRIES", "NM_MAX_FRONTENDS", "NM_MAX_BACKENDS", "NM_MAX_REVNAT")]
+                ("NM_MAX_SERVICE_ENTRIES", "NM_MAX_FRONTENDS", "NM_MAX_BACKENDS", "NM_MAX_REVNAT",
+                 "NM_MAX_AFFINITY", "NM_MAX_ENDPOINTS")]
 
 
 @lru_cache(maxsize=1 << 17)
@@ -156,7 +187,7 @@ def port_host(port_be_value: int) -> int:
 # a ctypes object with attribute sets (several times faster). tests/unit/test_maps.py proves
 # they produce the same bytes as the ctypes mirrors above.
 _KEY_TAIL = struct.Struct("<HH")              # SvcKey.slot, pad
-_SVC_VALUE = struct.Struct("<IIHBBHHI")       # SvcValue
+_SVC_VALUE = struct.Struct("<IIHBBHHII")      # SvcValue
 _BACKEND_TAIL = struct.Struct("<HBBIB3x")     # BackendEntry after addr
 _U32 = struct.Struct("<I")
 
@@ -171,12 +202,18 @@ def pack_svc_key(prefix: bytes, slot: int) -> bytes:
 
 
 def pack_slot_value(backend_id: int) -> bytes:
-    return _SVC_VALUE.pack(backend_id, 0, 0, 0, 0, 0, 0, 0)
+    return _SVC_VALUE.pack(backend_id, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def pack_master_value(svc_id: int, count: int, bank: int, algorithm: int,
-                      revision: int, flags: int = 0) -> bytes:
-    return _SVC_VALUE.pack(0, svc_id, count, bank, algorithm, flags, 0, revision)
+                      revision: int, flags: int = 0, affinity_timeout: int = 0) -> bytes:
+    return _SVC_VALUE.pack(0, svc_id, count, bank, algorithm, flags, 0, revision,
+                           affinity_timeout)
+
+
+def pack_endpoint_key(address: str, port: int) -> bytes:
+    family, words = encode_addr(address)
+    return _WORDS.pack(*words) + struct.pack("<HBB", port_be(port), family, 0)
 
 
 def pack_backend(address: str, port: int, proto: int, svc_id: int, state: int) -> bytes:
