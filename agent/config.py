@@ -344,8 +344,10 @@ def _health(c: _Checker, raw: Any, path: str) -> Optional[HealthCheck]:
     healthy = c.integer(obj.get("healthyThreshold", 1), f"{path}.healthyThreshold", 1, 100,
                         "a threshold")
     hc_path = obj.get("path", "/")
-    if not isinstance(hc_path, str) or not hc_path.startswith("/"):
-        c.fail(f"{path}.path", f"{hc_path!r} must be an absolute HTTP path starting with '/'")
+    if not isinstance(hc_path, str) or not hc_path.startswith("/") or \
+            any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in hc_path):
+        c.fail(f"{path}.path", f"{hc_path!r} must be an absolute HTTP path starting with '/', "
+                               f"without spaces or control characters")
     port = None
     if "port" in obj:
         port = c.integer(obj["port"], f"{path}.port", 1, 65535, "a port")

@@ -94,6 +94,16 @@ def one(**fields):
                                                  "field"),
     (one(healthCheck="{type: icmp}"), "services[0].healthCheck.type: 'icmp' is not a health "
                                       "check type"),
+    (one(healthCheck="{type: http, path: '/a b'}"),
+     "services[0].healthCheck.path: '/a b' must be an absolute HTTP path"),
+    (one(outlierDetection="{consecutiveFailures: 0}"),
+     "services[0].outlierDetection.consecutiveFailures: 0 is not a count (1-1000)"),
+    (one(trafficPolicy="{internal: Node}"),
+     "services[0].trafficPolicy.internal: 'Node' is not a traffic policy (Cluster or Local)"),
+    (one(panicThresholdPercent=101), "services[0].panicThresholdPercent: 101 is not a "
+                                     "percentage (0-100)"),
+    (one(backends="[{address: 10.200.1.2, ready: maybe}]"),
+     "services[0].backends[0].ready: 'maybe' must be true or false"),
     (one(sessionAffinity="{clientIP: {timeoutSeconds: 0}}"),
      "services[0].sessionAffinity.clientIP.timeoutSeconds: 0 is not a timeout"),
     ("servics: []\n", "bad.yaml:1: servics: unknown field"),
