@@ -101,6 +101,13 @@ def run_checks(cgroup: Optional[str] = None) -> List[Check]:
 
 def program_types() -> Check:
     """Compile and load the real programs into a scratch pin folder: the proof that counts."""
+    # A compile that LLVM aborts takes the process with it, finally blocks included: reap the
+    # scratch folders of preflights that are gone before making ours.
+    for name in os.listdir(loader.BPFFS_ROOT) if os.path.isdir(loader.BPFFS_ROOT) else ():
+        pid = name.rpartition("-")[2]
+        if name.startswith("nodemesh-preflight-") and pid.isdigit() and \
+                not os.path.exists(f"/proc/{pid}"):
+            loader.cleanup(os.path.join(loader.BPFFS_ROOT, name))
     scratch = os.path.join(loader.BPFFS_ROOT, f"nodemesh-preflight-{os.getpid()}")
     dp = loader.Datapath(scratch, None)
     try:

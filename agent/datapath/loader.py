@@ -171,7 +171,7 @@ class Datapath:
         cflags = [f'-DNM_PIN_DIR="{self.bpffs}"', f"-I{src}", *self.sizes.cflags()]
         started = time.monotonic()
         try:
-            self.bpf = BPF(src_file=str(src / "sock_lb.c"), cflags=cflags)
+            self.bpf = BPF(src_file=str(src / "sock_lb.c").encode(), cflags=cflags)
             for hook in HOOKS:
                 fn = self.bpf.load_func(hook.function.encode(), hook.prog_type,
                                         attach_type=hook.attach_type)
