@@ -173,11 +173,23 @@ class Agent:
         raise SystemExit(f"unknown source {self.opts.source!r} (file or kubernetes)")
 
     def run(self) -> int:
+        from .preflight import _bpf_syscall
+
+        # What a node lacks is said before anything is touched, not as a traceback later.
+        access = _bpf_syscall()
+        if not access.ok:
+            raise loader.DatapathError(f"BPF is not usable: {access.detail} ({access.fix}); "
+                                       f"'nodemesh preflight' checks the whole node")
+        cgroup = loader.check_cgroup(self.opts.cgroup or loader.cgroup2_root())
         self.source = self._make_source()
-        self.metrics_server = metrics.MetricsServer(self, self.registry, self.opts.metrics_addr)
+        try:
+            self.metrics_server = metrics.MetricsServer(self, self.registry,
+                                                        self.opts.metrics_addr)
+        except OSError as e:
+            raise loader.DatapathError(f"--metrics-addr {self.opts.metrics_addr}: "
+                                       f"{e.strerror}") from None
         self.metrics_server.start()
         log.info("metrics on http://%s/metrics", self.metrics_server.address)
-        cgroup = self.opts.cgroup or loader.cgroup2_root()
         self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes)
         try:
             self.maps = self.datapath.load()
@@ -310,9 +322,14 @@ class Agent:
             self.admin.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        attached = bool(self.datapath and loader.attachments(self.datapath.bpffs))
         if self.datapath is not None:
             self.datapath.close()  # fds only: the pinned links keep the hooks attached
-        log.info("stopped; the datapath stays in the kernel (remove it with 'nodemesh cleanup')")
+        if attached:
+            log.info("stopped; the datapath stays in the kernel (remove it with "
+                     "'nodemesh cleanup --bpffs %s')", self.datapath.bpffs)
+        else:
+            log.info("stopped")
 
     # -- views ------------------------------------------------------------------------------
     def backend_healthy(self, svc: Service, b: Backend) -> bool:

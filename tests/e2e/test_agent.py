@@ -201,3 +201,33 @@ def test_an_invalid_first_config_exits_with_the_problem_and_changes_nothing(lab,
     assert agent.proc.wait(timeout=60) == 1
     assert "services[0].ports: must be a non-empty list of ports" in agent.log_text()
     assert _our_programs(lab) == []
+
+
+def test_run_says_plainly_what_is_wrong_instead_of_a_traceback(lab, tmp_path):
+    import socket
+    import subprocess
+
+    from helpers import ROOT
+
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("services: []\n")
+    cfg.chmod(0o644)
+    tmp_path.chmod(0o755)
+    base = ["run", "--config", str(cfg), "--bpffs", lab.bpffs, "--admin-socket",
+            str(tmp_path / "a.sock")]
+    res = cli(*base, "--cgroup", "/tmp", "--metrics-addr", "127.0.0.1:0")
+    assert res.returncode == 2 and "--cgroup /tmp: not inside a cgroup v2 mount" in res.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = cli(*base, "--cgroup", lab.cgroup, "--metrics-addr", f"127.0.0.1:{port}")
+    assert res.returncode == 2 and "Address already in use" in res.stderr
+    res = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c",
+                          f"{ROOT}/.venv/bin/nodemesh " + " ".join(base) +
+                          f" --cgroup {lab.cgroup} --metrics-addr 127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "BPF is not usable: permission denied" in res.stderr
+    for r in (res,):
+        assert "Traceback" not in r.stderr
+    assert not os.path.exists(lab.bpffs)  # nothing was pinned by the failed starts
