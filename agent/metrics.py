@@ -104,31 +104,19 @@ class DatapathCollector(Collector):
                     bl = (svc.namespace, svc.name, backend_label(b.address, b.target_port(sp)))
                     healthy[bl] = 1 if self.agent.backend_healthy(svc, b) else 0
 
-        c = CounterMetricFamily("nodemesh_service_connections",
-                                "Connections (and unconnected UDP datagrams) balanced to a "
-                                "backend, counted in the kernel",
-                                labels=["namespace", "service", "port", "protocol"])
-        for labels, v in sorted(conns.items()):
-            c.add_metric(labels, v)
-        yield c
-        c = CounterMetricFamily("nodemesh_service_no_backend",
-                                "Connections refused (ECONNREFUSED) because the service had no "
-                                "backend", labels=["namespace", "service", "port", "protocol"])
-        for labels, v in sorted(refused.items()):
-            c.add_metric(labels, v)
-        yield c
-        c = CounterMetricFamily("nodemesh_backend_connections",
-                                "Connections the kernel sent to this backend",
-                                labels=["namespace", "service", "backend"])
-        for labels, v in sorted(be_conns.items()):
-            c.add_metric(labels, v)
-        yield c
-        g = GaugeMetricFamily("nodemesh_backend_healthy",
-                              "1 if the backend takes new connections, else 0",
-                              labels=["namespace", "service", "backend"])
-        for labels, v in sorted(healthy.items()):
-            g.add_metric(labels, v)
-        yield g
+        svc_labels = ["namespace", "service", "port", "protocol"]
+        be_labels = ["namespace", "service", "backend"]
+        yield _family(CounterMetricFamily, "nodemesh_service_connections",
+                      "Connections (and unconnected UDP datagrams) balanced to a backend, "
+                      "counted in the kernel", svc_labels, conns)
+        yield _family(CounterMetricFamily, "nodemesh_service_no_backend",
+                      "Connections refused (ECONNREFUSED) because the service had no backend",
+                      svc_labels, refused)
+        yield _family(CounterMetricFamily, "nodemesh_backend_connections",
+                      "Connections the kernel sent to this backend", be_labels, be_conns)
+        yield _family(GaugeMetricFamily, "nodemesh_backend_healthy",
+                      "1 if the backend is ready, not terminating, passing its health checks "
+                      "and not ejected, else 0", be_labels, healthy)
         yield GaugeMetricFamily("nodemesh_services", "Services programmed in the datapath",
                                 value=len(services))
         yield GaugeMetricFamily("nodemesh_frontends",
@@ -160,6 +148,13 @@ class DatapathCollector(Collector):
         for name, v in maps.counters().items():
             ev.add_metric([name], v)
         yield ev
+
+
+def _family(cls, name: str, doc: str, labels, values: Dict[Tuple[str, ...], float]):
+    fam = cls(name, doc, labels=labels)
+    for label_values, v in sorted(values.items()):
+        fam.add_metric(label_values, v)
+    return fam
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -28,3 +28,48 @@ def _reap_stale_labs():
         if reaped:
             print(f"reaped labs left by an earlier run: {', '.join(reaped)}")
     yield
+
+
+def _lab(host_link: bool):
+    from agent.lab.topology import new_lab
+
+    lab = new_lab("nmt", backends=3, host_link=host_link)
+    try:
+        lab.start_servers(tcp_ports=(8080,), udp_ports=(5353,))
+        yield lab
+    finally:
+        lab.destroy()
+
+
+def _agent(lab, tmp_path):
+    from helpers import AgentProcess
+
+    proc = AgentProcess(lab, str(tmp_path))
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def lab():
+    """A fresh lab: 3 backends running the lab server (TCP 8080, UDP 5353), torn down after."""
+    yield from _lab(host_link=False)
+
+
+@pytest.fixture
+def linked_lab():
+    """A lab whose backends the host (where the agent and its health checks run) can reach:
+    a veth from the host into the lab bridge; the lab's VIP range is blackholed in the host."""
+    yield from _lab(host_link=True)
+
+
+@pytest.fixture
+def agent(lab, tmp_path):
+    """`nodemesh run` for `lab`, not started: write_config() then start()."""
+    yield from _agent(lab, tmp_path)
+
+
+@pytest.fixture
+def linked_agent(linked_lab, tmp_path):
+    yield from _agent(linked_lab, tmp_path)
