@@ -106,6 +106,19 @@ def cmd_status(args) -> int:
               f" !{la['failed']}, {la['writes']} map writes in {la['seconds']}s")
         for err in la["errors"]:
             print(f"  error: {err}")
+    health = st.get("health") or {}
+    checks = health.get("checks") or []
+    if checks:
+        bad = [c for c in checks if c["state"] == "unhealthy"]
+        print(f"checks:    {len(checks)} targets, {len(bad)} unhealthy" +
+              "".join(f"\n  unhealthy: {c['namespace']}/{c['service']} {c['address']}:"
+                      f"{c['port']} ({c['last_error']})" for c in bad))
+    out = [e for e in health.get("ejections") or [] if e["ejected_for_seconds"]]
+    for e in out:
+        print(f"ejected:   {e['namespace']}/{e['service']} {e['backend']} for another "
+              f"{e['ejected_for_seconds']}s (ejection #{e['times']})")
+    if health.get("terminated_sockets"):
+        print(f"sockets:   {health['terminated_sockets']} terminated to removed backends")
     ev = dp.get("events") or {}
     if any(ev.values()):
         print("events:    " + ", ".join(f"{k}={v}" for k, v in ev.items() if v))
@@ -113,6 +126,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_services(args) -> int:
+    from .metrics import backend_label
+
     services = _admin(args, "/v1/services")
     if args.output == "json":
         print(json.dumps(services, indent=2))
@@ -122,15 +137,15 @@ def cmd_services(args) -> int:
         for fe in svc["frontends"]:
             host = f"[{fe['vip']}]" if ":" in fe["vip"] else fe["vip"]
             bes = " ".join(
-                f"{b['address']}:{b['port']}(w{b['weight']},{b['connections']})"
+                f"{backend_label(b['address'], b['port'])}(w{b['weight']},{b['connections']})"
                 for b in fe["backends"]) or "-"
             rows.append([f"{svc['namespace']}/{svc['name']}", f"{host}:{fe['port']}/"
-                         f"{fe['protocol']}", fe["algorithm"], str(fe["connections"]),
-                         str(fe["no_backend"]), bes])
+                         f"{fe['protocol']}", fe["algorithm"], fe["selection"],
+                         str(fe["connections"]), str(fe["no_backend"]), bes])
     if not rows:
         print("no services programmed")
         return 0
-    print(_table(rows, ["SERVICE", "FRONTEND", "ALGORITHM", "CONNS", "REFUSED",
+    print(_table(rows, ["SERVICE", "FRONTEND", "ALGORITHM", "SET", "CONNS", "REFUSED",
                         "BACKENDS (weight, conns)"]))
     return 0
 
