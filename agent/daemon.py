@@ -112,17 +112,19 @@ class Agent:
 
     def _watch_failures(self) -> None:
         """Ring buffer of failed connects from sockops -> outlier detector."""
-        import ctypes
+        from .datapath.ringbuf import RingBuffer, cast
 
-        def on_event(_ctx, data, _size):
-            ev = ctypes.cast(data, ctypes.POINTER(m.FailureEvent)).contents
+        def on_event(data: bytes) -> None:
+            ev = cast(data, m.FailureEvent)
             self.outlier.on_failure(m.decode_addr(ev.family, ev.addr), m.port_host(ev.port),
                                     ev.consecutive_failures, ev.ts_ns)
 
-        bpf = self.datapath.bpf
-        bpf[b"failure_events"].open_ring_buffer(on_event)
-        while not self._stop.is_set():
-            bpf.ring_buffer_poll(100)
+        ring = RingBuffer(self.datapath.ringbuf_fd)
+        try:
+            while not self._stop.is_set():
+                ring.poll(on_event, 0.1)
+        finally:
+            ring.close()
 
     # -- source callbacks (any thread) ------------------------------------------------------
     def desired(self, services: List[Service]) -> None:

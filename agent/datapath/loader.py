@@ -131,6 +131,8 @@ class Datapath:
         self.maps: Optional[Maps] = None
         self.adopted = False
         self._prog_fds: Dict[str, int] = {}
+        self._owned_fds: List[int] = []  # fds a compiler child passed us
+        self.ringbuf_fd: Optional[int] = None
         self.load_seconds = 0.0
 
     # -- load -------------------------------------------------------------------------------
@@ -162,25 +164,28 @@ class Datapath:
                                 + f"\nrun 'nodemesh cleanup --bpffs {self.bpffs}' to start afresh")
         return found
 
-    def load(self) -> Maps:
-        from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no BCC
+    def load(self, in_process: bool = False) -> Maps:
+        """Compile, load and open the pinned maps (adopting existing ones).
+
+        By default the compile runs in a child process, so that LLVM never stays in the agent
+        (see compile.py); in_process keeps BCC's object (tests read its generated types)."""
+        from .compile import RINGBUF, compile_and_load, compile_in_child
 
         ensure_bpffs(self.bpffs)
         self.adopted = self.check_pins()
         src = bpf_source_dir()
-        cflags = [f'-DNM_PIN_DIR="{self.bpffs}"', f"-I{src}", *self.sizes.cflags()]
-        started = time.monotonic()
         try:
-            self.bpf = BPF(src_file=str(src / "sock_lb.c").encode(), cflags=cflags)
-            for hook in HOOKS:
-                fn = self.bpf.load_func(hook.function.encode(), hook.prog_type,
-                                        attach_type=hook.attach_type)
-                self._prog_fds[hook.name] = fn.fd
+            if in_process:
+                self.bpf, progs, fds, self.load_seconds = compile_and_load(self.bpffs,
+                                                                           self.sizes, src)
+            else:
+                progs, fds, self.load_seconds = compile_in_child(self.bpffs, self.sizes, src)
+                self._owned_fds = [*progs.values(), *fds.values()]
         except Exception as e:  # BCC raises bare Exceptions with the verifier log on stderr
             raise DatapathError(f"compiling or loading {src / 'sock_lb.c'} failed: {e}. "
                                 f"Check kernel headers with 'nodemesh preflight'.") from e
-        self.load_seconds = time.monotonic() - started
-        fds = {spec.name: self.bpf[spec.name.encode()].map_fd for spec in MAPS}
+        self._prog_fds = progs
+        self.ringbuf_fd = fds.pop(RINGBUF)
         self.maps = Maps(fds)
         self._stamp_info()
         log.info("datapath loaded in %.2fs (%s pinned maps under %s)", self.load_seconds,
@@ -252,6 +257,9 @@ class Datapath:
             except Exception:  # BCC cleanup must not mask the real exit reason
                 pass
             self.bpf = None
+        for fd in self._owned_fds:
+            bpfsys.close(fd)
+        self._owned_fds = []
         self.maps = None
         self._prog_fds = {}
 

@@ -22,7 +22,7 @@ def compiled(tmp_path_factory):
 
     bpffs = f"/sys/fs/bpf/nmt-layout-{os.getpid()}"
     dp = loader.Datapath(bpffs, None)
-    dp.load()
+    dp.load(in_process=True)
     try:
         yield dp
     finally:

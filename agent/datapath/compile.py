@@ -1,0 +1,89 @@
+"""Compile and load the datapath with BCC, in this process or in a short-lived child.
+
+BCC brings LLVM into the process: importing it costs ~60 MiB and a compile ~70 MiB more, for
+the agent's whole life. The agent therefore compiles in a child (`python -m
+agent.datapath.compile`) that loads the programs, opens the pinned maps, passes every fd back
+over a unix socket (SCM_RIGHTS) and exits, taking LLVM with it: the agent keeps ~30 MiB. A
+compiler crash (LLVM aborts the process on some errors) also ends only the child.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict
+from typing import Dict, Tuple
+
+from .maps import MAPS, MapSizes
+
+RINGBUF = "failure_events"
+
+
+def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict[str, int],
+                                                                   Dict[str, int], float]:
+    """(the BCC object, program fds by hook name, map fds by name, seconds)."""
+    from bcc import BPF  # Debian's python3-bpfcc
+
+    from .loader import HOOKS
+
+    cflags = [f'-DNM_PIN_DIR="{bpffs}"', f"-I{src_dir}", *sizes.cflags()]
+    started = time.monotonic()
+    bpf = BPF(src_file=str(src_dir / "sock_lb.c").encode(), cflags=cflags)
+    progs = {}
+    for hook in HOOKS:
+        fn = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type)
+        progs[hook.name] = fn.fd
+    maps = {spec.name: bpf[spec.name.encode()].map_fd for spec in MAPS}
+    maps[RINGBUF] = bpf[RINGBUF.encode()].map_fd
+    return bpf, progs, maps, time.monotonic() - started
+
+
+def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, int],
+                                                                    Dict[str, int], float]:
+    """Run the compile in a child; return the fds it passed back (now ours) and its time."""
+    import subprocess
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = dict(os.environ, NODEMESH_FD_SOCKET=str(child.fileno()))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.datapath.compile", bpffs, json.dumps(asdict(sizes)),
+             str(src_dir)], pass_fds=(child.fileno(),), env=env,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        child.close()
+        msg, fds, _, _ = socket.recv_fds(parent, 1 << 16, 64)
+        rc = proc.wait()
+    finally:
+        parent.close()
+    if not msg:
+        raise RuntimeError(f"the compiler process died (exit {rc}); its messages are above")
+    header = json.loads(msg)
+    if not header["ok"]:
+        for fd in fds:
+            os.close(fd)
+        raise RuntimeError(header["error"])
+    names = header["progs"] + header["maps"]
+    by_name = dict(zip(names, fds))
+    return ({n: by_name[n] for n in header["progs"]}, {n: by_name[n] for n in header["maps"]},
+            header["seconds"])
+
+
+def _child_main() -> int:
+    from pathlib import Path
+
+    sock = socket.socket(fileno=int(os.environ["NODEMESH_FD_SOCKET"]))
+    bpffs, sizes, src_dir = sys.argv[1], MapSizes(**json.loads(sys.argv[2])), Path(sys.argv[3])
+    try:
+        _bpf, progs, maps, seconds = compile_and_load(bpffs, sizes, src_dir)
+    except Exception as e:  # BCC raises bare Exceptions; the message is what the user needs
+        socket.send_fds(sock, [json.dumps({"ok": False, "error": str(e)}).encode()], [])
+        return 1
+    header = {"ok": True, "progs": list(progs), "maps": list(maps), "seconds": seconds}
+    socket.send_fds(sock, [json.dumps(header).encode()], [*progs.values(), *maps.values()])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
