@@ -232,7 +232,10 @@ class Agent:
             returns_in = self.outlier.expire()  # ejections whose time is up come back here
             if returns_in is not None:
                 timeout = min(timeout, returns_in)
-            self._wake.wait(max(0.0, timeout))
+            # Python runs signal handlers on the main thread, but the kernel may deliver a
+            # signal to any thread, and then nothing wakes this wait: keep it short so that
+            # SIGHUP and SIGTERM are handled within a quarter of a second.
+            self._wake.wait(min(max(0.0, timeout), 0.25))
             self._wake.clear()
             if self._stop.is_set():
                 break
