@@ -72,25 +72,6 @@ def wrk(lab, url: str, seconds: int, hooked: bool) -> float:
     return float(m.group(1))
 
 
-def start_nginx(lab, workdir: str, backend) -> None:
-    conf = os.path.join(workdir, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""pid {workdir}/nginx.pid;
-error_log {workdir}/nginx.err;
-worker_processes 1;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {workdir}; proxy_temp_path {workdir};
-  fastcgi_temp_path {workdir}; uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
-  server {{ listen {backend.ipv4}:8080 reuseport backlog=4096;
-           location / {{ return 200 "ok\\n"; }} }}
-}}
-""")
-    lab.spawn(["nginx", "-c", conf, "-g", "daemon off;"], netns=backend.netns)
-    time.sleep(0.5)
-
-
 def iptables_ruleset(services) -> str:
     """kube-proxy's iptables mode, trimmed to what a ClusterIP needs: one KUBE-SVC chain per
     service choosing a KUBE-SEP chain with statistic probabilities, each SEP a DNAT."""
@@ -121,7 +102,7 @@ def iptables_available() -> bool:
 
 def bench_connections(args, lab, workdir, results):
     backend = lab.backends[0]
-    start_nginx(lab, workdir, backend)
+    lab.start_nginx(backend, 8080, "ok", workdir)
     dp = Datapath(lab.bpffs, lab.cgroup)
     maps = dp.load()
     rec = Reconciler(maps)
@@ -226,8 +207,6 @@ def bench_programming(args, lab, workdir, results):
 
 def bench_footprint(args, lab, workdir, results):
     import psutil
-
-    from agent.lab.topology import Lab  # noqa: F401
 
     rows = []
     for n in (1, args.services):

@@ -191,6 +191,35 @@ class Lab:
             if "ready" not in line:
                 raise RuntimeError(f"server in {b.netns} did not start: {line!r}")
 
+    def start_nginx(self, backend: LabBackend, port: int, body: str, workdir: str,
+                    connections: int = 4096) -> subprocess.Popen:
+        """A real nginx in a backend's netns, answering every request with `body`; its pid,
+        logs and temp files stay in workdir, and it runs in the foreground (so teardown's
+        kill reaches it)."""
+        conf = os.path.join(workdir, f"nginx-{backend.name}-{port}.conf")
+        tmp = os.path.join(workdir, f"nginx-{backend.name}-{port}")
+        os.makedirs(tmp, exist_ok=True)
+        with open(conf, "w") as f:
+            f.write(f"""pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+worker_processes 1;
+events {{ worker_connections {connections}; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp};
+  fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  server {{ listen {backend.ipv4}:{port} reuseport backlog={connections};
+           location / {{ return 200 "{body}\\n"; }} }}
+}}
+""")
+        proc = self.spawn(["nginx", "-c", conf, "-g", "daemon off;"], netns=backend.netns)
+        deadline = time.monotonic() + 5
+        while not os.path.exists(f"{tmp}/nginx.pid"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx in {backend.netns} did not start ({tmp}/error.log)")
+            time.sleep(0.05)
+        return proc
+
     def client(self, args: Sequence[str], timeout: float = 120) -> Dict:
         """Run agent.lab.client in the client netns inside the hooked cgroup; its JSON result."""
         proc = self.spawn([sys.executable, "-m", "agent.lab.client", *args],

@@ -23,19 +23,7 @@ def run_in_client(lab, argv, timeout=20):
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx not installed (make setup)")
 def test_nginx_backends_behind_a_vip_answer_curl(lab, agent, tmp_path):
     for b in lab.backends:
-        conf = tmp_path / f"nginx-{b.name}.conf"
-        conf.write_text(f"""
-pid {tmp_path}/nginx-{b.name}.pid;
-error_log {tmp_path}/nginx-{b.name}.err;
-worker_processes 1;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};
-  fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};
-  server {{ listen {b.ipv4}:8081; location / {{ return 200 "nginx-{b.name}\\n"; }} }}
-}}""")
-        lab.spawn(["nginx", "-c", str(conf), "-g", "daemon off;"], netns=b.netns)
+        lab.start_nginx(b, 8081, f"nginx-{b.name}", str(tmp_path), connections=256)
     agent.write_config(config_yaml(service_yaml("nginx", lab.vip4(20),
                                                 [b.ipv4 for b in lab.backends], target=8081)))
     agent.start()
