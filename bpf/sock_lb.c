@@ -189,6 +189,25 @@ static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
 	return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP;
 }
 
+/* The family-independent part of a translation: 0 when key is no frontend (leave the socket
+ * alone), -1 when the frontend has no backend (refuse), 1 with *out set to the backend, whose
+ * address the caller writes into ctx in its family's shape. */
+static __always_inline int pick(void *ctx, struct nm_svc_key *key, struct nm_backend **out)
+{
+	struct nm_svc_key vip = *key;
+	int is_service;
+	u32 svc_id = 0;
+	struct nm_backend *be = select_backend(ctx, key, &is_service, &svc_id);
+	if (!is_service)
+		return 0;
+	account(svc_id, be != NULL);
+	if (!be)
+		return -1;
+	remember(ctx, be, &vip, svc_id);
+	*out = be;
+	return 1;
+}
+
 /* ---- IPv4 ---------------------------------------------------------------------------- */
 
 static __always_inline int translate4(struct bpf_sock_addr *ctx)
@@ -198,18 +217,14 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx)
 	key.port = (u16)ctx->user_port;
 	key.proto = (u8)ctx->protocol;
 	key.family = NM_FAMILY_V4;
-	struct nm_svc_key vip = key;
-	int is_service;
-	u32 svc_id = 0;
-	struct nm_backend *be = select_backend(ctx, &key, &is_service, &svc_id);
-	if (!is_service)
+	struct nm_backend *be = NULL;
+	int picked = pick(ctx, &key, &be);
+	if (picked == 0)
 		return SYS_PROCEED;
-	account(svc_id, be != NULL);
-	if (!be)
+	if (picked < 0 || !be)
 		return refuse();
 	ctx->user_ip4 = be->addr[0];
 	ctx->user_port = be->port;
-	remember(ctx, be, &vip, svc_id);
 	return SYS_PROCEED;
 }
 
@@ -282,14 +297,11 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	}
 	key.port = (u16)ctx->user_port;
 	key.proto = (u8)ctx->protocol;
-	struct nm_svc_key vip = key;
-	int is_service;
-	u32 svc_id = 0;
-	struct nm_backend *be = select_backend(ctx, &key, &is_service, &svc_id);
-	if (!is_service)
+	struct nm_backend *be = NULL;
+	int picked = pick(ctx, &key, &be);
+	if (picked == 0)
 		return SYS_PROCEED;
-	account(svc_id, be != NULL);
-	if (!be)
+	if (picked < 0 || !be)
 		return refuse();
 	if (mapped) {
 		ctx->user_ip6[0] = 0;
@@ -304,7 +316,6 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = be->addr[3];
 	}
 	ctx->user_port = be->port;
-	remember(ctx, be, &vip, svc_id);
 	return SYS_PROCEED;
 }
 
