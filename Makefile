@@ -1,5 +1,5 @@
 # nodemesh — the two commands users run are `make demo` and `make test` (as root).
-.PHONY: setup demo test test-unit test-datapath bench install
+.PHONY: setup demo test test-unit test-datapath bench install vm-test
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,3 +25,7 @@ bench: setup
 
 install: setup
 	bash scripts/install-host.sh
+
+# Root tests on Debian 12's 6.1 kernel in a local Vagrant VM (~20 min; not part of `test`).
+vm-test:
+	bash scripts/vm-test
