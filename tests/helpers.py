@@ -17,6 +17,9 @@ from agent import api
 from agent.lab.topology import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Stretches every wait in the tests (never a statistical bound) on slow machines: `make
+# vm-test` runs the suite under software emulation, about ten times slower, and sets 5.
+TIME_SCALE = float(os.environ.get("NODEMESH_TEST_TIME_SCALE", "1"))
 
 
 def free_port() -> int:
@@ -76,6 +79,7 @@ class AgentProcess:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -121,6 +125,7 @@ class AgentProcess:
         return api.get(self.lab.admin_socket, "/v1/services")
 
     def wait_for(self, predicate, timeout: float = 5.0, what: str = "condition"):
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
@@ -138,7 +143,7 @@ class AgentProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=15)
+            return self.proc.wait(timeout=15 * TIME_SCALE)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
@@ -146,7 +151,7 @@ class AgentProcess:
 
 def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+                         text=True, cwd=ROOT, timeout=120 * TIME_SCALE)
     if check and res.returncode != 0:
         raise AssertionError(f"nodemesh {' '.join(args)} failed: {res.stderr}")
     return res

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import bpftool_json, cli, config_yaml, service_yaml
+from helpers import TIME_SCALE, bpftool_json, cli, config_yaml, service_yaml
 
 pytestmark = pytest.mark.root
 
@@ -27,7 +27,8 @@ def tcp(lab, count=60, **kw):
 
 
 class Load:
-    """Connections to the VIP from the lab client, until stopped (bounded: 60 s, 100k)."""
+    """Connections to the VIP from the lab client, until stopped (bounded: 60 s x the time
+    scale, and 100,000 connections)."""
 
     def __init__(self, lab, tmp_path, concurrency=4):
         self.stop_file = str(tmp_path / "stop-load")
@@ -37,7 +38,8 @@ class Load:
     def _run(self, lab, concurrency):
         self.result = lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", "100000",
                                   "--concurrency", str(concurrency), "--stop-file",
-                                  self.stop_file, "--max-seconds", "60"], timeout=90)
+                                  self.stop_file, "--max-seconds", str(60 * TIME_SCALE)],
+                                 timeout=90 * TIME_SCALE)
 
     def __enter__(self):
         self.thread.start()
@@ -46,7 +48,7 @@ class Load:
 
     def __exit__(self, *exc):
         open(self.stop_file, "w").close()
-        self.thread.join(timeout=90)
+        self.thread.join(timeout=90 * TIME_SCALE)
 
 
 def test_agent_balances_and_reports_through_metrics_and_cli(lab, agent):
