@@ -337,11 +337,14 @@ class Agent:
             log.info("stopped")
 
     # -- views ------------------------------------------------------------------------------
-    def backend_healthy(self, svc: Service, b: Backend) -> bool:
-        """Ready, not terminating, passing its health checks and not ejected."""
+    def backend_healthy(self, svc: Service, b: Backend,
+                        ctx: Optional[selection.Context] = None) -> bool:
+        """Ready, not terminating, passing its health checks and not ejected. Pass ctx when
+        asking about many backends: building it takes the checkers' locks."""
         if not b.ready or b.terminating:
             return False
-        return (svc.namespace, svc.name, b.address) not in self.selection_context().unhealthy
+        ctx = ctx or self.selection_context()
+        return (svc.namespace, svc.name, b.address) not in ctx.unhealthy
 
     def status(self) -> Dict[str, Any]:
         rec = self.reconciler

@@ -98,11 +98,13 @@ class DatapathCollector(Collector):
                 bl = (fe["namespace"], fe["service"], backend_label(be["address"], be["port"]))
                 be_conns[bl] = be_conns.get(bl, 0) + \
                     be_stats.get(be["id"], {}).get("connections", 0)
+        ctx = self.agent.selection_context()  # once per scrape, not once per backend
         for svc in self.agent.reconciler.services:
             for b in svc.backends:
+                ok = 1 if self.agent.backend_healthy(svc, b, ctx) else 0
                 for sp in svc.ports:
-                    bl = (svc.namespace, svc.name, backend_label(b.address, b.target_port(sp)))
-                    healthy[bl] = 1 if self.agent.backend_healthy(svc, b) else 0
+                    healthy[(svc.namespace, svc.name,
+                             backend_label(b.address, b.target_port(sp)))] = ok
 
         svc_labels = ["namespace", "service", "port", "protocol"]
         be_labels = ["namespace", "service", "backend"]
