@@ -193,7 +193,6 @@ class Reconciler:
         self.services: List[Service] = []
         self.status: Dict[Tuple[str, str], Dict[str, object]] = {}
         self.last_result: Optional[ApplyResult] = None
-        self.applied_total = 0
         self.endpoints: set = set()  # (address, port) watched in endpoint_health
 
     # -- adoption ---------------------------------------------------------------------------
@@ -314,7 +313,6 @@ class Reconciler:
             self._update_status(services, desired, failed_keys)
             result.seconds = time.monotonic() - started
             self.last_result = result
-            self.applied_total += 1
             if changes or removed or failed_keys:
                 log.info("applied %d services: %d frontends added, %d changed, %d removed, %d "
                          "unchanged, %d failed, %d map writes in %.3fs", len(services),

@@ -12,7 +12,7 @@ import errno
 import os
 import platform
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Optional
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -24,21 +24,14 @@ _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x"
 MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
-MAP_GET_NEXT_KEY = 4
 OBJ_PIN = 6
 OBJ_GET = 7
-PROG_DETACH = 9
-PROG_GET_FD_BY_ID = 13
-MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
-PROG_QUERY = 16
 MAP_LOOKUP_BATCH = 24
 MAP_UPDATE_BATCH = 26
 MAP_DELETE_BATCH = 27
 LINK_CREATE = 28
 LINK_UPDATE = 29
-LINK_GET_FD_BY_ID = 30
-LINK_GET_NEXT_ID = 31
 LINK_DETACH = 34
 
 # enum bpf_map_type (the ones we check)
@@ -47,9 +40,6 @@ MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
-
-# enum bpf_link_type
-LINK_TYPE_CGROUP = 3
 
 
 class BPFError(OSError):
@@ -135,15 +125,6 @@ class LinkInfo(ctypes.Structure):
                 ("attach_type", ctypes.c_uint32), ("rest", ctypes.c_uint8 * 60)]
 
 
-class ProgInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
-                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
-                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
-                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
-                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
-                ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 160)]
-
-
 def _info(fd: int, info: ctypes.Structure) -> ctypes.Structure:
     bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
                                       info=ctypes.addressof(info)))
@@ -156,54 +137,6 @@ def map_info(fd: int) -> MapInfo:
 
 def link_info(fd: int) -> LinkInfo:
     return _info(fd, LinkInfo())
-
-
-def prog_info(fd: int) -> ProgInfo:
-    return _info(fd, ProgInfo())
-
-
-class _GetNextIdAttr(ctypes.Structure):
-    _fields_ = [("start_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
-                ("open_flags", ctypes.c_uint32)]
-
-
-def link_ids():
-    """Every bpf_link id on the system."""
-    attr = _GetNextIdAttr(start_id=0)
-    while True:
-        try:
-            bpf(LINK_GET_NEXT_ID, attr)
-        except BPFError as e:
-            if e.errno == errno.ENOENT:
-                return
-            raise
-        yield attr.next_id
-        attr.start_id = attr.next_id
-
-
-class _FdByIdAttr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
-                ("open_flags", ctypes.c_uint32)]
-
-
-def link_fd_by_id(link_id: int) -> int:
-    return bpf(LINK_GET_FD_BY_ID, _FdByIdAttr(id=link_id))
-
-
-class _QueryAttr(ctypes.Structure):
-    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
-                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
-                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
-
-
-def prog_query(target_fd: int, attach_type: int, max_progs: int = 64) -> Tuple[int, ...]:
-    """Ids of the programs attached to a cgroup at attach_type (effective or not)."""
-    ids = (ctypes.c_uint32 * max_progs)()
-    attr = _QueryAttr(target_fd=target_fd, attach_type=attach_type,
-                      prog_ids=ctypes.addressof(ids), prog_cnt=max_progs)
-    bpf(PROG_QUERY, attr)
-    return tuple(ids[i] for i in range(attr.prog_cnt))
 
 
 class _ElemAttr(ctypes.Structure):
@@ -220,16 +153,6 @@ def map_lookup(fd: int, key, value) -> bool:
     try:
         bpf(MAP_LOOKUP_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key),
                                        value=ctypes.addressof(value)))
-        return True
-    except BPFError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-
-
-def map_delete(fd: int, key) -> bool:
-    try:
-        bpf(MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key)))
         return True
     except BPFError as e:
         if e.errno == errno.ENOENT:

@@ -239,27 +239,6 @@ class Maps:
         return self.fds[name]
 
     # -- writes -----------------------------------------------------------------------------
-    def update_batch(self, name: str, pairs: Sequence[Tuple[object, object]]) -> None:
-        if not pairs:
-            return
-        spec = MAP_BY_NAME[name]
-        n = len(pairs)
-        keys = (spec.key * n)()
-        if spec.percpu:
-            # Per-CPU writes take one value per possible CPU: the first gets the value, the
-            # others zero, so the sum is the value.
-            ncpu = bpfsys.possible_cpus()
-            values = ((spec.value * ncpu) * n)()
-            for i, (k, v) in enumerate(pairs):
-                keys[i] = k
-                values[i][0] = v
-        else:
-            values = (spec.value * n)()
-            for i, (k, v) in enumerate(pairs):
-                keys[i] = k
-                values[i] = v
-        bpfsys.map_update_batch(self.fds[name], keys, values, n)
-
     def update_packed(self, name: str, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
         """update_batch for elements already packed to bytes (see pack_*)."""
         if not keys:

@@ -1,5 +1,4 @@
 """Failover driven by what the kernel and the health checks see, with real servers dying."""
-import json
 import subprocess
 import sys
 import threading
