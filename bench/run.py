@@ -16,7 +16,7 @@
    N (cost should follow the change, not N); iptables-restore of the equivalent ruleset.
 3. Footprint: agent start-up to ready and RSS, with 1 and with N services (YAML config).
 
-Everything runs in a lab (agent/lab): clients in a netns with no route off the machine, VIP
+Everything runs in a lab (agent/nodemesh/lab): clients in a netns with no route off the machine, VIP
 ranges blackholed, hooks on the lab's own cgroup. Results go to bench/results/latest.md.
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from agent.datapath.loader import Datapath, cleanup  # noqa: E402
-from agent.lab.topology import new_lab, sh  # noqa: E402
-from agent.model import Backend, Service, ServicePort  # noqa: E402
-from agent.reconciler import Reconciler  # noqa: E402
+from nodemesh.datapath.loader import Datapath, cleanup  # noqa: E402
+from nodemesh.lab.topology import new_lab, sh  # noqa: E402
+from nodemesh.model import Backend, Service, ServicePort  # noqa: E402
+from nodemesh.reconciler import Reconciler  # noqa: E402
 
 BENCH_VIPS = "198.19.0.0/16"  # N services live here; blackholed in the client netns
 
@@ -220,7 +220,7 @@ def bench_footprint(args, lab, workdir, results):
         for phase in ("cold", "restart"):
             port = 19464
             t0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--log-level",
+            proc = subprocess.Popen([sys.executable, "-m", "nodemesh.cli", "--log-level",
                                      "warning", "run", "--config", cfg, "--cgroup", lab.cgroup,
                                      "--bpffs", lab.bpffs, "--admin-socket", lab.admin_socket,
                                      "--metrics-addr", f"127.0.0.1:{port}"], cwd=ROOT)

@@ -1,6 +1,6 @@
 /* nodemesh.h — every struct and map shared between the datapath and the agent.
  *
- * The agent mirrors these structs in agent/datapath/maps.py; tests/datapath/test_layout.py
+ * The agent mirrors these structs in agent/nodemesh/datapath/maps.py; tests/datapath/test_layout.py
  * proves the mirror matches what BCC generated from this file. Change both together, and bump
  * NM_ABI_VERSION when a pinned map's layout changes (the loader then refuses stale pins).
  *

@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _reap_stale_labs():
     if IS_ROOT:
-        from agent.lab.topology import reap_stale
+        from nodemesh.lab.topology import reap_stale
 
         reaped = reap_stale()
         if reaped:
@@ -31,7 +31,7 @@ def _reap_stale_labs():
 
 
 def _lab(host_link: bool):
-    from agent.lab.topology import new_lab
+    from nodemesh.lab.topology import new_lab
 
     lab = new_lab("nmt", backends=3, host_link=host_link)
     try:

@@ -13,8 +13,8 @@ from typing import Dict, Iterable, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import api
-from agent.lab.topology import Lab
+from nodemesh import api
+from nodemesh.lab.topology import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Stretches every wait in the tests (never a statistical bound) on slow machines: `make
@@ -68,7 +68,7 @@ class AgentProcess:
     def start(self, wait: bool = True, extra: Iterable[str] = ()) -> "AgentProcess":
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "--log-level", "debug", "run", "--config",
+            [sys.executable, "-m", "nodemesh.cli", "--log-level", "debug", "run", "--config",
              self.config, "--cgroup", self.lab.cgroup, "--bpffs", self.lab.bpffs,
              "--admin-socket", self.lab.admin_socket, "--metrics-addr",
              f"127.0.0.1:{self.metrics_port}", "--resync-seconds", "5", *extra],
@@ -150,7 +150,7 @@ class AgentProcess:
 
 
 def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "nodemesh.cli", *args], capture_output=True,
                          text=True, cwd=ROOT, timeout=120 * TIME_SCALE)
     if check and res.returncode != 0:
         raise AssertionError(f"nodemesh {' '.join(args)} failed: {res.stderr}")

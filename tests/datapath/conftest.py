@@ -5,8 +5,8 @@ import pytest
 def datapath(lab):
     """The programs loaded into the lab's pin folder and attached to the lab's cgroup, with a
     reconciler to program them: the datapath without the agent around it."""
-    from agent.datapath.loader import Datapath, cleanup
-    from agent.reconciler import Reconciler
+    from nodemesh.datapath.loader import Datapath, cleanup
+    from nodemesh.reconciler import Reconciler
 
     dp = Datapath(lab.bpffs, lab.cgroup)
     try:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from agent.model import Backend, Service, ServicePort
+from nodemesh.model import Backend, Service, ServicePort
 
 pytestmark = pytest.mark.root
 
@@ -115,14 +115,14 @@ def test_processes_outside_the_hooked_cgroup_are_untouched(lab, datapath):
     datapath.apply([service])
     # Give the VIP a real address in the client netns with its own server: an untranslated
     # connection reaches it, a translated one reaches a backend.
-    from agent.lab.topology import sh
+    from nodemesh.lab.topology import sh
 
     sh(f"ip -n {lab.client_ns} addr add {service.vip}/32 dev lo")
-    server = lab.spawn([sys.executable, "-m", "agent.lab.server", "--name", "untranslated",
+    server = lab.spawn([sys.executable, "-m", "nodemesh.lab.server", "--name", "untranslated",
                         "--tcp", f"{service.vip}:80"], netns=lab.client_ns,
                        stdout=subprocess.PIPE, text=True)
     assert "ready" in server.stdout.readline()
-    outside = lab.spawn([sys.executable, "-m", "agent.lab.client", "tcp", "--target",
+    outside = lab.spawn([sys.executable, "-m", "nodemesh.lab.client", "tcp", "--target",
                          f"{service.vip}:80", "--count", "20"], netns=lab.client_ns,
                         in_cgroup=False, stdout=subprocess.PIPE, text=True)
     out, _ = outside.communicate(timeout=30)

@@ -3,8 +3,8 @@ import ctypes
 
 import pytest
 
-from agent.datapath import loader
-from agent.datapath import maps as m
+from nodemesh.datapath import loader
+from nodemesh.datapath import maps as m
 
 pytestmark = pytest.mark.root
 
@@ -42,7 +42,7 @@ def test_python_mirror_matches_bcc_generated_types(compiled, spec):
 
 @pytest.mark.parametrize("spec", m.MAPS, ids=lambda s: s.name)
 def test_pinned_map_has_the_type_and_capacity_the_loader_expects(compiled, spec):
-    from agent.datapath import bpfsys
+    from nodemesh.datapath import bpfsys
 
     info = bpfsys.map_info(compiled.maps.fd(spec.name))
     assert (info.type, info.key_size, info.value_size, info.max_entries) == (

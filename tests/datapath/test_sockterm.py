@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from agent.datapath import sockterm
+from nodemesh.datapath import sockterm
 
 pytestmark = pytest.mark.root
 
@@ -136,7 +136,7 @@ def address(backend, family: str) -> str:
 def hold_server(lab):
     """b1 also runs a --hold server on HOLD_PORT (IPv4 and IPv6) for long-lived TCP."""
     b1 = lab.backends[0]
-    proc = lab.spawn([sys.executable, "-m", "agent.lab.server", "--name", "b1", "--hold",
+    proc = lab.spawn([sys.executable, "-m", "nodemesh.lab.server", "--name", "b1", "--hold",
                       "--tcp", f"{b1.ipv4}:{HOLD_PORT}", "--tcp", f"[{b1.ipv6}]:{HOLD_PORT}"],
                      netns=b1.netns, stdout=subprocess.PIPE, text=True)
     assert "ready" in proc.stdout.readline()

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agent.lab.topology import sh
+from nodemesh.lab.topology import sh
 from helpers import config_yaml
 
 pytestmark = pytest.mark.root
@@ -156,7 +156,7 @@ def test_terminating_backends_get_no_new_connections_but_keep_their_own(lab, age
     b1 = lab.backends[0]
     # A long-lived connection needs a server that keeps it open.
     for b in lab.backends:
-        lab.spawn([sys.executable, "-m", "agent.lab.server", "--name", b.name, "--hold",
+        lab.spawn([sys.executable, "-m", "nodemesh.lab.server", "--name", b.name, "--hold",
                    "--tcp", f"{b.ipv4}:9090"], netns=b.netns, stdout=subprocess.PIPE)
     time.sleep(0.5)
     hold = "      - {port: 90, targetPort: 9090}"

@@ -67,7 +67,7 @@ def test_the_demo_runs_once_and_removes_everything(tmp_path):
     from helpers import ROOT, free_port
 
     port = free_port()
-    res = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--once",
+    res = subprocess.run([sys.executable, "-m", "nodemesh.cli", "demo", "--once",
                           "--metrics-addr", f"127.0.0.1:{port}"], capture_output=True,
                          text=True, cwd=ROOT, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

@@ -38,7 +38,7 @@ def test_status_without_an_agent_says_so_plainly(tmp_path):
 
 
 def test_options_read_the_environment(monkeypatch):
-    from agent.cli import build_parser
+    from nodemesh.cli import build_parser
 
     monkeypatch.setenv("NODEMESH_METRICS_ADDR", "0.0.0.0:9999")
     monkeypatch.setenv("NODEMESH_BPFFS", "/sys/fs/bpf/x")

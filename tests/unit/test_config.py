@@ -1,8 +1,8 @@
 """Config validation: every bad input names the file, line and field path."""
 import pytest
 
-from agent import config
-from agent.model import Backend, ServicePort
+from nodemesh import config
+from nodemesh.model import Backend, ServicePort
 
 GOOD = """\
 services:

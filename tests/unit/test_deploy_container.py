@@ -213,7 +213,7 @@ def build_context():
 def test_build_context_holds_the_package_and_bpf_sources_only():
     context = build_context()
     assert "pyproject.toml" in context
-    assert "agent/__init__.py" in context and "agent/cli.py" in context
+    assert "agent/nodemesh/__init__.py" in context and "agent/nodemesh/cli.py" in context
     assert sorted(f for f in context if f.startswith("bpf/")) == \
         sorted(f"bpf/{p.name}" for p in (ROOT / "bpf").iterdir() if p.is_file())
     allowed = re.compile(r"^(pyproject\.toml|README\.md|agent/.*|bpf/.*)$")
@@ -256,5 +256,5 @@ def test_build_stage_builds_the_wheel_from_the_build_context(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-        assert "nodemesh = agent.cli:main" in z.read(entry_points).decode()
-    assert "agent/cli.py" in names and "agent/datapath/loader.py" in names
+        assert "nodemesh = nodemesh.cli:main" in z.read(entry_points).decode()
+    assert "nodemesh/cli.py" in names and "nodemesh/datapath/loader.py" in names

@@ -214,7 +214,7 @@ def test_node_name_comes_from_the_downward_api():
 def parse_nodemesh_args(argv, env, monkeypatch):
     """What `nodemesh` makes of these arguments in this environment (options read
     NODEMESH_<NAME> when the parser is built)."""
-    from agent.cli import build_parser
+    from nodemesh.cli import build_parser
     for key in [k for k in os.environ if k.startswith("NODEMESH_")]:
         monkeypatch.delenv(key)
     for key, value in env.items():

@@ -174,7 +174,7 @@ def env_file_settings():
 def test_environment_file_names_only_settings_the_agent_reads(monkeypatch):
     settings = env_file_settings()
     assert settings, "the file shows no setting"
-    from agent.cli import build_parser
+    from nodemesh.cli import build_parser
     for key in [k for k in os.environ if k.startswith("NODEMESH_")]:
         monkeypatch.delenv(key)
     for key, value in settings.items():
@@ -224,7 +224,7 @@ def test_install_stages_the_unit_environment_configs_and_command(tmp_path):
     assert (dest / "etc/nodemesh/nodemesh.env").read_text() == ENV_FILE.read_text()
     assert (dest / "etc/nodemesh/config.example.yaml").read_text() == \
         (ROOT / "deploy/examples/config.yaml").read_text()
-    from agent import config
+    from nodemesh import config
     assert config.load(str(dest / "etc/nodemesh/config.yaml")) == []  # takes over no address
     assert sorted(p.name for p in (dest / "usr/share/nodemesh/bpf").iterdir()) == \
         sorted(p.name for p in (ROOT / "bpf").iterdir())
@@ -274,7 +274,7 @@ def test_install_puts_the_project_into_a_venv_under_opt_nodemesh(tmp_path):
     venv = dest / "opt/nodemesh/venv"
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
     assert (venv / "bin/nodemesh").exists()
-    found = subprocess.run([str(venv / "bin/python"), "-c", "import agent; print(agent.__file__)"],
+    found = subprocess.run([str(venv / "bin/python"), "-c", "import nodemesh; print(nodemesh.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert found.startswith(str(venv / "lib")), found  # installed, not the checkout
     assert (dest / "usr/local/bin/nodemesh").read_text().splitlines()[-1] == \

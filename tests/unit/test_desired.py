@@ -1,6 +1,6 @@
 """From services to datapath frontends (pure)."""
-from agent.model import Backend, Service, ServicePort
-from agent.reconciler import FrontendKey, desired_frontends
+from nodemesh.model import Backend, Service, ServicePort
+from nodemesh.reconciler import FrontendKey, desired_frontends
 
 
 def test_each_vip_port_protocol_is_one_frontend_with_its_target_ports():

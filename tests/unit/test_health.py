@@ -22,10 +22,10 @@ from typing import Callable, Dict, List
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent import health
-from agent.health import (DURATION_BUCKETS, HealthChecker, TargetKey, TargetState,
+from nodemesh import health
+from nodemesh.health import (DURATION_BUCKETS, HealthChecker, TargetKey, TargetState,
                           http_request, status_line_error)
-from agent.model import HealthCheck
+from nodemesh.model import HealthCheck
 
 def ipv6_loopback_works() -> bool:
     try:

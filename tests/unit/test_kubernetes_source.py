@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("kubernetes")
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from agent.sources.kubernetes import KubernetesSource, KubernetesSourceError  # noqa: E402
+from nodemesh.sources.kubernetes import KubernetesSource, KubernetesSourceError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from k8s_fake_apiserver import FakeApiServer  # noqa: E402

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.model import Backend, Service, ServicePort, SessionAffinity
-from agent.sources.kubernetes import endpoint_conditions, translate, translate_service
+from nodemesh.model import Backend, Service, ServicePort, SessionAffinity
+from nodemesh.sources.kubernetes import endpoint_conditions, translate, translate_service
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "k8s"
 

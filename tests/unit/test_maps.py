@@ -1,7 +1,7 @@
 """The byte packers the reconciler uses produce exactly the ctypes mirrors' bytes."""
 import ctypes
 
-from agent.datapath import maps as m
+from nodemesh.datapath import maps as m
 
 
 def test_svc_key_packer_matches_the_struct():

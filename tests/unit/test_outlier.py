@@ -1,8 +1,8 @@
 """Outlier ejection rules, with a fake clock (the kernel side is in tests/e2e/test_failover)."""
 from prometheus_client import CollectorRegistry
 
-from agent.model import Backend, OutlierDetection, Service, ServicePort
-from agent.outlier import OutlierDetector
+from nodemesh.model import Backend, OutlierDetection, Service, ServicePort
+from nodemesh.outlier import OutlierDetector
 
 
 class Clock:

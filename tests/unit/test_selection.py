@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from agent.model import Backend
-from agent.selection import (MAX_SLOTS, eligible, expanded_sequence, slot_counts,
+from nodemesh.model import Backend
+from nodemesh.selection import (MAX_SLOTS, eligible, expanded_sequence, slot_counts,
                              slots_for, smooth_sequence)
 
 

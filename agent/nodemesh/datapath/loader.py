@@ -64,7 +64,7 @@ def bpf_source_dir() -> Path:
     """Where the C sources are: $NODEMESH_BPF_DIR, the source checkout, or the installed copy."""
     env = os.environ.get("NODEMESH_BPF_DIR")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "bpf", Path("/usr/share/nodemesh/bpf")]
+    candidates += [Path(__file__).resolve().parents[3] / "bpf", Path("/usr/share/nodemesh/bpf")]
     for c in candidates:
         if (c / "sock_lb.c").is_file():
             return c

@@ -1,7 +1,7 @@
 """A measuring client for the lab: makes connections or sends datagrams and reports JSON.
 
-    python -m agent.lab.client tcp --target 198.19.7.10:80 --count 300
-    python -m agent.lab.client udp --target 198.19.7.10:53 --count 100 [--connected]
+    python -m nodemesh.lab.client tcp --target 198.19.7.10:80 --count 300
+    python -m nodemesh.lab.client udp --target 198.19.7.10:53 --count 100 [--connected]
 
 Output: {"ok": n, "failed": n, "backends": {"b1": n, ...}, "errors": {"ECONNREFUSED": n},
          "peer_mismatch": n, "source_mismatch": n, "seconds": s}

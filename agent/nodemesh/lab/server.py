@@ -1,6 +1,6 @@
 """A backend for the lab: answers TCP with an HTTP response naming itself, UDP likewise.
 
-    python -m agent.lab.server --name b1 --tcp 198.18.7.11:8080 --udp 198.18.7.11:5353
+    python -m nodemesh.lab.server --name b1 --tcp 198.18.7.11:8080 --udp 198.18.7.11:5353
 
 Prints "ready" once every socket listens. TCP: reads the request head (or waits up to 1 s),
 answers `HTTP/1.1 200` with body "<name>\n" and closes, so curl, wrk and the lab client all

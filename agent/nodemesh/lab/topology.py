@@ -180,7 +180,7 @@ class Lab:
         """The lab's own echo server in every backend: TCP answers HTTP with its name, UDP
         answers any datagram with its name."""
         for b in backends or self.backends:
-            argv = [sys.executable, "-m", "agent.lab.server", "--name", b.name]
+            argv = [sys.executable, "-m", "nodemesh.lab.server", "--name", b.name]
             for addr in (b.ipv4, b.ipv6):
                 for p in tcp_ports:
                     argv += ["--tcp", f"[{addr}]:{p}" if ":" in addr else f"{addr}:{p}"]
@@ -221,8 +221,8 @@ http {{
         return proc
 
     def client(self, args: Sequence[str], timeout: float = 120) -> Dict:
-        """Run agent.lab.client in the client netns inside the hooked cgroup; its JSON result."""
-        proc = self.spawn([sys.executable, "-m", "agent.lab.client", *args],
+        """Run nodemesh.lab.client in the client netns inside the hooked cgroup; its JSON result."""
+        proc = self.spawn([sys.executable, "-m", "nodemesh.lab.client", *args],
                           netns=self.client_ns, in_cgroup=True, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
         try:

@@ -2,7 +2,7 @@
 
 BCC brings LLVM into the process: importing it costs ~60 MiB and a compile ~70 MiB more, for
 the agent's whole life. The agent therefore compiles in a child (`python -m
-agent.datapath.compile`) that loads the programs, opens the pinned maps, passes every fd back
+nodemesh.datapath.compile`) that loads the programs, opens the pinned maps, passes every fd back
 over a unix socket (SCM_RIGHTS) and exits, taking LLVM with it: the agent keeps ~30 MiB. A
 compiler crash (LLVM aborts the process on some errors) also ends only the child.
 """
@@ -49,7 +49,7 @@ def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, in
     try:
         env = dict(os.environ, NODEMESH_FD_SOCKET=str(child.fileno()))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.datapath.compile", bpffs, json.dumps(asdict(sizes)),
+            [sys.executable, "-m", "nodemesh.datapath.compile", bpffs, json.dumps(asdict(sizes)),
              str(src_dir)], pass_fds=(child.fileno(),), env=env,
             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         child.close()

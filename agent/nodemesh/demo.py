@@ -91,7 +91,7 @@ def run(once: bool = False, metrics_addr: str = "127.0.0.1:9464", connections: i
               f"hooks on cgroup {lab.cgroup}")
         print(f"config: {cfg}")
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", cfg, "--cgroup", lab.cgroup,
+            [sys.executable, "-m", "nodemesh.cli", "run", "--config", cfg, "--cgroup", lab.cgroup,
              "--bpffs", lab.bpffs, "--admin-socket", DEMO_SOCKET, "--metrics-addr",
              metrics_addr], start_new_session=True)
         _wait_ready(f"http://{metrics_addr}/readyz", agent)

@@ -1,6 +1,6 @@
 """The desired state: services, their ports and their backends.
 
-Frozen dataclasses, validated once at the edge (agent.config for files, agent.sources.kubernetes
+Frozen dataclasses, validated once at the edge (nodemesh.config for files, nodemesh.sources.kubernetes
 for the API) and trusted everywhere inside. Addresses are stored in their canonical text form
 (ipaddress.ip_address(...).compressed) so that equal addresses compare equal.
 """
