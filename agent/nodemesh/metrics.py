@@ -68,7 +68,7 @@ class DatapathCollector(Collector):
                                  labels=["version", "kernel", "abi"])
         info.add_metric([__version__, platform.release(), str(m.ABI_VERSION)], 1)
         yield info
-        rec, maps = self.nodemesh.reconciler, self.agent.maps
+        rec, maps = self.agent.reconciler, self.agent.maps
         if rec is None or maps is None:
             return
         try:
@@ -99,7 +99,7 @@ class DatapathCollector(Collector):
                 be_conns[bl] = be_conns.get(bl, 0) + \
                     be_stats.get(be["id"], {}).get("connections", 0)
         ctx = self.agent.selection_context()  # once per scrape, not once per backend
-        for svc in self.nodemesh.reconciler.services:
+        for svc in self.agent.reconciler.services:
             for b in svc.backends:
                 ok = 1 if self.agent.backend_healthy(svc, b, ctx) else 0
                 for sp in svc.ports:

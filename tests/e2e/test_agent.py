@@ -56,7 +56,7 @@ def test_agent_balances_and_reports_through_metrics_and_cli(lab, agent):
     agent.start()
     r = tcp(lab, count=200)
     assert r["ok"] == 200
-    m = nodemesh.metrics()
+    m = agent.metrics()
     key = ("nodemesh_service_connections_total",
            (("namespace", "test"), ("port", "80"), ("protocol", "TCP"), ("service", "web")))
     assert m[key] == 200
