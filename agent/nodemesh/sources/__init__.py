@@ -6,18 +6,38 @@ Contract (every source implements it):
     source.start(on_change, on_error)   # returns at once; the source works in its own thread
     source.stop()                       # idempotent; joins its thread
 
-    on_change(services: list[model.Service])  the COMPLETE desired set, called on every change
-                                              (never a delta); the first call is the initial sync
-    on_error(message: str)                    a problem that did not change the desired set
-                                              (bad file, lost watch ...); the last good set stays
+    on_change(delta: Delta)             what changed, per service: upserts and deletes. The
+                                        first call is the initial sync and has full=True: it
+                                        is the whole desired set, and whatever the agent had
+                                        that it does not name is deleted. Later calls carry
+                                        only what changed, so the agent's work follows the
+                                        change, not the number of services.
+    on_error(message: str)              a problem that did not change the desired set (a bad
+                                        file, a lost watch ...); the last good state stays
 
-`name` is the source's label in metrics ("file", "kubernetes").
+A source calls on_change from its own thread and must never block on the agent: the agent
+only enqueues the delta. `name` is the source's label in metrics ("file", "kubernetes").
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from dataclasses import dataclass
+from typing import Callable, Tuple
 
 from ..model import Service
 
-OnChange = Callable[[List[Service]], None]
+ServiceKey = Tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class Delta:
+    upserts: Tuple[Service, ...] = ()
+    deletes: Tuple[ServiceKey, ...] = ()
+    full: bool = False  # the whole desired set: anything not upserted here is deleted
+    origin: str = ""    # what changed, for logs ("web.yaml", "kubernetes")
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.deletes or self.full)
+
+
+OnChange = Callable[[Delta], None]
 OnError = Callable[[str], None]
