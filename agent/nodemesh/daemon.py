@@ -26,6 +26,7 @@ from .datapath import maps as m
 from .model import Backend, Service
 from .outlier import OutlierDetector
 from .reconciler import ApplyResult, Reconciler
+from .sources import Delta
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,17 @@ class Agent:
             ring.close()
 
     # -- source callbacks (any thread) ------------------------------------------------------
-    def desired(self, services: List[Service]) -> None:
+    def desired(self, delta: "Delta") -> None:
         with self._mailbox_lock:
-            self._mailbox = list(services)
+            current = {s.key: s for s in (self._mailbox if self._mailbox is not None
+                                          else self.services)}
+            if delta.full:
+                current = {}
+            for key in delta.deletes:
+                current.pop(key, None)
+            for svc in delta.upserts:
+                current[svc.key] = svc
+            self._mailbox = [current[k] for k in sorted(current)]
         self.config_state.update(ok=True, error=None, last_change=time.time())
         self.config_state["loads"] += 1
         self.own_metrics.reloads.labels(self.source_name).inc()

@@ -37,10 +37,18 @@ class Recorder:
     def __init__(self):
         self.changes = []   # (monotonic time, [Service])
         self.errors = []
-        self._cond = threading.Condition()
+        self.deltas = []
+        self._cond = threading.Condition(threading.RLock())
 
-    def on_change(self, services):
+    def on_change(self, delta):
+        # Fold each delta into the whole desired set, as the agent does, and record that set.
         with self._cond:
+            self.deltas.append(delta)
+            current = {} if delta.full else {s.key: s for s in (self.latest() or [])}
+            for key in delta.deletes:
+                current.pop(key, None)
+            current.update((s.key, s) for s in delta.upserts)
+            services = [current[k] for k in sorted(current)]
             self.changes.append((time.monotonic(), services))
             self._cond.notify_all()
 

@@ -12,7 +12,7 @@ import threading
 from typing import Optional, Tuple
 
 from .. import config
-from . import OnChange, OnError
+from . import Delta, OnChange, OnError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class FileSource:
         except config.ConfigError as e:
             on_error(str(e))
             return False
-        on_change(services)
+        on_change(Delta(upserts=tuple(services), full=True, origin=self.path))
         return True
 
     def reload(self) -> None:

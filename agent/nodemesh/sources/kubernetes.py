@@ -65,7 +65,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..model import Backend, Service, ServicePort, SessionAffinity, canonical_ip
-from . import OnChange, OnError
+from . import Delta, OnChange, OnError
 
 log = logging.getLogger(__name__)
 
@@ -809,7 +809,7 @@ class KubernetesSource:
                 continue
             delivered = services
             try:
-                self._on_change(list(services))
+                self._on_change(Delta(upserts=tuple(services), full=True, origin="kubernetes"))
             except Exception:  # noqa: BLE001 - a broken callback must not stop delivery
                 log.exception("kubernetes source: on_change raised")
             self._mark_synced()
