@@ -71,7 +71,8 @@ class AgentProcess:
             [sys.executable, "-m", "nodemesh.cli", "--log-level", "debug", "run", "--config",
              self.config, "--cgroup", self.lab.cgroup, "--bpffs", self.lab.bpffs,
              "--admin-socket", self.lab.admin_socket, "--metrics-addr",
-             f"127.0.0.1:{self.metrics_port}", "--resync-seconds", "5", *extra],
+             f"127.0.0.1:{self.metrics_port}", "--resync-seconds", "5",
+             "--metrics-detail", "backend", *extra],
             stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         logf.close()
         if wait:

@@ -53,7 +53,8 @@ def cmd_run(args) -> int:
     from .datapath.maps import MapSizes
 
     opts = Options(config=args.config, source=args.source, kubeconfig=args.kubeconfig,
-                   metrics_addr=args.metrics_addr, cgroup=args.cgroup, bpffs=args.bpffs,
+                   metrics_addr=args.metrics_addr, metrics_detail=args.metrics_detail,
+                   cgroup=args.cgroup, bpffs=args.bpffs,
                    admin_socket=args.admin_socket, node_name=args.node_name,
                    node_zone=args.node_zone,
                    resync_seconds=float(args.resync_seconds),
@@ -214,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--source", default=_env("source", "file"), choices=["file", "kubernetes"])
     r.add_argument("--kubeconfig", default=_env("kubeconfig"))
     r.add_argument("--metrics-addr", default=_env("metrics_addr", "127.0.0.1:9464"))
+    r.add_argument("--metrics-detail", default=_env("metrics_detail", "service"),
+                   choices=["service", "backend"],
+                   help="service: per-service series only (default; bounded at 100,000 "
+                        "services); backend: per-backend series too")
     r.add_argument("--cgroup", default=_env("cgroup"),
                    help="cgroup v2 folder for the socket hooks (default: the cgroup v2 root)")
     r.add_argument("--bpffs", default=_env("bpffs", DEFAULT_BPFFS))

@@ -93,7 +93,7 @@ def run(once: bool = False, metrics_addr: str = "127.0.0.1:9464", connections: i
         agent = subprocess.Popen(
             [sys.executable, "-m", "nodemesh.cli", "run", "--config", cfg, "--cgroup", lab.cgroup,
              "--bpffs", lab.bpffs, "--admin-socket", DEMO_SOCKET, "--metrics-addr",
-             metrics_addr], start_new_session=True)
+             metrics_addr, "--metrics-detail", "backend"], start_new_session=True)
         _wait_ready(f"http://{metrics_addr}/readyz", agent)
         print(f"agent ready (pid {agent.pid})")
 

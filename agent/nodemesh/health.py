@@ -154,11 +154,11 @@ class HealthChecker:
     `max_concurrent_checks` bounds the sockets in flight at once.
 
     Thread-safety: every public method may be called from any thread. `on_change` is called on
-    the checker's thread with no lock held, once per target whose verdict flipped; keep it cheap
+    the checker's thread with no lock held, with each target whose verdict flipped; keep it cheap
     (set an event, wake the reconciler): checks wait while it runs.
     """
 
-    def __init__(self, registry: CollectorRegistry, on_change: Callable[[], None],
+    def __init__(self, registry: CollectorRegistry, on_change: Callable[[TargetKey], None],
                  clock: Callable[[], float] = time.monotonic, *,
                  initially_healthy: bool = True, rng: Optional[random.Random] = None,
                  max_concurrent_checks: int = 1024):
@@ -170,6 +170,7 @@ class HealthChecker:
         self._max_concurrent = max_concurrent_checks
         self._lock = threading.Lock()  # guards _targets and every TargetState in it
         self._targets: Dict[TargetKey, TargetState] = {}
+        self._by_service: Dict[Tuple[str, str], Set[TargetKey]] = {}
         # Owned by the checker thread: the task checking each key, and the state it checks.
         self._tasks: Dict[TargetKey, Tuple[TargetState, HealthCheck, asyncio.Task]] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -228,20 +229,41 @@ class HealthChecker:
         HealthCheck is adopted and restarts that target's schedule), new ones start unknown,
         removed ones are dropped and their check cancelled."""
         with self._lock:
-            current = self._targets
-            updated: Dict[TargetKey, TargetState] = {}
-            for key, check in targets.items():
-                state = current.get(key)
-                if state is None:
-                    state = TargetState(check, self._initially_healthy)
-                elif state.check != check:
-                    state.check = check
-                updated[key] = state
-            self._targets = updated
+            for key in [k for k in self._targets if k not in targets]:
+                del self._targets[key]
+            self._put(targets)
+            self._by_service = {}
+            for key in self._targets:
+                self._by_service.setdefault((key.namespace, key.service), set()).add(key)
+        self._resync(None)
+
+    def set_service_targets(self, service: Tuple[str, str],
+                            targets: Mapping[TargetKey, HealthCheck]) -> None:
+        """Replace one service's targets, as set_targets does for all: the other services'
+        targets are not looked at, so a change costs what the service has."""
+        with self._lock:
+            old = self._by_service.pop(service, set())
+            for key in old - targets.keys():
+                self._targets.pop(key, None)
+            self._put(targets)
+            if targets:
+                self._by_service[service] = set(targets)
+        self._resync(old | set(targets))
+
+    def _put(self, targets: Mapping[TargetKey, HealthCheck]) -> None:
+        for key, check in targets.items():
+            state = self._targets.get(key)
+            if state is None:
+                self._targets[key] = TargetState(check, self._initially_healthy)
+            elif state.check != check:
+                state.check = check
+
+    def _resync(self, keys: Optional[Set[TargetKey]]) -> None:
+        with self._lock:
             loop = self._loop if not self._stopped else None
         if loop is not None:
             try:
-                loop.call_soon_threadsafe(self._sync_tasks)
+                loop.call_soon_threadsafe(self._sync_tasks, keys)
             except RuntimeError:
                 pass  # stopping
 
@@ -299,14 +321,21 @@ class HealthChecker:
             if pending:
                 log.warning("%d health checks did not stop when cancelled", len(pending))
 
-    def _sync_tasks(self) -> None:
-        """Make the running tasks match the targets: one task per target state and check."""
+    def _sync_tasks(self, keys: Optional[Set[TargetKey]] = None) -> None:
+        """Make the running tasks match the targets (all, or just `keys`): one task per
+        target state and check."""
         if self._stop_requested.done():
             return
         with self._lock:
-            wanted = dict(self._targets)
+            if keys is None:
+                keys = set(self._targets) | set(self._tasks)
+            wanted = {k: self._targets[k] for k in keys if k in self._targets}
             checks = {key: state.check for key, state in wanted.items()}
-        for key, (state, check, task) in list(self._tasks.items()):
+        for key in keys:
+            running = self._tasks.get(key)
+            if running is None:
+                continue
+            state, check, task = running
             if wanted.get(key) is not state or checks[key] != check:
                 task.cancel()
                 del self._tasks[key]
@@ -374,7 +403,7 @@ class HealthChecker:
             log.info("%s is healthy after %d consecutive successful checks", _describe(key),
                      successes)
         try:
-            self._on_change()
+            self._on_change(key)
         except Exception:
             log.exception("health on_change callback failed")
 

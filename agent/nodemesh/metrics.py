@@ -1,8 +1,16 @@
 """Prometheus metrics, read from the kernel's maps at scrape time.
 
 A custom collector sums the per-CPU counters when Prometheus asks, so the numbers are what the
-kernel counted, with no timer and no copy that can go stale. The HTTP server also answers
-/healthz (the process is alive) and /readyz (hooks attached and the first sync applied).
+kernel counted, with no timer and no copy that can go stale. It reads the snapshot the core
+loop published, never the writer's state, so a scrape never delays a change. The HTTP server
+also answers /healthz (the process is alive) and /readyz (hooks attached and the first sync
+applied).
+
+Detail level (--metrics-detail), which bounds the series a node exports:
+  service  (default) per-service series only: {namespace, service, port, protocol}. At
+           100,000 services that is about 200,000 series.
+  backend  adds per-backend series ({namespace, service, backend}: connections and health),
+           three or more times as many. Ask for it on nodes with a few thousand services.
 """
 from __future__ import annotations
 
@@ -10,11 +18,11 @@ import logging
 import platform
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, Tuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, \
     generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -24,6 +32,9 @@ if TYPE_CHECKING:
     from .daemon import Agent
 
 log = logging.getLogger(__name__)
+
+DETAIL_SERVICE, DETAIL_BACKEND = "service", "backend"
+DETAILS = (DETAIL_SERVICE, DETAIL_BACKEND)
 
 
 def backend_label(address: str, port: int) -> str:
@@ -45,66 +56,72 @@ class AgentMetrics:
             "1 if the last config load was good, 0 if it was rejected", ["source"],
             registry=registry)
         self.reconcile_errors = Counter(
-            "nodemesh_reconcile_errors", "Frontends that could not be programmed in a run",
-            registry=registry)
-        self.reconcile_runs = Counter("nodemesh_reconcile_runs", "Reconciler runs",
+            "nodemesh_reconcile_errors", "Frontend operations that failed in a round (each is "
+            "retried with backoff)", registry=registry)
+        self.reconcile_runs = Counter("nodemesh_reconcile_runs", "Reconciler rounds that wrote",
                                       registry=registry)
         self.reconcile_writes = Counter("nodemesh_reconcile_map_writes",
                                         "Map elements written or deleted by the reconciler",
                                         registry=registry)
         self.reconcile_last_seconds = Gauge("nodemesh_reconcile_last_duration_seconds",
-                                            "Duration of the last reconciler run",
+                                            "Duration of the last reconciler round that wrote",
                                             registry=registry)
         self.ready = Gauge("nodemesh_ready", "1 once the hooks are attached and the first "
                                              "sync is applied", registry=registry)
+        self.worker_restarts = Counter("nodemesh_worker_restarts",
+                                       "Agent workers restarted after a crash", ["worker"],
+                                       registry=registry)
 
 
 class DatapathCollector(Collector):
-    def __init__(self, agent: "Agent"):
+    def __init__(self, agent: "Agent", detail: str = DETAIL_SERVICE):
         self.agent = agent
+        self.detail = detail
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("nodemesh_build_info", "nodemesh build and kernel",
                                  labels=["version", "kernel", "abi"])
         info.add_metric([__version__, platform.release(), str(m.ABI_VERSION)], 1)
         yield info
-        rec, maps = self.agent.reconciler, self.agent.maps
-        if rec is None or maps is None:
+        maps = self.agent.maps
+        if maps is None:
             return
         try:
-            yield from self._from_kernel(rec, maps)
+            yield from self._from_kernel(maps)
         except OSError as e:  # a scrape must not take the agent down
             log.warning("reading maps for metrics failed: %s", e)
 
-    def _from_kernel(self, rec, maps):
-        snapshot = rec.snapshot()
+    def _from_kernel(self, maps: m.Maps) -> Iterator[Metric]:
+        snap = self.agent.snapshot
         svc_stats = maps.percpu_sums("svc_stats")
-        be_stats = maps.percpu_sums("backend_stats")
+        per_backend = self.detail == DETAIL_BACKEND
+        be_stats = maps.percpu_sums("backend_stats") if per_backend else {}
 
         conns: Dict[Tuple[str, ...], int] = {}
         refused: Dict[Tuple[str, ...], int] = {}
         be_conns: Dict[Tuple[str, ...], int] = {}
-        healthy: Dict[Tuple[str, ...], int] = {}
-        services = set()
-        for fe in snapshot:
-            if not fe["service"]:
-                continue  # adopted but not (yet) desired
-            services.add((fe["namespace"], fe["service"]))
-            labels = (fe["namespace"], fe["service"], str(fe["port"]), fe["protocol"])
-            st = svc_stats.get(fe["svc_id"], {})
-            conns[labels] = conns.get(labels, 0) + st.get("connections", 0)
-            refused[labels] = refused.get(labels, 0) + st.get("no_backend", 0)
-            for be in fe["backends"]:
-                bl = (fe["namespace"], fe["service"], backend_label(be["address"], be["port"]))
-                be_conns[bl] = be_conns.get(bl, 0) + \
-                    be_stats.get(be["id"], {}).get("connections", 0)
-        ctx = self.agent.selection_context()  # once per scrape, not once per backend
-        for svc in self.agent.reconciler.services:
-            for b in svc.backends:
-                ok = 1 if self.agent.backend_healthy(svc, b, ctx) else 0
-                for sp in svc.ports:
-                    healthy[(svc.namespace, svc.name,
-                             backend_label(b.address, b.target_port(sp)))] = ok
+        entries = {"services": 0, "backends": 0}
+        for view in snap.frontends.values():
+            p, d = view.programmed, view.desired
+            if p is None:
+                continue
+            entries["services"] += 1 + p.slot_count
+            entries["backends"] += len(p.backend_ids)
+            if d is None:
+                continue  # adopted but not (yet) desired, or being deleted
+            labels = (d.namespace, d.service, str(view.key.port), view.key.protocol)
+            st = svc_stats.get(p.svc_id)
+            if st is not None:
+                conns[labels] = conns.get(labels, 0) + st.get("connections", 0)
+                refused[labels] = refused.get(labels, 0) + st.get("no_backend", 0)
+            else:  # no traffic yet: the datapath creates the entry on first use
+                conns.setdefault(labels, 0)
+                refused.setdefault(labels, 0)
+            if per_backend:
+                for (address, port), ident in p.backend_ids.items():
+                    bl = (d.namespace, d.service, backend_label(address, port))
+                    be_conns[bl] = be_conns.get(bl, 0) + \
+                        be_stats.get(ident, {}).get("connections", 0)
 
         svc_labels = ["namespace", "service", "port", "protocol"]
         be_labels = ["namespace", "service", "backend"]
@@ -114,17 +131,43 @@ class DatapathCollector(Collector):
         yield _family(CounterMetricFamily, "nodemesh_service_no_backend",
                       "Connections refused (ECONNREFUSED) because the service had no backend",
                       svc_labels, refused)
-        yield _family(CounterMetricFamily, "nodemesh_backend_connections",
-                      "Connections the kernel sent to this backend", be_labels, be_conns)
-        yield _family(GaugeMetricFamily, "nodemesh_backend_healthy",
-                      "1 if the backend is ready, not terminating, passing its health checks "
-                      "and not ejected, else 0", be_labels, healthy)
-        yield GaugeMetricFamily("nodemesh_services", "Services programmed in the datapath",
-                                value=len(services))
+        if per_backend:
+            yield _family(CounterMetricFamily, "nodemesh_backend_connections",
+                          "Connections the kernel sent to this backend", be_labels, be_conns)
+            yield _family(GaugeMetricFamily, "nodemesh_backend_healthy",
+                          "1 if the backend is ready, not terminating, passing its health "
+                          "checks and not ejected, else 0", be_labels, self._healthy(snap))
+        yield GaugeMetricFamily("nodemesh_services", "Services in the desired state",
+                                value=len(snap.services))
         yield GaugeMetricFamily("nodemesh_frontends",
-                                "Frontends (VIP, port, protocol) programmed in the datapath",
-                                value=len(snapshot))
+                                "Frontends (VIP, port, protocol) known to the reconciler",
+                                value=len(snap.frontends))
+        yield GaugeMetricFamily("nodemesh_frontends_failing",
+                                "Frontends whose last write or delete failed (retried with "
+                                "backoff; see nodemesh services)", value=snap.failing)
+        yield from self._maps(maps, entries)
 
+        ev = CounterMetricFamily("nodemesh_datapath_events",
+                                 "Datapath events by kind (races retried, reverse translations "
+                                 "...)", labels=["event"])
+        for name, v in maps.counters().items():
+            ev.add_metric([name], v)
+        yield ev
+
+    def _healthy(self, snap) -> Dict[Tuple[str, ...], int]:
+        core = self.agent.core
+        unhealthy = core.selection_context().unhealthy if core is not None else frozenset()
+        healthy: Dict[Tuple[str, ...], int] = {}
+        for svc in snap.services.values():
+            for b in svc.backends:
+                ok = int(b.ready and not b.terminating and
+                         (svc.namespace, svc.name, b.address) not in unhealthy)
+                for sp in svc.ports:
+                    healthy[(svc.namespace, svc.name,
+                             backend_label(b.address, b.target_port(sp)))] = ok
+        return healthy
+
+    def _maps(self, maps: m.Maps, known: Dict[str, int]) -> Iterator[Metric]:
         entries = GaugeMetricFamily("nodemesh_bpf_map_entries", "Elements in a BPF map",
                                     labels=["map"])
         capacity = GaugeMetricFamily("nodemesh_bpf_map_capacity", "max_entries of a BPF map",
@@ -133,23 +176,16 @@ class DatapathCollector(Collector):
             cap = self.agent.sizes.capacity(spec)
             if spec.map_type in (m.bpfsys.MAP_TYPE_ARRAY, m.bpfsys.MAP_TYPE_PERCPU_ARRAY):
                 n = cap  # arrays are always full
-            elif spec.name == "svc_stats":
-                n = len(svc_stats)
-            elif spec.name == "backend_stats":
-                n = len(be_stats)
+            elif spec.name in known:
+                n = known[spec.name]  # what the reconciler wrote: no walk of 400,000 entries
+            elif spec.percpu:
+                continue  # stats maps: one entry per id that saw traffic, counted above
             else:
                 n = maps.count(spec.name)
             entries.add_metric([spec.name], n)
             capacity.add_metric([spec.name], cap)
         yield entries
         yield capacity
-
-        ev = CounterMetricFamily("nodemesh_datapath_events",
-                                 "Datapath events by kind (races retried, reverse translations "
-                                 "...)", labels=["event"])
-        for name, v in maps.counters().items():
-            ev.add_metric([name], v)
-        yield ev
 
 
 def _family(cls, name: str, doc: str, labels, values: Dict[Tuple[str, ...], float]):

@@ -42,17 +42,25 @@ class Ejection:
 
 
 class OutlierDetector:
-    def __init__(self, registry: CollectorRegistry, on_change: Callable[[], None],
-                 reset_endpoint: Callable[[str, int], None] = lambda a, p: None,
+    """Thread-safety: on_failure runs on the ring-buffer thread, everything else on the core
+    loop; one lock guards the state. `on_change` gets the services whose set changed.
+
+    The kernel's consecutive-failure count is never written from here (only the reconciler
+    writes maps, and a write would race the kernel's atomic adds). An ejection instead
+    remembers the count it saw, and later events count from there, so a returning backend
+    starts afresh just the same."""
+
+    def __init__(self, registry: CollectorRegistry,
+                 on_change: Callable[[Set[Tuple[str, str]]], None],
                  clock: Callable[[], float] = time.monotonic):
         self.on_change = on_change
-        self.reset_endpoint = reset_endpoint
         self.clock = clock
         self.lock = threading.Lock()
         self.state: Dict[Key, Ejection] = {}
         # endpoint (address, port) -> services watching it, with their settings
-        self._watch: Dict[Tuple[str, int], List[Service]] = {}
+        self._watch: Dict[Tuple[str, int], Dict[Tuple[str, str], Service]] = {}
         self._services: Dict[Tuple[str, str], Service] = {}
+        self._baseline: Dict[Tuple[str, int], int] = {}  # kernel count at the last ejection
         self.ejections = Counter("nodemesh_backend_ejections",
                                  "Backends ejected from a service's selection set",
                                  ["namespace", "service", "reason"], registry=registry)
@@ -65,32 +73,50 @@ class OutlierDetector:
         self.last_latencies: List[float] = []
 
     def configure(self, services: Sequence[Service]) -> None:
-        watch: Dict[Tuple[str, int], List[Service]] = {}
+        """Whole-set form of configure_service."""
+        wanted = {s.key for s in services}
+        for key in [k for k in self._services if k not in wanted]:
+            self.configure_service(key, None)
         for svc in services:
-            if svc.outlier_detection is None:
-                continue
-            for sp in svc.ports:
-                if sp.protocol != "TCP":
-                    continue
-                for b in svc.backends:
-                    watch.setdefault((b.address, b.target_port(sp)), []).append(svc)
+            self.configure_service(svc.key, svc)
+
+    def configure_service(self, key: Tuple[str, str], svc: Optional[Service]) -> None:
+        """One service's settings and backends (None: it is gone). Costs what it has."""
+        if svc is not None and svc.outlier_detection is None:
+            svc = None
         with self.lock:
-            self._watch = watch
-            self._services = {s.key: s for s in services if s.outlier_detection is not None}
-            live = {(s.namespace, s.name, b.address) for s in self._services.values()
-                    for b in s.backends}
-            for key in list(self.state):
-                if key not in live:
-                    del self.state[key]
+            old = self._services.pop(key, None)
+            if old is not None:
+                for ep in _endpoints(old):
+                    watchers = self._watch.get(ep)
+                    if watchers is not None:
+                        watchers.pop(key, None)
+                        if not watchers:
+                            del self._watch[ep]
+                            self._baseline.pop(ep, None)
+            if svc is None:
+                live = set()
+            else:
+                self._services[key] = svc
+                for ep in _endpoints(svc):
+                    self._watch.setdefault(ep, {})[key] = svc
+                live = {b.address for b in svc.backends}
+            if old is not None:
+                for b in old.backends:
+                    if b.address not in live:
+                        self.state.pop((key[0], key[1], b.address), None)
 
     def on_failure(self, address: str, port: int, consecutive: int, ts_ns: int) -> None:
         """A failed connect reported by the kernel (ring buffer thread)."""
-        changed = False
+        changed: Set[Tuple[str, str]] = set()
         with self.lock:
             now = self.clock()
-            for svc in self._watch.get((address, port), ()):
+            base = self._baseline.get((address, port), 0)
+            # Below the baseline the kernel has reset its count (a success came between).
+            count = consecutive - base if consecutive > base else consecutive
+            for svc in self._watch.get((address, port), {}).values():
                 od = svc.outlier_detection
-                if consecutive < od.consecutive_failures:
+                if count < od.consecutive_failures:
                     continue
                 key = (svc.namespace, svc.name, address)
                 st = self.state.setdefault(key, Ejection())
@@ -103,7 +129,7 @@ class OutlierDetector:
                 if out >= cap:
                     log.warning("%s/%s: %s failing (%d in a row) but %d of %d backends are "
                                 "already ejected (maxEjectionPercent %d)", svc.namespace,
-                                svc.name, address, consecutive, out, len(svc.backends),
+                                svc.name, address, count, out, len(svc.backends),
                                 od.max_ejection_percent)
                     continue
                 self._decay(st, od.base_ejection_seconds, now)
@@ -114,11 +140,12 @@ class OutlierDetector:
                 self.pending_latency.append(ts_ns)
                 log.warning("%s/%s: ejected %s after %d consecutive failed connects, for "
                             "%.0fs (ejection #%d)", svc.namespace, svc.name, address,
-                            consecutive, od.base_ejection_seconds * st.times, st.times)
-                changed = True
+                            count, od.base_ejection_seconds * st.times, st.times)
+                changed.add(svc.key)
+            if changed:
+                self._baseline[(address, port)] = consecutive
         if changed:
-            self.reset_endpoint(address, port)
-            self.on_change()
+            self.on_change(changed)
 
     @staticmethod
     def _decay(st: Ejection, base: float, now: float) -> None:
@@ -129,7 +156,7 @@ class OutlierDetector:
 
     def expire(self) -> Optional[float]:
         """Return ejected backends whose time is up. Returns seconds to the next return."""
-        changed = False
+        changed: Set[Tuple[str, str]] = set()
         nxt = None
         with self.lock:
             now = self.clock()
@@ -139,12 +166,12 @@ class OutlierDetector:
                 if now >= st.until:
                     st.until = None
                     st.returned_at = now
-                    changed = True
+                    changed.add((key[0], key[1]))
                     log.info("%s/%s: %s returns after its ejection", *key)
                 else:
                     nxt = st.until - now if nxt is None else min(nxt, st.until - now)
         if changed:
-            self.on_change()
+            self.on_change(changed)
         return nxt
 
     def ejected(self) -> Set[Key]:
@@ -167,3 +194,8 @@ class OutlierDetector:
             return [{"namespace": ns, "service": name, "backend": addr, "times": st.times,
                      "ejected_for_seconds": round(st.until - now, 1) if st.until else 0}
                     for (ns, name, addr), st in sorted(self.state.items())]
+
+
+def _endpoints(svc: Service) -> Set[Tuple[str, int]]:
+    return {(b.address, b.target_port(sp)) for sp in svc.ports if sp.protocol == "TCP"
+            for b in svc.backends}

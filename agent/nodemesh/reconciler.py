@@ -1,29 +1,41 @@
-"""The reconciler: the one writer of service maps.
+"""The reconciler: the one user-space writer of service maps, per frontend, in the manner of
+Cilium's statedb reconciler (update, delete and prune, with a status per object).
 
-`apply(services)` diffs the desired services against what is programmed and writes only the
-frontends that changed, in an order that keeps every change atomic for new connections:
+The core loop tells it what each service wants (`set_service`, `remove_service`); that only
+marks the frontends whose desired state changed as pending. `reconcile()` then writes the
+pending frontends and nothing else, so one changed service costs one service's writes,
+whatever the number of services. Every frontend has a Status: pending, done or error (with
+the error and a retry count). A failed operation is retried with capped exponential backoff
+and stays visible until it succeeds.
+
+A round deletes before it writes, so ids freed by removed frontends are there for new ones.
+An update keeps every change atomic for new connections:
 
     1. stats entries of reused ids deleted               -- the datapath recreates them at zero
     2. backend entries for new backend ids
     3. the frontend's slots, in the bank NOT in use     -- invisible until step 4
     4. the master entry: new count + bank, one write    -- the switch
-    5. deletes: removed masters, old-bank slots, unused backends and their stats
+    5. the old bank's slots and dropped backends deleted
 
-A failure before step 4 undoes steps 1-3 and leaves the old set serving. State is kept per
-frontend ((VIP, port, protocol): the datapath's unit) and reported per service.
+A failure before step 4 undoes steps 1-3 and leaves the old set serving. Ids (and the
+agent's memory of a frontend) are released only after the kernel delete succeeded, and
+reused oldest-freed-first after a quarantine (IdPool), so a new owner does not inherit a
+recent id's counters or a racing reader's stale slot.
 
-`adopt()` rebuilds that state from the pinned maps, so a restarted agent rewrites nothing that is
-already right and keeps ids (and so counters) stable.
+`adopt()` rebuilds state from the pinned maps, so a restarted agent rewrites nothing that is
+already right. `prune()` compares with the kernel: drifted frontends are rewritten, and
+frontends the kernel has but nobody wants are deleted.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
-import threading
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from . import selection
 from .datapath import maps as m
@@ -31,12 +43,15 @@ from .model import Service
 
 log = logging.getLogger(__name__)
 
+ServiceKey = Tuple[str, str]
+Endpoint = Tuple[str, int]  # (address, port)
+
+PENDING, DONE, ERROR = "pending", "done", "error"
+RETRY_FIRST, RETRY_CAP = 0.5, 30.0   # seconds: backoff of a failed frontend
+ID_QUARANTINE = 10.0                 # seconds before a freed id is handed out again
+
 
 class CapacityError(Exception):
-    pass
-
-
-class ReconcileError(Exception):
     pass
 
 
@@ -61,7 +76,7 @@ class FrontendKey:
         return f"{host}:{self.port}/{self.protocol}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DesiredFrontend:
     key: FrontendKey
     namespace: str
@@ -72,10 +87,13 @@ class DesiredFrontend:
     selection: str                               # why this set (selection.eligible)
     all_backends: int
     affinity_timeout: int = 0                    # seconds; 0: no session affinity
+    terminate_tcp: bool = False                  # end TCP connections to removed backends
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class ProgrammedFrontend:
+    """What the kernel holds for a frontend. Never changed in place: readers hold these."""
+
     key: FrontendKey
     svc_id: int
     bank: int
@@ -84,7 +102,7 @@ class ProgrammedFrontend:
     slots: Tuple[int, ...]                 # backend id per slot, in slot order
     backend_ids: Dict[Tuple[str, int], int]
     desired: Optional[DesiredFrontend] = None
-    damaged: bool = False                  # kernel state disagrees; rewrite on next apply
+    damaged: bool = False                  # kernel state disagrees; rewrite on next round
     count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
     affinity_timeout: int = 0
 
@@ -93,62 +111,103 @@ class ProgrammedFrontend:
         return len(self.slots) if self.count < 0 else self.count
 
 
-class IdPool:
-    """Ids 1..capacity; released ids are reused lowest first."""
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: str                 # pending | done | error
+    error: str = ""
+    retries: int = 0           # failed attempts since the last success
+    next_attempt: float = 0.0  # monotonic time the next attempt is due
+    changed: float = 0.0       # wall-clock time of the last state change
 
-    def __init__(self, capacity: int, what: str):
+
+class IdPool:
+    """Ids 1..capacity. Freed ids are reused oldest-freed-first once `quarantine` seconds have
+    passed; a fresh id is preferred to a quarantined one, and a quarantined one to failing."""
+
+    def __init__(self, capacity: int, what: str, quarantine: float = ID_QUARANTINE,
+                 clock: Callable[[], float] = time.monotonic):
         self.capacity = capacity
         self.what = what
-        self.used: set = set()
+        self.quarantine = quarantine
+        self.clock = clock
+        self.used: Set[int] = set()
         self._next = 1
-        self._free: List[int] = []
-        self.reused: set = set()  # handed out again since the last take_reused()
+        self._freed: Deque[Tuple[float, int]] = collections.deque()  # (freed at, id), oldest first
+        self.reused: Set[int] = set()  # handed out again since the last take_reused()
 
     def take(self, ident: int) -> None:
+        """Mark an id in use (adoption)."""
         self.used.add(ident)
         self._next = max(self._next, ident + 1)
 
     def allocate(self) -> int:
-        while self._free:
-            ident = self._free.pop()
-            if ident not in self.used:
-                self.used.add(ident)
-                self.reused.add(ident)
-                return ident
-        if self._next > self.capacity:
-            raise CapacityError(f"no free {self.what} id: all {self.capacity} are in use "
-                                f"(raise the map size)")
-        ident = self._next
-        self._next += 1
+        while self._freed and self._freed[0][1] in self.used:  # taken by adoption meanwhile
+            self._freed.popleft()
+        if self._freed and self.clock() - self._freed[0][0] >= self.quarantine:
+            return self._reuse()
+        if self._next <= self.capacity:
+            ident = self._next
+            self._next += 1
+            self.used.add(ident)
+            return ident
+        if self._freed:
+            return self._reuse()  # full: a quarantined id beats failing
+        raise CapacityError(f"no free {self.what} id: all {self.capacity} are in use "
+                            f"(raise --map-{self.what}s)")
+
+    def _reuse(self) -> int:
+        _, ident = self._freed.popleft()
         self.used.add(ident)
+        self.reused.add(ident)
         return ident
 
-    def take_reused(self) -> set:
+    def take_reused(self) -> Set[int]:
         reused, self.reused = self.reused, set()
         return reused
 
     def release(self, ident: int) -> None:
         if ident in self.used:
             self.used.discard(ident)
-            self._free.append(ident)
+            self._freed.append((self.clock(), ident))
 
     def __len__(self) -> int:
         return len(self.used)
 
 
 @dataclass
-class ApplyResult:
-    changed: int = 0
+class RoundResult:
     added: int = 0
+    changed: int = 0
     removed: int = 0
     unchanged: int = 0
     failed: int = 0
     writes: int = 0
     seconds: float = 0.0
-    errors: List[str] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)   # the first few, for status and logs
     # (address, port, protocol) no frontend sends new connections to any more, with whether
     # a service asked for its TCP connections to be ended too (terminateConnectionsOnRemoval)
     removed_endpoints: List[Tuple[str, int, str, bool]] = field(default_factory=list)
+    touched: Set[FrontendKey] = field(default_factory=set)  # status or state changed
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed or self.failed or self.writes)
+
+
+def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEXT
+                      ) -> Dict[FrontendKey, DesiredFrontend]:
+    """The frontends one service wants, with the backends selection allows now."""
+    out: Dict[FrontendKey, DesiredFrontend] = {}
+    chosen, why = selection.eligible(svc.backends, svc, ctx)
+    affinity = svc.session_affinity.timeout_seconds if svc.session_affinity else 0
+    for vip, sp in svc.frontends():
+        v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
+        key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
+        backends = tuple((b.address, b.target_port(sp), b.weight) for b in chosen
+                         if (":" in b.address) == v6)
+        out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
+                                   svc.algorithm, backends, why, len(svc.backends), affinity,
+                                   svc.terminate_connections_on_removal)
+    return out
 
 
 def desired_frontends(services: Sequence[Service],
@@ -156,22 +215,20 @@ def desired_frontends(services: Sequence[Service],
                       ) -> Dict[FrontendKey, DesiredFrontend]:
     out: Dict[FrontendKey, DesiredFrontend] = {}
     for svc in services:
-        chosen, why = selection.eligible(svc.backends, svc, ctx)
-        affinity = svc.session_affinity.timeout_seconds if svc.session_affinity else 0
-        for vip, sp in svc.frontends():
-            v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
-            key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
-            backends = tuple((b.address, b.target_port(sp), b.weight) for b in chosen
-                             if (":" in b.address) == v6)
-            out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
-                                       svc.algorithm, backends, why, len(svc.backends),
-                                       affinity)
+        out.update(service_frontends(svc, ctx))
     return out
+
+
+def watched_endpoints(svc: Service) -> FrozenSet[Endpoint]:
+    """TCP endpoints whose connect outcomes sockops counts (services with outlierDetection)."""
+    if svc.outlier_detection is None:
+        return frozenset()
+    return frozenset((b.address, b.target_port(sp)) for sp in svc.ports if sp.protocol == "TCP"
+                     for b in svc.backends)
 
 
 @dataclass
 class _Change:
-    desired: DesiredFrontend
     old: Optional[ProgrammedFrontend]
     new: ProgrammedFrontend
     new_backend_ids: List[int]
@@ -180,187 +237,303 @@ class _Change:
 
 
 class Reconciler:
-    def __init__(self, maps: m.Maps, sizes: m.MapSizes = m.MapSizes()):
+    def __init__(self, maps: m.Maps, sizes: m.MapSizes = m.MapSizes(),
+                 clock: Callable[[], float] = time.monotonic):
         self.maps = maps
         self.sizes = sizes
-        self.lock = threading.RLock()
+        self.clock = clock
         self.programmed: Dict[FrontendKey, ProgrammedFrontend] = {}
-        self.svc_ids = IdPool(sizes.frontends - 1, "frontend")
-        self.backend_ids = IdPool(sizes.backends - 1, "backend")
+        self.desired: Dict[FrontendKey, DesiredFrontend] = {}
+        self.status: Dict[FrontendKey, Status] = {}
+        self.pending: Set[FrontendKey] = set()
+        self.by_service: Dict[ServiceKey, FrozenSet[FrontendKey]] = {}
+        self.svc_ids = IdPool(sizes.frontends - 1, "frontend", clock=clock)
+        self.backend_ids = IdPool(sizes.backends - 1, "backend", clock=clock)
         self._garbage_slots: List[bytes] = []
         self._garbage_backends: List[int] = []
         self._garbage_svc_stats: List[int] = []
-        self.services: List[Service] = []
-        self.status: Dict[Tuple[str, str], Dict[str, object]] = {}
-        self.last_result: Optional[ApplyResult] = None
-        self.endpoints: set = set()  # (address, port) watched in endpoint_health
+        # endpoint_health: which services watch an endpoint, and what the kernel has
+        self._watchers: Dict[Endpoint, Set[ServiceKey]] = {}
+        self._watched_by: Dict[ServiceKey, FrozenSet[Endpoint]] = {}
+        self.endpoints: Set[Endpoint] = set()
+        self._endpoints_dirty: Set[Endpoint] = set()
+        self._endpoint_refs: Dict[Tuple[str, int, str], int] = {}  # frontends using it
+        self.last_result: Optional[RoundResult] = None
+
+    # -- desired state (the core loop) ----------------------------------------------------
+    def set_service(self, key: ServiceKey, frontends: Dict[FrontendKey, DesiredFrontend],
+                    watched: FrozenSet[Endpoint] = frozenset()) -> List[str]:
+        """What one service wants now. Marks changed frontends pending; writes nothing.
+        Returns conflicts: frontends another service already owns are not taken over."""
+        conflicts = []
+        mine = {}
+        for fk, d in frontends.items():
+            other = self.desired.get(fk)
+            if other is not None and (other.namespace, other.service) != key:
+                conflicts.append(f"{fk} is already {other.namespace}/{other.service}'s")
+                continue
+            mine[fk] = d
+        for fk in self.by_service.get(key, frozenset()) - mine.keys():
+            self.desired.pop(fk, None)
+            self._mark(fk)
+        for fk, d in mine.items():
+            if self.desired.get(fk) != d:
+                self.desired[fk] = d
+                self._mark(fk)
+        if mine:
+            self.by_service[key] = frozenset(mine)
+        else:
+            self.by_service.pop(key, None)
+        self._watch(key, watched)
+        return conflicts
+
+    def remove_service(self, key: ServiceKey) -> None:
+        self.set_service(key, {})
+
+    def _mark(self, fk: FrontendKey) -> None:
+        self.pending.add(fk)
+        old = self.status.get(fk)
+        # A new desired state is tried at once, even while an old failure backs off.
+        self.status[fk] = Status(PENDING, old.error if old else "", old.retries if old else 0,
+                                 0.0, time.time())
+
+    def _watch(self, key: ServiceKey, endpoints: FrozenSet[Endpoint]) -> None:
+        old = self._watched_by.get(key, frozenset())
+        if old == endpoints:
+            return
+        for ep in old - endpoints:
+            owners = self._watchers.get(ep)
+            if owners is not None:
+                owners.discard(key)
+                if not owners:
+                    del self._watchers[ep]
+                    self._endpoints_dirty.add(ep)
+        for ep in endpoints - old:
+            self._watchers.setdefault(ep, set()).add(key)
+            self._endpoints_dirty.add(ep)
+        if endpoints:
+            self._watched_by[key] = endpoints
+        else:
+            self._watched_by.pop(key, None)
+
+    def next_attempt(self) -> Optional[float]:
+        """When the earliest pending frontend is due (monotonic), or None."""
+        return min((self.status[k].next_attempt for k in self.pending), default=None)
 
     # -- adoption ---------------------------------------------------------------------------
     def adopt(self) -> int:
-        """Rebuild programmed state from the pinned maps. Returns the frontends adopted."""
-        with self.lock:
-            masters: Dict[Tuple, Tuple[m.SvcKey, m.SvcValue]] = {}
-            slots: Dict[Tuple, Dict[int, int]] = {}
-            for key, value in self.maps.items("services"):
-                ident = (tuple(key.addr), key.port, key.proto, key.family)
-                if key.slot == 0:
-                    masters[ident] = (m.SvcKey.from_buffer_copy(key),
-                                      m.SvcValue.from_buffer_copy(value))
-                else:
-                    slots.setdefault(ident, {})[key.slot] = value.backend_id
-            backends = {m.key_int(k): m.BackendEntry.from_buffer_copy(v)
-                        for k, v in self.maps.items("backends")}
-            referenced = set()
-            for ident, (key, master) in masters.items():
-                proto = m.PROTO_NAMES.get(key.proto)
-                if proto is None or key.family not in (m.FAMILY_V4, m.FAMILY_V6):
-                    self._garbage_slots.append(bytes(key))
-                    continue
-                fk = FrontendKey(key.family, m.decode_addr(key.family, key.addr),
-                                 m.port_host(key.port), proto)
-                have = slots.get(ident, {})
-                order = [have.get(m.slot_number(master.bank, i))
-                         for i in range(1, master.count + 1)]
-                damaged = any(b is None or b not in backends for b in order)
-                ids = tuple(b for b in order if b is not None)
-                backend_ids = {}
-                for b in set(ids):
-                    if b in backends:
-                        e = backends[b]
-                        backend_ids[(m.decode_addr(e.family, e.addr), m.port_host(e.port))] = b
-                        referenced.add(b)
-                        self.backend_ids.take(b)
-                self.svc_ids.take(master.svc_id)
-                self.programmed[fk] = ProgrammedFrontend(
-                    fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm,
-                                                                          "random"),
-                    master.revision, ids, backend_ids, damaged=damaged, count=master.count,
-                    affinity_timeout=master.affinity_timeout
-                    if master.flags & m.SVC_F_AFFINITY else 0)
-                active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
-                for slot in have:
-                    if slot not in active:  # a bank left behind by an interrupted update
-                        self._garbage_slots.append(fk.map_key(slot))
-            for ident, have in slots.items():
-                if ident not in masters:
-                    addr, port, proto, family = ident
-                    for slot in have:
-                        k = m.SvcKey()
-                        k.addr[:] = addr
-                        k.port, k.proto, k.family, k.slot = port, proto, family, slot
-                        self._garbage_slots.append(bytes(k))
-            stat_ids = {m.key_int(k) for k, _ in self.maps.items("backend_stats")}
-            self._garbage_backends = sorted((set(backends) | stat_ids) - referenced)
-            for key, _ in self.maps.items("endpoint_health"):
-                self.endpoints.add((m.decode_addr(key.family, key.addr), m.port_host(key.port)))
-            live_svc = {p.svc_id for p in self.programmed.values()}
-            self._garbage_svc_stats = [m.key_int(k) for k, _ in self.maps.items("svc_stats")
-                                       if m.key_int(k) not in live_svc]
-            log.info("adopted %d frontends and %d backends from pinned maps (%d stale entries "
-                     "to remove)", len(self.programmed), len(referenced),
-                     len(self._garbage_slots) + len(self._garbage_backends))
-            return len(self.programmed)
+        """Rebuild programmed state from the pinned maps. Returns the frontends adopted.
+        Every adopted frontend is pending: the first round keeps what is still wanted (with
+        no write when it is already right) and deletes the rest."""
+        masters: Dict[Tuple, Tuple[m.SvcKey, m.SvcValue]] = {}
+        slots: Dict[Tuple, Dict[int, int]] = {}
+        for key, value in self.maps.items("services"):
+            ident = (tuple(key.addr), key.port, key.proto, key.family)
+            if key.slot == 0:
+                masters[ident] = (m.SvcKey.from_buffer_copy(key),
+                                  m.SvcValue.from_buffer_copy(value))
+            else:
+                slots.setdefault(ident, {})[key.slot] = value.backend_id
+        backends = {m.key_int(k): m.BackendEntry.from_buffer_copy(v)
+                    for k, v in self.maps.items("backends")}
+        referenced = set()
+        for ident, (key, master) in masters.items():
+            proto = m.PROTO_NAMES.get(key.proto)
+            if proto is None or key.family not in (m.FAMILY_V4, m.FAMILY_V6):
+                self._garbage_slots.append(bytes(key))
+                continue
+            fk = FrontendKey(key.family, m.decode_addr(key.family, key.addr),
+                             m.port_host(key.port), proto)
+            have = slots.get(ident, {})
+            order = [have.get(m.slot_number(master.bank, i)) for i in range(1, master.count + 1)]
+            damaged = any(b is None or b not in backends for b in order)
+            ids = tuple(b for b in order if b is not None)
+            backend_ids = {}
+            for b in set(ids):
+                if b in backends:
+                    e = backends[b]
+                    backend_ids[(m.decode_addr(e.family, e.addr), m.port_host(e.port))] = b
+                    referenced.add(b)
+                    self.backend_ids.take(b)
+            self.svc_ids.take(master.svc_id)
+            self.programmed[fk] = ProgrammedFrontend(
+                fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm, "random"),
+                master.revision, ids, backend_ids, damaged=damaged, count=master.count,
+                affinity_timeout=master.affinity_timeout
+                if master.flags & m.SVC_F_AFFINITY else 0)
+            self._refer(fk, backend_ids, +1)
+            self._mark(fk)
+            active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
+            for slot in have:
+                if slot not in active:  # a bank left behind by an interrupted update
+                    self._garbage_slots.append(fk.map_key(slot))
+        for ident, have in slots.items():
+            if ident not in masters:
+                self._garbage_slots.extend(_svc_key(ident, slot) for slot in have)
+        stat_ids = {m.key_int(k) for k, _ in self.maps.items("backend_stats")}
+        self._garbage_backends = sorted((set(backends) | stat_ids) - referenced)
+        for key, _ in self.maps.items("endpoint_health"):
+            ep = (m.decode_addr(key.family, key.addr), m.port_host(key.port))
+            self.endpoints.add(ep)
+            self._endpoints_dirty.add(ep)  # dropped at the first round unless still watched
+        live_svc = {p.svc_id for p in self.programmed.values()}
+        self._garbage_svc_stats = [m.key_int(k) for k, _ in self.maps.items("svc_stats")
+                                   if m.key_int(k) not in live_svc]
+        log.info("adopted %d frontends and %d backends from pinned maps (%d stale entries "
+                 "to remove)", len(self.programmed), len(referenced),
+                 len(self._garbage_slots) + len(self._garbage_backends))
+        return len(self.programmed)
 
-    # -- apply ------------------------------------------------------------------------------
-    def apply(self, services: Sequence[Service],
-              ctx: selection.Context = selection.NO_CONTEXT) -> ApplyResult:
-        with self.lock:
-            started = time.monotonic()
-            result = ApplyResult()
-            self._collect_garbage(result)
-            before = self._endpoints_in_use()
-            desired = desired_frontends(services, ctx)
-            changes: List[_Change] = []
-            failed_keys: Dict[FrontendKey, str] = {}
-            for key, d in desired.items():
-                old = self.programmed.get(key)
-                try:
-                    change = self._plan(d, old)
-                except (CapacityError, ValueError) as e:
-                    failed_keys[key] = str(e)
-                    continue
-                if change is None:
-                    old.desired = d
-                    result.unchanged += 1
-                else:
-                    changes.append(change)
-            removed = [p for k, p in self.programmed.items() if k not in desired]
+    # -- a round ----------------------------------------------------------------------------
+    def reconcile(self, force: bool = False) -> RoundResult:
+        """Write the pending frontends that are due (all of them with force). Deletes first,
+        so that the ids they free serve the writes."""
+        started = self.clock()
+        result = RoundResult()
+        self._collect_garbage(result)
+        due = [k for k in self.pending if force or self.status[k].next_attempt <= started]
+        failed: Dict[FrontendKey, str] = {}
+        deletes = [self.programmed[k] for k in due if k not in self.desired and
+                   k in self.programmed]
+        self._delete(deletes, failed, result)
+        changes: List[_Change] = []
+        for k in due:
+            d = self.desired.get(k)
+            if d is None:
+                if k not in self.programmed:  # deleted (or never written): forget it
+                    self.pending.discard(k)
+                    self.status.pop(k, None)
+                    result.touched.add(k)
+                continue
+            old = self.programmed.get(k)
+            try:
+                change = self._plan(d, old)
+            except (CapacityError, ValueError) as e:
+                failed[k] = str(e)
+                continue
+            if change is None:
+                assert old is not None
+                if old.desired != d:
+                    self.programmed[k] = replace(old, desired=d)
+                result.unchanged += 1
+                self._done(k, result)
+            else:
+                changes.append(change)
+        committed = self._write(changes, failed, result)
+        for c in committed:
+            self.programmed[c.new.key] = c.new
+            fresh = set(c.new_backend_ids)
+            self._refer(c.new.key, {a: i for a, i in c.new.backend_ids.items() if i in fresh}, +1)
+            if c.old is None:
+                result.added += 1
+            else:
+                result.changed += 1
+                dropped = set(c.dropped_backend_ids)
+                self._refer(c.old.key, {a: i for a, i in c.old.backend_ids.items()
+                                        if i in dropped}, -1, result, c.old.desired)
+            self._done(c.new.key, result)
+        self._delete_old_banks(committed, result)
+        self._sync_endpoint_health(result)
+        for k, err in failed.items():
+            self._failed(k, err, started, result)
+        result.failed = len(failed)
+        result.seconds = self.clock() - started
+        self.last_result = result
+        self._log(result, failed)
+        return result
 
-            committed = self._write(changes, failed_keys, result)
-            for c in committed:
-                self.programmed[c.new.key] = c.new
-                if c.old is None:
-                    result.added += 1
-                else:
-                    result.changed += 1
-            self._delete(committed, removed, result)
-            for p in removed:
-                del self.programmed[p.key]
-            result.removed = len(removed)
-            result.failed = len(failed_keys)
-            self._sync_endpoint_health(services, result)
-            terminate_tcp = {s.key for s in (*self.services, *services)
-                             if s.terminate_connections_on_removal}
-            after = self._endpoints_in_use()
-            result.removed_endpoints = sorted(
-                (addr, port, proto, bool(owners & terminate_tcp))
-                for (addr, port, proto), owners in before.items()
-                if (addr, port, proto) not in after)
-            for key, err in failed_keys.items():
-                result.errors.append(f"{desired[key].namespace}/{desired[key].service} {key}: "
-                                     f"{err}")
-            self.services = list(services)
-            self._update_status(services, desired, failed_keys)
-            result.seconds = time.monotonic() - started
-            self.last_result = result
-            if changes or removed or failed_keys:
-                log.info("applied %d services: %d frontends added, %d changed, %d removed, %d "
-                         "unchanged, %d failed, %d map writes in %.3fs", len(services),
-                         result.added, result.changed, result.removed, result.unchanged,
-                         result.failed, result.writes, result.seconds)
-            for err in result.errors:
-                log.error("not programmed: %s", err)
-            return result
+    def _done(self, k: FrontendKey, result: RoundResult) -> None:
+        self.pending.discard(k)
+        self.status[k] = Status(DONE, changed=time.time())
+        result.touched.add(k)
+
+    def _failed(self, k: FrontendKey, err: str, now: float, result: RoundResult) -> None:
+        old = self.status.get(k)
+        retries = (old.retries if old else 0) + 1
+        delay = min(RETRY_CAP, RETRY_FIRST * 2 ** (retries - 1)) * random.uniform(0.8, 1.2)
+        self.status[k] = Status(ERROR, err, retries, now + delay, time.time())
+        self.pending.add(k)
+        result.touched.add(k)
+        if len(result.errors) < 5:
+            d = self.desired.get(k) or (self.programmed[k].desired if k in self.programmed
+                                        else None)
+            who = f"{d.namespace}/{d.service} " if d else ""
+            result.errors.append(f"{who}{k}: {err}")
+
+    @staticmethod
+    def _log(result: RoundResult, failed: Dict[FrontendKey, str]) -> None:
+        if result:
+            log.info("reconciled: %d frontends added, %d changed, %d removed, %d failed; %d map "
+                     "writes in %.3fs", result.added, result.changed, result.removed,
+                     result.failed, result.writes, result.seconds)
+        if failed:
+            # One line per round, however many failed: 45,000 lines help nobody.
+            log.error("%d frontends not programmed (retried with backoff; the previous state "
+                      "keeps serving): %s%s", len(failed), "; ".join(result.errors),
+                      f" (+{len(failed) - len(result.errors)} more)"
+                      if len(failed) > len(result.errors) else "")
+
+    def _refer(self, fk: FrontendKey, backend_ids: Dict[Tuple[str, int], int], step: int,
+               result: Optional[RoundResult] = None,
+               desired: Optional[DesiredFrontend] = None) -> None:
+        """Count frontends per (address, port, protocol); one that reaches 0 is reported as
+        removed, so sockets still connected to it can be ended."""
+        for address, port in backend_ids:
+            ep = (address, port, fk.protocol)
+            n = self._endpoint_refs.get(ep, 0) + step
+            if n > 0:
+                self._endpoint_refs[ep] = n
+            else:
+                self._endpoint_refs.pop(ep, None)
+                if result is not None:
+                    result.removed_endpoints.append(
+                        (address, port, fk.protocol, bool(desired and desired.terminate_tcp)))
 
     def _plan(self, d: DesiredFrontend, old: Optional[ProgrammedFrontend]) -> Optional[_Change]:
         if old is not None and not old.damaged and old.desired == d:
-            return None  # the common case on a resync or an unrelated change: nothing to do
+            return None  # unchanged since it was last written: nothing to do
         ids: Dict[Tuple[str, int], int] = {}
         new_ids: List[int] = []
         old_ids = old.backend_ids if old else {}
+        for address, port, _ in d.backends:
+            if (address, port) in old_ids:
+                ids[(address, port)] = old_ids[(address, port)]
+        seq = selection.slots_for(d.algorithm, [w for _, _, w in d.backends])
+        # Compare before allocating: an unchanged frontend costs no id and no write.
+        if old and not old.damaged and old.algorithm == d.algorithm and \
+                old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends):
+            if tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq) == old.slots:
+                return None
+        if len(seq) > m.SLOT_INDEX_MASK:
+            raise ValueError(f"{len(seq)} slots exceed the per-frontend limit "
+                             f"{m.SLOT_INDEX_MASK}")
         try:
-            for address, port, _ in d.backends:
-                if (address, port) in old_ids:
-                    ids[(address, port)] = old_ids[(address, port)]
-            seq = selection.slots_for(d.algorithm, [w for _, _, w in d.backends])
-            # Compare before allocating: an unchanged frontend costs no id and no write.
-            if old and not old.damaged and old.algorithm == d.algorithm and \
-                    old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends):
-                slots = tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq)
-                if slots == old.slots:
-                    return None
             for address, port, _ in d.backends:
                 if (address, port) not in ids:
                     ids[(address, port)] = self.backend_ids.allocate()
                     new_ids.append(ids[(address, port)])
-            new_svc = old is None
-            svc_id = self.svc_ids.allocate() if new_svc else old.svc_id
+            svc_id = self.svc_ids.allocate() if old is None else old.svc_id
         except CapacityError:
             for i in new_ids:
-                self.backend_ids.release(i)
+                self._unallocate(self.backend_ids, i)
             raise
         slots = tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq)
-        if len(slots) > m.SLOT_INDEX_MASK:
-            raise ValueError(f"{len(slots)} slots exceed the per-frontend limit")
         keep = set(ids.values())
         dropped = [i for i in old_ids.values() if i not in keep]
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
                                  affinity_timeout=d.affinity_timeout)
-        return _Change(d, old, new, new_ids, dropped, new_svc)
+        return _Change(old, new, new_ids, dropped, old is None)
+
+    @staticmethod
+    def _unallocate(pool: IdPool, ident: int) -> None:
+        """Give back an id that no map entry ever pointed at: no quarantine needed."""
+        pool.used.discard(ident)
+        pool.reused.discard(ident)
+        pool._freed.appendleft((float("-inf"), ident))
 
     def _write(self, changes: List[_Change], failed: Dict[FrontendKey, str],
-               result: ApplyResult) -> List[_Change]:
+               result: RoundResult) -> List[_Change]:
         """Steps 1-4. Returns the changes whose master was written."""
         if not changes:
             return []
@@ -371,7 +544,9 @@ class Reconciler:
         be_keys, be_values = [], []
         for c in changes:
             proto = m.PROTO_IDS[c.new.key.protocol]
-            fresh = set(c.new_backend_ids)
+            # A damaged frontend may have lost its backend entries too: write them all.
+            fresh = set(c.new.backend_ids.values()) if c.old and c.old.damaged \
+                else set(c.new_backend_ids)
             for (address, port), ident in c.new.backend_ids.items():
                 if ident in fresh:
                     be_keys.append(m.pack_u32(ident))
@@ -379,10 +554,8 @@ class Reconciler:
                                                     m.BACKEND_ACTIVE))
         slot_keys, slot_values = [], []
         for c in changes:
-            key = c.new.key
-            bank = c.new.bank
             for i, ident in enumerate(c.new.slots, start=1):
-                slot_keys.append(key.map_key(m.slot_number(bank, i)))
+                slot_keys.append(c.new.key.map_key(m.slot_number(c.new.bank, i)))
                 slot_values.append(m.pack_slot_value(ident))
         try:
             self.maps.delete_batch("svc_stats", reused_svc)
@@ -391,11 +564,9 @@ class Reconciler:
             self.maps.update_packed("services", slot_keys, slot_values)
         except OSError as e:
             # Nothing points at what we wrote yet: take it back, keep the old sets serving.
-            self.maps.delete_batch("services", slot_keys)
-            self.maps.delete_batch("backends", be_keys)
-            self._release(changes)
+            self._undo(changes, slot_keys, be_keys)
             for c in changes:
-                failed[c.new.key] = f"map write failed ({e.strerror}); the previous state " \
+                failed[c.new.key] = f"map write failed ({_reason(e)}); the previous state " \
                                     f"keeps serving"
             return []
         master_keys = [c.new.key.map_key(0) for c in changes]
@@ -410,94 +581,122 @@ class Reconciler:
         except OSError as e:
             done = getattr(e, "done", 0)
             lost = changes[done:]
-            self.maps.delete_batch("services", [c.new.key.map_key(m.slot_number(c.new.bank, i))
-                                                for c in lost
-                                                for i in range(1, len(c.new.slots) + 1)])
-            self._release(lost)
+            self._undo(lost, [c.new.key.map_key(m.slot_number(c.new.bank, i))
+                              for c in lost for i in range(1, len(c.new.slots) + 1)],
+                       [m.pack_u32(i) for c in lost for i in c.new_backend_ids])
             for c in lost:
-                failed[c.new.key] = f"master write failed ({e.strerror}); the previous state " \
+                failed[c.new.key] = f"master write failed ({_reason(e)}); the previous state " \
                                     f"keeps serving"
         result.writes += len(be_keys) + len(slot_keys) + done
         return changes[:done]
 
-    def _release(self, changes: List[_Change]) -> None:
+    def _undo(self, changes: List[_Change], slot_keys: List[bytes], be_keys: List[bytes]) -> None:
+        """Take back slots and backends no master points at. What cannot be deleted now is
+        garbage for the next round; its ids stay used until then."""
+        try:
+            self.maps.delete_batch("services", slot_keys)
+        except OSError:
+            self._garbage_slots.extend(slot_keys)
+        try:
+            self.maps.delete_batch("backends", be_keys)
+            for c in changes:
+                for i in c.new_backend_ids:
+                    self._unallocate(self.backend_ids, i)
+        except OSError:
+            for c in changes:
+                self._garbage_backends.extend(c.new_backend_ids)
         for c in changes:
-            for i in c.new_backend_ids:
-                self.backend_ids.release(i)
             if c.new_svc_id:
-                self.svc_ids.release(c.new.svc_id)
+                self._unallocate(self.svc_ids, c.new.svc_id)
 
-    def _delete(self, committed: List[_Change], removed: List[ProgrammedFrontend],
-                result: ApplyResult) -> None:
-        """Step 5: everything no master points at any more."""
+    def _delete(self, removed: List[ProgrammedFrontend], failed: Dict[FrontendKey, str],
+                result: RoundResult) -> None:
+        """Frontends nobody wants: master first (the switch), then what it pointed at. Their
+        ids and state are released only once the kernel let go of them."""
+        if not removed:
+            return
         masters = [p.key.map_key(0) for p in removed]
         slots = [p.key.map_key(m.slot_number(p.bank, i)) for p in removed
                  for i in range(1, p.slot_count + 1)]
-        backends: List[int] = []
-        svc_ids: List[int] = []
+        backends = [b for p in removed for b in p.backend_ids.values()]
+        try:
+            result.writes += self.maps.delete_batch("services", masters)
+        except OSError as e:
+            for p in removed:
+                failed[p.key] = f"delete failed ({_reason(e)}); retried"
+            return
         for p in removed:
-            backends.extend(p.backend_ids.values())
-            svc_ids.append(p.svc_id)
+            del self.programmed[p.key]
+            self._refer(p.key, p.backend_ids, -1, result, p.desired)
+            self.pending.discard(p.key)
+            self.status.pop(p.key, None)
+            result.touched.add(p.key)
+        result.removed += len(removed)
+        # No master points at these any more: a failure here only leaves garbage to retry.
+        self._delete_unreferenced(slots, backends, [p.svc_id for p in removed], result)
+
+    def _delete_old_banks(self, committed: List[_Change], result: RoundResult) -> None:
+        slots: List[bytes] = []
+        backends: List[int] = []
         for c in committed:
             if c.old is not None:
                 slots.extend(c.old.key.map_key(m.slot_number(c.old.bank, i))
                              for i in range(1, c.old.slot_count + 1))
                 backends.extend(c.dropped_backend_ids)
+        self._delete_unreferenced(slots, backends, [], result)
+
+    def _delete_unreferenced(self, slots: List[bytes], backends: List[int], svc_ids: List[int],
+                             result: RoundResult) -> None:
         try:
-            result.writes += self.maps.delete_batch("services", masters)
             result.writes += self.maps.delete_batch("services", slots)
             result.writes += self.maps.delete_batch("backends", [m.u32(b) for b in backends])
             self.maps.delete_batch("backend_stats", [m.u32(b) for b in backends])
             self.maps.delete_batch("svc_stats", [m.u32(s) for s in svc_ids])
         except OSError as e:
-            log.error("deleting stale map entries failed (%s); they will be retried at the "
-                      "next resync", e)
+            log.warning("deleting unreferenced map entries failed (%s); retried next round",
+                        _reason(e))
+            self._garbage_slots.extend(slots)
+            self._garbage_backends.extend(backends)
+            self._garbage_svc_stats.extend(svc_ids)
+            return
         for b in backends:
             self.backend_ids.release(b)
         for s in svc_ids:
             self.svc_ids.release(s)
 
-    def _endpoints_in_use(self) -> Dict[Tuple[str, int, str], set]:
-        """(address, port, protocol) of every backend in a selection set -> its services."""
-        out: Dict[Tuple[str, int, str], set] = {}
-        for fk, p in self.programmed.items():
-            owner = (p.desired.namespace, p.desired.service) if p.desired else None
-            for (address, port) in p.backend_ids:
-                out.setdefault((address, port, fk.protocol), set()).add(owner)
-        return out
+    def _collect_garbage(self, result: RoundResult) -> None:
+        """Delete what adoption or a failed delete left unreferenced. No master points at it,
+        so it can go before any new write."""
+        if not (self._garbage_slots or self._garbage_backends or self._garbage_svc_stats):
+            return
+        slots, self._garbage_slots = self._garbage_slots, []
+        backends, self._garbage_backends = self._garbage_backends, []
+        svc_ids, self._garbage_svc_stats = self._garbage_svc_stats, []
+        self._delete_unreferenced(slots, backends, svc_ids, result)
 
-    def _sync_endpoint_health(self, services: Sequence[Service], result: ApplyResult) -> None:
+    def _sync_endpoint_health(self, result: RoundResult) -> None:
         """Watch the TCP endpoints of services with outlierDetection (sockops counts their
         connect outcomes only if an entry exists), and stop watching the others."""
-        want = set()
-        for svc in services:
-            if svc.outlier_detection is None:
-                continue
-            for sp in svc.ports:
-                if sp.protocol == "TCP":
-                    for b in svc.backends:
-                        want.add((b.address, b.target_port(sp)))
-        add = sorted(want - self.endpoints)
-        drop = sorted(self.endpoints - want)
+        if not self._endpoints_dirty:
+            return
+        add = sorted(ep for ep in self._endpoints_dirty
+                     if ep in self._watchers and ep not in self.endpoints)
+        drop = sorted(ep for ep in self._endpoints_dirty
+                      if ep not in self._watchers and ep in self.endpoints)
         try:
-            self.maps.update_packed("endpoint_health",
-                                    [m.pack_endpoint_key(a, p) for a, p in add],
+            self.maps.update_packed("endpoint_health", [m.pack_endpoint_key(a, p) for a, p in add],
                                     [bytes(ctypes.sizeof(m.EndpointHealth))] * len(add))
             self.maps.delete_batch("endpoint_health", [m.pack_endpoint_key(a, p) for a, p in drop])
         except OSError as e:
-            result.errors.append(f"endpoint_health: {e}")
-            return
+            if len(result.errors) < 5:
+                result.errors.append(f"endpoint_health: {_reason(e)}")
+            return  # still dirty: the next round tries again
         result.writes += len(add) + len(drop)
-        self.endpoints = want
+        self.endpoints.update(add)
+        self.endpoints.difference_update(drop)
+        self._endpoints_dirty.clear()
 
-    def reset_endpoint(self, address: str, port: int) -> None:
-        """Zero an endpoint's consecutive-failure count (after an ejection)."""
-        with self.lock:
-            if (address, port) in self.endpoints:
-                self.maps.update_packed("endpoint_health", [m.pack_endpoint_key(address, port)],
-                                        [bytes(ctypes.sizeof(m.EndpointHealth))])
-
-    def endpoint_health(self) -> Dict[Tuple[str, int], Dict[str, int]]:
+    def endpoint_health(self) -> Dict[Endpoint, Dict[str, int]]:
         out = {}
         for key, value in self.maps.items("endpoint_health"):
             out[(m.decode_addr(key.family, key.addr), m.port_host(key.port))] = {
@@ -505,73 +704,64 @@ class Reconciler:
                 "successes": value.successes}
         return out
 
-    def _collect_garbage(self, result: ApplyResult) -> None:
-        """Delete what adoption found unreferenced (an interrupted update's inactive bank,
-        orphaned backends). No master points at it, so it can go before any new write."""
-        if not (self._garbage_slots or self._garbage_backends or self._garbage_svc_stats):
-            return
-        try:
-            result.writes += self.maps.delete_batch("services", self._garbage_slots)
-            result.writes += self.maps.delete_batch(
-                "backends", [m.u32(b) for b in self._garbage_backends])
-            self.maps.delete_batch("backend_stats", [m.u32(b) for b in self._garbage_backends])
-            self.maps.delete_batch("svc_stats", [m.u32(s) for s in self._garbage_svc_stats])
-        except OSError as e:
-            log.error("removing stale entries failed: %s", e)
-            return
-        self._garbage_slots, self._garbage_backends, self._garbage_svc_stats = [], [], []
+    # -- prune: the kernel against our state ------------------------------------------------
+    def prune(self) -> List[str]:
+        """Compare the kernel's masters with what we believe is programmed. A drifted frontend
+        is marked damaged and pending (rewritten next round); a master nobody wants is
+        deleted now with its slots. Returns what was found, for the log."""
+        kernel: Dict[Tuple, Tuple[int, int, int]] = {}
+        kernel_slots: Dict[Tuple, List[int]] = {}
+        for key, value in self.maps.items("services"):
+            ident = (tuple(key.addr), key.port, key.proto, key.family)
+            if key.slot == 0:
+                kernel[ident] = (value.svc_id, value.count, value.bank)
+            else:
+                kernel_slots.setdefault(ident, []).append(key.slot)
+        drift = []
+        for fk, p in self.programmed.items():
+            k = m.SvcKey.from_buffer_copy(fk.map_key(0))
+            ident = (tuple(k.addr), k.port, k.proto, k.family)
+            got = kernel.pop(ident, None)
+            kernel_slots.pop(ident, None)
+            if got != (p.svc_id, p.slot_count, p.bank):
+                drift.append(f"{fk}: kernel has {got}, expected "
+                             f"{(p.svc_id, p.slot_count, p.bank)}")
+                self.programmed[fk] = replace(p, damaged=True)
+                self._mark(fk)
+        unknown = [_svc_key(ident, 0) for ident in kernel]
+        if unknown:
+            drift.append(f"{len(unknown)} frontends in the kernel that nobody wants: deleted")
+            try:
+                self.maps.delete_batch("services", unknown)
+            except OSError as e:
+                drift.append(f"deleting them failed ({_reason(e)}); retried at the next prune")
+        for ident, have in kernel_slots.items():  # slots with no master left
+            self._garbage_slots.extend(_svc_key(ident, slot) for slot in have)
+        return drift
 
-    def _update_status(self, services, desired, failed) -> None:
-        by_service: Dict[Tuple[str, str], List[FrontendKey]] = {}
-        for k, d in desired.items():
-            by_service.setdefault((d.namespace, d.service), []).append(k)
-        status: Dict[Tuple[str, str], Dict[str, object]] = {}
+    # -- whole sets (tests, benchmarks) -----------------------------------------------------
+    def apply(self, services: Sequence[Service],
+              ctx: selection.Context = selection.NO_CONTEXT) -> RoundResult:
+        """Make the desired state exactly `services` and reconcile: the whole-set form of
+        set_service/remove_service, for tests and benchmarks. The agent uses deltas."""
+        wanted = {s.key for s in services}
+        for key in [k for k in self.by_service if k not in wanted]:
+            self.remove_service(key)
+        for key in [k for k in self._watched_by if k not in wanted]:
+            self._watch(key, frozenset())
         for svc in services:
-            keys = by_service.get(svc.key, [])
-            errors = [f"{k}: {failed[k]}" for k in keys if k in failed]
-            status[svc.key] = {"programmed": not errors, "errors": errors,
-                               "frontends": len(keys)}
-        self.status = status
+            self.set_service(svc.key, service_frontends(svc, ctx), watched_endpoints(svc))
+        return self.reconcile(force=True)
 
-    # -- verification -----------------------------------------------------------------------
-    def verify(self) -> List[str]:
-        """Compare the kernel's masters with what we believe is programmed; mark drift."""
-        with self.lock:
-            kernel = {}
-            for key, value in self.maps.items("services"):
-                if key.slot == 0:
-                    kernel[(tuple(key.addr), key.port, key.proto, key.family)] = \
-                        (value.svc_id, value.count, value.bank)
-            drift = []
-            for fk, p in self.programmed.items():
-                k = m.SvcKey.from_buffer_copy(fk.map_key(0))
-                got = kernel.pop((tuple(k.addr), k.port, k.proto, k.family), None)
-                if got != (p.svc_id, len(p.slots), p.bank):
-                    drift.append(f"{fk}: kernel has {got}, expected "
-                                 f"{(p.svc_id, len(p.slots), p.bank)}")
-                    p.damaged = True
-            for ident in kernel:
-                drift.append(f"unknown frontend in kernel: {ident}")
-            return drift
 
-    # -- views ------------------------------------------------------------------------------
-    def snapshot(self) -> List[Dict[str, object]]:
-        """Programmed frontends with their labels, for metrics and the admin API."""
-        with self.lock:
-            out = []
-            for fk, p in sorted(self.programmed.items()):
-                d = p.desired
-                counts: Dict[int, int] = {}
-                for ident in p.slots:
-                    counts[ident] = counts.get(ident, 0) + 1
-                weights = {(a, port): w for a, port, w in d.backends} if d else {}
-                backends = [{"address": a, "port": port, "id": ident,
-                             "weight": weights.get((a, port)), "slots": counts.get(ident, 0)}
-                            for (a, port), ident in sorted(p.backend_ids.items())]
-                out.append({"namespace": d.namespace if d else "", "service": d.service if d
-                            else "", "port_name": d.port_name if d else "", "vip": fk.vip,
-                            "port": fk.port, "protocol": fk.protocol, "family": fk.family,
-                            "svc_id": p.svc_id, "algorithm": p.algorithm,
-                            "revision": p.revision, "slots": len(p.slots),
-                            "selection": d.selection if d else "", "backends": backends})
-            return out
+def _svc_key(ident: Tuple, slot: int) -> bytes:
+    addr, port, proto, family = ident
+    k = m.SvcKey()
+    k.addr[:] = addr
+    k.port, k.proto, k.family, k.slot = port, proto, family, slot
+    return bytes(k)
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+

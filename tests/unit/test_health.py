@@ -226,9 +226,9 @@ class Recorder:
         self.checker: HealthChecker = None  # type: ignore[assignment]
         self.probe: Callable[[], object] = lambda: None
 
-    def __call__(self):
+    def __call__(self, key):
         # Runs on the checker's thread with no lock held: calling back in must not deadlock.
-        self.calls.append({"snapshot": self.checker.snapshot(),
+        self.calls.append({"key": key, "snapshot": self.checker.snapshot(),
                            "unhealthy": self.checker.unhealthy_keys(), "probe": self.probe()})
 
 
@@ -630,7 +630,7 @@ def test_a_thousand_targets_are_judged_quickly_by_one_thread(servers_in_another_
         port, kind = [(up, "tcp"), (http, "http"), (down, "tcp")][i % 3]
         targets[key(port, service=f"svc-{i}")] = fast(kind, interval_seconds=0.5,
                                                       unhealthy_threshold=2)
-    checker = make_checker(lambda: None)
+    checker = make_checker(lambda key: None)
     checker.set_targets(targets)
     threads_before = threading.active_count()
     thread_counts = []
@@ -695,8 +695,8 @@ def test_a_failing_on_change_does_not_stop_the_checks(servers, refused_port, mak
     server = HttpServer(servers, "127.0.0.1")
     calls = []
 
-    def broken():
-        calls.append(1)
+    def broken(key):
+        calls.append(key)
         raise RuntimeError("the caller's bug")
     checker = make_checker(broken)
     down, up = key(refused_port("127.0.0.1")), key(server.port)
@@ -709,7 +709,7 @@ def test_a_failing_on_change_does_not_stop_the_checks(servers, refused_port, mak
 
 def test_on_change_may_stop_the_checker(refused_port, make_checker):
     holder = {}
-    checker = make_checker(lambda: holder["checker"].stop())
+    checker = make_checker(lambda key: holder["checker"].stop())
     holder["checker"] = checker
     checker.set_targets({key(refused_port("127.0.0.1")): fast(unhealthy_threshold=1)})
     checker.start()

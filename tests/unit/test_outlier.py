@@ -17,20 +17,37 @@ def setup(n=4, pct=50, base=10.0, failures=3):
     svc = Service("web", "t", "10.96.0.1", (ServicePort(80, 8080),),
                   tuple(Backend(f"10.0.0.{i}") for i in range(1, n + 1)),
                   outlier_detection=OutlierDetection(failures, base, pct))
-    clock, changes, resets = Clock(), [], []
-    det = OutlierDetector(CollectorRegistry(), lambda: changes.append(1),
-                          reset_endpoint=lambda a, p: resets.append((a, p)), clock=clock)
+    clock, changes = Clock(), []
+    det = OutlierDetector(CollectorRegistry(), changes.append, clock=clock)
     det.configure([svc])
-    return det, clock, changes, resets
+    return det, clock, changes
 
 
 def test_a_backend_is_ejected_at_the_nth_consecutive_failure_not_before():
-    det, clock, changes, resets = setup()
+    det, clock, changes = setup()
     det.on_failure("10.0.0.1", 8080, 2, 0)
     assert det.ejected() == set() and not changes
     det.on_failure("10.0.0.1", 8080, 3, 0)
     assert det.ejected() == {("t", "web", "10.0.0.1")}
-    assert changes == [1] and resets == [("10.0.0.1", 8080)]  # kernel count starts afresh
+    assert changes == [{("t", "web")}]
+
+
+def test_a_returning_backend_counts_its_failures_afresh_without_a_map_write():
+    det, clock, _ = setup(base=10, failures=3)
+    det.on_failure("10.0.0.1", 8080, 3, 0)
+    clock.now += 11
+    det.expire()
+    # the kernel's count goes on from 3 (nobody reset it): 4 and 5 are the 1st and 2nd
+    det.on_failure("10.0.0.1", 8080, 4, 0)
+    det.on_failure("10.0.0.1", 8080, 5, 0)
+    assert det.ejected() == set()
+    det.on_failure("10.0.0.1", 8080, 6, 0)
+    assert det.ejected() == {("t", "web", "10.0.0.1")}
+    # a success in between resets the kernel's count: below the baseline counts from zero
+    clock.now += 100
+    det.expire()
+    det.on_failure("10.0.0.1", 8080, 3, 0)
+    assert det.ejected() == {("t", "web", "10.0.0.1")}
 
 
 def test_failures_on_another_port_or_an_unknown_endpoint_eject_nothing():

@@ -1,0 +1,297 @@
+"""The core loop: one thread owns desired state and is the only caller of the reconciler.
+
+Sources, health checks and the outlier detector never touch it directly: they post events
+on a queue (`post`), from any thread. Each round the loop drains the queue, folds what it
+got into the desired services, works out which services are dirty (a delta names them; a
+health or outlier verdict names the services that hold that backend), hands only those to
+the reconciler, reconciles what is due, and publishes an immutable Snapshot for readers.
+So the work of a round follows the change, and a quiet round costs nearly nothing.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
+
+from . import selection
+from .health import HealthChecker, TargetKey
+from .model import Service
+from .outlier import OutlierDetector
+from .reconciler import (ERROR, FrontendKey, Reconciler, RoundResult, service_frontends,
+                         watched_endpoints)
+from .snapshot import FrontendView, RoundSummary, Snapshot, SourceState
+from .sources import Delta
+
+log = logging.getLogger(__name__)
+
+ServiceKey = Tuple[str, str]
+
+
+@dataclass(frozen=True)
+class SourceChanged:
+    delta: Delta
+
+
+@dataclass(frozen=True)
+class SourceFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class BackendsChanged:
+    """Health checks or the outlier detector changed the verdict on these services' backends."""
+    services: frozenset
+
+
+Event = Union[SourceChanged, SourceFailed, BackendsChanged]
+
+
+class Core:
+    def __init__(self, reconciler: Reconciler, health: HealthChecker, outlier: OutlierDetector,
+                 source: SourceState, node_name: Optional[str] = None,
+                 node_zone: Callable[[], Optional[str]] = lambda: None,
+                 on_round: Callable[[RoundResult], None] = lambda r: None):
+        self.reconciler = reconciler
+        self.health = health
+        self.outlier = outlier
+        self.node_name = node_name
+        self.node_zone = node_zone
+        self.on_round = on_round
+        self.events: "queue.SimpleQueue[Event]" = queue.SimpleQueue()
+        self.services: Dict[ServiceKey, Service] = {}
+        self.synced = False               # the source's first full set has been folded in
+        self._dirty: Set[ServiceKey] = set()
+        self._conflicts: Dict[ServiceKey, List[str]] = {}
+        self._failing: Set[FrontendKey] = set()
+        self._health_changed = False
+        self.snapshot = Snapshot(source=source)  # replaced, never changed: readers hold it
+
+    # -- any thread -------------------------------------------------------------------------
+    def post(self, event: Event) -> None:
+        self.events.put(event)
+
+    def on_health_flip(self, key: TargetKey) -> None:
+        self.post(BackendsChanged(frozenset({(key.namespace, key.service)})))
+
+    def on_ejection(self, services: Set[ServiceKey]) -> None:
+        self.post(BackendsChanged(frozenset(services)))
+
+    # -- the loop's thread ------------------------------------------------------------------
+    def step(self, timeout: float, reconcile: bool = True) -> Optional[RoundResult]:
+        """One round: wait up to `timeout` for an event, drain the queue, update what is
+        dirty and (once synced) reconcile what is due. Returns the round's result."""
+        try:
+            first = self.events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            first = None
+        batch = [] if first is None else [first]
+        while True:
+            try:
+                batch.append(self.events.get_nowait())
+            except queue.Empty:
+                break
+        for event in batch:
+            self._fold(event)
+        if not self.synced or not reconcile:
+            return None
+        return self.reconcile()
+
+    def reconcile(self, force: bool = False) -> RoundResult:
+        self._push_dirty()
+        rec = self.reconciler
+        result = rec.reconcile(force=force) if (rec.pending or force) else RoundResult()
+        if self._health_changed:
+            self._health_changed = False
+            self.outlier.programmed()
+        self.on_round(result)
+        self._publish(result)
+        return result
+
+    def prune(self) -> List[str]:
+        """Compare the kernel with our state (at the resync interval)."""
+        found = self.reconciler.prune()
+        if found:
+            log.warning("kernel state drifted from the agent's; repairing: %s",
+                        "; ".join(found[:5]))
+        return found
+
+    def _fold(self, event: Event) -> None:
+        if isinstance(event, SourceChanged):
+            d = event.delta
+            if d.full:
+                old, self.services = self.services, {s.key: s for s in d.upserts}
+                self._dirty.update(k for k in old if k not in self.services)
+                self._dirty.update(k for k, s in self.services.items() if old.get(k) != s)
+                self.synced = True
+            else:
+                for key in d.deletes:
+                    if self.services.pop(key, None) is not None:
+                        self._dirty.add(key)
+                for svc in d.upserts:
+                    if self.services.get(svc.key) != svc:
+                        self.services[svc.key] = svc
+                        self._dirty.add(svc.key)
+            src = self.snapshot.source
+            self.snapshot = replace(self.snapshot, source=replace(
+                src, ok=True, error=None, loads=src.loads + 1, last_change=time.time()))
+        elif isinstance(event, SourceFailed):
+            log.error("desired state rejected; the last good state keeps serving:\n%s",
+                      event.message)
+            src = self.snapshot.source
+            self.snapshot = replace(self.snapshot, source=replace(
+                src, ok=False, error=event.message, failures=src.failures + 1,
+                last_change=time.time()))
+        elif isinstance(event, BackendsChanged):
+            self._dirty.update(k for k in event.services if k in self.services)
+            self._health_changed = True
+
+    def selection_context(self) -> selection.Context:
+        unhealthy = {(k.namespace, k.service, k.address) for k in self.health.unhealthy_keys()}
+        return selection.Context(node_name=self.node_name, node_zone=self.node_zone(),
+                                 unhealthy=frozenset(unhealthy | self.outlier.ejected()))
+
+    def _push_dirty(self) -> None:
+        """Hand each dirty service's wants to the reconciler, health checks and outlier
+        detector. Only dirty services are looked at."""
+        if not self._dirty:
+            return
+        ctx = self.selection_context()
+        rec = self.reconciler
+        changes: Dict[ServiceKey, Optional[Service]] = {}
+        for key in self._dirty:
+            svc = self.services.get(key)
+            changes[key] = svc
+            if svc is None:
+                rec.remove_service(key)
+                self._conflicts.pop(key, None)
+            else:
+                conflicts = rec.set_service(key, service_frontends(svc, ctx),
+                                            watched_endpoints(svc))
+                if conflicts:
+                    self._conflicts[key] = conflicts
+                    log.error("%s/%s not programmed where another service has the same "
+                              "frontend: %s", key[0], key[1], "; ".join(conflicts))
+                else:
+                    self._conflicts.pop(key, None)
+            self.health.set_service_targets(key, _health_targets(svc) if svc else {})
+            self.outlier.configure_service(key, svc)
+        self._dirty.clear()
+        self.snapshot = replace(self.snapshot,
+                                services=self.snapshot.services.updated(changes))
+
+    def _publish(self, result: RoundResult) -> None:
+        rec = self.reconciler
+        views: Dict[FrontendKey, Optional[FrontendView]] = {}
+        for fk in result.touched | rec.pending:
+            st = rec.status.get(fk)
+            if st is None:
+                views[fk] = None
+                self._failing.discard(fk)
+                continue
+            views[fk] = FrontendView(fk, rec.desired.get(fk), rec.programmed.get(fk), st)
+            if st.state == ERROR:
+                self._failing.add(fk)
+            else:
+                self._failing.discard(fk)
+        snap = self.snapshot
+        last = snap.last_round
+        if result or last is None:
+            last = RoundSummary(result.added, result.changed, result.removed, result.unchanged,
+                                result.failed, result.writes, round(result.seconds, 4),
+                                tuple(result.errors))
+        self.snapshot = replace(
+            snap, generation=snap.generation + 1, frontends=snap.frontends.updated(views),
+            last_round=last, failing=len(self._failing),
+            conflicts=tuple(c for cs in self._conflicts.values() for c in cs))
+
+
+def _health_targets(svc: Service) -> Dict[TargetKey, object]:
+    hc = svc.health_check
+    if hc is None:
+        return {}
+    first = next((sp for sp in svc.ports if sp.protocol == "TCP"), svc.ports[0])
+    return {TargetKey(svc.namespace, svc.name, b.address, hc.port or b.target_port(first)): hc
+            for b in svc.backends}
+
+
+class Supervisor:
+    """Runs workers on threads. A worker that raises is logged, counted and restarted after
+    a short backoff; one that keeps failing (5 times within a minute) makes the agent give up
+    (`on_give_up`) so that its own supervisor (systemd, the kubelet) restarts it whole."""
+
+    def __init__(self, stop: threading.Event, on_give_up: Callable[[str], None],
+                 count: Callable[[str], None] = lambda name: None):
+        self.stop = stop
+        self.on_give_up = on_give_up
+        self.count = count
+        self.threads: List[threading.Thread] = []
+
+    def spawn(self, name: str, work: Callable[[], None]) -> None:
+        t = threading.Thread(target=self._run, args=(name, work), name=name, daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _run(self, name: str, work: Callable[[], None]) -> None:
+        crashes: List[float] = []
+        while not self.stop.is_set():
+            try:
+                work()
+                return
+            except Exception:  # noqa: BLE001 - any crash is logged, counted and restarted
+                log.exception("worker %s crashed; restarting it", name)
+                self.count(name)
+                now = time.monotonic()
+                crashes = [t for t in crashes if now - t < 60] + [now]
+                if len(crashes) >= 5:
+                    self.on_give_up(f"worker {name} crashed 5 times within a minute")
+                    return
+                self.stop.wait(min(5.0, 0.1 * 2 ** len(crashes)))
+
+    def join(self, timeout: float = 2.0) -> None:
+        for t in self.threads:
+            t.join(timeout)
+
+
+class SocketTerminator:
+    """Ends client sockets still connected to endpoints no frontend uses any more, on one
+    worker that coalesces requests (a burst of changes is one walk of the namespaces)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pending: Dict[Tuple[str, int, str], bool] = {}
+        self.terminated = 0
+
+    def request(self, removed: List[Tuple[str, int, str, bool]]) -> None:
+        """(address, port, protocol, end TCP too): UDP is always ended (a connected UDP socket
+        stays pinned to a dead backend forever), TCP where the service asked for it."""
+        with self._cond:
+            for address, port, proto, kill_tcp in removed:
+                if proto == "UDP" or kill_tcp:
+                    self._pending[(address, port, proto)] = True
+            if self._pending:
+                self._cond.notify()
+
+    def run(self, stop: threading.Event) -> None:
+        from .datapath import sockterm
+
+        while not stop.is_set():
+            with self._cond:
+                while not self._pending and not stop.is_set():
+                    self._cond.wait(0.5)
+                batch, self._pending = self._pending, {}
+            for proto in ("UDP", "TCP"):
+                dests = sorted((a, p) for a, p, pr in batch if pr == proto)
+                if not dests:
+                    continue
+                try:
+                    res = sockterm.destroy_sockets(dests, proto)
+                except OSError as e:
+                    log.error("terminating %s sockets to %s failed: %s", proto, dests, e)
+                    continue
+                n = getattr(res, "destroyed", getattr(res, "total", 0))
+                self.terminated += n
+                if n:
+                    log.info("terminated %d %s sockets to removed backends %s", n, proto, dests)

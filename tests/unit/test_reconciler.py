@@ -1,0 +1,263 @@
+"""The reconciler against in-memory maps that fail on demand: every step of the write order
+is failed in turn, and each time the old set keeps serving, nothing leaks, and the next round
+converges. No root needed."""
+import errno
+import logging
+
+import pytest
+from fakemaps import FakeMaps
+
+from nodemesh.datapath import maps as m
+from nodemesh.model import Backend, Service, ServicePort
+from nodemesh.reconciler import DONE, ERROR, ID_QUARANTINE, FrontendKey, IdPool, Reconciler
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def svc(name, vip, addresses, port=80):
+    return Service(name=name, namespace="default", vip=vip,
+                   ports=(ServicePort(port=port, target_port=8080),),
+                   backends=tuple(Backend(address=a) for a in addresses))
+
+
+def fk(vip, port=80):
+    return FrontendKey(4, vip, port, "TCP")
+
+
+def make(sizes=m.MapSizes()):
+    clock = Clock()
+    maps = FakeMaps(sizes)
+    return Reconciler(maps, sizes, clock=clock), maps, clock
+
+
+def assert_no_leaks(rec, maps):
+    """Exactly what the reconciler believes is programmed is in the kernel, no more."""
+    want_services = sum(1 + p.slot_count for p in rec.programmed.values())
+    want_backends = {i for p in rec.programmed.values() for i in p.backend_ids.values()}
+    assert maps.count("services") == want_services
+    assert {m.key_int(k) for k, _ in maps.items("backends")} == want_backends
+    assert rec.backend_ids.used == want_backends
+    assert rec.svc_ids.used == {p.svc_id for p in rec.programmed.values()}
+
+
+def serving(maps, key):
+    got = maps.serving(key)
+    return None if got is None else sorted({a for a, _ in got})
+
+
+def test_a_service_is_programmed_and_an_unchanged_one_costs_no_write():
+    rec, maps, _ = make()
+    r = rec.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"])])
+    assert r.added == 1 and r.failed == 0
+    assert serving(maps, fk("10.96.0.1")) == ["10.0.0.1", "10.0.0.2"]
+    before = maps.writes()
+    r = rec.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"])])
+    assert maps.writes() == before and r.writes == 0
+    assert rec.status[fk("10.96.0.1")].state == DONE
+    assert_no_leaks(rec, maps)
+
+
+def test_one_changed_service_among_many_costs_only_its_own_writes():
+    rec, maps, _ = make()
+    services = [svc(f"s{i}", f"10.96.1.{i}", ["10.0.0.1", "10.0.0.2"]) for i in range(1, 200)]
+    rec.apply(services)
+    before = maps.writes()
+    rec.set_service(("default", "s7"), {})  # nothing else is looked at
+    rec.set_service(*_wants(svc("s7", "10.96.1.7", ["10.0.0.1", "10.0.0.3"])))
+    assert rec.pending == {fk("10.96.1.7")}
+    r = rec.reconcile()
+    # one new backend, its slots in the idle bank, the master; then the old bank, the dropped
+    # backend and its stats
+    assert r.changed == 1 and maps.writes() - before <= 10
+    assert serving(maps, fk("10.96.1.7")) == ["10.0.0.1", "10.0.0.3"]
+    assert_no_leaks(rec, maps)
+
+
+def _wants(service):
+    from nodemesh.reconciler import service_frontends, watched_endpoints
+
+    return service.key, service_frontends(service), watched_endpoints(service)
+
+
+# Every step of the write order, failed in turn: (operation, map, calls to let through first)
+STEPS = [
+    ("delete", "svc_stats", 0),       # 1. stats of reused ids
+    ("delete", "backend_stats", 0),
+    ("update", "backends", 0),        # 2. new backend entries
+    ("update", "services", 0),        # 3. slots in the idle bank
+    ("update", "services", 1),        # 4. the master (the second services write)
+    ("delete", "services", 0),        # 5. the old bank
+    ("delete", "backends", 0),        # 5. dropped backends
+]
+
+
+@pytest.mark.parametrize("op,name,skip", STEPS)
+@pytest.mark.parametrize("after", [0, 1])
+def test_a_failure_at_any_step_keeps_a_whole_set_serving_and_the_next_round_converges(
+        op, name, skip, after):
+    rec, maps, clock = make()
+    old = ["10.0.0.1", "10.0.0.2"]
+    new = ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+    rec.apply([svc("web", "10.96.0.1", old)])
+    # A removed service makes id reuse (and so the stats deletes) happen on the change.
+    rec.apply([svc("web", "10.96.0.1", old), svc("gone", "10.96.0.2", ["10.0.0.9"])])
+    rec.apply([svc("web", "10.96.0.1", old)])
+    clock.now += ID_QUARANTINE + 1
+    maps.fail(op, name, after=after, skip=skip, err=errno.ENOMEM)
+    rec.set_service(*_wants(svc("web", "10.96.0.1", new)))
+    rec.set_service(*_wants(svc("next", "10.96.0.3", ["10.0.0.5"])))  # reuses gone's ids
+    rec.reconcile()
+    assert maps.faults[0].times == 0, "the fault never fired"
+    assert serving(maps, fk("10.96.0.1")) in (old, new)  # a whole set, never a mix
+    st = rec.status[fk("10.96.0.1")]
+    if serving(maps, fk("10.96.0.1")) == old:
+        assert st.state == ERROR and st.retries == 1 and "keeps serving" in st.error
+    maps.faults.clear()
+    clock.now += 60
+    rec.reconcile()
+    rec.reconcile()  # garbage from a failed cleanup step goes in the round after
+    assert serving(maps, fk("10.96.0.1")) == new
+    assert serving(maps, fk("10.96.0.3")) == ["10.0.0.5"]
+    assert rec.status[fk("10.96.0.1")].state == DONE
+    assert_no_leaks(rec, maps)
+
+
+def test_a_failed_frontend_is_retried_with_backoff_and_stays_visible_until_it_succeeds():
+    rec, maps, clock = make()
+    maps.fail("update", "backends", times=3)
+    rec.set_service(*_wants(svc("web", "10.96.0.1", ["10.0.0.1"])))
+    rec.reconcile()
+    first = rec.status[fk("10.96.0.1")]
+    assert first.state == ERROR and first.retries == 1 and first.next_attempt > clock.now
+    rec.reconcile()  # not due yet: no attempt
+    assert rec.status[fk("10.96.0.1")].retries == 1
+    delays = []
+    for _ in range(2):
+        clock.now = rec.next_attempt()
+        rec.reconcile()
+        st = rec.status[fk("10.96.0.1")]
+        delays.append(st.next_attempt - clock.now)
+    assert st.retries == 3 and delays[1] > delays[0]  # backing off
+    clock.now = rec.next_attempt()
+    rec.reconcile()
+    assert rec.status[fk("10.96.0.1")].state == DONE
+    assert serving(maps, fk("10.96.0.1")) == ["10.0.0.1"]
+    assert_no_leaks(rec, maps)
+
+
+def test_ids_are_released_only_after_the_kernel_delete_succeeded():
+    rec, maps, clock = make()
+    rec.apply([svc("web", "10.96.0.1", ["10.0.0.1"])])
+    held = set(rec.svc_ids.used)
+    maps.fail("delete", "services")
+    rec.remove_service(("default", "web"))
+    rec.reconcile()
+    assert fk("10.96.0.1") in rec.programmed and rec.svc_ids.used == held
+    assert rec.status[fk("10.96.0.1")].state == ERROR
+    assert serving(maps, fk("10.96.0.1")) == ["10.0.0.1"]
+    clock.now += 60
+    rec.reconcile()
+    assert fk("10.96.0.1") not in rec.programmed and fk("10.96.0.1") not in rec.status
+    assert serving(maps, fk("10.96.0.1")) is None
+    assert_no_leaks(rec, maps)
+
+
+def test_freed_ids_are_reused_oldest_first_and_only_after_a_quarantine():
+    clock = Clock()
+    pool = IdPool(100, "frontend", quarantine=10, clock=clock)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    pool.release(b)
+    clock.now += 1
+    pool.release(a)
+    assert pool.allocate() == 4  # both still in quarantine: a fresh id
+    clock.now += 10
+    assert pool.allocate() == b and pool.allocate() == a  # oldest freed first
+    assert pool.take_reused() == {a, b}
+
+
+def test_a_full_id_space_reuses_a_quarantined_id_rather_than_fail():
+    clock = Clock()
+    pool = IdPool(2, "frontend", quarantine=10, clock=clock)
+    a, _ = pool.allocate(), pool.allocate()
+    pool.release(a)
+    assert pool.allocate() == a
+    with pytest.raises(Exception, match="no free frontend id"):
+        pool.allocate()
+
+
+def test_after_an_overflow_a_good_config_programs_at_once_with_one_summary_log_line(caplog):
+    sizes = m.MapSizes(frontends=4)  # 3 frontend ids
+    rec, maps, clock = make(sizes)
+    too_many = [svc(f"s{i}", f"10.96.2.{i}", ["10.0.0.1"]) for i in range(1, 8)]
+    with caplog.at_level(logging.ERROR, logger="nodemesh.reconciler"):
+        r = rec.apply(too_many)
+    assert r.added == 3 and r.failed == 4
+    errors = [rec_ for rec_ in caplog.records if rec_.levelno == logging.ERROR]
+    assert len(errors) == 1 and "4 frontends not programmed" in errors[0].getMessage()
+    # Back to a config that fits, with other services: the removed ones are deleted first,
+    # so their ids serve the new ones in the same round (no "no free frontend id").
+    good = [svc(f"t{i}", f"10.96.3.{i}", ["10.0.0.1"]) for i in range(1, 4)]
+    r = rec.apply(good)
+    assert r.failed == 0 and r.added == 3 and r.removed == 3
+    assert all(serving(maps, fk(f"10.96.3.{i}")) == ["10.0.0.1"] for i in range(1, 4))
+    assert_no_leaks(rec, maps)
+
+
+def test_prune_rewrites_a_drifted_frontend_and_deletes_what_nobody_wants():
+    rec, maps, _ = make()
+    rec.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"])])
+    # someone else's frontend, and a master of ours flipped to an empty bank
+    stranger = fk("10.96.9.9")
+    maps.update_packed("services", [stranger.map_key(0)], [m.pack_master_value(77, 0, 0, 0, 1)])
+    p = rec.programmed[fk("10.96.0.1")]
+    maps.update_packed("services", [fk("10.96.0.1").map_key(0)],
+                       [m.pack_master_value(p.svc_id, 2, 1 - p.bank, 0, 9)])
+    found = rec.prune()
+    assert any("nobody wants" in f for f in found) and any("10.96.0.1" in f for f in found)
+    assert serving(maps, stranger) is None
+    rec.reconcile()
+    assert serving(maps, fk("10.96.0.1")) == ["10.0.0.1", "10.0.0.2"]
+    assert_no_leaks(rec, maps)
+
+
+def test_a_restarted_agent_adopts_the_maps_and_writes_nothing_that_is_already_right():
+    rec, maps, _ = make()
+    services = [svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]),
+                svc("db", "10.96.0.2", ["10.0.0.3"])]
+    rec.apply(services)
+    ids = {k: p.svc_id for k, p in rec.programmed.items()}
+    again = Reconciler(maps, clock=Clock())
+    assert again.adopt() == 2
+    before = maps.writes()
+    r = again.apply(services)
+    assert maps.writes() == before and r.unchanged == 2
+    assert {k: p.svc_id for k, p in again.programmed.items()} == ids
+    # and what the new config no longer wants is deleted
+    again.apply(services[:1])
+    assert serving(maps, fk("10.96.0.2")) is None
+    assert_no_leaks(again, maps)
+
+
+def test_a_frontend_claimed_by_two_services_stays_with_the_first():
+    rec, maps, _ = make()
+    rec.set_service(*_wants(svc("a", "10.96.0.1", ["10.0.0.1"])))
+    conflicts = rec.set_service(*_wants(svc("b", "10.96.0.1", ["10.0.0.2"])))
+    assert conflicts and "default/a" in conflicts[0]
+    rec.reconcile()
+    assert serving(maps, fk("10.96.0.1")) == ["10.0.0.1"]
+
+
+def test_removing_the_last_frontend_of_a_backend_reports_it_for_socket_termination():
+    rec, maps, _ = make()
+    rec.apply([svc("a", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]),
+               svc("b", "10.96.0.2", ["10.0.0.2"])])
+    r = rec.apply([svc("a", "10.96.0.1", ["10.0.0.1"]), svc("b", "10.96.0.2", ["10.0.0.2"])])
+    assert r.removed_endpoints == []  # 10.0.0.2 still serves b
+    r = rec.apply([svc("a", "10.96.0.1", ["10.0.0.1"])])
+    assert r.removed_endpoints == [("10.0.0.2", 8080, "TCP", False)]
