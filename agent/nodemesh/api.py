@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import socketserver
+import stat
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler
@@ -69,9 +70,7 @@ class AdminServer:
     def __init__(self, agent: "Agent", path: str):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-        if os.path.exists(path):
-            _refuse_if_live(path)
-            os.unlink(path)
+        _remove_stale_socket(path)
         handler = type("Handler", (_Handler,), {"agent": agent})
         old = os.umask(0o177)  # the socket is born 0600: no window with a wider mode
         try:
@@ -94,12 +93,26 @@ class AdminServer:
             pass
 
 
-def _refuse_if_live(path: str) -> None:
+def _remove_stale_socket(path: str) -> None:
+    """Make way for bind(): remove a socket nobody listens on (a killed agent's). Anything
+    else at the path is someone's: refuse rather than delete it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RuntimeError(f"--admin-socket {path}: something that is not a socket is there; "
+                           f"not removing it, pass another path")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)  # a live agent with a full backlog would block a plain connect
     try:
         s.connect(path)
-    except OSError:
-        return  # a stale socket from a killed agent
+    except ConnectionRefusedError:  # only this says nobody listens (EAGAIN: a busy agent)
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise RuntimeError(f"--admin-socket {path}: cannot tell whether an agent serves it "
+                           f"({e.strerror}); not removing it") from None
     finally:
         s.close()
     raise RuntimeError(f"another agent is serving {path}; stop it first or pass "
