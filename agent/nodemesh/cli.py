@@ -155,8 +155,8 @@ def cmd_cleanup(args) -> int:
     from .datapath import loader
 
     try:
-        done = loader.cleanup(args.bpffs)
-    except OSError as e:
+        done = loader.cleanup(args.bpffs, force=args.force)
+    except (loader.DatapathError, OSError) as e:
         print(f"nodemesh cleanup: {e}", file=sys.stderr)
         return 1
     if not done:
@@ -251,8 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin_opts(s)
     s.set_defaults(func=cmd_services)
 
-    cl = sub.add_parser("cleanup", help="detach every hook and remove every pin (idempotent)", parents=[common])
+    cl = sub.add_parser("cleanup", help="detach the hooks and remove the pins nodemesh made (idempotent)", parents=[common])
     cl.add_argument("--bpffs", default=_env("bpffs", DEFAULT_BPFFS))
+    cl.add_argument("--force", action="store_true",
+                    help="clean up even while an agent owns the folder (it restores its pins "
+                         "within seconds: stop it first)")
     cl.set_defaults(func=cmd_cleanup)
 
     pf = sub.add_parser("preflight", help="check what this node offers", parents=[common])

@@ -9,14 +9,18 @@ Pinned links keep the programs attached after the agent exits (SIGTERM, SIGKILL,
 datapath keeps serving. A new agent opens the pinned maps (so it sees the services already
 programmed) and swaps its freshly loaded programs into the existing links with LINK_UPDATE,
 which replaces a program in one step, so no connection ever meets an unhooked socket.
+
+A running agent holds an exclusive flock on the folder itself, not on a lock file elsewhere:
+the lock lives on the very object two agents would fight over, so it also works between
+containers that share the bpffs mount but not /run, and it cannot outlive the folder.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +104,42 @@ def check_cgroup(path: str) -> str:
     return real
 
 
+def _fs_type(path: str) -> str:
+    """The type of the filesystem `path` is on: the mount whose device number it has."""
+    dev = os.stat(path).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == want:
+                return fields[fields.index("-") + 1]
+    return "an unknown filesystem"
+
+
+def _lock(folder: str) -> Optional[int]:
+    """An fd holding the exclusive flock on `folder`, or None if another process holds it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _holder(folder: str) -> str:
+    """' (pid N)' for whoever flocks `folder`, from /proc/locks; '' if it cannot be seen."""
+    st = os.stat(folder)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if "FLOCK" in parts and ident in parts:
+                pid = parts[parts.index(ident) - 1]
+                return f" (pid {pid})" if pid != "0" else ""
+    return ""
+
+
 def ensure_bpffs(folder: str) -> None:
     """Make sure `folder` is on a bpf filesystem, mounting /sys/fs/bpf if nothing is (as Cilium
     does), and create it with mode 0700."""
@@ -134,6 +174,7 @@ class Datapath:
         self._owned_fds: List[int] = []  # fds a compiler child passed us
         self.ringbuf_fd: Optional[int] = None
         self.load_seconds = 0.0
+        self._lock_fd: Optional[int] = None
 
     # -- load -------------------------------------------------------------------------------
     def check_pins(self) -> bool:
@@ -172,6 +213,7 @@ class Datapath:
         from .compile import RINGBUF, compile_and_load, compile_in_child
 
         ensure_bpffs(self.bpffs)
+        self._lock_fd = self._take_lock()  # before reading or writing anything in the folder
         self.adopted = self.check_pins()
         src = bpf_source_dir()
         try:
@@ -191,6 +233,13 @@ class Datapath:
         log.info("datapath loaded in %.2fs (%s pinned maps under %s)", self.load_seconds,
                  "adopted" if self.adopted else "new", self.bpffs)
         return self.maps
+
+    def _take_lock(self) -> int:
+        fd = _lock(self.bpffs)
+        if fd is None:
+            raise DatapathError(f"another nodemesh agent{_holder(self.bpffs)} owns {self.bpffs}; "
+                                f"stop it, or give this one another --bpffs")
+        return fd
 
     def _stamp_info(self) -> None:
         assert self.maps is not None
@@ -250,7 +299,8 @@ class Datapath:
         log.debug("hook %s: attached to %s", hook.name, cgroup)
 
     def close(self) -> None:
-        """Drop this process's fds. Programs stay attached through their pinned links."""
+        """Drop this process's fds (and the folder's lock). Programs stay attached through
+        their pinned links."""
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()
@@ -262,6 +312,8 @@ class Datapath:
         self._owned_fds = []
         self.maps = None
         self._prog_fds = {}
+        bpfsys.close(self._lock_fd)
+        self._lock_fd = None
 
 
 def attachments(bpffs: str = DEFAULT_BPFFS) -> List[Dict[str, object]]:
@@ -281,36 +333,99 @@ def attachments(bpffs: str = DEFAULT_BPFFS) -> List[Dict[str, object]]:
     return out
 
 
-def cleanup(bpffs: str = DEFAULT_BPFFS) -> List[str]:
-    """Detach every hook and remove every pin under bpffs. Idempotent. Returns what it did."""
-    done: List[str] = []
+def cleanup(bpffs: str = DEFAULT_BPFFS, force: bool = False) -> List[str]:
+    """Detach the hooks and remove the pins nodemesh makes under bpffs, then the folder if
+    nothing else is left in it. Idempotent. Returns what it did.
+
+    A mistyped path must never cost anyone a file: it refuses a folder that is not on bpffs or
+    has no nodemesh `info` map, leaves (and reports) whatever nodemesh does not pin, and,
+    unless force, refuses a folder a running agent owns."""
     real = os.path.realpath(bpffs)
     if not os.path.isdir(real):
-        return done
+        return []
+    fstype = _fs_type(real)
+    if fstype != "bpf":
+        raise DatapathError(f"{bpffs} is on {fstype}, not bpffs: nodemesh has no pins there; "
+                            f"nothing removed")
+    lock_fd = _lock(real)
+    if lock_fd is None and not force:
+        raise DatapathError(f"a running nodemesh agent{_holder(real)} owns {real}; stop it "
+                            f"first (or pass --force); nothing removed")
+    try:
+        return _remove_pins(real)
+    finally:
+        bpfsys.close(lock_fd)
+
+
+def _check_marker(folder: str) -> None:
+    """Raise unless `folder` holds the `info` map a nodemesh load creates."""
+    pin = os.path.join(folder, "info")
+    try:
+        fd = bpfsys.obj_get(pin)
+    except bpfsys.BPFError:
+        raise DatapathError(f"{folder} has no nodemesh info map: not a nodemesh pin folder; "
+                            f"nothing removed") from None
+    try:
+        mi, info = bpfsys.map_info(fd), Info()
+        shape = (mi.type, mi.key_size, mi.value_size, mi.max_entries, mi.name)
+        if shape != (bpfsys.MAP_TYPE_ARRAY, 4, ctypes.sizeof(Info), 1, b"info") or \
+                not bpfsys.map_lookup(fd, u32(0), info):
+            raise DatapathError(f"{pin} is not a nodemesh info map; nothing removed")
+    finally:
+        bpfsys.close(fd)
+    # 0: a load that never finished stamping it. Newer: that build may pin what we don't know.
+    if info.abi_version > ABI_VERSION:
+        raise DatapathError(f"{folder} was made by a newer nodemesh (ABI {info.abi_version}, "
+                            f"this one is {ABI_VERSION}); clean it up with that version")
+
+
+def _remove_pins(real: str) -> List[str]:
+    done: List[str] = []
     links_dir = os.path.join(real, "links")
-    if os.path.isdir(links_dir):
-        for name in sorted(os.listdir(links_dir)):
-            pin = os.path.join(links_dir, name)
+    entries = sorted(os.listdir(real))
+    links = sorted(os.listdir(links_dir)) if os.path.isdir(links_dir) else []
+    if [e for e in entries if e != "links"] or links:  # empty folders hold nothing to lose
+        _check_marker(real)
+    left = []
+    hooks = {h.name for h in HOOKS}
+    for name in links:
+        pin = os.path.join(links_dir, name)
+        if name not in hooks or os.path.isdir(pin):
+            left.append(pin)
+            continue
+        try:
+            fd = bpfsys.obj_get(pin)
             try:
-                fd = bpfsys.obj_get(pin)
-                try:
-                    bpfsys.link_detach(fd)
-                except bpfsys.BPFError as e:
-                    if e.errno not in (errno.ENOLINK, errno.EINVAL, errno.ENOENT):
-                        raise
-                finally:
-                    bpfsys.close(fd)
+                bpfsys.link_detach(fd)
             except bpfsys.BPFError as e:
-                log.warning("%s: %s", pin, e)
-            os.unlink(pin)
-            done.append(f"detached {name}")
-    for entry in sorted(os.listdir(real)):
-        path = os.path.join(real, entry)
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
-            done.append(f"unpinned {entry}")
-    os.rmdir(real)
-    done.append(f"removed {real}")
+                if e.errno not in (errno.ENOLINK, errno.EINVAL, errno.ENOENT):
+                    raise
+            finally:
+                bpfsys.close(fd)
+        except bpfsys.BPFError as e:
+            log.warning("%s: %s", pin, e)
+        os.unlink(pin)
+        done.append(f"detached {name}")
+    maps = {spec.name for spec in MAPS}
+    # info last: a cleanup cut short keeps its marker, so running it again finishes the job.
+    for name in sorted(entries, key=lambda e: e == "info"):
+        path = os.path.join(real, name)
+        if name == "links" and os.path.isdir(path):
+            continue
+        if name not in maps or os.path.isdir(path):
+            left.append(path)
+            continue
+        os.unlink(path)
+        done.append(f"unpinned {name}")
+    done += [f"left {path}: nodemesh did not make it" for path in left]
+    for folder in (links_dir, real):
+        if not os.path.isdir(folder):
+            continue
+        try:
+            os.rmdir(folder)
+        except OSError as e:
+            done.append(f"kept {folder}: {e.strerror}")
+            break
+        if folder == real:
+            done.append(f"removed {real}")
     return done

@@ -257,7 +257,8 @@ def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
     """Remove everything a lab made. Each step tolerates what is already gone."""
     from ..datapath.loader import cleanup as datapath_cleanup
 
-    datapath_cleanup(f"/sys/fs/bpf/{prefix}")  # first: hooks off before the cgroup goes
+    # first: hooks off before the cgroup goes; force: an agent a crashed run left may hold it
+    datapath_cleanup(f"/sys/fs/bpf/{prefix}", force=True)
     try:
         os.unlink(f"/run/nodemesh/{prefix}.sock")
     except FileNotFoundError:
