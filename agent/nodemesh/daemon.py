@@ -201,12 +201,13 @@ class Agent:
         assert self.core is not None and self.datapath is not None
         now = time.monotonic()
         next_prune = now + self.opts.resync_seconds
+        next_check = now + loader.CHECK_SECONDS
         while not self._stop.is_set():
             now = time.monotonic()
             # Python runs signal handlers on the main thread, but the kernel may deliver a
             # signal to any thread, and then nothing wakes this wait: keep it short so that
             # SIGHUP and SIGTERM are handled within a quarter of a second.
-            timeout = min(0.25, next_prune - now)
+            timeout = min(0.25, next_check - now, next_prune - now)
             due = self.core.reconciler.next_attempt()
             if due is not None:
                 timeout = min(timeout, due - now)
@@ -215,6 +216,12 @@ class Agent:
                 timeout = min(timeout, returns_in)
             self.core.step(timeout)
             now = time.monotonic()
+            if now >= next_check:
+                next_check = now + loader.CHECK_SECONDS
+                if not self.datapath.check_and_repair():
+                    # Hooks gone for good (e.g. the cgroup): not ready; exit for a restart.
+                    self._set_ready(False)
+                    return 1
             if now >= next_prune:
                 next_prune = now + self.opts.resync_seconds
                 self.core.prune()

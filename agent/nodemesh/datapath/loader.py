@@ -37,6 +37,7 @@ BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
 
 BPF_PROG_TYPE_SOCK_OPS = 13
+CHECK_SECONDS = 2.0  # how often a running agent checks that its hooks and pins are in place
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,17 @@ def _holder(folder: str) -> str:
     return ""
 
 
+def _pinned_map_id(pin: str) -> Optional[int]:
+    try:
+        fd = bpfsys.obj_get(pin)
+    except bpfsys.BPFError:
+        return None
+    try:
+        return bpfsys.map_info(fd).id
+    finally:
+        bpfsys.close(fd)
+
+
 def ensure_bpffs(folder: str) -> None:
     """Make sure `folder` is on a bpf filesystem, mounting /sys/fs/bpf if nothing is (as Cilium
     does), and create it with mode 0700."""
@@ -175,6 +187,7 @@ class Datapath:
         self.ringbuf_fd: Optional[int] = None
         self.load_seconds = 0.0
         self._lock_fd: Optional[int] = None
+        self._map_ids: Dict[str, int] = {}
 
     # -- load -------------------------------------------------------------------------------
     def check_pins(self) -> bool:
@@ -229,6 +242,7 @@ class Datapath:
         self._prog_fds = progs
         self.ringbuf_fd = fds.pop(RINGBUF)
         self.maps = Maps(fds)
+        self._map_ids = {spec.name: bpfsys.map_info(fds[spec.name]).id for spec in MAPS}
         self._stamp_info()
         log.info("datapath loaded in %.2fs (%s pinned maps under %s)", self.load_seconds,
                  "adopted" if self.adopted else "new", self.bpffs)
@@ -297,6 +311,78 @@ class Datapath:
         finally:
             bpfsys.close(link_fd)
         log.debug("hook %s: attached to %s", hook.name, cgroup)
+
+    # -- keep attached ----------------------------------------------------------------------
+    def _holds_folder(self) -> bool:
+        """Is the folder at our path still the one we locked (not removed, not re-created)?"""
+        try:
+            now, ours = os.stat(self.bpffs), os.fstat(self._lock_fd)
+        except FileNotFoundError:
+            return False
+        return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def check(self) -> List[str]:
+        """What is gone from the datapath this agent attached: the pin folder, a map pin (or a
+        pin of another map), a link pin, a link no longer on our cgroup (a re-created cgroup
+        has a new id). A few syscalls per object: cheap enough to run every CHECK_SECONDS."""
+        if not self._holds_folder():
+            return [f"pin folder {self.bpffs} was removed"]
+        problems = [f"map pin {spec.name} is missing or holds another map" for spec in MAPS
+                    if _pinned_map_id(os.path.join(self.bpffs, spec.name))
+                    != self._map_ids[spec.name]]
+        try:
+            cgid = bpfsys.cgroup_id(self.cgroup)
+        except FileNotFoundError:
+            return problems + [f"cgroup {self.cgroup} is gone"]
+        for hook in HOOKS:
+            try:
+                fd = bpfsys.obj_get(os.path.join(self.bpffs, "links", hook.name))
+            except bpfsys.BPFError:
+                problems.append(f"link pin links/{hook.name} is missing")
+                continue
+            try:
+                info = bpfsys.link_info(fd)
+            finally:
+                bpfsys.close(fd)
+            if (info.cgroup_id, info.attach_type) != (cgid, hook.attach_type):
+                problems.append(f"hook {hook.name} is no longer attached to {self.cgroup}")
+        return problems
+
+    def repair(self) -> None:
+        """Put back what check() finds gone: the folder and our lock on it, the map pins from
+        the fds we hold (their contents never left), the links on the cgroup as it is now.
+        Raises DatapathError (or OSError) when it cannot, e.g. when the cgroup is gone."""
+        ensure_bpffs(self.bpffs)
+        if not self._holds_folder():
+            fd = self._take_lock()
+            bpfsys.close(self._lock_fd)
+            self._lock_fd = fd
+        for spec in MAPS:
+            pin = os.path.join(self.bpffs, spec.name)
+            if _pinned_map_id(pin) != self._map_ids[spec.name]:
+                if os.path.lexists(pin):
+                    os.unlink(pin)
+                bpfsys.obj_pin(self.maps.fd(spec.name), pin)
+        self.attach()
+
+    def check_and_repair(self) -> bool:
+        """check(), then repair() what it found. False when the datapath cannot be restored:
+        the hooks no longer serve, so the agent must stop being ready."""
+        problems = self.check()
+        if not problems:
+            return True
+        log.warning("datapath damaged: %s; repairing", "; ".join(problems))
+        try:
+            self.repair()
+            problems = self.check()
+        except (DatapathError, OSError) as e:
+            problems = [str(e)]
+        if problems:
+            log.error("cannot repair the datapath: %s", "; ".join(problems))
+            return False
+        log.info("datapath repaired: hooks attached to %s, pins under %s", self.cgroup,
+                 self.bpffs)
+        return True
 
     def close(self) -> None:
         """Drop this process's fds (and the folder's lock). Programs stay attached through
