@@ -12,12 +12,12 @@ import json
 import logging
 import os
 import socket
-import socketserver
 import stat
 import struct
-import threading
-from http.server import BaseHTTPRequestHandler
+import time
 from typing import TYPE_CHECKING, Any
+
+from . import serving
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -27,12 +27,12 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/run/nodemesh/agent.sock"
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    allow_reuse_address = True
+# `status` and `services` need one at a time; the cap keeps clients holding connections from
+# using up the agent's descriptors (see serving).
+MAX_CONNECTIONS = 64
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(serving.Handler):
     agent: "Agent"
 
     def address_string(self) -> str:  # unix sockets have no client address
@@ -72,21 +72,26 @@ class AdminServer:
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         _remove_stale_socket(path)
         handler = type("Handler", (_Handler,), {"agent": agent})
-        old = os.umask(0o177)  # the socket is born 0600: no window with a wider mode
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.server = _Server(path, handler)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="admin",
-                                       daemon=True)
+            old = os.umask(0o177)  # the socket is born 0600: no window with a wider mode
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            # Not 5: clients connecting while the agent is busy queue instead of EAGAIN.
+            sock.listen(serving.BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        self.server = serving.Server(sock, handler, "admin", agent.registry, MAX_CONNECTIONS)
 
     def start(self) -> None:
-        self.thread.start()
+        self.server.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -120,14 +125,31 @@ def _remove_stale_socket(path: str) -> None:
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
+    refused_patience = 0.5  # seconds
     def __init__(self, path: str, timeout: float):
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
 
     def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
+        # A live agent can turn a connect away: EAGAIN while its backlog is full, ECONNREFUSED
+        # between bind() and listen() as it starts. Both are retried with backoff, a refusal
+        # only briefly: it is also all a killed agent's socket ever says.
+        start = time.monotonic()
+        delay = 0.01
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            try:
+                self.sock.connect(self.unix_path)
+                return
+            except (BlockingIOError, ConnectionRefusedError) as e:
+                self.sock.close()
+                refused = isinstance(e, ConnectionRefusedError)
+                patience = min(self.refused_patience, self.timeout) if refused else self.timeout
+                if time.monotonic() + delay - start > patience:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 class AdminUnavailable(Exception):
@@ -145,6 +167,9 @@ def get(path: str, endpoint: str, timeout: float = 10.0) -> Any:
         raise AdminUnavailable(f"no agent is running: {path} does not exist") from None
     except ConnectionRefusedError:
         raise AdminUnavailable(f"no agent is listening on {path}") from None
+    except BlockingIOError:
+        raise AdminUnavailable(f"the agent at {path} accepted no connection in {timeout}s: "
+                               f"its backlog is full") from None
     except PermissionError:
         raise AdminUnavailable(f"permission denied on {path}: run as root") from None
     except OSError as e:

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import platform
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
 from typing import TYPE_CHECKING, Dict, Iterator, Tuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, \
@@ -25,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
+from . import __version__, serving
 from .datapath import maps as m
 
 if TYPE_CHECKING:
@@ -195,7 +194,7 @@ def _family(cls, name: str, doc: str, labels, values: Dict[Tuple[str, ...], floa
     return fam
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(serving.Handler):
     agent: "Agent"
     registry: CollectorRegistry
 
@@ -221,29 +220,33 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics: " + fmt, *args)
 
 
+# Prometheus needs one or two at a time; the cap keeps idle clients from using up the
+# agent's descriptors (see serving).
+MAX_CONNECTIONS = 128
+
+
 class MetricsServer:
     def __init__(self, agent: "Agent", registry: CollectorRegistry, addr: str):
         host, _, port = addr.rpartition(":")
+        host = host.strip("[]")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host or "0.0.0.0", int(port)))
+            sock.listen(serving.BACKLOG)
+        except OSError:
+            sock.close()
+            raise
         handler = type("Handler", (_Handler,), {"agent": agent, "registry": registry})
-        server_cls = ThreadingHTTPServer
-        if ":" in host.strip("[]"):
-            import socket
-
-            server_cls = type("V6Server", (ThreadingHTTPServer,),
-                              {"address_family": socket.AF_INET6})
-        self.httpd = server_cls((host.strip("[]") or "0.0.0.0", int(port)), handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
-                                       daemon=True)
+        self.server = serving.Server(sock, handler, "metrics", registry, MAX_CONNECTIONS)
 
     @property
     def address(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = self.server.socket.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def start(self) -> None:
-        self.thread.start()
+        self.server.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()

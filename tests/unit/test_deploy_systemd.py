@@ -134,6 +134,11 @@ def test_filesystem_is_read_only_except_pins_and_admin_socket():
     assert service("LimitMEMLOCK") == "infinity"
 
 
+def test_descriptor_limit_is_well_above_systemds_default_of_1024():
+    # At 1,024, a thousand idle metrics clients once left the agent unable to reload.
+    assert int(service("LimitNOFILE")) >= 65536
+
+
 def test_hardening_leaves_what_bcc_and_the_datapath_need():
     settings = unit_settings()["Service"]
     # Hides /lib/modules, where BCC finds the kernel headers.
