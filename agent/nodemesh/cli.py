@@ -6,17 +6,86 @@ NODEMESH_METRICS_ADDR); a flag on the command line wins.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import sys
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from . import __version__, api, config
 
 
 def _env(name: str, default: Any = None) -> Any:
     return os.environ.get(f"NODEMESH_{name.upper().replace('-', '_')}", default)
+
+
+# Option checks for `run`, as argparse types: a bad value, from a flag or from NODEMESH_*
+# (argparse passes a string default through the type too), ends the command with one line
+# naming the option before anything is created.
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not host:port with a port 0-65535 (127.0.0.1:9464, :9464 for every "
+            f"address, [::1]:9464; port 0 takes a free one)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{host} is not an IPv6 address") from None
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"{text!r}: put an IPv6 address in brackets, "
+                                         f"e.g. [::1]:9464")
+    elif host and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise argparse.ArgumentTypeError(f"{host!r} is not an IPv4 address or a host name")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86400:  # NaN fails too; longer waits overflow thread timeouts
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds "
+                                         f"(at most 86400)")
+    return value
+
+
+MAP_SIZE_MAX = 1 << 24  # 64 times the largest default; the preallocated maps grow with it
+
+
+def _map_size(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not minimum <= value <= MAP_SIZE_MAX:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {minimum} "
+                                             f"to {MAP_SIZE_MAX}")
+        return value
+    return parse
+
+
+def _socket_path(text: str) -> str:
+    size = len(os.fsencode(text))
+    if not 0 < size < 108:  # sun_path holds 108 bytes with the final NUL
+        raise argparse.ArgumentTypeError(f"a unix socket path takes 1 to 107 bytes; this one "
+                                         f"has {size}")
+    return text
+
+
+def _one_of(*names: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(names)}")
+        return text
+    return parse
 
 
 def _table(rows: List[List[str]], header: List[str]) -> str:
@@ -57,11 +126,11 @@ def cmd_run(args) -> int:
                    cgroup=args.cgroup, bpffs=args.bpffs,
                    admin_socket=args.admin_socket, node_name=args.node_name,
                    node_zone=args.node_zone,
-                   resync_seconds=float(args.resync_seconds),
-                   sizes=MapSizes(service_entries=int(args.map_service_entries),
-                                  frontends=int(args.map_frontends),
-                                  backends=int(args.map_backends),
-                                  revnat=int(args.map_revnat)))
+                   resync_seconds=args.resync_seconds,
+                   sizes=MapSizes(service_entries=args.map_service_entries,
+                                  frontends=args.map_frontends,
+                                  backends=args.map_backends,
+                                  revnat=args.map_revnat))
     agent = Agent(opts)
     install_signals(agent)
     try:
@@ -197,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nodemesh", description="In-kernel service load balancing "
                                 "agent (eBPF socket hooks) with kernel-sourced metrics.")
     p.add_argument("--version", action="version", version=f"nodemesh {__version__}")
-    p.add_argument("--log-level", default=_env("log_level", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    levels = ["debug", "info", "warning", "error"]
+    p.add_argument("--log-level", default=_env("log_level", "info"), type=_one_of(*levels),
+                   choices=levels)
     sub = p.add_subparsers(dest="command", required=True)
     # Also accepted after the subcommand (`nodemesh run --log-level debug`); SUPPRESS keeps the
     # global value when it is not given there.
@@ -212,17 +282,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the agent in the foreground", parents=[common])
     r.add_argument("--config", default=_env("config"), help="YAML services file (file source)")
-    r.add_argument("--source", default=_env("source", "file"), choices=["file", "kubernetes"])
+    r.add_argument("--source", default=_env("source", "file"),
+                   type=_one_of("file", "kubernetes"), choices=["file", "kubernetes"])
     r.add_argument("--kubeconfig", default=_env("kubeconfig"))
-    r.add_argument("--metrics-addr", default=_env("metrics_addr", "127.0.0.1:9464"))
+    r.add_argument("--metrics-addr", default=_env("metrics_addr", "127.0.0.1:9464"),
+                   type=_host_port, help="host:port, [v6 address]:port, or :port for every "
+                                         "address (default 127.0.0.1:9464)")
     r.add_argument("--metrics-detail", default=_env("metrics_detail", "service"),
-                   choices=["service", "backend"],
+                   type=_one_of("service", "backend"), choices=["service", "backend"],
                    help="service: per-service series only (default; bounded at 100,000 "
                         "services); backend: per-backend series too")
     r.add_argument("--cgroup", default=_env("cgroup"),
                    help="cgroup v2 folder for the socket hooks (default: the cgroup v2 root)")
     r.add_argument("--bpffs", default=_env("bpffs", DEFAULT_BPFFS))
-    r.add_argument("--admin-socket", default=_env("admin_socket", api.DEFAULT_SOCKET))
+    r.add_argument("--admin-socket", default=_env("admin_socket", api.DEFAULT_SOCKET),
+                   type=_socket_path)
     r.add_argument("--interface", action="append",
                    default=[i for i in (_env("interface") or "").split(",") if i],
                    help="(reserved for the TC packet path; not used by the socket datapath; "
@@ -231,12 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--node-zone", default=_env("node_zone"),
                    help="this node's zone, for trafficDistribution: PreferClose (the kubernetes "
                         "source reads it from the Node)")
-    r.add_argument("--resync-seconds", default=_env("resync_seconds", "30"))
-    r.add_argument("--map-service-entries", default=_env("map_service_entries",
-                                                         sizes.service_entries))
-    r.add_argument("--map-frontends", default=_env("map_frontends", sizes.frontends))
-    r.add_argument("--map-backends", default=_env("map_backends", sizes.backends))
-    r.add_argument("--map-revnat", default=_env("map_revnat", sizes.revnat))
+    r.add_argument("--resync-seconds", default=_env("resync_seconds", "30"), type=_seconds)
+    # Minimums: id 0 means "none" in frontends and backends, so 2 is the least that holds
+    # one; a frontend takes a master entry and a slot in services.
+    r.add_argument("--map-service-entries", type=_map_size(2),
+                   default=_env("map_service_entries", sizes.service_entries))
+    r.add_argument("--map-frontends", default=_env("map_frontends", sizes.frontends),
+                   type=_map_size(2))
+    r.add_argument("--map-backends", default=_env("map_backends", sizes.backends),
+                   type=_map_size(2))
+    r.add_argument("--map-revnat", default=_env("map_revnat", sizes.revnat), type=_map_size(1))
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)", parents=[common])
