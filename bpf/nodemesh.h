@@ -12,15 +12,18 @@
 
 #define NM_ABI_VERSION 2
 
-/* Map sizes: compile-time settings, passed by the loader as -D flags. */
+/* Map sizes: compile-time settings, passed by the loader as -D flags. The defaults hold
+ * 100,000 single-port services with 3 backends each (400,000 masters and slots, plus the idle
+ * bank of frontends being changed); the hash maps are not preallocated, so a small node pays
+ * only for what it uses. */
 #ifndef NM_MAX_SERVICE_ENTRIES
-#define NM_MAX_SERVICE_ENTRIES 262144  /* masters + slots of all frontends */
+#define NM_MAX_SERVICE_ENTRIES 524288  /* masters + slots of all frontends */
 #endif
 #ifndef NM_MAX_FRONTENDS
-#define NM_MAX_FRONTENDS 65536         /* svc_id space: (VIP, port, protocol) triples */
+#define NM_MAX_FRONTENDS 131072        /* svc_id space: (VIP, port, protocol) triples */
 #endif
 #ifndef NM_MAX_BACKENDS
-#define NM_MAX_BACKENDS 262144         /* backend_id space */
+#define NM_MAX_BACKENDS 524288         /* backend_id space */
 #endif
 #ifndef NM_MAX_REVNAT
 #define NM_MAX_REVNAT 65536            /* per-socket reverse translations (LRU, preallocated) */

@@ -22,7 +22,7 @@ from .model import Service
 from .outlier import OutlierDetector
 from .reconciler import (ERROR, FrontendKey, Reconciler, RoundResult, service_frontends,
                          watched_endpoints)
-from .snapshot import FrontendView, RoundSummary, Snapshot, SourceState
+from .snapshot import FrontendView, RoundSummary, Snapshot, SourceState, frontend_view
 from .sources import Delta
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Core:
                 views[fk] = None
                 self._failing.discard(fk)
                 continue
-            views[fk] = FrontendView(fk, rec.desired.get(fk), rec.programmed.get(fk), st)
+            views[fk] = frontend_view(fk, rec.desired.get(fk), rec.programmed.get(fk), st)
             if st.state == ERROR:
                 self._failing.add(fk)
             else:

@@ -58,7 +58,8 @@ class Agent:
         self.sizes = opts.sizes
         self.registry = CollectorRegistry()
         self.own_metrics = metrics.AgentMetrics(self.registry)
-        self.registry.register(metrics.DatapathCollector(self, opts.metrics_detail))
+        self.datapath_metrics = metrics.DatapathCollector(self, opts.metrics_detail)
+        self.registry.register(self.datapath_metrics)
         self.datapath: Optional[loader.Datapath] = None
         self.maps: Optional[m.Maps] = None
         self.core: Optional[Core] = None

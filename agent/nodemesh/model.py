@@ -15,7 +15,7 @@ ALGORITHMS = ("random", "round_robin")
 HEALTH_CHECK_TYPES = ("tcp", "http")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Backend:
     """One endpoint of a service.
 
@@ -45,7 +45,7 @@ class Backend:
         return service_port.target_port
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     port: int
     target_port: int
@@ -54,7 +54,7 @@ class ServicePort:
     node_port: Optional[int] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     type: str = "tcp"
     interval_seconds: float = 1.0
@@ -65,12 +65,12 @@ class HealthCheck:
     port: Optional[int] = None  # defaults to each backend's target port
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SessionAffinity:
     timeout_seconds: int = 10800
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutlierDetection:
     """Passive health from kernel signals (Envoy's consecutive-failure outlier detection)."""
 
@@ -79,7 +79,7 @@ class OutlierDetection:
     max_ejection_percent: int = 50
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     namespace: str

@@ -34,7 +34,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from . import selection
@@ -55,21 +54,25 @@ class CapacityError(Exception):
     pass
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class FrontendKey:
     family: int
     vip: str
     port: int
     protocol: str
 
-    @cached_property
-    def _prefix(self) -> bytes:
-        family, words = m.encode_addr(self.vip)
+    def prefix(self) -> bytes:
+        """The packed SvcKey without its slot: pack once per frontend, not once per slot."""
+        family, words = m.encode_addr(self.vip)  # cached
         return m.key_prefix(family, words, self.port, m.PROTO_IDS[self.protocol])
 
     def map_key(self, slot: int = 0) -> bytes:
         """The packed SvcKey of this frontend's master (slot 0) or of one of its slots."""
-        return m.pack_svc_key(self._prefix, slot)
+        return m.pack_svc_key(self.prefix(), slot)
+
+    def slot_keys(self, bank: int, count: int) -> List[bytes]:
+        prefix = self.prefix()
+        return [m.pack_svc_key(prefix, m.slot_number(bank, i)) for i in range(1, count + 1)]
 
     def __str__(self) -> str:
         host = f"[{self.vip}]" if self.family == m.FAMILY_V6 else self.vip
@@ -117,7 +120,9 @@ class Status:
     error: str = ""
     retries: int = 0           # failed attempts since the last success
     next_attempt: float = 0.0  # monotonic time the next attempt is due
-    changed: float = 0.0       # wall-clock time of the last state change
+
+
+_DONE = Status(DONE)  # shared: most of 100,000 frontends are simply done
 
 
 class IdPool:
@@ -246,7 +251,7 @@ class Reconciler:
         self.desired: Dict[FrontendKey, DesiredFrontend] = {}
         self.status: Dict[FrontendKey, Status] = {}
         self.pending: Set[FrontendKey] = set()
-        self.by_service: Dict[ServiceKey, FrozenSet[FrontendKey]] = {}
+        self.by_service: Dict[ServiceKey, Tuple[FrontendKey, ...]] = {}
         self.svc_ids = IdPool(sizes.frontends - 1, "frontend", clock=clock)
         self.backend_ids = IdPool(sizes.backends - 1, "backend", clock=clock)
         self._garbage_slots: List[bytes] = []
@@ -273,7 +278,7 @@ class Reconciler:
                 conflicts.append(f"{fk} is already {other.namespace}/{other.service}'s")
                 continue
             mine[fk] = d
-        for fk in self.by_service.get(key, frozenset()) - mine.keys():
+        for fk in [k for k in self.by_service.get(key, ()) if k not in mine]:
             self.desired.pop(fk, None)
             self._mark(fk)
         for fk, d in mine.items():
@@ -281,7 +286,7 @@ class Reconciler:
                 self.desired[fk] = d
                 self._mark(fk)
         if mine:
-            self.by_service[key] = frozenset(mine)
+            self.by_service[key] = tuple(mine)
         else:
             self.by_service.pop(key, None)
         self._watch(key, watched)
@@ -294,8 +299,7 @@ class Reconciler:
         self.pending.add(fk)
         old = self.status.get(fk)
         # A new desired state is tried at once, even while an old failure backs off.
-        self.status[fk] = Status(PENDING, old.error if old else "", old.retries if old else 0,
-                                 0.0, time.time())
+        self.status[fk] = Status(PENDING, old.error if old else "", old.retries if old else 0)
 
     def _watch(self, key: ServiceKey, endpoints: FrozenSet[Endpoint]) -> None:
         old = self._watched_by.get(key, frozenset())
@@ -444,14 +448,14 @@ class Reconciler:
 
     def _done(self, k: FrontendKey, result: RoundResult) -> None:
         self.pending.discard(k)
-        self.status[k] = Status(DONE, changed=time.time())
+        self.status[k] = _DONE
         result.touched.add(k)
 
     def _failed(self, k: FrontendKey, err: str, now: float, result: RoundResult) -> None:
         old = self.status.get(k)
         retries = (old.retries if old else 0) + 1
         delay = min(RETRY_CAP, RETRY_FIRST * 2 ** (retries - 1)) * random.uniform(0.8, 1.2)
-        self.status[k] = Status(ERROR, err, retries, now + delay, time.time())
+        self.status[k] = Status(ERROR, err, retries, now + delay)
         self.pending.add(k)
         result.touched.add(k)
         if len(result.errors) < 5:
@@ -554,9 +558,8 @@ class Reconciler:
                                                     m.BACKEND_ACTIVE))
         slot_keys, slot_values = [], []
         for c in changes:
-            for i, ident in enumerate(c.new.slots, start=1):
-                slot_keys.append(c.new.key.map_key(m.slot_number(c.new.bank, i)))
-                slot_values.append(m.pack_slot_value(ident))
+            slot_keys.extend(c.new.key.slot_keys(c.new.bank, len(c.new.slots)))
+            slot_values.extend(m.pack_slot_value(ident) for ident in c.new.slots)
         try:
             self.maps.delete_batch("svc_stats", reused_svc)
             self.maps.delete_batch("backend_stats", reused_be)
@@ -581,8 +584,8 @@ class Reconciler:
         except OSError as e:
             done = getattr(e, "done", 0)
             lost = changes[done:]
-            self._undo(lost, [c.new.key.map_key(m.slot_number(c.new.bank, i))
-                              for c in lost for i in range(1, len(c.new.slots) + 1)],
+            self._undo(lost, [k for c in lost for k in c.new.key.slot_keys(c.new.bank,
+                                                                            len(c.new.slots))],
                        [m.pack_u32(i) for c in lost for i in c.new_backend_ids])
             for c in lost:
                 failed[c.new.key] = f"master write failed ({_reason(e)}); the previous state " \
@@ -616,8 +619,7 @@ class Reconciler:
         if not removed:
             return
         masters = [p.key.map_key(0) for p in removed]
-        slots = [p.key.map_key(m.slot_number(p.bank, i)) for p in removed
-                 for i in range(1, p.slot_count + 1)]
+        slots = [k for p in removed for k in p.key.slot_keys(p.bank, p.slot_count)]
         backends = [b for p in removed for b in p.backend_ids.values()]
         try:
             result.writes += self.maps.delete_batch("services", masters)
@@ -640,8 +642,7 @@ class Reconciler:
         backends: List[int] = []
         for c in committed:
             if c.old is not None:
-                slots.extend(c.old.key.map_key(m.slot_number(c.old.bank, i))
-                             for i in range(1, c.old.slot_count + 1))
+                slots.extend(c.old.key.slot_keys(c.old.bank, c.old.slot_count))
                 backends.extend(c.dropped_backend_ids)
         self._delete_unreferenced(slots, backends, [], result)
 

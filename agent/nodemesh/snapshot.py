@@ -73,6 +73,26 @@ class FrontendView:
     desired: Optional[DesiredFrontend]        # None: being deleted
     programmed: Optional[ProgrammedFrontend]  # None: not in the kernel yet
     status: Status
+    # Prometheus labels, formatted once when the frontend changes rather than at every scrape:
+    # the service's, and with port and protocol (empty while not desired).
+    service_labels: str = ""
+    labels: str = ""
+
+
+def frontend_view(key: FrontendKey, desired: Optional[DesiredFrontend],
+                  programmed: Optional[ProgrammedFrontend], status: Status) -> FrontendView:
+    if desired is None:
+        return FrontendView(key, desired, programmed, status)
+    svc = f'namespace="{label_value(desired.namespace)}",service="{label_value(desired.service)}"'
+    return FrontendView(key, desired, programmed, status, svc,
+                        f'{svc},port="{key.port}",protocol="{key.protocol}"')
+
+
+def label_value(value: str) -> str:
+    """A Prometheus label value, escaped as the text format wants."""
+    if "\\" not in value and '"' not in value and "\n" not in value:
+        return value  # the common case: validated names need no escaping
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 @dataclass(frozen=True)

@@ -131,11 +131,12 @@ MAP_BY_NAME = {m.name: m for m in MAPS}
 
 @dataclass(frozen=True)
 class MapSizes:
-    """Capacities, passed to the C code as -D flags. Defaults suit a large node."""
+    """Capacities, passed to the C code as -D flags. The defaults hold 100,000 services with
+    3 backends each; the hash maps are not preallocated (memory follows use)."""
 
-    service_entries: int = 262144
-    frontends: int = 65536
-    backends: int = 262144
+    service_entries: int = 524288
+    frontends: int = 131072
+    backends: int = 524288
     revnat: int = 65536
     affinity: int = 65536
     endpoints: int = 262144
