@@ -169,7 +169,11 @@ def cmd_status(args) -> int:
           f" ({'adopted' if dp['adopted_pins'] else 'new'}, loaded in {dp['load_seconds']}s)")
     hooks = ", ".join(f"{h['hook']}#{h['prog_id']}" for h in dp["hooks"] if h["attached"])
     print(f"hooks:     {hooks or 'none attached'}")
-    print(f"services:  {st['services']} ({st['frontends']} frontends)")
+    print(f"services:  {st['services']} ({st['frontends']} frontends"
+          + (f", {st['failing_frontends']} failing: see 'nodemesh services'"
+             if st.get("failing_frontends") else "") + ")")
+    for conflict in st.get("conflicts") or []:
+        print(f"  conflict: {conflict}")
     la = st.get("last_apply")
     if la:
         print(f"last sync: +{la['added']} ~{la['changed']} -{la['removed']} ={la['unchanged']}"
@@ -209,13 +213,16 @@ def cmd_services(args) -> int:
             bes = " ".join(
                 f"{backend_label(b['address'], b['port'])}(w{b['weight']},{b['connections']})"
                 for b in fe["backends"]) or "-"
+            state = fe.get("state", "done")
+            if state == "error":
+                state = f"error (try {fe['retries']}): {fe['error']}"
             rows.append([f"{svc['namespace']}/{svc['name']}", f"{host}:{fe['port']}/"
-                         f"{fe['protocol']}", fe["algorithm"], fe["selection"],
+                         f"{fe['protocol']}", state, fe["algorithm"], fe["selection"],
                          str(fe["connections"]), str(fe["no_backend"]), bes])
     if not rows:
         print("no services programmed")
         return 0
-    print(_table(rows, ["SERVICE", "FRONTEND", "ALGORITHM", "SET", "CONNS", "REFUSED",
+    print(_table(rows, ["SERVICE", "FRONTEND", "STATE", "ALGORITHM", "SET", "CONNS", "REFUSED",
                         "BACKENDS (weight, conns)"]))
     return 0
 

@@ -13,6 +13,8 @@ Stop:   SIGTERM/SIGINT end the process and leave the datapath in the kernel, ser
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import signal
@@ -184,6 +186,8 @@ class Agent:
                 if self._stop.is_set():
                     return 0
             self.core.reconcile(force=True)
+            gc.collect()
+            _return_freed_memory()
             self.datapath.attach()
             self._set_ready(True)
             log.info("ready: %d frontends programmed, hooks attached to %s",
@@ -354,6 +358,15 @@ class Agent:
                 "backends": backends, "connections": stats.get("connections", 0),
                 "no_backend": stats.get("no_backend", 0)})
         return list(by_service.values())
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap the first sync freed (the parser's transient objects) back to the OS.
+    glibc keeps freed small blocks in its arenas, and RSS would stay at the start-up peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
 
 
 def install_signals(agent: Agent) -> None:
