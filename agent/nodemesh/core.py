@@ -14,14 +14,20 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 from . import selection
 from .health import HealthChecker, TargetKey
-from .model import Service
+from .model import HealthCheck, Service
 from .outlier import OutlierDetector
-from .reconciler import (ERROR, FrontendKey, Reconciler, RoundResult, service_frontends,
-                         watched_endpoints)
+from .reconciler import (
+    ERROR,
+    FrontendKey,
+    Reconciler,
+    RoundResult,
+    service_frontends,
+    watched_endpoints,
+)
 from .snapshot import FrontendView, RoundSummary, Snapshot, SourceState, frontend_view
 from .sources import Delta
 
@@ -43,7 +49,7 @@ class SourceFailed:
 @dataclass(frozen=True)
 class BackendsChanged:
     """Health checks or the outlier detector changed the verdict on these services' backends."""
-    services: frozenset
+    services: FrozenSet[ServiceKey]
 
 
 Event = Union[SourceChanged, SourceFailed, BackendsChanged]
@@ -208,7 +214,7 @@ class Core:
             conflicts=tuple(c for cs in self._conflicts.values() for c in cs))
 
 
-def _health_targets(svc: Service) -> Dict[TargetKey, object]:
+def _health_targets(svc: Service) -> Dict[TargetKey, HealthCheck]:
     hc = svc.health_check
     if hc is None:
         return {}
@@ -259,7 +265,7 @@ class SocketTerminator:
     """Ends client sockets still connected to endpoints no frontend uses any more, on one
     worker that coalesces requests (a burst of changes is one walk of the namespaces)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._pending: Dict[Tuple[str, int, str], bool] = {}
         self.terminated = 0

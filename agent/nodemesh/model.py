@@ -1,14 +1,15 @@
 """The desired state: services, their ports and their backends.
 
-Frozen dataclasses, validated once at the edge (nodemesh.config for files, nodemesh.sources.kubernetes
-for the API) and trusted everywhere inside. Addresses are stored in their canonical text form
-(ipaddress.ip_address(...).compressed) so that equal addresses compare equal.
+Frozen dataclasses, validated once at the edge (nodemesh.config for files,
+nodemesh.sources.kubernetes for the API) and trusted everywhere inside. Addresses are stored
+in their canonical text form (ipaddress.ip_address(...).compressed) so that equal addresses
+compare equal.
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 PROTOCOLS = ("TCP", "UDP")
 ALGORITHMS = ("random", "round_robin")
@@ -107,7 +108,7 @@ class Service:
     def vips(self) -> Tuple[str, ...]:
         return (self.vip,) + self.extra_vips
 
-    def frontends(self):
+    def frontends(self) -> Iterator[Tuple[str, "ServicePort"]]:
         """Yield (vip, ServicePort) for every frontend this service programs."""
         for vip in self.vips:
             for sp in self.ports:

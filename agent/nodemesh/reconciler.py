@@ -34,8 +34,19 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import (Callable, Deque, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set,
-                    Tuple)
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    FrozenSet,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from . import selection
 from .datapath import maps as m
@@ -305,6 +316,10 @@ class Reconciler:
         self._endpoint_refs: Dict[Tuple[str, int, str], int] = {}  # frontends using it
         self.last_result: Optional[RoundResult] = None
 
+    def _items(self, name: str) -> Iterator[Tuple[Any, Any]]:
+        """A map's elements as its ctypes key and value types (see maps.MAPS)."""
+        return self.maps.items(name)
+
     # -- desired state (the core loop) ----------------------------------------------------
     def set_service(self, key: ServiceKey, frontends: Dict[FrontendKey, DesiredFrontend],
                     watched: FrozenSet[Endpoint] = frozenset()) -> List[str]:
@@ -369,9 +384,9 @@ class Reconciler:
         """Rebuild programmed state from the pinned maps. Returns the frontends adopted.
         Every adopted frontend is pending: the first round keeps what is still wanted (with
         no write when it is already right) and deletes the rest."""
-        masters: Dict[Tuple, Tuple[m.SvcKey, m.SvcValue]] = {}
-        slots: Dict[Tuple, Dict[int, int]] = {}
-        for key, value in self.maps.items("services"):
+        masters: Dict[Tuple[Any, ...], Tuple[m.SvcKey, m.SvcValue]] = {}
+        slots: Dict[Tuple[Any, ...], Dict[int, int]] = {}
+        for key, value in self._items("services"):
             ident = (tuple(key.addr), key.port, key.proto, key.family)
             if key.slot == 0:
                 masters[ident] = (m.SvcKey.from_buffer_copy(key),
@@ -379,7 +394,7 @@ class Reconciler:
             else:
                 slots.setdefault(ident, {})[key.slot] = value.backend_id
         backends = {m.key_int(k): m.BackendEntry.from_buffer_copy(v)
-                    for k, v in self.maps.items("backends")}
+                    for k, v in self._items("backends")}
         referenced = set()
         for ident, (key, master) in masters.items():
             proto = m.PROTO_NAMES.get(key.proto)
@@ -414,14 +429,14 @@ class Reconciler:
         for ident, have in slots.items():
             if ident not in masters:
                 self._garbage_slots.extend(_svc_key(ident, slot) for slot in have)
-        stat_ids = {m.key_int(k) for k, _ in self.maps.items("backend_stats")}
+        stat_ids = {m.key_int(k) for k, _ in self._items("backend_stats")}
         self._garbage_backends = sorted((set(backends) | stat_ids) - referenced)
-        for key, _ in self.maps.items("endpoint_health"):
+        for key, _ in self._items("endpoint_health"):
             ep = (m.decode_addr(key.family, key.addr), m.port_host(key.port))
             self.endpoints.add(ep)
             self._endpoints_dirty.add(ep)  # dropped at the first round unless still watched
         live_svc = {p.svc_id for p in self.programmed.values()}
-        self._garbage_svc_stats = [m.key_int(k) for k, _ in self.maps.items("svc_stats")
+        self._garbage_svc_stats = [m.key_int(k) for k, _ in self._items("svc_stats")
                                    if m.key_int(k) not in live_svc]
         log.info("adopted %d frontends and %d backends from pinned maps (%d stale entries "
                  "to remove)", len(self.programmed), len(referenced),
@@ -596,7 +611,8 @@ class Reconciler:
                     be_keys.append(m.pack_u32(ident))
                     be_values.append(m.pack_backend(address, port, proto, c.new.svc_id,
                                                     m.BACKEND_ACTIVE))
-        slot_keys, slot_values = [], []
+        slot_keys: List[bytes] = []
+        slot_values: List[bytes] = []
         for c in changes:
             slot_keys.extend(c.new.key.slot_keys(c.new.bank, len(c.new.slots)))
             slot_values.extend(m.pack_slot_value(ident) for ident in c.new.slots)
@@ -739,7 +755,7 @@ class Reconciler:
 
     def endpoint_health(self) -> Dict[Endpoint, Dict[str, int]]:
         out = {}
-        for key, value in self.maps.items("endpoint_health"):
+        for key, value in self._items("endpoint_health"):
             out[(m.decode_addr(key.family, key.addr), m.port_host(key.port))] = {
                 "consecutive_failures": value.consecutive_failures, "failures": value.failures,
                 "successes": value.successes}
@@ -750,9 +766,9 @@ class Reconciler:
         """Compare the kernel's masters with what we believe is programmed. A drifted frontend
         is marked damaged and pending (rewritten next round); a master nobody wants is
         deleted now with its slots. Returns what was found, for the log."""
-        kernel: Dict[Tuple, Tuple[int, int, int]] = {}
-        kernel_slots: Dict[Tuple, List[int]] = {}
-        for key, value in self.maps.items("services"):
+        kernel: Dict[Tuple[Any, ...], Tuple[int, int, int]] = {}
+        kernel_slots: Dict[Tuple[Any, ...], List[int]] = {}
+        for key, value in self._items("services"):
             ident = (tuple(key.addr), key.port, key.proto, key.family)
             if key.slot == 0:
                 kernel[ident] = (value.svc_id, value.count, value.bank)
@@ -795,7 +811,7 @@ class Reconciler:
         return self.reconcile(force=True)
 
 
-def _svc_key(ident: Tuple, slot: int) -> bytes:
+def _svc_key(ident: Tuple[Any, ...], slot: int) -> bytes:
     addr, port, proto, family = ident
     k = m.SvcKey()
     k.addr[:] = addr

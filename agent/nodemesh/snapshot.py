@@ -9,7 +9,7 @@ entries each).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import (Dict, Generic, Hashable, Iterator, Mapping, Optional, Tuple, TypeVar)
+from typing import Dict, Generic, Hashable, Iterator, Mapping, Optional, Tuple, TypeVar
 
 from .model import Service
 from .reconciler import DesiredFrontend, FrontendKey, ProgrammedFrontend, Status

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from helpers import TIME_SCALE, bpftool_json, cli, config_yaml, service_yaml
 
 pytestmark = pytest.mark.root

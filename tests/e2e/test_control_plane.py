@@ -2,7 +2,6 @@
 frontend that cannot be programmed stays visible with its error until it succeeds, and going
 back to a config that fits programs everything at once."""
 import pytest
-
 from helpers import config_yaml, service_yaml
 
 pytestmark = pytest.mark.root

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import ROOT, TIME_SCALE, bpftool_json, cli, config_yaml, free_port, service_yaml
 
 pytestmark = pytest.mark.root

@@ -5,9 +5,9 @@ import threading
 import time
 
 import pytest
+from helpers import config_yaml
 
 from nodemesh.lab.topology import sh
-from helpers import config_yaml
 
 pytestmark = pytest.mark.root
 

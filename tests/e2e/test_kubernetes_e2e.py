@@ -4,7 +4,6 @@ import statistics
 import time
 
 import pytest
-
 from k8s_fake_apiserver import FakeApiServer
 
 pytestmark = pytest.mark.root

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from helpers import config_yaml, service_yaml
 
 pytestmark = pytest.mark.root

@@ -7,8 +7,8 @@ import resource
 import socket
 
 import pytest
-
 from helpers import TIME_SCALE, cli, config_yaml, service_yaml
+
 from nodemesh import api, metrics, serving
 
 pytestmark = pytest.mark.root

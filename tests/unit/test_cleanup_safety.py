@@ -3,6 +3,7 @@ holds it (issue 7). No root needed."""
 import os
 
 from helpers import cli
+
 from nodemesh.datapath import loader
 
 

@@ -23,9 +23,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nodemesh import health
-from nodemesh.health import (DURATION_BUCKETS, HealthChecker, TargetKey, TargetState,
-                          http_request, status_line_error)
+from nodemesh.health import (
+    DURATION_BUCKETS,
+    HealthChecker,
+    TargetKey,
+    TargetState,
+    http_request,
+    status_line_error,
+)
 from nodemesh.model import HealthCheck
+
 
 def ipv6_loopback_works() -> bool:
     try:

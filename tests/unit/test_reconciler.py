@@ -171,7 +171,7 @@ def test_ids_are_released_only_after_the_kernel_delete_succeeded():
 def test_freed_ids_are_reused_oldest_first_and_only_after_a_quarantine():
     clock = Clock()
     pool = IdPool(100, "frontend", quarantine=10, clock=clock)
-    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    a, b, _ = pool.allocate(), pool.allocate(), pool.allocate()
     pool.release(b)
     clock.now += 1
     pool.release(a)

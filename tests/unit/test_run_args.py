@@ -4,8 +4,8 @@ the option, no traceback, nothing created; from the command line and from NODEME
 In-process tests only parse: should a check go missing, they fail instead of starting an
 agent (as root, on the default pins and the root cgroup)."""
 import pytest
-
 from helpers import cli
+
 from nodemesh.cli import build_parser
 
 LONG_SOCKET = "/run/nodemesh/" + "s" * 94 + ".sock"  # 113 bytes: more than sun_path holds

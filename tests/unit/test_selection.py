@@ -4,8 +4,14 @@ import random
 import pytest
 
 from nodemesh.model import Backend
-from nodemesh.selection import (MAX_SLOTS, eligible, expanded_sequence, slot_counts,
-                             slots_for, smooth_sequence)
+from nodemesh.selection import (
+    MAX_SLOTS,
+    eligible,
+    expanded_sequence,
+    slot_counts,
+    slots_for,
+    smooth_sequence,
+)
 
 
 def longest_ring_run(seq):

@@ -15,9 +15,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import TIME_SCALE
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import TIME_SCALE
 from nodemesh import api, metrics
 
 HEAD_TIMEOUT = 1.0
