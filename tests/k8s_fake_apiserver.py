@@ -8,6 +8,10 @@ implements what the source relies on, the way kube-apiserver does it:
 - GET  /api/v1/services, /apis/discovery.k8s.io/v1/endpointslices (and the namespaced forms)
   list: {"kind": "ServiceList", "metadata": {"resourceVersion": N}, "items": [...]}; items
   carry no kind/apiVersion, as the real API sends them.
+- ?limit=L pages a list: metadata.continue (and remainingItemCount) while more remain; every
+  page of one list is from the same snapshot, at the first page's resourceVersion. A continue
+  token whose snapshot is compacted (or forgotten) is a 410 Expired; a continue with a
+  resourceVersion other than "0" is a 400, as kube-apiserver answers.
 - ?watch=true&resourceVersion=N streams, with Transfer-Encoding: chunked, one JSON event a
   line: every ADDED/MODIFIED/DELETED after N. No (or "0") resourceVersion first replays the
   current objects as ADDED. allowWatchBookmarks=true adds BOOKMARK events (on demand, every
@@ -19,14 +23,16 @@ implements what the source relies on, the way kube-apiserver does it:
 - GET /api/v1/nodes/NAME for a node added with add_node().
 
 Test controls: put/delete objects (optionally without a watch event, to fake a missed one),
-compact(), drop_watches() (the socket is shut, no chunked terminator), hold_watches() (new
-watch requests wait), send_bookmarks(), fail_requests(status), and `requests`, a log of
-every request as (path, query).
+load() many at once (benchmarks), compact(), drop_watches() (the socket is shut, no chunked
+terminator), hold_watches() (new watch requests wait), send_bookmarks(),
+fail_requests(status), and `requests`, a log of every request as (path, query).
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import itertools
 import json
 import socket
 import threading
@@ -34,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 Key = Tuple[str, str]  # (namespace, name)
@@ -64,6 +70,11 @@ class _Event:
     obj: dict
 
 
+class _Stored(NamedTuple):
+    obj: dict
+    item: bytes  # the object as a list item (no kind/apiVersion), encoded once: lists are fast
+
+
 class _Watch:
     def __init__(self, handler: "_Handler", resource: str):
         self.handler = handler
@@ -81,9 +92,11 @@ class FakeApiServer:
         self._cond = threading.Condition()
         self._resource_version = 100
         self._compacted = 100  # a watch from below this is answered 410
-        self._objects: Dict[str, Dict[Key, dict]] = {name: {} for name in COLLECTIONS}
+        self._objects: Dict[str, Dict[Key, _Stored]] = {name: {} for name in COLLECTIONS}
         self._nodes: Dict[str, dict] = {}
-        self._history: List[_Event] = []
+        self._history: List[_Event] = []  # in resourceVersion order
+        self._snapshots: Dict[int, Tuple[int, List[_Stored]]] = {}  # paged lists in progress
+        self._snapshot_ids = itertools.count(1)
         self._watches: List[_Watch] = []
         self._watches_open = threading.Event()
         self._watches_open.set()
@@ -138,13 +151,24 @@ class FakeApiServer:
         with self._cond:
             return self._resource_version
 
+    # Stored objects are never changed in place, only replaced: events, list pages and
+    # snapshots share them instead of copying.
     def put(self, obj: dict, emit: bool = True) -> dict:
         """Create or replace an object (by its kind, namespace and name); ADDED or MODIFIED.
 
         emit=False changes the state without a watch event: a missed event, for resync tests.
         """
+        return copy.deepcopy(self._store(copy.deepcopy(obj), emit))
+
+    def load(self, objects) -> None:
+        """Store many objects (taking them over, not copying) with no watch events, and
+        compact: as if they had existed before any watch began. For benchmarks."""
+        for obj in objects:
+            self._store(obj, emit=False)
+        self.compact()
+
+    def _store(self, obj: dict, emit: bool) -> dict:
         collection = BY_KIND[obj["kind"]]
-        obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         meta.setdefault("namespace", "default")
         key = (meta["namespace"], meta["name"])
@@ -152,37 +176,37 @@ class FakeApiServer:
             known = self._objects[collection.resource].get(key)
             self._resource_version += 1
             meta["resourceVersion"] = str(self._resource_version)
-            meta["uid"] = (known or {}).get("metadata", {}).get("uid") or meta.get("uid") \
+            meta["uid"] = (known.obj["metadata"]["uid"] if known else None) or meta.get("uid") \
                 or str(uuid.uuid4())
-            self._objects[collection.resource][key] = obj
+            item = json.dumps({k: v for k, v in obj.items() if k not in ("kind", "apiVersion")})
+            self._objects[collection.resource][key] = _Stored(obj, item.encode())
             if emit:
                 self._record(collection.resource, "MODIFIED" if known else "ADDED", obj)
             self._cond.notify_all()
-        return copy.deepcopy(obj)
+        return obj
 
     def delete(self, kind: str, namespace: str, name: str, emit: bool = True) -> None:
         collection = BY_KIND[kind]
         with self._cond:
-            obj = self._objects[collection.resource].pop((namespace, name))
+            obj = self._objects[collection.resource].pop((namespace, name)).obj
             self._resource_version += 1
             # A DELETED event carries the object as it was, at the deletion's version.
-            obj = copy.deepcopy(obj)
-            obj["metadata"]["resourceVersion"] = str(self._resource_version)
+            obj = dict(obj, metadata=dict(obj["metadata"],
+                                          resourceVersion=str(self._resource_version)))
             if emit:
                 self._record(collection.resource, "DELETED", obj)
             self._cond.notify_all()
 
     def get(self, kind: str, namespace: str, name: str) -> dict:
         with self._cond:
-            return copy.deepcopy(self._objects[BY_KIND[kind].resource][(namespace, name)])
+            return copy.deepcopy(self._objects[BY_KIND[kind].resource][(namespace, name)].obj)
 
     def add_node(self, node: dict) -> None:
         with self._cond:
             self._nodes[node["metadata"]["name"]] = copy.deepcopy(node)
 
     def _record(self, resource: str, event_type: str, obj: dict) -> None:
-        self._history.append(_Event(self._resource_version, resource, event_type,
-                                    copy.deepcopy(obj)))
+        self._history.append(_Event(self._resource_version, resource, event_type, obj))
 
     def compact(self) -> int:
         """Forget the history up to now, as etcd compaction does. Returns the new floor."""
@@ -237,18 +261,54 @@ class FakeApiServer:
                 if path.endswith("/" + resource) and q.get("watch") in ("true", "1")]
 
     # -- serving (called from handler threads)
-    def _list_body(self, collection: Collection, namespace: Optional[str]) -> dict:
+    SNAPSHOTS_KEPT = 16  # paged lists in progress; an older one's token gets a 410
+
+    def _list_body(self, collection: Collection, namespace: Optional[str],
+                   query: Dict[str, str]) -> Tuple[int, bytes]:
+        """(HTTP status, body) of a list request, or of one page of it."""
+        limit = int(query.get("limit") or 0)
+        token = query.get("continue")
         with self._cond:
-            items = []
-            for (ns, _), obj in sorted(self._objects[collection.resource].items()):
-                if namespace is None or ns == namespace:
-                    item = copy.deepcopy(obj)
-                    item.pop("kind", None)
-                    item.pop("apiVersion", None)
-                    items.append(item)
-            return {"kind": collection.kind + "List", "apiVersion": collection.api_version,
-                    "metadata": {"resourceVersion": str(self._resource_version)},
-                    "items": items}
+            if token:
+                if query.get("resourceVersion") not in (None, "", "0"):
+                    return 400, _status_json(400, "BadRequest", "specifying resource version "
+                                             "is not allowed when using continue")
+                try:
+                    position = json.loads(base64.urlsafe_b64decode(token))
+                    snapshot_id, offset = position["id"], position["offset"]
+                except (ValueError, KeyError, TypeError):
+                    return 400, _status_json(400, "BadRequest", "invalid continue token")
+                snapshot = self._snapshots.get(snapshot_id)
+                if snapshot is None or snapshot[0] < self._compacted:
+                    self._snapshots.pop(snapshot_id, None)
+                    return 410, _status_json(
+                        410, "Expired", "The provided continue parameter is too old to "
+                        "display a consistent list result. You can start a new list without "
+                        "the continue parameter.")
+                version, objects = snapshot
+            else:
+                version, offset = self._resource_version, 0
+                objects = [stored for (ns, _), stored
+                           in sorted(self._objects[collection.resource].items())
+                           if namespace is None or ns == namespace]
+                snapshot_id = None
+            end = len(objects) if limit <= 0 else offset + limit
+            metadata = {"resourceVersion": str(version)}
+            if end < len(objects):
+                if snapshot_id is None:
+                    snapshot_id = next(self._snapshot_ids)
+                    self._snapshots[snapshot_id] = (version, objects)
+                    while len(self._snapshots) > self.SNAPSHOTS_KEPT:
+                        del self._snapshots[next(iter(self._snapshots))]
+                metadata["continue"] = base64.urlsafe_b64encode(json.dumps(
+                    {"id": snapshot_id, "offset": end}).encode()).decode()
+                metadata["remainingItemCount"] = len(objects) - end
+            elif snapshot_id is not None:
+                self._snapshots.pop(snapshot_id, None)  # the last page: done with it
+        head = json.dumps({"kind": collection.kind + "List",
+                           "apiVersion": collection.api_version, "metadata": metadata})
+        return 200, b"%s, \"items\": [%s]}" % (
+            head[:-1].encode(), b", ".join(stored.item for stored in objects[offset:end]))
 
     def _bookmark(self, collection: Collection, resource_version: int) -> dict:
         obj = {"kind": collection.kind, "apiVersion": collection.api_version,
@@ -262,9 +322,16 @@ class FakeApiServer:
 
 
 def gone_status(requested: int, oldest: int) -> dict:
+    return _status_body(410, "Expired", f"too old resource version: {requested} ({oldest})")
+
+
+def _status_body(code: int, reason: str, message: str) -> dict:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": f"too old resource version: {requested} ({oldest})",
-            "reason": "Expired", "code": 410}
+            "message": message, "reason": reason, "code": code}
+
+
+def _status_json(code: int, reason: str, message: str) -> bytes:
+    return json.dumps(_status_body(code, reason, message)).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -297,7 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
         collection, namespace = route
         if query.get("watch") in ("true", "1"):
             return self._watch(collection, namespace, query)
-        return self._json(200, self.fake._list_body(collection, namespace))
+        return self._send(*self.fake._list_body(collection, namespace, query))
 
     def _route(self, path: str):
         for collection in COLLECTIONS.values():
@@ -314,7 +381,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- responses
     def _json(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+        self._send(code, json.dumps(body).encode())
+
+    def _send(self, code: int, data: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -322,9 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _status(self, code: int, reason: str, message: str) -> None:
-        self._json(code, {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                          "status": "Failure", "message": message, "reason": reason,
-                          "code": code})
+        self._json(code, _status_body(code, reason, message))
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -345,9 +412,9 @@ class _Handler(BaseHTTPRequestHandler):
         with fake._cond:
             if requested in ("", "0"):
                 position = fake._resource_version
-                for (ns, _), obj in sorted(fake._objects[collection.resource].items()):
+                for (ns, _), stored in sorted(fake._objects[collection.resource].items()):
                     if namespace is None or ns == namespace:
-                        initial.append({"type": "ADDED", "object": copy.deepcopy(obj)})
+                        initial.append({"type": "ADDED", "object": stored.obj})
             else:
                 position = int(requested)
                 if position < fake._compacted:
@@ -372,9 +439,11 @@ class _Handler(BaseHTTPRequestHandler):
             while position is not None:
                 with fake._cond:
                     while True:
-                        pending = [e for e in fake._history
-                                   if e.resource_version > position
-                                   and e.resource == collection.resource]
+                        start = len(fake._history)  # in order: walk back to what is new
+                        while start and fake._history[start - 1].resource_version > position:
+                            start -= 1
+                        pending = [e for e in fake._history[start:]
+                                   if e.resource == collection.resource]
                         now = time.monotonic()
                         bookmark_due = bookmarks and (watch.bookmark_requested or (
                             next_bookmark is not None and now >= next_bookmark))
