@@ -70,8 +70,42 @@ def one(**fields):
      "services[0].ports[0].protocol: 'SCTP' is not a protocol (TCP or UDP)"),
     (one(vip="10.96.0.300"), "bad.yaml:3: services[0].vip: '10.96.0.300' is not an IPv4 or "
                              "IPv6 address"),
-    (one(vip="0.0.0.0"), "services[0].vip: 0.0.0.0 cannot be a virtual IP"),
-    (one(vip="127.0.0.1"), "services[0].vip: 127.0.0.1 cannot be a virtual IP"),
+    (one(vip="0.0.0.0"), "services[0].vip: 0.0.0.0 cannot be a virtual IP: it is unspecified"),
+    (one(vip="0.0.0.1"), "services[0].vip: 0.0.0.1 cannot be a virtual IP: 0.0.0.0/8"),
+    (one(vip="240.0.0.1"), "services[0].vip: 240.0.0.1 cannot be a virtual IP: 240.0.0.0/4 is "
+                           "reserved"),
+    (one(vip="255.255.255.255"), "255.255.255.255 cannot be a virtual IP: it is the broadcast"),
+    (one(vip="224.0.0.1"), "services[0].vip: 224.0.0.1 cannot be a virtual IP: multicast"),
+    (one(vip="'ff02::1'", backends="[{address: 'fd00::2'}]"), "ff02::1 cannot be a virtual IP"),
+    (one(vip="'::'", backends="[]"), "services[0].vip: :: cannot be a virtual IP: it is "
+                                     "unspecified"),
+    # The datapath reads ::ffff:a.b.c.d as IPv4: such a VIP would never match.
+    (one(vip="'::ffff:10.96.0.20'", backends="[{address: 'fd00::2'}]"),
+     "services[0].vip: ::ffff:a60:14 cannot be a virtual IP: IPv4-mapped addresses are IPv4 to "
+     "the datapath: write 10.96.0.20"),
+    (one(vip="'fd00::10'", backends="[{address: '::ffff:10.0.0.2'}]"),
+     "services[0].backends[0].address: ::ffff:a00:2 cannot be a backend: IPv4-mapped"),
+    # inet_pton (the datapath's encoding) refuses a zone: the agent crash-looped on these.
+    (one(vip="'fd00::10%eth0'", backends="[]"),
+     "bad.yaml:3: services[0].vip: 'fd00::10%eth0' is a scoped IPv6 address"),
+    (one(vip="'fd00::10'", backends="[{address: 'fe80::2%lo'}]"),
+     "services[0].backends[0].address: 'fe80::2%lo' is a scoped IPv6 address"),
+    (one(vip="'fd00::10'", backends="[{address: 'fe80::2'}]"),
+     "services[0].backends[0].address: fe80::2 cannot be a backend: IPv6 link-local needs an "
+     "interface"),
+    (one(backends="[{address: 0.0.0.0}]"),
+     "services[0].backends[0].address: 0.0.0.0 cannot be a backend: it is unspecified"),
+    (one(backends="[{address: 255.255.255.255}]"),
+     "services[0].backends[0].address: 255.255.255.255 cannot be a backend: it is the "
+     "broadcast address"),
+    (one(backends="[{address: 224.0.0.1}]"),
+     "services[0].backends[0].address: 224.0.0.1 cannot be a backend: a connection cannot go "
+     "to a multicast group"),
+    (one(vip="'fd00::10'", backends="[{address: '::'}]"),
+     "services[0].backends[0].address: :: cannot be a backend: it is unspecified"),
+    (one(backends="[{address: 10.200.1.2, weight: 0}, {address: 10.200.1.3, weight: 0}]"),
+     "services[0].backends: every backend has weight 0: the service would refuse every "
+     "connection"),
     (one(backends="[{address: 10.200.1}]"),
      "services[0].backends[0].address: '10.200.1' is not an IPv4 or IPv6 address"),
     (one(backends="[{address: 10.200.1.2, weight: -1}]"),
@@ -111,6 +145,49 @@ def one(**fields):
 ])
 def test_bad_input_names_the_field_and_the_problem(text, expected):
     assert expected in problems(text)
+
+
+def test_vips_that_work_in_the_connect_hook_are_accepted():
+    # The hooks rewrite before the kernel routes: loopback and link-local VIPs work.
+    for vip in ("127.0.0.53", "169.254.20.10"):
+        (svc,) = config.parse(one(vip=vip))
+        assert svc.vip == vip
+    (svc,) = config.parse(one(vip="'::1'", backends="[{address: 'fd00::2'}]"))
+    assert svc.vip == "::1"
+
+
+def test_empty_and_partly_drained_services_are_valid():
+    (svc,) = config.parse(one(backends="[]"))
+    assert svc.backends == ()
+    (svc,) = config.parse(one(backends="[{address: 10.200.1.2, weight: 0}, "
+                                       "{address: 10.200.1.3}]"))
+    assert [b.weight for b in svc.backends] == [0, 1]
+
+
+def test_no_more_weighted_backends_than_a_frontend_has_slots():
+    from nodemesh.selection import MAX_SLOTS  # the datapath's limit, from one place
+
+    def backends(n, weight=1):
+        return [f"{{address: 10.{200 + i // 65536}.{i // 256 % 256}.{i % 256}, weight: {weight}}}"
+                for i in range(n)]
+
+    full = backends(MAX_SLOTS)
+    drained = ["{address: 10.9.9.9, weight: 0}"]  # weight 0 takes no slot
+    (svc,) = config.parse(one(backends="[" + ", ".join(full + drained) + "]"))
+    assert len(svc.backends) == MAX_SLOTS + 1
+    too_many = "[" + ", ".join(backends(MAX_SLOTS + 1)) + "]"
+    assert (f"services[0].backends: {MAX_SLOTS + 1} backends with a weight are more than the "
+            f"{MAX_SLOTS} slots of a frontend") in problems(one(backends=too_many))
+
+
+def test_every_address_check_accepts_is_one_the_datapath_encodes():
+    from nodemesh.datapath.maps import encode_addr
+
+    for vip, backend in (("' 10.96.0.1 '", "10.0.0.1"), ("'FD00:0:0::10'", "'fd00::0002'"),
+                         ("'::1.2.3.4'", "'0:0:0:0:0:0:0:2'"), ("'2001:db8::1'", "'2001:db8::2'")):
+        (svc,) = config.parse(one(vip=vip, backends=f"[{{address: {backend}}}]"))
+        encode_addr(svc.vip)
+        encode_addr(svc.backends[0].address)
 
 
 def test_yaml_syntax_error_gives_the_line():
