@@ -97,23 +97,50 @@ def _table(rows: List[List[str]], header: List[str]) -> str:
 
 
 def cmd_check(args) -> int:
+    """Validate a config file, or every file of a config folder (as `run` would read them)."""
+    folder = os.path.isdir(args.config)
+    results: List[Any] = []  # (file, its services or its ConfigError)
+    claims = config.Claims()
     try:
-        services = config.load(args.config)
+        files = config.config_files(args.config) if folder else [args.config]
     except config.ConfigError as e:
-        if args.output == "json":
-            print(json.dumps({"valid": False, "file": e.filename, "problems": [
-                {"path": p.path, "line": p.line, "message": p.message} for p in e.problems]},
-                indent=2))
-        else:
-            print(str(e), file=sys.stderr)
-        return 1
-    frontends = sum(len(s.vips) * len(s.ports) for s in services)
+        files, results = [], [(args.config, e)]
+    for path in files:
+        try:
+            services = config.load(path)
+            clashes = config.cross_file_problems(claims, path, services) if folder else []
+            results.append((path, config.ConfigError(path, clashes) if clashes else services))
+        except config.ConfigError as e:
+            results.append((path, e))
+    bad = [r for _, r in results if isinstance(r, config.ConfigError)]
+    good = [s for _, r in results if not isinstance(r, config.ConfigError) for s in r]
+    frontends = sum(len(s.vips) * len(s.ports) for s in good)
+
+    def problems(e: config.ConfigError) -> List[dict]:
+        return [{"path": p.path, "line": p.line, "message": p.message} for p in e.problems]
+
     if args.output == "json":
-        print(json.dumps({"valid": True, "file": args.config, "services": len(services),
-                          "frontends": frontends}))
-    else:
-        print(f"{args.config}: valid ({len(services)} services, {frontends} frontends)")
-    return 0
+        if folder:
+            print(json.dumps({"valid": not bad, "file": args.config, "files": [
+                {"file": path, "valid": not isinstance(r, config.ConfigError),
+                 "problems": problems(r) if isinstance(r, config.ConfigError) else []}
+                for path, r in results], "services": len(good), "frontends": frontends},
+                indent=2))
+        elif bad:
+            print(json.dumps({"valid": False, "file": bad[0].filename,
+                              "problems": problems(bad[0])}, indent=2))
+        else:
+            print(json.dumps({"valid": True, "file": args.config, "services": len(good),
+                              "frontends": frontends}))
+        return 1 if bad else 0
+    for e in bad:
+        print(str(e), file=sys.stderr)
+    if bad and folder:
+        print(f"{args.config}: {len(bad)} of {len(results)} files invalid", file=sys.stderr)
+    elif not bad:
+        print(f"{args.config}: valid ({len(good)} services, {frontends} frontends" +
+              (f" in {len(files)} files)" if folder else ")"))
+    return 1 if bad else 0
 
 
 def cmd_run(args) -> int:

@@ -1,20 +1,37 @@
-"""The file source: a YAML config file, re-read when it changes and on demand (SIGHUP).
+"""The file source: a YAML config file, or a folder of them, re-read when it changes and on
+demand (SIGHUP).
 
-Change detection polls (mtime, size, inode) every `poll_interval` seconds: it catches in-place
-writes, editors that rename a new file over the old one, and ConfigMap symlink swaps alike,
-with no inotify dependency. 0.25 s keeps reloads well within a second.
+Change detection polls (mtime, size, inode) of every file every `poll_interval` seconds,
+through symlinks: it catches in-place writes, editors that rename a new file over the old one,
+and ConfigMap `..data` symlink swaps alike, with no inotify dependency. 0.25 s keeps reloads
+well within a second. Only the files that changed are read again.
+
+A folder's files are one desired set. A file with a problem is rejected alone: its services
+keep their last good state and the other files apply. A service or frontend that two files
+define belongs to the first file in sorted order; the later file is rejected.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
 
 from .. import config
-from . import Delta, OnChange, OnError
+from ..model import Service
+from . import Delta, OnChange, OnError, ServiceKey
 
 log = logging.getLogger(__name__)
+
+Stat = Optional[Tuple[int, int, int]]
+
+
+@dataclass
+class _File:
+    stat: Stat
+    parsed: Union[List[Service], config.ConfigError]
+    good: Tuple[Service, ...] = ()  # the last services of this file that were applied
 
 
 class FileSource:
@@ -23,38 +40,120 @@ class FileSource:
     def __init__(self, path: str, poll_interval: float = 0.25):
         self.path = path
         self.poll_interval = poll_interval
+        self.is_folder = os.path.isdir(path)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._seen: Optional[Tuple[float, int, int]] = None
+        self._files: Dict[str, _File] = {}
+        self._sent: Optional[Dict[ServiceKey, Service]] = None  # None: no full sync yet
+        self._last_problem: Optional[str] = None  # reported once, not at every poll
 
-    def _stat(self) -> Optional[Tuple[float, int, int]]:
+    @staticmethod
+    def _stat(path: str) -> Stat:
         try:
-            st = os.stat(self.path)
+            st = os.stat(path)  # follows links: a ConfigMap swap changes the target's inode
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def load_once(self, on_change: OnChange, on_error: OnError) -> bool:
-        """Read and apply the file now. Returns whether it was good."""
-        self._seen = self._stat()
-        try:
-            services = config.load(self.path)
-        except config.ConfigError as e:
-            on_error(str(e))
-            return False
-        on_change(Delta(upserts=tuple(services), full=True, origin=self.path))
-        return True
+    def _scan(self, force: bool) -> Tuple[List[str], List[str]]:
+        """Re-read what changed (everything if `force`). Returns the files read and removed."""
+        paths = config.config_files(self.path) if self.is_folder else [self.path]
+        read = []
+        for path in paths:
+            st = self._stat(path)  # before reading: a write after it shows at the next poll
+            old = self._files.get(path)
+            if force or old is None or old.stat != st:
+                try:
+                    parsed: Union[List[Service], config.ConfigError] = config.load(path)
+                except config.ConfigError as e:
+                    parsed = e
+                self._files[path] = _File(st, parsed, old.good if old else ())
+                read.append(path)
+        removed = [p for p in self._files if p not in paths]
+        for path in removed:
+            del self._files[path]
+        return read, removed
+
+    def _desired(self) -> Tuple[Dict[ServiceKey, Service], List[str]]:
+        """Every file's services, or its last good ones if it is rejected; and the rejections.
+        Remembers the services of each file it accepts as that file's last good state."""
+        claims = config.Claims()
+        desired: Dict[ServiceKey, Service] = {}
+        errors = []
+        for path in sorted(self._files):
+            f = self._files[path]
+            result = f.parsed
+            if not isinstance(result, config.ConfigError):
+                problems = config.cross_file_problems(claims, path, result)
+                if problems:
+                    result = config.ConfigError(path, problems)
+                else:
+                    f.good = tuple(result)
+            if isinstance(result, config.ConfigError):
+                errors.append(str(result))
+                for svc in f.good:  # what an earlier file took since is gone from here
+                    if not claims.conflicts(svc):
+                        claims.add(svc, path)
+                        desired[svc.key] = svc
+            else:
+                desired.update((svc.key, svc) for svc in result)
+        return desired, errors
+
+    def _sync(self, on_change: OnChange, on_error: OnError, force: bool = False) -> None:
+        read, removed = self._scan(force)
+        if not (read or removed):
+            return
+        log.info("config %s: %s", self.path, ", ".join(
+            [f"read {os.path.basename(p)}" for p in read] +
+            [f"{os.path.basename(p)} removed" for p in removed]))
+        desired, errors = self._desired()
+        origin = ", ".join(read + removed)
+        if self._sent is None:
+            # The first sync is the whole set; while a file is rejected the whole set is not
+            # known, and a full delta would delete that file's services wherever they run.
+            if not errors:
+                self._sent = desired
+                on_change(Delta(upserts=tuple(desired.values()), full=True, origin=origin))
+        else:
+            old = self._sent
+            # `is` first: an unchanged file keeps its Service objects, comparing them is slower
+            upserts = tuple(svc for key, svc in desired.items()
+                            if old.get(key) is not svc and old.get(key) != svc)
+            deletes = tuple(k for k in old if k not in desired)
+            self._sent = desired
+            if upserts or deletes or not errors:  # an empty delta still says "reload applied"
+                on_change(Delta(upserts=upserts, deletes=deletes, origin=origin))
+        if errors:
+            on_error("\n".join(errors))
 
     def reload(self) -> None:
-        """Ask for a re-read on the next poll (SIGHUP)."""
+        """Ask for a re-read of every file on the next poll (SIGHUP)."""
         self._reload.set()
 
     def start(self, on_change: OnChange, on_error: OnError) -> None:
-        self.load_once(on_change, on_error)
+        self._guarded(on_change, on_error, force=True)
         self._thread = threading.Thread(target=self._run, args=(on_change, on_error),
                                         name="file-source", daemon=True)
         self._thread.start()
+
+    def _guarded(self, on_change: OnChange, on_error: OnError, force: bool) -> None:
+        """One sync; an unexpected exception is reported, never the end of the source."""
+        try:
+            self._sync(on_change, on_error, force)
+            self._last_problem = None
+        except config.ConfigError as e:  # the folder itself cannot be read
+            self._report_once(on_error, str(e))
+        except Exception as e:  # a bug must not stop reloads: report it, keep polling
+            message = f"{self.path}: reading the config failed unexpectedly: {e!r}"
+            if message != self._last_problem:
+                log.exception("%s", message)
+            self._report_once(on_error, message)
+
+    def _report_once(self, on_error: OnError, message: str) -> None:
+        if message != self._last_problem:
+            self._last_problem = message
+            on_error(message)
 
     def _run(self, on_change: OnChange, on_error: OnError) -> None:
         while not self._stop.is_set():
@@ -63,10 +162,9 @@ class FileSource:
                 break
             forced = self._reload.is_set()
             self._reload.clear()
-            if forced or self._stat() != self._seen:
-                log.info("config %s %s; reloading", self.path,
-                         "reload requested" if forced else "changed")
-                self.load_once(on_change, on_error)
+            if forced:
+                log.info("config %s: reload requested", self.path)
+            self._guarded(on_change, on_error, forced)
 
     def stop(self) -> None:
         self._stop.set()
