@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("kubernetes")
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from nodemesh.sources import kubernetes as kubernetes_source  # noqa: E402
 from nodemesh.sources.kubernetes import KubernetesSource, KubernetesSourceError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,6 +76,18 @@ class Recorder:
                     raise AssertionError(f"no matching on_change within {timeout}s; last: "
                                          f"{self.changes[-1][1] if self.changes else None}")
                 self._cond.wait(remaining)
+
+    def wait_for_delta(self, index, timeout=WAIT_SECONDS):
+        """The index-th delta delivered (0: the first)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.deltas) <= index:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no delta #{index} within {timeout}s; got "
+                                         f"{self.deltas}")
+                self._cond.wait(remaining)
+            return self.deltas[index]
 
     def wait_for_error(self, text, timeout=WAIT_SECONDS):
         deadline = time.monotonic() + timeout
@@ -301,6 +314,110 @@ def test_a_change_that_translates_to_the_same_services_is_not_delivered(api, reg
     api.put(new_service("after", "10.96.70.70"))
     recorder.wait_for_change(lambda s: ("shop", "after") in by_key(s))
     assert len(recorder.changes) == 2
+
+
+# -- deltas: the first delivery is the full set, later ones only what changed
+
+def keys(services):
+    return [s.key for s in services]
+
+
+def test_the_first_delivery_is_full_and_later_ones_carry_only_the_change(api, run_source):
+    _, recorder = run_source()
+    first = recorder.wait_for_delta(0)
+    assert first.full and keys(first.upserts) == [("default", "api"), ("shop", "web")]
+    add_web_endpoint(api, "10.244.3.5")
+    change = recorder.wait_for_delta(1)
+    assert not change.full and change.deletes == ()
+    assert keys(change.upserts) == [("shop", "web")]
+    assert "10.244.3.5" in [b.address for b in change.upserts[0].backends]
+
+
+def test_deleting_a_service_delivers_exactly_one_delete(api, run_source):
+    _, recorder = run_source()
+    recorder.wait_for_delta(0)
+    api.delete("Service", "default", "api")
+    change = recorder.wait_for_delta(1)
+    assert (change.full, change.upserts, change.deletes) == (False, (), (("default", "api"),))
+
+
+def test_a_service_that_becomes_headless_is_deleted(api, run_source):
+    _, recorder = run_source()
+    recorder.wait_for_delta(0)
+    service = api.get("Service", "shop", "web")
+    service["spec"]["clusterIP"], service["spec"]["clusterIPs"] = "None", ["None"]
+    api.put(service)
+    change = recorder.wait_for_delta(1)
+    assert (change.upserts, change.deletes) == ((), (("shop", "web"),))
+
+
+def test_a_slice_relabelled_to_another_service_moves_its_backends(api, run_source):
+    _, recorder = run_source()
+    recorder.wait_for_delta(0)
+    endpoint_slice = api.get("EndpointSlice", "shop", "web-q9d4m")
+    endpoint_slice["metadata"]["labels"]["kubernetes.io/service-name"] = "late"
+    api.put(endpoint_slice)
+    api.put(new_service("late", "10.96.50.50"))
+    # Two watches: the service may come before or after its slice.
+    services = recorder.wait_for_change(lambda s: addresses(s, "shop", "late") == ["10.244.3.4"])
+    assert "10.244.3.4" not in addresses(services, "shop", "web")
+    assert all(not d.full for d in recorder.deltas[1:])
+
+
+def test_a_relist_after_gone_delivers_what_was_missed_and_nothing_else(api, registry,
+                                                                       run_source):
+    _, recorder = run_source()
+    recorder.wait_for_delta(0)
+    relists = events(registry, "relist")
+    with api.hold_watches():
+        api.drop_watches()
+        api.delete("Service", "default", "api")  # missed: only the relist can tell
+        api.compact()
+    wait_until(lambda: events(registry, "relist") >= relists + 2, what="both relists")
+    api.put(new_service("sentinel", "10.96.99.99"))  # the delta after the relists' ones
+    recorder.wait_for_change(lambda s: ("shop", "sentinel") in by_key(s))
+    missed, sentinel = recorder.deltas[1:]
+    assert (missed.full, missed.upserts, missed.deletes) == (False, (), (("default", "api"),))
+    assert keys(sentinel.upserts) == [("shop", "sentinel")] and sentinel.deletes == ()
+
+
+# -- lists come in pages
+
+def test_lists_are_read_page_by_page(api, monkeypatch, run_source):
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    _, recorder = run_source()
+    services = recorder.wait_for_change()
+    assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
+    assert len(addresses(services, "shop", "web")) == 4
+    lists = [q for path, q in api.requests if path.endswith("/services") and "watch" not in q]
+    assert len(lists) == 4  # web, api, a headless and an ExternalName service
+    assert lists[0]["limit"] == "1" and lists[0]["resourceVersion"] == "0"
+    # Further pages name only the token: with a resourceVersion, a real server refuses them.
+    assert all("continue" in q and "resourceVersion" not in q for q in lists[1:])
+
+
+def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypatch,
+                                                        run_source):
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    list_page = kubernetes_source._ClusterState.list_page
+    expired = []
+
+    def expire_after_the_first_page(state, kind, items, seen):
+        list_page(state, kind, items, seen)
+        if kind == "service" and not expired:  # between two pages: the snapshot goes away
+            expired.append(api.put(new_service("during-list", "10.96.33.33")))
+            api.compact()
+
+    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page",
+                        expire_after_the_first_page)
+    _, recorder = run_source()
+    services = recorder.wait_for_change()
+    assert sorted(by_key(services)) == [("default", "api"), ("shop", "during-list"),
+                                        ("shop", "web")]
+    assert events(registry, "gone") == 1
+    lists = [q for path, q in api.requests if path.endswith("/services") and "watch" not in q]
+    restarts = [q for q in lists if "continue" not in q]
+    assert len(restarts) == 2 and "resourceVersion" not in restarts[1]  # a consistent read
 
 
 # -- watch robustness

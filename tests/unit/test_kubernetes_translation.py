@@ -5,8 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from nodemesh.model import Backend, Service, ServicePort, SessionAffinity
-from nodemesh.sources.kubernetes import endpoint_conditions, translate, translate_service
+from nodemesh.model import Backend, Service, ServicePort, SessionAffinity, canonical_ip
+from nodemesh.sources import kubernetes
+from nodemesh.sources.kubernetes import (
+    Translation,
+    assemble,
+    endpoint_conditions,
+    parse_service,
+    parse_slice,
+    translate,
+    translate_service,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "k8s"
 
@@ -316,3 +325,63 @@ def test_translation_does_not_modify_its_input():
     before = copy.deepcopy((service, slices))
     translate([service], slices)
     assert (service, slices) == before
+
+
+def test_slice_ports_the_service_does_not_name_are_left_out():
+    slices = [make_slice(endpoints=[endpoint("10.244.0.5")],
+                         ports=[{"name": "http", "port": 8080, "protocol": "TCP"},
+                                {"name": "debug", "port": 6060, "protocol": "TCP"}])]
+    assert translate_service(make_service(), slices).backends[0].ports == (("http", 8080),)
+
+
+# -- what the source keeps: parsed once, shared with what it delivers
+
+def test_a_service_shares_its_backends_with_its_parsed_slice():
+    notes = Translation()
+    parsed_slice = parse_slice(make_slice(endpoints=[endpoint("10.244.0.6"),
+                                                     endpoint("10.244.0.5")]), notes)
+    service = assemble(parse_service(make_service(), notes), [("svc-abcde", parsed_slice)],
+                       notes)
+    assert [b.address for b in service.backends] == ["10.244.0.5", "10.244.0.6"]
+    assert service.backends is parsed_slice.backends  # one slice: even the tuple is shared
+
+
+def test_a_parsed_slice_keeps_no_json():
+    parsed = parse_slice(make_slice(endpoints=[endpoint("10.244.0.5")]), Translation())
+    assert not any(isinstance(value, dict) for value in parsed)
+    assert parsed.service == ("default", "svc") and parsed.version == 1
+
+
+@pytest.mark.parametrize("text", ["10.1.2.3", "0.0.0.0", "255.255.255.255", " 10.1.2.3",
+                                  "010.1.2.3", "10.1.2", "1.2.3.256", "fd00:0:0::0:1",
+                                  "::ffff:10.1.2.3", "FD00::1", "not-an-ip", ""])
+def test_the_fast_ip_path_agrees_with_canonical_ip(text):
+    try:
+        expected = canonical_ip(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            kubernetes._canonical_ip(text)
+    else:
+        assert kubernetes._canonical_ip(text) == expected
+
+
+# -- a List response, decoded one item at a time
+
+def test_list_items_are_decoded_one_by_one_and_the_other_fields_kept():
+    fields = {}
+    body = ('{"items": [{"a": 1}, {"b": [2, {"c": "]"}]}],\n "kind": "ServiceList",'
+            ' "metadata": {"resourceVersion": "7", "continue": "x"}}')
+    assert list(kubernetes._list_items(body, fields)) == [{"a": 1}, {"b": [2, {"c": "]"}]}]
+    assert fields == {"kind": "ServiceList",
+                      "metadata": {"resourceVersion": "7", "continue": "x"}}
+
+
+@pytest.mark.parametrize("body", ['{"items": [], "metadata": {}}', '{"items": null}', ' { } '])
+def test_a_list_without_items_yields_none(body):
+    assert list(kubernetes._list_items(body, {})) == []
+
+
+@pytest.mark.parametrize("body", ['[]', '{"items": [{"a": 1}', '{"items": [{"a": 1},'])
+def test_a_broken_list_body_is_an_error(body):
+    with pytest.raises(ValueError):
+        list(kubernetes._list_items(body, {}))

@@ -15,19 +15,31 @@ How it follows the API
       resumes where it was instead of falling off the compacted history.
     - 410 Gone, as an HTTP 410 or as an ERROR event carrying a Status with code 410 inside a
       200 stream (what a real API server sends for a too old resourceVersion), means the
-      history we need is compacted away: relist at once and replace the whole collection, so
-      a deletion we missed is not kept forever.
+      history we need is compacted away: relist at once and diff the list against what we
+      have, so a deletion we missed is not kept forever.
     - A dropped connection or any other error: report it, wait a capped exponential backoff
       with jitter, and watch again from the last resourceVersion.
     - Every `resync_seconds` the collection is listed again in full (the watch is asked to
       end by then with timeoutSeconds), which repairs anything that went wrong unnoticed.
     - Lists ask for resourceVersion "0" (served from the API server's watch cache: cheap when
       every node lists at once), except the relist after a 410, which is a consistent read.
-    A third thread translates and delivers: it waits until both collections have been listed
-    once (never a half-synced set: services without their backends would black-hole traffic),
-    then coalesces bursts (a 20 ms quiet period, at most 100 ms after the first change) and
-    calls on_change with the complete list when it differs from the last one delivered. Only
-    services touched since the last delivery are translated again.
+      They come in pages of 500 (limit/continue), decoded one item at a time, and one
+      collection lists at a time. A relist parses only objects whose resourceVersion moved,
+      and whatever it does not name is deleted.
+
+What it keeps, and what it delivers
+    Each object is parsed once, as it arrives, into the little translation needs: a Service
+    into a model.Service without backends, a slice into its service's key and one
+    model.Backend per address. No JSON is kept. A service is assembled again from those
+    parts when it or one of its slices changes, and it shares its Backends with them, so the
+    cache costs little beyond the services delivered.
+    A third thread delivers Deltas (nodemesh.sources): the first once both collections have
+    been listed (never a half-synced set: services without their backends would black-hole
+    traffic), with full=True and every service; then, after coalescing a burst (10 ms of
+    quiet, at most 50 ms after the first change), only the services whose translation
+    changed (upserts) and those that are gone or no longer programmable (deletes). A change
+    that translates to what was delivered is not delivered. The work of an event or a delta
+    follows its size, not the number of services.
 
 Why raw streaming (`_preload_content=False`) and not `kubernetes.watch.Watch`
     Watch.stream swallows the first 410 and retries with the same, still too old
@@ -52,17 +64,32 @@ Metrics (on the registry given, prometheus_client.REGISTRY by default)
 """
 from __future__ import annotations
 
-import ipaddress
+import itertools
 import json
 import logging
 import math
 import random
+import re
 import socket
+import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 from ..model import Backend, Service, ServicePort, SessionAffinity, canonical_ip
 from . import Delta, OnChange, OnError
@@ -90,7 +117,9 @@ class KubernetesSourceError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Translation: API JSON (dicts, exactly as the API server sends them) -> model.Service.
-# Pure functions; nothing here talks to a server.
+# Pure functions; nothing here talks to a server. Each object is parsed once into the little
+# the translation needs (parse_service, parse_slice); a service is then assembled from its
+# parsed parts whenever it or one of its slices changes, without the JSON.
 # --------------------------------------------------------------------------------------------
 
 @dataclass
@@ -102,35 +131,37 @@ class Translation:
     invalid: List[str] = field(default_factory=list)
 
 
+class ParsedService(NamedTuple):
+    """A Service's own part of its translation."""
+    service: Service              # no backends yet; a named targetPort holds the port number
+    named_ports: Tuple[str, ...]  # ports whose targetPort is a name: the slices resolve it
+
+
+class ParsedSlice(NamedTuple):
+    """What translation needs of an EndpointSlice: nothing of its JSON is kept."""
+    service: Optional[ServiceKey]  # from its kubernetes.io/service-name label
+    address_type: Optional[str]
+    ports: Tuple[Tuple[str, int], ...]  # (name, number): named after the service's ports
+    backends: Tuple[Backend, ...]  # one per valid address, in order, each with all the ports
+    version: Union[int, str, None]  # resourceVersion: a relist skips what it already has
+
+
 def translate(services: Iterable[dict], slices: Iterable[dict]) -> Translation:
     """Translate whole collections: every Service with the EndpointSlices that name it."""
-    slices_by_service: Dict[ServiceKey, List[dict]] = {}
-    for endpoint_slice in slices:
-        key = slice_service_key(endpoint_slice)
-        if key is not None:
-            slices_by_service.setdefault(key, []).append(endpoint_slice)
     out = Translation()
+    slices_by_service: Dict[ServiceKey, List[Tuple[str, ParsedSlice]]] = {}
+    for endpoint_slice in slices:
+        parsed = parse_slice(endpoint_slice, out)
+        if parsed.service is not None:
+            slices_by_service.setdefault(parsed.service, []).append(
+                (object_key(endpoint_slice)[1], parsed))
     for service in services:
-        translated = translate_service(service, slices_by_service.get(object_key(service), ()),
-                                       out)
-        if translated is not None:
-            out.services.append(translated)
+        parsed_service = parse_service(service, out)
+        if parsed_service is not None:
+            out.services.append(assemble(parsed_service, slices_by_service.get(
+                object_key(service), ()), out))
     out.services.sort(key=lambda s: s.key)
     return out
-
-
-def object_key(obj: dict) -> ServiceKey:
-    meta = obj.get("metadata") or {}
-    return (meta.get("namespace") or "default", meta.get("name") or "")
-
-
-def slice_service_key(endpoint_slice: dict) -> Optional[ServiceKey]:
-    """The Service an EndpointSlice belongs to (its kubernetes.io/service-name label)."""
-    meta = endpoint_slice.get("metadata") or {}
-    service_name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-    if not service_name:
-        return None
-    return (meta.get("namespace") or "default", service_name)
 
 
 def translate_service(service: dict, slices: Sequence[dict],
@@ -141,6 +172,63 @@ def translate_service(service: dict, slices: Sequence[dict],
     they are normal and numerous. Other skips land in `notes`.
     """
     notes = notes if notes is not None else Translation()
+    parsed = parse_service(service, notes)
+    if parsed is None:
+        return None
+    return assemble(parsed, [(object_key(s)[1], parse_slice(s, notes)) for s in slices], notes)
+
+
+def object_key(obj: dict) -> ServiceKey:
+    meta = obj.get("metadata") or {}
+    return (sys.intern(meta.get("namespace") or "default"), meta.get("name") or "")
+
+
+def slice_service_key(endpoint_slice: dict) -> Optional[ServiceKey]:
+    """The Service an EndpointSlice belongs to (its kubernetes.io/service-name label)."""
+    meta = endpoint_slice.get("metadata") or {}
+    service_name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if not service_name:
+        return None
+    return (sys.intern(meta.get("namespace") or "default"), sys.intern(service_name))
+
+
+def object_version(obj: dict) -> Union[int, str, None]:
+    """metadata.resourceVersion, only ever compared for equality; an int when it is one
+    (always, in practice: half the memory of the string)."""
+    version = (obj.get("metadata") or {}).get("resourceVersion")
+    return int(version) if version and version.isdigit() else version
+
+
+def _intern(text: Optional[str]) -> Optional[str]:
+    """One copy of a string that repeats across objects (namespace, service name, node, zone,
+    port name, label): JSON parsing makes a new one for every occurrence."""
+    return sys.intern(text) if text else None
+
+
+class _Pool:
+    """One shared copy of each immutable value of a kind that repeats across objects (a port
+    list, a label). Bounded, so the first values seen are the ones shared: the common ones,
+    being common. One pool per kind, so that unique values of one kind (every service's own
+    app label) cannot crowd out the common values of another."""
+
+    def __init__(self, size: int = 4096):
+        self._values: Dict[Any, Any] = {}
+        self._size = size
+
+    def __call__(self, value):
+        shared = self._values.get(value)
+        if shared is not None:
+            return shared
+        if len(self._values) < self._size:
+            self._values[value] = value
+        return value
+
+
+_share_port, _share_ports, _share_label, _share_affinity = _Pool(), _Pool(), _Pool(), _Pool()
+
+
+def parse_service(service: dict, notes: Translation) -> Optional[ParsedService]:
+    """A Service -> its part of the translation, or None if it has nothing to program."""
     namespace, name = object_key(service)
     where = f"service {namespace}/{name}"
     spec = service.get("spec") or {}
@@ -150,54 +238,43 @@ def translate_service(service: dict, slices: Sequence[dict],
     if not vips:
         return None
 
-    ports = []
+    ports, named = [], []
     for port in spec.get("ports") or ():
         protocol = port.get("protocol") or "TCP"
-        port_name = port.get("name") or ""
+        port_name = sys.intern(port.get("name") or "")
         if protocol not in SUPPORTED_PROTOCOLS:
             notes.skipped.append(f"{where}: port {port_name or port.get('port')}: protocol "
                                  f"{protocol} is not supported; skipped")
             continue
-        ports.append((port, port_name, protocol))
+        target = port.get("targetPort", port["port"])
+        if isinstance(target, str) and not target.isdigit():
+            # A named targetPort is resolved per pod; the slices carry the numbers. The
+            # service port is only the fallback for backends without their own.
+            named.append(port_name)
+            target = port["port"]
+        ports.append(_share_port(ServicePort(port=int(port["port"]), target_port=int(target),
+                                        protocol=sys.intern(protocol), name=port_name,
+                                        node_port=port.get("nodePort") or None)))
     if not ports:
         notes.skipped.append(f"{where}: no TCP or UDP port; skipped")
         return None
 
-    families = {ipaddress.ip_address(vip).version for vip in vips}
-    backends = _backends(slices, {name for _, name, _ in ports}, families, where, notes)
-    first_resolved: Dict[str, int] = {}
-    for backend in backends:
-        for port_name, number in backend.ports:
-            first_resolved.setdefault(port_name, number)
-
-    service_ports = []
-    for port, port_name, protocol in ports:
-        target = port.get("targetPort", port["port"])
-        if isinstance(target, str) and not target.isdigit():
-            # A named targetPort is resolved per pod; the slices carry the numbers. The
-            # service-level value is only a fallback for backends without their own.
-            target_port = first_resolved.get(port_name, port["port"])
-        else:
-            target_port = int(target)
-        service_ports.append(ServicePort(port=int(port["port"]), target_port=target_port,
-                                         protocol=protocol, name=port_name,
-                                         node_port=port.get("nodePort") or None))
-
     affinity = None
     if spec.get("sessionAffinity") == "ClientIP":
         client_ip = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
-        affinity = SessionAffinity(
+        affinity = _share_affinity(SessionAffinity(
             timeout_seconds=int(client_ip.get("timeoutSeconds")
-                                or DEFAULT_AFFINITY_TIMEOUT_SECONDS))
+                                or DEFAULT_AFFINITY_TIMEOUT_SECONDS)))
 
     labels = (service.get("metadata") or {}).get("labels") or {}
-    return Service(
-        name=name, namespace=namespace, vip=vips[0], extra_vips=tuple(vips[1:]),
-        ports=tuple(service_ports), backends=tuple(backends), session_affinity=affinity,
-        internal_traffic_policy=spec.get("internalTrafficPolicy") or "Cluster",
-        traffic_distribution=spec.get("trafficDistribution") or None,
-        labels=tuple(sorted(labels.items())),
-    )
+    return ParsedService(Service(
+        name=sys.intern(name), namespace=namespace, vip=vips[0], extra_vips=tuple(vips[1:]),
+        ports=_share_ports(tuple(ports)), session_affinity=affinity,
+        internal_traffic_policy=_intern(spec.get("internalTrafficPolicy")) or "Cluster",
+        traffic_distribution=_intern(spec.get("trafficDistribution")),
+        labels=tuple(sorted(_share_label((sys.intern(k), sys.intern(v)))
+                            for k, v in labels.items())),
+    ), tuple(named))
 
 
 def _cluster_ips(spec: dict, where: str, notes: Translation) -> List[str]:
@@ -209,13 +286,13 @@ def _cluster_ips(spec: dict, where: str, notes: Translation) -> List[str]:
     vips = []
     for index, text in enumerate(cluster_ips):
         try:
-            vip = canonical_ip(text)
+            vip = _canonical_ip(text)
         except ValueError:
             notes.invalid.append(f"{where}: spec.clusterIPs[{index}]: {text!r} is not an IP "
                                  "address; skipped")
             continue
         family = families[index] if index < len(families) else None
-        if family is not None and FAMILY_VERSIONS.get(family) != ipaddress.ip_address(vip).version:
+        if family is not None and FAMILY_VERSIONS.get(family) != _family(vip):
             notes.invalid.append(f"{where}: spec.clusterIPs[{index}]: {vip} is not of family "
                                  f"{family} (spec.ipFamilies[{index}]); skipped")
             continue
@@ -235,50 +312,118 @@ def endpoint_conditions(endpoint: dict) -> Tuple[bool, bool, bool]:
     return ready, serving, terminating
 
 
-def _backends(slices: Sequence[dict], port_names: Set[str], families: Set[int], where: str,
-              notes: Translation) -> List[Backend]:
-    """Every endpoint address of the service's slices, one Backend each, deduplicated.
-
-    An address can sit in two slices for a moment (the controller moving endpoints between
-    slices); the first slice by name wins and the other only adds port numbers it lacks.
-    """
+def parse_slice(endpoint_slice: dict, notes: Translation) -> ParsedSlice:
+    """An EndpointSlice -> one Backend per address, checked here once."""
+    meta = endpoint_slice.get("metadata") or {}
+    service = slice_service_key(endpoint_slice)
+    address_type = _intern(endpoint_slice.get("addressType"))
+    family = FAMILY_VERSIONS.get(address_type)
+    version = object_version(endpoint_slice)
+    if service is None or family is None:  # no service's, or FQDN: no backends to keep
+        return ParsedSlice(service, address_type, (), (), version)
+    where = f"service {service[0]}/{service[1]}: endpointslice {meta.get('name', '')}"
+    ports = tuple((sys.intern(p.get("name") or ""), int(p["port"]))
+                  for p in endpoint_slice.get("ports") or () if p.get("port") is not None)
+    ports = _share_ports(ports)
     by_address: Dict[str, Backend] = {}
-    for endpoint_slice in sorted(slices, key=lambda s: (s.get("metadata") or {}).get("name", "")):
-        slice_name = (endpoint_slice.get("metadata") or {}).get("name", "")
-        address_type = endpoint_slice.get("addressType")
-        if FAMILY_VERSIONS.get(address_type) not in families:
-            notes.skipped.append(f"{where}: endpointslice {slice_name}: addressType "
-                                 f"{address_type} does not match the service; skipped")
-            continue
-        # Slice ports are named after the service port; their number is the resolved target.
-        ports = tuple((p.get("name") or "", int(p["port"]))
-                      for p in endpoint_slice.get("ports") or ()
-                      if p.get("port") is not None and (p.get("name") or "") in port_names)
-        for endpoint in endpoint_slice.get("endpoints") or ():
-            ready, serving, terminating = endpoint_conditions(endpoint)
-            for text in endpoint.get("addresses") or ():
-                try:
-                    address = canonical_ip(text)
-                except ValueError:
-                    notes.invalid.append(f"{where}: endpointslice {slice_name}: {text!r} is "
-                                         "not an IP address; skipped")
-                    continue
-                if ipaddress.ip_address(address).version != FAMILY_VERSIONS[address_type]:
-                    notes.invalid.append(f"{where}: endpointslice {slice_name}: {address} is "
-                                         f"not {address_type}; skipped")
-                    continue
-                known = by_address.get(address)
-                if known is not None:
-                    names = {name for name, _ in known.ports}
-                    extra = tuple(p for p in ports if p[0] not in names)
-                    if extra:
-                        by_address[address] = replace(known, ports=known.ports + extra)
-                    continue
+    for endpoint in endpoint_slice.get("endpoints") or ():
+        ready, serving, terminating = endpoint_conditions(endpoint)
+        node, zone = _intern(endpoint.get("nodeName")), _intern(endpoint.get("zone"))
+        for text in endpoint.get("addresses") or ():
+            try:
+                address = _canonical_ip(text)
+            except ValueError:
+                notes.invalid.append(f"{where}: {text!r} is not an IP address; skipped")
+                continue
+            if _family(address) != family:
+                notes.invalid.append(f"{where}: {address} is not {address_type}; skipped")
+                continue
+            if address not in by_address:
                 by_address[address] = Backend(
-                    address=address, weight=1, node=endpoint.get("nodeName") or None,
-                    zone=endpoint.get("zone") or None, ready=ready, serving=serving,
-                    terminating=terminating, ports=ports)
-    return sorted(by_address.values(), key=lambda b: (b.family, ipaddress.ip_address(b.address)))
+                    address=address, weight=1, node=node, zone=zone, ready=ready,
+                    serving=serving, terminating=terminating, ports=ports)
+    return ParsedSlice(service, address_type, ports, _in_order(by_address.values()), version)
+
+
+def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
+             notes: Translation) -> Service:
+    """A parsed Service with its parsed slices ((name, slice) pairs) -> model.Service.
+
+    Every address of the slices is one Backend, deduplicated. An address can sit in two
+    slices for a moment (the controller moving endpoints between slices); the first slice by
+    name wins and the other only adds port numbers it lacks. The Backends (and, with one
+    slice, their tuple) are the parsed slices' own objects: the cache and the delivered
+    services share them.
+    """
+    template, named_ports = parsed
+    port_names = {p.name for p in template.ports}
+    families = {_family(vip) for vip in template.vips}
+    usable = []
+    for slice_name, endpoint_slice in sorted(slices, key=lambda pair: pair[0]):
+        if FAMILY_VERSIONS.get(endpoint_slice.address_type) not in families:
+            notes.skipped.append(f"service {template.namespace}/{template.name}: endpointslice "
+                                 f"{slice_name}: addressType {endpoint_slice.address_type} "
+                                 "does not match the service; skipped")
+            continue
+        backends = endpoint_slice.backends
+        # Slice ports are named after the service port; their number is the resolved target.
+        if any(name not in port_names for name, _ in endpoint_slice.ports):
+            kept = tuple(p for p in endpoint_slice.ports if p[0] in port_names)
+            backends = tuple(replace(b, ports=kept) for b in backends)
+        if backends:
+            usable.append(backends)
+    if len(usable) <= 1:
+        backends = usable[0] if usable else ()
+    else:
+        by_address: Dict[str, Backend] = {}
+        for backend in itertools.chain.from_iterable(usable):
+            known = by_address.get(backend.address)
+            if known is None:
+                by_address[backend.address] = backend
+                continue
+            names = {name for name, _ in known.ports}
+            extra = tuple(p for p in backend.ports if p[0] not in names)
+            if extra:
+                by_address[backend.address] = replace(known, ports=known.ports + extra)
+        backends = _in_order(by_address.values())
+
+    ports = template.ports
+    if named_ports:
+        first_resolved: Dict[str, int] = {}
+        for backend in backends:
+            for port_name, number in backend.ports:
+                first_resolved.setdefault(port_name, number)
+        ports = tuple(replace(p, target_port=first_resolved.get(p.name, p.port))
+                      if p.name in named_ports else p for p in ports)
+    if backends == template.backends and ports == template.ports:
+        return template
+    return replace(template, ports=ports, backends=backends)
+
+
+def _in_order(backends: Iterable[Backend]) -> Tuple[Backend, ...]:
+    """IPv4 before IPv6, then by number, as ipaddress orders them (and cheaper)."""
+    def order(backend: Backend) -> Tuple[int, bytes]:
+        address = backend.address
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                  address)
+        return (len(packed), packed)
+    return tuple(sorted(backends, key=order))
+
+
+def _canonical_ip(text: str) -> str:
+    """canonical_ip, with a fast path for what the API server sends nearly always: an IPv4
+    address in canonical form already (ipaddress takes ten times as long)."""
+    try:
+        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text)) == text:
+            return text
+    except OSError:
+        pass
+    return canonical_ip(text)
+
+
+def _family(address: str) -> int:
+    """4 or 6, for an address already in canonical form."""
+    return 6 if ":" in address else 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,101 +478,182 @@ def source_metrics(registry) -> SourceMetrics:
 # The cluster state both watchers write and the delivery thread reads
 # --------------------------------------------------------------------------------------------
 
-class _ClusterState:
-    """Raw Services and EndpointSlices, and which services changed since the last delivery."""
+class _ServiceRecord(NamedTuple):
+    version: Union[int, str, None]
+    # Translated with its current slices (until the first delivery: without them); None: not
+    # programmed (headless ...).
+    service: Optional[Service]
+    named_ports: Tuple[str, ...]
 
-    def __init__(self, on_dirty: Callable[[], None]):
+
+class _ClusterState:
+    """The parsed collections, every service kept translated, and what changed since the last
+    delivery. Work per event follows the event: one object parsed, one service assembled.
+    Until the first delivery nothing is assembled: it assembles every service once."""
+
+    def __init__(self, on_dirty: Callable[[], None], on_notes: Callable[[Translation], None]):
         self._lock = threading.Lock()
         self._on_dirty = on_dirty
-        self.services: Dict[ServiceKey, dict] = {}
-        self.slices: Dict[ServiceKey, dict] = {}          # keyed by the slice's own name
-        self._slices_of: Dict[ServiceKey, Set[ServiceKey]] = {}
-        self._dirty: Set[ServiceKey] = set()
-        self.listed: Set[str] = set()                      # collections listed at least once
+        self._on_notes = on_notes
+        self._services: Dict[ServiceKey, _ServiceRecord] = {}
+        self._slices: Dict[ServiceKey, ParsedSlice] = {}     # keyed by the slice's own name
+        self._slices_of: Dict[ServiceKey, Tuple[ServiceKey, ...]] = {}
+        # Service key -> what the last delivery said of it, for keys changed since; filled
+        # only once the first (full) delivery is out.
+        self._changed: Dict[ServiceKey, Optional[Service]] = {}
+        self._delivered = False
+        self._listed: Set[str] = set()                       # collections listed at least once
+        self._put = {"service": self._put_service, "endpointslice": self._put_slice}
+        self._drop = {"service": self._drop_service, "endpointslice": self._drop_slice}
+        self._stored: Dict[str, Dict[ServiceKey, Any]] = {"service": self._services,
+                                                           "endpointslice": self._slices}
 
-    # -- services
-    def put_service(self, obj: dict) -> None:
-        with self._lock:
+    # -- what the watchers call
+    def put(self, kind: str, obj: dict) -> None:
+        self._apply(lambda notes: self._put[kind](object_key(obj), obj, notes))
+
+    def delete(self, kind: str, obj: dict) -> None:
+        self._apply(lambda notes: self._drop[kind](object_key(obj), notes))
+
+    def list_page(self, kind: str, items: Iterable[dict], seen: Set[ServiceKey]) -> None:
+        """One page of a (re)list: only objects whose resourceVersion moved are parsed. The
+        items are decoded as they are iterated, outside the lock."""
+        stored, put, notes = self._stored[kind], self._put[kind], Translation()
+        for obj in items:
             key = object_key(obj)
-            self.services[key] = obj
-            self._dirty.add(key)
+            seen.add(key)
+            with self._lock:
+                known = stored.get(key)
+                if known is None or known.version != object_version(obj):
+                    put(key, obj, notes)
+        self._report(notes)
+
+    def list_done(self, kind: str, seen: Set[ServiceKey]) -> None:
+        """The list is complete: whatever it did not name was deleted meanwhile."""
+        def apply(notes: Translation) -> None:
+            for key in [key for key in self._stored[kind] if key not in seen]:
+                self._drop[kind](key, notes)
+            self._listed.add(kind)
+        self._apply(apply)
+
+    def _apply(self, change: Callable[[Translation], None]) -> None:
+        notes = Translation()
+        with self._lock:
+            change(notes)
+        self._report(notes)
+
+    def _report(self, notes: Translation) -> None:
+        if notes.skipped or notes.invalid:
+            self._on_notes(notes)
         self._on_dirty()
 
-    def delete_service(self, obj: dict) -> None:
+    # -- under the lock
+    def _put_service(self, key: ServiceKey, obj: dict, notes: Translation) -> None:
+        key = (key[0], sys.intern(key[1]))  # one string: the key's, the Service's, the label's
+        parsed = parse_service(obj, notes)
+        known = self._services.get(key)
+        service = parsed.service if parsed else None
+        if parsed and self._delivered:
+            service = assemble(parsed, self._slices_for(key), notes)
+        if known is not None and service == known.service:
+            service = known.service  # keep the object the agent already holds
+        self._services[key] = _ServiceRecord(object_version(obj), service,
+                                             parsed.named_ports if parsed else ())
+        self._note_change(key, known.service if known else None, service)
+
+    def _drop_service(self, key: ServiceKey, notes: Translation) -> None:
+        known = self._services.pop(key, None)
+        if known is not None:
+            self._note_change(key, known.service, None)
+
+    def _put_slice(self, key: ServiceKey, obj: dict, notes: Translation) -> None:
+        parsed = parse_slice(obj, notes)
+        known = self._slices.get(key)
+        self._slices[key] = parsed
+        if known is not None and known.service not in (None, parsed.service):  # relabelled
+            self._unlink(known.service, key, notes)
+        if parsed.service is not None:
+            members = self._slices_of.get(parsed.service, ())
+            if key not in members:
+                self._slices_of[parsed.service] = members + (key,)
+            self._reassemble(parsed.service, notes)
+
+    def _drop_slice(self, key: ServiceKey, notes: Translation) -> None:
+        known = self._slices.pop(key, None)
+        if known is not None and known.service is not None:
+            self._unlink(known.service, key, notes)
+
+    def _unlink(self, service: ServiceKey, slice_key: ServiceKey, notes: Translation) -> None:
+        """The slice is no longer the service's: assemble the service without it."""
+        members = tuple(k for k in self._slices_of.get(service, ()) if k != slice_key)
+        if members:
+            self._slices_of[service] = members
+        else:
+            self._slices_of.pop(service, None)
+        self._reassemble(service, notes)
+
+    def _slices_for(self, service: ServiceKey) -> List[Tuple[str, ParsedSlice]]:
+        return [(key[1], self._slices[key]) for key in self._slices_of.get(service, ())]
+
+    def _reassemble(self, key: ServiceKey, notes: Translation) -> None:
+        """A slice of this service changed: assemble it again from what is parsed."""
+        known = self._services.get(key)
+        if known is None or known.service is None or not self._delivered:
+            return
+        service = assemble(ParsedService(known.service, known.named_ports),
+                           self._slices_for(key), notes)
+        if service is not known.service and service != known.service:
+            self._services[key] = known._replace(service=service)
+            self._note_change(key, known.service, service)
+
+    def _note_change(self, key: ServiceKey, before: Optional[Service],
+                     after: Optional[Service]) -> None:
+        if self._delivered and before is not after:
+            self._changed.setdefault(key, before)
+
+    # -- what the delivery thread calls
+    def take_delta(self) -> Optional[Delta]:
+        """What changed since the last call, or None if nothing did. The first delta, once
+        both collections are listed (never a half-synced set: services without their
+        backends would black-hole traffic), is the full set."""
         with self._lock:
-            key = object_key(obj)
-            self.services.pop(key, None)
-            self._dirty.add(key)
-        self._on_dirty()
+            if not {"service", "endpointslice"} <= self._listed:
+                return None
+            first = not self._delivered
+            if first:
+                notes = Translation()
+                delta = self._first_delta(notes)
+            else:
+                changed, self._changed = self._changed, {}
+                now = {key: self._services.get(key) for key in changed}
+        if first:
+            if notes.skipped or notes.invalid:
+                self._on_notes(notes)
+            return delta
+        upserts, deletes = [], []
+        for key in sorted(changed):
+            after = now[key].service if now[key] is not None else None
+            if after == changed[key]:
+                continue  # changed and changed back
+            if after is None:
+                deletes.append(key)
+            else:
+                upserts.append(after)
+        if not upserts and not deletes:
+            return None
+        return Delta(upserts=tuple(upserts), deletes=tuple(deletes), origin="kubernetes")
 
-    def replace_services(self, items: List[dict]) -> None:
-        fresh = {object_key(obj): obj for obj in items}
-        with self._lock:
-            for key in set(self.services) | set(fresh):
-                if _version(self.services.get(key)) != _version(fresh.get(key)):
-                    self._dirty.add(key)
-            self.services = fresh
-            self.listed.add("service")
-        self._on_dirty()
-
-    # -- endpointslices
-    def put_slice(self, obj: dict) -> None:
-        with self._lock:
-            self._put_slice_locked(obj)
-        self._on_dirty()
-
-    def delete_slice(self, obj: dict) -> None:
-        with self._lock:
-            self._drop_slice_locked(object_key(obj))
-        self._on_dirty()
-
-    def replace_slices(self, items: List[dict]) -> None:
-        fresh = {object_key(obj): obj for obj in items}
-        with self._lock:
-            for key in set(self.slices) - set(fresh):
-                self._drop_slice_locked(key)
-            for key, obj in fresh.items():
-                if _version(self.slices.get(key)) != _version(obj):
-                    self._put_slice_locked(obj)
-            self.listed.add("endpointslice")
-        self._on_dirty()
-
-    def _put_slice_locked(self, obj: dict) -> None:
-        key = object_key(obj)
-        self._drop_slice_locked(key)  # its service label may have changed
-        self.slices[key] = obj
-        service = slice_service_key(obj)
-        if service is not None:
-            self._slices_of.setdefault(service, set()).add(key)
-            self._dirty.add(service)
-
-    def _drop_slice_locked(self, key: ServiceKey) -> None:
-        old = self.slices.pop(key, None)
-        service = slice_service_key(old) if old is not None else None
-        if service is not None:
-            members = self._slices_of.get(service)
-            if members is not None:
-                members.discard(key)
-                if not members:
-                    del self._slices_of[service]
-            self._dirty.add(service)
-
-    # -- delivery
-    def is_synced(self) -> bool:
-        with self._lock:
-            return {"service", "endpointslice"} <= self.listed
-
-    def take_dirty(self) -> Dict[ServiceKey, Tuple[Optional[dict], List[dict]]]:
-        """The changed services with their current raw Service and slices; clears the set."""
-        with self._lock:
-            dirty, self._dirty = self._dirty, set()
-            return {key: (self.services.get(key),
-                          [self.slices[k] for k in self._slices_of.get(key, ())])
-                    for key in dirty}
-
-
-def _version(obj: Optional[dict]) -> Optional[str]:
-    return None if obj is None else (obj.get("metadata") or {}).get("resourceVersion")
+    def _first_delta(self, notes: Translation) -> Delta:
+        """Assemble every service once: the full set."""
+        services = []
+        for key, record in sorted(self._services.items()):
+            if record.service is not None:
+                service = assemble(ParsedService(record.service, record.named_ports),
+                                   self._slices_for(key), notes)
+                self._services[key] = record._replace(service=service)
+                services.append(service)
+        self._delivered = True
+        return Delta(upserts=tuple(services), full=True, origin="kubernetes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,17 +694,19 @@ class _Watcher:
     WATCH_SECONDS = (300, 600)
     READ_MARGIN_SECONDS = 30
     HEALTHY_AFTER_SECONDS = 10  # a watch that lived this long resets the backoff
+    # Lists come in pages (limit/continue, client-go's page size): a 100,000-object list is
+    # never one body to hold and parse at once. A server may ignore the limit (a list served
+    # from its watch cache, before Kubernetes 1.33): one big page then.
+    PAGE_SIZE = 500
 
     def __init__(self, kind: str, list_function: Callable[..., Any], source: "KubernetesSource",
-                 put: Callable[[dict], None], delete: Callable[[dict], None],
-                 replace: Callable[[List[dict]], None],
-                 after_list: Optional[Callable[[], None]] = None):
+                 state: "_ClusterState", after_list: Optional[Callable[[], None]] = None):
         self.thread = threading.Thread(target=self.run, name=f"kubernetes-{kind}-watch",
                                        daemon=True)
         self.kind = kind
         self._list_function = list_function
         self._source = source
-        self._put, self._delete, self._replace = put, delete, replace
+        self._state = state
         self._after_list = after_list
         self._backoff = _Backoff()
         self._response_lock = threading.Lock()
@@ -515,20 +743,34 @@ class _Watcher:
         # resourceVersion "0" lets the API server answer from its watch cache, which matters
         # when every node lists at once (boot, API server restart). After a 410 ask for a
         # consistent read instead, as client-go does: the cache may be what was behind.
-        response = self._call(resource_version=None if self._consistent_list else "0",
-                              _request_timeout=(self.CONNECT_TIMEOUT_SECONDS, 120))
-        try:
-            body = json.loads(response.data)
-        finally:
-            response.release_conn()
-        items = body.get("items") or []
-        self._replace(items)
+        query = {"resource_version": None if self._consistent_list else "0"}
+        seen: Set[ServiceKey] = set()
+        # One list at a time: decoding and parsing are CPU-bound, and while one list parses,
+        # each socket read of the other waits for the GIL (the convoy effect): two lists of
+        # 100,000 objects at once took three times their CPU time.
+        with self._source._listing:
+            while True:
+                response = self._call(limit=self.PAGE_SIZE, **query,
+                                      _request_timeout=(self.CONNECT_TIMEOUT_SECONDS, 120))
+                try:
+                    text = response.data.decode("utf-8")
+                finally:
+                    response.release_conn()
+                fields: Dict[str, Any] = {}
+                self._state.list_page(self.kind, _list_items(text, fields), seen)
+                metadata = fields.get("metadata") or {}
+                if not metadata.get("continue"):
+                    break
+                # Further pages name only the token (with a resourceVersion they are
+                # refused); an expired token is a 410, and the relist starts over.
+                query = {"_continue": metadata["continue"]}
+            self._state.list_done(self.kind, seen)
         self._consistent_list = False
         self._backoff.reset()  # the server answers: a later failure starts from a short wait
-        self.resource_version = (body.get("metadata") or {}).get("resourceVersion")
+        self.resource_version = metadata.get("resourceVersion")
         self._source._count("relist")
         self._source._mark_synced()
-        log.info("kubernetes %s: listed %d at resourceVersion %s", self.kind, len(items),
+        log.info("kubernetes %s: listed %d at resourceVersion %s", self.kind, len(seen),
                  self.resource_version)
         if self._after_list is not None:
             self._after_list()
@@ -573,10 +815,10 @@ class _Watcher:
         if kind == "BOOKMARK":
             self._source._count("bookmark")
         elif kind in ("ADDED", "MODIFIED"):
-            self._put(obj)
+            self._state.put(self.kind, obj)
             self._source._count(f"{self.kind}_{kind.lower()}")
         elif kind == "DELETED":
-            self._delete(obj)
+            self._state.delete(self.kind, obj)
             self._source._count(f"{self.kind}_deleted")
         else:
             log.debug("kubernetes %s watch: ignoring event type %r", self.kind, kind)
@@ -608,6 +850,43 @@ class _Watcher:
                 response.close()
         except (OSError, ValueError, RuntimeError):
             pass
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _list_items(text: str, fields: Dict[str, Any]) -> Iterator[dict]:
+    """The items of a List (JSON text), decoded one at a time; its other top-level fields
+    (metadata ...) land in `fields` once the items are consumed.
+
+    json.loads would build every item of the page first: with the items thousands of
+    objects at a time, all alive together, which survive into the cyclic GC's oldest
+    generation and make it traverse the whole cache again and again during a big sync.
+    """
+    def skip(index: int, separator: str = "") -> int:
+        index = _SPACE.match(text, index).end()
+        if separator and text.startswith(separator, index):
+            index = _SPACE.match(text, index + 1).end()
+        return index
+
+    index = skip(0)
+    if not text.startswith("{", index):
+        raise ValueError("a list response that is not a JSON object")
+    index = skip(index + 1)
+    while not text.startswith("}", index):
+        key, index = _DECODER.raw_decode(text, index)
+        index = skip(index, ":")
+        if key == "items" and text.startswith("[", index):
+            index = skip(index + 1)
+            while not text.startswith("]", index):
+                item, index = _DECODER.raw_decode(text, index)
+                yield item
+                index = skip(index, ",")
+            index += 1
+        else:
+            fields[key], index = _DECODER.raw_decode(text, index)
+        index = skip(index, ",")
 
 
 def _json_lines(response) -> Iterator[bytes]:
@@ -657,8 +936,8 @@ class KubernetesSource:
     """Desired services from a Kubernetes API server (Services + EndpointSlices)."""
 
     name = "kubernetes"
-    QUIET_SECONDS = 0.02      # deliver once the stream has been quiet this long...
-    MAX_DELAY_SECONDS = 0.1   # ...or this long after the first change, whichever comes first
+    QUIET_SECONDS = 0.01      # deliver once the stream has been quiet this long...
+    MAX_DELAY_SECONDS = 0.05  # ...or this long after the first change, whichever comes first
 
     def __init__(self, kubeconfig: Optional[str] = None, node_name: Optional[str] = None,
                  resync_seconds: float = 300, registry=None):
@@ -675,8 +954,9 @@ class KubernetesSource:
         for kind in EVENT_KINDS:  # make every series visible at 0
             self._metrics.events.labels(source=self.name, kind=kind)
         self._stopping = threading.Event()
+        self._listing = threading.Lock()  # held by the watcher that is listing
         self._changed = threading.Event()
-        self._state = _ClusterState(on_dirty=self._changed.set)
+        self._state = _ClusterState(on_dirty=self._changed.set, on_notes=self._report_notes)
         self._threads: List[threading.Thread] = []
         self._watchers: List[_Watcher] = []
         self._api_clients: List[Any] = []
@@ -709,14 +989,11 @@ class KubernetesSource:
         self._on_change, self._on_error = on_change, on_error
         core = self._client.CoreV1Api(self._new_api_client())
         discovery = self._client.DiscoveryV1Api(self._new_api_client())
-        state = self._state
         self._watchers = [
-            _Watcher("service", core.list_service_for_all_namespaces, self,
-                     put=state.put_service, delete=state.delete_service,
-                     replace=state.replace_services, after_list=self._refresh_node_zone),
+            _Watcher("service", core.list_service_for_all_namespaces, self, self._state,
+                     after_list=self._refresh_node_zone),
             _Watcher("endpointslice", discovery.list_endpoint_slice_for_all_namespaces, self,
-                     put=state.put_slice, delete=state.delete_slice,
-                     replace=state.replace_slices),
+                     self._state),
         ]
         self._core = core
         delivery = threading.Thread(target=self._deliver_loop, name="kubernetes-delivery",
@@ -779,10 +1056,15 @@ class KubernetesSource:
             return
         self.node_zone = ((node.get("metadata") or {}).get("labels") or {}).get(ZONE_LABEL)
 
+    def _report_notes(self, notes: Translation) -> None:
+        for message in notes.skipped:
+            log.info("kubernetes: %s", message)
+        for message in notes.invalid:
+            log.warning("kubernetes: %s", message)
+            self._report_error(f"kubernetes: {message}")
+
     # -- delivery
     def _deliver_loop(self) -> None:
-        translated: Dict[ServiceKey, Service] = {}
-        delivered: Optional[List[Service]] = None
         while not self._stopping.is_set():
             self._changed.wait()
             if self._stopping.is_set():
@@ -790,26 +1072,11 @@ class KubernetesSource:
             self._coalesce()
             if self._stopping.is_set():
                 return
-            if not self._state.is_synced():
-                continue  # the other collection's first list will wake us again
-            notes = Translation()
-            for key, (service, slices) in self._state.take_dirty().items():
-                result = translate_service(service, slices, notes) if service else None
-                if result is None:
-                    translated.pop(key, None)
-                else:
-                    translated[key] = result
-            for message in notes.skipped:
-                log.info("kubernetes: %s", message)
-            for message in notes.invalid:
-                log.warning("kubernetes: %s", message)
-                self._report_error(f"kubernetes: {message}")
-            services = [translated[key] for key in sorted(translated)]
-            if services == delivered:
-                continue
-            delivered = services
+            delta = self._state.take_delta()
+            if delta is None:
+                continue  # not synced yet, or nothing the agent would see changed
             try:
-                self._on_change(Delta(upserts=tuple(services), full=True, origin="kubernetes"))
+                self._on_change(delta)
             except Exception:  # noqa: BLE001 - a broken callback must not stop delivery
                 log.exception("kubernetes source: on_change raised")
             self._mark_synced()
