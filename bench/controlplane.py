@@ -724,6 +724,7 @@ def main() -> int:
     from nodemesh.lab.topology import new_lab, sh
 
     State.reap()
+    load_start = os.getloadavg()[0]
     workdir = tempfile.mkdtemp(prefix="nodemesh-cp-")
     state = State(workdir)
     lab = None
@@ -753,7 +754,9 @@ def main() -> int:
             f"{sys.version.split()[0]}; `bench/controlplane.py "
             f"{' '.join(sys.argv[1:])}`; {args.changes} changes per row (one service moved "
             f"between two sets of 3 real backends each), 3 backends per service, "
-            f"--metrics-detail service, probe every {args.probe_interval * 1000:g} ms. "
+            f"--metrics-detail service, probe every {args.probe_interval * 1000:g} ms; "
+            f"1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+            f"the end (a load above the CPU count means other work shared the machine). "
             f"Definitions: bench/controlplane.py's docstring.\n")
     text = head + "\n" + "\n".join(table(s, results[s], args) for s in sources)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
