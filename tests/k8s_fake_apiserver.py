@@ -336,6 +336,9 @@ def _status_json(code: int, reason: str, message: str) -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and chunked encoding, as the real server
+    # TCP_NODELAY, as Go (so kube-apiserver) sets it: otherwise a watch event written while
+    # the previous one is unacknowledged waits for the client's delayed ACK, up to 40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass
