@@ -255,10 +255,20 @@ http {{
 def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
              backend_ns: Sequence[str], host_blackhole: bool = False) -> None:
     """Remove everything a lab made. Each step tolerates what is already gone."""
+    from ..datapath.loader import DatapathError
     from ..datapath.loader import cleanup as datapath_cleanup
 
     # first: hooks off before the cgroup goes; force: an agent a crashed run left may hold it
-    datapath_cleanup(f"/sys/fs/bpf/{prefix}", force=True)
+    folder = f"/sys/fs/bpf/{prefix}"
+    try:
+        datapath_cleanup(folder, force=True)
+    except DatapathError:
+        # Pins a build of another ABI (or a half-made folder) left: the folder is the lab's by
+        # its name, so unpin everything in it; links detach with their last reference.
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+        os.rmdir(folder)
     try:
         os.unlink(f"/run/nodemesh/{prefix}.sock")
     except FileNotFoundError:
