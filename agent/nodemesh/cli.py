@@ -178,6 +178,10 @@ def _admin(args, endpoint: str) -> Any:
         raise SystemExit(1)
 
 
+def _load_state(ok: Optional[bool]) -> str:
+    return "last load OK" if ok else "LAST LOAD REJECTED" if ok is False else "no load yet"
+
+
 def cmd_status(args) -> int:
     st = _admin(args, "/v1/status")
     if args.output == "json":
@@ -188,7 +192,7 @@ def cmd_status(args) -> int:
     print(f"nodemesh {st['version']} (pid {st['pid']}), "
           f"{'ready' if st['ready'] else 'NOT READY'}, up {st['uptime_seconds']}s")
     print(f"source:    {src['kind']}" + (f" {src['config']}" if src.get("config") else "") +
-          f" — {'last load OK' if src['ok'] else 'LAST LOAD REJECTED' if src['ok'] is False else 'no load yet'}"
+          f" — {_load_state(src['ok'])}"
           f" ({src['loads']} applied, {src['failures']} rejected)")
     if src.get("error"):
         print("           " + src["error"].replace("\n", "\n           "))
@@ -315,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
     r = sub.add_parser("run", help="run the agent in the foreground", parents=[common])
-    r.add_argument("--config", default=_env("config"), help="YAML services file (file source)")
+    r.add_argument("--config", default=_env("config"),
+                   help="YAML services file, or a folder of *.yaml files (file source)")
     r.add_argument("--source", default=_env("source", "file"),
                    type=_one_of("file", "kubernetes"), choices=["file", "kubernetes"])
     r.add_argument("--kubeconfig", default=_env("kubeconfig"))
@@ -352,18 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)", parents=[common])
-    c.add_argument("--config", default=_env("config"), required=_env("config") is None)
+    c.add_argument("--config", default=_env("config"), required=_env("config") is None,
+                   help="YAML services file, or a folder of *.yaml files")
     c.add_argument("-o", "--output", choices=["text", "json"], default="text")
     c.set_defaults(func=cmd_check)
 
     s = sub.add_parser("status", help="the running agent's state", parents=[common])
     admin_opts(s)
     s.set_defaults(func=cmd_status)
-    s = sub.add_parser("services", help="programmed services with kernel counters", parents=[common])
+    s = sub.add_parser("services", help="programmed services with kernel counters",
+                       parents=[common])
     admin_opts(s)
     s.set_defaults(func=cmd_services)
 
-    cl = sub.add_parser("cleanup", help="detach the hooks and remove the pins nodemesh made (idempotent)", parents=[common])
+    cl = sub.add_parser("cleanup", help="detach the hooks and remove the pins nodemesh made "
+                        "(idempotent)", parents=[common])
     cl.add_argument("--bpffs", default=_env("bpffs", DEFAULT_BPFFS))
     cl.add_argument("--force", action="store_true",
                     help="clean up even while an agent owns the folder (it restores its pins "
@@ -377,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the cgroup the agent will attach to (default: the cgroup v2 root)")
     pf.set_defaults(func=cmd_preflight)
 
-    d = sub.add_parser("demo", help="backends in netns behind a VIP, balanced, with metrics", parents=[common])
+    d = sub.add_parser("demo", help="backends in netns behind a VIP, balanced, with metrics",
+                       parents=[common])
     d.add_argument("--once", action="store_true", help="exit after showing the balance")
     d.add_argument("--metrics-addr", default="127.0.0.1:9464")
     d.add_argument("--connections", type=int, default=300)
