@@ -1,5 +1,5 @@
 # nodemesh — the two commands users run are `make demo` and `make test` (as root).
-.PHONY: setup demo test test-unit test-datapath bench install vm-test
+.PHONY: setup demo test lint test-unit test-datapath bench install vm-test
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,8 +11,13 @@ setup:
 demo: setup
 	$(VENV)/bin/nodemesh demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# ruff on the whole tree; mypy --strict on the core modules (pyproject.toml lists them)
+lint: setup
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/mypy
 
 test-unit: setup
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
