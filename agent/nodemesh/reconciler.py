@@ -72,6 +72,15 @@ class FrontendKey:
     vip: str
     port: int
     protocol: str
+    # Keys are hashed in every map of the reconciler and the snapshot: hash once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.family, self.vip, self.port,
+                                                self.protocol)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def prefix(self) -> bytes:
         """The packed SvcKey without its slot: pack once per frontend, not once per slot."""
