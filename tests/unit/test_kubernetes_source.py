@@ -373,11 +373,13 @@ def test_a_relist_after_gone_delivers_what_was_missed_and_nothing_else(api, regi
         api.drop_watches()
         api.delete("Service", "default", "api")  # missed: only the relist can tell
         api.compact()
+    recorder.wait_for_change(lambda s: ("default", "api") not in by_key(s))
+    missed = recorder.deltas[1]
+    assert (missed.full, missed.upserts, missed.deletes) == (False, (), (("default", "api"),))
     wait_until(lambda: events(registry, "relist") >= relists + 2, what="both relists")
     api.put(new_service("sentinel", "10.96.99.99"))  # the delta after the relists' ones
     recorder.wait_for_change(lambda s: ("shop", "sentinel") in by_key(s))
-    missed, sentinel = recorder.deltas[1:]
-    assert (missed.full, missed.upserts, missed.deletes) == (False, (), (("default", "api"),))
+    sentinel = recorder.deltas[2]  # nothing in between: the unchanged objects sent nothing
     assert keys(sentinel.upserts) == [("shop", "sentinel")] and sentinel.deletes == ()
 
 
@@ -480,6 +482,8 @@ def test_a_dropped_connection_is_reported_and_the_watch_resumes_where_it_was(api
                                                                              run_source):
     _, recorder = run_source()
     recorder.wait_for_change()
+    wait_until(lambda: api.open_watches("services") and api.open_watches("endpointslices"),
+               what="open watches")
     relists = events(registry, "relist")
     versions = {r: api.watch_requests(r)[-1]["resourceVersion"]
                 for r in ("services", "endpointslices")}
