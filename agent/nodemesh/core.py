@@ -28,7 +28,7 @@ from .reconciler import (
     service_frontends,
     watched_endpoints,
 )
-from .snapshot import FrontendView, RoundSummary, Snapshot, SourceState, frontend_view
+from .snapshot import FrontendView, Snapshot, SourceState, frontend_view
 from .sources import Delta
 
 log = logging.getLogger(__name__)
@@ -203,11 +203,8 @@ class Core:
             else:
                 self._failing.discard(fk)
         snap = self.snapshot
-        last = snap.last_round
-        if result or last is None:
-            last = RoundSummary(result.added, result.changed, result.removed, result.unchanged,
-                                result.failed, result.writes, round(result.seconds, 4),
-                                tuple(result.errors))
+        # The last round that did something (a quiet round would hide it); never changed again.
+        last = result if (result or snap.last_round is None) else snap.last_round
         self.snapshot = replace(
             snap, generation=snap.generation + 1, frontends=snap.frontends.updated(views),
             last_round=last, failing=len(self._failing),

@@ -318,7 +318,7 @@ class Agent:
             "last_apply": None if last is None else {
                 "added": last.added, "changed": last.changed, "removed": last.removed,
                 "unchanged": last.unchanged, "failed": last.failed, "writes": last.writes,
-                "seconds": last.seconds, "errors": list(last.errors)},
+                "seconds": round(last.seconds, 4), "errors": list(last.errors)},
         }
 
     def services_view(self) -> List[Dict[str, Any]]:

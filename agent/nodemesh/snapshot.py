@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Generic, Hashable, Iterator, Mapping, Optional, Tuple, TypeVar
 
 from .model import Service
-from .reconciler import DesiredFrontend, FrontendKey, ProgrammedFrontend, Status
+from .reconciler import DesiredFrontend, FrontendKey, ProgrammedFrontend, RoundResult, Status
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -107,25 +107,13 @@ class SourceState:
 
 
 @dataclass(frozen=True)
-class RoundSummary:
-    added: int = 0
-    changed: int = 0
-    removed: int = 0
-    unchanged: int = 0
-    failed: int = 0
-    writes: int = 0
-    seconds: float = 0.0
-    errors: Tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Snapshot:
     generation: int = 0
     ready: bool = False
     services: Shards[Tuple[str, str], Service] = field(default_factory=Shards)
     frontends: Shards[FrontendKey, FrontendView] = field(default_factory=Shards)
     source: SourceState = field(default_factory=lambda: SourceState("file"))
-    last_round: Optional[RoundSummary] = None
+    last_round: Optional[RoundResult] = None  # the last round that did something
     failing: int = 0                     # frontends whose last attempt failed
     conflicts: Tuple[str, ...] = ()      # frontends two services claim
     terminated_sockets: int = 0
