@@ -696,7 +696,7 @@ class _Watcher:
     HEALTHY_AFTER_SECONDS = 10  # a watch that lived this long resets the backoff
     # Lists come in pages (limit/continue, client-go's page size): a 100,000-object list is
     # never one body to hold and parse at once. A server may ignore the limit (a list served
-    # from its watch cache, before Kubernetes 1.33): one big page then.
+    # from its watch cache, resourceVersion "0"): one big page then.
     PAGE_SIZE = 500
 
     def __init__(self, kind: str, list_function: Callable[..., Any], source: "KubernetesSource",
