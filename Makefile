@@ -27,8 +27,9 @@ test-unit: setup
 test-datapath: setup
 	$(PY) -m pytest -ra tests/datapath tests/e2e $(PYTEST_ARGS)
 
+# Dataplane benchmark: quick (< 10 min on 2 cores) by default, FULL=1 for N up to 100,000.
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(if $(FULL),--full,--quick)
 
 install: setup
 	bash scripts/install-host.sh
