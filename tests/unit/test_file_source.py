@@ -265,3 +265,57 @@ def test_the_reload_thread_survives_an_unexpected_exception(folder, source, monk
     broken.clear()
     rec.wait(deltas=2, errors=1)  # the next poll reads b.yml again, and applies it
     assert Recorder.names(rec.deltas[1]) == ["db"]
+
+
+def test_a_one_file_change_is_checked_against_the_others_without_rereading_them(tmp_path):
+    """The fast path (one file changed, every file accepted, no clash) must end where a fresh
+    full read of the folder ends; a clash falls back to the full path, which rejects it."""
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    write(folder / "a.yaml", svc("a1", "10.96.0.1", "10.0.0.1"), svc("a2", "10.96.0.2", "10.0.0.1"))
+    write(folder / "b.yaml", svc("b1", "10.96.1.1", "10.0.0.2"))
+    source, rec = FileSource(str(folder)), Recorder()
+    full_reads = []
+    real = source._desired
+    source._desired = lambda: full_reads.append(1) or real()
+    folded = {}
+
+    def apply(delta):
+        if delta.full:
+            folded.clear()
+        for key in delta.deletes:
+            folded.pop(key)
+        folded.update((s.key, s) for s in delta.upserts)
+
+    def sync():
+        before = len(rec.deltas)
+        source._sync(rec.change, rec.error)
+        for delta in rec.deltas[before:]:
+            apply(delta)
+
+    def fresh():
+        other, other_rec = FileSource(str(folder)), Recorder()
+        other._sync(other_rec.change, other_rec.error, force=True)
+        return {s.key: s for s in other_rec.deltas[0].upserts}
+
+    source._sync(rec.change, rec.error, force=True)
+    apply(rec.deltas[0])
+    assert len(full_reads) == 1
+    # one file changes: a service goes, one changes, one comes
+    write(folder / "a.yaml", svc("a1", "10.96.0.1", "10.0.0.3"), svc("a3", "10.96.0.3", "10.0.0.1"))
+    sync()
+    assert len(full_reads) == 1 and folded == fresh()
+    assert sorted(rec.deltas[-1].deletes) == [("demo", "a2")]
+    assert Recorder.names(rec.deltas[-1]) == ["a1", "a3"]
+    # b takes a VIP that a holds: the full path rejects b, and a keeps it
+    write(folder / "b.yaml", svc("b1", "10.96.0.1", "10.0.0.2"))
+    sync()
+    assert len(full_reads) == 2 and rec.errors and "10.96.0.1" in rec.errors[-1]
+    assert folded[("demo", "b1")].vip == "10.96.1.1"  # its last good state
+    # fixed: the full path again (a file was rejected), then the fast path is back
+    write(folder / "b.yaml", svc("b1", "10.96.1.2", "10.0.0.2"))
+    sync()
+    assert len(full_reads) == 3 and folded == fresh()
+    write(folder / "b.yaml", svc("b1", "10.96.1.3", "10.0.0.2"))
+    sync()
+    assert len(full_reads) == 3 and folded == fresh()

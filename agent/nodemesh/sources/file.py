@@ -47,6 +47,9 @@ class FileSource:
         self._files: Dict[str, _File] = {}
         self._sent: Optional[Dict[ServiceKey, Service]] = None  # None: no full sync yet
         self._last_problem: Optional[str] = None  # reported once, not at every poll
+        # Who claims each service and frontend, kept while every file is accepted, so that
+        # a change to one file is checked against the others in time proportional to it.
+        self._owners: Optional[Dict[object, str]] = None
 
     @staticmethod
     def _stat(path: str) -> Stat:
@@ -107,8 +110,11 @@ class FileSource:
         log.info("config %s: %s", self.path, ", ".join(
             [f"read {os.path.basename(p)}" for p in read] +
             [f"{os.path.basename(p)} removed" for p in removed]))
-        desired, errors = self._desired()
         origin = ", ".join(read + removed)
+        if len(read) == 1 and not removed and self._one_file(read[0], on_change, origin):
+            return
+        desired, errors = self._desired()
+        self._owners = None if errors else self._claims()
         if self._sent is None:
             # The first sync is the whole set; while a file is rejected the whole set is not
             # known, and a full delta would delete that file's services wherever they run.
@@ -126,6 +132,36 @@ class FileSource:
                 on_change(Delta(upserts=upserts, deletes=deletes, origin=origin))
         if errors:
             on_error("\n".join(errors))
+
+    def _claims(self) -> Dict[object, str]:
+        return {claim: path for path, f in self._files.items() for svc in f.good
+                for claim in _claims_of(svc)}
+
+    def _one_file(self, path: str, on_change: OnChange, origin: str) -> bool:
+        """The common case, in time proportional to one file: every file was accepted, and
+        this one's new services claim nothing another file has. False: use the full path."""
+        f = self._files[path]
+        owners, sent = self._owners, self._sent
+        if owners is None or sent is None or isinstance(f.parsed, config.ConfigError):
+            return False
+        new = f.parsed
+        if any(owners.get(claim, path) != path for svc in new for claim in _claims_of(svc)):
+            return False  # a clash: the full path says who keeps what
+        for svc in f.good:
+            for claim in _claims_of(svc):
+                del owners[claim]
+        for svc in new:
+            for claim in _claims_of(svc):
+                owners[claim] = path
+        keys = {svc.key for svc in new}
+        deletes = tuple(svc.key for svc in f.good if svc.key not in keys)
+        upserts = tuple(svc for svc in new if sent.get(svc.key) != svc)
+        for key in deletes:
+            del sent[key]
+        sent.update((svc.key, svc) for svc in upserts)
+        f.good = tuple(new)
+        on_change(Delta(upserts=upserts, deletes=deletes, origin=origin))
+        return True
 
     def reload(self) -> None:
         """Ask for a re-read of every file on the next poll (SIGHUP)."""
@@ -171,3 +207,8 @@ class FileSource:
         self._reload.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+
+def _claims_of(svc: Service) -> List[object]:
+    """What a service takes that no other file may: its name and each of its frontends."""
+    return [svc.key, *((vip, sp.port, sp.protocol) for vip in svc.vips for sp in svc.ports)]
