@@ -106,6 +106,7 @@ class Bench:
         self.rec: Optional[Reconciler] = None
         self.haproxy: Optional[subprocess.Popen] = None
         self.nm_before = 0
+        self.load: Dict[int, tuple] = {}  # 1-min load average before / after each N
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -311,6 +312,7 @@ http {{
         for v in active:
             v.rates[n], v.requests[n] = [], 0
         self.nm_before = self.nodemesh_connections() if "nodemesh" in self.variants else 0
+        load_before = os.getloadavg()[0]
         for v in active:  # warm-up, not counted
             self.reset()
             _, reqs = self.wrk(v, 1)
@@ -322,6 +324,7 @@ http {{
                 v.rates[n].append(rate)
                 v.requests[n] += reqs
                 log(f"  N={n:<7,} round {rep + 1} {v.name:>16}: {rate:10.0f} conn/s")
+        self.load[n] = (load_before, os.getloadavg()[0])
         for v in active:
             v.proof[n] = self.traversal(v, n)
             if v.proof[n]:
@@ -523,17 +526,27 @@ def report(bench: Bench, sizes: List[int], args, extra: List[str], command: str)
         out.append("")
     for n in sizes:
         out.append(f"### N = {fmt_n(n)}: conn/s, median and min–max of {args.reps} rounds\n")
-        out.append("| variant | conn/s | min–max | vs direct |\n|---|---|---|---|")
+        if n in bench.load:
+            out.append("1-min load average before / after: {:.2f} / {:.2f} ({} CPUs; other "
+                       "processes on this machine count too)\n".format(*bench.load[n],
+                                                                      os.cpu_count()))
+        out.append("| variant | conn/s | min–max | vs direct | per-round ratio to direct, "
+                   "median (min–max) |\n|---|---|---|---|---|")
         d = bench.variants.get("direct")
         base = statistics.median(d.rates[n]) if d and d.rates.get(n) else None
         for v in vs:
             rs = v.rates.get(n)
             if n in v.not_run or not rs:
-                out.append(f"| {v.name} | not run | | {v.not_run.get(n, '')} |")
+                out.append(f"| {v.name} | not run | | | {v.not_run.get(n, '')} |")
                 continue
             med = statistics.median(rs)
             ratio = f"{med / base:.2f}×" if base else "–"
-            out.append(f"| {v.name} | {med:,.0f} | {min(rs):,.0f}–{max(rs):,.0f} | {ratio} |")
+            paired = "–"
+            if base and len(d.rates[n]) == len(rs):
+                pr = [a / b for a, b in zip(rs, d.rates[n])]
+                paired = f"{statistics.median(pr):.2f}× ({min(pr):.2f}–{max(pr):.2f})"
+            out.append(f"| {v.name} | {med:,.0f} | {min(rs):,.0f}–{max(rs):,.0f} | {ratio} | "
+                       f"{paired} |")
         out.append("")
     out.append("## Programming time: N services × 3 endpoints, into an empty state\n")
     out.append("nodemesh: Reconciler.apply into empty maps (map writes); iptables: "
