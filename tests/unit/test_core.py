@@ -1,0 +1,138 @@
+"""The core loop without root: deltas and verdicts reach only the services they name, readers
+hold snapshots that never change under them, and crashing workers are restarted."""
+import threading
+
+from fakemaps import FakeMaps
+from prometheus_client import CollectorRegistry
+
+from nodemesh.core import BackendsChanged, Core, SourceChanged, SourceFailed, Supervisor
+from nodemesh.health import HealthChecker
+from nodemesh.model import Backend, Service, ServicePort
+from nodemesh.outlier import OutlierDetector
+from nodemesh.reconciler import FrontendKey, Reconciler
+from nodemesh.snapshot import SourceState
+from nodemesh.sources import Delta
+
+
+def svc(i, *addresses):
+    return Service(name=f"s{i}", namespace="default", vip=f"10.96.0.{i}",
+                   ports=(ServicePort(port=80, target_port=8080),),
+                   backends=tuple(Backend(address=a) for a in addresses))
+
+
+def fk(i):
+    return FrontendKey(4, f"10.96.0.{i}", 80, "TCP")
+
+
+class CountingReconciler(Reconciler):
+    def __init__(self, maps):
+        super().__init__(maps)
+        self.set_calls = []
+
+    def set_service(self, key, frontends, watched=frozenset()):
+        self.set_calls.append(key)
+        return super().set_service(key, frontends, watched)
+
+
+def make():
+    maps = FakeMaps()
+    rec = CountingReconciler(maps)
+    registry = CollectorRegistry()
+    core = Core(rec, HealthChecker(registry, lambda key: None),
+                OutlierDetector(registry, lambda services: None), SourceState("file"))
+    return core, rec, maps
+
+
+def synced(core, services):
+    core.post(SourceChanged(Delta(upserts=tuple(services), full=True)))
+    core.step(0)
+
+
+def test_nothing_is_programmed_before_the_first_full_set():
+    core, rec, maps = make()
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.1"),))))
+    assert core.step(0) is None and not core.synced and maps.count("services") == 0
+
+
+def test_a_delta_touches_only_the_services_it_names():
+    core, rec, maps = make()
+    synced(core, [svc(i, "10.0.0.1") for i in range(1, 51)])
+    rec.set_calls.clear()
+    before = maps.writes()
+    core.post(SourceChanged(Delta(upserts=(svc(7, "10.0.0.2"),), deletes=(("default", "s9"),))))
+    result = core.step(0)
+    assert sorted(rec.set_calls) == [("default", "s7"), ("default", "s9")]
+    assert result.changed == 1 and result.removed == 1
+    assert maps.serving(fk(7)) == [("10.0.0.2", 8080)] and maps.serving(fk(9)) is None
+    assert maps.writes() - before < 12
+    # a quiet round looks at nothing and writes nothing
+    rec.set_calls.clear()
+    before = maps.writes()
+    core.step(0)
+    assert rec.set_calls == [] and maps.writes() == before
+
+
+def test_an_unchanged_service_in_a_delta_is_not_handed_on():
+    core, rec, _ = make()
+    synced(core, [svc(1, "10.0.0.1"), svc(2, "10.0.0.1")])
+    rec.set_calls.clear()
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.1"),))))
+    core.step(0)
+    assert rec.set_calls == []
+
+
+def test_a_health_verdict_recomputes_only_the_services_that_hold_the_backend():
+    core, rec, _ = make()
+    synced(core, [svc(i, "10.0.0.1", "10.0.0.2") for i in range(1, 21)])
+    rec.set_calls.clear()
+    core.post(BackendsChanged(frozenset({("default", "s3"), ("default", "gone")})))
+    core.step(0)
+    assert rec.set_calls == [("default", "s3")]
+
+
+def test_a_reader_keeps_the_snapshot_it_took_while_the_loop_moves_on():
+    core, _, _ = make()
+    synced(core, [svc(1, "10.0.0.1")])
+    taken = core.snapshot
+    view = taken.frontends.get(fk(1))
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.2"), svc(2, "10.0.0.3")))))
+    core.step(0)
+    assert taken.frontends.get(fk(1)) is view and taken.frontends.get(fk(2)) is None
+    assert len(taken.services) == 1 and len(core.snapshot.services) == 2
+    assert core.snapshot.frontends.get(fk(1)).desired.backends == (("10.0.0.2", 8080, 1),)
+    assert core.snapshot.generation > taken.generation
+
+
+def test_a_rejected_source_update_is_reported_and_changes_nothing():
+    core, _, maps = make()
+    synced(core, [svc(1, "10.0.0.1")])
+    before = maps.writes()
+    core.post(SourceFailed("web.yaml:3: services[0].vip: 'x' is not an IP address"))
+    core.step(0)
+    src = core.snapshot.source
+    assert src.ok is False and src.failures == 1 and "services[0].vip" in src.error
+    assert maps.writes() == before and maps.serving(fk(1)) == [("10.0.0.1", 8080)]
+
+
+def test_a_crashing_worker_is_restarted_and_one_that_keeps_crashing_gives_up():
+    stop = threading.Event()
+    gave_up, counted = [], []
+    runs = []
+
+    def flaky():
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("bug")
+
+    sup = Supervisor(stop, gave_up.append, counted.append)
+    sup.spawn("flaky", flaky)
+    sup.join(5)
+    assert len(runs) == 3 and counted == ["flaky", "flaky"] and not gave_up
+
+    def broken():
+        raise RuntimeError("always")
+
+    sup.spawn("broken", broken)
+    sup.join(10)
+    assert gave_up and "broken" in gave_up[0]
+    stop.set()
