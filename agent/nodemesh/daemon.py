@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from prometheus_client import CollectorRegistry
@@ -203,8 +203,6 @@ class Agent:
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready
         self.own_metrics.ready.set(1 if ready else 0)
-        if self.core is not None:
-            self.core.snapshot = replace(self.core.snapshot, ready=ready)
 
     def _loop(self) -> int:
         assert self.core is not None and self.datapath is not None

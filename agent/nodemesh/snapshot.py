@@ -109,11 +109,9 @@ class SourceState:
 @dataclass(frozen=True)
 class Snapshot:
     generation: int = 0
-    ready: bool = False
     services: Shards[Tuple[str, str], Service] = field(default_factory=Shards)
     frontends: Shards[FrontendKey, FrontendView] = field(default_factory=Shards)
     source: SourceState = field(default_factory=lambda: SourceState("file"))
     last_round: Optional[RoundResult] = None  # the last round that did something
     failing: int = 0                     # frontends whose last attempt failed
     conflicts: Tuple[str, ...] = ()      # frontends two services claim
-    terminated_sockets: int = 0
