@@ -44,6 +44,10 @@ MAX_DEPTH = 64  # the schema needs 6 levels
 # Aliases share one parsed value, so they cost nothing to build, but every reference is walked
 # again by validation: "billion laughs" (9 levels of 9 aliases) would be 387 million nodes.
 MAX_ALIAS_NODES = 100_000
+# Validation also reads every reference of a string whole (an address is stripped, a path
+# scanned), so a string counts as one node per ALIAS_NODE_CHARS: else 1,000 aliases of a 1 MB
+# health check path took 100 s.
+ALIAS_NODE_CHARS = 64
 MAX_NUMBER_CHARS = 64  # Python refuses ints over 4,300 digits; no field needs more than 10
 
 
@@ -177,9 +181,9 @@ def _document(source: Union[str, bytes], lines: Optional[Dict[str, int]] = None)
                         value = known[ev.value] = _scalar(ev, loader)
                 else:
                     value = _scalar(ev, loader)
-                nodes = 1
+                nodes = 1 + len(ev.value) // ALIAS_NODE_CHARS
                 if ev.anchor is not None:
-                    anchors[ev.anchor] = (value, 1)
+                    anchors[ev.anchor] = (value, nodes)
             elif kind is _MappingEndEvent or kind is _SequenceEndEvent:
                 value, anchor, nodes, _key, _line = stack.pop()
                 if anchor is not None:
