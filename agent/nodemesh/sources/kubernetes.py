@@ -70,6 +70,7 @@ import logging
 import math
 import random
 import re
+import reprlib
 import socket
 import sys
 import threading
@@ -179,24 +180,76 @@ def translate_service(service: dict, slices: Sequence[dict],
 
 
 def object_key(obj: dict) -> ServiceKey:
-    meta = obj.get("metadata") or {}
-    return (sys.intern(meta.get("namespace") or "default"), meta.get("name") or "")
+    """(namespace, name); strings whatever the object holds (parse_* report a bad one)."""
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    namespace, name = meta.get("namespace"), meta.get("name")
+    return (sys.intern(namespace if isinstance(namespace, str) and namespace else "default"),
+            name if isinstance(name, str) else "")
 
 
 def slice_service_key(endpoint_slice: dict) -> Optional[ServiceKey]:
     """The Service an EndpointSlice belongs to (its kubernetes.io/service-name label)."""
-    meta = endpoint_slice.get("metadata") or {}
-    service_name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+    labels = _typed(_metadata(endpoint_slice), "labels", dict, "metadata.", {})
+    service_name = _typed(labels, SERVICE_NAME_LABEL, str, "metadata.labels.")
     if not service_name:
         return None
-    return (sys.intern(meta.get("namespace") or "default"), sys.intern(service_name))
+    return (object_key(endpoint_slice)[0], sys.intern(service_name))
 
 
 def object_version(obj: dict) -> Union[int, str, None]:
     """metadata.resourceVersion, only ever compared for equality; an int when it is one
-    (always, in practice: half the memory of the string)."""
-    version = (obj.get("metadata") or {}).get("resourceVersion")
-    return int(version) if version and version.isdigit() else version
+    (always, in practice: half the memory of the string). None if there is none, or if it is
+    not a string."""
+    meta = obj.get("metadata")
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    if not isinstance(version, str):
+        return None
+    # An etcd revision is an int64: 19 digits (int() refuses 4,300).
+    return int(version) if version.isascii() and version.isdigit() and len(version) <= 19 \
+        else version
+
+
+class _Malformed(ValueError):
+    """A field no valid API server sends (a port that is a list ...); the message names it."""
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer",
+          bool: "a boolean"}
+
+
+def _typed(obj: dict, key: str, kind: type, path: str, default: Any = None) -> Any:
+    """obj[key] if it is a `kind`, `default` if it is unset (absent or null); else _Malformed,
+    naming `path` + key. JSON's true is no integer here."""
+    value = obj.get(key)
+    if type(value) is kind:  # nearly always: this runs for every field of 100,000 objects
+        return value
+    if value is None:
+        return default
+    if not isinstance(value, kind) or kind is int:  # an int that is not exactly one: a bool
+        raise _Malformed(f"{path}{key}: {reprlib.repr(value)} is not {_KINDS[kind]}")
+    return value
+
+
+def _metadata(obj: dict) -> dict:
+    """obj's metadata, checked: object_key stands in defaults for a malformed name."""
+    meta = _typed(obj, "metadata", dict, "", {})
+    _typed(meta, "namespace", str, "metadata.")
+    _typed(meta, "name", str, "metadata.")
+    return meta
+
+
+def _port_number(value: Any, path: str) -> int:
+    """A port number, 1-65535: what the datapath's u16 holds, 0 aside. A string of digits is
+    taken as its number, as it always was here."""
+    if type(value) is int and 0 < value <= 65535:
+        return value
+    number = value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
+        number = int(value)
+    if type(number) is not int or not 1 <= number <= 65535:
+        raise _Malformed(f"{path}: {reprlib.repr(value)} is not a port number (1-65535)")
+    return number
 
 
 def _intern(text: Optional[str]) -> Optional[str]:
@@ -228,10 +281,23 @@ _share_port, _share_ports, _share_label, _share_affinity = _Pool(), _Pool(), _Po
 
 
 def parse_service(service: dict, notes: Translation) -> Optional[ParsedService]:
-    """A Service -> its part of the translation, or None if it has nothing to program."""
+    """A Service -> its part of the translation, or None if it has nothing to program.
+    A malformed field skips the service (or the port it is in), with a note."""
     namespace, name = object_key(service)
     where = f"service {namespace}/{name}"
-    spec = service.get("spec") or {}
+    try:
+        return _parse_service(service, namespace, where, notes)
+    except _Malformed as e:
+        notes.invalid.append(f"{where}: {e}; skipped")
+        return None
+
+
+def _parse_service(service: dict, namespace: str, where: str,
+                   notes: Translation) -> Optional[ParsedService]:
+    meta = _metadata(service)
+    if not meta.get("name"):
+        raise _Malformed("metadata.name: is required")
+    spec = _typed(service, "spec", dict, "", {})
     if spec.get("type") == "ExternalName":
         return None
     vips = _cluster_ips(spec, where, notes)
@@ -239,60 +305,95 @@ def parse_service(service: dict, notes: Translation) -> Optional[ParsedService]:
         return None
 
     ports, named = [], []
-    for port in spec.get("ports") or ():
-        protocol = port.get("protocol") or "TCP"
-        port_name = sys.intern(port.get("name") or "")
-        if protocol not in SUPPORTED_PROTOCOLS:
-            notes.skipped.append(f"{where}: port {port_name or port.get('port')}: protocol "
-                                 f"{protocol} is not supported; skipped")
+    for index, port in enumerate(_typed(spec, "ports", list, "spec.", ())):
+        try:
+            service_port, is_named = _service_port(port, f"spec.ports[{index}]", where, notes)
+        except _Malformed as e:
+            notes.invalid.append(f"{where}: {e}; the port is skipped")
             continue
-        target = port.get("targetPort", port["port"])
-        if isinstance(target, str) and not target.isdigit():
-            # A named targetPort is resolved per pod; the slices carry the numbers. The
-            # service port is only the fallback for backends without their own.
-            named.append(port_name)
-            target = port["port"]
-        ports.append(_share_port(ServicePort(port=int(port["port"]), target_port=int(target),
-                                        protocol=sys.intern(protocol), name=port_name,
-                                        node_port=port.get("nodePort") or None)))
+        if service_port is not None:
+            ports.append(service_port)
+            if is_named:
+                named.append(service_port.name)
     if not ports:
         notes.skipped.append(f"{where}: no TCP or UDP port; skipped")
         return None
 
     affinity = None
     if spec.get("sessionAffinity") == "ClientIP":
-        client_ip = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
-        affinity = _share_affinity(SessionAffinity(
-            timeout_seconds=int(client_ip.get("timeoutSeconds")
-                                or DEFAULT_AFFINITY_TIMEOUT_SECONDS)))
+        path = "spec.sessionAffinityConfig."
+        client_ip = _typed(_typed(spec, "sessionAffinityConfig", dict, "spec.", {}),
+                           "clientIP", dict, path, {})
+        timeout = _typed(client_ip, "timeoutSeconds", int, path + "clientIP.") or \
+            DEFAULT_AFFINITY_TIMEOUT_SECONDS
+        if not 1 <= timeout <= 86400:  # the API's range; the datapath holds a u32
+            raise _Malformed(f"{path}clientIP.timeoutSeconds: {timeout} is not 1-86400")
+        affinity = _share_affinity(SessionAffinity(timeout_seconds=timeout))
 
-    labels = (service.get("metadata") or {}).get("labels") or {}
+    policy = _typed(spec, "internalTrafficPolicy", str, "spec.") or "Cluster"
+    if policy not in ("Cluster", "Local"):
+        raise _Malformed(f"spec.internalTrafficPolicy: {reprlib.repr(policy)} is not Cluster "
+                         "or Local")
+    labels = _typed(meta, "labels", dict, "metadata.", {})
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise _Malformed(f"metadata.labels: {reprlib.repr(key)}: {reprlib.repr(value)} is "
+                             "not a string label")
     return ParsedService(Service(
-        name=sys.intern(name), namespace=namespace, vip=vips[0], extra_vips=tuple(vips[1:]),
-        ports=_share_ports(tuple(ports)), session_affinity=affinity,
-        internal_traffic_policy=_intern(spec.get("internalTrafficPolicy")) or "Cluster",
-        traffic_distribution=_intern(spec.get("trafficDistribution")),
+        name=sys.intern(meta["name"]), namespace=namespace, vip=vips[0],
+        extra_vips=tuple(vips[1:]), ports=_share_ports(tuple(ports)), session_affinity=affinity,
+        internal_traffic_policy=sys.intern(policy),
+        traffic_distribution=_intern(_typed(spec, "trafficDistribution", str, "spec.")),
         labels=tuple(sorted(_share_label((sys.intern(k), sys.intern(v)))
                             for k, v in labels.items())),
     ), tuple(named))
 
 
+def _service_port(port: Any, path: str, where: str,
+                  notes: Translation) -> Tuple[Optional[ServicePort], bool]:
+    """One of spec.ports: (ServicePort or None if its protocol is not ours, whether its
+    targetPort is a name). Raises _Malformed."""
+    if not isinstance(port, dict):
+        raise _Malformed(f"{path}: {reprlib.repr(port)} is not an object")
+    protocol = _typed(port, "protocol", str, path + ".") or "TCP"
+    port_name = sys.intern(_typed(port, "name", str, path + ".", ""))
+    if protocol not in SUPPORTED_PROTOCOLS:
+        notes.skipped.append(f"{where}: port {port_name or reprlib.repr(port.get('port'))}: "
+                             f"protocol {protocol} is not supported; skipped")
+        return None, False
+    number = _port_number(port.get("port"), path + ".port")
+    target = port.get("targetPort")
+    named = isinstance(target, str) and not (target.isascii() and target.isdigit())
+    if named or target is None:
+        # A named targetPort is resolved per pod; the slices carry the numbers. The service
+        # port is only the fallback for backends without their own.
+        target = number
+    node_port = port.get("nodePort") or None
+    return _share_port(ServicePort(
+        port=number, target_port=_port_number(target, path + ".targetPort"),
+        protocol=sys.intern(protocol), name=port_name,
+        node_port=None if node_port is None else _port_number(node_port, path + ".nodePort"),
+    )), named
+
+
 def _cluster_ips(spec: dict, where: str, notes: Translation) -> List[str]:
     """The service's virtual addresses, primary first; clusterIPs[i] is of ipFamilies[i]."""
-    cluster_ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    cluster_ips = _typed(spec, "clusterIPs", list, "spec.") or (
+        [spec["clusterIP"]] if spec.get("clusterIP") else [])
     if not cluster_ips or cluster_ips[0] == "None":
         return []
-    families = spec.get("ipFamilies") or []
+    families = _typed(spec, "ipFamilies", list, "spec.", [])
     vips = []
     for index, text in enumerate(cluster_ips):
         try:
             vip = _canonical_ip(text)
         except ValueError:
-            notes.invalid.append(f"{where}: spec.clusterIPs[{index}]: {text!r} is not an IP "
-                                 "address; skipped")
+            notes.invalid.append(f"{where}: spec.clusterIPs[{index}]: {reprlib.repr(text)} is "
+                                 "not an IP address; skipped")
             continue
         family = families[index] if index < len(families) else None
-        if family is not None and FAMILY_VERSIONS.get(family) != _family(vip):
+        if family is not None and (not isinstance(family, str) or
+                                   FAMILY_VERSIONS.get(family) != _family(vip)):
             notes.invalid.append(f"{where}: spec.clusterIPs[{index}]: {vip} is not of family "
                                  f"{family} (spec.ipFamilies[{index}]); skipped")
             continue
@@ -302,38 +403,57 @@ def _cluster_ips(spec: dict, where: str, notes: Translation) -> List[str]:
 
 def endpoint_conditions(endpoint: dict) -> Tuple[bool, bool, bool]:
     """(ready, serving, terminating) with the API's meaning of an unset (nil) condition:
-    ready nil is true, serving nil is ready, terminating nil is false."""
-    conditions = endpoint.get("conditions") or {}
-    ready = conditions.get("ready")
-    ready = True if ready is None else bool(ready)
-    serving = conditions.get("serving")
-    serving = ready if serving is None else bool(serving)
-    terminating = bool(conditions.get("terminating") or False)
+    ready nil is true, serving nil is ready, terminating nil is false. A condition that is not
+    a boolean raises _Malformed (a ValueError): the endpoint's state is unknown."""
+    conditions = _typed(endpoint, "conditions", dict, "", {})
+    ready = _typed(conditions, "ready", bool, "conditions.", True)
+    serving = _typed(conditions, "serving", bool, "conditions.", ready)
+    terminating = _typed(conditions, "terminating", bool, "conditions.", False)
     return ready, serving, terminating
 
 
 def parse_slice(endpoint_slice: dict, notes: Translation) -> ParsedSlice:
-    """An EndpointSlice -> one Backend per address, checked here once."""
-    meta = endpoint_slice.get("metadata") or {}
-    service = slice_service_key(endpoint_slice)
-    address_type = _intern(endpoint_slice.get("addressType"))
-    family = FAMILY_VERSIONS.get(address_type)
+    """An EndpointSlice -> one Backend per address, checked here once. A malformed field
+    skips the slice (or the endpoint it is in), with a note."""
     version = object_version(endpoint_slice)
-    if service is None or family is None:  # no service's, or FQDN: no backends to keep
-        return ParsedSlice(service, address_type, (), (), version)
-    where = f"service {service[0]}/{service[1]}: endpointslice {meta.get('name', '')}"
-    ports = tuple((sys.intern(p.get("name") or ""), int(p["port"]))
-                  for p in endpoint_slice.get("ports") or () if p.get("port") is not None)
-    ports = _share_ports(ports)
+    try:
+        service = slice_service_key(endpoint_slice)
+        address_type = _intern(_typed(endpoint_slice, "addressType", str, ""))
+        family = FAMILY_VERSIONS.get(address_type)
+        if service is None or family is None:  # no service's, or FQDN: no backends to keep
+            return ParsedSlice(service, address_type, (), (), version)
+        ports = []
+        for index, p in enumerate(_typed(endpoint_slice, "ports", list, "", ())):
+            if not isinstance(p, dict):
+                raise _Malformed(f"ports[{index}]: {reprlib.repr(p)} is not an object")
+            if p.get("port") is not None:
+                ports.append((sys.intern(_typed(p, "name", str, f"ports[{index}].", "")),
+                              _port_number(p["port"], f"ports[{index}].port")))
+        endpoints = _typed(endpoint_slice, "endpoints", list, "", ())
+    except _Malformed as e:
+        namespace, name = object_key(endpoint_slice)
+        notes.invalid.append(f"endpointslice {namespace}/{name}: {e}; skipped")
+        return ParsedSlice(None, None, (), (), version)
+    where = f"service {service[0]}/{service[1]}: endpointslice {object_key(endpoint_slice)[1]}"
+    shared_ports = _share_ports(tuple(ports))
     by_address: Dict[str, Backend] = {}
-    for endpoint in endpoint_slice.get("endpoints") or ():
-        ready, serving, terminating = endpoint_conditions(endpoint)
-        node, zone = _intern(endpoint.get("nodeName")), _intern(endpoint.get("zone"))
-        for text in endpoint.get("addresses") or ():
+    for index, endpoint in enumerate(endpoints):
+        try:
+            if not isinstance(endpoint, dict):
+                raise _Malformed(f"{reprlib.repr(endpoint)} is not an object")
+            ready, serving, terminating = endpoint_conditions(endpoint)
+            node = _intern(_typed(endpoint, "nodeName", str, ""))
+            zone = _intern(_typed(endpoint, "zone", str, ""))
+            addresses = _typed(endpoint, "addresses", list, "", ())
+        except _Malformed as e:
+            notes.invalid.append(f"{where}: endpoints[{index}]: {e}; skipped")
+            continue
+        for text in addresses:
             try:
                 address = _canonical_ip(text)
             except ValueError:
-                notes.invalid.append(f"{where}: {text!r} is not an IP address; skipped")
+                notes.invalid.append(f"{where}: {reprlib.repr(text)} is not an IP address; "
+                                     "skipped")
                 continue
             if _family(address) != family:
                 notes.invalid.append(f"{where}: {address} is not {address_type}; skipped")
@@ -341,8 +461,9 @@ def parse_slice(endpoint_slice: dict, notes: Translation) -> ParsedSlice:
             if address not in by_address:
                 by_address[address] = Backend(
                     address=address, weight=1, node=node, zone=zone, ready=ready,
-                    serving=serving, terminating=terminating, ports=ports)
-    return ParsedSlice(service, address_type, ports, _in_order(by_address.values()), version)
+                    serving=serving, terminating=terminating, ports=shared_ports)
+    return ParsedSlice(service, address_type, shared_ports, _in_order(by_address.values()),
+                       version)
 
 
 def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
@@ -410,9 +531,13 @@ def _in_order(backends: Iterable[Backend]) -> Tuple[Backend, ...]:
     return tuple(sorted(backends, key=order))
 
 
-def _canonical_ip(text: str) -> str:
+def _canonical_ip(text: Any) -> str:
     """canonical_ip, with a fast path for what the API server sends nearly always: an IPv4
-    address in canonical form already (ipaddress takes ten times as long)."""
+    address in canonical form already (ipaddress takes ten times as long). ValueError for
+    anything else, and for a scoped IPv6 address (fe80::1%eth0): ipaddress takes the zone,
+    but the datapath matches addresses without one."""
+    if not isinstance(text, str) or "%" in text:
+        raise ValueError(text)
     try:
         if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text)) == text:
             return text
