@@ -79,6 +79,8 @@ for _p in (os.path.join(ROOT, "agent"), os.path.join(ROOT, "tests"),
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from k8s_source import vm_hwm  # noqa: E402  (bench/ is on the path above)
+
 VIP_RANGE = "10.96.0.0/15"  # 131,072 addresses; blackholed in the lab's client netns
 FILES = 100                 # files of the folder variant
 SET_A = (0, 1, 2)           # lab backend indexes every service starts on
@@ -389,12 +391,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def vm_hwm(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
 
 
 class Agent:
