@@ -50,7 +50,7 @@ class Options:
     admin_socket: str = api.DEFAULT_SOCKET
     node_name: Optional[str] = None
     node_zone: Optional[str] = None
-    resync_seconds: float = 60.0
+    resync_seconds: float = 300.0
     sizes: m.MapSizes = field(default_factory=m.MapSizes)
 
 

@@ -46,3 +46,19 @@ def test_options_read_the_environment(monkeypatch):
     assert args.metrics_addr == "0.0.0.0:9999" and args.bpffs == "/sys/fs/bpf/x"
     args = build_parser().parse_args(["run", "--config", "c.yaml", "--bpffs", "/y"])
     assert args.bpffs == "/y"  # the flag wins
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`nodemesh check ... | head -1`: the reader leaves; no traceback, exit 141 (SIGPIPE)."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "svc.yaml"
+    cfg.write_text("services:\n" + "".join(
+        f"  - {{name: s{i}, vip: 10.96.0.{i}, ports: [{{port: 80}}], backends: []}}\n"
+        for i in range(1, 200)))
+    proc = subprocess.Popen([sys.executable, "-m", "nodemesh.cli", "check", "--config", str(cfg),
+                             "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the writer writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 141 and "Traceback" not in err, err
