@@ -668,8 +668,9 @@ def parse(text: Union[str, bytes], filename: str = "<config>") -> List[Service]:
         try:  # libyaml reads UTF-8; a str from elsewhere may hold lone surrogates
             text = text.encode("utf-8")
         except UnicodeEncodeError as e:
+            line = text.count("\n", 0, e.start) + 1
             raise ConfigError(filename, [Problem("", f"not UTF-8 text: {e.reason} at "
-                                                     f"character {e.start}")]) from None
+                                                     f"character {e.start}", line)]) from None
     # Parsing makes no reference cycles (a recursive alias is refused), so the collector
     # could free nothing; at 100,000 services its passes over the document cost a fifth.
     collecting = gc.isenabled()

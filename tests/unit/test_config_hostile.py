@@ -90,7 +90,8 @@ def test_check_refuses_a_hostile_config_with_the_field_named(check, content, pat
 def test_text_that_cannot_be_utf8_is_a_config_error(text):
     with pytest.raises(config.ConfigError) as e:
         config.parse(text, "s.yaml")
-    assert "s.yaml: not UTF-8 text" in str(e.value)
+    assert "s.yaml:1: not UTF-8 text" in str(e.value)
+    assert e.value.problems[0].line == 1
 
 
 def _limited_check(path, *args, memory=1 << 30):
