@@ -497,18 +497,9 @@ class State:
 
     @staticmethod
     def reap() -> None:
-        if not os.path.isdir(STATE_DIR):
-            return
-        for name in os.listdir(STATE_DIR):
-            path = os.path.join(STATE_DIR, name)
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-            except (OSError, ValueError):
-                os.unlink(path)
-                continue
-            if os.path.exists(f"/proc/{data.get('owner', 0)}"):
-                continue  # its bench still runs
+        from nodemesh.lab.topology import orphaned_states
+
+        for path, data in orphaned_states(STATE_DIR, "owner"):  # benches that are gone
             for pid in data.get("agents", []):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..datapath.loader import cgroup2_root
 
@@ -322,22 +322,28 @@ def _empty_cgroup(cgroup: str) -> None:
 def reap_stale() -> List[str]:
     """Tear down labs whose owner process is gone (a crashed or killed earlier run)."""
     reaped = []
-    if not os.path.isdir(STATE_DIR):
-        return reaped
-    for name in os.listdir(STATE_DIR):
-        path = os.path.join(STATE_DIR, name)
-        try:
-            with open(path) as f:
-                st = json.load(f)
-        except (OSError, ValueError):
-            os.unlink(path)
-            continue
-        if _alive(st.get("pid", 0)):
-            continue
+    for _, st in orphaned_states(STATE_DIR, "pid"):
         teardown(st["prefix"], st["subnet"], st.get("host_link", False), st.get("cgroup", ""),
                  st.get("backends", []), st.get("host_blackhole", False))
         reaped.append(st["prefix"])
     return reaped
+
+
+def orphaned_states(state_dir: str, owner_key: str) -> Iterator[Tuple[str, dict]]:
+    """(path, state) of each JSON state file in state_dir whose owner process (the pid under
+    owner_key) is gone; an unreadable file is removed. What to tear down is the caller's."""
+    if not os.path.isdir(state_dir):
+        return
+    for name in os.listdir(state_dir):
+        path = os.path.join(state_dir, name)
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            os.unlink(path)
+            continue
+        if not _alive(state.get(owner_key, 0)):
+            yield path, state
 
 
 def _alive(pid: int) -> bool:
