@@ -235,6 +235,12 @@ class IdPool:
             self.used.discard(ident)
             self._freed.append((self.clock(), ident))
 
+    def unallocate(self, ident: int) -> None:
+        """Give back an id that no map entry ever pointed at: no quarantine needed."""
+        self.used.discard(ident)
+        self.reused.discard(ident)
+        self._freed.appendleft((float("-inf"), ident))
+
     def __len__(self) -> int:
         return len(self.used)
 
@@ -587,7 +593,7 @@ class Reconciler:
             svc_id = self.svc_ids.allocate() if old is None else old.svc_id
         except CapacityError:
             for i in new_ids:
-                self._unallocate(self.backend_ids, i)
+                self.backend_ids.unallocate(i)
             raise
         slots = tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq)
         keep = set(ids.values())
@@ -596,13 +602,6 @@ class Reconciler:
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
                                  affinity_timeout=d.affinity_timeout)
         return _Change(old, new, new_ids, dropped, old is None)
-
-    @staticmethod
-    def _unallocate(pool: IdPool, ident: int) -> None:
-        """Give back an id that no map entry ever pointed at: no quarantine needed."""
-        pool.used.discard(ident)
-        pool.reused.discard(ident)
-        pool._freed.appendleft((float("-inf"), ident))
 
     def _write(self, changes: List[_Change], failed: Dict[FrontendKey, str],
                result: RoundResult) -> List[_Change]:
@@ -673,13 +672,13 @@ class Reconciler:
             self.maps.delete_batch("backends", be_keys)
             for c in changes:
                 for i in c.new_backend_ids:
-                    self._unallocate(self.backend_ids, i)
+                    self.backend_ids.unallocate(i)
         except OSError:
             for c in changes:
                 self._garbage_backends.extend(c.new_backend_ids)
         for c in changes:
             if c.new_svc_id:
-                self._unallocate(self.svc_ids, c.new.svc_id)
+                self.svc_ids.unallocate(c.new.svc_id)
 
     def _delete(self, removed: List[ProgrammedFrontend], failed: Dict[FrontendKey, str],
                 result: RoundResult) -> None:
