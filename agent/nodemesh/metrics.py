@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DETAIL_SERVICE, DETAIL_BACKEND = "service", "backend"
-DETAILS = (DETAIL_SERVICE, DETAIL_BACKEND)
 
 
 def backend_label(address: str, port: int) -> str:

@@ -59,10 +59,6 @@ class Shards(Generic[K, V]):
         for d in self._shards:
             yield from d.values()
 
-    def items(self) -> Iterator[Tuple[K, V]]:
-        for d in self._shards:
-            yield from d.items()
-
     def __len__(self) -> int:
         return self._len
 
