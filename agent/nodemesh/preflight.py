@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import platform
 from dataclasses import dataclass
 from typing import List, Optional
 
 from .datapath import bpfsys, loader
+
+log = logging.getLogger("nodemesh.preflight")
 
 
 @dataclass
@@ -107,7 +110,10 @@ def program_types() -> Check:
         pid = name.rpartition("-")[2]
         if name.startswith("nodemesh-preflight-") and pid.isdigit() and \
                 not os.path.exists(f"/proc/{pid}"):
-            loader.cleanup(os.path.join(loader.BPFFS_ROOT, name))
+            try:
+                loader.cleanup(os.path.join(loader.BPFFS_ROOT, name))
+            except loader.DatapathError as e:  # an odd folder of that name: report, go on
+                log.warning("preflight: leaving %s: %s", name, e)
     scratch = os.path.join(loader.BPFFS_ROOT, f"nodemesh-preflight-{os.getpid()}")
     dp = loader.Datapath(scratch, None)
     try:
