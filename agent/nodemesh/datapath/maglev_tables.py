@@ -103,9 +103,10 @@ class KernelTables:
                 bpfsys.close(t.fd)
 
     def _delete_outer(self, svc_id: int) -> None:
+        key = _ROW(svc_id)  # alive across the call: the attr holds only its address
         try:
             bpfsys.bpf(bpfsys.MAP_DELETE_ELEM, bpfsys._ElemAttr(
-                map_fd=self.outer_fd, key=ctypes.addressof(_ROW(svc_id))))
+                map_fd=self.outer_fd, key=ctypes.addressof(key)))
         except bpfsys.BPFError as e:
             if e.errno != 2:  # ENOENT: an array-of-maps slot that is already empty
                 raise
