@@ -181,3 +181,18 @@ def test_sessions_fall_back_to_the_slots_when_a_table_is_missing(lab, datapath):
     r = lab.client(["tcp", "--target", f"{svc.vip}:80", "--count", "30"])
     assert r["failed"] == 0 and r["ok"] == 30
     assert datapath.maps.counters()["maglev_miss"] == 30
+
+
+def test_a_change_writes_only_the_rows_that_differ_from_the_spare_table(lab, datapath):
+    def weighted(weights):
+        return Service("web", "test", lab.vip4(10), (ServicePort(80, 8080, "TCP", "http"),),
+                       tuple(Backend(b.ipv4, w) for b, w in zip(lab.backends, weights)),
+                       algorithm="maglev", maglev_table_size=4093)
+
+    datapath.apply([weighted((1, 1, 1))])
+    first = datapath.apply([weighted((1, 1, 2))])   # a fresh spare: every row written
+    again = datapath.apply([weighted((1, 1, 1))])   # the spare holds exactly this table
+    assert first.writes > 4093 and again.writes < 10  # backends/slots/master, no table row
+    keyed = [(maglev.backend_key(b.ipv4, 8080), 1) for b in lab.backends]
+    want = [lab.backends[i].ipv4 for i in maglev.build_table(keyed, 4093)]
+    assert kernel_table(datapath, weighted((1, 1, 1))) == want

@@ -8,9 +8,11 @@ changed-positions write), then points the outer map at it: one map write, so a c
 the old table or the new one, never a half-written one. The old active becomes the spare.
 
 A spare doubles the kernel memory of a table (2 x rows x 4 bytes); in exchange an update writes
-O(changed rows), not O(rows), and is still atomic. After a restart the active tables are
-adopted (outer map -> inner map id -> fd) and the spares are gone: the next change of such a
-frontend writes a whole fresh table once.
+O(changed rows), not O(rows), and is still atomic. The rows live only in the kernel: the diff
+reads the spare back (one batch read), so the agent's memory does not grow with the tables,
+but it holds two fds per maglev frontend (the open-file limit is raised to its hard limit).
+After a restart the active tables are adopted (outer map -> inner map id -> fd) and the
+spares are gone: the next change of such a frontend writes a whole fresh table once.
 
 The reconciler is the only caller (one writer per thing); tests/fakemaps.py has an in-memory
 twin with the same methods.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import resource
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -30,11 +33,15 @@ _ROW = ctypes.c_uint32
 @dataclass
 class Table:
     fd: int
-    rows: array.array  # backend id per row, as the kernel holds it
+    size: int  # rows
+    fresh: bool = False  # created and never written: every row is 0
 
 
 class KernelTables:
     def __init__(self, outer_fd: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.outer_fd = outer_fd
         self.active: Dict[int, Table] = {}
         self.spare: Dict[int, Table] = {}
@@ -46,21 +53,21 @@ class KernelTables:
         size). Nothing reads it until commit(). Returns the rows written."""
         new = array.array("I", rows)
         spare = self.spare.pop(svc_id, None)
-        if spare is not None and len(spare.rows) != len(new):
+        if spare is not None and spare.size != len(new):
             bpfsys.close(spare.fd)
             spare = None
         if spare is None:
             fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, 4, len(new), bpfsys.F_INNER_MAP,
                                    "nm_maglev")
-            spare = Table(fd, array.array("I", bytes(4 * len(new))))
-        changed = [i for i, (a, b) in enumerate(zip(spare.rows, new)) if a != b]
+            spare = Table(fd, len(new), fresh=True)
         try:
+            have = array.array("I", bytes(4 * len(new))) if spare.fresh else read_rows(spare.fd)
+            changed = [i for i, (a, b) in enumerate(zip(have, new)) if a != b]
             _write_rows(spare.fd, changed, new)
         except OSError:
-            # What the spare holds is now unknown: drop it, the next try writes a fresh one.
-            bpfsys.close(spare.fd)
+            bpfsys.close(spare.fd)  # the next try starts from a fresh table
             raise
-        spare.rows = new
+        spare.fresh = False
         self._staged[svc_id] = spare
         return len(changed)
 
@@ -119,7 +126,7 @@ class KernelTables:
             return None
         fd = bpfsys.map_fd_by_id(map_id.value)
         rows = read_rows(fd)
-        self.active[svc_id] = Table(fd, rows)
+        self.active[svc_id] = Table(fd, len(rows))
         return rows
 
     def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
@@ -135,7 +142,7 @@ class KernelTables:
 
     def rows_in_kernel(self) -> int:
         """Rows held in kernel memory (active + spare), 4 bytes each."""
-        return sum(len(t.rows) for d in (self.active, self.spare) for t in d.values())
+        return sum(t.size for d in (self.active, self.spare) for t in d.values())
 
     def close(self) -> None:
         for tables in (self.active, self.spare, self._staged):
