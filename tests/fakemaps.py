@@ -124,8 +124,8 @@ class FakeMaps:
 
 
 class FakeTables:
-    """The Maglev tables of datapath/maglev_tables.py in memory: an outer map of svc_id -> table
-    number, tables of rows. Faults: ("update", "maglev") fails a row write, ("swap", "maglev")
+    """The Maglev tables of datapath/maglev_tables.py in memory: outer maps of svc_id -> table
+    number (`outer` is what the datapath reads, `spare` the parked tables), tables of rows. Faults: ("update", "maglev") fails a row write, ("swap", "maglev")
     an outer-map write."""
 
     def __init__(self, maps: FakeMaps):
@@ -198,11 +198,7 @@ class FakeTables:
                 del self.rows[t]
 
     def adopt(self, svc_id: int) -> Optional[Sequence[int]]:
-        t = self.outer.get(svc_id)
-        if t is None:
-            return None
-        self.active[svc_id] = t
-        return self.rows[t]
+        return self.kernel_rows(svc_id)
 
     def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
         t = self.outer.get(svc_id)
@@ -212,10 +208,11 @@ class FakeTables:
         return sum(len(self.rows[t]) for d in (self.active, self.spare) for t in d.values())
 
     def forget(self) -> None:
-        """What a restarted agent knows: only what the kernel holds (no spares)."""
-        kept = set(self.outer.values())
-        self.rows = {t: r for t, r in self.rows.items() if t in kept}
-        self.active, self.spare, self._staged = {}, {}, {}
+        """A restart: what was staged and never committed is gone with the agent's fds; the
+        active and spare tables live on in the kernel's outer maps."""
+        for t in self._staged.values():
+            del self.rows[t]
+        self._staged = {}
 
     def close(self) -> None:
         pass

@@ -24,6 +24,10 @@
 BPF_F_TABLE("array", u32, u32, maglev_template, NM_MAGLEV_TEMPLATE_ROWS, BPF_F_INNER_MAP);
 BPF_TABLE("array_of_maps$maglev_template:" NM_PIN_DIR "/maglev", u32, int, maglev,
 	  NM_MAX_FRONTENDS);
+/* Each frontend's previous table, parked for the agent's next changed-rows write; no program
+ * reads it. It lives here so that the kernel, not an agent's fds, keeps the spares alive. */
+BPF_TABLE("array_of_maps$maglev_template:" NM_PIN_DIR "/maglev_spare", u32, int, maglev_spare,
+	  NM_MAX_FRONTENDS);
 
 /* A 64-bit finalizer (splitmix64): consecutive cookies and ports spread over all rows. */
 static __always_inline u64 nm_mix64(u64 x)

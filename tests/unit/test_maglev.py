@@ -255,6 +255,7 @@ def test_a_lost_table_is_rewritten_after_a_restart():
     maps = FakeMaps()
     Reconciler(maps).apply([service()])
     maps.tables.outer.clear()
+    maps.tables.active.clear()
     maps.tables.forget()
     rec = Reconciler(maps)
     rec.adopt()

@@ -2,17 +2,17 @@
 pinned outer map `maglev` (ARRAY_OF_MAPS, index svc_id) in one write.
 
 Each frontend has two tables, as Katran keeps two rings: the active one, which the datapath
-reads through the outer map, and a spare holding the table before it. A change writes the new
-table into the spare, only the rows where it differs from what the spare holds (Katran's
-changed-positions write), then points the outer map at it: one map write, so a connect() sees
-the old table or the new one, never a half-written one. The old active becomes the spare.
+reads through `maglev`, and a spare holding the table before it, parked in a second pinned
+outer map, `maglev_spare`, that no program reads. A change writes the new table into the
+spare, only the rows where it differs from what the spare holds (read back in one batch:
+Katran's changed-positions write), then points `maglev` at it: one map write, so a connect()
+sees the old table or the new one, never a half-written one. The old active becomes the spare.
 
+Both tables are held by the outer maps alone, and found again by map id: the agent keeps no
+fd and no copy of the rows between changes (at 100,000 maglev frontends it would need 200,000
+fds, more than a node's open-file limit allows), and a restarted agent finds the spares too.
 A spare doubles the kernel memory of a table (2 x rows x 4 bytes); in exchange an update writes
-O(changed rows), not O(rows), and is still atomic. The rows live only in the kernel: the diff
-reads the spare back (one batch read), so the agent's memory does not grow with the tables,
-but it holds two fds per maglev frontend (the open-file limit is raised to its hard limit).
-After a restart the active tables are adopted (outer map -> inner map id -> fd) and the
-spares are gone: the next change of such a frontend writes a whole fresh table once.
+O(changed rows), not O(rows), and is still atomic.
 
 The reconciler is the only caller (one writer per thing); tests/fakemaps.py has an in-memory
 twin with the same methods.
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import array
 import ctypes
-import resource
-from dataclasses import dataclass
+import errno
 from typing import Dict, List, Optional, Sequence
 
 from . import bpfsys
@@ -30,125 +29,123 @@ from . import bpfsys
 _ROW = ctypes.c_uint32
 
 
-@dataclass
-class Table:
-    fd: int
-    size: int  # rows
-    fresh: bool = False  # created and never written: every row is 0
-
-
 class KernelTables:
-    def __init__(self, outer_fd: int):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        self.outer_fd = outer_fd
-        self.active: Dict[int, Table] = {}
-        self.spare: Dict[int, Table] = {}
-        self._staged: Dict[int, Table] = {}
+    def __init__(self, outer_fd: int, spare_fd: int):
+        self.outer_fd = outer_fd  # `maglev`: what the datapath reads
+        self.spare_fd = spare_fd  # `maglev_spare`: parked tables, read by nobody
+        self._staged: Dict[int, int] = {}  # svc_id -> fd of a staged table (until commit)
 
     # -- an update: stage (invisible), commit (the swap), or revert -------------------------
     def stage(self, svc_id: int, rows: Sequence[int]) -> int:
         """Write `rows` into frontend svc_id's spare table (a new one if it has none of this
         size). Nothing reads it until commit(). Returns the rows written."""
         new = array.array("I", rows)
-        spare = self.spare.pop(svc_id, None)
-        if spare is not None and spare.size != len(new):
-            bpfsys.close(spare.fd)
-            spare = None
-        if spare is None:
-            fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, 4, len(new), bpfsys.F_INNER_MAP,
-                                   "nm_maglev")
-            spare = Table(fd, len(new), fresh=True)
+        fd = _open(self.spare_fd, svc_id)
+        if fd is not None and bpfsys.map_info(fd).max_entries != len(new):
+            bpfsys.close(fd)
+            fd = None
         try:
-            have = array.array("I", bytes(4 * len(new))) if spare.fresh else read_rows(spare.fd)
+            if fd is None:
+                fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, 4, len(new),
+                                       bpfsys.F_INNER_MAP, "nm_maglev")
+                have = array.array("I", bytes(4 * len(new)))
+            else:
+                have = read_rows(fd)
             changed = [i for i, (a, b) in enumerate(zip(have, new)) if a != b]
-            _write_rows(spare.fd, changed, new)
+            _write_rows(fd, changed, new)
         except OSError:
-            bpfsys.close(spare.fd)  # the next try starts from a fresh table
+            bpfsys.close(fd)
             raise
-        spare.fresh = False
-        self._staged[svc_id] = spare
+        self.unstage(svc_id)
+        self._staged[svc_id] = fd
         return len(changed)
 
     def commit(self, svc_id: int) -> None:
-        """Point the outer map at the staged table: the one write that switches readers."""
-        table = self._staged.pop(svc_id)
+        """Point `maglev` at the staged table (the one write that switches readers), and park
+        the table it replaces as the spare."""
+        fd = self._staged.pop(svc_id)
+        old = _open(self.outer_fd, svc_id)  # before the swap: after it, it may be freed
         try:
-            bpfsys.map_update(self.outer_fd, _ROW(svc_id), ctypes.c_uint32(table.fd))
-        except OSError:
-            self.spare[svc_id] = table  # still a good spare: its rows are known
-            raise
-        old = self.active.get(svc_id)
-        self.active[svc_id] = table
-        if old is not None:
-            self.spare[svc_id] = old
+            _set(self.outer_fd, svc_id, fd)
+            if old is not None:
+                _set(self.spare_fd, svc_id, old)
+            else:
+                _clear(self.spare_fd, svc_id)
+        finally:
+            bpfsys.close(fd)
+            bpfsys.close(old)
 
     def revert(self, svc_id: int) -> None:
         """Undo the last commit (the master write that should follow it failed): the previous
-        table serves again, or none if there was none."""
-        new = self.active.pop(svc_id)
-        old = self.spare.pop(svc_id, None)
-        if old is not None:
-            bpfsys.map_update(self.outer_fd, _ROW(svc_id), ctypes.c_uint32(old.fd))
-            self.active[svc_id] = old
-        else:
-            self._delete_outer(svc_id)
-        self.spare[svc_id] = new
+        table serves again, or none if there was none; the new one becomes the spare."""
+        new = _open(self.outer_fd, svc_id)
+        old = _open(self.spare_fd, svc_id)
+        try:
+            if old is not None:
+                _set(self.outer_fd, svc_id, old)
+            else:
+                _clear(self.outer_fd, svc_id)
+            if new is not None:
+                _set(self.spare_fd, svc_id, new)
+        finally:
+            bpfsys.close(new)
+            bpfsys.close(old)
 
     def unstage(self, svc_id: int) -> None:
-        table = self._staged.pop(svc_id, None)
-        if table is not None:
-            self.spare[svc_id] = table
+        bpfsys.close(self._staged.pop(svc_id, None))
 
     def remove(self, svc_id: int) -> None:
-        """The frontend no longer uses Maglev (or is gone): clear its outer entry, free both."""
-        self._delete_outer(svc_id)
-        for tables in (self.active, self.spare, self._staged):
-            t = tables.pop(svc_id, None)
-            if t is not None:
-                bpfsys.close(t.fd)
-
-    def _delete_outer(self, svc_id: int) -> None:
-        key = _ROW(svc_id)  # alive across the call: the attr holds only its address
-        try:
-            bpfsys.bpf(bpfsys.MAP_DELETE_ELEM, bpfsys._ElemAttr(
-                map_fd=self.outer_fd, key=ctypes.addressof(key)))
-        except bpfsys.BPFError as e:
-            if e.errno != 2:  # ENOENT: an array-of-maps slot that is already empty
-                raise
+        """The frontend no longer uses Maglev (or is gone): clear both entries; the kernel
+        frees the tables with their last reference."""
+        self.unstage(svc_id)
+        _clear(self.outer_fd, svc_id)
+        _clear(self.spare_fd, svc_id)
 
     # -- reads ------------------------------------------------------------------------------
     def adopt(self, svc_id: int) -> Optional[Sequence[int]]:
-        """Take over the table a previous agent left for svc_id; its rows, or None."""
-        map_id = ctypes.c_uint32()
-        if not bpfsys.map_lookup(self.outer_fd, _ROW(svc_id), map_id):
-            return None
-        fd = bpfsys.map_fd_by_id(map_id.value)
-        rows = read_rows(fd)
-        self.active[svc_id] = Table(fd, len(rows))
-        return rows
+        """The rows of the table a previous agent left for svc_id, or None."""
+        return self.kernel_rows(svc_id)
 
     def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
         """The rows the datapath reads for svc_id now, straight from the kernel."""
-        map_id = ctypes.c_uint32()
-        if not bpfsys.map_lookup(self.outer_fd, _ROW(svc_id), map_id):
+        fd = _open(self.outer_fd, svc_id)
+        if fd is None:
             return None
-        fd = bpfsys.map_fd_by_id(map_id.value)
         try:
             return list(read_rows(fd))
         finally:
             bpfsys.close(fd)
 
-    def rows_in_kernel(self) -> int:
-        """Rows held in kernel memory (active + spare), 4 bytes each."""
-        return sum(t.size for d in (self.active, self.spare) for t in d.values())
-
     def close(self) -> None:
-        for tables in (self.active, self.spare, self._staged):
-            for t in tables.values():
-                bpfsys.close(t.fd)
-            tables.clear()
+        for svc_id in list(self._staged):
+            self.unstage(svc_id)
+
+
+def _open(outer_fd: int, svc_id: int) -> Optional[int]:
+    """An fd of the table in outer[svc_id], or None. (User space reads a map id there.)"""
+    map_id = ctypes.c_uint32()
+    if not bpfsys.map_lookup(outer_fd, _ROW(svc_id), map_id):
+        return None
+    try:
+        return bpfsys.map_fd_by_id(map_id.value)
+    except bpfsys.BPFError as e:
+        if e.errno == errno.ENOENT:  # replaced and freed since the lookup
+            return None
+        raise
+
+
+def _set(outer_fd: int, svc_id: int, table_fd: int) -> None:
+    bpfsys.map_update(outer_fd, _ROW(svc_id), ctypes.c_uint32(table_fd))
+
+
+def _clear(outer_fd: int, svc_id: int) -> None:
+    key = _ROW(svc_id)  # alive across the call: the attr holds only its address
+    try:
+        bpfsys.bpf(bpfsys.MAP_DELETE_ELEM, bpfsys._ElemAttr(map_fd=outer_fd,
+                                                            key=ctypes.addressof(key)))
+    except bpfsys.BPFError as e:
+        if e.errno != errno.ENOENT:  # an array-of-maps slot that is already empty
+            raise
 
 
 def _write_rows(fd: int, rows: List[int], values: array.array) -> None:

@@ -133,6 +133,7 @@ MAPS: Tuple[MapSpec, ...] = (
             "NM_MAX_ENDPOINTS"),
     # svc_id -> that frontend's Maglev table (an inner array; user space reads its map id)
     MapSpec("maglev", bpfsys.MAP_TYPE_ARRAY_OF_MAPS, u32, u32, "NM_MAX_FRONTENDS"),
+    MapSpec("maglev_spare", bpfsys.MAP_TYPE_ARRAY_OF_MAPS, u32, u32, "NM_MAX_FRONTENDS"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
@@ -284,7 +285,7 @@ class Maps:
         """The Maglev tables behind the `maglev` outer map (datapath/maglev_tables.py)."""
         if self._maglev is None:
             from .maglev_tables import KernelTables
-            self._maglev = KernelTables(self.fds["maglev"])
+            self._maglev = KernelTables(self.fds["maglev"], self.fds["maglev_spare"])
         return self._maglev
 
     def fd(self, name: str) -> int:
