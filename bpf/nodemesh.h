@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_ABI_VERSION 2
+#define NM_ABI_VERSION 3
 
 /* Map sizes: compile-time settings, passed by the loader as -D flags. The defaults hold
  * 100,000 single-port services with 3 backends each (400,000 masters and slots, plus the idle
@@ -51,6 +51,7 @@
 enum nm_algorithm {
 	NM_ALG_RANDOM = 0,      /* uniform over slots; weights are expanded into slots */
 	NM_ALG_ROUND_ROBIN = 1, /* slots hold a smooth weighted sequence, walked by a counter */
+	NM_ALG_MAGLEV = 2,      /* the frontend's Maglev table (lib/maglev.h); slots as fallback */
 };
 
 struct nm_svc_key {
@@ -63,7 +64,7 @@ struct nm_svc_key {
 };
 
 struct nm_svc_value {
-	__u32 backend_id; /* slot entries: the chosen backend */
+	__u32 backend_id; /* slot entries: the chosen backend; maglev master: table rows */
 	__u32 svc_id;     /* master: index of this frontend in svc_stats / rr_state */
 	__u16 count;      /* master: number of slots in the active bank (0: no backend) */
 	__u8 bank;        /* master: active bank, 0 or 1 */
@@ -178,7 +179,8 @@ enum nm_counter {
 	NM_CTR_V4_IN_V6 = 5,        /* IPv4-mapped IPv6 destination translated */
 	NM_CTR_AFFINITY_HIT = 6,    /* a client kept its backend (session affinity) */
 	NM_CTR_CONNECT_FAILED = 7,  /* a TCP connect to a watched backend failed */
-	NM_CTR_MAX = 8,
+	NM_CTR_MAGLEV_MISS = 8,     /* no Maglev table or row for a maglev frontend; used slots */
+	NM_CTR_MAX = 9,
 };
 
 #endif /* NODEMESH_H */

@@ -5,7 +5,7 @@
  *         recvmsg4/6     UDP recvfrom(): backend -> VIP, so replies seem to come from the VIP
  *         getpeername4/6 getpeername(): backend -> VIP, so the application sees the VIP
  *         sockops        TCP connect outcomes per backend endpoint (passive health)
- * Reads:  services (masters + slots), backends, rr_state, revnat, affinity
+ * Reads:  services (masters + slots), backends, rr_state, revnat, affinity, maglev tables
  * Writes: the socket address in ctx, revnat and affinity (LRU), endpoint_health, failure
  *         events (ring buffer), per-CPU svc_stats / backend_stats / counters
  *
@@ -43,6 +43,7 @@ BPF_F_TABLE("hash:" NM_PIN_DIR "/endpoint_health", struct nm_endpoint_key,
 	    struct nm_endpoint_health, endpoint_health, NM_MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
 /* Not pinned: each agent reads the ring of the programs it loaded. */
 BPF_RINGBUF_OUTPUT(failure_events, 16);
+#include "lib/maglev.h"
 
 /* sock_addr programs: 1 lets the syscall go on, 0 rejects it (with the retval we set). */
 #define SYS_PROCEED 1
@@ -53,6 +54,22 @@ static __always_inline void count(u32 reason)
 	u64 *v = counters.lookup(&reason);
 	if (v)
 		*v += 1;
+}
+
+/* Maglev on the socket path: the client is its netns, so every socket of a pod reaches the
+ * same backend. 0 when the table has no live backend for it (the caller uses the slots). */
+static __always_inline u32 maglev_pick(void *ctx, struct nm_svc_key *key,
+				       struct nm_svc_value *master)
+{
+	u32 svc_id = master->svc_id;
+	void *table = maglev.lookup(&svc_id);
+	u32 backend_id = table ? nm_maglev_backend(table, master->backend_id,
+						   nm_maglev_hash(bpf_get_netns_cookie(ctx), key)) : 0;
+	if (!backend_id || !backends.lookup(&backend_id)) {
+		count(NM_CTR_MAGLEV_MISS);
+		return 0;
+	}
+	return backend_id;
 }
 
 /* Pick a backend for key (slot must be 0 on entry). Returns the backend, or NULL with
@@ -109,21 +126,26 @@ static __always_inline struct nm_backend *select_backend(void *ctx, struct nm_sv
 			if (kept)
 				return kept;
 		}
-		u32 index;
-		if (master->algorithm == NM_ALG_ROUND_ROBIN) {
-			u64 *pos = rr_state.lookup(&svc_id);
-			index = pos ? (u32)(__sync_fetch_and_add(pos, 1) % n) : 0;
-		} else {
-			index = bpf_get_prandom_u32() % n;
+		u32 backend_id = 0;
+		if (master->algorithm == NM_ALG_MAGLEV)
+			backend_id = maglev_pick(ctx, key, master);
+		if (!backend_id) { /* random, round robin, or a maglev table miss */
+			u32 index;
+			if (master->algorithm == NM_ALG_ROUND_ROBIN) {
+				u64 *pos = rr_state.lookup(&svc_id);
+				index = pos ? (u32)(__sync_fetch_and_add(pos, 1) % n) : 0;
+			} else {
+				index = bpf_get_prandom_u32() % n;
+			}
+			key->slot = ((u16)master->bank << NM_SLOT_BANK_SHIFT) |
+				    (u16)((index + 1) & NM_SLOT_INDEX_MASK);
+			struct nm_svc_value *slot = services.lookup(key);
+			if (!slot) {
+				count(NM_CTR_SLOT_MISS);
+				continue;
+			}
+			backend_id = slot->backend_id;
 		}
-		key->slot = ((u16)master->bank << NM_SLOT_BANK_SHIFT) |
-			    (u16)((index + 1) & NM_SLOT_INDEX_MASK);
-		struct nm_svc_value *slot = services.lookup(key);
-		if (!slot) {
-			count(NM_CTR_SLOT_MISS);
-			continue;
-		}
-		u32 backend_id = slot->backend_id;
 		struct nm_backend *be = backends.lookup(&backend_id);
 		if (!be) {
 			count(NM_CTR_BACKEND_MISS);

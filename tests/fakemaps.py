@@ -29,6 +29,10 @@ class FakeMaps:
         self.data: Dict[str, Dict[bytes, bytes]] = {spec.name: {} for spec in m.MAPS}
         self.faults: List[Fault] = []
         self.calls: List[Tuple[str, str, int]] = []  # (op, map, elements)
+        self.tables = FakeTables(self)
+
+    def maglev_tables(self) -> "FakeTables":
+        return self.tables
 
     def fail(self, op: str, name: str, after: int = 0, err: int = errno.ENOMEM,
              times: int = 1, skip: int = 0) -> None:
@@ -102,6 +106,13 @@ class FakeMaps:
         master = self.lookup("services", fk.map_key(0), m.SvcValue)
         if master is None:
             return None
+        if master.algorithm == m.ALG_MAGLEV and master.backend_id and master.count:
+            rows = self.tables.kernel_rows(master.svc_id)
+            assert rows is not None and len(rows) == master.backend_id, \
+                f"{fk}: its Maglev table is missing or of another size"
+            for ident in set(rows):
+                assert m.pack_u32(ident) in self.data["backends"], \
+                    f"{fk}: Maglev row names backend {ident}, which is missing"
         out = []
         for i in range(1, master.count + 1):
             slot = self.lookup("services", fk.map_key(m.slot_number(master.bank, i)), m.SvcValue)
@@ -110,6 +121,101 @@ class FakeMaps:
             assert be is not None, f"{fk}: backend {slot.backend_id} is missing"
             out.append((m.decode_addr(be.family, be.addr), m.port_host(be.port)))
         return out
+
+
+class FakeTables:
+    """The Maglev tables of datapath/maglev_tables.py in memory: outer maps of svc_id -> table
+    number (`outer` is what the datapath reads, `spare` the parked tables), tables of rows. Faults: ("update", "maglev") fails a row write, ("swap", "maglev")
+    an outer-map write."""
+
+    def __init__(self, maps: FakeMaps):
+        self.maps = maps
+        self.outer: Dict[int, int] = {}            # what the datapath reads
+        self.rows: Dict[int, List[int]] = {}       # table number -> rows
+        self.active: Dict[int, int] = {}
+        self.spare: Dict[int, int] = {}
+        self._staged: Dict[int, int] = {}
+        self._next = 1
+        self.rows_written = 0
+
+    def stage(self, svc_id: int, rows: Sequence[int]) -> int:
+        spare = self.spare.pop(svc_id, None)
+        if spare is not None and len(self.rows[spare]) != len(rows):
+            del self.rows[spare]
+            spare = None
+        if spare is None:
+            spare, self._next = self._next, self._next + 1
+            self.rows[spare] = [0] * len(rows)
+        changed = [i for i, (a, b) in enumerate(zip(self.rows[spare], rows)) if a != b]
+        if changed:
+            self.maps.calls.append(("update", "maglev", len(changed)))
+            fault = self.maps._fault("update", "maglev")
+            if fault is not None:
+                for i in changed[:fault.after]:
+                    self.rows[spare][i] = rows[i]
+                del self.rows[spare]
+                raise self.maps._error(fault.err, fault.after)
+        self.rows[spare] = list(rows)
+        self.rows_written += len(changed)
+        self._staged[svc_id] = spare
+        return len(changed)
+
+    def _swap(self, svc_id: int, table: Optional[int]) -> None:
+        self.maps.calls.append(("swap", "maglev", 1))
+        fault = self.maps._fault("swap", "maglev")
+        if fault is not None:
+            raise self.maps._error(fault.err, 0)
+        if table is None:
+            self.outer.pop(svc_id, None)
+        else:
+            self.outer[svc_id] = table
+
+    def commit(self, svc_id: int) -> None:
+        table = self._staged.pop(svc_id)
+        try:
+            self._swap(svc_id, table)
+        except OSError:
+            self.spare[svc_id] = table
+            raise
+        old = self.active.get(svc_id)
+        self.active[svc_id] = table
+        if old is not None:
+            self.spare[svc_id] = old
+
+    def revert(self, svc_id: int) -> None:
+        new = self.active.pop(svc_id)
+        old = self.spare.pop(svc_id, None)
+        self._swap(svc_id, old)
+        if old is not None:
+            self.active[svc_id] = old
+        self.spare[svc_id] = new
+
+    def remove(self, svc_id: int) -> None:
+        self._swap(svc_id, None)
+        for d in (self.active, self.spare, self._staged):
+            t = d.pop(svc_id, None)
+            if t is not None:
+                del self.rows[t]
+
+    def adopt(self, svc_id: int) -> Optional[Sequence[int]]:
+        return self.kernel_rows(svc_id)
+
+    def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
+        t = self.outer.get(svc_id)
+        return None if t is None else list(self.rows[t])
+
+    def rows_in_kernel(self) -> int:
+        return sum(len(self.rows[t]) for d in (self.active, self.spare) for t in d.values())
+
+    def forget(self) -> None:
+        """A restart: what was staged and never committed is gone with the agent's fds; the
+        active and spare tables live on in the kernel's outer maps."""
+        for t in self._staged.values():
+            del self.rows[t]
+        self._staged = {}
+
+    def close(self) -> None:
+        pass
 
 
 def zero_stats(maps: FakeMaps, name: str, ident: int) -> None:

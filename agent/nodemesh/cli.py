@@ -59,6 +59,14 @@ def _seconds(text: str) -> float:
 MAP_SIZE_MAX = 1 << 24  # 64 times the largest default; the preallocated maps grow with it
 
 
+def _maglev_rows(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 1 << 28:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {1 << 28} "
+                                         f"(1 GiB of rows)")
+    return value
+
+
 def _map_size(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -157,7 +165,8 @@ def cmd_run(args) -> int:
                    sizes=MapSizes(service_entries=args.map_service_entries,
                                   frontends=args.map_frontends,
                                   backends=args.map_backends,
-                                  revnat=args.map_revnat))
+                                  revnat=args.map_revnat),
+                   maglev_max_rows=args.maglev_max_rows)
     agent = Agent(opts)
     install_signals(agent)
     try:
@@ -356,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map-backends", default=_env("map_backends", sizes.backends),
                    type=_map_size(2))
     r.add_argument("--map-revnat", default=_env("map_revnat", sizes.revnat), type=_map_size(1))
+    r.add_argument("--maglev-max-rows", default=_env("maglev_max_rows", 1 << 24),
+                   type=_maglev_rows, help="rows all Maglev tables may hold together (4 bytes "
+                   "each in the kernel, twice with the spare tables); default 16777216 = 64 MiB")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)", parents=[common])

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from . import maglev
 from .datapath.maps import encode_addr
 from .model import (
     ALGORITHMS,
@@ -397,7 +398,7 @@ def _unusable_backend(addr) -> Optional[str]:
 
 SERVICE_FIELDS = ("name", "namespace", "vip", "ports", "algorithm", "sessionAffinity",
                   "healthCheck", "outlierDetection", "panicThresholdPercent", "trafficPolicy",
-                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends")
+                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends", "maglev")
 PORT_FIELDS = ("name", "port", "targetPort", "protocol")
 BACKEND_FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating")
 OUTLIER_FIELDS = ("consecutiveFailures", "baseEjectionSeconds", "maxEjectionPercent")
@@ -515,6 +516,7 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
     if distribution is not None and distribution != "PreferClose":
         c.fail(f"{path}.trafficDistribution", f"{_show(distribution)} is not a traffic "
                                               f"distribution (PreferClose)")
+    maglev_size = _maglev(c, obj, path, algorithm, backends)
     terminate = obj.get("terminateConnectionsOnRemoval", False)
     if not isinstance(terminate, bool):
         c.fail(f"{path}.terminateConnectionsOnRemoval", f"{_show(terminate)} must be true or "
@@ -527,7 +529,31 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
                    session_affinity=affinity, health_check=health, outlier_detection=outlier,
                    panic_threshold_percent=panic, internal_traffic_policy=policy,
                    traffic_distribution=distribution,
-                   terminate_connections_on_removal=terminate)
+                   terminate_connections_on_removal=terminate, maglev_table_size=maglev_size)
+
+
+def _maglev(c: _Checker, obj: Dict[str, Any], path: str, algorithm: Any,
+            backends: List[Backend]) -> int:
+    """maglev.tableSize: a prime with room for every weighted backend."""
+    if "maglev" not in obj:
+        return maglev.DEFAULT_TABLE_SIZE
+    if algorithm != "maglev":
+        c.fail(f"{path}.maglev", f"is only for algorithm: maglev (this service has "
+                                 f"{_show(algorithm)})")
+        return maglev.DEFAULT_TABLE_SIZE
+    mg = c.fields(obj["maglev"], f"{path}.maglev", ("tableSize",), "maglev")
+    size = mg.get("tableSize", maglev.DEFAULT_TABLE_SIZE)
+    why = maglev.check_table_size(size)
+    if why:
+        c.fail(f"{path}.maglev.tableSize", why)
+        return maglev.DEFAULT_TABLE_SIZE
+    live = sum(1 for b in backends if b.weight > 0)
+    if live > size:
+        c.fail(f"{path}.maglev.tableSize", f"{size} rows cannot hold {live} backends (a table "
+                                           f"needs at least one row per backend, and "
+                                           f"{maglev.ROWS_PER_BACKEND_ADVICE}x that to keep "
+                                           f"the load within ~1%)")
+    return int(size)
 
 
 def _port(c: _Checker, raw: Any, path: str) -> Optional[ServicePort]:

@@ -31,7 +31,7 @@ from .datapath import loader
 from .datapath import maps as m
 from .health import HealthChecker
 from .outlier import OutlierDetector
-from .reconciler import Reconciler, RoundResult
+from .reconciler import MAGLEV_MAX_ROWS, Reconciler, RoundResult
 from .snapshot import Snapshot, SourceState
 from .sources import Delta
 
@@ -52,6 +52,7 @@ class Options:
     node_zone: Optional[str] = None
     resync_seconds: float = 300.0
     sizes: m.MapSizes = field(default_factory=m.MapSizes)
+    maglev_max_rows: int = MAGLEV_MAX_ROWS
 
 
 class Agent:
@@ -165,7 +166,8 @@ class Agent:
         self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes)
         try:
             self.maps = self.datapath.load()
-            reconciler = Reconciler(self.maps, self.sizes)
+            reconciler = Reconciler(self.maps, self.sizes,
+                                    maglev_max_rows=self.opts.maglev_max_rows)
             reconciler.adopt()
             self.core = Core(reconciler, self.health, self.outlier,
                              SourceState(self.source_name, self.opts.config),

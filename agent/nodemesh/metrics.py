@@ -106,12 +106,19 @@ class DatapathCollector(Collector):
         yield GaugeMetricFamily("nodemesh_frontends_failing",
                                 "Frontends whose last write or delete failed (retried with "
                                 "backoff; see nodemesh services)", value=snap.failing)
-        entries = {"services": 0, "backends": 0}
+        entries = {"services": 0, "backends": 0, "maglev": 0}
+        maglev_rows = 0
         for view in snap.frontends.values():
             p = view.programmed
             if p is not None:
                 entries["services"] += 1 + p.slot_count
                 entries["backends"] += len(p.backend_ids)
+                if p.maglev_rows:
+                    entries["maglev"] += 1
+                    maglev_rows += p.maglev_rows
+        yield GaugeMetricFamily("nodemesh_maglev_rows",
+                                "Rows of the Maglev tables in use (4 bytes each in the kernel, "
+                                "and as much again for each table's spare)", value=maglev_rows)
         yield from self._maps(maps, entries)
         ev = CounterMetricFamily("nodemesh_datapath_events",
                                  "Datapath events by kind (races retried, reverse translations "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Tuple
 
 PROTOCOLS = ("TCP", "UDP")
-ALGORITHMS = ("random", "round_robin")
+ALGORITHMS = ("random", "round_robin", "maglev")
 HEALTH_CHECK_TYPES = ("tcp", "http")
 
 
@@ -99,6 +99,7 @@ class Service:
     panic_threshold_percent: int = 50  # below this share of healthy backends, use them all
     terminate_connections_on_removal: bool = False  # also kill TCP (UDP always) to removed
     labels: Tuple[Tuple[str, str], ...] = field(default=(), compare=True)
+    maglev_table_size: int = 16381  # rows of each frontend's table (algorithm: maglev)
 
     @property
     def key(self) -> Tuple[str, str]:

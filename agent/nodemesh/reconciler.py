@@ -48,7 +48,7 @@ from typing import (
     Tuple,
 )
 
-from . import selection
+from . import maglev, selection
 from .datapath import maps as m
 from .model import Service
 
@@ -60,6 +60,9 @@ Endpoint = Tuple[str, int]  # (address, port)
 PENDING, DONE, ERROR = "pending", "done", "error"
 RETRY_FIRST, RETRY_CAP = 0.5, 30.0   # seconds: backoff of a failed frontend
 ID_QUARANTINE = 10.0                 # seconds before a freed id is handed out again
+# Maglev rows all tables may hold (4 bytes each in the kernel, twice with the spares): 64 MiB,
+# e.g. 1,024 frontends at the default 16,381 rows or 50,000 at 331 rows.
+MAGLEV_MAX_ROWS = 1 << 24
 
 
 class CapacityError(Exception):
@@ -112,6 +115,7 @@ class DesiredFrontend:
     all_backends: int
     affinity_timeout: int = 0                    # seconds; 0: no session affinity
     terminate_tcp: bool = False                  # end TCP connections to removed backends
+    maglev_table_size: int = 0                   # rows of its Maglev table; 0: no table
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +133,7 @@ class ProgrammedFrontend:
     damaged: bool = False                  # kernel state disagrees; rewrite on next round
     count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
     affinity_timeout: int = 0
+    maglev_rows: int = 0                   # size of its Maglev table in the kernel; 0: none
 
     @property
     def slot_count(self) -> int:
@@ -277,7 +282,8 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
                          if (":" in b.address) == v6)
         out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
                                    svc.algorithm, backends, why, len(svc.backends), affinity,
-                                   svc.terminate_connections_on_removal)
+                                   svc.terminate_connections_on_removal,
+                                   svc.maglev_table_size if svc.algorithm == "maglev" else 0)
     return out
 
 
@@ -309,8 +315,12 @@ class _Change:
 
 class Reconciler:
     def __init__(self, maps: m.Maps, sizes: m.MapSizes = m.MapSizes(),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 maglev_max_rows: int = MAGLEV_MAX_ROWS):
         self.maps = maps
+        self.tables = maps.maglev_tables()
+        self.maglev_max_rows = maglev_max_rows
+        self.maglev_rows = 0  # rows of the programmed (active) tables
         self.sizes = sizes
         self.clock = clock
         self.programmed: Dict[FrontendKey, ProgrammedFrontend] = {}
@@ -430,11 +440,19 @@ class Reconciler:
                     referenced.add(b)
                     self.backend_ids.take(b)
             self.svc_ids.take(master.svc_id)
+            rows = master.backend_id if master.algorithm == m.ALG_MAGLEV else 0
+            if rows:
+                try:
+                    table = self.tables.adopt(master.svc_id)
+                except OSError:
+                    table = None
+                damaged = damaged or table is None or len(table) != rows
+                self.maglev_rows += rows
             self.programmed[fk] = ProgrammedFrontend(
                 fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm, "random"),
                 master.revision, ids, backend_ids, damaged=damaged, count=master.count,
                 affinity_timeout=master.affinity_timeout
-                if master.flags & m.SVC_F_AFFINITY else 0)
+                if master.flags & m.SVC_F_AFFINITY else 0, maglev_rows=rows)
             self._refer(fk, backend_ids, +1)
             self._mark(fk)
             active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
@@ -578,13 +596,21 @@ class Reconciler:
                 ids[(address, port)] = old_ids[(address, port)]
         seq = selection.slots_for(d.algorithm, [w for _, _, w in d.backends])
         # Compare before allocating: an unchanged frontend costs no id and no write.
+        table_rows = d.maglev_table_size if any(w > 0 for _, _, w in d.backends) else 0
         if old and not old.damaged and old.algorithm == d.algorithm and \
-                old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends):
+                old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends) \
+                and old.maglev_rows == table_rows:
             if tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq) == old.slots:
                 return None
         if len(seq) > m.SLOT_INDEX_MASK:
             raise ValueError(f"{len(seq)} slots exceed the per-frontend limit "
                              f"{m.SLOT_INDEX_MASK}")
+        more_rows = table_rows - (old.maglev_rows if old else 0)
+        if more_rows > 0 and self.maglev_rows + more_rows > self.maglev_max_rows:
+            raise CapacityError(f"its Maglev table of {table_rows} rows would take the node "
+                                f"past its limit of {self.maglev_max_rows} Maglev rows "
+                                f"({self.maglev_rows} in use); give it a smaller "
+                                f"maglev.tableSize")
         try:
             for address, port, _ in d.backends:
                 if (address, port) not in ids:
@@ -600,8 +626,50 @@ class Reconciler:
         dropped = [i for i in old_ids.values() if i not in keep]
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
-                                 affinity_timeout=d.affinity_timeout)
+                                 affinity_timeout=d.affinity_timeout, maglev_rows=table_rows)
+        self.maglev_rows += more_rows  # reserved now, given back if the change fails
         return _Change(old, new, new_ids, dropped, old is None)
+
+    def _table_rows(self, p: ProgrammedFrontend) -> List[int]:
+        """The backend id of every row of p's Maglev table."""
+        assert p.desired is not None
+        backends = p.desired.backends
+        rows = maglev.build_table([(maglev.backend_key(a, port), w) for a, port, w in backends],
+                                  p.maglev_rows)
+        ids = [p.backend_ids[(a, port)] for a, port, _ in backends]
+        return [ids[i] for i in rows]
+
+    def _swap_tables(self, changes: List[_Change]) -> int:
+        """Step 3b: each maglev frontend's new table is staged and swapped in (one outer-map
+        write each) before its master. The rows name only backends that exist from step 2 until
+        step 5, so a reader of the old master and the new table is still served. Returns the
+        rows written; on failure the tables already swapped are swapped back."""
+        swapped: List[_Change] = []
+        writes = 0
+        try:
+            for c in changes:
+                if c.new.maglev_rows:
+                    writes += self.tables.stage(c.new.svc_id, self._table_rows(c.new))
+                    self.tables.commit(c.new.svc_id)
+                    swapped.append(c)
+                    writes += 1
+        except OSError:
+            self._revert_tables(swapped)
+            raise
+        return writes
+
+    def _revert_tables(self, changes: List[_Change]) -> None:
+        for c in changes:
+            if c.new.maglev_rows:
+                try:
+                    self.tables.revert(c.new.svc_id)
+                except (OSError, KeyError) as e:
+                    log.warning("%s: putting back its previous Maglev table failed (%s); its "
+                                "connections use the slots until the retry", c.new.key, e)
+
+    def _give_back_rows(self, changes: List[_Change]) -> None:
+        for c in changes:
+            self.maglev_rows -= c.new.maglev_rows - (c.old.maglev_rows if c.old else 0)
 
     def _write(self, changes: List[_Change], failed: Dict[FrontendKey, str],
                result: RoundResult) -> List[_Change]:
@@ -633,8 +701,10 @@ class Reconciler:
             self.maps.delete_batch("backend_stats", reused_be)
             self.maps.update_packed("backends", be_keys, be_values)
             self.maps.update_packed("services", slot_keys, slot_values)
+            table_writes = self._swap_tables(changes)
         except OSError as e:
             # Nothing points at what we wrote yet: take it back, keep the old sets serving.
+            self._give_back_rows(changes)
             self._undo(changes, slot_keys, be_keys)
             for c in changes:
                 failed[c.new.key] = f"map write failed ({_reason(e)}); the previous state " \
@@ -644,7 +714,7 @@ class Reconciler:
         master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
                                              m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
                                              m.SVC_F_AFFINITY if c.new.affinity_timeout else 0,
-                                             c.new.affinity_timeout)
+                                             c.new.affinity_timeout, c.new.maglev_rows)
                          for c in changes]
         done = len(master_keys)
         try:
@@ -652,13 +722,15 @@ class Reconciler:
         except OSError as e:
             done = getattr(e, "done", 0)
             lost = changes[done:]
+            self._revert_tables(lost)
+            self._give_back_rows(lost)
             self._undo(lost, [k for c in lost for k in c.new.key.slot_keys(c.new.bank,
                                                                             len(c.new.slots))],
                        [m.pack_u32(i) for c in lost for i in c.new_backend_ids])
             for c in lost:
                 failed[c.new.key] = f"master write failed ({_reason(e)}); the previous state " \
                                     f"keeps serving"
-        result.writes += len(be_keys) + len(slot_keys) + done
+        result.writes += len(be_keys) + len(slot_keys) + table_writes + done
         return changes[:done]
 
     def _undo(self, changes: List[_Change], slot_keys: List[bytes], be_keys: List[bytes]) -> None:
@@ -696,6 +768,9 @@ class Reconciler:
                 failed[p.key] = f"delete failed ({_reason(e)}); retried"
             return
         for p in removed:
+            if p.maglev_rows:
+                self._remove_table(p.key, p.svc_id)
+                self.maglev_rows -= p.maglev_rows
             del self.programmed[p.key]
             self._refer(p.key, p.backend_ids, -1, result, p.desired)
             self.pending.discard(p.key)
@@ -712,7 +787,17 @@ class Reconciler:
             if c.old is not None:
                 slots.extend(c.old.key.slot_keys(c.old.bank, c.old.slot_count))
                 backends.extend(c.dropped_backend_ids)
+                if c.old.maglev_rows and not c.new.maglev_rows:
+                    self._remove_table(c.new.key, c.new.svc_id)
         self._delete_unreferenced(slots, backends, [], result)
+
+    def _remove_table(self, fk: FrontendKey, svc_id: int) -> None:
+        """Drop a Maglev table no master reads any more. A failure only leaves memory in use
+        until the id's next owner overwrites or removes it."""
+        try:
+            self.tables.remove(svc_id)
+        except OSError as e:
+            log.warning("%s: removing its Maglev table failed (%s)", fk, _reason(e))
 
     def _delete_unreferenced(self, slots: List[bytes], backends: List[int], svc_ids: List[int],
                              result: RoundResult) -> None:

@@ -33,6 +33,8 @@ MAP_DELETE_BATCH = 27
 LINK_CREATE = 28
 LINK_UPDATE = 29
 LINK_DETACH = 34
+MAP_CREATE = 0
+MAP_GET_FD_BY_ID = 14
 
 # enum bpf_map_type (the ones we check)
 MAP_TYPE_HASH = 1
@@ -40,6 +42,8 @@ MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
+MAP_TYPE_ARRAY_OF_MAPS = 12
+F_INNER_MAP = 1 << 12  # an inner map of any max_entries fits its outer map
 
 
 class BPFError(OSError):
@@ -158,6 +162,30 @@ def map_lookup(fd: int, key, value) -> bool:
         if e.errno == errno.ENOENT:
             return False
         raise
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
+                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16)]
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, name: str = "") -> int:
+    """A new map's fd (the Maglev tables: inner maps the agent makes and swaps in)."""
+    return bpf(MAP_CREATE, _MapCreateAttr(map_type=map_type, key_size=key_size,
+                                          value_size=value_size, max_entries=max_entries,
+                                          map_flags=flags, map_name=name.encode()[:15]))
+
+
+class _GetFdByIdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32)]
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return bpf(MAP_GET_FD_BY_ID, _GetFdByIdAttr(id=map_id))
 
 
 class _BatchAttr(ctypes.Structure):

@@ -11,18 +11,23 @@ import socket
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import bpfsys
 
-ABI_VERSION = 2
+if TYPE_CHECKING:
+    from .maglev_tables import KernelTables
+
+ABI_VERSION = 3
 FAMILY_V4 = 4
 FAMILY_V6 = 6
 SLOT_BANK_SHIFT = 15
 SLOT_INDEX_MASK = 0x7FFF
 ALG_RANDOM = 0
 ALG_ROUND_ROBIN = 1
-ALGORITHM_IDS = {"random": ALG_RANDOM, "round_robin": ALG_ROUND_ROBIN}
+ALG_MAGLEV = 2
+ALGORITHM_IDS = {"random": ALG_RANDOM, "round_robin": ALG_ROUND_ROBIN,
+                 "maglev": ALG_MAGLEV}
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHM_IDS.items()}
 PROTO_IDS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 PROTO_NAMES = {v: k for k, v in PROTO_IDS.items()}
@@ -33,9 +38,10 @@ BACKEND_QUARANTINED = 2
 
 # enum nm_counter
 COUNTER_NAMES = {0: "slot_miss", 1: "backend_miss", 2: "revnat_failed", 3: "revnat_hit",
-                 4: "udp_sendmsg", 5: "v4_in_v6", 6: "affinity_hit", 7: "connect_failed"}
+                 4: "udp_sendmsg", 5: "v4_in_v6", 6: "affinity_hit", 7: "connect_failed",
+                 8: "maglev_miss"}
 SVC_F_AFFINITY = 0x1
-COUNTER_SLOTS = 8
+COUNTER_SLOTS = 9
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
@@ -125,6 +131,9 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("affinity", bpfsys.MAP_TYPE_LRU_HASH, AffinityKey, AffinityValue, "NM_MAX_AFFINITY"),
     MapSpec("endpoint_health", bpfsys.MAP_TYPE_HASH, EndpointKey, EndpointHealth,
             "NM_MAX_ENDPOINTS"),
+    # svc_id -> that frontend's Maglev table (an inner array; user space reads its map id)
+    MapSpec("maglev", bpfsys.MAP_TYPE_ARRAY_OF_MAPS, u32, u32, "NM_MAX_FRONTENDS"),
+    MapSpec("maglev_spare", bpfsys.MAP_TYPE_ARRAY_OF_MAPS, u32, u32, "NM_MAX_FRONTENDS"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
@@ -240,8 +249,11 @@ def pack_slot_value(backend_id: int) -> bytes:
 
 
 def pack_master_value(svc_id: int, count: int, bank: int, algorithm: int,
-                      revision: int, flags: int = 0, affinity_timeout: int = 0) -> bytes:
-    return _SVC_VALUE.pack(0, svc_id, count, bank, algorithm, flags, revision, affinity_timeout)
+                      revision: int, flags: int = 0, affinity_timeout: int = 0,
+                      maglev_rows: int = 0) -> bytes:
+    """A master entry; a maglev master carries its table's row count in backend_id."""
+    return _SVC_VALUE.pack(maglev_rows, svc_id, count, bank, algorithm, flags, revision,
+                           affinity_timeout)
 
 
 def pack_endpoint_key(address: str, port: int) -> bytes:
@@ -267,6 +279,14 @@ class Maps:
 
     def __init__(self, fds: Dict[str, int]):
         self.fds = fds
+        self._maglev: Optional["KernelTables"] = None
+
+    def maglev_tables(self) -> "KernelTables":
+        """The Maglev tables behind the `maglev` outer map (datapath/maglev_tables.py)."""
+        if self._maglev is None:
+            from .maglev_tables import KernelTables
+            self._maglev = KernelTables(self.fds["maglev"], self.fds["maglev_spare"])
+        return self._maglev
 
     def fd(self, name: str) -> int:
         return self.fds[name]
@@ -320,6 +340,8 @@ class Maps:
         return {COUNTER_NAMES[i]: sums.get(i, {}).get("value", 0) for i in COUNTER_NAMES}
 
     def close(self) -> None:
+        if self._maglev is not None:
+            self._maglev.close()
         for fd in self.fds.values():
             bpfsys.close(fd)
         self.fds = {}

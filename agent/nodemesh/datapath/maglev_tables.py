@@ -1,0 +1,165 @@
+"""The kernel side of the Maglev tables: one inner array per maglev frontend, swapped into the
+pinned outer map `maglev` (ARRAY_OF_MAPS, index svc_id) in one write.
+
+Each frontend has two tables, as Katran keeps two rings: the active one, which the datapath
+reads through `maglev`, and a spare holding the table before it, parked in a second pinned
+outer map, `maglev_spare`, that no program reads. A change writes the new table into the
+spare, only the rows where it differs from what the spare holds (read back in one batch:
+Katran's changed-positions write), then points `maglev` at it: one map write, so a connect()
+sees the old table or the new one, never a half-written one. The old active becomes the spare.
+
+Both tables are held by the outer maps alone, and found again by map id: the agent keeps no
+fd and no copy of the rows between changes (at 100,000 maglev frontends it would need 200,000
+fds, more than a node's open-file limit allows), and a restarted agent finds the spares too.
+A spare doubles the kernel memory of a table (2 x rows x 4 bytes); in exchange an update writes
+O(changed rows), not O(rows), and is still atomic.
+
+The reconciler is the only caller (one writer per thing); tests/fakemaps.py has an in-memory
+twin with the same methods.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+from typing import Dict, List, Optional, Sequence
+
+from . import bpfsys
+
+_ROW = ctypes.c_uint32
+
+
+class KernelTables:
+    def __init__(self, outer_fd: int, spare_fd: int):
+        self.outer_fd = outer_fd  # `maglev`: what the datapath reads
+        self.spare_fd = spare_fd  # `maglev_spare`: parked tables, read by nobody
+        self._staged: Dict[int, int] = {}  # svc_id -> fd of a staged table (until commit)
+
+    # -- an update: stage (invisible), commit (the swap), or revert -------------------------
+    def stage(self, svc_id: int, rows: Sequence[int]) -> int:
+        """Write `rows` into frontend svc_id's spare table (a new one if it has none of this
+        size). Nothing reads it until commit(). Returns the rows written."""
+        new = array.array("I", rows)
+        fd = _open(self.spare_fd, svc_id)
+        if fd is not None and bpfsys.map_info(fd).max_entries != len(new):
+            bpfsys.close(fd)
+            fd = None
+        try:
+            if fd is None:
+                fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, 4, len(new),
+                                       bpfsys.F_INNER_MAP, "nm_maglev")
+                have = array.array("I", bytes(4 * len(new)))
+            else:
+                have = read_rows(fd)
+            changed = [i for i, (a, b) in enumerate(zip(have, new)) if a != b]
+            _write_rows(fd, changed, new)
+        except OSError:
+            bpfsys.close(fd)
+            raise
+        self.unstage(svc_id)
+        self._staged[svc_id] = fd
+        return len(changed)
+
+    def commit(self, svc_id: int) -> None:
+        """Point `maglev` at the staged table (the one write that switches readers), and park
+        the table it replaces as the spare."""
+        fd = self._staged.pop(svc_id)
+        old = _open(self.outer_fd, svc_id)  # before the swap: after it, it may be freed
+        try:
+            _set(self.outer_fd, svc_id, fd)
+            if old is not None:
+                _set(self.spare_fd, svc_id, old)
+            else:
+                _clear(self.spare_fd, svc_id)
+        finally:
+            bpfsys.close(fd)
+            bpfsys.close(old)
+
+    def revert(self, svc_id: int) -> None:
+        """Undo the last commit (the master write that should follow it failed): the previous
+        table serves again, or none if there was none; the new one becomes the spare."""
+        new = _open(self.outer_fd, svc_id)
+        old = _open(self.spare_fd, svc_id)
+        try:
+            if old is not None:
+                _set(self.outer_fd, svc_id, old)
+            else:
+                _clear(self.outer_fd, svc_id)
+            if new is not None:
+                _set(self.spare_fd, svc_id, new)
+        finally:
+            bpfsys.close(new)
+            bpfsys.close(old)
+
+    def unstage(self, svc_id: int) -> None:
+        bpfsys.close(self._staged.pop(svc_id, None))
+
+    def remove(self, svc_id: int) -> None:
+        """The frontend no longer uses Maglev (or is gone): clear both entries; the kernel
+        frees the tables with their last reference."""
+        self.unstage(svc_id)
+        _clear(self.outer_fd, svc_id)
+        _clear(self.spare_fd, svc_id)
+
+    # -- reads ------------------------------------------------------------------------------
+    def adopt(self, svc_id: int) -> Optional[Sequence[int]]:
+        """The rows of the table a previous agent left for svc_id, or None."""
+        return self.kernel_rows(svc_id)
+
+    def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
+        """The rows the datapath reads for svc_id now, straight from the kernel."""
+        fd = _open(self.outer_fd, svc_id)
+        if fd is None:
+            return None
+        try:
+            return list(read_rows(fd))
+        finally:
+            bpfsys.close(fd)
+
+    def close(self) -> None:
+        for svc_id in list(self._staged):
+            self.unstage(svc_id)
+
+
+def _open(outer_fd: int, svc_id: int) -> Optional[int]:
+    """An fd of the table in outer[svc_id], or None. (User space reads a map id there.)"""
+    map_id = ctypes.c_uint32()
+    if not bpfsys.map_lookup(outer_fd, _ROW(svc_id), map_id):
+        return None
+    try:
+        return bpfsys.map_fd_by_id(map_id.value)
+    except bpfsys.BPFError as e:
+        if e.errno == errno.ENOENT:  # replaced and freed since the lookup
+            return None
+        raise
+
+
+def _set(outer_fd: int, svc_id: int, table_fd: int) -> None:
+    bpfsys.map_update(outer_fd, _ROW(svc_id), ctypes.c_uint32(table_fd))
+
+
+def _clear(outer_fd: int, svc_id: int) -> None:
+    key = _ROW(svc_id)  # alive across the call: the attr holds only its address
+    try:
+        bpfsys.bpf(bpfsys.MAP_DELETE_ELEM, bpfsys._ElemAttr(map_fd=outer_fd,
+                                                            key=ctypes.addressof(key)))
+    except bpfsys.BPFError as e:
+        if e.errno != errno.ENOENT:  # an array-of-maps slot that is already empty
+            raise
+
+
+def _write_rows(fd: int, rows: List[int], values: array.array) -> None:
+    if not rows:
+        return
+    n = len(rows)
+    keys = (_ROW * n)(*rows)
+    vals = (_ROW * n)(*(values[i] for i in rows))
+    bpfsys.map_update_batch(fd, keys, vals, n)
+
+
+def read_rows(fd: int) -> array.array:
+    info = bpfsys.map_info(fd)
+    out = array.array("I", bytes(4 * info.max_entries))
+    for key, value in bpfsys.map_lookup_batch(fd, _ROW, _ROW):
+        out[int(key)] = int(value)
+    return out
