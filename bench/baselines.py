@@ -56,31 +56,39 @@ def _hash(text: str, n: int) -> str:
 class SvcSpec:
     """One ClusterIP service port, the way kube-proxy sees it."""
 
-    __slots__ = ("namespace", "name", "port_name", "vip", "port", "endpoints", "target_port")
+    __slots__ = ("namespace", "name", "port_name", "vip", "port", "endpoints", "target_port",
+                 "protocol")
 
     def __init__(self, namespace: str, name: str, port_name: str, vip: str, port: int,
-                 endpoints: Sequence[str], target_port: int):
+                 endpoints: Sequence[str], target_port: int, protocol: str = "tcp"):
         self.namespace, self.name, self.port_name = namespace, name, port_name
         self.vip, self.port, self.target_port = vip, port, target_port
         self.endpoints = tuple(endpoints)
+        self.protocol = protocol  # "tcp" or "udp", lower case as kube-proxy hashes it
+
+    def with_endpoints(self, endpoints: Sequence[str]) -> "SvcSpec":
+        return SvcSpec(self.namespace, self.name, self.port_name, self.vip, self.port,
+                       endpoints, self.target_port, self.protocol)
 
     @property
     def port_name_string(self) -> str:  # proxy.ServicePortName.String()
         return f"{self.namespace}/{self.name}:{self.port_name}"
 
     def svc_chain(self) -> str:
-        return "KUBE-SVC-" + _hash(self.port_name_string + "tcp", 16)
+        return "KUBE-SVC-" + _hash(self.port_name_string + self.protocol, 16)
 
     def sep_chain(self, ep: str) -> str:
-        return "KUBE-SEP-" + _hash(f"{self.port_name_string}tcp{ep}:{self.target_port}", 16)
+        return "KUBE-SEP-" + _hash(f"{self.port_name_string}{self.protocol}{ep}:"
+                                   f"{self.target_port}", 16)
 
     def nft_service_chain(self) -> str:
-        return (f"service-{_hash(self.port_name_string + 'tcp', 8)}-"
-                f"{self.namespace}/{self.name}/tcp/{self.port_name}")
+        return (f"service-{_hash(self.port_name_string + self.protocol, 8)}-"
+                f"{self.namespace}/{self.name}/{self.protocol}/{self.port_name}")
 
     def nft_endpoint_chain(self, ep: str) -> str:
-        return (f"endpoint-{_hash(f'{self.port_name_string}tcp{ep}:{self.target_port}', 8)}-"
-                f"{self.namespace}/{self.name}/tcp/{self.port_name}__{ep}/{self.target_port}")
+        h = _hash(f"{self.port_name_string}{self.protocol}{ep}:{self.target_port}", 8)
+        return (f"endpoint-{h}-{self.namespace}/{self.name}/{self.protocol}/{self.port_name}"
+                f"__{ep}/{self.target_port}")
 
 
 def probability(n: int) -> str:
@@ -134,33 +142,70 @@ def iptables_ruleset(services: Sequence[SvcSpec], cluster_cidr: str) -> Tuple[st
     ]
     per_svc: List[str] = []
     for s in services:
-        svc = s.svc_chain()
-        n_chains.append(f":{svc} - [0:0]")
-        match = (f'-m comment --comment "{s.port_name_string} cluster IP" -m tcp -p tcp '
-                 f"-d {s.vip} --dport {s.port}")
-        n_rules.append(f"-A KUBE-SERVICES {match} -j {svc}")
-        per_svc.append(f"-A {svc} {match} ! -s {cluster_cidr} -j KUBE-MARK-MASQ")
-        n = len(s.endpoints)
-        for i, ep in enumerate(s.endpoints):
-            sep = s.sep_chain(ep)
-            comment = "" if large else \
-                f' -m comment --comment "{s.port_name_string} -> {ep}:{s.target_port}"'
-            stat = (f" -m statistic --mode random --probability {probability(n - i)}"
-                    if i < n - 1 else "")
-            per_svc.append(f"-A {svc}{comment}{stat} -j {sep}")
-        for ep in s.endpoints:
-            sep = s.sep_chain(ep)
-            n_chains.append(f":{sep} - [0:0]")
-            comment = "" if large else f' -m comment --comment "{s.port_name_string}"'
-            per_svc.append(f"-A {sep}{comment} -s {ep}/32 -j KUBE-MARK-MASQ")
-            per_svc.append(f"-A {sep}{comment} -m tcp -p tcp -j DNAT --to-destination "
-                           f"{ep}:{s.target_port}")
-    n_rules.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: '
-                   'this must be the last rule in this chain" -m addrtype --dst-type LOCAL '
-                   "-j KUBE-NODEPORTS")
+        chains, jump, rules = _ipt_service(s, cluster_cidr, large)
+        n_chains.extend(chains)
+        n_rules.append(jump)
+        per_svc.extend(rules)
+    n_rules.append(NODEPORTS_JUMP)
     text = "\n".join(["*filter", *f_chains, *f_rules, "COMMIT", "*nat", *n_chains, *n_rules,
                       *per_svc, "COMMIT", ""])
     return text, len(f_rules) + len(n_rules) + len(per_svc)
+
+
+NODEPORTS_JUMP = ('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: '
+                  'this must be the last rule in this chain" -m addrtype --dst-type LOCAL '
+                  "-j KUBE-NODEPORTS")
+
+
+def _ipt_service(s: SvcSpec, cluster_cidr: str, large: bool) -> Tuple[List[str], str,
+                                                                         List[str]]:
+    """One service port's nat chains: (chain declarations, its KUBE-SERVICES rule, rules)."""
+    svc = s.svc_chain()
+    chains = [f":{svc} - [0:0]"]
+    p = s.protocol
+    match = (f'-m comment --comment "{s.port_name_string} cluster IP" -m {p} -p {p} '
+             f"-d {s.vip} --dport {s.port}")
+    rules = [f"-A {svc} {match} ! -s {cluster_cidr} -j KUBE-MARK-MASQ"]
+    n = len(s.endpoints)
+    for i, ep in enumerate(s.endpoints):
+        comment = "" if large else \
+            f' -m comment --comment "{s.port_name_string} -> {ep}:{s.target_port}"'
+        stat = (f" -m statistic --mode random --probability {probability(n - i)}"
+                if i < n - 1 else "")
+        rules.append(f"-A {svc}{comment}{stat} -j {s.sep_chain(ep)}")
+    for ep in s.endpoints:
+        sep = s.sep_chain(ep)
+        chains.append(f":{sep} - [0:0]")
+        comment = "" if large else f' -m comment --comment "{s.port_name_string}"'
+        rules.append(f"-A {sep}{comment} -s {ep}/32 -j KUBE-MARK-MASQ")
+        rules.append(f"-A {sep}{comment} -m {p} -p {p} -j DNAT --to-destination "
+                     f"{ep}:{s.target_port}")
+    return chains, f"-A KUBE-SERVICES {match} -j {svc}", rules
+
+
+def iptables_change(services: Sequence[SvcSpec], changed: Sequence[Tuple[SvcSpec, SvcSpec]],
+                    cluster_cidr: str) -> str:
+    """`iptables-restore --noflush` input for one endpoint change, as kube-proxy's partial
+    sync writes it (MinimizeIPTablesRestore, the default since 1.27): the top-level chains
+    and the whole KUBE-SERVICES chain again, only the changed services' KUBE-SVC and new
+    KUBE-SEP chains, and `-X` for the KUBE-SEP chains no longer used. `services` is the new
+    full set; `changed` pairs each changed service port's (old, new) spec."""
+    full, _ = iptables_ruleset(services, cluster_cidr)
+    filter_part = full[:full.index("*nat\n")]
+    large = sum(len(s.endpoints) for s in services) > LARGE_CLUSTER_ENDPOINTS
+    chains = [":KUBE-SERVICES - [0:0]", ":KUBE-NODEPORTS - [0:0]",
+              ":KUBE-POSTROUTING - [0:0]", ":KUBE-MARK-MASQ - [0:0]"]
+    rules = [line for line in full.splitlines() if line.startswith(
+        ("-A KUBE-SERVICES ", "-A KUBE-POSTROUTING ", "-A KUBE-MARK-MASQ "))]
+    deletes = []
+    for old, new in changed:
+        c, _, r = _ipt_service(new, cluster_cidr, large)
+        chains.extend(c)
+        rules.extend(r)
+        stale = [old.sep_chain(ep) for ep in old.endpoints if ep not in new.endpoints]
+        chains.extend(f":{sep} - [0:0]" for sep in stale)  # declared (flushed), then removed
+        deletes.extend(f"-X {sep}" for sep in stale)
+    return filter_part + "\n".join(["*nat", *chains, *rules, *deletes, "COMMIT", ""])
 
 
 def nftables_ruleset(services: Sequence[SvcSpec], cluster_cidr: str,
@@ -222,22 +267,51 @@ def nftables_ruleset(services: Sequence[SvcSpec], cluster_cidr: str,
         out.append(f"add chain {t} {s.nft_service_chain()}")
         out.extend(f"add chain {t} {s.nft_endpoint_chain(ep)}" for ep in s.endpoints)
     for s in services:
-        chain = s.nft_service_chain()
-        out.append(f"add rule {t} {chain} ip daddr {s.vip} tcp dport {s.port} "
-                   f"ip saddr != {cluster_cidr} jump mark-for-masquerade")
-        vmap = " , ".join(f"{i} : goto {s.nft_endpoint_chain(ep)}"
-                          for i, ep in enumerate(s.endpoints))
-        out.append(f"add rule {t} {chain} numgen random mod {len(s.endpoints)} "
-                   f"vmap {{ {vmap} }}")
-        counter = "counter " if id(s) in counted_ids else ""
-        for ep in s.endpoints:
-            ec = s.nft_endpoint_chain(ep)
-            out.append(f"add rule {t} {ec} ip saddr {ep} jump mark-for-masquerade")
-            out.append(f"add rule {t} {ec} {counter}meta l4proto tcp dnat to "
-                       f"{ep}:{s.target_port}")
-        out.append(f"add element {t} service-ips {{ {s.vip} . tcp . {s.port} : goto {chain} }}")
+        out.extend(_nft_service_rules(s, cluster_cidr, id(s) in counted_ids))
+        out.append(f"add element {t} service-ips {{ {s.vip} . {s.protocol} . {s.port} : "
+                   f"goto {s.nft_service_chain()} }}")
         count += 3 + 2 * len(s.endpoints)
     return "\n".join(out) + "\n", count
+
+
+def _nft_service_rules(s: SvcSpec, cluster_cidr: str, counter: bool) -> List[str]:
+    t = "ip kube-proxy"
+    chain = s.nft_service_chain()
+    out = [f"add rule {t} {chain} ip daddr {s.vip} {s.protocol} dport {s.port} "
+           f"ip saddr != {cluster_cidr} jump mark-for-masquerade"]
+    vmap = " , ".join(f"{i} : goto {s.nft_endpoint_chain(ep)}"
+                      for i, ep in enumerate(s.endpoints))
+    out.append(f"add rule {t} {chain} numgen random mod {len(s.endpoints)} vmap {{ {vmap} }}")
+    count = "counter " if counter else ""
+    for ep in s.endpoints:
+        ec = s.nft_endpoint_chain(ep)
+        out.append(f"add rule {t} {ec} ip saddr {ep} jump mark-for-masquerade")
+        out.append(f"add rule {t} {ec} {count}meta l4proto {s.protocol} dnat to "
+                   f"{ep}:{s.target_port}")
+    return out
+
+
+def nftables_change(changed: Sequence[Tuple[SvcSpec, SvcSpec]], cluster_cidr: str,
+                    counted: Sequence[SvcSpec] = ()) -> str:
+    """One `nft -f` transaction for an endpoint change, as kube-proxy's nftables mode syncs
+    it: the new endpoint chains, the service chain flushed and rewritten, and the endpoint
+    chains no longer used flushed and deleted (kube-proxy defers that delete by a second;
+    here it is in the same transaction). Independent of N by construction."""
+    t = "ip kube-proxy"
+    counted_ids = {id(s) for s in counted}
+    out: List[str] = []
+    for old, new in changed:
+        out.extend(f"add chain {t} {new.nft_endpoint_chain(ep)}" for ep in new.endpoints
+                   if ep not in old.endpoints)
+        out.append(f"flush chain {t} {new.nft_service_chain()}")
+        out.extend(f"flush chain {t} {new.nft_endpoint_chain(ep)}" for ep in new.endpoints)
+        out.extend(_nft_service_rules(new, cluster_cidr, id(new) in counted_ids))
+    for old, new in changed:
+        for ep in old.endpoints:
+            if ep not in new.endpoints:
+                out.append(f"flush chain {t} {old.nft_endpoint_chain(ep)}")
+                out.append(f"delete chain {t} {old.nft_endpoint_chain(ep)}")
+    return "\n".join(out) + "\n"
 
 
 HAPROXY_MAXCONN = 2048  # wrk holds 32; haproxy needs 2 fds a connection + 1 a listener
@@ -254,14 +328,40 @@ def haproxy_frontend(i: int) -> str:
     return str(ipaddress.IPv4Address("127.1.0.0") + i)
 
 
-def haproxy_config(services: Sequence[SvcSpec], pidfile: str) -> str:
-    out = ["global", f"  pidfile {pidfile}", "  nbthread 1", f"  maxconn {HAPROXY_MAXCONN}",
-           "defaults", "  mode tcp", "  timeout connect 5s", "  timeout client 30s",
-           "  timeout server 30s", ""]
-    for i, s in enumerate(services):
-        out.append(f"listen {s.namespace}-{s.name}-{s.port_name}")
+def haproxy_listen_name(s: SvcSpec) -> str:
+    return f"{s.namespace}-{s.name}-{s.port_name}"
+
+
+def haproxy_config(services: Sequence[SvcSpec], pidfile: str, stats_socket: str = "") -> str:
+    """One `listen` per TCP service port (haproxy has no UDP), on the service's own loopback
+    address: service i (in order of first appearance) listens on haproxy_frontend(i). The
+    stats socket (level admin) is how a control plane changes servers at run time."""
+    out = ["global", f"  pidfile {pidfile}", "  nbthread 1", f"  maxconn {HAPROXY_MAXCONN}"]
+    if stats_socket:
+        out.append(f"  stats socket {stats_socket} mode 600 level admin")
+    out += ["defaults", "  mode tcp", "  timeout connect 5s", "  timeout client 30s",
+            "  timeout server 30s", ""]
+    index: dict = {}
+    for s in services:
+        i = index.setdefault((s.namespace, s.name), len(index))
+        if s.protocol != "tcp":
+            continue
+        out.append(f"listen {haproxy_listen_name(s)}")
         out.append(f"  bind {haproxy_frontend(i)}:{s.port}")
         out.append("  balance random")
         for j, ep in enumerate(s.endpoints):
             out.append(f"  server ep{j} {ep}:{s.target_port}")
     return "\n".join(out) + "\n"
+
+
+def haproxy_change(changed: Sequence[Tuple[SvcSpec, SvcSpec]]) -> str:
+    """Runtime API commands (one line, `;`-separated) that point a listen section's servers
+    at the new endpoints, as a dynamic control plane does without a reload."""
+    cmds = []
+    for old, new in changed:
+        if new.protocol != "tcp":
+            continue
+        for j, ep in enumerate(new.endpoints):
+            cmds.append(f"set server {haproxy_listen_name(new)}/ep{j} addr {ep} port "
+                        f"{new.target_port}")
+    return "; ".join(cmds) + "\n"

@@ -155,10 +155,16 @@ def probe_main() -> int:
 
 
 class Probe:
-    def __init__(self, lab, interval: float):
+    """The probe process, started in a netns (default the lab's client netns, inside the
+    hooked cgroup); bench/run.py points it at other variants' client netns and ports."""
+
+    def __init__(self, lab, interval: float, netns: Optional[str] = None,
+                 in_cgroup: bool = True, port: int = 80):
         self.interval = interval
+        self.port = port
         self.proc = lab.spawn([sys.executable, os.path.abspath(__file__), "--probe"],
-                              netns=lab.client_ns, in_cgroup=True, stdin=subprocess.PIPE,
+                              netns=netns or lab.client_ns, in_cgroup=in_cgroup,
+                              stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
         self.lines: "queue.Queue[dict]" = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -170,7 +176,7 @@ class Probe:
 
     def arm(self, vip: str, want: Sequence[str], old: Sequence[str], max_seconds: float) -> None:
         self.proc.stdin.write(json.dumps({
-            "target": f"{vip}:80", "want": list(want), "old": list(old),
+            "target": f"{vip}:{self.port}", "want": list(want), "old": list(old),
             "interval": self.interval, "max_seconds": max_seconds,
             "max_count": 100_000}) + "\n")
         self.proc.stdin.flush()
