@@ -112,6 +112,7 @@ class DesiredFrontend:
     all_backends: int
     affinity_timeout: int = 0                    # seconds; 0: no session affinity
     terminate_tcp: bool = False                  # end TCP connections to removed backends
+    flags: int = 0                               # further master flags (SVC_F_EXT_LOCAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,7 @@ class ProgrammedFrontend:
     damaged: bool = False                  # kernel state disagrees; rewrite on next round
     count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
     affinity_timeout: int = 0
+    flags: int = 0
 
     @property
     def slot_count(self) -> int:
@@ -278,6 +280,30 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
         out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
                                    svc.algorithm, backends, why, len(svc.backends), affinity,
                                    svc.terminate_connections_on_removal)
+    out.update(external_frontends(svc, ctx, affinity))
+    return out
+
+
+def external_frontends(svc: Service, ctx: selection.Context, affinity: int
+                       ) -> Dict[FrontendKey, DesiredFrontend]:
+    """The TC path's frontends: externalIPs, loadBalancerIPs and nodePorts. With
+    externalTrafficPolicy Local they hold only this node's backends and carry SVC_F_EXT_LOCAL,
+    which tells the TC program to keep the client's address (no SNAT)."""
+    out: Dict[FrontendKey, DesiredFrontend] = {}
+    local = svc.external_traffic_policy == "Local"
+    if not (svc.external_ips or svc.load_balancer_ips or any(sp.node_port for sp in svc.ports)):
+        return out
+    policy_svc = replace(svc, internal_traffic_policy="Local") if local else svc
+    chosen, why = selection.eligible(svc.backends, policy_svc, ctx)
+    flags = m.SVC_F_EXT_LOCAL if local else 0
+    for addr, port, sp in svc.external_frontends():
+        v6 = ":" in addr
+        key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, addr, port, sp.protocol)
+        backends = tuple((b.address, b.target_port(sp), b.weight) for b in chosen
+                         if (":" in b.address) == v6)
+        out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
+                                   svc.algorithm, backends, why, len(svc.backends), affinity,
+                                   svc.terminate_connections_on_removal, flags)
     return out
 
 
@@ -434,7 +460,8 @@ class Reconciler:
                 fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm, "random"),
                 master.revision, ids, backend_ids, damaged=damaged, count=master.count,
                 affinity_timeout=master.affinity_timeout
-                if master.flags & m.SVC_F_AFFINITY else 0)
+                if master.flags & m.SVC_F_AFFINITY else 0,
+                flags=master.flags & ~m.SVC_F_AFFINITY)
             self._refer(fk, backend_ids, +1)
             self._mark(fk)
             active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
@@ -579,7 +606,8 @@ class Reconciler:
         seq = selection.slots_for(d.algorithm, [w for _, _, w in d.backends])
         # Compare before allocating: an unchanged frontend costs no id and no write.
         if old and not old.damaged and old.algorithm == d.algorithm and \
-                old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends):
+                old.affinity_timeout == d.affinity_timeout and old.flags == d.flags and \
+                len(ids) == len(d.backends):
             if tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq) == old.slots:
                 return None
         if len(seq) > m.SLOT_INDEX_MASK:
@@ -600,7 +628,7 @@ class Reconciler:
         dropped = [i for i in old_ids.values() if i not in keep]
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
-                                 affinity_timeout=d.affinity_timeout)
+                                 affinity_timeout=d.affinity_timeout, flags=d.flags)
         return _Change(old, new, new_ids, dropped, old is None)
 
     def _write(self, changes: List[_Change], failed: Dict[FrontendKey, str],
@@ -643,7 +671,8 @@ class Reconciler:
         master_keys = [c.new.key.map_key(0) for c in changes]
         master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
                                              m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
-                                             m.SVC_F_AFFINITY if c.new.affinity_timeout else 0,
+                                             (m.SVC_F_AFFINITY if c.new.affinity_timeout else 0)
+                                             | c.new.flags,
                                              c.new.affinity_timeout)
                          for c in changes]
         done = len(master_keys)

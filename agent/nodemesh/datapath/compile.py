@@ -61,9 +61,10 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
     return bpf, progs, maps, time.monotonic() - started
 
 
-def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, int],
-                                                                    Dict[str, int], float]:
-    """Run the compile in a child; return the fds it passed back (now ours) and its time."""
+def compile_in_child(bpffs: str, sizes: MapSizes, src_dir, tc=None) -> Tuple[Dict[str, int],
+                                                                            Dict[str, int], float]:
+    """Run the compile in a child; return the fds it passed back (now ours) and its time.
+    With tc (a TcSettings), the child compiles the TC unit (tc_nodeport.c) instead."""
     import subprocess
 
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -71,7 +72,8 @@ def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, in
         env = dict(os.environ, NODEMESH_FD_SOCKET=str(child.fileno()))
         proc = subprocess.Popen(
             [sys.executable, "-m", "nodemesh.datapath.compile", bpffs, json.dumps(asdict(sizes)),
-             str(src_dir)], pass_fds=(child.fileno(),), env=env,
+             str(src_dir), *([json.dumps(asdict(tc))] if tc is not None else [])],
+            pass_fds=(child.fileno(),), env=env,
             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         child.close()
         msg, fds, _, _ = socket.recv_fds(parent, 1 << 16, 64)
@@ -95,7 +97,12 @@ def _child_main() -> int:
     sock = socket.socket(fileno=int(os.environ["NODEMESH_FD_SOCKET"]))
     bpffs, sizes, src_dir = sys.argv[1], MapSizes(**json.loads(sys.argv[2])), Path(sys.argv[3])
     try:
-        _bpf, progs, maps, seconds = compile_and_load(bpffs, sizes, src_dir)
+        if len(sys.argv) > 4:
+            from .tc import TcSettings, compile_and_load_tc
+            _bpf, progs, maps, seconds = compile_and_load_tc(
+                bpffs, sizes, TcSettings(**json.loads(sys.argv[4])), src_dir)
+        else:
+            _bpf, progs, maps, seconds = compile_and_load(bpffs, sizes, src_dir)
     except Exception as e:  # BCC raises bare Exceptions; the message is what the user needs
         socket.send_fds(sock, [json.dumps({"ok": False, "error": str(e)}).encode()], [])
         return 1

@@ -35,6 +35,7 @@ BACKEND_QUARANTINED = 2
 COUNTER_NAMES = {0: "slot_miss", 1: "backend_miss", 2: "revnat_failed", 3: "revnat_hit",
                  4: "udp_sendmsg", 5: "v4_in_v6", 6: "affinity_hit", 7: "connect_failed"}
 SVC_F_AFFINITY = 0x1
+SVC_F_EXT_LOCAL = 0x2  # TC path: externalTrafficPolicy Local (no SNAT)
 COUNTER_SLOTS = 8
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
