@@ -46,6 +46,9 @@ BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/tc_stats", struct nm_tc_stats_key, u64, 
 	    4096, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_array", u32, u64, tc_drops, NM_DROP_MAX, NM_PIN_DIR "/tc_drops");
 BPF_TABLE_PINNED("percpu_array", u32, u64, tc_events, NM_TC_EV_MAX, NM_PIN_DIR "/tc_events");
+/* Only for the agent: ifindex -> NM_TC_IFACE_F_*, so cleanup removes only the clsact qdiscs
+ * it created. In the pin folder, because that is where everything nodemesh made is. */
+BPF_F_TABLE("hash:" NM_PIN_DIR "/tc_ifaces", u32, u32, tc_ifaces, 1024, BPF_F_NO_PREALLOC);
 
 static __always_inline void count(u32 reason)
 {

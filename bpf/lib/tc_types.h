@@ -81,6 +81,8 @@ struct nm_tc_stats_key {
 	__u16 pad;
 };
 
+#define NM_TC_IFACE_F_CLSACT 0x1 /* tc_ifaces: nodemesh created this interface's clsact */
+
 #define NM_TC_INGRESS 0
 #define NM_TC_EGRESS 1
 

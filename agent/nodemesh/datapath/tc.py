@@ -389,8 +389,9 @@ def _created_clsact(bpffs: str) -> set:
         bpfsys.close(fd)
 
 
-def percpu_sum(fd: int, key_type, spec_value=u64) -> Dict[bytes, int]:
-    out: Dict[bytes, int] = {}
-    for k, per_cpu in bpfsys.map_lookup_batch(fd, key_type, spec_value * bpfsys.possible_cpus()):
-        out[bytes(k)] = sum(int(v) for v in per_cpu)
+def percpu_sum(fd: int, key_type) -> Dict[object, int]:
+    """{key: u64 value summed over CPUs}; keys are ints for u32 maps, bytes for struct keys."""
+    out: Dict[object, int] = {}
+    for k, per_cpu in bpfsys.map_lookup_batch(fd, key_type, u64 * bpfsys.possible_cpus()):
+        out[int(k) if isinstance(k, int) else bytes(k)] = sum(int(v) for v in per_cpu)
     return out
