@@ -76,6 +76,7 @@ struct nm_svc_value {
 };
 
 #define NM_SVC_F_AFFINITY 0x1 /* session affinity: a client keeps its backend */
+#define NM_SVC_F_EXT_LOCAL 0x2 /* TC path: externalTrafficPolicy Local (no SNAT, local backends) */
 
 /* Session affinity. The client is its network namespace: at connect() a socket often has no
  * source address yet, and a pod is one netns with one IP (Cilium's socket LB does the same). */

@@ -398,8 +398,9 @@ def _unusable_backend(addr) -> Optional[str]:
 
 SERVICE_FIELDS = ("name", "namespace", "vip", "ports", "algorithm", "sessionAffinity",
                   "healthCheck", "outlierDetection", "panicThresholdPercent", "trafficPolicy",
-                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends", "maglev")
-PORT_FIELDS = ("name", "port", "targetPort", "protocol")
+                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends", "maglev",
+                  "externalIPs", "loadBalancerIPs")
+PORT_FIELDS = ("name", "port", "targetPort", "protocol", "nodePort")
 BACKEND_FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating")
 OUTLIER_FIELDS = ("consecutiveFailures", "baseEjectionSeconds", "maxEjectionPercent")
 HEALTH_FIELDS = ("type", "intervalSeconds", "timeoutSeconds", "unhealthyThreshold",
@@ -504,14 +505,30 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
             outlier = OutlierDetection(n, base, pct)
     panic = c.integer(obj.get("panicThresholdPercent", 50), f"{path}.panicThresholdPercent",
                       0, 100, "a percentage")
-    policy = "Cluster"
+    policy = external_policy = "Cluster"
     if "trafficPolicy" in obj:
-        tp = c.fields(obj["trafficPolicy"], f"{path}.trafficPolicy", ("internal",),
+        tp = c.fields(obj["trafficPolicy"], f"{path}.trafficPolicy", ("internal", "external"),
                       "trafficPolicy")
         policy = tp.get("internal", "Cluster")
-        if policy not in ("Cluster", "Local"):
-            c.fail(f"{path}.trafficPolicy.internal", f"{_show(policy)} is not a traffic policy "
-                                                     f"(Cluster or Local)")
+        external_policy = tp.get("external", "Cluster")
+        for key, value in (("internal", policy), ("external", external_policy)):
+            if value not in ("Cluster", "Local"):
+                c.fail(f"{path}.trafficPolicy.{key}", f"{_show(value)} is not a traffic policy "
+                                                      f"(Cluster or Local)")
+    external: Dict[str, List[str]] = {}
+    for key in ("externalIPs", "loadBalancerIPs"):
+        raw_addrs = obj.get(key, [])
+        external[key] = []
+        if not isinstance(raw_addrs, list):
+            c.fail(f"{path}.{key}", f"must be a list of addresses, not {_kind(raw_addrs)}")
+            continue
+        for i, ra in enumerate(raw_addrs):
+            addr = c.ip(ra, f"{path}.{key}[{i}]", "an external address", _unusable_vip)
+            if addr is not None and vip is not None and _family(addr) != _family(vip):
+                c.fail(f"{path}.{key}[{i}]", f"{addr} is IPv{_family(addr)} but the VIP {vip} "
+                                             f"is IPv{_family(vip)}")
+            elif addr is not None:
+                external[key].append(addr)
     distribution = obj.get("trafficDistribution")
     if distribution is not None and distribution != "PreferClose":
         c.fail(f"{path}.trafficDistribution", f"{_show(distribution)} is not a traffic "
@@ -529,7 +546,10 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
                    session_affinity=affinity, health_check=health, outlier_detection=outlier,
                    panic_threshold_percent=panic, internal_traffic_policy=policy,
                    traffic_distribution=distribution,
-                   terminate_connections_on_removal=terminate, maglev_table_size=maglev_size)
+                   terminate_connections_on_removal=terminate, maglev_table_size=maglev_size,
+                   external_ips=tuple(external["externalIPs"]),
+                   load_balancer_ips=tuple(external["loadBalancerIPs"]),
+                   external_traffic_policy=external_policy)
 
 
 def _maglev(c: _Checker, obj: Dict[str, Any], path: str, algorithm: Any,
@@ -574,9 +594,13 @@ def _port(c: _Checker, raw: Any, path: str) -> Optional[ServicePort]:
     name = obj.get("name", "")
     if name != "":
         name = c.label(name, f"{path}.name")
+    node_port = None
+    if "nodePort" in obj:
+        node_port = c.integer(obj["nodePort"], f"{path}.nodePort", 1, 65535, "a port")
     if len(c.problems) > before or port is None or target is None or name is None:
         return None
-    return ServicePort(port=port, target_port=target, protocol=protocol, name=name)
+    return ServicePort(port=port, target_port=target, protocol=protocol, name=name,
+                       node_port=node_port)
 
 
 def _backend(c: _Checker, raw: Any, path: str, vip: Optional[str]) -> Optional[Backend]:
@@ -659,14 +683,21 @@ class Claims:
         if svc.key in self.services:
             return [("name", f"service {svc.namespace}/{svc.name} is defined twice "
                              f"(also {self.services[svc.key]})")]
-        taken = [(vip, sp.port, sp.protocol) for vip, sp in svc.frontends()]
+        taken = _claimed(svc)
         return [("vip", f"{_fmt_frontend(fe)} is already used by {self.frontends[fe]}")
                 for fe in taken if fe in self.frontends]
 
     def add(self, svc: Service, owner: str) -> None:
         self.services[svc.key] = owner
-        for vip, sp in svc.frontends():
-            self.frontends[(vip, sp.port, sp.protocol)] = f"{owner} ({svc.namespace}/{svc.name})"
+        for fe in _claimed(svc):
+            self.frontends[fe] = f"{owner} ({svc.namespace}/{svc.name})"
+
+
+def _claimed(svc: Service) -> List[Frontend]:
+    """Every (address, port, protocol) a service programs: VIPs, external addresses, nodePorts
+    (as the all-zero address: a nodePort is the node's on every address)."""
+    return [(vip, sp.port, sp.protocol) for vip, sp in svc.frontends()] + \
+        [(addr, port, sp.protocol) for addr, port, sp in svc.external_frontends()]
 
 
 def _fmt_frontend(fe: Frontend) -> str:

@@ -100,6 +100,11 @@ class Service:
     terminate_connections_on_removal: bool = False  # also kill TCP (UDP always) to removed
     labels: Tuple[Tuple[str, str], ...] = field(default=(), compare=True)
     maglev_table_size: int = 16381  # rows of each frontend's table (algorithm: maglev)
+    # Traffic that enters the node (the TC path): externalIPs and loadBalancerIPs are further
+    # addresses of each port; ports[].node_port answers on the node's own addresses.
+    external_ips: Tuple[str, ...] = ()
+    load_balancer_ips: Tuple[str, ...] = ()
+    external_traffic_policy: str = "Cluster"  # Cluster (SNAT) | Local (client kept, local only)
 
     @property
     def key(self) -> Tuple[str, str]:
@@ -114,6 +119,20 @@ class Service:
         for vip in self.vips:
             for sp in self.ports:
                 yield vip, sp
+
+    def external_frontends(self) -> Iterator[Tuple[str, int, "ServicePort"]]:
+        """Yield (address, port, ServicePort) for the frontends of traffic from outside: each
+        externalIP and loadBalancerIP on the service port, and each nodePort on the all-zero
+        address of each of the service's families (the TC path matches it on the addresses of
+        the interfaces it is attached to)."""
+        for addr in self.external_ips + self.load_balancer_ips:
+            for sp in self.ports:
+                yield addr, sp.port, sp
+        families = sorted({":" in vip for vip in self.vips})
+        for sp in self.ports:
+            if sp.node_port:
+                for v6 in families:
+                    yield ("::" if v6 else "0.0.0.0"), sp.node_port, sp
 
 
 def canonical_ip(text: str) -> str:

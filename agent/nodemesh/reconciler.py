@@ -116,6 +116,7 @@ class DesiredFrontend:
     affinity_timeout: int = 0                    # seconds; 0: no session affinity
     terminate_tcp: bool = False                  # end TCP connections to removed backends
     maglev_table_size: int = 0                   # rows of its Maglev table; 0: no table
+    flags: int = 0                               # further master flags (SVC_F_EXT_LOCAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,7 @@ class ProgrammedFrontend:
     count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
     affinity_timeout: int = 0
     maglev_rows: int = 0                   # size of its Maglev table in the kernel; 0: none
+    flags: int = 0
 
     @property
     def slot_count(self) -> int:
@@ -284,6 +286,32 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
                                    svc.algorithm, backends, why, len(svc.backends), affinity,
                                    svc.terminate_connections_on_removal,
                                    svc.maglev_table_size if svc.algorithm == "maglev" else 0)
+    out.update(external_frontends(svc, ctx, affinity))
+    return out
+
+
+def external_frontends(svc: Service, ctx: selection.Context, affinity: int
+                       ) -> Dict[FrontendKey, DesiredFrontend]:
+    """The TC path's frontends: externalIPs, loadBalancerIPs and nodePorts. With
+    externalTrafficPolicy Local they hold only this node's backends and carry SVC_F_EXT_LOCAL,
+    which tells the TC program to keep the client's address (no SNAT)."""
+    out: Dict[FrontendKey, DesiredFrontend] = {}
+    local = svc.external_traffic_policy == "Local"
+    if not (svc.external_ips or svc.load_balancer_ips or any(sp.node_port for sp in svc.ports)):
+        return out
+    policy_svc = replace(svc, internal_traffic_policy="Local") if local else svc
+    chosen, why = selection.eligible(svc.backends, policy_svc, ctx)
+    flags = m.SVC_F_EXT_LOCAL if local else 0
+    for addr, port, sp in svc.external_frontends():
+        v6 = ":" in addr
+        key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, addr, port, sp.protocol)
+        backends = tuple((b.address, b.target_port(sp), b.weight) for b in chosen
+                         if (":" in b.address) == v6)
+        out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
+                                   svc.algorithm, backends, why, len(svc.backends), affinity,
+                                   svc.terminate_connections_on_removal,
+                                   svc.maglev_table_size if svc.algorithm == "maglev" else 0,
+                                   flags)
     return out
 
 
@@ -452,7 +480,8 @@ class Reconciler:
                 fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm, "random"),
                 master.revision, ids, backend_ids, damaged=damaged, count=master.count,
                 affinity_timeout=master.affinity_timeout
-                if master.flags & m.SVC_F_AFFINITY else 0, maglev_rows=rows)
+                if master.flags & m.SVC_F_AFFINITY else 0, maglev_rows=rows,
+                flags=master.flags & ~m.SVC_F_AFFINITY)
             self._refer(fk, backend_ids, +1)
             self._mark(fk)
             active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
@@ -598,8 +627,8 @@ class Reconciler:
         # Compare before allocating: an unchanged frontend costs no id and no write.
         table_rows = d.maglev_table_size if any(w > 0 for _, _, w in d.backends) else 0
         if old and not old.damaged and old.algorithm == d.algorithm and \
-                old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends) \
-                and old.maglev_rows == table_rows:
+                old.affinity_timeout == d.affinity_timeout and old.flags == d.flags and \
+                len(ids) == len(d.backends) and old.maglev_rows == table_rows:
             if tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq) == old.slots:
                 return None
         if len(seq) > m.SLOT_INDEX_MASK:
@@ -626,7 +655,8 @@ class Reconciler:
         dropped = [i for i in old_ids.values() if i not in keep]
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
-                                 affinity_timeout=d.affinity_timeout, maglev_rows=table_rows)
+                                 affinity_timeout=d.affinity_timeout, maglev_rows=table_rows,
+                                 flags=d.flags)
         self.maglev_rows += more_rows  # reserved now, given back if the change fails
         return _Change(old, new, new_ids, dropped, old is None)
 
@@ -713,7 +743,8 @@ class Reconciler:
         master_keys = [c.new.key.map_key(0) for c in changes]
         master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
                                              m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
-                                             m.SVC_F_AFFINITY if c.new.affinity_timeout else 0,
+                                             (m.SVC_F_AFFINITY if c.new.affinity_timeout else 0)
+                                             | c.new.flags,
                                              c.new.affinity_timeout, c.new.maglev_rows)
                          for c in changes]
         done = len(master_keys)

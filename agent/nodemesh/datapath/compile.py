@@ -10,15 +10,36 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
 from dataclasses import asdict
-from typing import Dict, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Set, Tuple
 
 from .maps import MAPS, MapSizes
 
 RINGBUF = "failure_events"
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"(lib/[\w./-]+)"[ \t]*$', re.M)
+
+
+def source_text(path: Path, _seen: Optional[Set[Path]] = None) -> str:
+    """The C source with its `#include "lib/..."` headers written in place.
+
+    BCC rewrites map methods (`services.lookup(&key)`) only in the file it is handed, not in
+    the headers that file includes, so the shared code in bpf/lib/ must reach it as one text.
+    Each header is expanded once (they carry include guards anyway)."""
+    seen = set() if _seen is None else _seen
+
+    def expand(match: "re.Match[str]") -> str:
+        header = (path.parent / match.group(1)).resolve()
+        if header in seen:
+            return ""
+        seen.add(header)
+        return f"/* {match.group(1)} */\n" + source_text(header, seen)
+
+    return _LOCAL_INCLUDE.sub(expand, path.read_text())
 
 
 def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict[str, int],
@@ -30,7 +51,7 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
 
     cflags = [f'-DNM_PIN_DIR="{bpffs}"', f"-I{src_dir}", *sizes.cflags()]
     started = time.monotonic()
-    bpf = BPF(src_file=str(src_dir / "sock_lb.c").encode(), cflags=cflags)
+    bpf = BPF(text=source_text(src_dir / "sock_lb.c").encode(), cflags=cflags)
     progs = {}
     for hook in HOOKS:
         fn = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type)
@@ -40,9 +61,10 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
     return bpf, progs, maps, time.monotonic() - started
 
 
-def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, int],
-                                                                    Dict[str, int], float]:
-    """Run the compile in a child; return the fds it passed back (now ours) and its time."""
+def compile_in_child(bpffs: str, sizes: MapSizes, src_dir, tc=None) -> Tuple[Dict[str, int],
+                                                                            Dict[str, int], float]:
+    """Run the compile in a child; return the fds it passed back (now ours) and its time.
+    With tc (a TcSettings), the child compiles the TC unit (tc_nodeport.c) instead."""
     import subprocess
 
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -50,7 +72,8 @@ def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, in
         env = dict(os.environ, NODEMESH_FD_SOCKET=str(child.fileno()))
         proc = subprocess.Popen(
             [sys.executable, "-m", "nodemesh.datapath.compile", bpffs, json.dumps(asdict(sizes)),
-             str(src_dir)], pass_fds=(child.fileno(),), env=env,
+             str(src_dir), *([json.dumps(asdict(tc))] if tc is not None else [])],
+            pass_fds=(child.fileno(),), env=env,
             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         child.close()
         msg, fds, _, _ = socket.recv_fds(parent, 1 << 16, 64)
@@ -71,12 +94,15 @@ def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, in
 
 
 def _child_main() -> int:
-    from pathlib import Path
-
     sock = socket.socket(fileno=int(os.environ["NODEMESH_FD_SOCKET"]))
     bpffs, sizes, src_dir = sys.argv[1], MapSizes(**json.loads(sys.argv[2])), Path(sys.argv[3])
     try:
-        _bpf, progs, maps, seconds = compile_and_load(bpffs, sizes, src_dir)
+        if len(sys.argv) > 4:
+            from .tc import TcSettings, compile_and_load_tc
+            _bpf, progs, maps, seconds = compile_and_load_tc(
+                bpffs, sizes, TcSettings(**json.loads(sys.argv[4])), src_dir)
+        else:
+            _bpf, progs, maps, seconds = compile_and_load(bpffs, sizes, src_dir)
     except Exception as e:  # BCC raises bare Exceptions; the message is what the user needs
         socket.send_fds(sock, [json.dumps({"ok": False, "error": str(e)}).encode()], [])
         return 1

@@ -42,6 +42,7 @@ COUNTER_NAMES = {0: "slot_miss", 1: "backend_miss", 2: "revnat_failed", 3: "revn
                  8: "maglev_miss"}
 SVC_F_AFFINITY = 0x1
 COUNTER_SLOTS = 9
+SVC_F_EXT_LOCAL = 0x2  # TC path: externalTrafficPolicy Local (no SNAT)
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 

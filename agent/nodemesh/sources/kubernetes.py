@@ -334,6 +334,18 @@ def _parse_service(service: dict, namespace: str, where: str,
     if policy not in ("Cluster", "Local"):
         raise _Malformed(f"spec.internalTrafficPolicy: {reprlib.repr(policy)} is not Cluster "
                          "or Local")
+    external_policy = _typed(spec, "externalTrafficPolicy", str, "spec.") or "Cluster"
+    if external_policy not in ("Cluster", "Local"):
+        raise _Malformed(f"spec.externalTrafficPolicy: {reprlib.repr(external_policy)} is not "
+                         "Cluster or Local")
+    external_ips = _external_addresses(
+        _typed(spec, "externalIPs", list, "spec.", []), "spec.externalIPs", vips, where, notes)
+    status = _typed(service, "status", dict, "", {})
+    ingress = _typed(_typed(status, "loadBalancer", dict, "status.", {}), "ingress", list,
+                     "status.loadBalancer.", [])
+    lb_ips = _external_addresses(
+        [i.get("ip") for i in ingress if isinstance(i, dict) and i.get("ip")],
+        "status.loadBalancer.ingress", vips, where, notes)
     labels = _typed(meta, "labels", dict, "metadata.", {})
     for key, value in labels.items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -343,6 +355,8 @@ def _parse_service(service: dict, namespace: str, where: str,
         name=sys.intern(meta["name"]), namespace=namespace, vip=vips[0],
         extra_vips=tuple(vips[1:]), ports=_share_ports(tuple(ports)), session_affinity=affinity,
         internal_traffic_policy=sys.intern(policy),
+        external_ips=external_ips, load_balancer_ips=lb_ips,
+        external_traffic_policy=sys.intern(external_policy),
         traffic_distribution=_intern(_typed(spec, "trafficDistribution", str, "spec.")),
         labels=tuple(sorted(_share_label((sys.intern(k), sys.intern(v)))
                             for k, v in labels.items())),
@@ -374,6 +388,27 @@ def _service_port(port: Any, path: str, where: str,
         protocol=sys.intern(protocol), name=port_name,
         node_port=None if node_port is None else _port_number(node_port, path + ".nodePort"),
     )), named
+
+
+def _external_addresses(texts: list, path: str, vips: List[str], where: str,
+                        notes: Translation) -> Tuple[str, ...]:
+    """externalIPs or load-balancer ingress IPs of the service's families; others noted."""
+    out = []
+    families = {_family(v) for v in vips}
+    for index, text in enumerate(texts):
+        try:
+            addr = _canonical_ip(text)
+        except (ValueError, AttributeError, TypeError):
+            notes.invalid.append(f"{where}: {path}[{index}]: {reprlib.repr(text)} is not an IP "
+                                 "address; skipped")
+            continue
+        if _family(addr) not in families:
+            notes.skipped.append(f"{where}: {path}[{index}]: {addr} has no ClusterIP of its "
+                                 "family; skipped")
+            continue
+        if addr not in out:
+            out.append(addr)
+    return tuple(out)
 
 
 def _cluster_ips(spec: dict, where: str, notes: Translation) -> List[str]:

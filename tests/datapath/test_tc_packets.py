@@ -1,0 +1,326 @@
+"""The TC program, packet by packet, through BPF_PROG_TEST_RUN (Katran's BpfTester as pytest).
+
+Each row: a frame in, the frame expected out (checksums computed from scratch by
+tests/packets.py, so equality proves the program's incremental checksum updates) and the
+verdict. The program runs in a namespace of its own whose veth owns the node's
+addresses (192.0.2.1, 2001:db8::1), with backends on-link and clients routed through it.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from socket import ntohs
+
+import packets as P
+import pytest
+from tcrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, run
+
+pytestmark = pytest.mark.root
+
+NODE4, NODE6 = "192.0.2.1", "2001:db8::1"
+CLIENT4, CLIENT6 = "198.51.100.7", "2001:db8:c::7"
+SNAT_PORTS = (40000, 40063)
+
+SETUP = """
+ip link set lo up
+ip link add nmtc0 type veth peer name nmtc1
+ip link set nmtc1 up
+ip link set nmtc0 up
+ip addr add 192.0.2.1/24 dev nmtc0
+ip addr add 2001:db8::1/64 dev nmtc0 nodad
+ip route add 198.51.100.0/24 dev nmtc0
+ip route add 2001:db8:c::/64 dev nmtc0
+sysctl -qw net.ipv4.ip_forward=1
+sysctl -qw net.ipv6.conf.all.forwarding=1
+"""
+
+CONFIG = """
+services:
+  - name: web
+    vip: 10.96.0.10
+    externalIPs: [203.0.113.5]
+    ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+    backends: [{address: 192.0.2.10}]
+  - name: web6
+    vip: fd00::10
+    ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+    backends: [{address: "2001:db8::10"}]
+  - name: dns
+    vip: 10.96.0.53
+    ports: [{port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}]
+    backends: [{address: 192.0.2.11}]
+  - name: dns6
+    vip: fd00::53
+    loadBalancerIPs: ["2001:db8:e::53"]
+    ports: [{port: 53, targetPort: 5353, protocol: UDP}]
+    backends: [{address: "2001:db8::11"}]
+  - name: local
+    vip: 10.96.0.20
+    trafficPolicy: {external: Local}
+    ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
+    backends: [{address: 192.0.2.12, node: node-a}, {address: 192.0.2.13, node: node-b}]
+  - name: local-elsewhere
+    vip: 10.96.0.21
+    trafficPolicy: {external: Local}
+    ports: [{port: 80, targetPort: 8080, nodePort: 30082}]
+    backends: [{address: 192.0.2.13, node: node-b}]
+"""
+
+
+class TcTester:
+    def __init__(self, tc, rec, ifindex: int):
+        self.tc, self.rec, self.ifindex = tc, rec, ifindex
+
+    def ingress(self, frame: bytes):
+        return run(self.tc.progs["nm_tc_ingress"], frame, self.ifindex)
+
+    def egress(self, frame: bytes):
+        return run(self.tc.progs["nm_tc_egress"], frame, self.ifindex)
+
+    def program(self, text: str) -> None:
+        from nodemesh import config, selection
+        from nodemesh.reconciler import service_frontends
+
+        services = config.parse(text, "tc.yaml")
+        ctx = selection.Context(node_name="node-a")
+        for svc in services:
+            self.rec.set_service(svc.key, service_frontends(svc, ctx), frozenset())
+        assert not self.rec.reconcile(force=True).failed
+
+    def verdicts(self):
+        from nodemesh.datapath import tc as t
+        counts = {}
+        for key, n in t.percpu_sum(self.tc.map_fds["tc_stats"], t.TcStatsKey).items():
+            k = t.TcStatsKey.from_buffer_copy(key)
+            counts[(t.DIRECTIONS[k.direction], t.VERDICTS[k.verdict])] = n
+        return counts
+
+    def drops(self):
+        from nodemesh.datapath import tc as t
+        from nodemesh.datapath.maps import u32
+        sums = t.percpu_sum(self.tc.map_fds["tc_drops"], u32)
+        return {t.DROP_REASONS[k]: n for k, n in sums.items()}
+
+    def set_config(self, **fields) -> None:
+        from dataclasses import replace
+
+        from nodemesh.datapath import bpfsys
+        from nodemesh.datapath.maps import u32
+        self.tc.settings = replace(self.tc.settings, **fields)
+        bpfsys.map_update(self.tc.map_fds["tc_config"], u32(0), self.tc.settings.config())
+
+
+@pytest.fixture(scope="module")
+def tester():
+    from nodemesh.datapath import tc as t
+    from nodemesh.datapath.loader import Datapath, cleanup
+    from nodemesh.reconciler import Reconciler
+
+    bpffs = f"/sys/fs/bpf/nmtc-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    with TestNetns(SETUP) as ns:
+        dp = Datapath(bpffs, None)
+        path = t.TcPath(bpffs, dp.sizes, t.TcSettings(snat_port_min=SNAT_PORTS[0],
+                                                      snat_port_max=SNAT_PORTS[1]))
+        try:
+            rec = Reconciler(dp.load(in_process=True))
+            path.load(in_process=True)
+            from pyroute2 import IPRoute
+            with IPRoute() as ipr:
+                ifindex = ipr.link_lookup(ifname="nmtc0")[0]
+            path.interfaces = {"nmtc0": ifindex}
+            path.sync_addresses()
+            tt = TcTester(path, rec, ifindex)
+            tt.program(CONFIG)
+            tt.ns = ns
+            yield tt
+        finally:
+            path.close()
+            dp.close()
+            cleanup(bpffs)
+
+
+def snat_port(out: bytes) -> int:
+    port = P.parse(out).sport
+    assert SNAT_PORTS[0] <= port <= SNAT_PORTS[1], port
+    return port
+
+
+# -- new flows: DNAT (+ SNAT), and the replies translated back --------------------------------
+
+@pytest.mark.parametrize("proto,client,node,nodeport,backend,target", [
+    (P.TCP, CLIENT4, NODE4, 30080, "192.0.2.10", 8080),
+    (P.UDP, CLIENT4, NODE4, 30053, "192.0.2.11", 5353),
+    (P.TCP, CLIENT6, NODE6, 30080, "2001:db8::10", 8080),
+], ids=["tcp4-nodeport", "udp4-nodeport", "tcp6-nodeport"])
+def test_a_nodeport_flow_is_translated_both_ways_with_correct_checksums(
+        tester, proto, client, node, nodeport, backend, target):
+    # client -> node:nodePort becomes node:snat -> backend:target, sent on (redirect)
+    verdict, out = tester.ingress(P.flow(proto, client, node, 41000, nodeport))
+    assert verdict == TC_ACT_REDIRECT
+    port = snat_port(out)
+    assert out == P.flow(proto, node, backend, port, target)
+    # backend:target -> node:snat (its answer) becomes node:nodePort -> client
+    verdict, back = tester.ingress(P.flow(proto, backend, node, target, port, flags=P.SYN | P.ACK,
+                                          payload=b"world"))
+    assert verdict == TC_ACT_REDIRECT
+    assert back == P.flow(proto, node, client, nodeport, 41000, flags=P.SYN | P.ACK,
+                          payload=b"world")
+
+
+@pytest.mark.parametrize("proto,client,addr,port,backend,target", [
+    (P.TCP, CLIENT4, "203.0.113.5", 80, "192.0.2.10", 8080),
+    (P.UDP, CLIENT6, "2001:db8:e::53", 53, "2001:db8::11", 5353),
+], ids=["externalIP-tcp4", "loadBalancerIP-udp6"])
+def test_external_and_load_balancer_addresses_are_translated(tester, proto, client, addr, port,
+                                                             backend, target):
+    verdict, out = tester.ingress(P.flow(proto, client, addr, 42000, port))
+    assert verdict == TC_ACT_REDIRECT
+    node = NODE6 if ":" in client else NODE4  # the FIB's source towards the backend
+    assert out == P.flow(proto, node, backend, snat_port(out), target)
+
+
+def test_a_udp_datagram_without_checksum_keeps_none(tester):
+    verdict, out = tester.ingress(P.flow(P.UDP, CLIENT4, NODE4, 43000, 30053, udp_csum=False))
+    assert verdict == TC_ACT_REDIRECT
+    assert out == P.flow(P.UDP, NODE4, "192.0.2.11", snat_port(out), 5353, udp_csum=False)
+
+
+def test_local_policy_keeps_the_client_address_and_uses_only_local_backends(tester):
+    for sport in range(44000, 44020):  # 2 backends, one on this node: never the other
+        verdict, out = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, sport, 30081))
+        assert verdict == TC_ACT_REDIRECT
+        assert out == P.flow(P.TCP, CLIENT4, "192.0.2.12", sport, 8080)
+    # The reply leaves through this interface: egress gives it the node's address back.
+    verdict, out = tester.egress(P.flow(P.TCP, "192.0.2.12", CLIENT4, 8080, 44000, P.SYN | P.ACK))
+    assert verdict == TC_ACT_OK
+    assert out == P.flow(P.TCP, NODE4, CLIENT4, 30081, 44000, P.SYN | P.ACK)
+
+
+def test_local_policy_without_a_local_backend_drops_and_counts(tester):
+    before = tester.drops().get("no_backend", 0)
+    frame = P.flow(P.TCP, CLIENT4, NODE4, 45000, 30082)
+    verdict, out = tester.ingress(frame)
+    assert verdict == TC_ACT_SHOT
+    assert tester.drops()["no_backend"] == before + 1
+
+
+# -- what is left alone ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("frame,verdict_name", [
+    (P.eth(P.ip(CLIENT4, NODE4, P.TCP, P.l4(P.TCP, CLIENT4, NODE4, 46000, 30080), frag=0x2000)),
+     "fragment"),
+    (P.eth(P.ip(CLIENT4, NODE4, P.UDP, b"\0" * 16, frag=0x0010)), "fragment"),
+    (P.eth(P.ip(CLIENT6, NODE6, P.TCP, P.l4(P.TCP, CLIENT6, NODE6, 46000, 30080), frag=1)),
+     "fragment"),
+    (P.eth(P.ip(CLIENT4, NODE4, P.GRE, b"\0" * 24)), "unknown_protocol"),
+    (P.eth(P.ip(CLIENT6, NODE6, P.GRE, b"\0" * 24)), "unknown_protocol"),
+    (P.flow(P.TCP, CLIENT4, "192.0.2.99", 46000, 30080), "pass"),   # not the node's address
+    (P.flow(P.TCP, CLIENT4, NODE4, 46000, 22), "pass"),             # no such nodePort
+], ids=["v4-first-fragment", "v4-later-fragment", "v6-fragment", "v4-gre", "v6-gre",
+        "nodeport-on-a-foreign-address", "not-a-nodeport"])
+def test_fragments_unknown_protocols_and_others_pass_untouched_and_are_counted(
+        tester, frame, verdict_name):
+    before = tester.verdicts().get(("ingress", verdict_name), 0)
+    verdict, out = tester.ingress(frame)
+    assert (verdict, out) == (TC_ACT_OK, frame)
+    assert tester.verdicts()[("ingress", verdict_name)] == before + 1
+
+
+# -- ICMP errors about translated flows ------------------------------------------------------
+
+@pytest.mark.parametrize("client,node,backend", [(CLIENT4, NODE4, "192.0.2.10"),
+                                                 (CLIENT6, NODE6, "2001:db8::10")],
+                         ids=["icmp4-frag-needed", "icmp6-packet-too-big"])
+def test_an_icmp_error_from_the_backend_is_translated_back_to_the_client(tester, client, node,
+                                                                        backend):
+    v6 = ":" in client
+    verdict, out = tester.ingress(P.flow(P.TCP, client, node, 47000, 30080, payload=b"x" * 40))
+    port = snat_port(out)
+    # The backend says the packet we sent it (node:snat -> backend:8080) was too big ...
+    sent = out[14:]
+    verdict, back = tester.ingress(P.icmp_error(backend, node, sent, v6))
+    assert verdict == TC_ACT_REDIRECT
+    # ... the client hears it from the node, about the packet it sent (client -> node:30080).
+    original = P.ip(client, node, P.TCP, P.l4(P.TCP, client, node, 47000, 30080,
+                                               b"x" * 40))
+    assert back == P.icmp_error(node, client, original, v6), port
+
+
+# -- conntrack: flows keep their backend, collisions, exhaustion, expiry ----------------------
+
+def test_an_established_flow_keeps_its_backend_when_the_backend_set_changes(tester):
+    _, out = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, 48000, 30080))
+    port = snat_port(out)
+    tester.ingress(P.flow(P.TCP, "192.0.2.10", NODE4, 8080, port, P.SYN | P.ACK))
+    tester.program(CONFIG.replace("backends: [{address: 192.0.2.10}]",
+                                  "backends: [{address: 192.0.2.14}]"))
+    try:
+        verdict, out = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, 48000, 30080, P.ACK))
+        assert verdict == TC_ACT_REDIRECT
+        assert out == P.flow(P.TCP, NODE4, "192.0.2.10", port, 8080, P.ACK)  # the old backend
+        _, fresh = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, 48001, 30080))
+        assert P.parse(fresh).dst == "192.0.2.14"                            # new flows: new
+    finally:
+        tester.program(CONFIG)
+
+
+def test_snat_ports_collide_then_run_out_and_the_drop_is_named(tester):
+    """One SNAT port: the first flow takes it; a second flow to the same backend collides
+    NM_SNAT_TRIES times and is dropped (snat_exhausted); its reply tuple would be the same."""
+    tester.set_config(snat_port_min=50000, snat_port_max=50000)
+    try:
+        verdict, out = tester.ingress(P.flow(P.UDP, CLIENT4, NODE4, 49000, 30053))
+        assert verdict == TC_ACT_REDIRECT and P.parse(out).sport == 50000
+        before = tester.drops().get("snat_exhausted", 0)
+        verdict, _ = tester.ingress(P.flow(P.UDP, CLIENT4, NODE4, 49001, 30053))
+        assert verdict == TC_ACT_SHOT
+        assert tester.drops()["snat_exhausted"] == before + 1
+    finally:
+        tester.set_config(snat_port_min=SNAT_PORTS[0], snat_port_max=SNAT_PORTS[1])
+
+
+def test_conntrack_entries_expire_after_their_state_lifetime(tester):
+    """UDP lives udp_seconds after its last datagram: then its entries are a miss for the
+    datapath and the agent's sweep removes them; a TCP flow that saw FIN moves to closing."""
+    tester.set_config(udp_seconds=1, tcp_closing_seconds=1)
+    try:
+        _, out = tester.ingress(P.flow(P.UDP, CLIENT4, NODE4, 51000, 30053))
+        port = snat_port(out)
+        _, tcp = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, 51001, 30080))
+        tport = snat_port(tcp)
+        tester.ingress(P.flow(P.TCP, "192.0.2.10", NODE4, 8080, tport, P.SYN | P.ACK))
+        tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, 51001, 30080, P.FIN | P.ACK))
+        from nodemesh.datapath import tc as t
+        states = {v.state for k, v in tester.tc.conntrack()
+                  if (ntohs(k.sport), ntohs(k.dport)) in ((51001, 30080), (8080, tport))}
+        assert states == {t.CT_CLOSING}  # both directions
+        time.sleep(1.3)
+        # An expired flow's reply is no longer translated ...
+        verdict, back = tester.ingress(P.flow(P.UDP, "192.0.2.11", NODE4, 5353, port))
+        assert verdict == TC_ACT_OK and P.parse(back).dst == NODE4
+        # ... and the sweep removes what is left of both flows.
+        keys = lambda: {(ntohs(k.sport), ntohs(k.dport))  # noqa: E731
+                        for k, _ in tester.tc.conntrack()}
+        assert (51001, 30080) in keys()
+        assert tester.tc.sweep() >= 2
+        assert (51001, 30080) not in keys() and (51000, 30053) not in keys()
+    finally:
+        tester.set_config(udp_seconds=60, tcp_closing_seconds=10)
+
+
+# -- the Python mirrors of bpf/lib/tc_types.h -------------------------------------------------
+
+def test_tc_map_mirrors_match_what_bcc_compiled(tester):
+    import ctypes
+
+    from nodemesh.datapath import tc as t
+
+    for spec in t.TC_MAPS:
+        table = tester.tc.bpf[spec.name.encode()]
+        leaf = table.Leaf._type_ if spec.percpu else table.Leaf  # BCC: one value per CPU
+        for mirror, generated in ((spec.key, table.Key), (spec.value, leaf)):
+            assert ctypes.sizeof(mirror) == ctypes.sizeof(generated), spec.name
+            for name, _ in getattr(mirror, "_fields_", []):
+                assert getattr(mirror, name).offset == getattr(generated, name).offset, \
+                    (spec.name, name)

@@ -1,0 +1,91 @@
+"""A TC program driven by BPF_PROG_TEST_RUN, in a network namespace made for it (Katran's
+BpfTester, in pytest): one frame in, the frame and the verdict out.
+
+The run happens in the calling thread's network namespace (the FIB lookups of the program
+see that namespace's routes), so `TestNetns` moves the thread there with setns(2) and back.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import uuid
+from typing import Tuple
+
+from nodemesh.datapath import bpfsys
+
+BPF_PROG_TEST_RUN = 10
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _TestRunAttr(ctypes.Structure):  # union bpf_attr, BPF_PROG_TEST_RUN
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32)]
+
+
+class SkbCtx(ctypes.Structure):  # the leading part of struct __sk_buff, up to ifindex
+    _fields_ = [("len", ctypes.c_uint32), ("pkt_type", ctypes.c_uint32),
+                ("mark", ctypes.c_uint32), ("queue_mapping", ctypes.c_uint32),
+                ("protocol", ctypes.c_uint32), ("vlan_present", ctypes.c_uint32),
+                ("vlan_tci", ctypes.c_uint32), ("vlan_proto", ctypes.c_uint32),
+                ("priority", ctypes.c_uint32), ("ingress_ifindex", ctypes.c_uint32),
+                ("ifindex", ctypes.c_uint32)]
+
+
+def run(prog_fd: int, frame: bytes, ifindex: int) -> Tuple[int, bytes]:
+    """(the program's return value, the frame as it left the program)."""
+    data_in = ctypes.create_string_buffer(frame, len(frame))
+    data_out = ctypes.create_string_buffer(len(frame) + 256)
+    ctx = SkbCtx(ingress_ifindex=ifindex, ifindex=ifindex)
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame),
+                        data_size_out=ctypes.sizeof(data_out),
+                        data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
+                        repeat=1, ctx_size_in=ctypes.sizeof(ctx), ctx_in=ctypes.addressof(ctx))
+    bpfsys.bpf(BPF_PROG_TEST_RUN, attr)
+    return attr.retval, data_out.raw[:attr.data_size_out]
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True)
+
+
+class TestNetns:
+    """A network namespace set up by `setup` (ip commands run inside it), entered by this thread until exit()."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, setup: str):
+        self.name = f"nmtc{os.getpid()}{uuid.uuid4().hex[:6]}"
+        self._home = -1
+        self.setup = setup
+
+    def __enter__(self) -> "TestNetns":
+        sh(f"ip netns add {self.name}")
+        try:
+            for line in self.setup.strip().splitlines():
+                sh(f"ip netns exec {self.name} {line.strip()}")
+            self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._home >= 0:
+            _libc.setns(self._home, CLONE_NEWNET)
+            os.close(self._home)
+            self._home = -1
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
