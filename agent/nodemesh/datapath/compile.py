@@ -10,32 +10,59 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Dict, Tuple
 
 from .maps import MAPS, MapSizes
 
 RINGBUF = "failure_events"
+_LIB_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"(lib/[\w./-]+\.h)"[ \t]*$', re.M)
+
+
+def inline_lib_headers(src_dir: Path, name: str = "sock_lb.c") -> str:
+    """The source with every `#include "lib/x.h"` replaced by that header's text, each once.
+
+    BCC rewrites map method calls (`m.lookup(&k)`) only in the main file, so code in bpf/lib/
+    that touches maps must reach the compiler as part of it. A #line marker keeps the
+    compiler's messages pointing at the real file and line."""
+    seen: set = set()
+
+    def expand(path: Path) -> str:
+        def one(match: "re.Match[str]") -> str:
+            header = src_dir / match.group(1)
+            if header in seen:
+                return ""
+            seen.add(header)
+            line = text.count("\n", 0, match.end()) + 2
+            return f'#line 1 "{header}"\n{expand(header)}\n#line {line} "{path}"'
+
+        text = path.read_text()
+        return _LIB_INCLUDE.sub(one, text)
+
+    return expand(src_dir / name)
 
 
 def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict[str, int],
                                                                    Dict[str, int], float]:
     """(the BCC object, program fds by hook name, map fds by name, seconds)."""
-    from bcc import BPF  # Debian's python3-bpfcc
+    from bcc import BPF, lib  # Debian's python3-bpfcc
 
     from .loader import HOOKS
 
     cflags = [f'-DNM_PIN_DIR="{bpffs}"', f"-I{src_dir}", *sizes.cflags()]
     started = time.monotonic()
-    bpf = BPF(src_file=str(src_dir / "sock_lb.c").encode(), cflags=cflags)
+    bpf = BPF(text=inline_lib_headers(Path(src_dir)).encode(), cflags=cflags)
     progs = {}
     for hook in HOOKS:
         fn = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type)
         progs[hook.name] = fn.fd
-    maps = {spec.name: bpf[spec.name.encode()].map_fd for spec in MAPS}
+    # By fd, not bpf[name]: BCC's Python Table has no class for sk_storage maps.
+    maps = {spec.name: lib.bpf_table_fd(bpf.module, spec.name.encode()) for spec in MAPS}
     maps[RINGBUF] = bpf[RINGBUF.encode()].map_fd
     return bpf, progs, maps, time.monotonic() - started
 
@@ -71,8 +98,6 @@ def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, in
 
 
 def _child_main() -> int:
-    from pathlib import Path
-
     sock = socket.socket(fileno=int(os.environ["NODEMESH_FD_SOCKET"]))
     bpffs, sizes, src_dir = sys.argv[1], MapSizes(**json.loads(sys.argv[2])), Path(sys.argv[3])
     try:
