@@ -28,6 +28,7 @@ from .model import (
     HEALTH_CHECK_TYPES,
     PROTOCOLS,
     Backend,
+    ConnectionLimits,
     HealthCheck,
     OutlierDetection,
     Service,
@@ -397,7 +398,8 @@ def _unusable_backend(addr) -> Optional[str]:
 
 SERVICE_FIELDS = ("name", "namespace", "vip", "ports", "algorithm", "sessionAffinity",
                   "healthCheck", "outlierDetection", "panicThresholdPercent", "trafficPolicy",
-                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends")
+                  "trafficDistribution", "terminateConnectionsOnRemoval", "connectionLimits",
+                  "backends")
 PORT_FIELDS = ("name", "port", "targetPort", "protocol")
 BACKEND_FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating")
 OUTLIER_FIELDS = ("consecutiveFailures", "baseEjectionSeconds", "maxEjectionPercent")
@@ -520,6 +522,8 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
         c.fail(f"{path}.terminateConnectionsOnRemoval", f"{_show(terminate)} must be true or "
                                                         f"false")
 
+    limits = _connection_limits(c, obj, path)
+
     if len(c.problems) > before or name is None or namespace is None or vip is None:
         return None
     return Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
@@ -527,7 +531,22 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
                    session_affinity=affinity, health_check=health, outlier_detection=outlier,
                    panic_threshold_percent=panic, internal_traffic_policy=policy,
                    traffic_distribution=distribution,
-                   terminate_connections_on_removal=terminate)
+                   terminate_connections_on_removal=terminate, connection_limits=limits)
+
+
+def _connection_limits(c: _Checker, obj: Dict[str, Any], path: str
+                       ) -> Optional[ConnectionLimits]:
+    if "connectionLimits" not in obj:
+        return None
+    cl = c.fields(obj["connectionLimits"], f"{path}.connectionLimits",
+                  ("maxConnectionsPerBackend", "maxConnections"), "connectionLimits")
+    per = c.integer(cl.get("maxConnectionsPerBackend", 0),
+                    f"{path}.connectionLimits.maxConnectionsPerBackend", 0, 2**32 - 1, "a count")
+    total = c.integer(cl.get("maxConnections", 0), f"{path}.connectionLimits.maxConnections",
+                      0, 2**32 - 1, "a count")
+    if per is None or total is None or (per, total) == (0, 0):
+        return None
+    return ConnectionLimits(per, total)
 
 
 def _port(c: _Checker, raw: Any, path: str) -> Optional[ServicePort]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Tuple
 
 PROTOCOLS = ("TCP", "UDP")
-ALGORITHMS = ("random", "round_robin")
+ALGORITHMS = ("random", "round_robin", "least_connections")
 HEALTH_CHECK_TYPES = ("tcp", "http")
 
 
@@ -81,6 +81,15 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Circuit breaking at connect(): 0 means no limit. Counts are active + pending TCP
+    connections from this node, kept by the kernel (bpf/lib/conn_count.h)."""
+
+    max_connections_per_backend: int = 0
+    max_connections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     namespace: str
@@ -99,6 +108,7 @@ class Service:
     panic_threshold_percent: int = 50  # below this share of healthy backends, use them all
     terminate_connections_on_removal: bool = False  # also kill TCP (UDP always) to removed
     labels: Tuple[Tuple[str, str], ...] = field(default=(), compare=True)
+    connection_limits: Optional[ConnectionLimits] = None
 
     @property
     def key(self) -> Tuple[str, str]:

@@ -112,6 +112,7 @@ class DesiredFrontend:
     all_backends: int
     affinity_timeout: int = 0                    # seconds; 0: no session affinity
     terminate_tcp: bool = False                  # end TCP connections to removed backends
+    limits: Tuple[int, int] = (0, 0)             # connectionLimits: per backend, per frontend
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,7 @@ class ProgrammedFrontend:
     damaged: bool = False                  # kernel state disagrees; rewrite on next round
     count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
     affinity_timeout: int = 0
+    limits: Tuple[int, int] = (0, 0)
 
     @property
     def slot_count(self) -> int:
@@ -270,6 +272,8 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
     out: Dict[FrontendKey, DesiredFrontend] = {}
     chosen, why = selection.eligible(svc.backends, svc, ctx)
     affinity = svc.session_affinity.timeout_seconds if svc.session_affinity else 0
+    cl = svc.connection_limits
+    limits = (cl.max_connections_per_backend, cl.max_connections) if cl else (0, 0)
     for vip, sp in svc.frontends():
         v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
         key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
@@ -277,7 +281,7 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
                          if (":" in b.address) == v6)
         out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
                                    svc.algorithm, backends, why, len(svc.backends), affinity,
-                                   svc.terminate_connections_on_removal)
+                                   svc.terminate_connections_on_removal, limits)
     return out
 
 
@@ -434,7 +438,8 @@ class Reconciler:
                 fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm, "random"),
                 master.revision, ids, backend_ids, damaged=damaged, count=master.count,
                 affinity_timeout=master.affinity_timeout
-                if master.flags & m.SVC_F_AFFINITY else 0)
+                if master.flags & m.SVC_F_AFFINITY else 0,
+                limits=(master.max_conns_per_backend, master.max_conns))
             self._refer(fk, backend_ids, +1)
             self._mark(fk)
             active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
@@ -579,7 +584,8 @@ class Reconciler:
         seq = selection.slots_for(d.algorithm, [w for _, _, w in d.backends])
         # Compare before allocating: an unchanged frontend costs no id and no write.
         if old and not old.damaged and old.algorithm == d.algorithm and \
-                old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends):
+                old.affinity_timeout == d.affinity_timeout and old.limits == d.limits and \
+                len(ids) == len(d.backends):
             if tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq) == old.slots:
                 return None
         if len(seq) > m.SLOT_INDEX_MASK:
@@ -600,7 +606,7 @@ class Reconciler:
         dropped = [i for i in old_ids.values() if i not in keep]
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
-                                 affinity_timeout=d.affinity_timeout)
+                                 affinity_timeout=d.affinity_timeout, limits=d.limits)
         return _Change(old, new, new_ids, dropped, old is None)
 
     def _write(self, changes: List[_Change], failed: Dict[FrontendKey, str],
@@ -644,7 +650,7 @@ class Reconciler:
         master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
                                              m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
                                              m.SVC_F_AFFINITY if c.new.affinity_timeout else 0,
-                                             c.new.affinity_timeout)
+                                             c.new.affinity_timeout, *c.new.limits)
                          for c in changes]
         done = len(master_keys)
         try:
