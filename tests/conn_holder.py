@@ -4,6 +4,8 @@
                prints one JSON list: {"ok": true, "backend": "b1"} or {"ok": false,
                "error": "ECONNREFUSED", "ms": 0.1}
     close K    closes the K oldest held connections; prints {"closed": K}
+    sendto N   N unconnected UDP datagrams to --target; prints the open-style list (no reply
+               is awaited: "ok" means sendto() succeeded)
     churn N    N connections one after another, each closed once the name is read; prints
                {"b1": n, ...}
     exit
@@ -38,6 +40,19 @@ def main() -> int:
                     s.close()
                     out.append({"ok": False, "ms": ms,
                                 "error": errno.errorcode.get(e.errno or 0, type(e).__name__)})
+            print(json.dumps(out), flush=True)
+        elif cmd == "sendto":
+            out = []
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                               socket.SOCK_DGRAM) as u:
+                for _ in range(int(arg[0])):
+                    started = time.perf_counter()
+                    try:
+                        u.sendto(b"x", (host.strip("[]"), int(port)))
+                        out.append({"ok": True})
+                    except OSError as e:
+                        out.append({"ok": False, "ms": (time.perf_counter() - started) * 1000,
+                                    "error": errno.errorcode.get(e.errno or 0, "?")})
             print(json.dumps(out), flush=True)
         elif cmd == "churn":
             seen: dict = {}

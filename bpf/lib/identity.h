@@ -24,6 +24,10 @@ struct nm_identity {
 
 BPF_F_TABLE("hash:" NM_PIN_DIR "/identities", __u64, struct nm_identity, identities,
 	    NM_MAX_IDENTITIES, BPF_F_NO_PREALLOC);
+/* Agent only: identity number -> fingerprint of its (namespace, service account, labels), so
+ * that a restarted agent hands out the same numbers. */
+BPF_F_TABLE("hash:" NM_PIN_DIR "/identity_keys", u32, u64, identity_keys, NM_MAX_IDENTITIES,
+	    BPF_F_NO_PREALLOC);
 
 static __always_inline struct nm_identity nm_current_identity(void)
 {

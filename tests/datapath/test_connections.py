@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from nodemesh.datapath.loader import Datapath
 from nodemesh.metrics import connection_counts
 from nodemesh.model import Backend, ConnectionLimits, Service, ServicePort
 from nodemesh.reconciler import Reconciler
@@ -18,28 +17,6 @@ pytestmark = pytest.mark.root
 HOLD_PORT = 9090
 HOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "conn_holder.py")
-
-
-@pytest.fixture
-def loaded(lab):
-    """(Datapath, Reconciler) on the lab, like tests/datapath's `datapath` fixture, with the
-    Datapath at hand so that a test can restart it."""
-    from nodemesh.datapath.loader import cleanup
-
-    dp = Datapath(lab.bpffs, lab.cgroup)
-    try:
-        rec = Reconciler(dp.load())
-        rec.adopt()
-        dp.attach()
-        yield dp, rec
-    finally:
-        dp.close()
-        cleanup(lab.bpffs)
-
-
-@pytest.fixture
-def datapath(loaded):
-    yield loaded[1]
 
 
 @pytest.fixture

@@ -175,6 +175,7 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("conn_overflows", bpfsys.MAP_TYPE_PERCPU_HASH, u32, u64, "NM_MAX_FRONTENDS"),
     # bpf/lib/identity.h, bpf/lib/policy.h
     MapSpec("identities", bpfsys.MAP_TYPE_HASH, u64, Identity, "", MAX_IDENTITIES),
+    MapSpec("identity_keys", bpfsys.MAP_TYPE_HASH, u32, u64, "", MAX_IDENTITIES),
     MapSpec("policy", bpfsys.MAP_TYPE_HASH, PolicyKey, PolicyValue, "", MAX_POLICY),
     MapSpec("policy_stats", bpfsys.MAP_TYPE_PERCPU_HASH, PolicyKey, PolicyStats,
             "NM_MAX_FRONTENDS"),
