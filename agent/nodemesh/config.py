@@ -712,7 +712,11 @@ def _parse(text: bytes, filename: str) -> List[Service]:
         return []
 
     c = _Checker()
-    top = c.fields(doc, "", ("services",), "the config document")
+    top = c.fields(doc, "", ("services", "workloads", "policies"), "the config document")
+    if "workloads" in top or "policies" in top:
+        from . import meshconfig  # its problems are reported with the services'
+
+        meshconfig.check(c, top)
     services: List[Service] = []
     raw_services = top.get("services", [])
     if raw_services is None:

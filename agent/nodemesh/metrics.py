@@ -119,6 +119,17 @@ class DatapathCollector(Collector):
         for name, v in maps.counters().items():
             ev.add_metric([name], v)
         yield ev
+        core = self.agent.core
+        if core is not None and core.policy is not None:
+            # One series per policed service and verdict: bounded by the policies written.
+            pv = CounterMetricFamily("nodemesh_policy_verdicts",
+                                     "Connections (and unconnected UDP datagrams) the kernel "
+                                     "denied (EPERM) or allowed and recorded (audit) by policy",
+                                     labels=["namespace", "service", "verdict"])
+            for (ns, name), v in sorted(core.policy.stats().items()):
+                pv.add_metric([ns, name, "denied"], v["denied"])
+                pv.add_metric([ns, name, "audit"], v["audited"])
+            yield pv
 
     def render_large(self) -> bytes:
         """The per-service (and, at the backend detail level, per-backend) families, written

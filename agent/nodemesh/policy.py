@@ -259,3 +259,31 @@ class PolicyTable:
                           "/" + w.cgroup.strip("/")):
                 return w
         return None
+
+
+def admin_view(table: Optional[PolicyTable], path: str,
+               query: Dict[str, str]) -> Tuple[int, object]:
+    """The admin API's /v1/policy (list) and /v1/policy/check answers: (HTTP code, body)."""
+    if table is None:
+        return 503, {"error": "the agent has not loaded its datapath yet"}
+    if path == "/v1/policy":
+        c = table.compiled
+        workloads = [{"namespace": w.namespace, "name": w.name, "cgroup": w.cgroup,
+                      "serviceAccount": w.service_account, "labels": dict(w.labels),
+                      "socketLB": w.socket_lb, "identity": table.allocator.keys.get(w.key)}
+                     for w in table.mesh.workloads]
+        stats = [{"namespace": ns, "service": name, **v}
+                 for (ns, name), v in sorted(table.stats().items())]
+        return 200, {"rules": table.rules(), "workloads": workloads,
+                     "missing": list(c.missing) if c else [],
+                     "entries": len(c.entries) if c else 0, "verdicts": stats}
+    source, target = query.get("from", ""), query.get("to", "")
+    try:
+        ns_svc, port = target.rsplit(":", 1)
+        namespace, service = ns_svc.split("/", 1)
+        port_n = int(port)
+    except ValueError:
+        return 400, {"error": f"--to {target!r}: expected NAMESPACE/SERVICE:PORT"}
+    if not source:
+        return 400, {"error": "--from is required: NAMESPACE/POD or a cgroup path"}
+    return 200, table.check(source, namespace, service, port_n)
