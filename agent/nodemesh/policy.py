@@ -136,21 +136,52 @@ def compile_mesh(mesh: Mesh, services: Iterable[Service], allocator: IdentityAll
     out = Compiled(identities, {i: fingerprint(k) for i, k in keys.items()}, {},
                    missing=resolved.missing,
                    opt_outs=sum(1 for _, f in identities.values() if f))
-    policed = {(p.namespace, p.service) for p in mesh.policies}
+    by_service: Dict[Tuple[str, str], List[Policy]] = {}
+    for p in mesh.policies:
+        by_service.setdefault((p.namespace, p.service), []).append(p)
+    # Index identities by service account and namespace: a rule's `from` names a few of them,
+    # so only the identities some rule names are decided one by one; every other identity
+    # gets the frontend's default (it matches exactly what an unknown caller matches).
+    by_sa: Dict[str, List[int]] = {}
+    by_ns: Dict[str, List[int]] = {}
+    for ident, key in keys.items():
+        by_ns.setdefault(key[0], []).append(ident)
+        by_sa.setdefault(key[1], []).append(ident)
     for svc in services:
-        if svc.key not in policed:
+        mine = by_service.get(svc.key)
+        if not mine:
             continue
+        named: set = set()
+        for p in mine:
+            for src in p.sources:
+                if src.service_accounts:
+                    pool = [i for sa in src.service_accounts for i in by_sa.get(sa, ())]
+                elif src.namespaces:
+                    pool = [i for ns in src.namespaces for i in by_ns.get(ns, ())]
+                else:
+                    pool = list(keys)
+                named.update(i for i in pool if src.matches(keys[i]))
         for vip, sp in svc.frontends():
             family, words = m.encode_addr(vip)
             fe: FrontendId = (family, words, sp.port, m.PROTO_IDS[sp.protocol])
             out.frontends[fe] = (svc.namespace, svc.name, sp.port, sp.protocol)
-            default = decide(mesh.policies, svc.namespace, svc.name, sp.port, None)
-            out.entries[(fe, 0)] = default
-            for ident, key in keys.items():
-                v = decide(mesh.policies, svc.namespace, svc.name, sp.port, key)
+            default = decide(mine, svc.namespace, svc.name, sp.port, None)
+            out.entries[(fe, 0)] = _global_rule(mesh.policies, mine, default)
+            for ident in named:
+                v = decide(mine, svc.namespace, svc.name, sp.port, keys[ident])
                 if v[0] != default[0]:
-                    out.entries[(fe, ident)] = v
+                    out.entries[(fe, ident)] = _global_rule(mesh.policies, mine, v)
     return out
+
+
+def _global_rule(policies: Sequence[Policy], mine: Sequence[Policy],
+                 decision: Tuple[int, int]) -> Tuple[int, int]:
+    """A decision over one service's policies, with its rule renumbered in the full list."""
+    verdict, rule = decision
+    if not rule:
+        return decision
+    target = mine[rule - 1]
+    return verdict, next(i for i, p in enumerate(policies, 1) if p is target)
 
 
 def _policy_key(fe: FrontendId, identity: int) -> bytes:
