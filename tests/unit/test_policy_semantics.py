@@ -134,3 +134,47 @@ def test_bad_mesh_config_names_the_field(text, problem):
     with pytest.raises(config.ConfigError) as e:
         config.parse(text)
     assert problem in str(e.value)
+
+
+def test_compiled_entries_agree_with_decide_for_every_identity_and_port(monkeypatch):
+    """The compiler's fast path (sets of matched policies per identity) gives decide()'s
+    answer everywhere: random policies, identities and ports."""
+    import random
+
+    import nodemesh.policy as P
+    from nodemesh.identity import ResolvedWorkloads, Workload
+    from nodemesh.model import Backend, Service, ServicePort
+
+    rng = random.Random(3)
+    sas, nss = [f"sa{i}" for i in range(6)], ["shop", "ops"]
+    workloads = [Workload(f"cg/{i}", rng.choice(nss), rng.choice(sas),
+                          (("app", rng.choice("xy")),), name=f"w{i}") for i in range(20)]
+    policies = []
+    for i in range(40):
+        sources = tuple(PolicySource(
+            namespaces=tuple(rng.sample(nss, rng.randint(0, 1))),
+            service_accounts=tuple(rng.sample(sas, rng.randint(0, 2))),
+            labels=(("app", rng.choice("xy")),) if rng.random() < 0.3 else ())
+            for _ in range(rng.randint(0, 2)))
+        policies.append(Policy(f"p{i}", "shop", rng.choice(["ALLOW", "DENY", "AUDIT"]),
+                               rng.choice(["web", "db"]),
+                               tuple(rng.sample([80, 81, 82], rng.randint(0, 2))), sources))
+    services = [Service(n, "shop", f"10.0.0.{k}", tuple(ServicePort(p, 8080) for p in
+                                                        (80, 81, 82)), (Backend("10.1.0.1"),))
+                for k, n in enumerate(["web", "db"], 1)]
+    monkeypatch.setattr(P, "resolve", lambda ws, alloc, root: ResolvedWorkloads(
+        {100 + i: (w, alloc.identity(w.key)) for i, w in enumerate(ws)}, []))
+    alloc = IdentityAllocator()
+    c = P.compile_mesh(P.Mesh(tuple(workloads), tuple(policies)), services, alloc, "/")
+    for svc in services:
+        for sp in svc.ports:
+            fe = (4, m.encode_addr(svc.vip)[1], sp.port, 6)
+            default = c.entries[(fe, 0)]
+            assert default == decide(policies, "shop", svc.name, sp.port, None)
+            for w in workloads:
+                ident = alloc.identity(w.key)
+                got = c.entries.get((fe, ident), default)
+                want = decide(policies, "shop", svc.name, sp.port, w.key)
+                assert got[0] == want[0], (svc.name, sp.port, w)
+                if (fe, ident) in c.entries:
+                    assert got == want
