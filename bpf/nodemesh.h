@@ -52,6 +52,7 @@ enum nm_algorithm {
 	NM_ALG_RANDOM = 0,      /* uniform over slots; weights are expanded into slots */
 	NM_ALG_ROUND_ROBIN = 1, /* slots hold a smooth weighted sequence, walked by a counter */
 	NM_ALG_MAGLEV = 2,      /* the frontend's Maglev table (lib/maglev.h); slots as fallback */
+	NM_ALG_LEAST_CONNECTIONS = 3, /* two weighted draws, the less loaded wins (lib/conn_count.h) */
 };
 
 struct nm_svc_key {
@@ -73,6 +74,8 @@ struct nm_svc_value {
 	__u16 pad;
 	__u32 revision;   /* master: bumped by the agent on every change, for debugging */
 	__u32 affinity_timeout; /* master: seconds a client keeps its backend (NM_SVC_F_AFFINITY) */
+	__u32 max_conns_per_backend; /* master: connectionLimits (0: none), lib/conn_count.h */
+	__u32 max_conns;             /* master: active + pending connections of the frontend */
 };
 
 #define NM_SVC_F_AFFINITY 0x1 /* session affinity: a client keeps its backend */

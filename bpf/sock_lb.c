@@ -4,7 +4,10 @@
  *         sendmsg4/6     unconnected UDP sendto(): the same, once per datagram
  *         recvmsg4/6     UDP recvfrom(): backend -> VIP, so replies seem to come from the VIP
  *         getpeername4/6 getpeername(): backend -> VIP, so the application sees the VIP
- *         sockops        TCP connect outcomes per backend endpoint (passive health)
+ *         sockops        TCP connect outcomes per backend endpoint (passive health), and
+ *                        active/pending connection counts (lib/conn_count.h)
+ * Also:   lib/policy.h decides L4 authorization and per-workload opt-out before a backend is
+ *         chosen; lib/conn_count.h refines the choice (least_connections, connection limits)
  * Reads:  services (masters + slots), backends, rr_state, revnat, affinity, maglev tables
  * Writes: the socket address in ctx, revnat and affinity (LRU), endpoint_health, failure
  *         events (ring buffer), per-CPU svc_stats / backend_stats / counters
@@ -44,6 +47,9 @@ BPF_F_TABLE("hash:" NM_PIN_DIR "/endpoint_health", struct nm_endpoint_key,
 /* Not pinned: each agent reads the ring of the programs it loaded. */
 BPF_RINGBUF_OUTPUT(failure_events, 16);
 #include "lib/maglev.h"
+
+#include "lib/conn_count.h"
+#include "lib/policy.h"
 
 /* sock_addr programs: 1 lets the syscall go on, 0 rejects it (with the retval we set). */
 #define SYS_PROCEED 1
@@ -105,21 +111,28 @@ static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
 }
 
 /* The family-independent part of a translation: 0 when key is no frontend (leave the socket
- * alone), -1 when the frontend has no backend (refuse), 1 with *out set to the backend, whose
+ * alone), -1 when the frontend has no backend or is over a connection limit (refuse), -2 when
+ * policy denies it (EPERM), 1 with *out set to the backend, whose
  * address the caller writes into ctx in its family's shape. */
 static __always_inline int pick(void *ctx, struct nm_svc_key *key, struct nm_backend **out)
 {
 	struct nm_svc_key vip = *key;
 	int is_service;
 	u32 svc_id = 0;
+	int decided = nm_policy_decide(key);
+	if (decided != NM_POLICY_PASS)
+		return decided == NM_POLICY_DENIED ? -2 : 0;
 	struct nm_backend *be = select_backend(bpf_get_netns_cookie(ctx), key, &is_service,
 						&svc_id);
 	if (!is_service)
 		return 0;
+	if (is_service == 2)
+		return -1;
 	account(svc_id, be != NULL);
 	if (!be)
 		return -1;
 	remember(ctx, be, &vip, svc_id);
+	nm_conn_remember(ctx, be, svc_id);
 	*out = be;
 	return 1;
 }
@@ -137,6 +150,8 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx)
 	int picked = pick(ctx, &key, &be);
 	if (picked == 0)
 		return SYS_PROCEED;
+	if (picked == -2)
+		return nm_policy_reject();
 	if (picked < 0 || !be)
 		return refuse();
 	ctx->user_ip4 = be->addr[0];
@@ -217,6 +232,8 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	int picked = pick(ctx, &key, &be);
 	if (picked == 0)
 		return SYS_PROCEED;
+	if (picked == -2)
+		return nm_policy_reject();
 	if (picked < 0 || !be)
 		return refuse();
 	if (mapped) {
@@ -333,31 +350,34 @@ static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_en
 int nm_sockops(struct bpf_sock_ops *skops)
 {
 	struct nm_endpoint_key ek = {};
+	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB ||
+	    skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_STATE_CB)
+		endpoint_of(skops, &ek);
+	/* Active connection counts: a counted socket keeps its state callbacks to its close. */
+	int counted = nm_conn_sockops(skops, &ek);
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
-		endpoint_of(skops, &ek);
-		if (endpoint_health.lookup(&ek))
+		if (counted || endpoint_health.lookup(&ek))
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							 BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	}
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
-		endpoint_of(skops, &ek);
 		struct nm_endpoint_health *h = endpoint_health.lookup(&ek);
 		if (h) {
 			h->consecutive_failures = 0;
 			__sync_fetch_and_add(&h->successes, 1);
 		}
-		/* Established: the rest of this socket's life is not our business. */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
-						 ~BPF_SOCK_OPS_STATE_CB_FLAG);
+		/* Established: the rest of an uncounted socket's life is not our business. */
+		if (!counted)
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+							 ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	}
 	case BPF_SOCK_OPS_STATE_CB: {
 		u32 old_state = skops->args[0], new_state = skops->args[1];
 		if (new_state != NM_TCP_CLOSE || old_state != NM_TCP_SYN_SENT)
 			break;
-		endpoint_of(skops, &ek);
 		struct nm_endpoint_health *h = endpoint_health.lookup(&ek);
 		if (!h)
 			break;

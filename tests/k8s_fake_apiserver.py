@@ -21,6 +21,8 @@ implements what the source relies on, the way kube-apiserver does it:
   `gone_as_http_status` it gets an HTTP 410 Status instead (both happen in the wild).
 - timeoutSeconds ends a watch cleanly (the chunked terminator).
 - GET /api/v1/nodes/NAME for a node added with add_node().
+- Pods (/api/v1/pods) and MeshPolicies (/apis/nodemesh.io/v1alpha1/meshpolicies) the same
+  way; ?fieldSelector=spec.nodeName=X filters lists and watches by equality.
 
 Test controls: put/delete objects (optionally without a watch event, to fake a missed one),
 load() many at once (benchmarks), compact(), drop_watches() (the socket is shut, no chunked
@@ -58,7 +60,22 @@ COLLECTIONS = {
     "services": Collection("services", "Service", "v1", "/api/v1"),
     "endpointslices": Collection("endpointslices", "EndpointSlice", "discovery.k8s.io/v1",
                                  "/apis/discovery.k8s.io/v1"),
+    "pods": Collection("pods", "Pod", "v1", "/api/v1"),
+    "meshpolicies": Collection("meshpolicies", "MeshPolicy", "nodemesh.io/v1alpha1",
+                               "/apis/nodemesh.io/v1alpha1"),
 }
+
+
+def field_match(obj: dict, selector: str) -> bool:
+    """fieldSelector of the form a.b=value[,c.d=value] (what nodemesh asks for: spec.nodeName)."""
+    for term in filter(None, (selector or "").split(",")):
+        path, _, want = term.partition("=")
+        value: object = obj
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if str(value if value is not None else "") != want:
+            return False
+    return True
 BY_KIND = {c.kind: c for c in COLLECTIONS.values()}
 
 
@@ -290,7 +307,8 @@ class FakeApiServer:
                 version, offset = self._resource_version, 0
                 objects = [stored for (ns, _), stored
                            in sorted(self._objects[collection.resource].items())
-                           if namespace is None or ns == namespace]
+                           if (namespace is None or ns == namespace) and
+                           field_match(stored.obj, query.get("fieldSelector", ""))]
                 snapshot_id = None
             end = len(objects) if limit <= 0 else offset + limit
             metadata = {"resourceVersion": str(version)}
@@ -416,7 +434,8 @@ class _Handler(BaseHTTPRequestHandler):
             if requested in ("", "0"):
                 position = fake._resource_version
                 for (ns, _), stored in sorted(fake._objects[collection.resource].items()):
-                    if namespace is None or ns == namespace:
+                    if (namespace is None or ns == namespace) and \
+                            field_match(stored.obj, query.get("fieldSelector", "")):
                         initial.append({"type": "ADDED", "object": stored.obj})
             else:
                 position = int(requested)
@@ -464,7 +483,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 for event in pending:
-                    if namespace is None or event.obj["metadata"].get("namespace") == namespace:
+                    if (namespace is None or event.obj["metadata"].get("namespace") == namespace) \
+                            and field_match(event.obj, query.get("fieldSelector", "")):
                         self._event({"type": event.type, "object": event.obj})
                 if now >= deadline:
                     if bookmarks:  # the real server bookmarks just before a timeout

@@ -2,6 +2,8 @@
 
     GET /v1/status     the agent, its datapath, its source and its last reconcile
     GET /v1/services   every programmed service with frontends, backends and kernel counters
+    GET /v1/policy     compiled policies, workloads with their identities, kernel verdict counts
+    GET /v1/policy/check?from=NS/POD|CGROUP&to=NS/SVC:PORT   what the kernel decides, and why
 
 Callers are checked with SO_PEERCRED: root or the agent's own uid only, whatever the mode.
 """
@@ -52,6 +54,15 @@ class _Handler(serving.Handler):
             return self._send(200, self.agent.status())
         if path == "/v1/services":
             return self._send(200, self.agent.services_view())
+        if path in ("/v1/policy", "/v1/policy/check"):
+            from urllib.parse import parse_qs, urlsplit
+
+            from .policy import admin_view
+
+            query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+            core = self.agent.core
+            code, body = admin_view(core.policy if core else None, path, query)
+            return self._send(code, body)
         return self._send(404, {"error": f"no such endpoint {path}"})
 
     def _send(self, code: int, obj: Any) -> None:

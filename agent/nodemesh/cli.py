@@ -239,6 +239,47 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_policy_list(args) -> int:
+    view = _admin(args, "/v1/policy")
+    if args.output == "json":
+        print(json.dumps(view, indent=2))
+        return 0
+    rows = [[str(r["index"]), f"{r['namespace']}/{r['name']}", r["action"],
+             f"{r['namespace']}/{r['service']}", ",".join(map(str, r["ports"])) or "*",
+             "; ".join(" ".join(f"{k}={v}" for k, v in src.items() if v) or "*"
+                       for src in r["from"]) or "*"] for r in view["rules"]]
+    print(_table(rows, ["#", "POLICY", "ACTION", "SERVICE", "PORTS", "FROM"]) if rows
+          else "no policies")
+    wl = [[f"{w['namespace']}/{w['name'] or '-'}", w["serviceAccount"],
+           ",".join(f"{k}={v}" for k, v in w["labels"].items()) or "-", str(w["identity"]),
+           "off" if not w["socketLB"] else "on", w["cgroup"]] for w in view["workloads"]]
+    if wl:
+        print()
+        print(_table(wl, ["WORKLOAD", "SERVICEACCOUNT", "LABELS", "IDENTITY", "SOCKET LB",
+                          "CGROUP"]))
+    for line in view["missing"]:
+        print(f"not found: {line}")
+    for v in view["verdicts"]:
+        print(f"{v['namespace']}/{v['service']}: {v['denied']} denied, {v['audited']} audited")
+    return 0
+
+
+def cmd_policy_check(args) -> int:
+    from urllib.parse import urlencode
+
+    d = _admin(args, "/v1/policy/check?" + urlencode({"from": args.source, "to": args.target}))
+    if args.output == "json":
+        print(json.dumps(d, indent=2))
+        return 0
+    who = d["workload"]
+    ident = (f"identity {who['identity']} ({who['namespace']}, {who['serviceAccount']})"
+             if who else "no known workload (identity 0)")
+    errno_text = f", connect() fails with {d['errno']}" if d["errno"] else ""
+    print(f"{d['from']} -> {d['to']}: {d['verdict'].upper()}{errno_text}\n  from: {ident}\n"
+          f"  by:   {d['rule']}")
+    return 0
+
+
 def cmd_services(args) -> int:
     from .metrics import backend_label
 
@@ -383,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[common])
     admin_opts(s)
     s.set_defaults(func=cmd_services)
+
+    pol = sub.add_parser("policy", help="workload policies: list them, or check a connection",
+                         parents=[common])
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    pl = psub.add_parser("list", help="compiled policies, workloads and kernel verdict counts")
+    admin_opts(pl)
+    pl.set_defaults(func=cmd_policy_list)
+    pc = psub.add_parser("check", help="what the kernel decides for one connection, and why")
+    pc.add_argument("--from", dest="source", required=True, metavar="NS/POD|CGROUP")
+    pc.add_argument("--to", dest="target", required=True, metavar="NS/SVC:PORT")
+    admin_opts(pc)
+    pc.set_defaults(func=cmd_policy_check)
 
     cl = sub.add_parser("cleanup", help="detach the hooks and remove the pins nodemesh made "
                         "(idempotent)", parents=[common])

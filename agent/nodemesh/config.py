@@ -29,6 +29,7 @@ from .model import (
     HEALTH_CHECK_TYPES,
     PROTOCOLS,
     Backend,
+    ConnectionLimits,
     HealthCheck,
     OutlierDetection,
     Service,
@@ -398,8 +399,8 @@ def _unusable_backend(addr) -> Optional[str]:
 
 SERVICE_FIELDS = ("name", "namespace", "vip", "ports", "algorithm", "sessionAffinity",
                   "healthCheck", "outlierDetection", "panicThresholdPercent", "trafficPolicy",
-                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends", "maglev",
-                  "externalIPs", "loadBalancerIPs")
+                  "trafficDistribution", "terminateConnectionsOnRemoval", "connectionLimits",
+                  "backends", "maglev", "externalIPs", "loadBalancerIPs")
 PORT_FIELDS = ("name", "port", "targetPort", "protocol", "nodePort")
 BACKEND_FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating")
 OUTLIER_FIELDS = ("consecutiveFailures", "baseEjectionSeconds", "maxEjectionPercent")
@@ -539,6 +540,8 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
         c.fail(f"{path}.terminateConnectionsOnRemoval", f"{_show(terminate)} must be true or "
                                                         f"false")
 
+    limits = _connection_limits(c, obj, path)
+
     if len(c.problems) > before or name is None or namespace is None or vip is None:
         return None
     return Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
@@ -549,7 +552,8 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
                    terminate_connections_on_removal=terminate, maglev_table_size=maglev_size,
                    external_ips=tuple(external["externalIPs"]),
                    load_balancer_ips=tuple(external["loadBalancerIPs"]),
-                   external_traffic_policy=external_policy)
+                   external_traffic_policy=external_policy,
+                   connection_limits=limits)
 
 
 def _maglev(c: _Checker, obj: Dict[str, Any], path: str, algorithm: Any,
@@ -574,6 +578,21 @@ def _maglev(c: _Checker, obj: Dict[str, Any], path: str, algorithm: Any,
                                            f"{maglev.ROWS_PER_BACKEND_ADVICE}x that to keep "
                                            f"the load within ~1%)")
     return int(size)
+
+
+def _connection_limits(c: _Checker, obj: Dict[str, Any], path: str
+                       ) -> Optional[ConnectionLimits]:
+    if "connectionLimits" not in obj:
+        return None
+    cl = c.fields(obj["connectionLimits"], f"{path}.connectionLimits",
+                  ("maxConnectionsPerBackend", "maxConnections"), "connectionLimits")
+    per = c.integer(cl.get("maxConnectionsPerBackend", 0),
+                    f"{path}.connectionLimits.maxConnectionsPerBackend", 0, 2**32 - 1, "a count")
+    total = c.integer(cl.get("maxConnections", 0), f"{path}.connectionLimits.maxConnections",
+                      0, 2**32 - 1, "a count")
+    if per is None or total is None or (per, total) == (0, 0):
+        return None
+    return ConnectionLimits(per, total)
 
 
 def _port(c: _Checker, raw: Any, path: str) -> Optional[ServicePort]:
@@ -750,7 +769,11 @@ def _parse(text: bytes, filename: str) -> List[Service]:
         return []
 
     c = _Checker()
-    top = c.fields(doc, "", ("services",), "the config document")
+    top = c.fields(doc, "", ("services", "workloads", "policies"), "the config document")
+    if "workloads" in top or "policies" in top:
+        from . import meshconfig  # its problems are reported with the services'
+
+        meshconfig.check(c, top)
     services: List[Service] = []
     raw_services = top.get("services", [])
     if raw_services is None:

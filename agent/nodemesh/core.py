@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 from . import selection
 from .health import HealthChecker, TargetKey
@@ -30,6 +30,9 @@ from .reconciler import (
 )
 from .snapshot import FrontendView, Snapshot, SourceState, frontend_view
 from .sources import Delta
+
+if TYPE_CHECKING:
+    from .policy import Mesh, PolicyTable
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,11 @@ class Core:
         self._conflicts: Dict[ServiceKey, List[str]] = {}
         self._failing: Set[FrontendKey] = set()
         self._health_changed = False
+        # Workloads and policies (agent/nodemesh/policy.py): recompiled when they or a
+        # service change, before the round's service writes.
+        self.mesh: Optional["Mesh"] = None
+        self.policy: Optional["PolicyTable"] = None
+        self._mesh_dirty = False
         self.snapshot = Snapshot(source=source)  # replaced, never changed: readers hold it
 
     # -- any thread -------------------------------------------------------------------------
@@ -106,6 +114,8 @@ class Core:
         return self.reconcile()
 
     def reconcile(self, force: bool = False) -> RoundResult:
+        if self._mesh_dirty or (self.mesh is not None and self._dirty):
+            self._apply_mesh()
         self._push_dirty()
         rec = self.reconciler
         result = rec.reconcile(force=force) if (rec.pending or force) else RoundResult()
@@ -115,6 +125,16 @@ class Core:
         self.on_round(result)
         self._publish(result)
         return result
+
+    def _apply_mesh(self) -> None:
+        if self.policy is None or self.mesh is None:
+            return
+        try:
+            self.policy.apply(self.mesh, self.services.values())
+            self._mesh_dirty = False
+        except (OSError, ValueError) as e:  # retried next round; the last policy stays
+            self._mesh_dirty = True
+            log.error("writing workloads and policies failed (retried): %s", e)
 
     def prune(self) -> List[str]:
         """Compare the kernel with our state (at the resync interval)."""
@@ -140,6 +160,8 @@ class Core:
                     if self.services.get(svc.key) != svc:
                         self.services[svc.key] = svc
                         self._dirty.add(svc.key)
+            if d.mesh is not None and d.mesh != self.mesh:
+                self.mesh, self._mesh_dirty = d.mesh, True
             src = self.snapshot.source
             self.snapshot = replace(self.snapshot, source=replace(
                 src, ok=True, error=None, loads=src.loads + 1, last_change=time.time()))

@@ -31,6 +31,7 @@ from .datapath import loader
 from .datapath import maps as m
 from .health import HealthChecker
 from .outlier import OutlierDetector
+from .policy import PolicyTable
 from .reconciler import MAGLEV_MAX_ROWS, Reconciler, RoundResult
 from .snapshot import Snapshot, SourceState
 from .sources import Delta
@@ -173,6 +174,7 @@ class Agent:
                              SourceState(self.source_name, self.opts.config),
                              node_name=self.opts.node_name, node_zone=self._node_zone,
                              on_round=self._after_round)
+            self.core.policy = PolicyTable(self.maps, loader.cgroup2_root())
             self.admin = api.AdminServer(self, self.opts.admin_socket)
             self.admin.start()
             self.health.start()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import platform
 import socket
-from typing import TYPE_CHECKING, Dict, Iterator
+from typing import TYPE_CHECKING, Dict, Iterator, Tuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -126,6 +126,17 @@ class DatapathCollector(Collector):
         for name, v in maps.counters().items():
             ev.add_metric([name], v)
         yield ev
+        core = self.agent.core
+        if core is not None and core.policy is not None:
+            # One series per policed service and verdict: bounded by the policies written.
+            pv = CounterMetricFamily("nodemesh_policy_verdicts",
+                                     "Connections (and unconnected UDP datagrams) the kernel "
+                                     "denied (EPERM) or allowed and recorded (audit) by policy",
+                                     labels=["namespace", "service", "verdict"])
+            for (ns, name), v in sorted(core.policy.stats().items()):
+                pv.add_metric([ns, name, "denied"], v["denied"])
+                pv.add_metric([ns, name, "audit"], v["audited"])
+            yield pv
 
     def render_large(self) -> bytes:
         """The per-service (and, at the backend detail level, per-backend) families, written
@@ -139,6 +150,8 @@ class DatapathCollector(Collector):
             svc_stats = maps.percpu_sums("svc_stats")
             per_backend = self.detail == DETAIL_BACKEND
             be_stats = maps.percpu_sums("backend_stats") if per_backend else {}
+            overflows = maps.percpu_sums("conn_overflows")
+            active = connection_counts(maps) if per_backend else {}
         except OSError as e:  # a scrape must not take the agent down
             log.warning("reading maps for metrics failed: %s", e)
             return b""
@@ -146,6 +159,8 @@ class DatapathCollector(Collector):
         conns: Dict[str, int] = {}
         refused: Dict[str, int] = {}
         be_conns: Dict[str, int] = {}
+        be_active: Dict[str, int] = {}
+        over: Dict[str, int] = {}
         for view in snap.frontends.values():
             p, labels = view.programmed, view.labels
             if p is None or not labels:
@@ -157,18 +172,29 @@ class DatapathCollector(Collector):
             else:
                 conns[labels] = conns.get(labels, 0) + st["connections"]
                 refused[labels] = refused.get(labels, 0) + st["no_backend"]
+            if p.limits != (0, 0):  # only limited frontends: the series stay bounded
+                over[labels] = over.get(labels, 0) + \
+                    overflows.get(p.svc_id, {}).get("value", 0)
             if per_backend:
                 for (address, port), ident in p.backend_ids.items():
                     bl = f'{view.service_labels},backend="{backend_label(address, port)}"'
                     be_conns[bl] = be_conns.get(bl, 0) + \
                         be_stats.get(ident, {}).get("connections", 0)
+                    if p.key.protocol == "TCP":
+                        be_active[bl] = active.get((address, port), 0)
         out = [_text("nodemesh_service_connections", "counter",
                      "Connections (and unconnected UDP datagrams) balanced to a backend, "
                      "counted in the kernel", conns),
                _text("nodemesh_service_no_backend", "counter",
                      "Connections refused (ECONNREFUSED) because the service had no backend",
-                     refused)]
+                     refused),
+               _text("nodemesh_connection_limit_overflows", "counter",
+                     "Connections refused (ECONNREFUSED) by connectionLimits: every backend at "
+                     "maxConnectionsPerBackend, or the service at maxConnections", over)]
         if per_backend:
+            out.append(_text("nodemesh_backend_active_connections", "gauge",
+                             "TCP connections from this node to the backend, established or "
+                             "being established, counted by the kernel", be_active))
             out.append(_text("nodemesh_backend_connections", "counter",
                              "Connections the kernel sent to this backend", be_conns))
             out.append(_text("nodemesh_backend_healthy", "gauge",
@@ -201,6 +227,8 @@ class DatapathCollector(Collector):
                 n = cap  # arrays are always full
             elif spec.name in known:
                 n = known[spec.name]  # what the reconciler wrote: no walk of 400,000 entries
+            elif spec.map_type == m.bpfsys.MAP_TYPE_SK_STORAGE:
+                continue  # per-socket storage cannot be walked from user space
             elif spec.percpu:
                 continue  # stats maps: one entry per id that saw traffic, counted above
             else:
@@ -209,6 +237,15 @@ class DatapathCollector(Collector):
             capacity.add_metric([spec.name], cap)
         yield entries
         yield capacity
+
+
+def connection_counts(maps: m.Maps) -> Dict[Tuple[str, int], int]:
+    """{(address, port): active + pending TCP connections} from the kernel's counts."""
+    out: Dict[Tuple[str, int], int] = {}
+    for key, value in maps.items("conn_counts"):
+        ep = (m.decode_addr(key.family, key.addr), m.port_host(key.port))
+        out[ep] = out.get(ep, 0) + int(value.active) + int(value.pending)
+    return out
 
 
 def _text(name: str, kind: str, doc: str, values: Dict[str, int]) -> str:

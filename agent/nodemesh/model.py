@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Tuple
 
 PROTOCOLS = ("TCP", "UDP")
-ALGORITHMS = ("random", "round_robin", "maglev")
+ALGORITHMS = ("random", "round_robin", "maglev", "least_connections")
 HEALTH_CHECK_TYPES = ("tcp", "http")
 
 
@@ -81,6 +81,15 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Circuit breaking at connect(): 0 means no limit. Counts are active + pending TCP
+    connections from this node, kept by the kernel (bpf/lib/conn_count.h)."""
+
+    max_connections_per_backend: int = 0
+    max_connections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     namespace: str
@@ -105,6 +114,7 @@ class Service:
     external_ips: Tuple[str, ...] = ()
     load_balancer_ips: Tuple[str, ...] = ()
     external_traffic_policy: str = "Cluster"  # Cluster (SNAT) | Local (client kept, local only)
+    connection_limits: Optional[ConnectionLimits] = None
 
     @property
     def key(self) -> Tuple[str, str]:

@@ -117,6 +117,7 @@ class DesiredFrontend:
     terminate_tcp: bool = False                  # end TCP connections to removed backends
     maglev_table_size: int = 0                   # rows of its Maglev table; 0: no table
     flags: int = 0                               # further master flags (SVC_F_EXT_LOCAL)
+    limits: Tuple[int, int] = (0, 0)             # connectionLimits: per backend, per frontend
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,7 @@ class ProgrammedFrontend:
     affinity_timeout: int = 0
     maglev_rows: int = 0                   # size of its Maglev table in the kernel; 0: none
     flags: int = 0
+    limits: Tuple[int, int] = (0, 0)
 
     @property
     def slot_count(self) -> int:
@@ -277,6 +279,8 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
     out: Dict[FrontendKey, DesiredFrontend] = {}
     chosen, why = selection.eligible(svc.backends, svc, ctx)
     affinity = svc.session_affinity.timeout_seconds if svc.session_affinity else 0
+    cl = svc.connection_limits
+    limits = (cl.max_connections_per_backend, cl.max_connections) if cl else (0, 0)
     for vip, sp in svc.frontends():
         v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
         key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
@@ -285,7 +289,8 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
         out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
                                    svc.algorithm, backends, why, len(svc.backends), affinity,
                                    svc.terminate_connections_on_removal,
-                                   svc.maglev_table_size if svc.algorithm == "maglev" else 0)
+                                   maglev_table_size=svc.maglev_table_size
+                                   if svc.algorithm == "maglev" else 0, limits=limits)
     out.update(external_frontends(svc, ctx, affinity))
     return out
 
@@ -481,7 +486,8 @@ class Reconciler:
                 master.revision, ids, backend_ids, damaged=damaged, count=master.count,
                 affinity_timeout=master.affinity_timeout
                 if master.flags & m.SVC_F_AFFINITY else 0, maglev_rows=rows,
-                flags=master.flags & ~m.SVC_F_AFFINITY)
+                flags=master.flags & ~m.SVC_F_AFFINITY,
+                limits=(master.max_conns_per_backend, master.max_conns))
             self._refer(fk, backend_ids, +1)
             self._mark(fk)
             active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
@@ -628,6 +634,7 @@ class Reconciler:
         table_rows = d.maglev_table_size if any(w > 0 for _, _, w in d.backends) else 0
         if old and not old.damaged and old.algorithm == d.algorithm and \
                 old.affinity_timeout == d.affinity_timeout and old.flags == d.flags and \
+                old.limits == d.limits and \
                 len(ids) == len(d.backends) and old.maglev_rows == table_rows:
             if tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq) == old.slots:
                 return None
@@ -656,7 +663,7 @@ class Reconciler:
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
                                  affinity_timeout=d.affinity_timeout, maglev_rows=table_rows,
-                                 flags=d.flags)
+                                 flags=d.flags, limits=d.limits)
         self.maglev_rows += more_rows  # reserved now, given back if the change fails
         return _Change(old, new, new_ids, dropped, old is None)
 
@@ -745,7 +752,8 @@ class Reconciler:
                                              m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
                                              (m.SVC_F_AFFINITY if c.new.affinity_timeout else 0)
                                              | c.new.flags,
-                                             c.new.affinity_timeout, c.new.maglev_rows)
+                                             c.new.affinity_timeout, c.new.maglev_rows,
+                                             *c.new.limits)
                          for c in changes]
         done = len(master_keys)
         try:

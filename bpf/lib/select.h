@@ -52,6 +52,9 @@ static __always_inline struct nm_backend *sticky_backend(u64 client, u32 svc_id,
 	return be;
 }
 
+/* Pick a backend for key (slot must be 0 on entry). Returns the backend, or NULL with
+ * *is_service telling whether key was a frontend at all (NULL + is_service: no backend;
+ * is_service 2: over a connection limit). */
 static __always_inline struct nm_backend *select_backend(u64 client, struct nm_svc_key *key,
 							  int *is_service, u32 *svc_id_out)
 {
@@ -89,6 +92,16 @@ static __always_inline struct nm_backend *select_backend(u64 client, struct nm_s
 			} else {
 				index = bpf_get_prandom_u32() % n;
 			}
+#ifdef NM_LIB_CONN_COUNT_H
+			/* The socket path counts connections (lib/conn_count.h): least_connections
+			 * and connection limits refine the draw. The TC path has no such counts. */
+			if (nm_conn_choose(key, master->bank, master->algorithm, svc_id, n,
+					   master->max_conns_per_backend, master->max_conns,
+					   &index) < 0) {
+				*is_service = 2; /* over a connection limit: refused, counted there */
+				return NULL;
+			}
+#endif
 			key->slot = ((u16)master->bank << NM_SLOT_BANK_SHIFT) |
 				    (u16)((index + 1) & NM_SLOT_INDEX_MASK);
 			struct nm_svc_value *slot = services.lookup(key);

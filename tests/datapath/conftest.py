@@ -2,19 +2,25 @@ import pytest
 
 
 @pytest.fixture
-def datapath(lab):
-    """The programs loaded into the lab's pin folder and attached to the lab's cgroup, with a
-    reconciler to program them: the datapath without the agent around it."""
+def loaded(lab):
+    """(Datapath, Reconciler) on the lab, like `datapath`, with the Datapath at hand so that
+    a test can restart it or write other maps."""
     from nodemesh.datapath.loader import Datapath, cleanup
     from nodemesh.reconciler import Reconciler
 
     dp = Datapath(lab.bpffs, lab.cgroup)
     try:
-        maps = dp.load()
-        rec = Reconciler(maps)
+        rec = Reconciler(dp.load())
         rec.adopt()
         dp.attach()
-        yield rec
+        yield dp, rec
     finally:
         dp.close()
         cleanup(lab.bpffs)
+
+
+@pytest.fixture
+def datapath(loaded):
+    """The programs loaded into the lab's pin folder and attached to the lab's cgroup, with a
+    reconciler to program them: the datapath without the agent around it."""
+    yield loaded[1]

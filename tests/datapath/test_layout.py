@@ -38,7 +38,9 @@ def compiled(tmp_path_factory):
         loader.cleanup(bpffs)
 
 
-@pytest.mark.parametrize("spec", m.MAPS, ids=lambda s: s.name)
+# BCC's Python has no Table class for sk_storage; its value size is checked against the pin below.
+@pytest.mark.parametrize("spec", [s for s in m.MAPS if s.map_type != bpfsys.MAP_TYPE_SK_STORAGE],
+                         ids=lambda s: s.name)
 def test_python_mirror_matches_bcc_generated_types(compiled, spec):
     table = compiled.bpf[spec.name.encode()]
     assert _layout(spec.key) == _layout(table.Key)

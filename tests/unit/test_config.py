@@ -117,7 +117,7 @@ def one(**fields):
     (one(backends="[{address: 10.200.1.2}, {address: 10.200.1.2}]"),
      "services[0].backends[1].address: 10.200.1.2 is listed twice"),
     (one(algorithm="fastest"), "services[0].algorithm: 'fastest' is not an algorithm "
-                               "(one of: random, round_robin, maglev)"),
+                               "(one of: random, round_robin, maglev, least_connections)"),
     (one(name="Web_1"), "services[0].name: 'Web_1' is not a DNS-1123 label"),
     (one(name=None), "services[0].name: is required"),
     (one(vip=None), "services[0].vip: is required"),

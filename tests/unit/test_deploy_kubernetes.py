@@ -130,7 +130,7 @@ def test_image_tag_is_the_project_version():
         assert {c["image"] for c in all_containers(spec)} == {f"nodemesh:{version}"}
 
 
-def test_clusterrole_grants_only_read_on_services_endpointslices_nodes():
+def test_clusterrole_grants_only_read_on_what_the_source_watches():
     rules = the("ClusterRole")["rules"]
     granted = set()
     for rule in rules:
@@ -140,8 +140,9 @@ def test_clusterrole_grants_only_read_on_services_endpointslices_nodes():
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
                     granted.add((group, resource, verb))
-    expected = {(g, r, v) for g, r in [("", "services"), ("", "nodes"),
-                                       ("discovery.k8s.io", "endpointslices")]
+    expected = {(g, r, v) for g, r in [("", "services"), ("", "nodes"), ("", "pods"),
+                                       ("discovery.k8s.io", "endpointslices"),
+                                       ("nodemesh.io", "meshpolicies")]
                 for v in ("get", "list", "watch")}
     assert granted == expected
 
@@ -160,7 +161,8 @@ def test_namespaced_objects_live_in_the_nodemesh_namespace_which_admits_privileg
     assert namespace["metadata"]["name"] == "nodemesh"
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     for obj in kustomized_objects() + [cleanup_job()]:
-        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding",
+                               "CustomResourceDefinition"):  # cluster-scoped
             assert obj["metadata"]["namespace"] == "nodemesh", obj["metadata"]["name"]
 
 
@@ -361,3 +363,41 @@ def test_cleanup_job_is_refused_until_its_node_name_is_filled_in():
     assert filled["spec"]["template"]["spec"]["nodeName"] == "worker-1.example"
     assert DNS1123_SUBDOMAIN.match(filled["metadata"]["name"])
     kubernetes_validate.validate(filled, NEWEST_KUBERNETES, strict=True)
+
+
+def _crd_schema():
+    (crd,) = load_file("meshpolicy-crd.yaml")
+    (version,) = crd["spec"]["versions"]
+    return crd, version["schema"]["openAPIV3Schema"]
+
+
+EXAMPLE_POLICY = {"apiVersion": "nodemesh.io/v1alpha1", "kind": "MeshPolicy",
+                  "metadata": {"name": "frontend-only", "namespace": "shop"},
+                  "spec": {"action": "ALLOW", "service": "web", "ports": [80],
+                           "from": [{"serviceAccounts": ["frontend"],
+                                     "labels": {"app": "web"}}]}}
+
+
+def test_the_meshpolicy_crd_matches_what_the_agent_watches():
+    from nodemesh.sources.kubernetes_mesh import GROUP, PLURAL, VERSION
+
+    crd, _ = _crd_schema()
+    assert crd["metadata"]["name"] == f"{PLURAL}.{GROUP}"
+    assert crd["spec"]["names"]["plural"] == PLURAL and crd["spec"]["scope"] == "Namespaced"
+    assert [v["name"] for v in crd["spec"]["versions"]] == [VERSION]
+
+
+def test_the_crd_schema_and_the_agent_accept_the_same_policy_and_refuse_a_bad_one():
+    import jsonschema
+
+    from nodemesh.sources.kubernetes_mesh import mesh_policy
+
+    _, schema = _crd_schema()
+    jsonschema.validate(EXAMPLE_POLICY, schema)
+    policy, problems = mesh_policy(EXAMPLE_POLICY)
+    assert problems == [] and policy.action == "ALLOW" and policy.ports == (80,)
+    bad = dict(EXAMPLE_POLICY, spec=dict(EXAMPLE_POLICY["spec"], action="PERMIT"))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    policy, problems = mesh_policy(bad)
+    assert policy is None and "spec.action: 'PERMIT' is not an action" in problems[0]

@@ -44,6 +44,7 @@ MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_ARRAY_OF_MAPS = 12
 F_INNER_MAP = 1 << 12  # an inner map of any max_entries fits its outer map
+MAP_TYPE_SK_STORAGE = 24
 
 
 class BPFError(OSError):

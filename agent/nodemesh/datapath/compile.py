@@ -29,11 +29,13 @@ def source_text(path: Path, _seen: Optional[Set[Path]] = None) -> str:
 
     BCC rewrites map methods (`services.lookup(&key)`) only in the file it is handed, not in
     the headers that file includes, so the shared code in bpf/lib/ must reach it as one text.
-    Each header is expanded once (they carry include guards anyway)."""
+    Each header is expanded once (they carry include guards anyway). "lib/x.h" names a file
+    under bpf/ (the -I folder), from the program files and from lib/ headers alike."""
     seen = set() if _seen is None else _seen
+    root = path.parent.parent if path.parent.name == "lib" else path.parent
 
     def expand(match: "re.Match[str]") -> str:
-        header = (path.parent / match.group(1)).resolve()
+        header = (root / match.group(1)).resolve()
         if header in seen:
             return ""
         seen.add(header)
@@ -45,7 +47,7 @@ def source_text(path: Path, _seen: Optional[Set[Path]] = None) -> str:
 def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict[str, int],
                                                                    Dict[str, int], float]:
     """(the BCC object, program fds by hook name, map fds by name, seconds)."""
-    from bcc import BPF  # Debian's python3-bpfcc
+    from bcc import BPF, lib  # Debian's python3-bpfcc
 
     from .loader import HOOKS
 
@@ -56,7 +58,8 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
     for hook in HOOKS:
         fn = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type)
         progs[hook.name] = fn.fd
-    maps = {spec.name: bpf[spec.name.encode()].map_fd for spec in MAPS}
+    # By fd, not bpf[name]: BCC's Python Table has no class for sk_storage maps.
+    maps = {spec.name: lib.bpf_table_fd(bpf.module, spec.name.encode()) for spec in MAPS}
     maps[RINGBUF] = bpf[RINGBUF.encode()].map_fd
     return bpf, progs, maps, time.monotonic() - started
 

@@ -26,8 +26,9 @@ SLOT_INDEX_MASK = 0x7FFF
 ALG_RANDOM = 0
 ALG_ROUND_ROBIN = 1
 ALG_MAGLEV = 2
+ALG_LEAST_CONNECTIONS = 3
 ALGORITHM_IDS = {"random": ALG_RANDOM, "round_robin": ALG_ROUND_ROBIN,
-                 "maglev": ALG_MAGLEV}
+                 "maglev": ALG_MAGLEV, "least_connections": ALG_LEAST_CONNECTIONS}
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHM_IDS.items()}
 PROTO_IDS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 PROTO_NAMES = {v: k for k, v in PROTO_IDS.items()}
@@ -55,7 +56,7 @@ class SvcKey(ctypes.Structure):
 class SvcValue(ctypes.Structure):
     _fields_ = [("backend_id", u32), ("svc_id", u32), ("count", u16), ("bank", u8),
                 ("algorithm", u8), ("flags", u16), ("pad", u16), ("revision", u32),
-                ("affinity_timeout", u32)]
+                ("affinity_timeout", u32), ("max_conns_per_backend", u32), ("max_conns", u32)]
 
 
 class BackendEntry(ctypes.Structure):
@@ -102,6 +103,47 @@ class FailureEvent(ctypes.Structure):
                 ("consecutive_failures", u32), ("pad", u32), ("ts_ns", u64)]
 
 
+# bpf/lib/conn_count.h
+SOCK_NONE, SOCK_PENDING, SOCK_ACTIVE = 0, 1, 2
+
+
+class ConnCount(ctypes.Structure):
+    _fields_ = [("active", u64), ("pending", u64)]
+
+
+class SockConn(ctypes.Structure):
+    _fields_ = [("backend", EndpointKey), ("svc_id", u32), ("state", u8), ("pad", u8 * 3)]
+
+
+# bpf/lib/identity.h and bpf/lib/policy.h
+MAX_IDENTITIES = 65536
+MAX_POLICY = 262144
+IDENTITY_F_NO_SOCKET_LB = 0x1
+VERDICT_ALLOW, VERDICT_DENY, VERDICT_AUDIT = 0, 1, 2
+VERDICT_IDS = {"ALLOW": VERDICT_ALLOW, "DENY": VERDICT_DENY, "AUDIT": VERDICT_AUDIT}
+
+
+class Identity(ctypes.Structure):
+    _fields_ = [("identity", u32), ("flags", u32)]
+
+
+class PolicyKey(ctypes.Structure):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("proto", u8), ("family", u8),
+                ("identity", u32)]
+
+
+class PolicyValue(ctypes.Structure):
+    _fields_ = [("verdict", u32), ("rule", u32)]
+
+
+class PolicyStats(ctypes.Structure):
+    _fields_ = [("denied", u64), ("audited", u64)]
+
+
+class MeshConfig(ctypes.Structure):
+    _fields_ = [("opt_out_workloads", u32), ("pad", u32)]
+
+
 class Info(ctypes.Structure):
     _fields_ = [("abi_version", u32), ("pad", u32), ("created_unix", u64)]
 
@@ -135,6 +177,18 @@ MAPS: Tuple[MapSpec, ...] = (
     # svc_id -> that frontend's Maglev table (an inner array; user space reads its map id)
     MapSpec("maglev", bpfsys.MAP_TYPE_ARRAY_OF_MAPS, u32, u32, "NM_MAX_FRONTENDS"),
     MapSpec("maglev_spare", bpfsys.MAP_TYPE_ARRAY_OF_MAPS, u32, u32, "NM_MAX_FRONTENDS"),
+    # bpf/lib/conn_count.h
+    MapSpec("sock_conn", bpfsys.MAP_TYPE_SK_STORAGE, ctypes.c_int, SockConn, "", 0),
+    MapSpec("conn_counts", bpfsys.MAP_TYPE_HASH, EndpointKey, ConnCount, "NM_MAX_ENDPOINTS"),
+    MapSpec("svc_conn_counts", bpfsys.MAP_TYPE_HASH, u32, ConnCount, "NM_MAX_FRONTENDS"),
+    MapSpec("conn_overflows", bpfsys.MAP_TYPE_PERCPU_HASH, u32, u64, "NM_MAX_FRONTENDS"),
+    # bpf/lib/identity.h, bpf/lib/policy.h
+    MapSpec("identities", bpfsys.MAP_TYPE_HASH, u64, Identity, "", MAX_IDENTITIES),
+    MapSpec("identity_keys", bpfsys.MAP_TYPE_HASH, u32, u64, "", MAX_IDENTITIES),
+    MapSpec("policy", bpfsys.MAP_TYPE_HASH, PolicyKey, PolicyValue, "", MAX_POLICY),
+    MapSpec("policy_stats", bpfsys.MAP_TYPE_PERCPU_HASH, PolicyKey, PolicyStats,
+            "NM_MAX_FRONTENDS"),
+    MapSpec("mesh_config", bpfsys.MAP_TYPE_ARRAY, u32, MeshConfig, "", 1),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
@@ -246,15 +300,16 @@ def pack_svc_key(prefix: bytes, slot: int) -> bytes:
 
 
 def pack_slot_value(backend_id: int) -> bytes:
-    return _SVC_VALUE.pack(backend_id, 0, 0, 0, 0, 0, 0, 0)
+    return _SVC_VALUE.pack(backend_id, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def pack_master_value(svc_id: int, count: int, bank: int, algorithm: int,
                       revision: int, flags: int = 0, affinity_timeout: int = 0,
-                      maglev_rows: int = 0) -> bytes:
+                      maglev_rows: int = 0, max_conns_per_backend: int = 0,
+                      max_conns: int = 0) -> bytes:
     """A master entry; a maglev master carries its table's row count in backend_id."""
     return _SVC_VALUE.pack(maglev_rows, svc_id, count, bank, algorithm, flags, revision,
-                           affinity_timeout)
+                           affinity_timeout, max_conns_per_backend, max_conns)
 
 
 def pack_endpoint_key(address: str, port: int) -> bytes:

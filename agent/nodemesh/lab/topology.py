@@ -290,11 +290,13 @@ def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
         sh(f"ip route del blackhole 198.18.{subnet}.0/24", check=False)
         sh(f"ip -6 route del blackhole fd6e:6d:{subnet:x}::/64", check=False)
     if cgroup and os.path.isdir(cgroup):
-        _empty_cgroup(cgroup)
-        try:
-            os.rmdir(cgroup)
-        except OSError:
-            pass
+        # Deepest first: tests and benchmarks make workload cgroups inside the lab's one.
+        for folder in sorted((f for f, _, _ in os.walk(cgroup)), key=len, reverse=True):
+            _empty_cgroup(folder)
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
     try:
         os.unlink(os.path.join(STATE_DIR, f"{prefix}.json"))
     except FileNotFoundError:

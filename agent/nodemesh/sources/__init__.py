@@ -21,9 +21,12 @@ only enqueues the delta. `name` is the source's label in metrics ("file", "kuber
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 from ..model import Service
+
+if TYPE_CHECKING:
+    from ..policy import Mesh
 
 ServiceKey = Tuple[str, str]  # (namespace, name)
 
@@ -34,9 +37,10 @@ class Delta:
     deletes: Tuple[ServiceKey, ...] = ()
     full: bool = False  # the whole desired set: anything not upserted here is deleted
     origin: str = ""    # what changed, for logs ("web.yaml", "kubernetes")
+    mesh: Optional["Mesh"] = None  # workloads and policies, whole, when they changed
 
     def __bool__(self) -> bool:
-        return bool(self.upserts or self.deletes or self.full)
+        return bool(self.upserts or self.deletes or self.full or self.mesh is not None)
 
 
 OnChange = Callable[[Delta], None]

@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple, Union
 
-from .. import config
+from .. import config, meshconfig
 from ..model import Service
+from ..policy import Mesh
 from . import Delta, OnChange, OnError, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class _File:
     stat: Stat
     parsed: Union[List[Service], config.ConfigError]
     good: Tuple[Service, ...] = ()  # the last services of this file that were applied
+    mesh: Mesh = Mesh()             # its workloads and policies (the last good ones)
 
 
 class FileSource:
@@ -50,6 +52,7 @@ class FileSource:
         # Who claims each service and frontend, kept while every file is accepted, so that
         # a change to one file is checked against the others in time proportional to it.
         self._owners: Optional[Dict[object, str]] = None
+        self._sent_mesh: Optional[Mesh] = None
 
     @staticmethod
     def _stat(path: str) -> Stat:
@@ -67,11 +70,13 @@ class FileSource:
             st = self._stat(path)  # before reading: a write after it shows at the next poll
             old = self._files.get(path)
             if force or old is None or old.stat != st:
+                mesh = old.mesh if old else Mesh()
                 try:
                     parsed: Union[List[Service], config.ConfigError] = config.load(path)
+                    mesh = meshconfig.load(path)
                 except config.ConfigError as e:
                     parsed = e
-                self._files[path] = _File(st, parsed, old.good if old else ())
+                self._files[path] = _File(st, parsed, old.good if old else (), mesh)
                 read.append(path)
         removed = [p for p in self._files if p not in paths]
         for path in removed:
@@ -103,10 +108,39 @@ class FileSource:
                 desired.update((svc.key, svc) for svc in result)
         return desired, errors
 
+    def _mesh(self) -> Mesh:
+        """Every file's workloads and policies, in file order."""
+        files = [self._files[p] for p in sorted(self._files)]
+        return Mesh(tuple(w for f in files for w in f.mesh.workloads),
+                    tuple(p for f in files for p in f.mesh.policies))
+
     def _sync(self, on_change: OnChange, on_error: OnError, force: bool = False) -> None:
         read, removed = self._scan(force)
         if not (read or removed):
             return
+        mesh = self._mesh()
+        if mesh != self._sent_mesh:
+            # The next delta carries the new mesh; a sync that sends none sends it alone.
+            pending = [mesh]
+            first = self._sent_mesh is None
+
+            def carry(delta: Delta) -> None:
+                if pending:
+                    delta = replace(delta, mesh=pending.pop())
+                on_change(delta)
+            self._sent_mesh = mesh
+            try:
+                self._sync_services(read, removed, carry, on_error)
+            finally:
+                if pending and not first:
+                    on_change(Delta(mesh=pending.pop(), origin=", ".join(read + removed)))
+                elif pending:  # the first sync was refused: send the mesh with the next
+                    self._sent_mesh = None
+            return
+        self._sync_services(read, removed, on_change, on_error)
+
+    def _sync_services(self, read: List[str], removed: List[str], on_change: OnChange,
+                       on_error: OnError) -> None:
         log.info("config %s: %s", self.path, ", ".join(
             [f"read {os.path.basename(p)}" for p in read] +
             [f"{os.path.basename(p)} removed" for p in removed]))

@@ -1117,6 +1117,7 @@ class KubernetesSource:
         self._listing = threading.Lock()  # held by the watcher that is listing
         self._changed = threading.Event()
         self._state = _ClusterState(on_dirty=self._changed.set, on_notes=self._report_notes)
+        self._mesh_state: Optional[Any] = None  # pods on this node and MeshPolicies
         self._threads: List[threading.Thread] = []
         self._watchers: List[_Watcher] = []
         self._api_clients: List[Any] = []
@@ -1155,12 +1156,33 @@ class KubernetesSource:
             _Watcher("endpointslice", discovery.list_endpoint_slice_for_all_namespaces, self,
                      self._state),
         ]
+        if self.node_name:  # workloads are this node's pods: without a node, no identities
+            self._watchers += self._mesh_watchers(core)
         self._core = core
         delivery = threading.Thread(target=self._deliver_loop, name="kubernetes-delivery",
                                     daemon=True)
         self._threads = [*(w.thread for w in self._watchers), delivery]
         for thread in self._threads:
             thread.start()
+
+    def _mesh_watchers(self, core) -> List["_Watcher"]:
+        """Pods on this node (field selector spec.nodeName) and MeshPolicies, for workload
+        identities and policies (sources/kubernetes_mesh.py)."""
+        import functools
+
+        from ..datapath.loader import cgroup2_root
+        from .kubernetes_mesh import GROUP, PLURAL, VERSION, MeshState
+
+        def note(message: str) -> None:
+            log.warning("kubernetes: %s", message)
+            self._report_error(f"kubernetes: {message}")
+
+        self._mesh_state = state = MeshState(self._changed.set, note, cgroup2_root())
+        custom = self._client.CustomObjectsApi(self._new_api_client())
+        pods = functools.partial(core.list_pod_for_all_namespaces,
+                                 field_selector=f"spec.nodeName={self.node_name}")
+        policies = functools.partial(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        return [_Watcher("pod", pods, self, state), _Watcher("meshpolicy", policies, self, state)]
 
     def stop(self) -> None:
         self._stopping.set()
@@ -1233,6 +1255,10 @@ class KubernetesSource:
             if self._stopping.is_set():
                 return
             delta = self._state.take_delta()
+            mesh = self._mesh_state.take_mesh() if self._mesh_state is not None else None
+            if mesh is not None:
+                delta = replace(delta, mesh=mesh) if delta is not None else \
+                    Delta(mesh=mesh, origin="kubernetes")
             if delta is None:
                 continue  # not synced yet, or nothing the agent would see changed
             try:

@@ -1,0 +1,79 @@
+"""A client that holds TCP connections open, driven line by line on stdin (for root tests).
+
+    open N     open N connections to --target, each says a line and reads the backend's name;
+               prints one JSON list: {"ok": true, "backend": "b1"} or {"ok": false,
+               "error": "ECONNREFUSED", "ms": 0.1}
+    close K    closes the K oldest held connections; prints {"closed": K}
+    sendto N   N unconnected UDP datagrams to --target; prints the open-style list (no reply
+               is awaited: "ok" means sendto() succeeded)
+    churn N    N connections one after another, each closed once the name is read; prints
+               {"b1": n, ...}
+    exit
+Bounded: every socket has a 5 s timeout, and the process exits when stdin closes.
+"""
+import errno
+import json
+import socket
+import sys
+import time
+
+
+def main() -> int:
+    host, _, port = sys.argv[1].rpartition(":")
+    held = []
+    for line in sys.stdin:
+        cmd, *arg = line.split()
+        if cmd == "open":
+            out = []
+            for _ in range(int(arg[0])):
+                s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+                s.settimeout(5)
+                started = time.perf_counter()
+                try:
+                    s.connect((host.strip("[]"), int(port)))
+                    s.sendall(b"x\n")
+                    name = s.recv(64).decode().strip()
+                    held.append(s)
+                    out.append({"ok": True, "backend": name})
+                except OSError as e:
+                    ms = (time.perf_counter() - started) * 1000
+                    s.close()
+                    out.append({"ok": False, "ms": ms,
+                                "error": errno.errorcode.get(e.errno or 0, type(e).__name__)})
+            print(json.dumps(out), flush=True)
+        elif cmd == "sendto":
+            out = []
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                               socket.SOCK_DGRAM) as u:
+                for _ in range(int(arg[0])):
+                    started = time.perf_counter()
+                    try:
+                        u.sendto(b"x", (host.strip("[]"), int(port)))
+                        out.append({"ok": True})
+                    except OSError as e:
+                        out.append({"ok": False, "ms": (time.perf_counter() - started) * 1000,
+                                    "error": errno.errorcode.get(e.errno or 0, "?")})
+            print(json.dumps(out), flush=True)
+        elif cmd == "churn":
+            seen: dict = {}
+            for _ in range(int(arg[0])):
+                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                    s.settimeout(5)
+                    s.connect((host.strip("[]"), int(port)))
+                    s.sendall(b"x\n")
+                    name = s.recv(64).decode().strip()
+                    seen[name] = seen.get(name, 0) + 1
+            print(json.dumps(seen), flush=True)
+        elif cmd == "close":
+            k = int(arg[0])
+            for s in held[:k]:
+                s.close()
+            held = held[k:]
+            print(json.dumps({"closed": k}), flush=True)
+        elif cmd == "exit":
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
