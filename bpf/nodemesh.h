@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_ABI_VERSION 2
+#define NM_ABI_VERSION 3
 
 /* Map sizes: compile-time settings, passed by the loader as -D flags. The defaults hold
  * 100,000 single-port services with 3 backends each (400,000 masters and slots, plus the idle
@@ -69,12 +69,14 @@ struct nm_svc_value {
 	__u8 bank;        /* master: active bank, 0 or 1 */
 	__u8 algorithm;   /* master: enum nm_algorithm */
 	__u16 flags;      /* master: NM_SVC_F_* */
-	__u16 pad;
+	__u16 proxy_port; /* master: redirect TCP to this local proxy port (network order); 0: the
+			   * node default (bpf/lib/proxy.h) unless NM_SVC_F_PROXY_OFF */
 	__u32 revision;   /* master: bumped by the agent on every change, for debugging */
 	__u32 affinity_timeout; /* master: seconds a client keeps its backend (NM_SVC_F_AFFINITY) */
 };
 
 #define NM_SVC_F_AFFINITY 0x1 /* session affinity: a client keeps its backend */
+#define NM_SVC_F_PROXY_OFF 0x2 /* never redirect to the node-local proxy (per-service opt-out) */
 
 /* Session affinity. The client is its network namespace: at connect() a socket often has no
  * source address yet, and a pod is one netns with one IP (Cilium's socket LB does the same). */
@@ -154,6 +156,7 @@ struct nm_revnat_value {
 struct nm_svc_stats {
 	__u64 connections; /* backend selected (connect, or unconnected UDP sendmsg) */
 	__u64 no_backend;  /* refused with ECONNREFUSED: the frontend has no backend */
+	__u64 proxy_redirects; /* connects sent to the node-local proxy instead (lib/proxy.h) */
 };
 
 struct nm_backend_stats {

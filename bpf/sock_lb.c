@@ -5,6 +5,7 @@
  *         recvmsg4/6     UDP recvfrom(): backend -> VIP, so replies seem to come from the VIP
  *         getpeername4/6 getpeername(): backend -> VIP, so the application sees the VIP
  *         sockops        TCP connect outcomes per backend endpoint (passive health)
+ *         getsockopt, sk_msg, and the proxy redirect in connect4/6: lib/proxy.h, lib/accel.h
  * Reads:  services (masters + slots), backends, rr_state, revnat, affinity
  * Writes: the socket address in ctx, revnat and affinity (LRU), endpoint_health, failure
  *         events (ring buffer), per-CPU svc_stats / backend_stats / counters
@@ -208,6 +209,9 @@ static __always_inline int pick(void *ctx, struct nm_svc_key *key, struct nm_bac
 	return 1;
 }
 
+#include "lib/proxy.h"
+#include "lib/accel.h"
+
 /* ---- IPv4 ---------------------------------------------------------------------------- */
 
 static __always_inline int translate4(struct bpf_sock_addr *ctx)
@@ -217,6 +221,8 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx)
 	key.port = (u16)ctx->user_port;
 	key.proto = (u8)ctx->protocol;
 	key.family = NM_FAMILY_V4;
+	if (nm_proxy_redirect4(ctx, &key))
+		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
 	int picked = pick(ctx, &key, &be);
 	if (picked == 0)
@@ -297,6 +303,8 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	}
 	key.port = (u16)ctx->user_port;
 	key.proto = (u8)ctx->protocol;
+	if (nm_proxy_redirect6(ctx, &key, mapped))
+		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
 	int picked = pick(ctx, &key, &be);
 	if (picked == 0)
@@ -417,6 +425,7 @@ static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_en
 int nm_sockops(struct bpf_sock_ops *skops)
 {
 	struct nm_endpoint_key ek = {};
+	nm_mesh_sockops(skops);
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
 		endpoint_of(skops, &ek);

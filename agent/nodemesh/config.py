@@ -397,12 +397,28 @@ def _unusable_backend(addr) -> Optional[str]:
 
 SERVICE_FIELDS = ("name", "namespace", "vip", "ports", "algorithm", "sessionAffinity",
                   "healthCheck", "outlierDetection", "panicThresholdPercent", "trafficPolicy",
-                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends")
+                  "trafficDistribution", "terminateConnectionsOnRemoval", "backends", "proxy")
 PORT_FIELDS = ("name", "port", "targetPort", "protocol")
 BACKEND_FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating")
 OUTLIER_FIELDS = ("consecutiveFailures", "baseEjectionSeconds", "maxEjectionPercent")
 HEALTH_FIELDS = ("type", "intervalSeconds", "timeoutSeconds", "unhealthyThreshold",
                  "healthyThreshold", "path", "port")
+
+
+def _proxy(c: _Checker, raw: Any, path: str) -> Optional[int]:
+    """`proxy: {port: N}` redirects to a node-local proxy on N; `{enabled: false}` opts out
+    of the node's --proxy-port; `{}` or `{enabled: true}` takes it. Returns Service.proxy_port."""
+    p = c.fields(raw, path, ("port", "enabled"), "proxy")
+    enabled = p.get("enabled", True)
+    if not isinstance(enabled, bool):
+        c.fail(f"{path}.enabled", f"{_show(enabled)} must be true or false")
+        return None
+    if "port" in p:
+        port = c.integer(p["port"], f"{path}.port", 1, 65535, "a port")
+        if not enabled:
+            c.fail(f"{path}", "port and enabled: false contradict each other")
+        return port
+    return None if enabled else 0
 
 
 def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
@@ -520,6 +536,8 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
         c.fail(f"{path}.terminateConnectionsOnRemoval", f"{_show(terminate)} must be true or "
                                                         f"false")
 
+    proxy_port = _proxy(c, obj["proxy"], f"{path}.proxy") if "proxy" in obj else None
+
     if len(c.problems) > before or name is None or namespace is None or vip is None:
         return None
     return Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
@@ -527,7 +545,7 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
                    session_affinity=affinity, health_check=health, outlier_detection=outlier,
                    panic_threshold_percent=panic, internal_traffic_policy=policy,
                    traffic_distribution=distribution,
-                   terminate_connections_on_removal=terminate)
+                   terminate_connections_on_removal=terminate, proxy_port=proxy_port)
 
 
 def _port(c: _Checker, raw: Any, path: str) -> Optional[ServicePort]:

@@ -139,6 +139,7 @@ class DatapathCollector(Collector):
         conns: Dict[str, int] = {}
         refused: Dict[str, int] = {}
         be_conns: Dict[str, int] = {}
+        redirects: Dict[str, int] = {}  # per service (namespace, service), as documented
         for view in snap.frontends.values():
             p, labels = view.programmed, view.labels
             if p is None or not labels:
@@ -150,6 +151,9 @@ class DatapathCollector(Collector):
             else:
                 conns[labels] = conns.get(labels, 0) + st["connections"]
                 refused[labels] = refused.get(labels, 0) + st["no_backend"]
+                if st["proxy_redirects"]:
+                    redirects[view.service_labels] = redirects.get(view.service_labels, 0) \
+                        + st["proxy_redirects"]
             if per_backend:
                 for (address, port), ident in p.backend_ids.items():
                     bl = f'{view.service_labels},backend="{backend_label(address, port)}"'
@@ -160,7 +164,10 @@ class DatapathCollector(Collector):
                      "counted in the kernel", conns),
                _text("nodemesh_service_no_backend", "counter",
                      "Connections refused (ECONNREFUSED) because the service had no backend",
-                     refused)]
+                     refused),
+               _text("nodemesh_proxy_redirects", "counter",
+                     "TCP connects sent to the node-local proxy instead of a backend",
+                     redirects)]
         if per_backend:
             out.append(_text("nodemesh_backend_connections", "counter",
                              "Connections the kernel sent to this backend", be_conns))

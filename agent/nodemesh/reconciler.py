@@ -112,6 +112,7 @@ class DesiredFrontend:
     all_backends: int
     affinity_timeout: int = 0                    # seconds; 0: no session affinity
     terminate_tcp: bool = False                  # end TCP connections to removed backends
+    proxy_port: Optional[int] = None             # Service.proxy_port (TCP frontends only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,7 @@ class ProgrammedFrontend:
     damaged: bool = False                  # kernel state disagrees; rewrite on next round
     count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
     affinity_timeout: int = 0
+    proxy_port: Optional[int] = None
 
     @property
     def slot_count(self) -> int:
@@ -277,7 +279,8 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
                          if (":" in b.address) == v6)
         out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
                                    svc.algorithm, backends, why, len(svc.backends), affinity,
-                                   svc.terminate_connections_on_removal)
+                                   svc.terminate_connections_on_removal,
+                                   svc.proxy_port if sp.protocol == "TCP" else None)
     return out
 
 
@@ -434,7 +437,7 @@ class Reconciler:
                 fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm, "random"),
                 master.revision, ids, backend_ids, damaged=damaged, count=master.count,
                 affinity_timeout=master.affinity_timeout
-                if master.flags & m.SVC_F_AFFINITY else 0)
+                if master.flags & m.SVC_F_AFFINITY else 0, proxy_port=_proxy_port(master))
             self._refer(fk, backend_ids, +1)
             self._mark(fk)
             active = {m.slot_number(master.bank, i) for i in range(1, master.count + 1)}
@@ -579,7 +582,8 @@ class Reconciler:
         seq = selection.slots_for(d.algorithm, [w for _, _, w in d.backends])
         # Compare before allocating: an unchanged frontend costs no id and no write.
         if old and not old.damaged and old.algorithm == d.algorithm and \
-                old.affinity_timeout == d.affinity_timeout and len(ids) == len(d.backends):
+                old.affinity_timeout == d.affinity_timeout and old.proxy_port == d.proxy_port \
+                and len(ids) == len(d.backends):
             if tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq) == old.slots:
                 return None
         if len(seq) > m.SLOT_INDEX_MASK:
@@ -600,7 +604,7 @@ class Reconciler:
         dropped = [i for i in old_ids.values() if i not in keep]
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
-                                 affinity_timeout=d.affinity_timeout)
+                                 affinity_timeout=d.affinity_timeout, proxy_port=d.proxy_port)
         return _Change(old, new, new_ids, dropped, old is None)
 
     def _write(self, changes: List[_Change], failed: Dict[FrontendKey, str],
@@ -643,8 +647,10 @@ class Reconciler:
         master_keys = [c.new.key.map_key(0) for c in changes]
         master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
                                              m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
-                                             m.SVC_F_AFFINITY if c.new.affinity_timeout else 0,
-                                             c.new.affinity_timeout)
+                                             (m.SVC_F_AFFINITY if c.new.affinity_timeout else 0)
+                                             | (m.SVC_F_PROXY_OFF if c.new.proxy_port == 0
+                                                else 0),
+                                             c.new.affinity_timeout, c.new.proxy_port or 0)
                          for c in changes]
         done = len(master_keys)
         try:
@@ -821,6 +827,13 @@ class Reconciler:
         for svc in services:
             self.set_service(svc.key, service_frontends(svc, ctx), watched_endpoints(svc))
         return self.reconcile(force=True)
+
+
+def _proxy_port(master: m.SvcValue) -> Optional[int]:
+    """A master's proxy setting as Service.proxy_port: 0 opted out, None the node default."""
+    if master.flags & m.SVC_F_PROXY_OFF:
+        return 0
+    return m.port_host(master.proxy_port) or None
 
 
 def _svc_key(ident: Tuple[Any, ...], slot: int) -> bytes:

@@ -40,6 +40,9 @@ MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
+MAP_TYPE_SOCKHASH = 18
+MAP_GET_NEXT_KEY = 4
+LINK_TYPE_SOCKMAP = 14
 
 
 class BPFError(OSError):
@@ -158,6 +161,22 @@ def map_lookup(fd: int, key, value) -> bool:
         if e.errno == errno.ENOENT:
             return False
         raise
+
+
+def map_key_count(fd: int, key_size: int) -> int:
+    """Count a map's keys with GET_NEXT_KEY: for maps without batch ops (sockhash)."""
+    keys = [ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)]
+    n, prev = 0, 0
+    while True:
+        nxt = keys[n % 2]
+        try:
+            bpf(MAP_GET_NEXT_KEY, _ElemAttr(map_fd=fd, key=prev, value=ctypes.addressof(nxt)))
+        except BPFError as e:
+            if e.errno == errno.ENOENT:
+                return n
+            raise
+        n += 1
+        prev = ctypes.addressof(nxt)
 
 
 class _BatchAttr(ctypes.Structure):

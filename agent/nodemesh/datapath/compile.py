@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -19,23 +20,35 @@ from typing import Dict, Tuple
 from .maps import MAPS, MapSizes
 
 RINGBUF = "failure_events"
+_LIB_INCLUDE = re.compile(r'^#include "(lib/[\w.-]+\.h)"$', re.M)
+
+
+def datapath_source(src_dir) -> str:
+    """sock_lb.c with its bpf/lib/ headers pasted in place. BCC rewrites map method calls
+    (table.lookup(...)) only in its main file, so the feature headers must become part of it;
+    each stays its own file in bpf/lib/ for readers."""
+    def paste(match: "re.Match[str]") -> str:
+        return (src_dir / match.group(1)).read_text()
+    return _LIB_INCLUDE.sub(paste, (src_dir / "sock_lb.c").read_text())
 
 
 def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict[str, int],
                                                                    Dict[str, int], float]:
     """(the BCC object, program fds by hook name, map fds by name, seconds)."""
     from bcc import BPF  # Debian's python3-bpfcc
+    from bcc.libbcc import lib
 
     from .loader import HOOKS
 
     cflags = [f'-DNM_PIN_DIR="{bpffs}"', f"-I{src_dir}", *sizes.cflags()]
     started = time.monotonic()
-    bpf = BPF(src_file=str(src_dir / "sock_lb.c").encode(), cflags=cflags)
+    bpf = BPF(text=datapath_source(src_dir).encode(), cflags=cflags)
     progs = {}
     for hook in HOOKS:
         fn = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type)
         progs[hook.name] = fn.fd
-    maps = {spec.name: bpf[spec.name.encode()].map_fd for spec in MAPS}
+    # BCC's Python Table has no class for a sockhash: ask libbcc for each fd directly.
+    maps = {spec.name: lib.bpf_table_fd(bpf.module, spec.name.encode()) for spec in MAPS}
     maps[RINGBUF] = bpf[RINGBUF.encode()].map_fd
     return bpf, progs, maps, time.monotonic() - started
 

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 from . import bpfsys
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 FAMILY_V4 = 4
 FAMILY_V6 = 6
 SLOT_BANK_SHIFT = 15
@@ -35,6 +35,7 @@ BACKEND_QUARANTINED = 2
 COUNTER_NAMES = {0: "slot_miss", 1: "backend_miss", 2: "revnat_failed", 3: "revnat_hit",
                  4: "udp_sendmsg", 5: "v4_in_v6", 6: "affinity_hit", 7: "connect_failed"}
 SVC_F_AFFINITY = 0x1
+SVC_F_PROXY_OFF = 0x2
 COUNTER_SLOTS = 8
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
@@ -47,7 +48,7 @@ class SvcKey(ctypes.Structure):
 
 class SvcValue(ctypes.Structure):
     _fields_ = [("backend_id", u32), ("svc_id", u32), ("count", u16), ("bank", u8),
-                ("algorithm", u8), ("flags", u16), ("pad", u16), ("revision", u32),
+                ("algorithm", u8), ("flags", u16), ("proxy_port", u16), ("revision", u32),
                 ("affinity_timeout", u32)]
 
 
@@ -66,7 +67,7 @@ class RevnatValue(ctypes.Structure):
 
 
 class SvcStats(ctypes.Structure):
-    _fields_ = [("connections", u64), ("no_backend", u64)]
+    _fields_ = [("connections", u64), ("no_backend", u64), ("proxy_redirects", u64)]
 
 
 class BackendStats(ctypes.Structure):
@@ -93,6 +94,33 @@ class EndpointHealth(ctypes.Structure):
 class FailureEvent(ctypes.Structure):
     _fields_ = [("addr", u32 * 4), ("port", u16), ("family", u8), ("old_state", u8),
                 ("consecutive_failures", u32), ("pad", u32), ("ts_ns", u64)]
+
+
+# bpf/lib/proxy.h and bpf/lib/accel.h (the redirect to a node-local proxy, sockmap acceleration)
+class MeshConfig(ctypes.Structure):
+    _fields_ = [("proxy_uid", u32), ("proxy_port", u16), ("accelerate", u8),
+                ("proxy_cgroup_level", u8), ("proxy_cgroup_id", u64)]
+
+
+class OrigdstKey(ctypes.Structure):
+    _fields_ = [("netns", u64), ("addr", u32 * 4), ("port", u16), ("proxy_port", u16),
+                ("family", u8), ("pad", u8 * 7)]
+
+
+class Origdst(ctypes.Structure):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("family", u8), ("pad", u8), ("svc_id", u32)]
+
+
+class SockKey(ctypes.Structure):
+    _fields_ = [("local", u32 * 4), ("remote", u32 * 4), ("local_port", u32),
+                ("remote_port", u32), ("netns", u64), ("family", u8), ("pad", u8 * 7)]
+
+
+ACCEL_COUNTER_NAMES = {0: "redirected_bytes", 1: "redirected_messages", 2: "fallbacks",
+                       3: "sockets_added"}
+ACCEL_COUNTER_SLOTS = 4
+MAX_ORIGDST = 65536
+MAX_ACCEL_SOCKETS = 65536
 
 
 class Info(ctypes.Structure):
@@ -125,6 +153,11 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("affinity", bpfsys.MAP_TYPE_LRU_HASH, AffinityKey, AffinityValue, "NM_MAX_AFFINITY"),
     MapSpec("endpoint_health", bpfsys.MAP_TYPE_HASH, EndpointKey, EndpointHealth,
             "NM_MAX_ENDPOINTS"),
+    MapSpec("mesh_config", bpfsys.MAP_TYPE_ARRAY, u32, MeshConfig, "", 1),
+    MapSpec("proxy_origdst", bpfsys.MAP_TYPE_LRU_HASH, OrigdstKey, Origdst, "", MAX_ORIGDST),
+    MapSpec("accel_socks", bpfsys.MAP_TYPE_SOCKHASH, SockKey, ctypes.c_int, "",
+            MAX_ACCEL_SOCKETS),
+    MapSpec("accel_stats", bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, u64, "", ACCEL_COUNTER_SLOTS),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
@@ -236,12 +269,14 @@ def pack_svc_key(prefix: bytes, slot: int) -> bytes:
 
 
 def pack_slot_value(backend_id: int) -> bytes:
-    return _SVC_VALUE.pack(backend_id, 0, 0, 0, 0, 0, 0, 0)
+    return _SVC_VALUE.pack(backend_id, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def pack_master_value(svc_id: int, count: int, bank: int, algorithm: int,
-                      revision: int, flags: int = 0, affinity_timeout: int = 0) -> bytes:
-    return _SVC_VALUE.pack(0, svc_id, count, bank, algorithm, flags, revision, affinity_timeout)
+                      revision: int, flags: int = 0, affinity_timeout: int = 0,
+                      proxy_port: int = 0) -> bytes:
+    return _SVC_VALUE.pack(0, svc_id, count, bank, algorithm, flags, port_be(proxy_port),
+                           revision, affinity_timeout)
 
 
 def pack_endpoint_key(address: str, port: int) -> bytes:
@@ -299,6 +334,8 @@ class Maps:
         yield from bpfsys.map_lookup_batch(self.fds[name], spec.key, value)
 
     def count(self, name: str) -> int:
+        if MAP_BY_NAME[name].map_type == bpfsys.MAP_TYPE_SOCKHASH:  # no batch ops on sockets
+            return bpfsys.map_key_count(self.fds[name], ctypes.sizeof(MAP_BY_NAME[name].key))
         return sum(1 for _ in self.items(name))
 
     def percpu_sums(self, name: str) -> Dict[int, Dict[str, int]]:
