@@ -11,7 +11,7 @@
  * Reads:  mesh_config (lib/proxy.h)
  * Writes: accel_socks, accel_stats
  *
- * A socket leaves accel_socks by itself when it closes. Loopback tuples carry the netns cookie
+ * A socket leaves accel_socks by itself when it closes; the agent never deletes one. Loopback tuples carry the netns cookie
  * in the key, since every netns has its own 127.0.0.1; other addresses are node-wide.
  */
 #ifndef NM_LIB_ACCEL_H
@@ -105,8 +105,10 @@ static __always_inline void nm_accel_add(struct bpf_sock_ops *skops, u8 family, 
 	k.remote_port = bpf_ntohl(skops->remote_port);
 	if (nm_is_loopback(family, remote))
 		k.netns = bpf_get_netns_cookie(skops);
-	/* BCC rewrites these helper methods as whole statements: assign, then test. */
-	int err = accel_socks.sock_hash_update(skops, &k, BPF_ANY);
+	/* NOEXIST: never evict a socket already in (it would lose the unread data queued in it,
+	 * see below); a colliding tuple is simply not accelerated. BCC rewrites these helper
+	 * methods as whole statements: assign, then test. */
+	int err = accel_socks.sock_hash_update(skops, &k, BPF_NOEXIST);
 	if (err == 0)
 		nm_accel_count(NM_ACCEL_SOCKETS_ADDED, 1);
 }
@@ -138,8 +140,16 @@ static __always_inline void nm_mesh_sockops(struct bpf_sock_ops *skops)
 		nm_accel_add(skops, family, local, remote);
 }
 
+/* A socket deleted from the sockhash loses what was redirected into it and not read yet (the
+ * kernel purges its psock's queue), so the agent never deletes one. Turning acceleration off
+ * (cleanup, or an agent started without --accelerate-local) clears mesh_config.accelerate
+ * instead: the sockets stay in until they close, their next messages take TCP, and what was
+ * queued is read first, in order. */
 int nm_sk_msg(struct sk_msg_md *msg)
 {
+	struct nm_mesh_config *cfg = mesh_cfg();
+	if (!cfg || !cfg->accelerate)
+		return SK_PASS;
 	u32 local[4] = {}, remote[4] = {}, l6[4], r6[4];
 	l6[0] = msg->local_ip6[0];
 	l6[1] = msg->local_ip6[1];

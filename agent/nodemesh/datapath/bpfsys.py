@@ -12,7 +12,7 @@ import errno
 import os
 import platform
 from functools import lru_cache
-from typing import Optional
+from typing import List, Optional
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -163,20 +163,33 @@ def map_lookup(fd: int, key, value) -> bool:
         raise
 
 
-def map_key_count(fd: int, key_size: int) -> int:
-    """Count a map's keys with GET_NEXT_KEY: for maps without batch ops (sockhash)."""
-    keys = [ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)]
-    n, prev = 0, 0
+def map_keys(fd: int, key_size: int) -> List[bytes]:
+    """Every key of a map, with GET_NEXT_KEY: for maps without batch ops (sockhash)."""
+    out: List[bytes] = []
+    bufs = [ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)]
+    prev = 0  # NULL: the first key
     while True:
-        nxt = keys[n % 2]
+        nxt = bufs[len(out) % 2]  # the other buffer still holds prev
         try:
             bpf(MAP_GET_NEXT_KEY, _ElemAttr(map_fd=fd, key=prev, value=ctypes.addressof(nxt)))
         except BPFError as e:
             if e.errno == errno.ENOENT:
-                return n
+                return out
             raise
-        n += 1
+        out.append(nxt.raw)
         prev = ctypes.addressof(nxt)
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete one key; False if it was not there."""
+    buf = ctypes.create_string_buffer(key, len(key))
+    try:
+        bpf(MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(buf)))
+        return True
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
 
 
 class _BatchAttr(ctypes.Structure):

@@ -512,6 +512,28 @@ def _check_marker(folder: str) -> None:
                             f"this one is {ABI_VERSION}); clean it up with that version")
 
 
+def _stop_acceleration(real: str) -> List[str]:
+    """Turn sk_msg redirects off for good. Sockets accelerated now stay in the unpinned
+    sockhash until they close (each holds the sk_msg program, which holds the map), and with
+    accelerate cleared their next messages take TCP; what was queued is read first, in order
+    (bpf/lib/accel.h)."""
+    from .maps import MeshConfig
+
+    try:
+        cfg_fd = bpfsys.obj_get(os.path.join(real, "mesh_config"))
+    except bpfsys.BPFError:
+        return []
+    try:
+        cfg = MeshConfig()
+        if not bpfsys.map_lookup(cfg_fd, u32(0), cfg) or not cfg.accelerate:
+            return []
+        cfg.accelerate = 0
+        bpfsys.map_update(cfg_fd, u32(0), cfg)
+    finally:
+        bpfsys.close(cfg_fd)
+    return ["stopped acceleration"]
+
+
 def _remove_pins(real: str) -> List[str]:
     done: List[str] = []
     links_dir = os.path.join(real, "links")
@@ -519,6 +541,7 @@ def _remove_pins(real: str) -> List[str]:
     links = sorted(os.listdir(links_dir)) if os.path.isdir(links_dir) else []
     if [e for e in entries if e != "links"] or links:  # empty folders hold nothing to lose
         _check_marker(real)
+    done += _stop_acceleration(real)
     left = []
     hooks = {h.name for h in HOOKS}
     for name in links:

@@ -335,7 +335,7 @@ class Maps:
 
     def count(self, name: str) -> int:
         if MAP_BY_NAME[name].map_type == bpfsys.MAP_TYPE_SOCKHASH:  # no batch ops on sockets
-            return bpfsys.map_key_count(self.fds[name], ctypes.sizeof(MAP_BY_NAME[name].key))
+            return len(bpfsys.map_keys(self.fds[name], ctypes.sizeof(MAP_BY_NAME[name].key)))
         return sum(1 for _ in self.items(name))
 
     def percpu_sums(self, name: str) -> Dict[int, Dict[str, int]]:
