@@ -27,7 +27,12 @@ def start_proxy(lab, port, uid=PROXY_UID):
     proc = lab.spawn([sys.executable, MESH_PROXY, "--listen", f"127.0.0.1:{port}",
                       "--listen", f"[::1]:{port}", "--uid", str(uid)],
                      netns=lab.client_ns, in_cgroup=True, stdout=subprocess.PIPE)
-    assert os.read(proc.stdout.fileno(), 6) == b"ready\n"  # unbuffered: select() sees the rest
+    line = b""
+    while not line.endswith(b"\n"):  # unbuffered reads, so that select() sees the rest
+        chunk = os.read(proc.stdout.fileno(), 6 - len(line))
+        assert chunk, "the proxy exited before it was ready"
+        line += chunk
+    assert line == b"ready\n"
     return proc
 
 
@@ -191,3 +196,30 @@ def _listening(lab, port) -> bool:
     res = subprocess.run(["ip", "netns", "exec", lab.client_ns, "ss", "-Hltn",
                           f"sport = :{port}"], capture_output=True, text=True)
     return bool(res.stdout.strip())
+
+
+def test_the_agent_accelerates_the_app_to_proxy_hop_and_stops_when_restarted_without(
+        lab, agent):
+    """`run --accelerate-local` with a proxied service: the app -> proxy hop (both ends in the
+    cgroup) goes socket to socket, the proxy -> backend hop (the backend is in another netns,
+    outside the cgroup) falls back to TCP; the metrics say so. Restarted without the option,
+    the agent detaches sk_msg and nothing more is redirected."""
+    port = free_port()
+    vip = lab.vip4(35)
+    agent.write_config(config_yaml(proxied_service(lab, port, f"proxy: {{port: {port}}}",
+                                                   vip)))
+    agent.start(extra=["--accelerate-local"])
+    start_proxy(lab, port)
+    res = run_client(lab, f"{vip}:80", 20)
+    assert res["ok"] == 20 and res["peer_mismatch"] == 0, res
+    moved = agent.metric("nodemesh_sockmap_redirected_bytes_total")
+    # Each request and response crossed the app -> proxy hop: at least 20 requests' bytes.
+    assert moved >= 20 * len(b"GET / HTTP/1.0\r\nHost: nodemesh\r\n\r\n"), moved
+    assert agent.metric("nodemesh_sockmap_fallbacks_total") > 0
+    assert os.path.exists(os.path.join(lab.bpffs, "links", "sk_msg"))
+    agent.stop()
+    agent.start(extra=[])
+    assert not os.path.exists(os.path.join(lab.bpffs, "links", "sk_msg"))
+    res = run_client(lab, f"{vip}:80", 10)
+    assert res["ok"] == 10, res
+    assert agent.metric("nodemesh_sockmap_redirected_bytes_total") == moved
