@@ -71,7 +71,8 @@ struct nm_svc_value {
 	__u8 bank;        /* master: active bank, 0 or 1 */
 	__u8 algorithm;   /* master: enum nm_algorithm */
 	__u16 flags;      /* master: NM_SVC_F_* */
-	__u16 pad;
+	__u16 proxy_port; /* master: redirect TCP to this local proxy port (network order); 0: the
+			   * node default (bpf/lib/proxy.h) unless NM_SVC_F_PROXY_OFF */
 	__u32 revision;   /* master: bumped by the agent on every change, for debugging */
 	__u32 affinity_timeout; /* master: seconds a client keeps its backend (NM_SVC_F_AFFINITY) */
 	__u32 max_conns_per_backend; /* master: connectionLimits (0: none), lib/conn_count.h */
@@ -80,6 +81,7 @@ struct nm_svc_value {
 
 #define NM_SVC_F_AFFINITY 0x1 /* session affinity: a client keeps its backend */
 #define NM_SVC_F_EXT_LOCAL 0x2 /* TC path: externalTrafficPolicy Local (no SNAT, local backends) */
+#define NM_SVC_F_PROXY_OFF 0x4 /* never redirect to the node-local proxy (per-service opt-out) */
 
 /* Session affinity. The client is its network namespace: at connect() a socket often has no
  * source address yet, and a pod is one netns with one IP (Cilium's socket LB does the same). */
@@ -159,6 +161,7 @@ struct nm_revnat_value {
 struct nm_svc_stats {
 	__u64 connections; /* backend selected (connect, or unconnected UDP sendmsg) */
 	__u64 no_backend;  /* refused with ECONNREFUSED: the frontend has no backend */
+	__u64 proxy_redirects; /* connects sent to the node-local proxy instead (lib/proxy.h) */
 };
 
 struct nm_backend_stats {

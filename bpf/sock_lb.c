@@ -8,6 +8,7 @@
  *                        active/pending connection counts (lib/conn_count.h)
  * Also:   lib/policy.h decides L4 authorization and per-workload opt-out before a backend is
  *         chosen; lib/conn_count.h refines the choice (least_connections, connection limits)
+ *         getsockopt, sk_msg, and the proxy redirect in connect4/6: lib/proxy.h, lib/accel.h
  * Reads:  services (masters + slots), backends, rr_state, revnat, affinity, maglev tables
  * Writes: the socket address in ctx, revnat and affinity (LRU), endpoint_health, failure
  *         events (ring buffer), per-CPU svc_stats / backend_stats / counters
@@ -137,6 +138,9 @@ static __always_inline int pick(void *ctx, struct nm_svc_key *key, struct nm_bac
 	return 1;
 }
 
+#include "lib/proxy.h"
+#include "lib/accel.h"
+
 /* ---- IPv4 ---------------------------------------------------------------------------- */
 
 static __always_inline int translate4(struct bpf_sock_addr *ctx)
@@ -146,6 +150,8 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx)
 	key.port = (u16)ctx->user_port;
 	key.proto = (u8)ctx->protocol;
 	key.family = NM_FAMILY_V4;
+	if (nm_proxy_redirect4(ctx, &key))
+		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
 	int picked = pick(ctx, &key, &be);
 	if (picked == 0)
@@ -228,6 +234,8 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	}
 	key.port = (u16)ctx->user_port;
 	key.proto = (u8)ctx->protocol;
+	if (nm_proxy_redirect6(ctx, &key, mapped))
+		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
 	int picked = pick(ctx, &key, &be);
 	if (picked == 0)
@@ -350,6 +358,7 @@ static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_en
 int nm_sockops(struct bpf_sock_ops *skops)
 {
 	struct nm_endpoint_key ek = {};
+	nm_mesh_sockops(skops);
 	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB ||
 	    skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_STATE_CB)
 		endpoint_of(skops, &ek);

@@ -88,6 +88,39 @@ def _socket_path(text: str) -> str:
     return text
 
 
+def _port_or_zero(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535, or 0 for none)")
+    return int(text)
+
+
+def _uid(text: str) -> int:
+    if not (text.isdigit() or text == "-1") or int(text) >= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a uid (or -1 for none)")
+    return int(text)
+
+
+def mesh_args(r: argparse.ArgumentParser) -> None:
+    """run's options for the node-local proxy redirect and same-node acceleration."""
+    from .mesh import DEFAULT_ACCELERATE_LOCAL, DEFAULT_PROXY_UID
+
+    r.add_argument("--proxy-port", default=_env("proxy_port", "0"), type=_port_or_zero,
+                   help="redirect TCP connects to every service to this node-local proxy port "
+                        "(services opt out with proxy: {enabled: false}); 0: only services "
+                        "with proxy: {port: N} (default)")
+    r.add_argument("--proxy-uid", default=_env("proxy_uid", str(DEFAULT_PROXY_UID)), type=_uid,
+                   help="the proxy's uid: its connects are balanced, never redirected "
+                        f"(default {DEFAULT_PROXY_UID}; -1: none)")
+    r.add_argument("--proxy-cgroup", default=_env("proxy_cgroup"),
+                   help="cgroup v2 folder of the proxy: its tasks are never redirected")
+    env_accel = _env("accelerate_local")
+    r.add_argument("--accelerate-local", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_ACCELERATE_LOCAL if env_accel is None
+                   else env_accel.lower() in ("1", "true", "yes"),
+                   help="move data between two local TCP sockets with sockmap/sk_msg, "
+                        "bypassing TCP/IP (see the README for where it helps and hurts)")
+
+
 def _one_of(*names: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in names:
@@ -155,6 +188,7 @@ def cmd_run(args) -> int:
     from .daemon import Agent, Options, install_signals
     from .datapath.loader import DatapathError
     from .datapath.maps import MapSizes
+    from .mesh import MeshOptions
 
     opts = Options(config=args.config, source=args.source, kubeconfig=args.kubeconfig,
                    metrics_addr=args.metrics_addr, metrics_detail=args.metrics_detail,
@@ -162,6 +196,10 @@ def cmd_run(args) -> int:
                    admin_socket=args.admin_socket, node_name=args.node_name,
                    node_zone=args.node_zone,
                    resync_seconds=args.resync_seconds,
+                   mesh=MeshOptions(proxy_port=args.proxy_port,
+                                    proxy_uid=args.proxy_uid if args.proxy_uid >= 0 else None,
+                                    proxy_cgroup=args.proxy_cgroup,
+                                    accelerate_local=args.accelerate_local),
                    sizes=MapSizes(service_entries=args.map_service_entries,
                                   frontends=args.map_frontends,
                                   backends=args.map_backends,
@@ -409,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--maglev-max-rows", default=_env("maglev_max_rows", 1 << 24),
                    type=_maglev_rows, help="rows all Maglev tables may hold together (4 bytes "
                    "each in the kernel, twice with the spare tables); default 16777216 = 64 MiB")
+    mesh_args(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)", parents=[common])

@@ -400,12 +400,28 @@ def _unusable_backend(addr) -> Optional[str]:
 SERVICE_FIELDS = ("name", "namespace", "vip", "ports", "algorithm", "sessionAffinity",
                   "healthCheck", "outlierDetection", "panicThresholdPercent", "trafficPolicy",
                   "trafficDistribution", "terminateConnectionsOnRemoval", "connectionLimits",
-                  "backends", "maglev", "externalIPs", "loadBalancerIPs")
+                  "backends", "maglev", "externalIPs", "loadBalancerIPs", "proxy")
 PORT_FIELDS = ("name", "port", "targetPort", "protocol", "nodePort")
 BACKEND_FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating")
 OUTLIER_FIELDS = ("consecutiveFailures", "baseEjectionSeconds", "maxEjectionPercent")
 HEALTH_FIELDS = ("type", "intervalSeconds", "timeoutSeconds", "unhealthyThreshold",
                  "healthyThreshold", "path", "port")
+
+
+def _proxy(c: _Checker, raw: Any, path: str) -> Optional[int]:
+    """`proxy: {port: N}` redirects to a node-local proxy on N; `{enabled: false}` opts out
+    of the node's --proxy-port; `{}` or `{enabled: true}` takes it. Returns Service.proxy_port."""
+    p = c.fields(raw, path, ("port", "enabled"), "proxy")
+    enabled = p.get("enabled", True)
+    if not isinstance(enabled, bool):
+        c.fail(f"{path}.enabled", f"{_show(enabled)} must be true or false")
+        return None
+    if "port" in p:
+        port = c.integer(p["port"], f"{path}.port", 1, 65535, "a port")
+        if not enabled:
+            c.fail(f"{path}", "port and enabled: false contradict each other")
+        return port
+    return None if enabled else 0
 
 
 def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
@@ -541,6 +557,7 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
                                                         f"false")
 
     limits = _connection_limits(c, obj, path)
+    proxy_port = _proxy(c, obj["proxy"], f"{path}.proxy") if "proxy" in obj else None
 
     if len(c.problems) > before or name is None or namespace is None or vip is None:
         return None
@@ -553,7 +570,7 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
                    external_ips=tuple(external["externalIPs"]),
                    load_balancer_ips=tuple(external["loadBalancerIPs"]),
                    external_traffic_policy=external_policy,
-                   connection_limits=limits)
+                   connection_limits=limits, proxy_port=proxy_port)
 
 
 def _maglev(c: _Checker, obj: Dict[str, Any], path: str, algorithm: Any,

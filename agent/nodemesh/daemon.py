@@ -30,6 +30,7 @@ from .core import Core, SocketTerminator, SourceChanged, SourceFailed, Superviso
 from .datapath import loader
 from .datapath import maps as m
 from .health import HealthChecker
+from .mesh import AccelCollector, MeshOptions, write_mesh_config
 from .outlier import OutlierDetector
 from .policy import PolicyTable
 from .reconciler import MAGLEV_MAX_ROWS, Reconciler, RoundResult
@@ -54,6 +55,7 @@ class Options:
     resync_seconds: float = 300.0
     sizes: m.MapSizes = field(default_factory=m.MapSizes)
     maglev_max_rows: int = MAGLEV_MAX_ROWS
+    mesh: MeshOptions = field(default_factory=MeshOptions)
 
 
 class Agent:
@@ -64,6 +66,7 @@ class Agent:
         self.own_metrics = metrics.AgentMetrics(self.registry)
         self.datapath_metrics = metrics.DatapathCollector(self, opts.metrics_detail)
         self.registry.register(self.datapath_metrics)
+        self.registry.register(AccelCollector(self))
         self.datapath: Optional[loader.Datapath] = None
         self.maps: Optional[m.Maps] = None
         self.core: Optional[Core] = None
@@ -164,9 +167,11 @@ class Agent:
                                        f"{e.strerror}") from None
         self.metrics_server.start()
         log.info("metrics on http://%s/metrics", self.metrics_server.address)
-        self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes)
+        self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes,
+                                        self.opts.mesh.accelerate_local)
         try:
             self.maps = self.datapath.load()
+            write_mesh_config(self.maps, self.opts.mesh)
             reconciler = Reconciler(self.maps, self.sizes,
                                     maglev_max_rows=self.opts.maglev_max_rows)
             reconciler.adopt()

@@ -161,6 +161,7 @@ class DatapathCollector(Collector):
         be_conns: Dict[str, int] = {}
         be_active: Dict[str, int] = {}
         over: Dict[str, int] = {}
+        redirects: Dict[str, int] = {}  # per service (namespace, service), as documented
         for view in snap.frontends.values():
             p, labels = view.programmed, view.labels
             if p is None or not labels:
@@ -175,6 +176,9 @@ class DatapathCollector(Collector):
             if p.limits != (0, 0):  # only limited frontends: the series stay bounded
                 over[labels] = over.get(labels, 0) + \
                     overflows.get(p.svc_id, {}).get("value", 0)
+            if st is not None and st["proxy_redirects"]:
+                redirects[view.service_labels] = redirects.get(view.service_labels, 0) \
+                    + st["proxy_redirects"]
             if per_backend:
                 for (address, port), ident in p.backend_ids.items():
                     bl = f'{view.service_labels},backend="{backend_label(address, port)}"'
@@ -190,7 +194,10 @@ class DatapathCollector(Collector):
                      refused),
                _text("nodemesh_connection_limit_overflows", "counter",
                      "Connections refused (ECONNREFUSED) by connectionLimits: every backend at "
-                     "maxConnectionsPerBackend, or the service at maxConnections", over)]
+                     "maxConnectionsPerBackend, or the service at maxConnections", over),
+               _text("nodemesh_proxy_redirects", "counter",
+                     "TCP connects sent to the node-local proxy instead of a backend",
+                     redirects)]
         if per_backend:
             out.append(_text("nodemesh_backend_active_connections", "gauge",
                              "TCP connections from this node to the backend, established or "

@@ -107,6 +107,9 @@ class Service:
     outlier_detection: Optional[OutlierDetection] = None
     panic_threshold_percent: int = 50  # below this share of healthy backends, use them all
     terminate_connections_on_removal: bool = False  # also kill TCP (UDP always) to removed
+    # TCP connects to the service go to a node-local proxy on this port instead (bpf/lib/
+    # proxy.h). None: the node's --proxy-port, if any; 0: never (per-service opt-out).
+    proxy_port: Optional[int] = None
     labels: Tuple[Tuple[str, str], ...] = field(default=(), compare=True)
     maglev_table_size: int = 16381  # rows of each frontend's table (algorithm: maglev)
     # Traffic that enters the node (the TC path): externalIPs and loadBalancerIPs are further

@@ -221,7 +221,7 @@ def _policy_key(fe: FrontendId, identity: int) -> bytes:
 
 
 class PolicyTable:
-    """The one writer of identities, identity_keys, policy and mesh_config. apply() writes
+    """The one writer of identities, identity_keys, policy and policy_config. apply() writes
     the difference from what it wrote last (or found pinned at start): new and changed
     entries first, then removals, so a frontend never passes through an empty policy."""
 
@@ -257,8 +257,8 @@ class PolicyTable:
                    lambda v: bytes(m.Identity(*v)))
         self._sync("policy", self._policy, want_pol, lambda k: k,
                    lambda v: bytes(m.PolicyValue(*v)))
-        self.maps.update_packed("mesh_config", [bytes(m.u32(0))],
-                                [bytes(m.MeshConfig(c.opt_outs))])
+        self.maps.update_packed("policy_config", [bytes(m.u32(0))],
+                                [bytes(m.PolicyConfig(c.opt_outs))])
         self.compiled = c
         return c
 

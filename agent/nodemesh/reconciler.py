@@ -118,6 +118,7 @@ class DesiredFrontend:
     maglev_table_size: int = 0                   # rows of its Maglev table; 0: no table
     flags: int = 0                               # further master flags (SVC_F_EXT_LOCAL)
     limits: Tuple[int, int] = (0, 0)             # connectionLimits: per backend, per frontend
+    proxy_port: Optional[int] = None             # Service.proxy_port (TCP frontends only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,7 @@ class ProgrammedFrontend:
     maglev_rows: int = 0                   # size of its Maglev table in the kernel; 0: none
     flags: int = 0
     limits: Tuple[int, int] = (0, 0)
+    proxy_port: Optional[int] = None
 
     @property
     def slot_count(self) -> int:
@@ -290,7 +292,8 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
                                    svc.algorithm, backends, why, len(svc.backends), affinity,
                                    svc.terminate_connections_on_removal,
                                    maglev_table_size=svc.maglev_table_size
-                                   if svc.algorithm == "maglev" else 0, limits=limits)
+                                   if svc.algorithm == "maglev" else 0, limits=limits,
+                                   proxy_port=svc.proxy_port if sp.protocol == "TCP" else None)
     out.update(external_frontends(svc, ctx, affinity))
     return out
 
@@ -486,7 +489,8 @@ class Reconciler:
                 master.revision, ids, backend_ids, damaged=damaged, count=master.count,
                 affinity_timeout=master.affinity_timeout
                 if master.flags & m.SVC_F_AFFINITY else 0, maglev_rows=rows,
-                flags=master.flags & ~m.SVC_F_AFFINITY,
+                flags=master.flags & ~(m.SVC_F_AFFINITY | m.SVC_F_PROXY_OFF),
+                proxy_port=_proxy_port(master),
                 limits=(master.max_conns_per_backend, master.max_conns))
             self._refer(fk, backend_ids, +1)
             self._mark(fk)
@@ -634,7 +638,7 @@ class Reconciler:
         table_rows = d.maglev_table_size if any(w > 0 for _, _, w in d.backends) else 0
         if old and not old.damaged and old.algorithm == d.algorithm and \
                 old.affinity_timeout == d.affinity_timeout and old.flags == d.flags and \
-                old.limits == d.limits and \
+                old.limits == d.limits and old.proxy_port == d.proxy_port and \
                 len(ids) == len(d.backends) and old.maglev_rows == table_rows:
             if tuple(ids[(d.backends[i][0], d.backends[i][1])] for i in seq) == old.slots:
                 return None
@@ -663,7 +667,7 @@ class Reconciler:
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
                                  affinity_timeout=d.affinity_timeout, maglev_rows=table_rows,
-                                 flags=d.flags, limits=d.limits)
+                                 flags=d.flags, limits=d.limits, proxy_port=d.proxy_port)
         self.maglev_rows += more_rows  # reserved now, given back if the change fails
         return _Change(old, new, new_ids, dropped, old is None)
 
@@ -751,9 +755,11 @@ class Reconciler:
         master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
                                              m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
                                              (m.SVC_F_AFFINITY if c.new.affinity_timeout else 0)
-                                             | c.new.flags,
+                                             | c.new.flags
+                                             | (m.SVC_F_PROXY_OFF if c.new.proxy_port == 0
+                                                else 0),
                                              c.new.affinity_timeout, c.new.maglev_rows,
-                                             *c.new.limits)
+                                             *c.new.limits, proxy_port=c.new.proxy_port or 0)
                          for c in changes]
         done = len(master_keys)
         try:
@@ -945,6 +951,13 @@ class Reconciler:
         for svc in services:
             self.set_service(svc.key, service_frontends(svc, ctx), watched_endpoints(svc))
         return self.reconcile(force=True)
+
+
+def _proxy_port(master: m.SvcValue) -> Optional[int]:
+    """A master's proxy setting as Service.proxy_port: 0 opted out, None the node default."""
+    if master.flags & m.SVC_F_PROXY_OFF:
+        return 0
+    return m.port_host(master.proxy_port) or None
 
 
 def _svc_key(ident: Tuple[Any, ...], slot: int) -> bytes:

@@ -1,7 +1,7 @@
 /* lib/policy.h — L4 authorization of a connect() or unconnected sendto() to a frontend.
  *
  * Reads:  policy ((frontend, identity) -> verdict, compiled by the agent), identities,
- *         mesh_config
+ *         policy_config
  * Writes: per-CPU policy_stats (per frontend: denied, audited)
  *
  * The agent compiles the rules (Istio semantics: DENY wins; when an ALLOW applies to a
@@ -43,7 +43,7 @@ struct nm_policy_stats {
 	__u64 audited;
 };
 
-struct nm_mesh_config {
+struct nm_policy_config {
 	__u32 opt_out_workloads; /* identities entries with NM_IDENTITY_F_NO_SOCKET_LB */
 	__u32 pad;
 };
@@ -52,8 +52,8 @@ BPF_F_TABLE("hash:" NM_PIN_DIR "/policy", struct nm_policy_key, struct nm_policy
 	    NM_MAX_POLICY, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/policy_stats", struct nm_policy_key,
 	    struct nm_policy_stats, policy_stats, NM_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("array", u32, struct nm_mesh_config, mesh_config, 1,
-		 NM_PIN_DIR "/mesh_config");
+BPF_TABLE_PINNED("array", u32, struct nm_policy_config, policy_config, 1,
+		 NM_PIN_DIR "/policy_config");
 
 #define NM_POLICY_PASS 0    /* go on balancing */
 #define NM_POLICY_DENIED 1  /* refuse with EPERM */
@@ -72,7 +72,7 @@ static __always_inline int nm_policy_decide(struct nm_svc_key *key)
 	pk.family = key->family;
 	struct nm_policy_value *def = policy.lookup(&pk);
 	u32 zero = 0;
-	struct nm_mesh_config *cfg = mesh_config.lookup(&zero);
+	struct nm_policy_config *cfg = policy_config.lookup(&zero);
 	int opt_outs = cfg && cfg->opt_out_workloads;
 	if (!def && !opt_outs)
 		return NM_POLICY_PASS; /* the common case: one lookup, no identity walk */

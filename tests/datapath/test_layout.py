@@ -42,6 +42,9 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("spec", [s for s in m.MAPS if s.map_type != bpfsys.MAP_TYPE_SK_STORAGE],
                          ids=lambda s: s.name)
 def test_python_mirror_matches_bcc_generated_types(compiled, spec):
+    if spec.map_type == bpfsys.MAP_TYPE_SOCKHASH:
+        pytest.skip("BCC's Python has no table class for a sockhash; its key is checked in "
+                    "tests/datapath/test_mesh_layout.py")
     table = compiled.bpf[spec.name.encode()]
     assert _layout(spec.key) == _layout(table.Key)
     leaf = table.Leaf
@@ -90,6 +93,7 @@ def python_constants():
         "NM_SLOT_INDEX_MASK": m.SLOT_INDEX_MASK,
         "NM_SVC_F_AFFINITY": m.SVC_F_AFFINITY,
         "NM_SVC_F_EXT_LOCAL": m.SVC_F_EXT_LOCAL,
+        "NM_SVC_F_PROXY_OFF": m.SVC_F_PROXY_OFF,
         "NM_BACKEND_ACTIVE": m.BACKEND_ACTIVE,
         "NM_BACKEND_TERMINATING": m.BACKEND_TERMINATING,
         "NM_BACKEND_QUARANTINED": m.BACKEND_QUARANTINED,

@@ -182,7 +182,7 @@ def test_cleanup_detaches_everything_and_removes_every_pin_idempotently(lab, age
     agent.write_config(config_yaml(web(lab)))
     agent.start()
     prog_ids = {h["prog_id"] for h in agent.status()["datapath"]["hooks"]}
-    assert len(_our_programs(lab)) == 9  # 8 sock_addr hooks + sockops
+    assert len(_our_programs(lab)) == 10  # 8 sock_addr hooks, sockops and getsockopt
     agent.stop()
     res = cli("cleanup", "--bpffs", lab.bpffs, check=True)
     assert "detached connect4" in res.stdout

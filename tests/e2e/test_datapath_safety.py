@@ -90,7 +90,7 @@ def test_cleanup_refuses_while_an_agent_owns_the_folder_and_force_overrides(lab,
     assert "detached connect4" in res.stdout
     wait_serving(lab, agent)
     assert agent.proc.poll() is None and agent.status()["ready"] is True
-    assert len(link_ids(agent)) == 9
+    assert len(link_ids(agent)) == 10  # with getsockopt (sk_msg only with --accelerate-local)
 
 
 # -- an agent whose hooks are gone (defect 5) -----------------------------------------------

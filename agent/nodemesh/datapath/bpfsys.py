@@ -12,7 +12,7 @@ import errno
 import os
 import platform
 from functools import lru_cache
-from typing import Optional
+from typing import List, Optional
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -45,6 +45,9 @@ MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_ARRAY_OF_MAPS = 12
 F_INNER_MAP = 1 << 12  # an inner map of any max_entries fits its outer map
 MAP_TYPE_SK_STORAGE = 24
+MAP_TYPE_SOCKHASH = 18
+MAP_GET_NEXT_KEY = 4
+LINK_TYPE_SOCKMAP = 14
 
 
 class BPFError(OSError):
@@ -187,6 +190,33 @@ class _GetFdByIdAttr(ctypes.Structure):
 
 def map_fd_by_id(map_id: int) -> int:
     return bpf(MAP_GET_FD_BY_ID, _GetFdByIdAttr(id=map_id))
+def map_keys(fd: int, key_size: int) -> List[bytes]:
+    """Every key of a map, with GET_NEXT_KEY: for maps without batch ops (sockhash)."""
+    out: List[bytes] = []
+    bufs = [ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)]
+    prev = 0  # NULL: the first key
+    while True:
+        nxt = bufs[len(out) % 2]  # the other buffer still holds prev
+        try:
+            bpf(MAP_GET_NEXT_KEY, _ElemAttr(map_fd=fd, key=prev, value=ctypes.addressof(nxt)))
+        except BPFError as e:
+            if e.errno == errno.ENOENT:
+                return out
+            raise
+        out.append(nxt.raw)
+        prev = ctypes.addressof(nxt)
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete one key; False if it was not there."""
+    buf = ctypes.create_string_buffer(key, len(key))
+    try:
+        bpf(MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(buf)))
+        return True
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
 
 
 class _BatchAttr(ctypes.Structure):

@@ -58,7 +58,7 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
     for hook in HOOKS:
         fn = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type)
         progs[hook.name] = fn.fd
-    # By fd, not bpf[name]: BCC's Python Table has no class for sk_storage maps.
+    # By fd, not bpf[name]: BCC's Python Table has no class for sk_storage or sockhash maps.
     maps = {spec.name: lib.bpf_table_fd(bpf.module, spec.name.encode()) for spec in MAPS}
     maps[RINGBUF] = bpf[RINGBUF.encode()].map_fd
     return bpf, progs, maps, time.monotonic() - started

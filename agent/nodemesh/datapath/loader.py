@@ -37,6 +37,8 @@ BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
 
 BPF_PROG_TYPE_SOCK_OPS = 13
+BPF_PROG_TYPE_SK_MSG = 16
+BPF_PROG_TYPE_CGROUP_SOCKOPT = 25
 CHECK_SECONDS = 2.0  # how often a running agent checks that its hooks and pins are in place
 
 
@@ -46,6 +48,7 @@ class Hook:
     function: str   # C function in sock_lb.c
     attach_type: int
     prog_type: int = BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+    target_map: str = ""  # attached to this map (a sockmap link), not to the cgroup
 
 
 HOOKS = (
@@ -58,7 +61,21 @@ HOOKS = (
     Hook("getpeername4", "nm_getpeername4", 29),
     Hook("getpeername6", "nm_getpeername6", 30),
     Hook("sockops", "nm_sockops", 3, BPF_PROG_TYPE_SOCK_OPS),
+    Hook("getsockopt", "nm_getsockopt", 21, BPF_PROG_TYPE_CGROUP_SOCKOPT),
+    # --accelerate-local only (bpf/lib/accel.h): a sockmap link on the pinned sockhash.
+    Hook("sk_msg", "nm_sk_msg", 7, BPF_PROG_TYPE_SK_MSG, target_map="accel_socks"),
 )
+
+
+def _link_target(info: bpfsys.LinkInfo) -> int:
+    """The cgroup id of a cgroup link, or the map id of a sockmap link (whose info union
+    holds map_id and attach_type as two u32 where a cgroup link has its u64 cgroup_id)."""
+    return info.cgroup_id & 0xFFFFFFFF if info.type == bpfsys.LINK_TYPE_SOCKMAP \
+        else info.cgroup_id
+
+
+def _link_attach_type(info: bpfsys.LinkInfo) -> int:
+    return info.cgroup_id >> 32 if info.type == bpfsys.LINK_TYPE_SOCKMAP else info.attach_type
 
 
 class DatapathError(Exception):
@@ -175,8 +192,9 @@ class Datapath:
     """Loads the programs against the pinned maps and keeps the hooks attached to one cgroup."""
 
     def __init__(self, bpffs: str = DEFAULT_BPFFS, cgroup: Optional[str] = None,
-                 sizes: MapSizes = MapSizes()):
+                 sizes: MapSizes = MapSizes(), accelerate: bool = False):
         self.bpffs = os.path.realpath(bpffs)
+        self.accelerate = accelerate  # attach the sk_msg program (--accelerate-local)
         self.cgroup = cgroup
         self.sizes = sizes
         self.bpf = None
@@ -278,9 +296,20 @@ class Datapath:
         cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for hook in HOOKS:
-                self._attach_one(hook, cg_fd, want_cgid, cgroup)
+                if not hook.target_map:
+                    self._attach_one(hook, cg_fd, want_cgid, cgroup)
+                elif self.accelerate:
+                    assert self.maps is not None
+                    self._attach_one(hook, self.maps.fd(hook.target_map),
+                                     self._map_ids[hook.target_map], hook.target_map)
+                else:
+                    _detach_pinned(os.path.join(self.bpffs, "links", hook.name))
         finally:
             os.close(cg_fd)
+
+    def hooks(self) -> List[Hook]:
+        """The hooks this agent keeps attached."""
+        return [h for h in HOOKS if self.accelerate or not h.target_map]
 
     def _attach_one(self, hook: Hook, cg_fd: int, want_cgid: int, cgroup: str) -> None:
         pin = os.path.join(self.bpffs, "links", hook.name)
@@ -289,13 +318,14 @@ class Datapath:
             link_fd = bpfsys.obj_get(pin)
             try:
                 info = bpfsys.link_info(link_fd)
-                if info.cgroup_id == want_cgid and info.attach_type == hook.attach_type:
+                if _link_target(info) == want_cgid and \
+                        _link_attach_type(info) == hook.attach_type:
                     bpfsys.link_update(link_fd, prog_fd)
                     log.debug("hook %s: swapped program into existing link %d", hook.name,
                               info.id)
                     return
-                log.warning("hook %s: pinned link is on another cgroup (id %d); moving it to %s",
-                            hook.name, info.cgroup_id, cgroup)
+                log.warning("hook %s: pinned link is on another cgroup or map (id %d); moving "
+                            "it to %s", hook.name, _link_target(info), cgroup)
                 bpfsys.link_detach(link_fd)
             finally:
                 bpfsys.close(link_fd)
@@ -334,7 +364,8 @@ class Datapath:
             cgid = bpfsys.cgroup_id(self.cgroup)
         except FileNotFoundError:
             return problems + [f"cgroup {self.cgroup} is gone"]
-        for hook in HOOKS:
+        for hook in self.hooks():
+            want = (self._map_ids[hook.target_map] if hook.target_map else cgid, hook.attach_type)
             try:
                 fd = bpfsys.obj_get(os.path.join(self.bpffs, "links", hook.name))
             except bpfsys.BPFError:
@@ -344,8 +375,9 @@ class Datapath:
                 info = bpfsys.link_info(fd)
             finally:
                 bpfsys.close(fd)
-            if (info.cgroup_id, info.attach_type) != (cgid, hook.attach_type):
-                problems.append(f"hook {hook.name} is no longer attached to {self.cgroup}")
+            if (_link_target(info), _link_attach_type(info)) != want:
+                problems.append(f"hook {hook.name} is no longer attached to "
+                                f"{hook.target_map or self.cgroup}")
         return problems
 
     def repair(self) -> None:
@@ -412,11 +444,26 @@ def attachments(bpffs: str = DEFAULT_BPFFS) -> List[Dict[str, object]]:
         fd = bpfsys.obj_get(pin)
         try:
             info = bpfsys.link_info(fd)
+            target = _link_target(info)
             out.append({"hook": hook.name, "link_id": info.id, "prog_id": info.prog_id,
-                        "cgroup_id": info.cgroup_id, "attached": info.cgroup_id != 0})
+                        "map_id" if hook.target_map else "cgroup_id": target,
+                        "attached": target != 0})
         finally:
             bpfsys.close(fd)
     return out
+
+
+def _detach_pinned(pin: str) -> None:
+    """Detach and unpin one link pin, if there is one (--accelerate-local turned off)."""
+    if not os.path.exists(pin):
+        return
+    fd = bpfsys.obj_get(pin)
+    try:
+        bpfsys.link_detach(fd)
+    finally:
+        bpfsys.close(fd)
+    os.unlink(pin)
+    log.info("detached %s", os.path.basename(pin))
 
 
 def cleanup(bpffs: str = DEFAULT_BPFFS, force: bool = False) -> List[str]:
@@ -465,6 +512,28 @@ def _check_marker(folder: str) -> None:
                             f"this one is {ABI_VERSION}); clean it up with that version")
 
 
+def _stop_acceleration(real: str) -> List[str]:
+    """Turn sk_msg redirects off for good. Sockets accelerated now stay in the unpinned
+    sockhash until they close (each holds the sk_msg program, which holds the map), and with
+    accelerate cleared their next messages take TCP; what was queued is read first, in order
+    (bpf/lib/accel.h)."""
+    from .maps import MeshConfig
+
+    try:
+        cfg_fd = bpfsys.obj_get(os.path.join(real, "mesh_config"))
+    except bpfsys.BPFError:
+        return []
+    try:
+        cfg = MeshConfig()
+        if not bpfsys.map_lookup(cfg_fd, u32(0), cfg) or not cfg.accelerate:
+            return []
+        cfg.accelerate = 0
+        bpfsys.map_update(cfg_fd, u32(0), cfg)
+    finally:
+        bpfsys.close(cfg_fd)
+    return ["stopped acceleration"]
+
+
 def _remove_pins(real: str) -> List[str]:
     done: List[str] = []
     links_dir = os.path.join(real, "links")
@@ -472,6 +541,7 @@ def _remove_pins(real: str) -> List[str]:
     links = sorted(os.listdir(links_dir)) if os.path.isdir(links_dir) else []
     if [e for e in entries if e != "links"] or links:  # empty folders hold nothing to lose
         _check_marker(real)
+    done += _stop_acceleration(real)
     left = []
     hooks = {h.name for h in HOOKS}
     for name in links:

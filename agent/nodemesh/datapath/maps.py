@@ -44,6 +44,7 @@ COUNTER_NAMES = {0: "slot_miss", 1: "backend_miss", 2: "revnat_failed", 3: "revn
 SVC_F_AFFINITY = 0x1
 COUNTER_SLOTS = 9
 SVC_F_EXT_LOCAL = 0x2  # TC path: externalTrafficPolicy Local (no SNAT)
+SVC_F_PROXY_OFF = 0x4  # never redirect to the node-local proxy (per-service opt-out)
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
@@ -55,7 +56,7 @@ class SvcKey(ctypes.Structure):
 
 class SvcValue(ctypes.Structure):
     _fields_ = [("backend_id", u32), ("svc_id", u32), ("count", u16), ("bank", u8),
-                ("algorithm", u8), ("flags", u16), ("pad", u16), ("revision", u32),
+                ("algorithm", u8), ("flags", u16), ("proxy_port", u16), ("revision", u32),
                 ("affinity_timeout", u32), ("max_conns_per_backend", u32), ("max_conns", u32)]
 
 
@@ -74,7 +75,7 @@ class RevnatValue(ctypes.Structure):
 
 
 class SvcStats(ctypes.Structure):
-    _fields_ = [("connections", u64), ("no_backend", u64)]
+    _fields_ = [("connections", u64), ("no_backend", u64), ("proxy_redirects", u64)]
 
 
 class BackendStats(ctypes.Structure):
@@ -140,8 +141,35 @@ class PolicyStats(ctypes.Structure):
     _fields_ = [("denied", u64), ("audited", u64)]
 
 
-class MeshConfig(ctypes.Structure):
+class PolicyConfig(ctypes.Structure):
     _fields_ = [("opt_out_workloads", u32), ("pad", u32)]
+
+
+# bpf/lib/proxy.h and bpf/lib/accel.h (the redirect to a node-local proxy, sockmap acceleration)
+class MeshConfig(ctypes.Structure):
+    _fields_ = [("proxy_uid", u32), ("proxy_port", u16), ("accelerate", u8),
+                ("proxy_cgroup_level", u8), ("proxy_cgroup_id", u64)]
+
+
+class OrigdstKey(ctypes.Structure):
+    _fields_ = [("netns", u64), ("addr", u32 * 4), ("port", u16), ("proxy_port", u16),
+                ("family", u8), ("pad", u8 * 7)]
+
+
+class Origdst(ctypes.Structure):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("family", u8), ("pad", u8), ("svc_id", u32)]
+
+
+class SockKey(ctypes.Structure):
+    _fields_ = [("local", u32 * 4), ("remote", u32 * 4), ("local_port", u32),
+                ("remote_port", u32), ("netns", u64), ("family", u8), ("pad", u8 * 7)]
+
+
+ACCEL_COUNTER_NAMES = {0: "redirected_bytes", 1: "redirected_messages", 2: "fallbacks",
+                       3: "sockets_added"}
+ACCEL_COUNTER_SLOTS = 4
+MAX_ORIGDST = 65536
+MAX_ACCEL_SOCKETS = 65536
 
 
 class Info(ctypes.Structure):
@@ -188,7 +216,12 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("policy", bpfsys.MAP_TYPE_HASH, PolicyKey, PolicyValue, "", MAX_POLICY),
     MapSpec("policy_stats", bpfsys.MAP_TYPE_PERCPU_HASH, PolicyKey, PolicyStats,
             "NM_MAX_FRONTENDS"),
+    MapSpec("policy_config", bpfsys.MAP_TYPE_ARRAY, u32, PolicyConfig, "", 1),
     MapSpec("mesh_config", bpfsys.MAP_TYPE_ARRAY, u32, MeshConfig, "", 1),
+    MapSpec("proxy_origdst", bpfsys.MAP_TYPE_LRU_HASH, OrigdstKey, Origdst, "", MAX_ORIGDST),
+    MapSpec("accel_socks", bpfsys.MAP_TYPE_SOCKHASH, SockKey, ctypes.c_int, "",
+            MAX_ACCEL_SOCKETS),
+    MapSpec("accel_stats", bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, u64, "", ACCEL_COUNTER_SLOTS),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
@@ -300,16 +333,17 @@ def pack_svc_key(prefix: bytes, slot: int) -> bytes:
 
 
 def pack_slot_value(backend_id: int) -> bytes:
-    return _SVC_VALUE.pack(backend_id, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    return _SVC_VALUE.pack(backend_id, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def pack_master_value(svc_id: int, count: int, bank: int, algorithm: int,
                       revision: int, flags: int = 0, affinity_timeout: int = 0,
                       maglev_rows: int = 0, max_conns_per_backend: int = 0,
-                      max_conns: int = 0) -> bytes:
+                      max_conns: int = 0, proxy_port: int = 0) -> bytes:
     """A master entry; a maglev master carries its table's row count in backend_id."""
-    return _SVC_VALUE.pack(maglev_rows, svc_id, count, bank, algorithm, flags, revision,
-                           affinity_timeout, max_conns_per_backend, max_conns)
+    return _SVC_VALUE.pack(maglev_rows, svc_id, count, bank, algorithm, flags,
+                           port_be(proxy_port), revision, affinity_timeout,
+                           max_conns_per_backend, max_conns)
 
 
 def pack_endpoint_key(address: str, port: int) -> bytes:
@@ -375,6 +409,8 @@ class Maps:
         yield from bpfsys.map_lookup_batch(self.fds[name], spec.key, value)
 
     def count(self, name: str) -> int:
+        if MAP_BY_NAME[name].map_type == bpfsys.MAP_TYPE_SOCKHASH:  # no batch ops on sockets
+            return len(bpfsys.map_keys(self.fds[name], ctypes.sizeof(MAP_BY_NAME[name].key)))
         return sum(1 for _ in self.items(name))
 
     def percpu_sums(self, name: str) -> Dict[int, Dict[str, int]]:
