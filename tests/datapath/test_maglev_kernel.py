@@ -177,7 +177,7 @@ def test_sessions_fall_back_to_the_slots_when_a_table_is_missing(lab, datapath):
     svc = maglev_service(lab, lab.backends)
     datapath.apply([svc])
     fk = FrontendKey(4, svc.vip, 80, "TCP")
-    datapath.tables.remove(datapath.programmed[fk].svc_id)  # as if it were lost
+    datapath.tables.remove([datapath.programmed[fk].svc_id])  # as if it were lost
     r = lab.client(["tcp", "--target", f"{svc.vip}:80", "--count", "30"])
     assert r["failed"] == 0 and r["ok"] == 30
     assert datapath.maps.counters()["maglev_miss"] == 30

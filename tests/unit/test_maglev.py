@@ -272,3 +272,17 @@ def test_the_node_limit_on_maglev_rows_refuses_a_table_with_a_clear_error():
     assert "past its limit of 2000 Maglev rows (1021 in use)" in errors[0]
     assert "smaller maglev.tableSize" in errors[0]
     assert rec.maglev_rows == 1021
+
+
+def test_a_failed_swap_keeps_the_previous_table_and_the_retry_succeeds():
+    maps = FakeMaps()
+    rec = Reconciler(maps)
+    rec.apply([service()])
+    before = kernel_table(maps, rec)
+    maps.fail("swap", "maglev")
+    result = rec.apply([service(("10.1.0.1", "10.1.0.2"))])
+    assert result.failed == 1 and kernel_table(maps, rec) == before
+    assert sorted(a for a, _ in maps.serving(FK)) == ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
+    rec.reconcile(force=True)
+    assert kernel_table(maps, rec) == expected(("10.1.0.1", "10.1.0.2"), 1021)
+    maps.serving(FK)
