@@ -220,6 +220,10 @@ class FakeTables:
     def adopt(self, svc_id: int) -> Optional[Sequence[int]]:
         return self.kernel_rows(svc_id)
 
+    def size(self, svc_id: int) -> Optional[int]:
+        t = self.outer.get(svc_id)
+        return None if t is None else len(self.rows[t])
+
     def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
         t = self.outer.get(svc_id)
         return None if t is None else list(self.rows[t])

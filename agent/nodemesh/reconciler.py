@@ -880,6 +880,10 @@ class Reconciler:
                              f"{(p.svc_id, p.slot_count, p.bank)}")
                 self.programmed[fk] = replace(p, damaged=True)
                 self._mark(fk)
+            elif p.maglev_rows and self.tables.size(p.svc_id) != p.maglev_rows:
+                drift.append(f"{fk}: its Maglev table is missing or of another size")
+                self.programmed[fk] = replace(p, damaged=True)
+                self._mark(fk)
         unknown = [_svc_key(ident, 0) for ident in kernel]
         if unknown:
             drift.append(f"{len(unknown)} frontends in the kernel that nobody wants: deleted")

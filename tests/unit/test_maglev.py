@@ -286,3 +286,15 @@ def test_a_failed_swap_keeps_the_previous_table_and_the_retry_succeeds():
     rec.reconcile(force=True)
     assert kernel_table(maps, rec) == expected(("10.1.0.1", "10.1.0.2"), 1021)
     maps.serving(FK)
+
+
+def test_prune_finds_a_lost_table_and_the_next_round_rewrites_it():
+    maps = FakeMaps()
+    rec = Reconciler(maps)
+    rec.apply([service()])
+    maps.tables.remove([rec.programmed[FK].svc_id])  # lost behind the agent's back
+    drift = rec.prune()
+    assert any("Maglev table is missing" in d for d in drift)
+    rec.reconcile(force=True)
+    assert kernel_table(maps, rec) == expected(("10.1.0.1", "10.1.0.2", "10.1.0.3"), 1021)
+    assert rec.prune() == []

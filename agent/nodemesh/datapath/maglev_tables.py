@@ -122,6 +122,17 @@ class KernelTables:
         """The rows of the table a previous agent left for svc_id, or None."""
         return self.kernel_rows(svc_id)
 
+    def size(self, svc_id: int) -> Optional[int]:
+        """Rows of the table the datapath reads for svc_id, or None (for prune)."""
+        fd = _open(self.outer_fd, svc_id)
+        if fd is None:
+            return None
+        try:
+            rows = bpfsys.map_info(fd).max_entries
+            return None if rows == 1 else rows
+        finally:
+            bpfsys.close(fd)
+
     def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
         """The rows the datapath reads for svc_id now, straight from the kernel; None when it
         has no table (an empty entry, or the 1-row empty table)."""
