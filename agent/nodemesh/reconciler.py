@@ -63,6 +63,7 @@ ID_QUARANTINE = 10.0                 # seconds before a freed id is handed out a
 # Maglev rows all tables may hold (4 bytes each in the kernel, twice with the spares): 64 MiB,
 # e.g. 1,024 frontends at the default 16,381 rows or 50,000 at 331 rows.
 MAGLEV_MAX_ROWS = 1 << 24
+TABLE_BATCH = 1024  # Maglev tables staged (fds open) before they are swapped in
 
 
 class CapacityError(Exception):
@@ -640,22 +641,33 @@ class Reconciler:
         return [ids[i] for i in rows]
 
     def _swap_tables(self, changes: List[_Change]) -> int:
-        """Step 3b: each maglev frontend's new table is staged, then all are swapped in (one
-        outer-map write each, in one batch) before their masters. The rows name only backends
-        that exist from step 2 until step 5, so a reader of an old master and a new table is
-        still served. Returns the rows written; on failure no new table serves."""
-        svc_ids: List[int] = []
+        """Step 3b: each maglev frontend's new table is staged, then swapped in (one outer-map
+        write each, batched: every batch waits one RCU grace period) before their masters.
+        The rows name only backends that exist from step 2 until step 5, so a reader of an
+        old master and a new table is still served. Returns the rows written; on failure no
+        new table serves. A staged table is an open fd: batches of TABLE_BATCH keep the
+        agent within its open-file limit."""
+        staged: List[int] = []
+        swapped: List[_Change] = []
+        batch: List[_Change] = []
         writes = 0
         try:
             for c in changes:
                 if c.new.maglev_rows:
                     writes += self.tables.stage(c.new.svc_id, self._table_rows(c.new))
-                    svc_ids.append(c.new.svc_id)
-            self.tables.commit(svc_ids)
+                    staged.append(c.new.svc_id)
+                    batch.append(c)
+                    if len(staged) >= TABLE_BATCH:
+                        self.tables.commit(staged)
+                        swapped += batch
+                        staged, batch = [], []
+            self.tables.commit(staged)
+            swapped += batch
         except OSError:
-            self.tables.unstage(svc_ids)
+            self.tables.unstage(staged)
+            self._revert_tables(swapped)
             raise
-        return writes + len(svc_ids)
+        return writes + len(swapped)
 
     def _revert_tables(self, changes: List[_Change]) -> None:
         svc_ids = [c.new.svc_id for c in changes if c.new.maglev_rows]

@@ -147,26 +147,30 @@ def test_each_client_netns_sticks_to_one_backend_and_many_split_evenly(lab, data
     assert datapath.maps.counters()["maglev_miss"] == 0
 
 
-def test_table_swaps_under_load_fail_no_connection_and_never_show_a_partial_table(lab, datapath):
+def test_table_swaps_under_load_fail_no_connection_and_never_show_a_partial_table(
+        lab, datapath, tmp_path):
     servers = lab.backends[:3]
     sets = [servers, servers[:2], servers[1:], [servers[0], servers[2]]]
     datapath.apply([maglev_service(lab, servers, size=16381)])
+    stop = tmp_path / "stop"
     result = {}
 
-    def load():
-        result.update(lab.client(["tcp", "--target", f"{lab.vip4(10)}:80", "--count", "1500",
-                                  "--concurrency", "4", "--max-seconds", "40"]))
+    def load():  # bounded: until the swaps are done, at most 60 s and 100,000 connections
+        result.update(lab.client(["tcp", "--target", f"{lab.vip4(10)}:80", "--count", "100000",
+                                  "--concurrency", "4", "--stop-file", str(stop),
+                                  "--max-seconds", "60"]))
 
     t = threading.Thread(target=load)
     t.start()
-    swaps = 0
-    while t.is_alive() and swaps < 200:
-        datapath.apply([maglev_service(lab, sets[swaps % len(sets)], size=16381)])
-        swaps += 1
-    t.join()
-    assert swaps >= 10, "the load ended before the tables were swapped a few times"
+    try:
+        for swap in range(16):
+            datapath.apply([maglev_service(lab, sets[(swap + 1) % len(sets)], size=16381)])
+            assert t.is_alive(), "the load ended before the swaps did"
+    finally:
+        stop.touch()
+        t.join()
     assert result["failed"] == 0, result["errors"]
-    assert result["ok"] == 1500
+    assert result["ok"] > 16
     # A connect that met a half-written or missing table would have counted a miss (a fresh
     # table's unwritten rows name backend 0, which is never an id).
     assert datapath.maps.counters()["maglev_miss"] == 0
