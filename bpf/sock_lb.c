@@ -126,26 +126,26 @@ static __always_inline struct nm_backend *select_backend(void *ctx, struct nm_sv
 			if (kept)
 				return kept;
 		}
-		u32 backend_id = 0;
-		if (master->algorithm == NM_ALG_MAGLEV)
-			backend_id = maglev_pick(ctx, key, master);
-		if (!backend_id) { /* random, round robin, or a maglev table miss */
-			u32 index;
-			if (master->algorithm == NM_ALG_ROUND_ROBIN) {
-				u64 *pos = rr_state.lookup(&svc_id);
-				index = pos ? (u32)(__sync_fetch_and_add(pos, 1) % n) : 0;
-			} else {
-				index = bpf_get_prandom_u32() % n;
-			}
-			key->slot = ((u16)master->bank << NM_SLOT_BANK_SHIFT) |
-				    (u16)((index + 1) & NM_SLOT_INDEX_MASK);
-			struct nm_svc_value *slot = services.lookup(key);
-			if (!slot) {
-				count(NM_CTR_SLOT_MISS);
-				continue;
-			}
-			backend_id = slot->backend_id;
+		/* Maglev picks by table; a miss (no table, or a row beyond it) uses the slots. */
+		u32 backend_id = master->algorithm == NM_ALG_MAGLEV ? maglev_pick(ctx, key, master) : 0;
+		if (backend_id)
+			goto chosen;
+		u32 index;
+		if (master->algorithm == NM_ALG_ROUND_ROBIN) {
+			u64 *pos = rr_state.lookup(&svc_id);
+			index = pos ? (u32)(__sync_fetch_and_add(pos, 1) % n) : 0;
+		} else {
+			index = bpf_get_prandom_u32() % n;
 		}
+		key->slot = ((u16)master->bank << NM_SLOT_BANK_SHIFT) |
+			    (u16)((index + 1) & NM_SLOT_INDEX_MASK);
+		struct nm_svc_value *slot = services.lookup(key);
+		if (!slot) {
+			count(NM_CTR_SLOT_MISS);
+			continue;
+		}
+		backend_id = slot->backend_id;
+chosen:;
 		struct nm_backend *be = backends.lookup(&backend_id);
 		if (!be) {
 			count(NM_CTR_BACKEND_MISS);
