@@ -125,8 +125,8 @@ class FakeMaps:
 
 class FakeTables:
     """The Maglev tables of datapath/maglev_tables.py in memory: outer maps of svc_id -> table
-    number (`outer` is what the datapath reads, `spare` the parked tables), tables of rows. Faults: ("update", "maglev") fails a row write, ("swap", "maglev")
-    an outer-map write."""
+    number (`outer` is what the datapath reads, `spare` the parked tables), tables of rows.
+    Faults: ("update", "maglev") fails a row write, ("swap", "maglev") an outer-map batch."""
 
     def __init__(self, maps: FakeMaps):
         self.maps = maps
@@ -139,13 +139,14 @@ class FakeTables:
         self.rows_written = 0
 
     def stage(self, svc_id: int, rows: Sequence[int]) -> int:
-        spare = self.spare.pop(svc_id, None)
-        if spare is not None and len(self.rows[spare]) != len(rows):
-            del self.rows[spare]
-            spare = None
-        if spare is None:
+        """As the kernel's: the spare itself is written (it stays parked until commit), or a
+        fresh table when there is no spare of this size."""
+        spare = self.spare.get(svc_id)
+        fresh = spare is None or len(self.rows[spare]) != len(rows)
+        if fresh:
             spare, self._next = self._next, self._next + 1
             self.rows[spare] = [0] * len(rows)
+        assert spare is not None
         changed = [i for i, (a, b) in enumerate(zip(self.rows[spare], rows)) if a != b]
         if changed:
             self.maps.calls.append(("update", "maglev", len(changed)))
@@ -153,52 +154,75 @@ class FakeTables:
             if fault is not None:
                 for i in changed[:fault.after]:
                     self.rows[spare][i] = rows[i]
-                del self.rows[spare]
+                if fresh:
+                    del self.rows[spare]
                 raise self.maps._error(fault.err, fault.after)
         self.rows[spare] = list(rows)
         self.rows_written += len(changed)
+        self.unstage([svc_id])
         self._staged[svc_id] = spare
         return len(changed)
 
-    def _swap(self, svc_id: int, table: Optional[int]) -> None:
-        self.maps.calls.append(("swap", "maglev", 1))
+    def _swap(self, svc_ids: Sequence[int]) -> None:
+        """One batch write of the outer map (a fault fails it before any element)."""
+        self.maps.calls.append(("swap", "maglev", len(svc_ids)))
         fault = self.maps._fault("swap", "maglev")
         if fault is not None:
             raise self.maps._error(fault.err, 0)
-        if table is None:
-            self.outer.pop(svc_id, None)
-        else:
-            self.outer[svc_id] = table
 
-    def commit(self, svc_id: int) -> None:
-        table = self._staged.pop(svc_id)
+    def _drop(self, table: Optional[int]) -> None:
+        if table is not None and table not in self.outer.values() and \
+                table not in self.spare.values() and table not in self._staged.values():
+            self.rows.pop(table, None)
+
+    def commit(self, svc_ids: Sequence[int]) -> None:
+        if not svc_ids:
+            return
         try:
-            self._swap(svc_id, table)
+            self._swap(svc_ids)
         except OSError:
-            self.spare[svc_id] = table
+            for i in svc_ids:
+                self._drop(self._staged.pop(i))
             raise
-        old = self.active.get(svc_id)
-        self.active[svc_id] = table
-        if old is not None:
-            self.spare[svc_id] = old
+        for i in svc_ids:
+            old = self.outer.get(i)
+            self.outer[i] = self.active[i] = self._staged.pop(i)
+            previous_spare = self.spare.pop(i, None)
+            if old is not None:
+                self.spare[i] = old
+            self._drop(previous_spare)
 
-    def revert(self, svc_id: int) -> None:
-        new = self.active.pop(svc_id)
-        old = self.spare.pop(svc_id, None)
-        self._swap(svc_id, old)
-        if old is not None:
-            self.active[svc_id] = old
-        self.spare[svc_id] = new
+    def revert(self, svc_ids: Sequence[int]) -> None:
+        if not svc_ids:
+            return
+        self._swap(svc_ids)
+        for i in svc_ids:
+            new, old = self.outer.pop(i, None), self.spare.pop(i, None)
+            self.active.pop(i, None)
+            if old is not None:
+                self.outer[i] = self.active[i] = old
+            if new is not None:
+                self.spare[i] = new
 
-    def remove(self, svc_id: int) -> None:
-        self._swap(svc_id, None)
-        for d in (self.active, self.spare, self._staged):
-            t = d.pop(svc_id, None)
-            if t is not None:
-                del self.rows[t]
+    def unstage(self, svc_ids: Sequence[int]) -> None:
+        for i in svc_ids:
+            self._drop(self._staged.pop(i, None))
+
+    def remove(self, svc_ids: Sequence[int]) -> None:
+        if not svc_ids:
+            return
+        self._swap(svc_ids)
+        for i in svc_ids:
+            gone = [d.pop(i, None) for d in (self.outer, self.active, self.spare, self._staged)]
+            for t in gone:
+                self._drop(t)
 
     def adopt(self, svc_id: int) -> Optional[Sequence[int]]:
         return self.kernel_rows(svc_id)
+
+    def size(self, svc_id: int) -> Optional[int]:
+        t = self.outer.get(svc_id)
+        return None if t is None else len(self.rows[t])
 
     def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
         t = self.outer.get(svc_id)

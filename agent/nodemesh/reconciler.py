@@ -63,6 +63,7 @@ ID_QUARANTINE = 10.0                 # seconds before a freed id is handed out a
 # Maglev rows all tables may hold (4 bytes each in the kernel, twice with the spares): 64 MiB,
 # e.g. 1,024 frontends at the default 16,381 rows or 50,000 at 331 rows.
 MAGLEV_MAX_ROWS = 1 << 24
+TABLE_BATCH = 1024  # Maglev tables staged (fds open) before they are swapped in
 
 
 class CapacityError(Exception):
@@ -681,32 +682,42 @@ class Reconciler:
         return [ids[i] for i in rows]
 
     def _swap_tables(self, changes: List[_Change]) -> int:
-        """Step 3b: each maglev frontend's new table is staged and swapped in (one outer-map
-        write each) before its master. The rows name only backends that exist from step 2 until
-        step 5, so a reader of the old master and the new table is still served. Returns the
-        rows written; on failure the tables already swapped are swapped back."""
+        """Step 3b: each maglev frontend's new table is staged, then swapped in (one outer-map
+        write each, batched: every batch waits one RCU grace period) before their masters.
+        The rows name only backends that exist from step 2 until step 5, so a reader of an
+        old master and a new table is still served. Returns the rows written; on failure no
+        new table serves. A staged table is an open fd: batches of TABLE_BATCH keep the
+        agent within its open-file limit."""
+        staged: List[int] = []
         swapped: List[_Change] = []
+        batch: List[_Change] = []
         writes = 0
         try:
             for c in changes:
                 if c.new.maglev_rows:
                     writes += self.tables.stage(c.new.svc_id, self._table_rows(c.new))
-                    self.tables.commit(c.new.svc_id)
-                    swapped.append(c)
-                    writes += 1
+                    staged.append(c.new.svc_id)
+                    batch.append(c)
+                    if len(staged) >= TABLE_BATCH:
+                        self.tables.commit(staged)
+                        swapped += batch
+                        staged, batch = [], []
+            self.tables.commit(staged)
+            swapped += batch
         except OSError:
+            self.tables.unstage(staged)
             self._revert_tables(swapped)
             raise
-        return writes
+        return writes + len(swapped)
 
     def _revert_tables(self, changes: List[_Change]) -> None:
-        for c in changes:
-            if c.new.maglev_rows:
-                try:
-                    self.tables.revert(c.new.svc_id)
-                except (OSError, KeyError) as e:
-                    log.warning("%s: putting back its previous Maglev table failed (%s); its "
-                                "connections use the slots until the retry", c.new.key, e)
+        svc_ids = [c.new.svc_id for c in changes if c.new.maglev_rows]
+        try:
+            self.tables.revert(svc_ids)
+        except OSError as e:
+            log.warning("putting back the previous Maglev tables of %d frontends failed (%s); "
+                        "their connections use the slots until the retry", len(svc_ids),
+                        _reason(e))
 
     def _give_back_rows(self, changes: List[_Change]) -> None:
         for c in changes:
@@ -812,10 +823,9 @@ class Reconciler:
             for p in removed:
                 failed[p.key] = f"delete failed ({_reason(e)}); retried"
             return
+        self._remove_tables([p.svc_id for p in removed if p.maglev_rows])
         for p in removed:
-            if p.maglev_rows:
-                self._remove_table(p.key, p.svc_id)
-                self.maglev_rows -= p.maglev_rows
+            self.maglev_rows -= p.maglev_rows
             del self.programmed[p.key]
             self._refer(p.key, p.backend_ids, -1, result, p.desired)
             self.pending.discard(p.key)
@@ -832,17 +842,17 @@ class Reconciler:
             if c.old is not None:
                 slots.extend(c.old.key.slot_keys(c.old.bank, c.old.slot_count))
                 backends.extend(c.dropped_backend_ids)
-                if c.old.maglev_rows and not c.new.maglev_rows:
-                    self._remove_table(c.new.key, c.new.svc_id)
+        self._remove_tables([c.new.svc_id for c in committed
+                             if c.old and c.old.maglev_rows and not c.new.maglev_rows])
         self._delete_unreferenced(slots, backends, [], result)
 
-    def _remove_table(self, fk: FrontendKey, svc_id: int) -> None:
-        """Drop a Maglev table no master reads any more. A failure only leaves memory in use
+    def _remove_tables(self, svc_ids: List[int]) -> None:
+        """Drop Maglev tables no master reads any more. A failure only leaves memory in use
         until the id's next owner overwrites or removes it."""
         try:
-            self.tables.remove(svc_id)
+            self.tables.remove(svc_ids)
         except OSError as e:
-            log.warning("%s: removing its Maglev table failed (%s)", fk, _reason(e))
+            log.warning("removing %d Maglev tables failed (%s)", len(svc_ids), _reason(e))
 
     def _delete_unreferenced(self, slots: List[bytes], backends: List[int], svc_ids: List[int],
                              result: RoundResult) -> None:
@@ -925,6 +935,10 @@ class Reconciler:
             if got != (p.svc_id, p.slot_count, p.bank):
                 drift.append(f"{fk}: kernel has {got}, expected "
                              f"{(p.svc_id, p.slot_count, p.bank)}")
+                self.programmed[fk] = replace(p, damaged=True)
+                self._mark(fk)
+            elif p.maglev_rows and self.tables.size(p.svc_id) != p.maglev_rows:
+                drift.append(f"{fk}: its Maglev table is missing or of another size")
                 self.programmed[fk] = replace(p, damaged=True)
                 self._mark(fk)
         unknown = [_svc_key(ident, 0) for ident in kernel]

@@ -272,3 +272,52 @@ def test_the_node_limit_on_maglev_rows_refuses_a_table_with_a_clear_error():
     assert "past its limit of 2000 Maglev rows (1021 in use)" in errors[0]
     assert "smaller maglev.tableSize" in errors[0]
     assert rec.maglev_rows == 1021
+
+
+def test_a_failed_swap_keeps_the_previous_table_and_the_retry_succeeds():
+    maps = FakeMaps()
+    rec = Reconciler(maps)
+    rec.apply([service()])
+    before = kernel_table(maps, rec)
+    maps.fail("swap", "maglev")
+    result = rec.apply([service(("10.1.0.1", "10.1.0.2"))])
+    assert result.failed == 1 and kernel_table(maps, rec) == before
+    assert sorted(a for a, _ in maps.serving(FK)) == ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
+    rec.reconcile(force=True)
+    assert kernel_table(maps, rec) == expected(("10.1.0.1", "10.1.0.2"), 1021)
+    maps.serving(FK)
+
+
+def test_prune_finds_a_lost_table_and_the_next_round_rewrites_it():
+    maps = FakeMaps()
+    rec = Reconciler(maps)
+    rec.apply([service()])
+    maps.tables.remove([rec.programmed[FK].svc_id])  # lost behind the agent's back
+    drift = rec.prune()
+    assert any("Maglev table is missing" in d for d in drift)
+    rec.reconcile(force=True)
+    assert kernel_table(maps, rec) == expected(("10.1.0.1", "10.1.0.2", "10.1.0.3"), 1021)
+    assert rec.prune() == []
+
+
+def test_many_new_tables_are_swapped_in_batches_that_bound_the_open_tables(monkeypatch):
+    from nodemesh import reconciler
+
+    monkeypatch.setattr(reconciler, "TABLE_BATCH", 2)
+    maps = FakeMaps()
+    rec = Reconciler(maps)
+    svcs = [service(vip=f"10.96.0.{10 + i}", name=f"web{i}") for i in range(5)]
+    rec.apply(svcs)
+    assert [n for op, name, n in maps.calls if op == "swap"] == [2, 2, 1]
+    for s in svcs:
+        maps.serving(FrontendKey(4, s.vip, 80, "TCP"))
+    maps.fail("swap", "maglev", skip=1)  # the second batch fails: the first is swapped back
+    before = {s.vip: maps.tables.kernel_rows(rec.programmed[FrontendKey(4, s.vip, 80, "TCP")]
+                                             .svc_id) for s in svcs}
+    result = rec.apply([service(("10.1.0.1", "10.1.0.2"), vip=s.vip, name=s.name)
+                        for s in svcs])
+    assert result.failed == 5
+    for s in svcs:
+        fk = FrontendKey(4, s.vip, 80, "TCP")
+        assert maps.tables.kernel_rows(rec.programmed[fk].svc_id) == before[s.vip]
+        maps.serving(fk)

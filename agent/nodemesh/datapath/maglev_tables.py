@@ -34,6 +34,11 @@ class KernelTables:
         self.outer_fd = outer_fd  # `maglev`: what the datapath reads
         self.spare_fd = spare_fd  # `maglev_spare`: parked tables, read by nobody
         self._staged: Dict[int, int] = {}  # svc_id -> fd of a staged table (until commit)
+        # Every write of an outer map waits for an RCU grace period (~10 ms here), and an
+        # array of maps has no batch delete: so writes are batched (one wait per batch), and
+        # "no table" is this shared 1-row table, which a batch update can write.
+        self._none = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, 4, 1, bpfsys.F_INNER_MAP,
+                                       "nm_maglev_none")
 
     # -- an update: stage (invisible), commit (the swap), or revert -------------------------
     def stage(self, svc_id: int, rows: Sequence[int]) -> int:
@@ -56,69 +61,93 @@ class KernelTables:
         except OSError:
             bpfsys.close(fd)
             raise
-        self.unstage(svc_id)
+        self.unstage([svc_id])
         self._staged[svc_id] = fd
         return len(changed)
 
-    def commit(self, svc_id: int) -> None:
-        """Point `maglev` at the staged table (the one write that switches readers), and park
-        the table it replaces as the spare."""
-        fd = self._staged.pop(svc_id)
-        old = _open(self.outer_fd, svc_id)  # before the swap: after it, it may be freed
+    def commit(self, svc_ids: Sequence[int]) -> None:
+        """Point `maglev` at the staged tables (one write each, in one batch: the switch for
+        readers), then park the tables they replace as the spares. On failure no staged table
+        serves (those already swapped are swapped back) and the error is raised."""
+        if not svc_ids:
+            return
+        fds = [self._staged.pop(i) for i in svc_ids]
+        olds = [_open(self.outer_fd, i) for i in svc_ids]  # before the swap frees them
         try:
-            _set(self.outer_fd, svc_id, fd)
-            if old is not None:
-                _set(self.spare_fd, svc_id, old)
-            else:
-                _clear(self.spare_fd, svc_id)
+            try:
+                _set_all(self.outer_fd, svc_ids, fds)
+            except OSError as e:
+                done = getattr(e, "done", 0)
+                if done:
+                    _set_all(self.outer_fd, svc_ids[:done],
+                             [self._none if o is None else o for o in olds[:done]])
+                raise
+            try:
+                _set_all(self.spare_fd, svc_ids, [self._none if o is None else o for o in olds])
+            except OSError:
+                pass  # a spare is only a head start: the next change writes a fresh table
         finally:
-            bpfsys.close(fd)
-            bpfsys.close(old)
+            for fd in fds + olds:
+                bpfsys.close(fd)
 
-    def revert(self, svc_id: int) -> None:
-        """Undo the last commit (the master write that should follow it failed): the previous
-        table serves again, or none if there was none; the new one becomes the spare."""
-        new = _open(self.outer_fd, svc_id)
-        old = _open(self.spare_fd, svc_id)
+    def revert(self, svc_ids: Sequence[int]) -> None:
+        """Undo the last commit (the master writes that should follow it failed): the previous
+        tables serve again, and the new ones become the spares."""
+        if not svc_ids:
+            return
+        news = [_open(self.outer_fd, i) for i in svc_ids]
+        olds = [_open(self.spare_fd, i) for i in svc_ids]
         try:
-            if old is not None:
-                _set(self.outer_fd, svc_id, old)
-            else:
-                _clear(self.outer_fd, svc_id)
-            if new is not None:
-                _set(self.spare_fd, svc_id, new)
+            _set_all(self.outer_fd, svc_ids, [self._none if o is None else o for o in olds])
+            _set_all(self.spare_fd, svc_ids, [self._none if n is None else n for n in news])
         finally:
-            bpfsys.close(new)
-            bpfsys.close(old)
+            for fd in news + olds:
+                bpfsys.close(fd)
 
-    def unstage(self, svc_id: int) -> None:
-        bpfsys.close(self._staged.pop(svc_id, None))
+    def unstage(self, svc_ids: Sequence[int]) -> None:
+        for i in svc_ids:
+            bpfsys.close(self._staged.pop(i, None))
 
-    def remove(self, svc_id: int) -> None:
-        """The frontend no longer uses Maglev (or is gone): clear both entries; the kernel
-        frees the tables with their last reference."""
-        self.unstage(svc_id)
-        _clear(self.outer_fd, svc_id)
-        _clear(self.spare_fd, svc_id)
+    def remove(self, svc_ids: Sequence[int]) -> None:
+        """These frontends no longer use Maglev (or are gone): both entries become the empty
+        table, and the kernel frees their tables with their last reference."""
+        if not svc_ids:
+            return
+        self.unstage(svc_ids)
+        _set_all(self.outer_fd, svc_ids, [self._none] * len(svc_ids))
+        _set_all(self.spare_fd, svc_ids, [self._none] * len(svc_ids))
 
     # -- reads ------------------------------------------------------------------------------
     def adopt(self, svc_id: int) -> Optional[Sequence[int]]:
         """The rows of the table a previous agent left for svc_id, or None."""
         return self.kernel_rows(svc_id)
 
-    def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
-        """The rows the datapath reads for svc_id now, straight from the kernel."""
+    def size(self, svc_id: int) -> Optional[int]:
+        """Rows of the table the datapath reads for svc_id, or None (for prune)."""
         fd = _open(self.outer_fd, svc_id)
         if fd is None:
             return None
         try:
-            return list(read_rows(fd))
+            rows = bpfsys.map_info(fd).max_entries
+            return None if rows == 1 else rows
+        finally:
+            bpfsys.close(fd)
+
+    def kernel_rows(self, svc_id: int) -> Optional[List[int]]:
+        """The rows the datapath reads for svc_id now, straight from the kernel; None when it
+        has no table (an empty entry, or the 1-row empty table)."""
+        fd = _open(self.outer_fd, svc_id)
+        if fd is None:
+            return None
+        try:
+            rows = read_rows(fd)
+            return None if len(rows) == 1 else list(rows)
         finally:
             bpfsys.close(fd)
 
     def close(self) -> None:
-        for svc_id in list(self._staged):
-            self.unstage(svc_id)
+        self.unstage(list(self._staged))
+        bpfsys.close(self._none)
 
 
 def _open(outer_fd: int, svc_id: int) -> Optional[int]:
@@ -134,18 +163,9 @@ def _open(outer_fd: int, svc_id: int) -> Optional[int]:
         raise
 
 
-def _set(outer_fd: int, svc_id: int, table_fd: int) -> None:
-    bpfsys.map_update(outer_fd, _ROW(svc_id), ctypes.c_uint32(table_fd))
-
-
-def _clear(outer_fd: int, svc_id: int) -> None:
-    key = _ROW(svc_id)  # alive across the call: the attr holds only its address
-    try:
-        bpfsys.bpf(bpfsys.MAP_DELETE_ELEM, bpfsys._ElemAttr(map_fd=outer_fd,
-                                                            key=ctypes.addressof(key)))
-    except bpfsys.BPFError as e:
-        if e.errno != errno.ENOENT:  # an array-of-maps slot that is already empty
-            raise
+def _set_all(outer_fd: int, svc_ids: Sequence[int], table_fds: Sequence[int]) -> None:
+    n = len(svc_ids)
+    bpfsys.map_update_batch(outer_fd, (_ROW * n)(*svc_ids), (_ROW * n)(*table_fds), n)
 
 
 def _write_rows(fd: int, rows: List[int], values: array.array) -> None:
