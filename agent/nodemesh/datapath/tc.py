@@ -288,11 +288,11 @@ class TcPath:
 
         want = set()
         with IPRoute() as ipr:
-            for ifindex in self.interfaces.values():
-                for msg in ipr.get_addr(index=ifindex):
-                    addr = _attrs(msg).get("IFA_ADDRESS")
-                    if addr:
-                        want.add((addr, ifindex))
+            ours = set(self.interfaces.values())
+            for msg in ipr.get_addr():
+                addr = _attrs(msg).get("IFA_ADDRESS")
+                if addr and msg["index"] in ours:
+                    want.add((addr, msg["index"]))
         fd = self.map_fds["node_addrs"]
         have = {}
         for key, _ in bpfsys.map_lookup_batch(fd, NodeAddrKey, u32):
