@@ -177,7 +177,7 @@ def _bpf_filters(ipr, ifindex: int, parent: int) -> Iterator[Tuple[int, int, str
         name = ""
         if opts is not None:
             name = _attrs(opts).get("TCA_BPF_NAME") or ""
-        if not name:  # the chain's head entry has no options
+        if not msg["handle"]:  # the head entry of a priority's chain, not a filter
             continue
         yield msg["info"] >> 16, msg["handle"], name
 
