@@ -8,6 +8,13 @@ Three nodes, each one forwarding hop between the client and a pod on it:
              KUBE-SERVICES, its NodePort rule in KUBE-NODEPORTS), DNAT to p2, MASQUERADE
   nodemesh   client -> node 3:30080, the agent on node 3 (TC path, N services from the
              Kubernetes API), DNAT + SNAT to p3
+  nodemesh-local  the same service with externalTrafficPolicy Local (30081): DNAT only
+
+With Connection: close the backend closes first and keeps TIME_WAIT for (backend, node:port)
+60 s; both SNAT variants (nodemesh Cluster, kube-proxy's MASQUERADE) reuse source ports
+sooner at thousands of connections per second to ONE backend endpoint, and a SYN that meets
+such a TIME_WAIT socket is answered with an ACK, reset and retried a second later. That is
+the cost of SNAT itself; Local shows the translation without it.
 
 New connections per second: wrk, Connection: close, against nginx in the pod. Latency: wrk's
 p50 over the same run. Variants alternate round by round; medians with min-max. Also: the
@@ -39,19 +46,21 @@ from nodemesh.lab.cluster import FABRIC_GW, Cluster, new_cluster  # noqa: E402
 
 
 def k8s_objects(n: int, pod: str, node: str) -> List[dict]:
-    """N NodePort services (the measured one is the last: nodePort 30080), one endpoint each."""
+    """N services, one endpoint each; the last is the measured one (nodePort 30080), and one
+    more, the same with externalTrafficPolicy Local (nodePort 30081: no SNAT)."""
     out = []
-    for i in range(n):
+    for i in range(n + 1):
         name = f"svc{i}"
         ip = f"10.96.{i // 250}.{i % 250 + 1}"
-        node_port = 30080 if i == n - 1 else None
+        node_port = {n - 1: 30080, n: 30081}.get(i)
         port = {"name": "p", "port": 80, "protocol": "TCP", "targetPort": 8080}
         if node_port:
             port["nodePort"] = node_port
         out.append({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": name, "namespace": "bench"},
                     "spec": {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": ip,
-                             "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ports": [port]}})
+                             "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ports": [port],
+                             "externalTrafficPolicy": "Local" if i == n else "Cluster"}})
         out.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                     "metadata": {"name": f"{name}-x", "namespace": "bench",
                                  "labels": {"kubernetes.io/service-name": name}},
@@ -133,7 +142,8 @@ def main() -> int:
                            text=True, check=True)
             variants = {"direct": f"http://{n1.pod}:8080/who",
                         "iptables": f"http://{n2.address}:30090/who",
-                        "nodemesh": f"http://{n3.address}:30080/who"}
+                        "nodemesh": f"http://{n3.address}:30080/who",
+                        "nodemesh-local": f"http://{n3.address}:30081/who"}
             for name, url in variants.items():  # warm-up, and a check that each answers
                 assert c.curl(url).strip() in ("p1", "p2", "p3"), name
                 wrk(c, url, 1)
@@ -169,7 +179,7 @@ def report(results, sizes, facts, command: str) -> str:
              "p50 latency ms |", "|---|---|---|---|---|"]
     for n in sizes:
         direct = med([r for r, _ in results[(n, "direct")]])[0]
-        for name in ("direct", "nodemesh", "iptables"):
+        for name in ("direct", "nodemesh", "nodemesh-local", "iptables"):
             rates = med([r for r, _ in results[(n, name)]])
             lat = med([p for _, p in results[(n, name)]])
             lines.append(f"| {n:,} | {name} | {rates[0]:,.0f} ({rates[1]:,.0f}-{rates[2]:,.0f}) "
