@@ -16,6 +16,8 @@ ip link add nmtc0 type veth peer name nmtc1
 ip link set nmtc0 up
 ip link set nmtc1 up
 ip addr add 192.0.2.1/24 dev nmtc0
+ip link add nmtc2 type veth peer name nmtc3
+ip link set nmtc2 up
 tc qdisc add dev nmtc1 clsact
 """
 FOREIGN = "bpf bytecode 1,6\\ 0\\ 0\\ 4294967295, classid 1"  # classic BPF: someone else's
@@ -80,34 +82,25 @@ def test_a_restart_replaces_its_filters_in_place_and_keeps_conntrack(node):
 
 
 def test_cleanup_removes_only_what_nodemesh_added(node):
+    """nmtc0: a clsact nodemesh made, left empty: removed. nmtc1: a clsact that was there, with
+    someone else's filter: both stay. nmtc2: a clsact nodemesh made, to which someone added a
+    filter since: it stays, with that filter."""
     from nodemesh.datapath.loader import cleanup
 
     bpffs, dp = node
     path = load_tc(bpffs, dp)
-    path.attach(["nmtc0", "nmtc1"])  # nmtc0: clsact made by us; nmtc1: it was there
+    path.attach(["nmtc0", "nmtc1", "nmtc2"])
     path.close()
     tc(f"filter add dev nmtc1 ingress prio 7 {FOREIGN}")
+    tc(f"filter add dev nmtc2 egress prio 9 {FOREIGN}")
     assert len(filters("nmtc0", "ingress")) == 1 and len(filters("nmtc1", "ingress")) == 2
     dp.close()
     done = cleanup(bpffs)
     assert "removed clsact qdisc from nmtc0" in done
-    assert not has_clsact("nmtc0")                     # ours, and empty: gone
-    assert has_clsact("nmtc1")                         # someone else's: stays
-    left = filters("nmtc1", "ingress")
-    assert len(left) == 1 and "nm_tc" not in left[0] and "pref 7" in left[0]
-    assert filters("nmtc1", "egress") == []
-    assert cleanup(bpffs) == []                        # idempotent
-
-
-def test_cleanup_keeps_a_clsact_it_made_when_someone_else_added_a_filter(node):
-    from nodemesh.datapath.loader import cleanup
-
-    bpffs, dp = node
-    path = load_tc(bpffs, dp)
-    path.attach(["nmtc0"])
-    path.close()
-    tc(f"filter add dev nmtc0 egress prio 9 {FOREIGN}")
-    dp.close()
-    cleanup(bpffs)
-    assert has_clsact("nmtc0")
-    assert len(filters("nmtc0", "egress")) == 1 and filters("nmtc0", "ingress") == []
+    assert not has_clsact("nmtc0")
+    assert has_clsact("nmtc1") and has_clsact("nmtc2")
+    for dev, hook, prio in (("nmtc1", "ingress", 7), ("nmtc2", "egress", 9)):
+        [left] = filters(dev, hook)
+        assert "nm_tc" not in left and f"pref {prio}" in left
+    assert filters("nmtc1", "egress") == [] and filters("nmtc2", "ingress") == []
+    assert cleanup(bpffs) == []  # idempotent
