@@ -181,7 +181,6 @@ static __always_inline int parse(struct __sk_buff *skb, struct nm_pkt *p, u32 ou
 		outer_dst[0] = ip.daddr;
 		proto = ip.protocol;
 		off = NM_ETH_HLEN + ip.ihl * 4;
-		p->len = bpf_ntohs(ip.tot_len);
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 		if (bpf_skb_load_bytes(skb, NM_ETH_HLEN, &ip6, sizeof(ip6)) < 0)
@@ -191,7 +190,6 @@ static __always_inline int parse(struct __sk_buff *skb, struct nm_pkt *p, u32 ou
 		__builtin_memcpy(outer_dst, &ip6.daddr, 16);
 		proto = ip6.nexthdr;
 		off = NM_ETH_HLEN + sizeof(ip6);
-		p->len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
 		if (proto == 44 /* NEXTHDR_FRAGMENT */)
 			return PARSE_FRAGMENT;
 	} else {
@@ -246,7 +244,9 @@ static __always_inline int forward(struct __sk_buff *skb, struct nm_pkt *p, stru
 	fib.l4_protocol = p->t.proto;
 	fib.sport = v->nat_sport;
 	fib.dport = v->nat_dport;
-	fib.tot_len = p->len;
+	/* tot_len 0: no MTU check. A GSO packet's length is its whole burst, far above the MTU,
+	 * and the FIB would say "fragmentation needed" for what the device will segment. */
+	fib.tot_len = 0;
 	if (p->t.family == NM_FAMILY_V4) {
 		fib.family = AF_INET;
 		fib.ipv4_src = v->nat_src[0];
@@ -271,7 +271,7 @@ static __always_inline int snat_address(struct __sk_buff *skb, struct nm_pkt *p,
 #define fib (*f)
 	fib.ifindex = skb->ingress_ifindex;
 	fib.l4_protocol = p->t.proto;
-	fib.tot_len = p->len;
+	fib.tot_len = 0; /* no MTU check, as in forward() */
 	if (p->t.family == NM_FAMILY_V4) {
 		fib.family = AF_INET;
 		fib.ipv4_dst = dst[0];

@@ -101,7 +101,8 @@ class _Watch:
 
 
 class FakeApiServer:
-    def __init__(self, bookmark_interval: Optional[float] = None, token: str = "fake-token"):
+    def __init__(self, bookmark_interval: Optional[float] = None, token: str = "fake-token",
+                 host: str = "127.0.0.1"):
         self.bookmark_interval = bookmark_interval
         self.token = token
         self.gone_as_http_status = False
@@ -118,7 +119,9 @@ class FakeApiServer:
         self._watches_open = threading.Event()
         self._watches_open.set()
         self._failure: Optional[Tuple[int, str, str, Optional[str]]] = None
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        # The socket belongs to the network namespace of the thread that makes it: a lab of
+        # nodes builds this inside its fabric namespace, on the fabric's address.
+        self._server = ThreadingHTTPServer((host, 0), _Handler)
         self._server.daemon_threads = True
         self._server.fake = self  # type: ignore[attr-defined]
         self._thread: Optional[threading.Thread] = None

@@ -89,3 +89,26 @@ class TestNetns:
             os.close(self._home)
             self._home = -1
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+class InNetns:
+    """This thread inside an existing network namespace until exit (sockets made meanwhile
+    stay in it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._home = -1
+
+    def __enter__(self) -> "InNetns":
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _libc.setns(self._home, CLONE_NEWNET)
+        os.close(self._home)

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from . import __version__, api, config
 
@@ -184,12 +184,34 @@ def cmd_check(args) -> int:
     return 1 if bad else 0
 
 
+def _port_range(text: str) -> Tuple[int, int]:
+    first, _, last = str(text).partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range FIRST-LAST") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range (1 <= FIRST <= LAST "
+                                         f"<= 65535)")
+    return lo, hi
+
+
 def cmd_run(args) -> int:
     from .daemon import Agent, Options, install_signals
     from .datapath.loader import DatapathError
     from .datapath.maps import MapSizes
+    from .datapath.tc import TcSettings
     from .mesh import MeshOptions
 
+    tc = TcSettings(ct_entries=args.map_conntrack, tcp_syn_seconds=args.ct_tcp_syn_timeout,
+                    tcp_established_seconds=args.ct_tcp_established_timeout,
+                    tcp_closing_seconds=args.ct_tcp_closing_timeout,
+                    udp_seconds=args.ct_udp_timeout, snat_port_min=args.snat_ports[0],
+                    snat_port_max=args.snat_ports[1])
+    if tc.problems():
+        for problem in tc.problems():
+            logging.getLogger("nodemesh").error("%s", problem)
+        return 2
     opts = Options(config=args.config, source=args.source, kubeconfig=args.kubeconfig,
                    metrics_addr=args.metrics_addr, metrics_detail=args.metrics_detail,
                    cgroup=args.cgroup, bpffs=args.bpffs,
@@ -204,7 +226,8 @@ def cmd_run(args) -> int:
                                   frontends=args.map_frontends,
                                   backends=args.map_backends,
                                   revnat=args.map_revnat),
-                   maglev_max_rows=args.maglev_max_rows)
+                   maglev_max_rows=args.maglev_max_rows,
+                   interfaces=tuple(dict.fromkeys(args.interface)), tc=tc)
     agent = Agent(opts)
     install_signals(agent)
     try:
@@ -387,6 +410,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .datapath.loader import DEFAULT_BPFFS
     from .datapath.maps import MapSizes
+    from .datapath.tc import TcSettings
 
     sizes = MapSizes()
     p = argparse.ArgumentParser(prog="nodemesh", description="In-kernel service load balancing "
@@ -426,8 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_socket_path)
     r.add_argument("--interface", action="append",
                    default=[i for i in (_env("interface") or "").split(",") if i],
-                   help="(reserved for the TC packet path; not used by the socket datapath; "
-                        "NODEMESH_INTERFACE takes a comma-separated list)")
+                   help="attach the TC packet path (NodePorts, externalIPs, loadBalancerIPs) "
+                        "to this interface; repeatable (NODEMESH_INTERFACE: comma-separated)")
+    tcs = TcSettings()
+    r.add_argument("--snat-ports", default=_env("snat_ports", "32768-60999"), type=_port_range,
+                   help="source ports SNAT allocates from, FIRST-LAST (default 32768-60999)")
+    for state, default in (("tcp-syn", tcs.tcp_syn_seconds),
+                           ("tcp-established", tcs.tcp_established_seconds),
+                           ("tcp-closing", tcs.tcp_closing_seconds), ("udp", tcs.udp_seconds)):
+        r.add_argument(f"--ct-{state}-timeout", type=int,
+                       default=int(_env(f"ct_{state.replace('-', '_')}_timeout", default)),
+                       help=f"conntrack lifetime in seconds ({state}; default {default})")
+    r.add_argument("--map-conntrack", default=_env("map_conntrack", tcs.ct_entries),
+                   type=_map_size(2), help="conntrack entries, two per flow (LRU, "
+                                           "preallocated: about 160 bytes each)")
     r.add_argument("--node-name", default=_env("node_name", os.uname().nodename))
     r.add_argument("--node-zone", default=_env("node_zone"),
                    help="this node's zone, for trafficDistribution: PreferClose (the kubernetes "

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry
 
@@ -29,6 +29,7 @@ from . import __version__, api, metrics
 from .core import Core, SocketTerminator, SourceChanged, SourceFailed, Supervisor
 from .datapath import loader
 from .datapath import maps as m
+from .datapath.tc import TcPath, TcSettings
 from .health import HealthChecker
 from .mesh import AccelCollector, MeshOptions, write_mesh_config
 from .outlier import OutlierDetector
@@ -36,6 +37,7 @@ from .policy import PolicyTable
 from .reconciler import MAGLEV_MAX_ROWS, Reconciler, RoundResult
 from .snapshot import Snapshot, SourceState
 from .sources import Delta
+from .tc_metrics import TcCollector
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class Options:
     sizes: m.MapSizes = field(default_factory=m.MapSizes)
     maglev_max_rows: int = MAGLEV_MAX_ROWS
     mesh: MeshOptions = field(default_factory=MeshOptions)
+    interfaces: Tuple[str, ...] = ()  # the TC packet path (NodePort, external addresses)
+    tc: TcSettings = field(default_factory=TcSettings)
 
 
 class Agent:
@@ -75,6 +79,8 @@ class Agent:
         self.exit_code = 0
         self.started = time.time()
         self._stop = threading.Event()
+        self.tc: Optional[TcPath] = None
+        self._next_sweep = 0.0
         self.metrics_server: Optional[metrics.MetricsServer] = None
         self.admin: Optional[api.AdminServer] = None
         self.health = HealthChecker(self.registry, self._on_health_flip)
@@ -202,12 +208,40 @@ class Agent:
             gc.freeze()
             _return_freed_memory()
             self.datapath.attach()
+            if self.opts.interfaces:
+                self._start_tc()
             self._set_ready(True)
             log.info("ready: %d frontends programmed, hooks attached to %s",
                      len(self.core.reconciler.programmed), cgroup)
             return self._loop()
         finally:
             self._shutdown()
+
+    def _start_tc(self) -> None:
+        """Load the TC programs against the pinned maps and attach them (or swap them into
+        the filters a previous agent left), after the first sync like the socket hooks."""
+        self.tc = TcPath(self.opts.bpffs, self.sizes, self.opts.tc)
+        self.tc.load()
+        self.tc.attach(self.opts.interfaces)
+        self.registry.register(TcCollector(self.tc))
+        self._next_sweep = time.monotonic()
+
+    def _tend_tc(self, now: float) -> None:
+        """Every check: filters back in place, node addresses current, expired flows swept."""
+        if self.tc is None:
+            return
+        missing = self.tc.attached()
+        if missing:
+            log.warning("TC filters missing on %s; attaching again", ", ".join(missing))
+            self.tc.attach(missing)
+        self.tc.sync_addresses()
+        if now >= self._next_sweep:
+            settings = self.opts.tc
+            self._next_sweep = now + max(1, min(30, settings.udp_seconds,
+                                                settings.tcp_closing_seconds))
+            swept = self.tc.sweep()
+            if swept:
+                log.debug("conntrack: swept %d expired entries", swept)
 
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready
@@ -238,6 +272,10 @@ class Agent:
                     # Hooks gone for good (e.g. the cgroup): not ready; exit for a restart.
                     self._set_ready(False)
                     return 1
+                try:
+                    self._tend_tc(now)
+                except Exception as e:  # an interface gone, netlink busy: next check retries
+                    log.warning("TC path: %s", e)
             if now >= next_prune:
                 next_prune = now + self.opts.resync_seconds
                 self.core.prune()
@@ -287,6 +325,8 @@ class Agent:
             self.admin.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self.tc is not None:
+            self.tc.close()  # fds only: the filters keep the programs attached
         attached = bool(self.datapath and loader.attachments(self.datapath.bpffs))
         if self.datapath is not None:
             self.datapath.close()  # fds only: the pinned links keep the hooks attached

@@ -20,7 +20,6 @@ struct nm_pkt {
 	struct nm_ct_key t;
 	u32 l4_off;
 	u32 csum_off;   /* the L4 checksum (TCP 16, UDP 6, ICMP 2 bytes into L4) */
-	u32 len;        /* IP total length, for the FIB lookup */
 	u8 tcp_flags;
 	u8 icmp_error;  /* an ICMP(v6) error: t is the *quoted* packet's tuple, reversed */
 };

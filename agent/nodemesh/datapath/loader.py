@@ -543,6 +543,9 @@ def _remove_pins(real: str) -> List[str]:
         _check_marker(real)
     done += _stop_acceleration(real)
     left = []
+    from . import tc  # the TC path's filters first: they hold its programs
+    if os.path.exists(os.path.join(real, "ct")):
+        done += tc.detach(real)
     hooks = {h.name for h in HOOKS}
     for name in links:
         pin = os.path.join(links_dir, name)
@@ -562,7 +565,7 @@ def _remove_pins(real: str) -> List[str]:
             log.warning("%s: %s", pin, e)
         os.unlink(pin)
         done.append(f"detached {name}")
-    maps = {spec.name for spec in MAPS}
+    maps = {spec.name for spec in MAPS} | {spec.name for spec in tc.TC_MAPS}
     # info last: a cleanup cut short keeps its marker, so running it again finishes the job.
     for name in sorted(entries, key=lambda e: e == "info"):
         path = os.path.join(real, name)

@@ -177,7 +177,7 @@ def _bpf_filters(ipr, ifindex: int, parent: int) -> Iterator[Tuple[int, int, str
         name = ""
         if opts is not None:
             name = _attrs(opts).get("TCA_BPF_NAME") or ""
-        if not name:  # the chain's head entry has no options
+        if not msg["handle"]:  # the head entry of a priority's chain, not a filter
             continue
         yield msg["info"] >> 16, msg["handle"], name
 
@@ -288,11 +288,11 @@ class TcPath:
 
         want = set()
         with IPRoute() as ipr:
-            for ifindex in self.interfaces.values():
-                for msg in ipr.get_addr(index=ifindex):
-                    addr = _attrs(msg).get("IFA_ADDRESS")
-                    if addr:
-                        want.add((addr, ifindex))
+            ours = set(self.interfaces.values())
+            for msg in ipr.get_addr():
+                addr = _attrs(msg).get("IFA_ADDRESS")
+                if addr and msg["index"] in ours:
+                    want.add((addr, msg["index"]))
         fd = self.map_fds["node_addrs"]
         have = {}
         for key, _ in bpfsys.map_lookup_batch(fd, NodeAddrKey, u32):

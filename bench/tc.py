@@ -1,0 +1,192 @@
+"""The TC packet path against a direct connection and kube-proxy's iptables NodePort, side by
+side, from a client outside the nodes of nodemesh.lab.cluster.
+
+Three nodes, each one forwarding hop between the client and a pod on it:
+  direct     client -> pod p1 (10.77.1.2:8080) routed through node 1, nothing else there
+  iptables   client -> node 2:30090, kube-proxy's iptables ruleset for N services in node 2
+             (bench/baselines.py's exact layout; the measured service is the last of N in
+             KUBE-SERVICES, its NodePort rule in KUBE-NODEPORTS), DNAT to p2, MASQUERADE
+  nodemesh   client -> node 3:30080, the agent on node 3 (TC path, N services from the
+             Kubernetes API), DNAT + SNAT to p3
+  nodemesh-local  the same service with externalTrafficPolicy Local (30081): DNAT only
+
+With Connection: close the backend closes first and keeps TIME_WAIT for (backend, node:port)
+60 s; both SNAT variants (nodemesh Cluster, kube-proxy's MASQUERADE) reuse source ports
+sooner at thousands of connections per second to ONE backend endpoint, and a SYN that meets
+such a TIME_WAIT socket is answered with an ACK, reset and retried a second later. That is
+the cost of SNAT itself; Local shows the translation without it.
+
+New connections per second: wrk, Connection: close, against nginx in the pod. Latency: wrk's
+p50 over the same run. Variants alternate round by round; medians with min-max. Also: the
+conntrack map's memory (the kernel's memlock for the pinned `ct` map), per 100,000 flows, and
+the node's concurrent flow capacity.
+
+    python bench/tc.py [--sizes 1,1000,10000] [--rounds 3] [--seconds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "agent"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from baselines import SvcSpec, iptables_ruleset  # noqa: E402
+
+from nodemesh.lab.cluster import FABRIC_GW, Cluster, new_cluster  # noqa: E402
+
+
+def k8s_objects(n: int, pod: str, node: str) -> List[dict]:
+    """N services, one endpoint each; the last is the measured one (nodePort 30080), and one
+    more, the same with externalTrafficPolicy Local (nodePort 30081: no SNAT)."""
+    out = []
+    for i in range(n + 1):
+        name = f"svc{i}"
+        ip = f"10.96.{i // 250}.{i % 250 + 1}"
+        node_port = {n - 1: 30080, n: 30081}.get(i)
+        port = {"name": "p", "port": 80, "protocol": "TCP", "targetPort": 8080}
+        if node_port:
+            port["nodePort"] = node_port
+        out.append({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": name, "namespace": "bench"},
+                    "spec": {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": ip,
+                             "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ports": [port],
+                             "externalTrafficPolicy": "Local" if i == n else "Cluster"}})
+        out.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": f"{name}-x", "namespace": "bench",
+                                 "labels": {"kubernetes.io/service-name": name}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": [{"addresses": [pod], "nodeName": node,
+                                   "conditions": {"ready": True}}]})
+    return out
+
+
+def iptables_nodeport(n: int, pod: str) -> str:
+    """kube-proxy's ruleset for N services, the last with NodePort 30090 (KUBE-EXT chain)."""
+    specs = [SvcSpec("bench", f"svc{i}", "p", f"10.96.{i // 250}.{i % 250 + 1}", 80,
+                     [pod], 8080) for i in range(n)]
+    text, _ = iptables_ruleset(specs, "10.244.0.0/16")
+    last = specs[-1]
+    ext = "KUBE-EXT-" + last.svc_chain()[len("KUBE-SVC-"):]
+    extra = [f":{ext} - [0:0]",
+             f'-A KUBE-NODEPORTS -m comment --comment "{last.port_name_string}" -m tcp -p tcp '
+             f"--dport 30090 -j {ext}",
+             f'-A {ext} -m comment --comment "masquerade traffic for {last.port_name_string} '
+             'external destinations" -j KUBE-MARK-MASQ',
+             f"-A {ext} -j {last.svc_chain()}"]
+    head, tail = text.rsplit("COMMIT", 1)
+    return head + "\n".join(extra) + "\nCOMMIT" + tail
+
+
+def wrk(c: Cluster, url: str, seconds: int) -> Tuple[float, float]:
+    """(requests per second, p50 latency in ms) of wrk with Connection: close."""
+    out = c.run_in(c.client, ["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", "-H",
+                              "Connection: close", url], timeout=seconds + 30).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    p50 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        print(f"  wrk {url}: {errors.group(0)}", flush=True)
+    return rate, p50
+
+
+def memlock(pin: str) -> int:
+    out = subprocess.run(["bpftool", "map", "show", "pinned", pin], capture_output=True,
+                         text=True, check=True).stdout
+    return int(re.search(r"memlock (\d+)B", out).group(1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1,1000,10000")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=3)
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    from k8s_fake_apiserver import FakeApiServer
+    from tcrun import InNetns
+
+    workdir = tempfile.mkdtemp(prefix="nm-bench-tc-")
+    c = new_cluster(workdir, 3)
+    results: Dict[Tuple[int, str], List[Tuple[float, float]]] = {}
+    facts: List[str] = []
+    try:
+        n1, n2, n3 = c.nodes
+        for node in c.nodes:
+            c.start_pod_servers(node)
+        c.run_in(c.client, ["ip", "route", "add", "10.77.1.0/24", "via", n1.address])
+        c.run_in(n2.netns, ["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
+        for n in sizes:
+            with InNetns(c.fabric):
+                api = FakeApiServer(host=FABRIC_GW)
+            api.load(k8s_objects(n, n3.pod, n3.name))
+            api.start()
+            kubeconfig = api.write_kubeconfig(f"{workdir}/kubeconfig")
+            t0 = time.monotonic()
+            c.start_agent(n3, kubeconfig)
+            c.wait_ready(n3, timeout=180)
+            facts.append(f"N={n}: agent on node 3 ready in {time.monotonic() - t0:.1f} s")
+            rules = iptables_nodeport(n, n2.pod)
+            subprocess.run(["ip", "netns", "exec", n2.netns, "iptables-restore"], input=rules,
+                           text=True, check=True)
+            variants = {"direct": f"http://{n1.pod}:8080/who",
+                        "iptables": f"http://{n2.address}:30090/who",
+                        "nodemesh": f"http://{n3.address}:30080/who",
+                        "nodemesh-local": f"http://{n3.address}:30081/who"}
+            for name, url in variants.items():  # warm-up, and a check that each answers
+                assert c.curl(url).strip() in ("p1", "p2", "p3"), name
+                wrk(c, url, 1)
+            for r in range(args.rounds):
+                order = list(variants) if r % 2 == 0 else list(reversed(variants))
+                for name in order:
+                    results.setdefault((n, name), []).append(wrk(c, variants[name],
+                                                                 args.seconds))
+                    print(f"N={n} round {r + 1} {name}: {results[(n, name)][-1]}", flush=True)
+            if n == sizes[-1]:
+                ct = memlock(f"{n3.bpffs}/ct")
+                facts.append(f"conntrack map: {ct} B memlock for 131,072 entries = "
+                             f"{ct / 131072:.0f} B an entry; 100,000 flows (200,000 entries) "
+                             f"= {ct / 131072 * 200000 / 2**20:.1f} MiB")
+            os.killpg(n3.agent.pid, 15)
+            n3.agent.wait(timeout=30)
+            c.processes.remove(n3.agent)
+            api.stop()
+            subprocess.run(["ip", "netns", "exec", n2.netns, "iptables", "-t", "nat", "-F"])
+        print(report(results, sizes, facts, " ".join(sys.argv)))
+    finally:
+        c.destroy()
+    return 0
+
+
+def report(results, sizes, facts, command: str) -> str:
+    def med(vals):
+        return statistics.median(vals), min(vals), max(vals)
+
+    lines = [f"# TC path benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+             f"`{command}`; load average {os.getloadavg()[0]:.1f} at the end.", "",
+             "| N services | variant | new conns/s median (min-max) | ratio to direct | "
+             "p50 latency ms |", "|---|---|---|---|---|"]
+    for n in sizes:
+        direct = med([r for r, _ in results[(n, "direct")]])[0]
+        for name in ("direct", "nodemesh", "nodemesh-local", "iptables"):
+            rates = med([r for r, _ in results[(n, name)]])
+            lat = med([p for _, p in results[(n, name)]])
+            lines.append(f"| {n:,} | {name} | {rates[0]:,.0f} ({rates[1]:,.0f}-{rates[2]:,.0f}) "
+                         f"| {rates[0] / direct:.2f}x | {lat[0]:.2f} |")
+    lines += [""] + [f"- {f}" for f in facts]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

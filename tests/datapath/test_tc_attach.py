@@ -1,0 +1,106 @@
+"""Attaching the TC programs with pyroute2: a restart takes over its own filters in place, and
+cleanup removes exactly what nodemesh added, leaving other filters and qdiscs alone."""
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import pytest
+from tcrun import TestNetns
+
+pytestmark = pytest.mark.root
+
+SETUP = """
+ip link add nmtc0 type veth peer name nmtc1
+ip link set nmtc0 up
+ip link set nmtc1 up
+ip addr add 192.0.2.1/24 dev nmtc0
+ip link add nmtc2 type veth peer name nmtc3
+ip link set nmtc2 up
+tc qdisc add dev nmtc1 clsact
+"""
+FOREIGN = "bpf bytecode 1,6\\ 0\\ 0\\ 4294967295, classid 1"  # classic BPF: someone else's
+
+
+def tc(args: str) -> str:
+    return subprocess.run(f"tc {args}", shell=True, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def filters(dev: str, hook: str):
+    return [line for line in tc(f"filter show dev {dev} {hook}").splitlines() if "handle" in line]
+
+
+def has_clsact(dev: str) -> bool:
+    return "clsact" in tc(f"qdisc show dev {dev}")
+
+
+@pytest.fixture
+def node():
+    from nodemesh.datapath.loader import Datapath, cleanup
+
+    bpffs = f"/sys/fs/bpf/nmtc-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    with TestNetns(SETUP):
+        dp = Datapath(bpffs, None)
+        try:
+            dp.load()
+            yield bpffs, dp
+        finally:
+            dp.close()
+            cleanup(bpffs, force=True)
+
+
+def load_tc(bpffs, dp):
+    from nodemesh.datapath import tc as t
+
+    path = t.TcPath(bpffs, dp.sizes, t.TcSettings())
+    path.load()
+    return path
+
+
+def test_a_restart_replaces_its_filters_in_place_and_keeps_conntrack(node):
+    from nodemesh.datapath import bpfsys
+    from nodemesh.datapath import tc as t
+
+    bpffs, dp = node
+    first = load_tc(bpffs, dp)
+    first.attach(["nmtc0"])
+    key = t.CtKey(proto=6, family=4)
+    bpfsys.map_update(first.map_fds["ct"], key, t.CtValue(kind=1))
+    ids = {line.split(" id ")[1].split()[0] for line in filters("nmtc0", "ingress")}
+    first.close()
+    second = load_tc(bpffs, dp)  # a new agent: new programs, the pinned maps
+    second.attach(["nmtc0"])
+    try:
+        after = filters("nmtc0", "ingress")
+        assert len(after) == 1 and len(filters("nmtc0", "egress")) == 1
+        assert {line.split(" id ")[1].split()[0] for line in after} != ids  # swapped
+        assert [k for k, _ in second.conntrack()] and second.attached() == []
+    finally:
+        second.close()
+
+
+def test_cleanup_removes_only_what_nodemesh_added(node):
+    """nmtc0: a clsact nodemesh made, left empty: removed. nmtc1: a clsact that was there, with
+    someone else's filter: both stay. nmtc2: a clsact nodemesh made, to which someone added a
+    filter since: it stays, with that filter."""
+    from nodemesh.datapath.loader import cleanup
+
+    bpffs, dp = node
+    path = load_tc(bpffs, dp)
+    path.attach(["nmtc0", "nmtc1", "nmtc2"])
+    path.close()
+    tc(f"filter add dev nmtc1 ingress prio 7 {FOREIGN}")
+    tc(f"filter add dev nmtc2 egress prio 9 {FOREIGN}")
+    assert len(filters("nmtc0", "ingress")) == 1 and len(filters("nmtc1", "ingress")) == 2
+    dp.close()
+    done = cleanup(bpffs)
+    assert "removed clsact qdisc from nmtc0" in done
+    assert not has_clsact("nmtc0")
+    assert has_clsact("nmtc1") and has_clsact("nmtc2")
+    for dev, hook, prio in (("nmtc1", "ingress", 7), ("nmtc2", "egress", 9)):
+        [left] = filters(dev, hook)
+        assert "nm_tc" not in left and f"pref {prio}" in left
+    assert filters("nmtc1", "egress") == [] and filters("nmtc2", "ingress") == []
+    assert cleanup(bpffs) == []  # idempotent
