@@ -223,3 +223,31 @@ def test_the_agent_accelerates_the_app_to_proxy_hop_and_stops_when_restarted_wit
     res = run_client(lab, f"{vip}:80", 10)
     assert res["ok"] == 10, res
     assert agent.metric("nodemesh_sockmap_redirected_bytes_total") == moved
+
+
+def test_a_forced_cleanup_under_an_accelerating_agent_is_repaired_with_acceleration_on(
+        lab, agent):
+    """cleanup --force switches redirection off before it unpins; the running agent puts its
+    pins and links back within its 2 s check, and acceleration with them."""
+    from helpers import cli
+
+    from nodemesh.datapath import bpfsys
+    from nodemesh.datapath import maps as m
+
+    agent.write_config(config_yaml(service_yaml("web", lab.vip4(36),
+                                                [b.ipv4 for b in lab.backends])))
+    agent.start(extra=["--accelerate-local"])
+    cli("cleanup", "--force", "--bpffs", lab.bpffs, check=True)
+
+    def accelerating():
+        try:
+            fd = bpfsys.obj_get(os.path.join(lab.bpffs, "mesh_config"))
+        except OSError:
+            return False
+        try:
+            cfg = m.MeshConfig()
+            return bpfsys.map_lookup(fd, m.u32(0), cfg) and cfg.accelerate == 1 and \
+                os.path.exists(os.path.join(lab.bpffs, "links", "sk_msg"))
+        finally:
+            bpfsys.close(fd)
+    agent.wait_for(accelerating, timeout=10, what="acceleration repaired")

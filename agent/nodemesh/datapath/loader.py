@@ -395,6 +395,13 @@ class Datapath:
                 if os.path.lexists(pin):
                     os.unlink(pin)
                 bpfsys.obj_pin(self.maps.fd(spec.name), pin)
+        if self.accelerate:  # a cleanup (--force) switched redirection off: switch it back on
+            from .maps import MeshConfig
+            cfg = MeshConfig()
+            fd = self.maps.fd("mesh_config")
+            if bpfsys.map_lookup(fd, u32(0), cfg) and not cfg.accelerate:
+                cfg.accelerate = 1
+                bpfsys.map_update(fd, u32(0), cfg)
         self.attach()
 
     def check_and_repair(self) -> bool:
