@@ -181,7 +181,9 @@ def test_limit_refuses_the_tenth_of_three_backends_times_three(holding_lab, data
         assert sorted(r["backend"] for r in nine) == ["b1"] * 3 + ["b2"] * 3 + ["b3"] * 3
         before = sum(v["value"] for v in datapath.maps.percpu_sums("conn_overflows").values())
         tenth = holder.open(1)[0]
-        assert tenth["error"] == "ECONNREFUSED" and tenth["ms"] < 1.0
+        # Refused in the connect() call, not after a SYN's timeout (1 s); the bound allows for
+        # a loaded machine's scheduling.
+        assert tenth["error"] == "ECONNREFUSED" and tenth["ms"] < 200
         overflows = datapath.maps.percpu_sums("conn_overflows")
         assert sum(v["value"] for v in overflows.values()) == before + 1
         holder.close(1)

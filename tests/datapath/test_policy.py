@@ -161,7 +161,10 @@ def test_an_allowed_workload_connects_and_a_denied_one_fails_at_once_without_a_s
         if capture.poll() is None:
             os.killpg(capture.pid, signal.SIGKILL)
     assert [r["error"] for r in denied] == ["EPERM"] * 20
-    assert max(r["ms"] for r in denied) < 1.0, denied
+    # At once: the median connect() fails within 1 ms, and none waits anywhere near a SYN
+    # retransmission (1 s): the bound on the slowest allows for a loaded machine's scheduling.
+    ms = sorted(r["ms"] for r in denied)
+    assert ms[len(ms) // 2] < 1.0 and ms[-1] < 200, ms
     assert out.strip() == "", out  # not one SYN left the client
     assert all(r["ok"] for r in a.say("connect 5"))
     stats = table.stats()[("shop", "web")]
