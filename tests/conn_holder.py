@@ -3,6 +3,7 @@
     open N     open N connections to --target, each says a line and reads the backend's name;
                prints one JSON list: {"ok": true, "backend": "b1"} or {"ok": false,
                "error": "ECONNREFUSED", "ms": 0.1}
+    connect N  like open, without saying or reading anything (any server; "backend" is "")
     close K    closes the K oldest held connections; prints {"closed": K}
     sendto N   N unconnected UDP datagrams to --target; prints the open-style list (no reply
                is awaited: "ok" means sendto() succeeded)
@@ -23,7 +24,7 @@ def main() -> int:
     held = []
     for line in sys.stdin:
         cmd, *arg = line.split()
-        if cmd == "open":
+        if cmd in ("open", "connect"):
             out = []
             for _ in range(int(arg[0])):
                 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -31,8 +32,10 @@ def main() -> int:
                 started = time.perf_counter()
                 try:
                     s.connect((host.strip("[]"), int(port)))
-                    s.sendall(b"x\n")
-                    name = s.recv(64).decode().strip()
+                    name = ""
+                    if cmd == "open":
+                        s.sendall(b"x\n")
+                        name = s.recv(64).decode().strip()
                     held.append(s)
                     out.append({"ok": True, "backend": name})
                 except OSError as e:

@@ -114,7 +114,7 @@ class Core:
         return self.reconcile()
 
     def reconcile(self, force: bool = False) -> RoundResult:
-        if self._mesh_dirty or (self.mesh is not None and self._dirty):
+        if self._mesh_dirty or (self.mesh is not None and self.mesh.policies and self._dirty):
             self._apply_mesh()
         self._push_dirty()
         rec = self.reconciler

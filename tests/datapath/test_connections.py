@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from nodemesh.datapath.loader import Datapath
 from nodemesh.metrics import connection_counts
 from nodemesh.model import Backend, ConnectionLimits, Service, ServicePort
 from nodemesh.reconciler import Reconciler
@@ -19,7 +20,41 @@ HOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "conn_holder.py")
 
 
+# One lab and one load of the programs for the whole module (each test sets the services and
+# policies it needs): the suite's time budget is spent on traffic, not on set-up.
+@pytest.fixture(scope="module")
+def lab():
+    from nodemesh.lab.topology import new_lab
+
+    lab = new_lab("nmt", backends=3)
+    try:
+        lab.start_servers(tcp_ports=(8080,), udp_ports=(5353,))
+        yield lab
+    finally:
+        lab.destroy()
+
+
+@pytest.fixture(scope="module")
+def loaded(lab):
+    from nodemesh.datapath.loader import cleanup
+
+    dp = Datapath(lab.bpffs, lab.cgroup)
+    try:
+        rec = Reconciler(dp.load())
+        rec.adopt()
+        dp.attach()
+        yield dp, rec
+    finally:
+        dp.close()
+        cleanup(lab.bpffs)
+
+
 @pytest.fixture
+def datapath(loaded):
+    return loaded[1]
+
+
+@pytest.fixture(scope="module")
 def holding_lab(lab):
     """The lab with a second server per backend on HOLD_PORT that keeps connections open."""
     for b in lab.backends:
@@ -144,10 +179,13 @@ def test_limit_refuses_the_tenth_of_three_backends_times_three(holding_lab, data
         nine = holder.open(9)
         assert all(r["ok"] for r in nine)
         assert sorted(r["backend"] for r in nine) == ["b1"] * 3 + ["b2"] * 3 + ["b3"] * 3
+        before = sum(v["value"] for v in datapath.maps.percpu_sums("conn_overflows").values())
         tenth = holder.open(1)[0]
-        assert tenth["error"] == "ECONNREFUSED" and tenth["ms"] < 1.0
+        # Refused in the connect() call, not after a SYN's timeout (1 s); the bound allows for
+        # a loaded machine's scheduling.
+        assert tenth["error"] == "ECONNREFUSED" and tenth["ms"] < 200
         overflows = datapath.maps.percpu_sums("conn_overflows")
-        assert sum(v["value"] for v in overflows.values()) == 1
+        assert sum(v["value"] for v in overflows.values()) == before + 1
         holder.close(1)
         wait_counts(datapath, None, timeout=0.2)
         again = holder.open(1)[0]
@@ -195,3 +233,5 @@ def test_least_connections_spares_a_backend_holding_long_connections(holding_lab
     finally:
         holder.stop()
         churner.stop()
+    # 300 connections of churn and 8 long ones, all closed: nothing is left counted.
+    assert wait_counts(datapath, {}) == {}

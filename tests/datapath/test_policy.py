@@ -10,15 +10,50 @@ import time
 
 import pytest
 
-from nodemesh.datapath.loader import cgroup2_root
+from nodemesh.datapath.loader import Datapath, cgroup2_root
 from nodemesh.identity import Workload
 from nodemesh.model import Backend, Service, ServicePort
 from nodemesh.policy import Mesh, Policy, PolicySource, PolicyTable
+from nodemesh.reconciler import Reconciler
 
 pytestmark = pytest.mark.root
 
 HOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "conn_holder.py")
+
+
+# One lab and one load of the programs for the whole module (each test sets the services and
+# policies it needs): the suite's time budget is spent on traffic, not on set-up.
+@pytest.fixture(scope="module")
+def lab():
+    from nodemesh.lab.topology import new_lab
+
+    lab = new_lab("nmt", backends=3)
+    try:
+        lab.start_servers(tcp_ports=(8080,), udp_ports=(5353,))
+        yield lab
+    finally:
+        lab.destroy()
+
+
+@pytest.fixture(scope="module")
+def loaded(lab):
+    from nodemesh.datapath.loader import cleanup
+
+    dp = Datapath(lab.bpffs, lab.cgroup)
+    try:
+        rec = Reconciler(dp.load())
+        rec.adopt()
+        dp.attach()
+        yield dp, rec
+    finally:
+        dp.close()
+        cleanup(lab.bpffs)
+
+
+@pytest.fixture
+def datapath(loaded):
+    return loaded[1]
 
 
 @pytest.fixture
@@ -29,13 +64,15 @@ def workloads(lab):
             os.path.join(lab.cgroup, "wl-b", "ctr")]
     for path in made:
         os.makedirs(path, exist_ok=True)
+    servers = len(lab.processes)  # the module's servers stay; this test's clients go
     try:
         yield {"a": made[0], "b": made[2]}
     finally:
-        for proc in list(lab.processes):
+        for proc in lab.processes[servers:]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        del lab.processes[servers:]
         for path in reversed(made):
             for _ in range(50):  # a killed process leaves its cgroup a moment later
                 try:
@@ -113,9 +150,10 @@ def test_an_allowed_workload_connects_and_a_denied_one_fails_at_once_without_a_s
     table.apply(mesh(lab, workloads, ALLOW_FRONTEND), [svc])
     a = Client(lab, workloads["a"], f"{svc.vip}:80")
     b = Client(lab, workloads["b"], f"{svc.vip}:80")
+    before = table.stats()[("shop", "web")]
     capture = syn_capture(lab, 1000)
     try:
-        denied = b.say("open 20")
+        denied = b.say("connect 20")
         time.sleep(0.3)
         os.killpg(capture.pid, signal.SIGINT)
         out, err = capture.communicate(timeout=10)
@@ -123,11 +161,14 @@ def test_an_allowed_workload_connects_and_a_denied_one_fails_at_once_without_a_s
         if capture.poll() is None:
             os.killpg(capture.pid, signal.SIGKILL)
     assert [r["error"] for r in denied] == ["EPERM"] * 20
-    assert max(r["ms"] for r in denied) < 1.0, denied
+    # At once: the median connect() fails within 1 ms, and none waits anywhere near a SYN
+    # retransmission (1 s): the bound on the slowest allows for a loaded machine's scheduling.
+    ms = sorted(r["ms"] for r in denied)
+    assert ms[len(ms) // 2] < 1.0 and ms[-1] < 200, ms
     assert out.strip() == "", out  # not one SYN left the client
-    assert all(r["ok"] for r in a.say("open 5"))
+    assert all(r["ok"] for r in a.say("connect 5"))
     stats = table.stats()[("shop", "web")]
-    assert stats["denied"] == 20 and stats["audited"] == 0
+    assert stats["denied"] - before["denied"] == 20 and stats["audited"] == before["audited"]
 
 
 def test_the_capture_would_have_seen_a_syn(lab, datapath, table, workloads):
@@ -138,7 +179,7 @@ def test_the_capture_would_have_seen_a_syn(lab, datapath, table, workloads):
     a = Client(lab, workloads["a"], f"{svc.vip}:80")
     capture = syn_capture(lab, 3)
     try:
-        assert all(r["ok"] for r in a.say("open 3"))
+        assert all(r["ok"] for r in a.say("connect 3"))
         out, _ = capture.communicate(timeout=10)
     finally:
         if capture.poll() is None:
@@ -153,12 +194,12 @@ def test_a_policy_change_applies_to_the_next_connect(lab, datapath, table, workl
     m0 = mesh(lab, workloads, ALLOW_FRONTEND)
     table.apply(m0, [svc])
     a = Client(lab, workloads["a"], f"{svc.vip}:80")
-    assert a.say("open 1")[0]["ok"]
+    assert a.say("connect 1")[0]["ok"]
     started = time.monotonic()
     deny = Policy("no-frontend", "shop", "DENY", "web", (),
                   (PolicySource(labels=(("app", "web"),)),))
     table.apply(mesh(lab, workloads, ALLOW_FRONTEND, deny), [svc])
-    res = a.say("open 1")[0]
+    res = a.say("connect 1")[0]
     took = time.monotonic() - started
     assert res.get("error") == "EPERM" and took < 0.1, (res, took)
 
@@ -171,9 +212,11 @@ def test_audit_allows_and_counts(lab, datapath, table, workloads):
     table.apply(mesh(lab, workloads, audit), [svc])
     b = Client(lab, workloads["b"], f"{svc.vip}:80")
     a = Client(lab, workloads["a"], f"{svc.vip}:80")
-    assert all(r["ok"] for r in b.say("open 7"))
-    assert all(r["ok"] for r in a.say("open 4"))
-    assert table.stats()[("shop", "web")] == {"denied": 0, "audited": 7}
+    before = table.stats()[("shop", "web")]
+    assert all(r["ok"] for r in b.say("connect 7"))
+    assert all(r["ok"] for r in a.say("connect 4"))
+    after = table.stats()[("shop", "web")]
+    assert (after["denied"] - before["denied"], after["audited"] - before["audited"]) == (0, 7)
 
 
 def test_a_denied_unconnected_sendto_fails_with_the_same_error(lab, datapath, table, workloads):
@@ -188,7 +231,7 @@ def test_a_denied_unconnected_sendto_fails_with_the_same_error(lab, datapath, ta
     assert all(r["ok"] for r in a.say("sendto 5"))
     # The TCP port is not covered by that rule.
     b_tcp = Client(lab, workloads["b"], f"{svc.vip}:80")
-    assert all(r["ok"] for r in b_tcp.say("open 2"))
+    assert all(r["ok"] for r in b_tcp.say("connect 2"))
 
 
 def test_an_opted_out_workload_reaches_the_vip_untranslated(lab, datapath, table, workloads):
@@ -199,7 +242,7 @@ def test_an_opted_out_workload_reaches_the_vip_untranslated(lab, datapath, table
     table.apply(mesh(lab, workloads, b_socket_lb=False), [svc])
     a = Client(lab, workloads["a"], f"{svc.vip}:80")
     b = Client(lab, workloads["b"], f"{svc.vip}:80")
-    assert all(r["ok"] for r in a.say("open 3"))
-    res = b.say("open 3")
+    assert all(r["ok"] for r in a.say("connect 3"))
+    res = b.say("connect 3")
     assert not any(r["ok"] for r in res)
     assert {r["error"] for r in res} <= {"EINVAL", "ENETUNREACH", "EHOSTUNREACH"}, res

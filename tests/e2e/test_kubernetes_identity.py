@@ -90,7 +90,7 @@ def kernel_identities(lab):
         maps.close()
 
 
-def test_pods_on_this_node_get_identities_and_a_mesh_policy_applies(
+def test_pods_on_this_node_get_identities_a_mesh_policy_applies_and_an_annotation_opts_out(
         lab, agent, tmp_path, kubelet, monkeypatch):
     # a: systemd driver, Burstable; b: cgroupfs driver, BestEffort. Each client runs in a
     # container cgroup under its pod's.
@@ -99,6 +99,7 @@ def test_pods_on_this_node_get_identities_and_a_mesh_policy_applies(
     a_ctr = kubelet("kubepods.slice", "kubepods-burstable.slice",
                     "kubepods-burstable-pod1111_aaaa.slice", "cri-containerd-a.scope")
     b_ctr = kubelet("kubepods", "besteffort", "pod2222-bbbb", "ctr")
+    kata_ctr = kubelet("kubepods", "pod6666-ffff", "ctr")  # Guaranteed, cgroupfs
     api = FakeApiServer().start()
     try:
         api.put(service_obj(lab.vip4()))
@@ -107,22 +108,28 @@ def test_pods_on_this_node_get_identities_and_a_mesh_policy_applies(
         api.put(pod("b", "2222-bbbb", "batch", "BestEffort"))
         api.put(pod("ghost", "3333-cccc", "batch", "Guaranteed"))  # no cgroup on this node
         api.put(pod("elsewhere", "4444-dddd", "batch", "Guaranteed", node="node-b"))
+        api.put(pod("kata", "6666-ffff", "default", "Guaranteed",
+                    annotations={"nodemesh.io/socket-lb": "false"}))
         api.put(POLICY)
         monkeypatch.setenv("NODEMESH_KUBELET_CGROUP_ROOT",
                            os.path.relpath(lab.cgroup, cgroup2_root()))
         agent.start(extra=["--source", "kubernetes", "--kubeconfig",
                            api.write_kubeconfig(tmp_path / "kubeconfig"), "--node-name",
                            "node-a"])
-        agent.wait_for(lambda: len(kernel_identities(lab)) == 2, what="two pod identities")
+        agent.wait_for(lambda: len(kernel_identities(lab)) == 3, what="three pod identities")
         a = client(lab, a_ctr, f"{lab.vip4()}:80")
         b = client(lab, b_ctr, f"{lab.vip4()}:80")
-        assert a("open 1")[0]["ok"]
-        assert b("open 1")[0].get("error") == "EPERM"
+        assert a("connect 1")[0]["ok"]
+        assert b("connect 1")[0].get("error") == "EPERM"
         listing = cli("policy", "list", "-o", "json", "--admin-socket", lab.admin_socket,
                       check=True).stdout
         import json
         view = json.loads(listing)
-        assert {w["name"] for w in view["workloads"]} == {"a", "b", "ghost"}  # not node-b's
+        assert {w["name"] for w in view["workloads"]} == {"a", "b", "ghost", "kata"}
+        # kata opted out (nodemesh.io/socket-lb: "false"): untranslated, the VIP meets the
+        # lab's blackhole route in the client netns.
+        res = client(lab, kata_ctr, f"{lab.vip4()}:80")("connect 2")
+        assert {r.get("error") for r in res} <= {"EINVAL", "ENETUNREACH", "EHOSTUNREACH"}, res
         assert any("ghost" in line for line in view["missing"])
         out = cli("policy", "check", "--from", "shop/b", "--to", "shop/web:80",
                   "--admin-socket", lab.admin_socket, check=True).stdout
@@ -140,31 +147,7 @@ def test_pods_on_this_node_get_identities_and_a_mesh_policy_applies(
                        old_b not in kernel_identities(lab), what="b's new cgroup registered")
         assert kernel_identities(lab)[new_b] == before[old_b]  # same attributes, same number
         b2 = client(lab, b2_ctr, f"{lab.vip4()}:80")
-        assert b2("open 1")[0].get("error") == "EPERM"
-        assert a("open 1")[0]["ok"]
-    finally:
-        api.stop()
-
-
-def test_the_socket_lb_annotation_opts_a_pod_out(lab, agent, tmp_path, kubelet, monkeypatch):
-    ctr = kubelet("kubepods", "pod6666-ffff", "ctr")
-    plain = kubelet("kubepods", "pod7777-abab", "ctr")
-    api = FakeApiServer().start()
-    try:
-        api.put(service_obj(lab.vip4()))
-        api.put(slice_obj(lab.backends))
-        api.put(pod("kata", "6666-ffff", "default", "Guaranteed",
-                    annotations={"nodemesh.io/socket-lb": "false"}))
-        api.put(pod("plain", "7777-abab", "default", "Guaranteed"))
-        monkeypatch.setenv("NODEMESH_KUBELET_CGROUP_ROOT",
-                           os.path.relpath(lab.cgroup, cgroup2_root()))
-        agent.start(extra=["--source", "kubernetes", "--kubeconfig",
-                           api.write_kubeconfig(tmp_path / "kubeconfig"), "--node-name",
-                           "node-a"])
-        agent.wait_for(lambda: len(kernel_identities(lab)) == 2, what="pod identities")
-        assert client(lab, plain, f"{lab.vip4()}:80")("open 2")[0]["ok"]
-        res = client(lab, ctr, f"{lab.vip4()}:80")("open 2")
-        # Untranslated, the VIP meets the lab's blackhole route in the client netns.
-        assert {r.get("error") for r in res} <= {"EINVAL", "ENETUNREACH", "EHOSTUNREACH"}, res
+        assert b2("connect 1")[0].get("error") == "EPERM"
+        assert a("connect 1")[0]["ok"]
     finally:
         api.stop()

@@ -13,6 +13,7 @@ from nodemesh.datapath.loader import cgroup2_root
 
 pytestmark = pytest.mark.root
 
+HOLD_PORT = 9090
 HOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "conn_holder.py")
 
@@ -25,7 +26,7 @@ def cgroups(lab):
     try:
         yield paths
     finally:
-        for proc in list(lab.processes):
+        for proc in list(lab.processes):  # the lab is this test's alone: stop all in it
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
                 proc.wait()
@@ -56,7 +57,7 @@ def client(lab, cgroup, target):
     return say
 
 
-def config(lab, cgroups, policy_action="ALLOW", limits=""):
+def config(lab, cgroups, policy_action="ALLOW"):
     rel = {n: os.path.relpath(p, cgroup2_root()) for n, p in cgroups.items()}
     backends = "\n".join(f"      - {{address: {b.ipv4}}}" for b in lab.backends)
     return f"""services:
@@ -64,7 +65,14 @@ def config(lab, cgroups, policy_action="ALLOW", limits=""):
     namespace: shop
     vip: {lab.vip4()}
     ports: [{{port: 80, targetPort: 8080}}]
-{limits}    backends:
+    backends:
+{backends}
+  - name: held
+    namespace: shop
+    vip: {lab.vip4(11)}
+    ports: [{{port: 80, targetPort: {HOLD_PORT}}}]
+    connectionLimits: {{maxConnections: 2}}
+    backends:
 {backends}
 workloads:
   - {{cgroup: {rel['a']}, name: a, namespace: shop, serviceAccount: frontend,
@@ -77,16 +85,23 @@ policies:
     service: web
     ports: [80]
     from: [{{serviceAccounts: [frontend]}}]
+  - {{name: watch-held, namespace: shop, action: AUDIT, service: held}}
 """
 
 
-def test_agent_enforces_policies_from_its_config_and_explains_them(lab, agent, cgroups):
+def test_agent_enforces_policies_and_limits_from_its_config_and_explains_them(
+        lab, agent, cgroups):
+    for b in lab.backends:  # servers that keep connections open, for the limit
+        proc = lab.spawn([sys.executable, "-m", "nodemesh.lab.server", "--name", b.name,
+                          "--tcp", f"{b.ipv4}:{HOLD_PORT}", "--hold"], netns=b.netns,
+                         stdout=subprocess.PIPE, text=True)
+        assert "ready" in proc.stdout.readline()
     agent.write_config(config(lab, cgroups))
     agent.start()
     a = client(lab, cgroups["a"], f"{lab.vip4()}:80")
     b = client(lab, cgroups["b"], f"{lab.vip4()}:80")
-    assert all(r["ok"] for r in a("open 3"))
-    denied = b("open 4")
+    assert all(r["ok"] for r in a("connect 3"))
+    denied = b("connect 4")
     assert [r["error"] for r in denied] == ["EPERM"] * 4
 
     out = cli("policy", "check", "--from", "shop/b", "--to", "shop/web:80",
@@ -100,32 +115,28 @@ def test_agent_enforces_policies_from_its_config_and_explains_them(lab, agent, c
     assert agent.metric("nodemesh_policy_verdicts_total", namespace="shop", service="web",
                         verdict="denied") == 4
 
+    # connectionLimits: the third held connection is refused at once.
+    held = client(lab, cgroups["a"], f"{lab.vip4(11)}:80")
+    res = held("open 3")
+    assert [r["ok"] for r in res] == [True, True, False] and res[2]["error"] == "ECONNREFUSED"
+    assert agent.metric("nodemesh_connection_limit_overflows_total", namespace="shop",
+                        service="held", port="80", protocol="TCP") == 1
+    active = sum(v for (name, labels), v in agent.metrics().items()
+                 if name == "nodemesh_backend_active_connections" and
+                 ("service", "held") in labels)
+    assert active == 2
+    # AUDIT records the policy's decision, made before the limit refused the third.
+    assert agent.metric("nodemesh_policy_verdicts_total", namespace="shop", service="held",
+                        verdict="audit") == 3
+
     # Flip the policy to DENY for the frontend: the next connect from a is refused. The file
     # source polls every 0.25 s, so this measures the agent's whole path, bounded at 1.5 s.
     started = time.monotonic()
     agent.write_config(config(lab, cgroups, policy_action="DENY"))
     while time.monotonic() - started < 1.5 * TIME_SCALE:
-        if a("open 1")[0].get("error") == "EPERM":
+        if a("connect 1")[0].get("error") == "EPERM":
             break
         time.sleep(0.01)
     took = time.monotonic() - started
     assert took < 1.5 * TIME_SCALE, f"still allowed after {took:.2f}s"
-    assert all(r["ok"] for r in b("open 2"))  # DENY frontend: batch is allowed again
-
-
-def test_agent_refuses_over_connection_limits_and_counts_it(lab, agent, cgroups):
-    agent.write_config(config(lab, cgroups, policy_action="AUDIT",
-                              limits="    connectionLimits: {maxConnections: 2}\n"))
-    agent.start()
-    a = client(lab, cgroups["a"], f"{lab.vip4()}:80")
-    res = a("open 3")
-    # The lab server closes an idle connection after 1 s; these are still open.
-    assert [r["ok"] for r in res] == [True, True, False] and res[2]["error"] == "ECONNREFUSED"
-    assert agent.metric("nodemesh_connection_limit_overflows_total", namespace="shop",
-                        service="web", port="80", protocol="TCP") == 1
-    active = sum(v for (name, _), v in agent.metrics().items()
-                 if name == "nodemesh_backend_active_connections")
-    assert active == 2
-    # AUDIT records the policy's decision, made before the limit refused the third.
-    assert agent.metric("nodemesh_policy_verdicts_total", namespace="shop", service="web",
-                        verdict="audit") == 3
+    assert all(r["ok"] for r in b("connect 2"))  # DENY frontend: batch is allowed again
