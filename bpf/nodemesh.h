@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_ABI_VERSION 2
+#define NM_ABI_VERSION 3
 
 /* Map sizes: compile-time settings, passed by the loader as -D flags. The defaults hold
  * 100,000 single-port services with 3 backends each (400,000 masters and slots, plus the idle
@@ -33,6 +33,10 @@
 #endif
 #ifndef NM_MAX_ENDPOINTS
 #define NM_MAX_ENDPOINTS 262144        /* backend endpoints watched for failures */
+#endif
+#ifndef NM_MAX_LATENCY
+#define NM_MAX_LATENCY 16384           /* (frontend, backend) pairs with kernel latency stats
+					* (lib/latency.h; LRU, preallocated) */
 #endif
 #ifndef NM_PIN_DIR
 #error "NM_PIN_DIR must name the bpffs folder for pinned maps"

@@ -16,6 +16,7 @@
 #include <linux/in.h>
 #include <linux/socket.h>
 #include "nodemesh.h"
+#include "lib/flow.h"
 
 /* Service table: masters and slots; sized for all frontends and all their slots. No
  * preallocation, so memory follows use and a replaced element is never recycled under a
@@ -192,7 +193,7 @@ static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
 /* The family-independent part of a translation: 0 when key is no frontend (leave the socket
  * alone), -1 when the frontend has no backend (refuse), 1 with *out set to the backend, whose
  * address the caller writes into ctx in its family's shape. */
-static __always_inline int pick(void *ctx, struct nm_svc_key *key, struct nm_backend **out)
+static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *key, struct nm_backend **out)
 {
 	struct nm_svc_key vip = *key;
 	int is_service;
@@ -201,6 +202,7 @@ static __always_inline int pick(void *ctx, struct nm_svc_key *key, struct nm_bac
 	if (!is_service)
 		return 0;
 	account(svc_id, be != NULL);
+	nm_flow_emit(ctx, be ? NM_FLOW_TRANSLATED : NM_FLOW_NO_BACKEND, 0, &vip, be, svc_id);
 	if (!be)
 		return -1;
 	remember(ctx, be, &vip, svc_id);
@@ -409,6 +411,9 @@ static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_en
 	ek->port = (u16)(skops->remote_port >> 16);
 }
 
+/* Needs endpoint_of() and revnat, above. */
+#include "lib/latency.h"
+
 /* Connect outcomes of client sockets in the cgroup, for endpoints the agent watches:
  * a connect that reaches ESTABLISHED is a success; one that goes from SYN_SENT to CLOSE was
  * refused, reset before it was established, or timed out (also when the application gave up
@@ -419,8 +424,9 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	struct nm_endpoint_key ek = {};
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
+		int timed = nm_latency_connect(skops);
 		endpoint_of(skops, &ek);
-		if (endpoint_health.lookup(&ek))
+		if (timed || endpoint_health.lookup(&ek))
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							 BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
@@ -432,13 +438,16 @@ int nm_sockops(struct bpf_sock_ops *skops)
 			h->consecutive_failures = 0;
 			__sync_fetch_and_add(&h->successes, 1);
 		}
-		/* Established: the rest of this socket's life is not our business. */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
-						 ~BPF_SOCK_OPS_STATE_CB_FLAG);
+		/* Established: the rest of this socket's life is not our business, unless its end
+		 * is counted (lib/latency.h). */
+		if (!nm_latency_established(skops))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+							 ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	}
 	case BPF_SOCK_OPS_STATE_CB: {
 		u32 old_state = skops->args[0], new_state = skops->args[1];
+		nm_latency_state(skops, old_state, new_state);
 		if (new_state != NM_TCP_CLOSE || old_state != NM_TCP_SYN_SENT)
 			break;
 		endpoint_of(skops, &ek);

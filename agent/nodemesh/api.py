@@ -2,6 +2,8 @@
 
     GET /v1/status     the agent, its datapath, its source and its last reconcile
     GET /v1/services   every programmed service with frontends, backends and kernel counters
+    GET /v1/flows      recent flow events (?since=SEQ&wait=SECONDS&service=NS/NAME&backend=ADDR
+                       &verdict=V&limit=N): {"flows": [...], "seq": newest seen}
 
 Callers are checked with SO_PEERCRED: root or the agent's own uid only, whatever the mode.
 """
@@ -52,6 +54,11 @@ class _Handler(serving.Handler):
             return self._send(200, self.agent.status())
         if path == "/v1/services":
             return self._send(200, self.agent.services_view())
+        if path == "/v1/flows":
+            from .flowsapi import flows_view
+
+            code, body = flows_view(self.agent.observability.flow_log, self.path)
+            return self._send(code, body)
         return self._send(404, {"error": f"no such endpoint {path}"})
 
     def _send(self, code: int, obj: Any) -> None:

@@ -147,6 +147,7 @@ def cmd_run(args) -> int:
     from .daemon import Agent, Options, install_signals
     from .datapath.loader import DatapathError
     from .datapath.maps import MapSizes
+    from .observability import Settings
 
     opts = Options(config=args.config, source=args.source, kubeconfig=args.kubeconfig,
                    metrics_addr=args.metrics_addr, metrics_detail=args.metrics_detail,
@@ -157,7 +158,10 @@ def cmd_run(args) -> int:
                    sizes=MapSizes(service_entries=args.map_service_entries,
                                   frontends=args.map_frontends,
                                   backends=args.map_backends,
-                                  revnat=args.map_revnat))
+                                  revnat=args.map_revnat),
+                   observe=Settings(flow_events_rate=args.flow_events_rate,
+                                    flow_events_burst=args.flow_events_burst,
+                                    backend_latency=args.backend_latency == "on"))
     agent = Agent(opts)
     install_signals(agent)
     try:
@@ -227,6 +231,11 @@ def cmd_status(args) -> int:
     ev = dp.get("events") or {}
     if any(ev.values()):
         print("events:    " + ", ".join(f"{k}={v}" for k, v in ev.items() if v))
+    from .flowscli import cost_line
+
+    line = cost_line(dp.get("cost") or {})
+    if line:
+        print(line)
     return 0
 
 
@@ -356,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map-backends", default=_env("map_backends", sizes.backends),
                    type=_map_size(2))
     r.add_argument("--map-revnat", default=_env("map_revnat", sizes.revnat), type=_map_size(1))
+    from .flowscli import add_run_options
+
+    add_run_options(r, _env, _one_of)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)", parents=[common])
@@ -371,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[common])
     admin_opts(s)
     s.set_defaults(func=cmd_services)
+
+    from .flowscli import add_flows_parser
+
+    add_flows_parser(sub, common, admin_opts)
 
     cl = sub.add_parser("cleanup", help="detach the hooks and remove the pins nodemesh made "
                         "(idempotent)", parents=[common])

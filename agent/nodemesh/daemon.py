@@ -30,6 +30,7 @@ from .core import Core, SocketTerminator, SourceChanged, SourceFailed, Superviso
 from .datapath import loader
 from .datapath import maps as m
 from .health import HealthChecker
+from .observability import Observability, Settings
 from .outlier import OutlierDetector
 from .reconciler import Reconciler, RoundResult
 from .snapshot import Snapshot, SourceState
@@ -52,6 +53,7 @@ class Options:
     node_zone: Optional[str] = None
     resync_seconds: float = 300.0
     sizes: m.MapSizes = field(default_factory=m.MapSizes)
+    observe: Settings = field(default_factory=Settings)
 
 
 class Agent:
@@ -77,6 +79,8 @@ class Agent:
         self.sockterm = SocketTerminator()
         self.workers = Supervisor(self._stop, self._give_up, self._count_restart)
         self._empty = Snapshot(source=SourceState(opts.source, opts.config))
+        self.observability = Observability(self, opts.observe,
+                                           opts.metrics_detail == metrics.DETAIL_BACKEND)
 
     # -- events from other threads ----------------------------------------------------------
     def _on_health_flip(self, key) -> None:
@@ -175,6 +179,7 @@ class Agent:
             self.admin.start()
             self.health.start()
             self.workers.spawn("failure-events", self._watch_failures)
+            self.observability.start()
             self.workers.spawn("sockterm", lambda: self.sockterm.run(self._stop))
             self.source.start(self.desired, self.source_error)
             while not self.core.synced:
@@ -278,6 +283,7 @@ class Agent:
             self.admin.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.observability.close()  # BPF run-time statistics end with the agent
         attached = bool(self.datapath and loader.attachments(self.datapath.bpffs))
         if self.datapath is not None:
             self.datapath.close()  # fds only: the pinned links keep the hooks attached
@@ -309,6 +315,7 @@ class Agent:
                 "load_seconds": round(self.datapath.load_seconds, 3) if self.datapath else None,
                 "hooks": loader.attachments(self.opts.bpffs) if self.datapath else [],
                 "events": counters,
+                "cost": self.observability.status(),
             },
             "services": len(snap.services),
             "frontends": len(snap.frontends),

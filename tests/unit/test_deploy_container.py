@@ -215,7 +215,7 @@ def test_build_context_holds_the_package_and_bpf_sources_only():
     assert "pyproject.toml" in context
     assert "agent/nodemesh/__init__.py" in context and "agent/nodemesh/cli.py" in context
     assert sorted(f for f in context if f.startswith("bpf/")) == \
-        sorted(f"bpf/{p.name}" for p in (ROOT / "bpf").iterdir() if p.is_file())
+        sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bpf").rglob("*") if p.is_file())
     allowed = re.compile(r"^(pyproject\.toml|README\.md|agent/.*|bpf/.*)$")
     assert [f for f in context if not allowed.match(f)] == []
     assert not [f for f in context if "__pycache__" in f or f.endswith(".pyc")]

@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
 from dataclasses import asdict
-from typing import Dict, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 from .maps import MAPS, MapSizes
 
 RINGBUF = "failure_events"
+FLOW_RINGBUF = "flow_events"  # bpf/lib/flow.h
+
+
+_LIB_INCLUDE = re.compile(r'^#include "(lib/[A-Za-z0-9_.-]+\.h)"\s*$', re.M)
+
+
+def bpf_text(path: Path, root: Optional[Path] = None) -> str:
+    """The C source with every `#include "lib/*.h"` (a path from bpf/) replaced by the
+    header's text; the headers guard themselves. BCC rewrites map declarations and map calls
+    (`m.lookup(k)`) only in the file it compiles, never in included headers, so the feature
+    headers under bpf/lib/ reach it inline."""
+    root = root or path.parent
+    return _LIB_INCLUDE.sub(lambda mt: f"/* {mt.group(1)} */\n" +
+                            bpf_text(root / mt.group(1), root), path.read_text())
 
 
 def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict[str, int],
@@ -30,13 +46,14 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
 
     cflags = [f'-DNM_PIN_DIR="{bpffs}"', f"-I{src_dir}", *sizes.cflags()]
     started = time.monotonic()
-    bpf = BPF(src_file=str(src_dir / "sock_lb.c").encode(), cflags=cflags)
+    bpf = BPF(text=bpf_text(src_dir / "sock_lb.c").encode(), cflags=cflags)
     progs = {}
     for hook in HOOKS:
         fn = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type)
         progs[hook.name] = fn.fd
     maps = {spec.name: bpf[spec.name.encode()].map_fd for spec in MAPS}
     maps[RINGBUF] = bpf[RINGBUF.encode()].map_fd
+    maps[FLOW_RINGBUF] = bpf[FLOW_RINGBUF.encode()].map_fd
     return bpf, progs, maps, time.monotonic() - started
 
 
@@ -71,8 +88,6 @@ def compile_in_child(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[Dict[str, in
 
 
 def _child_main() -> int:
-    from pathlib import Path
-
     sock = socket.socket(fileno=int(os.environ["NODEMESH_FD_SOCKET"]))
     bpffs, sizes, src_dir = sys.argv[1], MapSizes(**json.loads(sys.argv[2])), Path(sys.argv[3])
     try:

@@ -14,8 +14,9 @@ from functools import lru_cache
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 from . import bpfsys
+from .observe import FlowBudget, LatencyKey, LatencyStats, ObserveConfig
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 FAMILY_V4 = 4
 FAMILY_V6 = 6
 SLOT_BANK_SHIFT = 15
@@ -125,6 +126,11 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("affinity", bpfsys.MAP_TYPE_LRU_HASH, AffinityKey, AffinityValue, "NM_MAX_AFFINITY"),
     MapSpec("endpoint_health", bpfsys.MAP_TYPE_HASH, EndpointKey, EndpointHealth,
             "NM_MAX_ENDPOINTS"),
+    # bpf/lib/observe.h, flow.h, latency.h (mirrors in observe.py)
+    MapSpec("observe_config", bpfsys.MAP_TYPE_ARRAY, u32, ObserveConfig, "", 1),
+    MapSpec("flow_budget", bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, FlowBudget, "", 1),
+    MapSpec("backend_latency", bpfsys.MAP_TYPE_LRU_HASH, LatencyKey, LatencyStats,
+            "NM_MAX_LATENCY"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
@@ -140,11 +146,13 @@ class MapSizes:
     revnat: int = 65536
     affinity: int = 65536
     endpoints: int = 262144
+    latency: int = 16384
 
     def setting(self, name: str) -> int:
         return {"NM_MAX_SERVICE_ENTRIES": self.service_entries, "NM_MAX_FRONTENDS": self.frontends,
                 "NM_MAX_BACKENDS": self.backends, "NM_MAX_REVNAT": self.revnat,
-                "NM_MAX_AFFINITY": self.affinity, "NM_MAX_ENDPOINTS": self.endpoints}[name]
+                "NM_MAX_AFFINITY": self.affinity, "NM_MAX_ENDPOINTS": self.endpoints,
+                "NM_MAX_LATENCY": self.latency}[name]
 
     def capacity(self, spec: MapSpec) -> int:
         return self.setting(spec.size_setting) if spec.size_setting else spec.fixed_size
@@ -152,7 +160,7 @@ class MapSizes:
     def cflags(self) -> List[str]:
         return [f"-D{n}={self.setting(n)}" for n in
                 ("NM_MAX_SERVICE_ENTRIES", "NM_MAX_FRONTENDS", "NM_MAX_BACKENDS", "NM_MAX_REVNAT",
-                 "NM_MAX_AFFINITY", "NM_MAX_ENDPOINTS")]
+                 "NM_MAX_AFFINITY", "NM_MAX_ENDPOINTS", "NM_MAX_LATENCY")]
 
 
 # Byte-level packers for the hot path of a large apply (~700,000 elements for 100,000
