@@ -424,9 +424,8 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	struct nm_endpoint_key ek = {};
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
-		int timed = nm_latency_connect(skops);
 		endpoint_of(skops, &ek);
-		if (timed || endpoint_health.lookup(&ek))
+		if (endpoint_health.lookup(&ek))
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							 BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;

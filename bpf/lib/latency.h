@@ -3,13 +3,13 @@
  *
  * Hook: sockops on the same cgroup, for the connections the connect hook translated (they have
  * a revnat entry under their socket cookie):
- *   TCP_CONNECT_CB        the SYN is about to leave: stamp the time in the socket's storage
- *   ACTIVE_ESTABLISHED_CB connect duration -> log2 histogram; keep the state callback
+ *   ACTIVE_ESTABLISHED_CB connect duration (the handshake's RTT sample) -> log2 histogram;
+ *                         state callbacks on for this socket
  *   STATE_CB to CLOSE     srtt, bytes_acked, bytes_received and total_retrans, read once at the
  *                         end of the connection -> RTT histogram and counters
  * Why these and not RTT_CB: RTT_CB runs on every ACK; the state callback runs a handful of
  * times per connection, and the socket's final srtt is the smoothed value over its life.
- * sk_storage (not a map keyed by cookie) holds the stamp: it is freed with the socket.
+ * Nothing is stored per socket: the revnat entry the connect hook wrote names the frontend.
  *
  * Histograms are log2 buckets of microseconds: bucket i counts values below 2^i µs (bucket 0:
  * below 1 µs); the last bucket takes everything larger. The agent turns them into Prometheus
@@ -42,15 +42,8 @@ struct nm_latency_stats {
 	__u64 closed;         /* connections whose end was counted */
 };
 
-struct nm_latency_sock {
-	__u64 start_ns;
-	__u32 svc_id;
-	__u32 pad;
-};
-
 BPF_TABLE_PINNED("lru_hash", struct nm_latency_key, struct nm_latency_stats, backend_latency,
 		 NM_MAX_LATENCY, NM_PIN_DIR "/backend_latency");
-BPF_SK_STORAGE(latency_sock, struct nm_latency_sock);
 /* Zeroes to create a stats entry from: the struct is too large for the 512-byte stack. */
 BPF_ARRAY(latency_zero, struct nm_latency_stats, 1);
 
@@ -95,55 +88,55 @@ static __always_inline struct nm_latency_stats *nm_latency_stats_of(struct nm_la
 	return backend_latency.lookup(k);
 }
 
-/* TCP_CONNECT_CB. Returns 1 when the connection is watched (the caller asks for state
- * callbacks). */
-static __always_inline int nm_latency_connect(struct bpf_sock_ops *skops)
+/* The frontend a client socket was translated for, from its revnat entry (socket cookie and
+ * backend): 0 when the connection is not to a service, or latency is off. */
+static __always_inline u32 nm_latency_svc(struct bpf_sock_ops *skops, struct nm_latency_key *k)
 {
 	struct nm_observe_config *cfg = nm_observe();
-	struct bpf_sock *sk = skops->sk;
-	if (!cfg || !cfg->latency || !sk)
+	if (!cfg || !cfg->latency)
 		return 0;
 	struct nm_revnat_key rk = {};
-	struct nm_endpoint_key ek = {};
-	endpoint_of(skops, &ek);
+	nm_latency_key_of(skops, 0, k);
 	rk.cookie = bpf_get_socket_cookie(skops);
-	rk.addr[0] = ek.addr[0];
-	rk.addr[1] = ek.addr[1];
-	rk.addr[2] = ek.addr[2];
-	rk.addr[3] = ek.addr[3];
-	rk.port = ek.port;
-	rk.family = ek.family;
+	rk.addr[0] = k->addr[0];
+	rk.addr[1] = k->addr[1];
+	rk.addr[2] = k->addr[2];
+	rk.addr[3] = k->addr[3];
+	rk.port = k->port;
+	rk.family = k->family;
 	struct nm_revnat_value *rv = revnat.lookup(&rk);
 	if (!rv)
-		return 0; /* not a connection to a service */
-	struct nm_latency_sock *ls = latency_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!ls)
 		return 0;
-	ls->start_ns = bpf_ktime_get_ns();
-	ls->svc_id = rv->svc_id;
-	return 1;
+	k->svc_id = rv->svc_id;
+	return rv->svc_id;
 }
 
-/* ACTIVE_ESTABLISHED_CB. Returns 1 when the connection is watched (keep state callbacks,
- * to count its end). */
+/* ACTIVE_ESTABLISHED_CB: the connect duration, and state callbacks on (to count the end).
+ * Returns 1 when the connection is watched.
+ *
+ * The duration is the kernel's first RTT sample, which for an active open is SYN to SYN-ACK:
+ * srtt holds exactly that sample when the connection becomes established, so nothing needs
+ * to be stamped at connect (no socket storage to allocate per connection). A retransmitted
+ * SYN is timed from its last copy: each earlier copy waited one initial RTO (1 s, doubling),
+ * which is added back. */
 static __always_inline int nm_latency_established(struct bpf_sock_ops *skops)
 {
-	struct bpf_sock *sk = skops->sk;
-	if (!sk)
-		return 0;
-	struct nm_latency_sock *ls = latency_sock.sk_storage_get(sk, 0, 0);
-	if (!ls || !ls->start_ns)
-		return 0;
-	u64 us = (bpf_ktime_get_ns() - ls->start_ns) / 1000;
 	struct nm_latency_key k = {};
-	nm_latency_key_of(skops, ls->svc_id, &k);
+	if (!nm_latency_svc(skops, &k))
+		return 0;
 	struct nm_latency_stats *st = nm_latency_stats_of(&k);
 	if (!st)
 		return 0;
+	u64 us = skops->srtt_us >> 3; /* the kernel keeps srtt << 3 */
+	u32 syn_retrans = skops->total_retrans;
+	if (syn_retrans > 6)
+		syn_retrans = 6; /* net.ipv4.tcp_syn_retries' default: 1+2+4+8+16+32 s */
+	us += ((1ULL << syn_retrans) - 1) * 1000000ULL;
 	u32 b = nm_log2_bucket(us);
 	if (b < NM_LAT_BUCKETS)
 		__sync_fetch_and_add(&st->connect_us[b], 1);
 	__sync_fetch_and_add(&st->connect_sum_us, us);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;
 }
 
@@ -151,15 +144,11 @@ static __always_inline int nm_latency_established(struct bpf_sock_ops *skops)
 static __always_inline void nm_latency_state(struct bpf_sock_ops *skops, u32 old_state,
 					     u32 new_state)
 {
-	struct bpf_sock *sk = skops->sk;
-	if (new_state != 7 /* TCP_CLOSE */ || old_state == 2 /* SYN_SENT */ || !sk)
+	if (new_state != 7 /* TCP_CLOSE */ || old_state == 2 /* SYN_SENT */)
 		return;
-	struct nm_latency_sock *ls = latency_sock.sk_storage_get(sk, 0, 0);
-	if (!ls || !ls->start_ns)
-		return;
-	ls->start_ns = 0; /* once */
 	struct nm_latency_key k = {};
-	nm_latency_key_of(skops, ls->svc_id, &k);
+	if (!nm_latency_svc(skops, &k))
+		return;
 	struct nm_latency_stats *st = nm_latency_stats_of(&k);
 	if (!st)
 		return;
