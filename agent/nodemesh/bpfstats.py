@@ -58,10 +58,10 @@ def fdinfo(fd: int) -> Dict[str, int]:
 class KernelCost:
     """Holds the statistics fd and reads program runs and map memory."""
 
-    def __init__(self, programs: Dict[str, int], maps: Dict[str, int]):
+    def __init__(self, programs: Dict[str, int], maps: Dict[str, int], enable: bool = True):
         self.programs = programs  # hook name -> program fd
         self.maps = maps          # map name -> map fd
-        self.stats_fd = enable_stats()
+        self.stats_fd = enable_stats() if enable else None
         self.since = time.time()
 
     def close(self) -> None:

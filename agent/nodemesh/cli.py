@@ -161,7 +161,8 @@ def cmd_run(args) -> int:
                                   revnat=args.map_revnat),
                    observe=Settings(flow_events_rate=args.flow_events_rate,
                                     flow_events_burst=args.flow_events_burst,
-                                    backend_latency=args.backend_latency == "on"))
+                                    backend_latency=args.backend_latency == "on",
+                                    bpf_stats=args.bpf_stats == "on"))
     agent = Agent(opts)
     install_signals(agent)
     try:

@@ -25,6 +25,7 @@ class Settings:
     flow_events_rate: int = flows.DEFAULT_RATE    # per second per CPU; 0: off
     flow_events_burst: int = flows.DEFAULT_BURST
     backend_latency: bool = True
+    bpf_stats: bool = True  # BPF_ENABLE_STATS: every BPF program on the node reads the clock
 
 
 class FlowCollector(Collector):
@@ -70,7 +71,7 @@ class Observability:
         s = self.settings
         flows.configure(agent.maps, s.flow_events_rate, s.flow_events_burst, s.backend_latency)
         self._connections_at_start = self._connections()
-        self.cost = bpfstats.KernelCost(agent.datapath.programs, agent.maps.fds)
+        self.cost = bpfstats.KernelCost(agent.datapath.programs, agent.maps.fds, s.bpf_stats)
         agent.registry.register(bpfstats.CostCollector(self.cost))
         ring_fd = agent.datapath.flow_ringbuf_fd
         assert ring_fd is not None

@@ -132,14 +132,17 @@ def test_sockops_measures_connect_duration_rtt_and_bytes_per_backend(lab, agent)
     assert 0 < total < n * 1.0
 
 
-def test_backend_latency_off_leaves_sockops_counting_nothing(lab, agent):
+def test_each_observability_feature_can_be_turned_off(lab, agent):
     agent.write_config(services(lab))
-    agent.start(extra=["--backend-latency", "off", "--flow-events-rate", "0"])
+    agent.start(extra=["--backend-latency", "off", "--flow-events-rate", "0",
+                       "--bpf-stats", "off"])
     assert lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", "20"])["ok"] == 20
     m = agent.metrics()
     assert series(m, "nodemesh_backend_connect_duration_seconds_count") == 0
     assert m[("nodemesh_flow_events_total", ())] == 0
     assert series(m, "nodemesh_flow_events_lost_total") == 0
+    assert series(m, "nodemesh_bpf_program_runs_total") == 0
+    assert agent.status()["datapath"]["cost"] == {"enabled": False}
 
 
 def test_the_agent_reports_its_datapath_cost_from_bpf_stats_and_its_own_footprint(lab, agent):
