@@ -22,6 +22,7 @@ from .datapath.observe import LATENCY_BUCKETS, LatencyKey, LatencyStats
 
 if TYPE_CHECKING:
     from .daemon import Agent
+    from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class LatencyCollector(Collector):
     def __init__(self, agent: "Agent", per_backend: bool):
         self.agent = agent
         self.per_backend = per_backend
+        self._index: Dict[int, Tuple[str, str, frozenset]] = {}
+        self._index_generation = -1
 
     def totals(self) -> Dict[Tuple[str, ...], Totals]:
         """{(namespace, service[, backend]): Totals} for the frontends programmed now."""
@@ -76,25 +79,33 @@ class LatencyCollector(Collector):
         by_key: Dict[Tuple[int, str, int, int], LatencyStats] = {}
         for key, value in maps.items("backend_latency"):
             k: LatencyKey = key  # type: ignore[assignment]
+            # A copy: the batch reader reuses its buffer for the next chunk.
             by_key[(k.svc_id, m.decode_addr(k.family, k.addr), m.port_host(k.port),
-                    k.family)] = value  # type: ignore[assignment]
+                    k.family)] = LatencyStats.from_buffer_copy(value)  # type: ignore[arg-type]
         if not by_key:
             return {}
         out: Dict[Tuple[str, ...], Totals] = {}
-        for view in snap.frontends.values():
-            p, d = view.programmed, view.desired
-            if p is None or d is None:
-                continue
-            for (address, port) in p.backend_ids:
-                family = m.FAMILY_V6 if ":" in address else m.FAMILY_V4
-                st = by_key.get((p.svc_id, address, port, family))
-                if st is None:
-                    continue
-                labels: Tuple[str, ...] = (d.namespace, d.service)
-                if self.per_backend:
-                    labels += (backend_label(address, port),)
-                out.setdefault(labels, Totals()).add(st)
+        for (svc_id, address, port, _family), st in by_key.items():
+            svc = self._frontends(snap).get(svc_id)
+            if svc is None or (address, port) not in svc[2]:
+                continue  # a frontend or backend gone since: its entry ages out of the LRU
+            labels: Tuple[str, ...] = (svc[0], svc[1])
+            if self.per_backend:
+                labels += (backend_label(address, port),)
+            out.setdefault(labels, Totals()).add(st)
         return out
+
+    def _frontends(self, snap: "Snapshot") -> Dict[int, Tuple[str, str, frozenset]]:
+        """svc_id -> (namespace, service, its backends), built once per published snapshot:
+        a scrape with nothing changed costs what the kernel has entries for, not N."""
+        if self._index_generation != snap.generation:
+            index = {}
+            for view in snap.frontends.values():
+                p, d = view.programmed, view.desired
+                if p is not None and d is not None:
+                    index[p.svc_id] = (d.namespace, d.service, frozenset(p.backend_ids))
+            self._index, self._index_generation = index, snap.generation
+        return self._index
 
     def collect(self) -> Iterator[Metric]:
         try:
