@@ -165,3 +165,36 @@ def test_the_agent_reports_its_datapath_cost_from_bpf_stats_and_its_own_footprin
     assert cost["kernel_ns_per_connection"] > 0
     text = cli("status", "--admin-socket", lab.admin_socket, check=True).stdout
     assert "ns per connection" in text
+
+
+def test_flows_follow_streams_new_flows_until_interrupted(lab, agent):
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from helpers import ROOT
+
+    agent.write_config(services(lab))
+    agent.start()
+    follow = subprocess.Popen([sys.executable, "-m", "nodemesh.cli", "flows", "--follow",
+                               "-o", "json", "--admin-socket", lab.admin_socket],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(json.loads(x) for x in follow.stdout),
+                              daemon=True)
+    reader.start()
+    try:
+        time.sleep(1)  # following, with no history yet
+        assert lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", "5"])["ok"] == 5
+        deadline = time.monotonic() + 10
+        while len(lines) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [f["vip"] for f in lines] == [f"{lab.vip4()}:80"] * 5
+        assert [f["seq"] for f in lines] == sorted(f["seq"] for f in lines)
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=10) == 0
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
