@@ -122,3 +122,52 @@ def test_scrape_configs_label_every_series_with_its_node():
     assert sm["spec"]["endpoints"][0]["relabelings"][0]["targetLabel"] == "node"
     svc = next(d for d in docs if d["kind"] == "Service")
     assert svc["spec"]["ports"][0]["port"] == 9464
+
+
+class _Maps:
+    def __init__(self, entries):
+        self.entries = entries
+
+    def items(self, name):
+        assert name == "backend_latency"
+        return iter(self.entries)
+
+
+def _latency_entry(svc_id, address, port, connects):
+    from nodemesh.datapath.observe import LatencyKey
+
+    k = LatencyKey(svc_id=svc_id, port=m.port_be(port), family=m.FAMILY_V4)
+    k.addr[:] = m.encode_addr(address)[1]
+    st = LatencyStats(closed=connects, bytes_sent=10 * connects)
+    st.connect_us[6] = connects
+    return k, st
+
+
+def _agent_with(entries, generation=1):
+    from types import SimpleNamespace
+
+    from nodemesh.reconciler import DesiredFrontend, FrontendKey, ProgrammedFrontend, Status
+    from nodemesh.snapshot import Shards, Snapshot, frontend_view
+
+    key = FrontendKey(m.FAMILY_V4, "10.96.0.10", 80, "TCP")
+    desired = DesiredFrontend(key, "demo", "web", "http", "random",
+                              (("10.0.0.1", 8080, 1), ("10.0.0.2", 8080, 1)), "all", 2)
+    programmed = ProgrammedFrontend(key, 7, 0, "random", 1, (1, 2),
+                                    {("10.0.0.1", 8080): 1, ("10.0.0.2", 8080): 2})
+    view = frontend_view(key, desired, programmed, Status("done"))
+    snap = Snapshot(generation=generation, frontends=Shards().updated({key: view}))
+    return SimpleNamespace(maps=_Maps(entries), snapshot=snap)
+
+
+def test_latency_series_are_per_backend_or_summed_per_service_by_detail_level():
+    from nodemesh.latency import LatencyCollector
+
+    entries = [_latency_entry(7, "10.0.0.1", 8080, 3), _latency_entry(7, "10.0.0.2", 8080, 4),
+               _latency_entry(7, "10.0.0.9", 8080, 50),   # a backend no longer in the set
+               _latency_entry(99, "10.0.0.1", 8080, 50)]  # a frontend id no longer in use
+    per_backend = LatencyCollector(_agent_with(entries), per_backend=True).totals()
+    assert {k: t.closed for k, t in per_backend.items()} == {
+        ("demo", "web", "10.0.0.1:8080"): 3, ("demo", "web", "10.0.0.2:8080"): 4}
+    per_service = LatencyCollector(_agent_with(entries), per_backend=False).totals()
+    assert {k: (t.closed, t.sent, t.connect[6]) for k, t in per_service.items()} == {
+        ("demo", "web"): (7, 70, 7)}
