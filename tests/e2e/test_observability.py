@@ -21,6 +21,43 @@ def services(lab):
     return config_yaml(web, empty)
 
 
+class Follower:
+    """`nodemesh flows --follow -o json` in the background, its lines collected."""
+
+    def __init__(self, lab):
+        import subprocess
+        import sys
+        import threading
+
+        from helpers import ROOT
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "nodemesh.cli", "flows", "--follow",
+                                      "-o", "json", "--admin-socket", lab.admin_socket],
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.lines = []
+        self.reader = threading.Thread(
+            target=lambda: self.lines.extend(json.loads(x) for x in self.proc.stdout),
+            daemon=True)
+        self.reader.start()
+
+    def wait_for(self, n, timeout=10):
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return list(self.lines)
+
+    def interrupt(self):
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=10)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def flows_json(lab, *args):
     r = cli("flows", "--admin-socket", lab.admin_socket, "-o", "json", "--last", "4096", *args,
             check=True)
@@ -38,7 +75,16 @@ def test_each_connection_and_udp_flow_is_one_flow_event_with_the_vip_beside_the_
     agent.write_config(services(lab))
     agent.start()
     backends = {f"{b.ipv4}:8080" for b in lab.backends}
-    assert lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", "40"])["ok"] == 40
+    follow = Follower(lab)  # `nodemesh flows --follow -o json`, from before the traffic
+    try:
+        time.sleep(1)
+        assert lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", "40"])["ok"] == 40
+        streamed = follow.wait_for(40)
+        assert [f["vip"] for f in streamed] == [f"{lab.vip4()}:80"] * 40
+        assert [f["seq"] for f in streamed] == sorted(f["seq"] for f in streamed)
+        assert follow.interrupt() == 0
+    finally:
+        follow.kill()
     # 60 datagrams from one unconnected socket: a flow per backend it reached, not per datagram
     udp = lab.client(["udp", "--target", f"{lab.vip4()}:53", "--count", "60",
                       "--reuse-socket"])
@@ -103,7 +149,8 @@ def test_the_kernel_rate_limits_flow_events_per_cpu_and_counts_what_it_refused(l
     assert len(flows_json(lab)) == sent
 
 
-def test_sockops_measures_connect_duration_rtt_and_bytes_per_backend(lab, agent):
+def test_sockops_measures_latency_and_bytes_per_backend_and_bpf_stats_the_datapath_cost(
+        lab, agent):
     agent.write_config(services(lab))
     agent.start()
     n = 90
@@ -130,27 +177,7 @@ def test_sockops_measures_connect_duration_rtt_and_bytes_per_backend(lab, agent)
     # A veth connect takes microseconds to a few ms: the sum is real time, below a second each.
     total = series(m, "nodemesh_backend_connect_duration_seconds_sum")
     assert 0 < total < n * 1.0
-
-
-def test_each_observability_feature_can_be_turned_off(lab, agent):
-    agent.write_config(services(lab))
-    agent.start(extra=["--backend-latency", "off", "--flow-events-rate", "0",
-                       "--bpf-stats", "off"])
-    assert lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", "20"])["ok"] == 20
-    m = agent.metrics()
-    assert series(m, "nodemesh_backend_connect_duration_seconds_count") == 0
-    assert m[("nodemesh_flow_events_total", ())] == 0
-    assert series(m, "nodemesh_flow_events_lost_total") == 0
-    assert series(m, "nodemesh_bpf_program_runs_total") == 0
-    assert agent.status()["datapath"]["cost"] == {"enabled": False}
-
-
-def test_the_agent_reports_its_datapath_cost_from_bpf_stats_and_its_own_footprint(lab, agent):
-    agent.write_config(services(lab))
-    agent.start()
-    n = 100
-    assert lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", str(n)])["ok"] == n
-    m = agent.metrics()
+    # What the datapath cost, from BPF run-time statistics, and the agent's own footprint.
     assert series(m, "nodemesh_bpf_program_runs_total", program="connect4") >= n
     assert series(m, "nodemesh_bpf_program_run_seconds_total", program="connect4") > 0
     assert series(m, "nodemesh_bpf_program_runs_total", program="sockops") >= n
@@ -167,34 +194,14 @@ def test_the_agent_reports_its_datapath_cost_from_bpf_stats_and_its_own_footprin
     assert "ns per connection" in text
 
 
-def test_flows_follow_streams_new_flows_until_interrupted(lab, agent):
-    import signal
-    import subprocess
-    import sys
-    import threading
-
-    from helpers import ROOT
-
+def test_each_observability_feature_can_be_turned_off(lab, agent):
     agent.write_config(services(lab))
-    agent.start()
-    follow = subprocess.Popen([sys.executable, "-m", "nodemesh.cli", "flows", "--follow",
-                               "-o", "json", "--admin-socket", lab.admin_socket],
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(json.loads(x) for x in follow.stdout),
-                              daemon=True)
-    reader.start()
-    try:
-        time.sleep(1)  # following, with no history yet
-        assert lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", "5"])["ok"] == 5
-        deadline = time.monotonic() + 10
-        while len(lines) < 5 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [f["vip"] for f in lines] == [f"{lab.vip4()}:80"] * 5
-        assert [f["seq"] for f in lines] == sorted(f["seq"] for f in lines)
-        follow.send_signal(signal.SIGINT)
-        assert follow.wait(timeout=10) == 0
-    finally:
-        if follow.poll() is None:
-            follow.kill()
-            follow.wait()
+    agent.start(extra=["--backend-latency", "off", "--flow-events-rate", "0",
+                       "--bpf-stats", "off"])
+    assert lab.client(["tcp", "--target", f"{lab.vip4()}:80", "--count", "20"])["ok"] == 20
+    m = agent.metrics()
+    assert series(m, "nodemesh_backend_connect_duration_seconds_count") == 0
+    assert m[("nodemesh_flow_events_total", ())] == 0
+    assert series(m, "nodemesh_flow_events_lost_total") == 0
+    assert series(m, "nodemesh_bpf_program_runs_total") == 0
+    assert agent.status()["datapath"]["cost"] == {"enabled": False}
