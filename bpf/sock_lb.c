@@ -193,7 +193,8 @@ static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
 /* The family-independent part of a translation: 0 when key is no frontend (leave the socket
  * alone), -1 when the frontend has no backend (refuse), 1 with *out set to the backend, whose
  * address the caller writes into ctx in its family's shape. */
-static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *key, struct nm_backend **out)
+static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *key,
+				struct nm_backend **out)
 {
 	struct nm_svc_key vip = *key;
 	int is_service;
