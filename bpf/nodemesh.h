@@ -34,6 +34,10 @@
 #ifndef NM_MAX_ENDPOINTS
 #define NM_MAX_ENDPOINTS 262144        /* backend endpoints watched for failures */
 #endif
+#ifndef NM_MAX_LATENCY
+#define NM_MAX_LATENCY 16384           /* (frontend, backend) pairs with kernel latency stats
+					* (lib/latency.h; LRU, preallocated) */
+#endif
 #ifndef NM_PIN_DIR
 #error "NM_PIN_DIR must name the bpffs folder for pinned maps"
 #endif

@@ -20,6 +20,7 @@
 #include <linux/in.h>
 #include <linux/socket.h>
 #include "nodemesh.h"
+#include "lib/flow.h"
 
 /* Service table: masters and slots; sized for all frontends and all their slots. No
  * preallocation, so memory follows use and a replaced element is never recycled under a
@@ -112,30 +113,49 @@ static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
 }
 
 /* The family-independent part of a translation: 0 when key is no frontend (leave the socket
- * alone), -1 when the frontend has no backend or is over a connection limit (refuse), -2 when
- * policy denies it (EPERM), 1 with *out set to the backend, whose
- * address the caller writes into ctx in its family's shape. */
-static __always_inline int pick(void *ctx, struct nm_svc_key *key, struct nm_backend **out)
+ * alone), -1 when the frontend has no backend or is over a connection limit (refuse), 1 with
+ * *out set to the backend, whose address the caller writes into ctx in its family's shape.
+ * Policy was decided before (admit()). */
+static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *key,
+				struct nm_backend **out)
 {
 	struct nm_svc_key vip = *key;
 	int is_service;
 	u32 svc_id = 0;
-	int decided = nm_policy_decide(key);
-	if (decided != NM_POLICY_PASS)
-		return decided == NM_POLICY_DENIED ? -2 : 0;
 	struct nm_backend *be = select_backend(bpf_get_netns_cookie(ctx), key, &is_service,
 						&svc_id);
 	if (!is_service)
 		return 0;
-	if (is_service == 2)
+	if (is_service == 2) {
+		nm_flow_emit(ctx, NM_FLOW_DROPPED, NM_FLOW_REASON_CONNECTION_LIMIT, &vip, NULL, svc_id);
 		return -1;
+	}
 	account(svc_id, be != NULL);
+	nm_flow_emit(ctx, be ? NM_FLOW_TRANSLATED : NM_FLOW_NO_BACKEND, 0, &vip, be, svc_id);
 	if (!be)
 		return -1;
 	remember(ctx, be, &vip, svc_id);
 	nm_conn_remember(ctx, be, svc_id);
 	*out = be;
 	return 1;
+}
+
+/* Policy comes first, before the proxy redirect and the choice of a backend: a caller the
+ * policy denies must not reach the service through the proxy either. 1: go on translating;
+ * 0: leave the address alone (not a policed frontend's business, or an opted-out workload);
+ * -1: denied (the caller rejects with EPERM). */
+static __always_inline int admit(struct bpf_sock_addr *ctx, struct nm_svc_key *key)
+{
+	int decided = nm_policy_decide(key);
+	if (decided == NM_POLICY_NO_LB)
+		return 0;
+	if (decided != NM_POLICY_DENIED)
+		return 1;
+	struct nm_svc_key master = *key;
+	master.slot = 0;
+	struct nm_svc_value *mv = services.lookup(&master);
+	nm_flow_emit(ctx, NM_FLOW_DENIED, 0, key, NULL, mv ? mv->svc_id : 0);
+	return -1;
 }
 
 #include "lib/proxy.h"
@@ -150,14 +170,17 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx)
 	key.port = (u16)ctx->user_port;
 	key.proto = (u8)ctx->protocol;
 	key.family = NM_FAMILY_V4;
+	int admitted = admit(ctx, &key);
+	if (admitted < 0)
+		return nm_policy_reject();
+	if (admitted == 0)
+		return SYS_PROCEED;
 	if (nm_proxy_redirect4(ctx, &key))
 		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
 	int picked = pick(ctx, &key, &be);
 	if (picked == 0)
 		return SYS_PROCEED;
-	if (picked == -2)
-		return nm_policy_reject();
 	if (picked < 0 || !be)
 		return refuse();
 	ctx->user_ip4 = be->addr[0];
@@ -234,14 +257,17 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	}
 	key.port = (u16)ctx->user_port;
 	key.proto = (u8)ctx->protocol;
+	int admitted = admit(ctx, &key);
+	if (admitted < 0)
+		return nm_policy_reject();
+	if (admitted == 0)
+		return SYS_PROCEED;
 	if (nm_proxy_redirect6(ctx, &key, mapped))
 		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
 	int picked = pick(ctx, &key, &be);
 	if (picked == 0)
 		return SYS_PROCEED;
-	if (picked == -2)
-		return nm_policy_reject();
 	if (picked < 0 || !be)
 		return refuse();
 	if (mapped) {
@@ -350,6 +376,9 @@ static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_en
 	ek->port = (u16)(skops->remote_port >> 16);
 }
 
+/* Needs endpoint_of() and revnat, above. */
+#include "lib/latency.h"
+
 /* Connect outcomes of client sockets in the cgroup, for endpoints the agent watches:
  * a connect that reaches ESTABLISHED is a success; one that goes from SYN_SENT to CLOSE was
  * refused, reset before it was established, or timed out (also when the application gave up
@@ -377,14 +406,17 @@ int nm_sockops(struct bpf_sock_ops *skops)
 			h->consecutive_failures = 0;
 			__sync_fetch_and_add(&h->successes, 1);
 		}
-		/* Established: the rest of an uncounted socket's life is not our business. */
-		if (!counted)
+		/* Established: the rest of the socket's life is not our business, unless it is
+		 * counted (lib/conn_count.h) or its end is measured (lib/latency.h). */
+		int measured = nm_latency_established(skops);
+		if (!counted && !measured)
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
 							 ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	}
 	case BPF_SOCK_OPS_STATE_CB: {
 		u32 old_state = skops->args[0], new_state = skops->args[1];
+		nm_latency_state(skops, old_state, new_state);
 		if (new_state != NM_TCP_CLOSE || old_state != NM_TCP_SYN_SENT)
 			break;
 		struct nm_endpoint_health *h = endpoint_health.lookup(&ek);

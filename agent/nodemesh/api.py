@@ -4,6 +4,8 @@
     GET /v1/services   every programmed service with frontends, backends and kernel counters
     GET /v1/policy     compiled policies, workloads with their identities, kernel verdict counts
     GET /v1/policy/check?from=NS/POD|CGROUP&to=NS/SVC:PORT   what the kernel decides, and why
+    GET /v1/flows      recent flow events (?since=SEQ&wait=SECONDS&service=NS/NAME&backend=ADDR
+                       &verdict=V&limit=N): {"flows": [...], "seq": newest seen}
 
 Callers are checked with SO_PEERCRED: root or the agent's own uid only, whatever the mode.
 """
@@ -62,6 +64,11 @@ class _Handler(serving.Handler):
             query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
             core = self.agent.core
             code, body = admin_view(core.policy if core else None, path, query)
+            return self._send(code, body)
+        if path == "/v1/flows":
+            from .flowsapi import flows_view
+
+            code, body = flows_view(self.agent.observability.flow_log, self.path)
             return self._send(code, body)
         return self._send(404, {"error": f"no such endpoint {path}"})
 

@@ -202,6 +202,7 @@ def cmd_run(args) -> int:
     from .datapath.maps import MapSizes
     from .datapath.tc import TcSettings
     from .mesh import MeshOptions
+    from .observability import Settings
 
     tc = TcSettings(ct_entries=args.map_conntrack, tcp_syn_seconds=args.ct_tcp_syn_timeout,
                     tcp_established_seconds=args.ct_tcp_established_timeout,
@@ -227,7 +228,11 @@ def cmd_run(args) -> int:
                                   backends=args.map_backends,
                                   revnat=args.map_revnat),
                    maglev_max_rows=args.maglev_max_rows,
-                   interfaces=tuple(dict.fromkeys(args.interface)), tc=tc)
+                   interfaces=tuple(dict.fromkeys(args.interface)), tc=tc,
+                   observe=Settings(flow_events_rate=args.flow_events_rate,
+                                    flow_events_burst=args.flow_events_burst,
+                                    backend_latency=args.backend_latency == "on",
+                                    bpf_stats=args.bpf_stats == "on"))
     agent = Agent(opts)
     install_signals(agent)
     try:
@@ -297,6 +302,11 @@ def cmd_status(args) -> int:
     ev = dp.get("events") or {}
     if any(ev.values()):
         print("events:    " + ", ".join(f"{k}={v}" for k, v in ev.items() if v))
+    from .flowscli import cost_line
+
+    line = cost_line(dp.get("cost") or {})
+    if line:
+        print(line)
     return 0
 
 
@@ -484,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_maglev_rows, help="rows all Maglev tables may hold together (4 bytes "
                    "each in the kernel, twice with the spare tables); default 16777216 = 64 MiB")
     mesh_args(r)
+    from .flowscli import add_run_options
+
+    add_run_options(r, _env, _one_of)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="validate a config file (exit 1 if invalid)", parents=[common])
@@ -511,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--to", dest="target", required=True, metavar="NS/SVC:PORT")
     admin_opts(pc)
     pc.set_defaults(func=cmd_policy_check)
+    from .flowscli import add_flows_parser
+
+    add_flows_parser(sub, common, admin_opts)
 
     cl = sub.add_parser("cleanup", help="detach the hooks and remove the pins nodemesh made "
                         "(idempotent)", parents=[common])

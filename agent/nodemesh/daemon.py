@@ -32,6 +32,7 @@ from .datapath import maps as m
 from .datapath.tc import TcPath, TcSettings
 from .health import HealthChecker
 from .mesh import AccelCollector, MeshOptions, write_mesh_config
+from .observability import Observability, Settings
 from .outlier import OutlierDetector
 from .policy import PolicyTable
 from .reconciler import MAGLEV_MAX_ROWS, Reconciler, RoundResult
@@ -60,6 +61,7 @@ class Options:
     mesh: MeshOptions = field(default_factory=MeshOptions)
     interfaces: Tuple[str, ...] = ()  # the TC packet path (NodePort, external addresses)
     tc: TcSettings = field(default_factory=TcSettings)
+    observe: Settings = field(default_factory=Settings)
 
 
 class Agent:
@@ -88,6 +90,8 @@ class Agent:
         self.sockterm = SocketTerminator()
         self.workers = Supervisor(self._stop, self._give_up, self._count_restart)
         self._empty = Snapshot(source=SourceState(opts.source, opts.config))
+        self.observability = Observability(self, opts.observe,
+                                           opts.metrics_detail == metrics.DETAIL_BACKEND)
 
     # -- events from other threads ----------------------------------------------------------
     def _on_health_flip(self, key) -> None:
@@ -190,6 +194,7 @@ class Agent:
             self.admin.start()
             self.health.start()
             self.workers.spawn("failure-events", self._watch_failures)
+            self.observability.start()
             self.workers.spawn("sockterm", lambda: self.sockterm.run(self._stop))
             self.source.start(self.desired, self.source_error)
             while not self.core.synced:
@@ -327,6 +332,7 @@ class Agent:
             self.metrics_server.stop()
         if self.tc is not None:
             self.tc.close()  # fds only: the filters keep the programs attached
+        self.observability.close()  # BPF run-time statistics end with the agent
         attached = bool(self.datapath and loader.attachments(self.datapath.bpffs))
         if self.datapath is not None:
             self.datapath.close()  # fds only: the pinned links keep the hooks attached
@@ -358,6 +364,7 @@ class Agent:
                 "load_seconds": round(self.datapath.load_seconds, 3) if self.datapath else None,
                 "hooks": loader.attachments(self.opts.bpffs) if self.datapath else [],
                 "events": counters,
+                "cost": self.observability.status(),
             },
             "services": len(snap.services),
             "frontends": len(snap.frontends),

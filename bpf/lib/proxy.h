@@ -111,6 +111,7 @@ static __always_inline int nm_proxy_redirect4(struct bpf_sock_addr *ctx, struct 
 	proxy.addr[0] = bpf_htonl(0x7f000001);
 	remember(ctx, &proxy, key, svc_id);
 	nm_count_redirect(svc_id);
+	nm_flow_emit(ctx, NM_FLOW_PROXY_REDIRECT, 0, key, NULL, svc_id);
 	ctx->user_ip4 = proxy.addr[0];
 	ctx->user_port = port;
 	return 1;
@@ -143,6 +144,7 @@ static __always_inline int nm_proxy_redirect6(struct bpf_sock_addr *ctx, struct 
 	}
 	remember(ctx, &proxy, key, svc_id);
 	nm_count_redirect(svc_id);
+	nm_flow_emit(ctx, NM_FLOW_PROXY_REDIRECT, 0, key, NULL, svc_id);
 	ctx->user_port = port;
 	return 1;
 }

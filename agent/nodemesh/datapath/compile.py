@@ -21,25 +21,28 @@ from typing import Dict, Optional, Set, Tuple
 from .maps import MAPS, MapSizes
 
 RINGBUF = "failure_events"
+FLOW_RINGBUF = "flow_events"  # bpf/lib/flow.h
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"(lib/[\w./-]+)"[ \t]*$', re.M)
 
 
-def source_text(path: Path, _seen: Optional[Set[Path]] = None) -> str:
+def source_text(path: Path, root: Optional[Path] = None,
+                _seen: Optional[Set[Path]] = None) -> str:
     """The C source with its `#include "lib/..."` headers written in place.
 
     BCC rewrites map methods (`services.lookup(&key)`) only in the file it is handed, not in
     the headers that file includes, so the shared code in bpf/lib/ must reach it as one text.
     Each header is expanded once (they carry include guards anyway). "lib/x.h" names a file
-    under bpf/ (the -I folder), from the program files and from lib/ headers alike."""
+    under bpf/ (the -I folder, `root`), from the program files and from lib/ headers alike."""
     seen = set() if _seen is None else _seen
-    root = path.parent.parent if path.parent.name == "lib" else path.parent
+    if root is None:
+        root = path.parent.parent if path.parent.name == "lib" else path.parent
 
     def expand(match: "re.Match[str]") -> str:
         header = (root / match.group(1)).resolve()
         if header in seen:
             return ""
         seen.add(header)
-        return f"/* {match.group(1)} */\n" + source_text(header, seen)
+        return f"/* {match.group(1)} */\n" + source_text(header, root, seen)
 
     return _LOCAL_INCLUDE.sub(expand, path.read_text())
 
@@ -61,6 +64,7 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
     # By fd, not bpf[name]: BCC's Python Table has no class for sk_storage or sockhash maps.
     maps = {spec.name: lib.bpf_table_fd(bpf.module, spec.name.encode()) for spec in MAPS}
     maps[RINGBUF] = bpf[RINGBUF.encode()].map_fd
+    maps[FLOW_RINGBUF] = bpf[FLOW_RINGBUF.encode()].map_fd
     return bpf, progs, maps, time.monotonic() - started
 
 

@@ -203,6 +203,7 @@ class Datapath:
         self._prog_fds: Dict[str, int] = {}
         self._owned_fds: List[int] = []  # fds a compiler child passed us
         self.ringbuf_fd: Optional[int] = None
+        self.flow_ringbuf_fd: Optional[int] = None
         self.load_seconds = 0.0
         self._lock_fd: Optional[int] = None
         self._map_ids: Dict[str, int] = {}
@@ -241,7 +242,7 @@ class Datapath:
 
         By default the compile runs in a child process, so that LLVM never stays in the agent
         (see compile.py); in_process keeps BCC's object (tests read its generated types)."""
-        from .compile import RINGBUF, compile_and_load, compile_in_child
+        from .compile import FLOW_RINGBUF, RINGBUF, compile_and_load, compile_in_child
 
         ensure_bpffs(self.bpffs)
         self._lock_fd = self._take_lock()  # before reading or writing anything in the folder
@@ -259,12 +260,18 @@ class Datapath:
                                 f"Check kernel headers with 'nodemesh preflight'.") from e
         self._prog_fds = progs
         self.ringbuf_fd = fds.pop(RINGBUF)
+        self.flow_ringbuf_fd = fds.pop(FLOW_RINGBUF)
         self.maps = Maps(fds)
         self._map_ids = {spec.name: bpfsys.map_info(fds[spec.name]).id for spec in MAPS}
         self._stamp_info()
         log.info("datapath loaded in %.2fs (%s pinned maps under %s)", self.load_seconds,
                  "adopted" if self.adopted else "new", self.bpffs)
         return self.maps
+
+    @property
+    def programs(self) -> Dict[str, int]:
+        """Program fds by hook name (what this agent loaded and attached)."""
+        return dict(self._prog_fds)
 
     def _take_lock(self) -> int:
         fd = _lock(self.bpffs)

@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import bpfsys
+from .observe import FlowBudget, LatencyKey, LatencyStats, ObserveConfig
 
 if TYPE_CHECKING:
     from .maglev_tables import KernelTables
@@ -222,6 +223,11 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("accel_socks", bpfsys.MAP_TYPE_SOCKHASH, SockKey, ctypes.c_int, "",
             MAX_ACCEL_SOCKETS),
     MapSpec("accel_stats", bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, u64, "", ACCEL_COUNTER_SLOTS),
+    # bpf/lib/observe.h, flow.h, latency.h (mirrors in observe.py)
+    MapSpec("observe_config", bpfsys.MAP_TYPE_ARRAY, u32, ObserveConfig, "", 1),
+    MapSpec("flow_budget", bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, FlowBudget, "", 1),
+    MapSpec("backend_latency", bpfsys.MAP_TYPE_LRU_HASH, LatencyKey, LatencyStats,
+            "NM_MAX_LATENCY"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
@@ -237,11 +243,13 @@ class MapSizes:
     revnat: int = 65536
     affinity: int = 65536
     endpoints: int = 262144
+    latency: int = 16384
 
     def setting(self, name: str) -> int:
         return {"NM_MAX_SERVICE_ENTRIES": self.service_entries, "NM_MAX_FRONTENDS": self.frontends,
                 "NM_MAX_BACKENDS": self.backends, "NM_MAX_REVNAT": self.revnat,
-                "NM_MAX_AFFINITY": self.affinity, "NM_MAX_ENDPOINTS": self.endpoints}[name]
+                "NM_MAX_AFFINITY": self.affinity, "NM_MAX_ENDPOINTS": self.endpoints,
+                "NM_MAX_LATENCY": self.latency}[name]
 
     def capacity(self, spec: MapSpec) -> int:
         return self.setting(spec.size_setting) if spec.size_setting else spec.fixed_size
@@ -249,7 +257,7 @@ class MapSizes:
     def cflags(self) -> List[str]:
         return [f"-D{n}={self.setting(n)}" for n in
                 ("NM_MAX_SERVICE_ENTRIES", "NM_MAX_FRONTENDS", "NM_MAX_BACKENDS", "NM_MAX_REVNAT",
-                 "NM_MAX_AFFINITY", "NM_MAX_ENDPOINTS")]
+                 "NM_MAX_AFFINITY", "NM_MAX_ENDPOINTS", "NM_MAX_LATENCY")]
 
 
 # Byte-level packers for the hot path of a large apply (~700,000 elements for 100,000

@@ -1,0 +1,213 @@
+"""Flow events: what the connect and sendmsg hooks decided, one record per TCP connection and
+per new UDP flow (bpf/lib/flow.h), kept in memory for `nodemesh flows`.
+
+The kernel rate-limits them per CPU (a token bucket) and counts what it refused; the agent
+reads the ring buffer on one supervised worker, names the service from the published
+snapshot, and keeps the last HISTORY flows. Readers ask with a sequence number: the admin API
+answers `/v1/flows?since=N&wait=S` with what came after N, waiting up to S seconds for the
+first one. `--follow` is that call in a loop, so a follower holds no server thread between
+calls and never blocks `nodemesh status`.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import asdict, dataclass
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+from .datapath import bpfsys
+from .datapath import maps as m
+from .datapath.observe import REASONS, VERDICT_IDS, VERDICTS, FlowBudget, FlowEvent, ObserveConfig
+
+HISTORY = 4096
+DEFAULT_RATE = 1000   # events per second per CPU
+DEFAULT_BURST = 200   # events a CPU may send at once after a quiet spell
+MAX_WAIT = 5.0        # seconds a /v1/flows call may wait for news
+
+
+def configure(maps: m.Maps, rate: int, burst: int, latency: bool) -> None:
+    """Write the datapath's observability switches (bpf/lib/observe.h), once at start."""
+    cost = 1_000_000_000 // rate if rate > 0 else 0
+    cfg = ObserveConfig(flow_cost_ns=cost, flow_burst_ns=cost * max(burst, 1),
+                        latency=1 if latency else 0)
+    bpfsys.map_update(maps.fd("observe_config"), m.u32(0), cfg)
+
+
+def budget(maps: m.Maps) -> Dict[str, int]:
+    """The per-CPU token buckets' counters, summed: sent, lost_rate_limit, lost_ring_full."""
+    per_cpu = (FlowBudget * bpfsys.possible_cpus())()
+    if not bpfsys.map_lookup(maps.fd("flow_budget"), m.u32(0), per_cpu):
+        return {"sent": 0, "lost_rate_limit": 0, "lost_ring_full": 0}
+    return {f: sum(getattr(b, f) for b in per_cpu)
+            for f in ("sent", "lost_rate_limit", "lost_ring_full")}
+
+
+@dataclass(frozen=True)
+class Flow:
+    seq: int
+    time_ns: int          # CLOCK_MONOTONIC, as the kernel stamped it
+    verdict: str
+    reason: int
+    protocol: str
+    namespace: str        # "" when the frontend is not (or no longer) known
+    service: str
+    vip: str              # "addr:port", [v6]:port
+    backend: str          # "" with no backend
+    client: str           # the socket's bound address, "" before it has one
+    pid: int
+    comm: str
+    cgroup_id: int
+    netns: int
+    cookie: int
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def _hostport(family: int, words, port: int) -> str:
+    addr = m.decode_addr(family, words)
+    return f"[{addr}]:{port}" if family == m.FAMILY_V6 else f"{addr}:{port}"
+
+
+def decode(ev: FlowEvent, seq: int, names: Callable[[int], Tuple[str, str]]) -> Flow:
+    namespace, service = names(ev.svc_id) if ev.svc_id else ("", "")
+    backend = (_hostport(ev.family, ev.backend, m.port_host(ev.backend_port))
+               if ev.backend_port else "")
+    client = ""
+    if ev.client_family and (any(ev.client) or ev.client_port):
+        client = _hostport(ev.client_family, ev.client, ev.client_port)
+    return Flow(seq=seq, time_ns=ev.ts_ns, verdict=VERDICTS.get(ev.verdict, str(ev.verdict)),
+                reason=ev.reason, protocol=m.PROTO_NAMES.get(ev.proto, str(ev.proto)),
+                namespace=namespace, service=service,
+                vip=_hostport(ev.family, ev.vip, m.port_host(ev.vip_port)), backend=backend,
+                client=client, pid=ev.pid, comm=ev.comm.decode(errors="replace"),
+                cgroup_id=ev.cgroup_id, netns=ev.netns, cookie=ev.cookie)
+
+
+@dataclass(frozen=True)
+class Filter:
+    service: Optional[Tuple[str, str]] = None  # (namespace, name)
+    backend: Optional[str] = None              # an address, or address:port
+    verdict: Optional[str] = None
+
+    @classmethod
+    def parse(cls, service: Optional[str], backend: Optional[str],
+              verdict: Optional[str]) -> "Filter":
+        """From the CLI's or the query string's values; ValueError names the bad one."""
+        svc = None
+        if service:
+            ns, sep, name = service.partition("/")
+            if not sep or not ns or not name:
+                raise ValueError(f"--service {service!r}: give NAMESPACE/NAME")
+            svc = (ns, name)
+        if verdict and verdict not in VERDICT_IDS:
+            raise ValueError(f"--verdict {verdict!r}: one of {', '.join(VERDICT_IDS)}")
+        if backend is not None and not backend.strip():
+            raise ValueError("--backend: give an address or address:port")
+        return cls(svc, backend.strip() if backend else None, verdict or None)
+
+    def __call__(self, f: Flow) -> bool:
+        if self.service and (f.namespace, f.service) != self.service:
+            return False
+        if self.verdict and f.verdict != self.verdict:
+            return False
+        if self.backend:
+            if not f.backend:
+                return False
+            host = f.backend.rsplit(":", 1)[0].strip("[]")
+            if self.backend not in (f.backend, host, f"[{host}]"):
+                return False
+        return True
+
+
+class FlowLog:
+    """The last HISTORY flows, with a sequence number each; readers wait for news."""
+
+    def __init__(self, size: int = HISTORY):
+        self._flows: Deque[Flow] = collections.deque(maxlen=size)
+        self._cond = threading.Condition()
+        self.seq = 0
+
+    def next_seq(self) -> int:
+        return self.seq + 1
+
+    def add(self, flow: Flow) -> None:
+        with self._cond:
+            self._flows.append(flow)
+            self.seq = flow.seq
+            self._cond.notify_all()
+
+    def since(self, seq: int, match: Callable[[Flow], bool], wait: float = 0.0,
+              limit: int = HISTORY) -> Tuple[List[Flow], int]:
+        """(flows after seq that match, newest seq seen). Waits up to `wait` seconds for at
+        least one new flow (matching or not) when there is none yet."""
+        with self._cond:
+            if wait > 0 and self.seq <= seq:
+                self._cond.wait_for(lambda: self.seq > seq, timeout=min(wait, MAX_WAIT))
+            out = [f for f in self._flows if f.seq > seq and match(f)]
+            return out[-limit:], self.seq
+
+
+class ServiceNames:
+    """svc_id -> (namespace, service), from the snapshot; rebuilt only when an id is unknown
+    and the snapshot changed since the last build."""
+
+    def __init__(self, snapshot: Callable[[], object]):
+        self._snapshot = snapshot
+        self._generation = -1
+        self._names: Dict[int, Tuple[str, str]] = {}
+
+    def __call__(self, svc_id: int) -> Tuple[str, str]:
+        hit = self._names.get(svc_id)
+        if hit is not None:
+            return hit
+        snap = self._snapshot()
+        generation = getattr(snap, "generation", 0)
+        if generation != self._generation:
+            self._generation = generation
+            self._names = {}
+            for view in snap.frontends.values():  # type: ignore[attr-defined]
+                p, d = view.programmed, view.desired
+                if p is not None and d is not None:
+                    self._names[p.svc_id] = (d.namespace, d.service)
+        return self._names.get(svc_id, ("", ""))
+
+
+def read(ring_fd: int, log: FlowLog, names: Callable[[int], Tuple[str, str]],
+         stop: threading.Event) -> None:
+    """The worker: flow events from the ring buffer into the log, until stop."""
+    from .datapath.ringbuf import RingBuffer, cast
+
+    def on_event(data: bytes) -> None:
+        log.add(decode(cast(data, FlowEvent), log.next_seq(), names))
+
+    ring = RingBuffer(ring_fd)
+    try:
+        while not stop.is_set():
+            ring.poll(on_event, 0.1)
+    finally:
+        ring.close()
+
+
+# -- the command's output ----------------------------------------------------------------
+
+COLUMNS = ["TIME", "VERDICT", "PROTO", "SERVICE", "VIP", "BACKEND", "CLIENT", "PID", "COMM"]
+
+
+def row(f: Dict[str, object], boot_offset: float) -> List[str]:
+    import time
+
+    t = time.strftime("%H:%M:%S", time.localtime(boot_offset + int(f["time_ns"]) / 1e9))  # type: ignore[call-overload]
+    reason = REASONS.get(int(f["reason"]), str(f["reason"]))  # type: ignore[call-overload]
+    verdict = str(f["verdict"]) + (f"({reason})" if f["verdict"] == "dropped" else "")
+    svc = f"{f['namespace']}/{f['service']}" if f["service"] else "?"
+    return [t, verdict, str(f["protocol"]), svc, str(f["vip"]), str(f["backend"] or "-"),
+            str(f["client"] or "-"), str(f["pid"]), str(f["comm"])]
+
+
+def monotonic_to_wall() -> float:
+    """What to add to a CLOCK_MONOTONIC time to get the wall clock (bpf_ktime_get_ns)."""
+    import time
+
+    return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+

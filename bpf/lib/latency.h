@@ -1,0 +1,170 @@
+/* lib/latency.h — what only the kernel knows about each backend: TCP connect duration (SYN to
+ * established), smoothed RTT, bytes each way and retransmits, per (frontend, backend endpoint).
+ *
+ * Hook: sockops on the same cgroup, for the connections the connect hook translated (they have
+ * a revnat entry under their socket cookie):
+ *   ACTIVE_ESTABLISHED_CB connect duration (the handshake's RTT sample) -> log2 histogram;
+ *                         state callbacks on for this socket
+ *   STATE_CB to CLOSE     srtt, bytes_acked, bytes_received and total_retrans, read once at the
+ *                         end of the connection -> RTT histogram and counters
+ * Why these and not RTT_CB: RTT_CB runs on every ACK; the state callback runs a handful of
+ * times per connection, and the socket's final srtt is the smoothed value over its life.
+ * Nothing is stored per socket: the revnat entry the connect hook wrote names the frontend.
+ *
+ * Histograms are log2 buckets of microseconds: bucket i counts values below 2^i µs (bucket 0:
+ * below 1 µs); the last bucket takes everything larger. The agent turns them into Prometheus
+ * histograms at scrape time. The stats map is an LRU: memory is bounded, and a backend idle
+ * long enough to be evicted restarts from zero (a counter reset, which Prometheus handles).
+ */
+#ifndef NM_LIB_LATENCY_H
+#define NM_LIB_LATENCY_H
+
+#include "lib/observe.h"
+
+#define NM_LAT_BUCKETS 24 /* up to 2^22 µs (4.2 s) in buckets, and one for larger */
+
+struct nm_latency_key {
+	__u32 addr[4]; /* backend */
+	__u16 port;    /* network order */
+	__u8 family;
+	__u8 pad;
+	__u32 svc_id;
+};
+
+struct nm_latency_stats {
+	__u64 connect_us[NM_LAT_BUCKETS];
+	__u64 rtt_us[NM_LAT_BUCKETS];
+	__u64 connect_sum_us;
+	__u64 rtt_sum_us;
+	__u64 bytes_sent;     /* bytes_acked: what the backend received */
+	__u64 bytes_received;
+	__u64 retransmits;    /* total_retrans of closed connections */
+	__u64 closed;         /* connections whose end was counted */
+};
+
+BPF_TABLE_PINNED("lru_hash", struct nm_latency_key, struct nm_latency_stats, backend_latency,
+		 NM_MAX_LATENCY, NM_PIN_DIR "/backend_latency");
+/* Zeroes to create a stats entry from: the struct is too large for the 512-byte stack. */
+BPF_ARRAY(latency_zero, struct nm_latency_stats, 1);
+
+static __always_inline u32 nm_log2_bucket(u64 v)
+{
+	/* floor(log2(v)) + 1 without a loop; 0 for v == 0 */
+	u32 r = 0;
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8) { v >>= 8; r += 8; }
+	if (v >> 4) { v >>= 4; r += 4; }
+	if (v >> 2) { v >>= 2; r += 2; }
+	if (v >> 1) { r += 1; }
+	r = v ? r + 1 : 0;
+	return r < NM_LAT_BUCKETS ? r : NM_LAT_BUCKETS - 1;
+}
+
+static __always_inline void nm_latency_key_of(struct bpf_sock_ops *skops, u32 svc_id,
+					      struct nm_latency_key *k)
+{
+	struct nm_endpoint_key ek = {};
+	endpoint_of(skops, &ek);
+	k->addr[0] = ek.addr[0];
+	k->addr[1] = ek.addr[1];
+	k->addr[2] = ek.addr[2];
+	k->addr[3] = ek.addr[3];
+	k->port = ek.port;
+	k->family = ek.family;
+	k->svc_id = svc_id;
+}
+
+static __always_inline struct nm_latency_stats *nm_latency_stats_of(struct nm_latency_key *k)
+{
+	struct nm_latency_stats *st = backend_latency.lookup(k);
+	if (st)
+		return st;
+	u32 idx = 0;
+	struct nm_latency_stats *zero = latency_zero.lookup(&idx);
+	if (!zero)
+		return NULL;
+	backend_latency.insert(k, zero); /* BPF_NOEXIST: a racing CPU's entry wins */
+	return backend_latency.lookup(k);
+}
+
+/* The frontend a client socket was translated for, from its revnat entry (socket cookie and
+ * backend): 0 when the connection is not to a service, or latency is off. */
+static __always_inline u32 nm_latency_svc(struct bpf_sock_ops *skops, struct nm_latency_key *k)
+{
+	struct nm_observe_config *cfg = nm_observe();
+	if (!cfg || !cfg->latency)
+		return 0;
+	struct nm_revnat_key rk = {};
+	nm_latency_key_of(skops, 0, k);
+	rk.cookie = bpf_get_socket_cookie(skops);
+	rk.addr[0] = k->addr[0];
+	rk.addr[1] = k->addr[1];
+	rk.addr[2] = k->addr[2];
+	rk.addr[3] = k->addr[3];
+	rk.port = k->port;
+	rk.family = k->family;
+	struct nm_revnat_value *rv = revnat.lookup(&rk);
+	if (!rv)
+		return 0;
+	k->svc_id = rv->svc_id;
+	return rv->svc_id;
+}
+
+/* ACTIVE_ESTABLISHED_CB: the connect duration, and state callbacks on (to count the end).
+ * Returns 1 when the connection is watched.
+ *
+ * The duration is the kernel's first RTT sample, which for an active open is SYN to SYN-ACK:
+ * srtt holds exactly that sample when the connection becomes established, so nothing needs
+ * to be stamped at connect (no socket storage to allocate per connection). A retransmitted
+ * SYN is timed from its last copy: each earlier copy waited one initial RTO (1 s, doubling),
+ * which is added back. */
+static __always_inline int nm_latency_established(struct bpf_sock_ops *skops)
+{
+	struct nm_latency_key k = {};
+	if (!nm_latency_svc(skops, &k))
+		return 0;
+	struct nm_latency_stats *st = nm_latency_stats_of(&k);
+	if (!st)
+		return 0;
+	u64 us = skops->srtt_us >> 3; /* the kernel keeps srtt << 3 */
+	u32 syn_retrans = skops->total_retrans;
+	if (syn_retrans > 6)
+		syn_retrans = 6; /* net.ipv4.tcp_syn_retries' default: 1+2+4+8+16+32 s */
+	us += ((1ULL << syn_retrans) - 1) * 1000000ULL;
+	u32 b = nm_log2_bucket(us);
+	if (b < NM_LAT_BUCKETS)
+		__sync_fetch_and_add(&st->connect_us[b], 1);
+	__sync_fetch_and_add(&st->connect_sum_us, us);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 1;
+}
+
+/* STATE_CB: at the move to CLOSE of an established, watched connection, count its end. */
+static __always_inline void nm_latency_state(struct bpf_sock_ops *skops, u32 old_state,
+					     u32 new_state)
+{
+	if (new_state != 7 /* TCP_CLOSE */ || old_state == 2 /* SYN_SENT */)
+		return;
+	struct nm_latency_key k = {};
+	if (!nm_latency_svc(skops, &k))
+		return;
+	struct nm_latency_stats *st = nm_latency_stats_of(&k);
+	if (!st)
+		return;
+	u64 rtt_us = skops->srtt_us >> 3; /* the kernel keeps srtt << 3 */
+	u32 b = nm_log2_bucket(rtt_us);
+	if (b < NM_LAT_BUCKETS)
+		__sync_fetch_and_add(&st->rtt_us[b], 1);
+	__sync_fetch_and_add(&st->rtt_sum_us, rtt_us);
+	/* bytes_acked counts sequence space: the SYN's one, and the FIN's once it was acked
+	 * (we leave FIN_WAIT2 or LAST_ACK only after that). The rest is payload. */
+	u64 acked = skops->bytes_acked;
+	u64 control = 1 + (old_state == 5 /* FIN_WAIT2 */ || old_state == 9 /* LAST_ACK */);
+	__sync_fetch_and_add(&st->bytes_sent, acked > control ? acked - control : 0);
+	__sync_fetch_and_add(&st->bytes_received, skops->bytes_received);
+	__sync_fetch_and_add(&st->retransmits, skops->total_retrans);
+	__sync_fetch_and_add(&st->closed, 1);
+}
+
+#endif
