@@ -17,11 +17,15 @@ from nodemesh.datapath import bpfsys, maps
 class Traffic:
     """TCP connections and UDP flows (a new socket per datagram: a new flow each time) to the
     lab's web service, in the hooked cgroup, until stopped. Bounded: `max_seconds` and 10^6
-    operations per client. `results` holds each client's JSON tally once stopped."""
+    operations per client. `results` holds each client's JSON tally once stopped.
+
+    Each client pauses `interval` between operations: a steady rate, not a flood that
+    overflows the lab servers' listen backlogs on a shared 2-CPU machine. An operation fails
+    after `timeout` seconds (5: one SYN retransmission, 1 s, is a slow success, not a loss)."""
 
     def __init__(self, lab, workdir: str, tcp_port: int = 80, udp_port: int = 53,
                  max_seconds: float = 120, tcp_clients: int = 2, udp_clients: int = 1,
-                 vip: Optional[str] = None):
+                 vip: Optional[str] = None, interval: float = 0.002, timeout: float = 5.0):
         self.stop_file = os.path.join(workdir, f"stop-traffic-{id(self)}")
         self.results: Dict[str, dict] = {}
         vip = vip or lab.vip4()
@@ -31,7 +35,8 @@ class Traffic:
             if not n:
                 continue
             args = [mode, "--target", f"{vip}:{port}", "--count", "1000000", "--concurrency",
-                    str(n), "--stop-file", self.stop_file, "--max-seconds", seconds]
+                    str(n), "--stop-file", self.stop_file, "--max-seconds", seconds,
+                    "--interval", str(interval), "--timeout", str(timeout)]
             self.threads.append(threading.Thread(
                 target=self._run, args=(lab, mode, args, max_seconds), daemon=True))
 

@@ -7,6 +7,7 @@ cache, ssh to itself) to the service's backends. These are refused unless the se
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import time
 from typing import FrozenSet, Optional
@@ -26,6 +27,10 @@ def node_addresses() -> FrozenSet[str]:
         if time.monotonic() - _cached_at < _CACHE_SECONDS:
             return _cached
         from pyroute2 import IPRoute
+
+        # pyroute2 logs every netlink message at debug (and resets its level on import):
+        # one read here would flood an agent's debug log.
+        logging.getLogger("pyroute2").setLevel(logging.INFO)
 
         found = set()
         with IPRoute() as ipr:
