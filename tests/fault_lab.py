@@ -147,3 +147,43 @@ def dump(bpffs: str) -> MapDump:
         return d
     finally:
         m.close()
+
+
+class Flapper:
+    """A backend's health port that goes down and up every `period` seconds: a TCP reset rule
+    for that port in the backend's own netns, added and deleted (its service port stays up,
+    so every connection the datapath admits can succeed). Bounded by `max_seconds`; the rule
+    is removed on stop."""
+
+    def __init__(self, netns: str, port: int, period: float = 0.3, max_seconds: float = 60):
+        self.rule = ["-p", "tcp", "--dport", str(port), "-j", "REJECT", "--reject-with",
+                     "tcp-reset"]
+        self.netns, self.period, self.max_seconds = netns, period, max_seconds
+        self.flips = 0
+        self.down = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _iptables(self, op: str) -> None:
+        import subprocess
+
+        subprocess.run(["ip", "netns", "exec", self.netns, "iptables", op, "INPUT", *self.rule],
+                       check=True, capture_output=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds * TIME_SCALE
+        while not self._stop.wait(self.period) and time.monotonic() < deadline:
+            self._iptables("-D" if self.down else "-I")
+            self.down = not self.down
+            self.flips += 1
+
+    def __enter__(self) -> "Flapper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.down:
+            self._iptables("-D")
+            self.down = False
