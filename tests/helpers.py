@@ -57,6 +57,7 @@ class AgentProcess:
         self.log = os.path.join(workdir, "agent.log")
         self.metrics_port = free_port()
         self.proc: Optional[subprocess.Popen] = None
+        self.prefix: list = []  # argv the agent runs under (setpriv, say)
 
     def write_config(self, text: str) -> None:
         # Write then rename, as editors and ConfigMaps do: the agent never reads half a file.
@@ -68,7 +69,8 @@ class AgentProcess:
     def start(self, wait: bool = True, extra: Iterable[str] = ()) -> "AgentProcess":
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nodemesh.cli", "--log-level", "debug", "run", "--config",
+            [*self.prefix, sys.executable, "-m", "nodemesh.cli", "--log-level", "debug", "run",
+             "--config",
              self.config, "--cgroup", self.lab.cgroup, "--bpffs", self.lab.bpffs,
              "--admin-socket", self.lab.admin_socket, "--metrics-addr",
              f"127.0.0.1:{self.metrics_port}", "--resync-seconds", "5",

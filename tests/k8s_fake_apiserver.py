@@ -264,6 +264,11 @@ class FakeApiServer:
         normally again."""
         self._failure = None if status is None else (status, reason, message, resource)
 
+    def misbehave(self, delay: float = 0.0, garbage: Optional[bytes] = None) -> None:
+        """Answer every request `delay` seconds late, or (garbage) with 200 and this body
+        instead of JSON; misbehave() serves normally again."""
+        self._delay, self._garbage = delay, garbage
+
     def open_watches(self, resource: str) -> int:
         with self._cond:
             return sum(1 for w in self._watches if w.resource == resource and not w.dropped)
@@ -374,6 +379,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake.requests.append((parts.path, query))
         if self.fake.token and self.headers.get("Authorization") != f"Bearer {self.fake.token}":
             return self._status(401, "Unauthorized", "Unauthorized")
+        if getattr(self.fake, "_delay", 0):
+            time.sleep(self.fake._delay)
+        if getattr(self.fake, "_garbage", None) is not None:
+            return self._send(200, self.fake._garbage)
         failure = self.fake._failure
         if failure is not None and (failure[3] is None or parts.path.endswith("/" + failure[3])):
             return self._status(*failure[:3])

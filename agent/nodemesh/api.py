@@ -8,6 +8,8 @@
                        &verdict=V&limit=N): {"flows": [...], "seq": newest seen}
 
 Callers are checked with SO_PEERCRED: root or the agent's own uid only, whatever the mode.
+Every endpoint is read-only (GET). A state-changing endpoint must be listed in CHANGES_STATE,
+which admits uid 0 only; any other method is refused with 405.
 """
 from __future__ import annotations
 
@@ -36,17 +38,26 @@ DEFAULT_SOCKET = "/run/nodemesh/agent.sock"
 MAX_CONNECTIONS = 64
 
 
+# The endpoints that change the agent's state, each with the method that does: uid 0 only,
+# even when the agent runs as another user. There are none today: changes come from the
+# config or the Kubernetes API, never the admin socket.
+CHANGES_STATE: frozenset = frozenset()
+
+
 class _Handler(serving.Handler):
     agent: "Agent"
 
     def address_string(self) -> str:  # unix sockets have no client address
         return "unix"
 
-    def _peer_allowed(self) -> bool:
+    def _peer_uid(self) -> int:
         creds = self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                            struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid in (0, os.getuid())
+        return uid
+
+    def _peer_allowed(self) -> bool:
+        return self._peer_uid() in (0, os.getuid())
 
     def do_GET(self):  # noqa: N802
         if not self._peer_allowed():
@@ -71,6 +82,17 @@ class _Handler(serving.Handler):
             code, body = flows_view(self.agent.observability.flow_log, self.path)
             return self._send(code, body)
         return self._send(404, {"error": f"no such endpoint {path}"})
+
+    def _change(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if (self.command, path) not in CHANGES_STATE:
+            return self._send(405, {"error": f"{self.command} {path}: the admin API is "
+                                             f"read-only here"})
+        if self._peer_uid() != 0:
+            return self._send(403, {"error": "only root may change the agent's state"})
+        return self._send(501, {"error": f"{self.command} {path} is not implemented"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = _change  # noqa: N815
 
     def _send(self, code: int, obj: Any) -> None:
         body = json.dumps(obj, indent=2, sort_keys=False).encode() + b"\n"

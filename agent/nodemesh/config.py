@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
-from . import maglev
+from . import maglev, reserved
 from .datapath.maps import encode_addr
 from .model import (
     ALGORITHMS,
@@ -397,10 +397,25 @@ def _unusable_backend(addr) -> Optional[str]:
     return None
 
 
+def _not_reserved(c: _Checker, vip: Optional[str], allow: Any, path: str) -> Optional[str]:
+    # Loopback, link-local and the node's own addresses would capture local traffic: only
+    # on request (reserved.py).
+    if allow is not True and allow is not False:
+        c.fail(f"{path}.allowReservedVIP", f"{_show(allow)} must be true or false")
+        return None
+    why = reserved.reserved_vip(vip) if vip is not None and not allow else None
+    if why:
+        c.fail(f"{path}.vip", f"{vip} is a reserved VIP: {why} (set allowReservedVIP: true "
+                              f"on the service if that is what you mean)")
+        return None
+    return vip
+
+
 SERVICE_FIELDS = ("name", "namespace", "vip", "ports", "algorithm", "sessionAffinity",
                   "healthCheck", "outlierDetection", "panicThresholdPercent", "trafficPolicy",
                   "trafficDistribution", "terminateConnectionsOnRemoval", "connectionLimits",
-                  "backends", "maglev", "externalIPs", "loadBalancerIPs", "proxy")
+                  "backends", "maglev", "externalIPs", "loadBalancerIPs", "proxy",
+                  "allowReservedVIP")
 PORT_FIELDS = ("name", "port", "targetPort", "protocol", "nodePort")
 BACKEND_FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating")
 OUTLIER_FIELDS = ("consecutiveFailures", "baseEjectionSeconds", "maxEjectionPercent")
@@ -438,6 +453,7 @@ def _service(c: _Checker, raw: Any, path: str) -> Optional[Service]:
         c.fail(f"{path}.vip", "is required")
     else:
         vip = c.ip(obj["vip"], f"{path}.vip", "a virtual IP", _unusable_vip)
+        vip = _not_reserved(c, vip, obj.get("allowReservedVIP", False), path)
     algorithm = obj.get("algorithm", "random")
     if algorithm not in ALGORITHMS:
         c.fail(f"{path}.algorithm", f"{_show(algorithm)} is not an algorithm (one of: "

@@ -1,7 +1,7 @@
 """Config validation: every bad input names the file, line and field path."""
 import pytest
 
-from nodemesh import config
+from nodemesh import config, reserved
 from nodemesh.model import Backend, ServicePort
 
 GOOD = """\
@@ -147,13 +147,34 @@ def test_bad_input_names_the_field_and_the_problem(text, expected):
     assert expected in problems(text)
 
 
-def test_vips_that_work_in_the_connect_hook_are_accepted():
-    # The hooks rewrite before the kernel routes: loopback and link-local VIPs work.
-    for vip in ("127.0.0.53", "169.254.20.10"):
-        (svc,) = config.parse(one(vip=vip))
-        assert svc.vip == vip
-    (svc,) = config.parse(one(vip="'::1'", backends="[{address: 'fd00::2'}]"))
-    assert svc.vip == "::1"
+@pytest.mark.parametrize("vip, why", [
+    ("127.0.0.53", "loopback"), ("127.255.255.254", "loopback"), ("'::1'", "loopback"),
+    ("169.254.20.10", "link-local"), ("'fe80::1'", "link-local"),
+])
+def test_vips_that_would_capture_local_traffic_are_refused_unless_allowed(vip, why):
+    backend = "fd00::2" if ":" in vip else "10.200.1.2"
+    text = one(vip=vip, backends=f"[{{address: '{backend}'}}]")
+    message = problems(text)
+    assert f"bad.yaml:3: services[0].vip: {vip.strip(chr(39))} is a reserved VIP: it is " \
+           f"{'a loopback address' if why == 'loopback' else why}" in message
+    assert "allowReservedVIP: true" in message
+    # The explicit override, for a node-local DNS cache on 169.254.20.10, say.
+    (svc,) = config.parse(one(vip=vip, backends=f"[{{address: '{backend}'}}]",
+                              allowReservedVIP="true"))
+    assert svc.vip == vip.strip("'")
+
+
+def test_an_address_of_this_node_is_refused_as_a_vip():
+    node = sorted(a for a in reserved.node_addresses() if "." in a and not a.startswith("127."))
+    if not node:
+        pytest.skip("this machine has no IPv4 address besides loopback")
+    message = problems(one(vip=node[0]))
+    assert f"services[0].vip: {node[0]} is a reserved VIP: it is an address of this node" \
+        in message
+    (svc,) = config.parse(one(vip=node[0], allowReservedVIP="true"))
+    assert svc.vip == node[0]
+    assert "services[0].allowReservedVIP: 'yes' must be true or false" in \
+        problems(one(allowReservedVIP="'yes'"))
 
 
 def test_empty_and_partly_drained_services_are_valid():

@@ -24,7 +24,7 @@ OLDEST_KUBERNETES = "1.30"
 NEWEST_KUBERNETES = kubernetes_validate.utils.major_minor(kubernetes_validate.utils.latest_version())
 VERSIONS = sorted({OLDEST_KUBERNETES, NEWEST_KUBERNETES})
 
-AGENT_CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE", "IPC_LOCK"}
+AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"}
 METRICS_PORT = 9464
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -184,9 +184,13 @@ def test_rolling_update_replaces_one_node_at_a_time_and_never_runs_two_agents_on
     assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def test_agent_runs_the_kubernetes_source_with_metrics_on_all_addresses_of_port_9464():
+def test_agent_runs_the_kubernetes_source_with_metrics_on_the_pod_ip_only_port_9464():
+    # Loopback is the agent's default; the DaemonSet opts into the pod IP, never 0.0.0.0.
     agent = agent_container()
-    assert agent["args"] == ["run", "--source", "kubernetes", "--metrics-addr", "0.0.0.0:9464"]
+    assert agent["args"] == ["run", "--source", "kubernetes", "--metrics-addr", "$(POD_IP):9464"]
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"apiVersion": "v1",
+                                                       "fieldPath": "status.podIP"}}
     assert metrics_addr_port(agent) == METRICS_PORT
     assert {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"} in agent["ports"]
 
@@ -227,13 +231,14 @@ def parse_nodemesh_args(argv, env, monkeypatch):
 def test_agent_takes_every_configmap_setting_its_args_and_the_node_name(monkeypatch):
     data = the("ConfigMap")["data"]
     agent = agent_container()
-    args = parse_nodemesh_args(agent["args"], {**data, "NODEMESH_NODE_NAME": "worker-1"}, monkeypatch)
+    argv = [a.replace("$(POD_IP)", "10.0.0.7") for a in agent["args"]]  # as the kubelet does
+    args = parse_nodemesh_args(argv, {**data, "NODEMESH_NODE_NAME": "worker-1"}, monkeypatch)
     for key, value in data.items():
         option = key[len("NODEMESH_"):].lower()
         assert hasattr(args, option), f"{key}: `nodemesh run` has no --{option.replace('_', '-')}"
         assert str(getattr(args, option)) == value, f"{key} is not read from the environment"
     assert (args.command, args.source, args.metrics_addr, args.node_name) == \
-        ("run", "kubernetes", f"0.0.0.0:{METRICS_PORT}", "worker-1")
+        ("run", "kubernetes", f"10.0.0.7:{METRICS_PORT}", "worker-1")
 
 
 def test_configmap_holds_neither_node_specific_nor_port_bound_settings():

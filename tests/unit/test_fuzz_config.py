@@ -11,7 +11,7 @@ from fuzzing import FUZZ, MUTATIONS, ODD_STRINGS, assert_programmable, mutated, 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from nodemesh import cli, config
+from nodemesh import cli, config, reserved
 
 
 def parse(data):
@@ -44,6 +44,12 @@ V4 = st.tuples(st.integers(1, 223), st.integers(0, 255), st.integers(0, 255),
 V6 = st.one_of(st.ip_addresses(v=6, network="2000::/3"), st.ip_addresses(v=6, network="fd00::/8"))
 
 
+# A VIP must also not capture the node's own traffic (loopback, link-local, the node's own
+# addresses: reserved.py); the refusal itself is tested in test_config.py.
+VIP4 = V4.filter(lambda a: reserved.reserved_vip(a) is None)
+VIP6 = V6.filter(lambda a: reserved.reserved_vip(a.compressed) is None)
+
+
 def v6_text(address):
     return st.sampled_from([address.compressed, address.exploded, address.exploded.upper()])
 
@@ -51,7 +57,7 @@ def v6_text(address):
 @st.composite
 def valid_service(draw):
     six = draw(st.booleans())
-    vip = draw(V6.flatmap(v6_text) if six else V4)
+    vip = draw(VIP6.flatmap(v6_text) if six else VIP4)
     service = {"name": draw(LABEL), "vip": vip}
     if draw(st.booleans()):
         service["namespace"] = draw(LABEL)

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import logging
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,7 @@ def ensure_bpffs(folder: str) -> None:
         if real.startswith(BPFFS_ROOT + "/") and BPFFS_ROOT not in bpf_mounts:
             os.makedirs(BPFFS_ROOT, exist_ok=True)
             log.info("bpffs not mounted; mounting it at %s", BPFFS_ROOT)
-            if os.system(f"mount -t bpf bpf {BPFFS_ROOT}") != 0:
+            if subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS_ROOT]).returncode != 0:
                 raise DatapathError(f"could not mount bpffs at {BPFFS_ROOT}")
         else:
             raise DatapathError(f"--bpffs {folder}: not on a bpf filesystem (mount one with "
