@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import baselines as bl
 import workloads as wl
@@ -383,7 +383,7 @@ class Haproxy(Variant):
         self.stop()
 
 
-VARIANTS: Dict[str, Callable[..., Variant]] = {
+VARIANTS: Dict[str, Type[Variant]] = {
     "direct": Direct,
     "nodemesh": Nodemesh,
     "iptables-nft": Iptables,

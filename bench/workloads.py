@@ -13,8 +13,8 @@ Clients (each in the variant's client netns, inside the hooked cgroup for nodeme
   ka-max       wrk -t1 -c32, keep-alive: the most requests/s over 32 held connections
   ka-paced     wrk -t1 -c32 -s bench/pace.lua -- RATE: a fixed request rate (see pace.lua for
                its limits), p50/p99/max of the response times
-  udp          dnsperf -c1 -T1 -q64: queries/s, mean latency, queries lost (dnsperf 2.10 has
-               no percentiles)
+  udp-max      dnsperf -c1 -T1 -q64: queries/s, queries lost
+  udp-paced    the same with -Q RATE: mean and max latency (dnsperf 2.10 has no percentiles)
   bulk1/bulk8  iperf3 -P1 / -P8, client -> server: received Gbit/s
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACE_LUA = os.path.join(HERE, "pace.lua")
@@ -189,9 +189,13 @@ def parse_dnsperf(out: str) -> Udp:
                int(sent.group(1)), int(lost.group(1)))
 
 
-def udp(c: Client, seconds: float, queries: str) -> Udp:
+def udp(c: Client, seconds: float, queries: str, rate: Optional[float] = None) -> Udp:
+    """dnsperf at its maximum (64 queries outstanding), or paced to `rate` queries/s (-Q):
+    at the maximum the mean latency is mostly queueing (64 outstanding / the rate), so the
+    latency worth comparing is the paced one."""
+    pace = ["-Q", f"{rate:.0f}"] if rate else []
     out = run(c, ["dnsperf", "-s", c.host, "-p", str(c.port), "-d", queries, "-l",
-                  str(seconds), "-c", "1", "-T", "1", "-q", "64", "-t", "1"],
+                  str(seconds), "-c", "1", "-T", "1", "-q", "64", "-t", "1", *pace],
               timeout=seconds + 30)
     return parse_dnsperf(out)
 
@@ -227,8 +231,3 @@ def bulk(c: Client, seconds: float, streams: int) -> float:
                 raise
             time.sleep(0.3)
     raise RuntimeError(f"iperf3 server stayed busy: {last}")
-
-
-def summary(values: List[float]) -> Dict[str, float]:
-    import statistics
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
