@@ -174,11 +174,12 @@ class Probe:
             self.lines.put(json.loads(line))
         self.lines.put({"error": "probe exited"})
 
-    def arm(self, vip: str, want: Sequence[str], old: Sequence[str], max_seconds: float) -> None:
+    def arm(self, vip: str, want: Sequence[str], old: Sequence[str], max_seconds: float,
+            max_count: int = 100_000) -> None:
         self.proc.stdin.write(json.dumps({
             "target": f"{vip}:{self.port}", "want": list(want), "old": list(old),
             "interval": self.interval, "max_seconds": max_seconds,
-            "max_count": 100_000}) + "\n")
+            "max_count": max_count}) + "\n")
         self.proc.stdin.flush()
         primed = self.lines.get(timeout=max_seconds + 10)
         if primed.get("primed") is None:

@@ -37,7 +37,7 @@ Workloads (--workloads, comma-separated; bench/workloads.py runs them):
              service's set_service + reconcile round, as the agent's core loop; iptables:
              kube-proxy's partial `iptables-restore --noflush`; nftables: kube-proxy's one
              `nft -f` transaction; haproxy: its runtime API `set server ... addr`). Timed from
-             just before the command to the first connection of a probe (every 1 ms, in the
+             just before the command to the first connection of a probe (every 2 ms, in the
              variant's client netns, bench/controlplane.py's probe) answered by a new endpoint
              (nginx answers with its address); also the command's CPU time.
 Programming time (empty -> N services × 3 endpoints) is measured for every N and variant.
@@ -98,6 +98,7 @@ FULL_SIZES = [1, 100, 1000, 10000, 100000]
 # keepalive, udp and bulk hardly depend on N (netfilter sees a connection's first packet
 # only): the quick mode runs them at its largest N, the full mode at every N.
 PER_N_WORKLOADS = ("keepalive", "udp", "bulk")
+PROBE_INTERVAL = 0.002  # the change probe's pause between connections (as controlplane.py's)
 
 
 def vip_of(i: int) -> str:
@@ -285,15 +286,18 @@ class Bench:
             if not v.changes:
                 continue
             host, port = v.target("http")
-            probe = Probe(self.lab, 0.001, netns=v.netns, in_cgroup=v.hooked, port=port)
+            probe = Probe(self.lab, PROBE_INTERVAL, netns=v.netns, in_cgroup=v.hooked,
+                          port=port)
             cur, other = self.set_a, self.set_b
             try:
                 for _ in range(self.args.changes):
                     old_specs = [s for s in v.specs if s.name == v.specs[-1].name]
                     new_specs = self.services(n, other)
                     changed = list(zip(old_specs, new_specs[-3:]))
-                    bound = min(300.0, max(5.0, 3 * v.load_s.get(n, 0.0)))
-                    probe.arm(host, other, cur, bound)
+                    # a change may take as long as programming may (kube-proxy's partial
+                    # iptables-nft restore at 10,000 services takes seconds)
+                    bound = self.args.load_timeout
+                    probe.arm(host, other, cur, bound, int(bound / PROBE_INTERVAL) + 1000)
                     t0 = time.monotonic()
                     cpu = v.change(new_specs, changed)
                     res = probe.result(timeout=bound + 15)
@@ -592,10 +596,11 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append("## One backend change with N services loaded\n")
         out.append(f"{args.changes} changes per N and variant, each moving the measured "
                    "service (all 3 ports) to the other 3 endpoints. Time: just before the "
-                   "change command -> the first connection of the probe (one every 1 ms from "
-                   "the variant's client netns) answered by a new endpoint, in ms; CPU: the "
-                   "command's own (iptables-restore / nft processes, haproxy's process, "
-                   "nodemesh's set_service + reconcile in this process), in ms. What each "
+                   "change command -> the first connection of the probe (one every "
+                   f"{PROBE_INTERVAL * 1000:g} ms from the variant's client netns) answered "
+                   "by a new endpoint, in ms; CPU: the command's own, in ms (the "
+                   "iptables-restore / nft processes; haproxy's process, from /proc in 10 ms "
+                   "ticks; nodemesh's set_service + reconcile round in this process). What each "
                    "variant runs is in bench/run.py's docstring; the whole agent (sources, "
                    "RSS, CPU per change) is bench/controlplane.py's.\n")
         ch = [v for v in vs if v.changes]
@@ -709,7 +714,7 @@ def main() -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help=f"N = {QUICK_SIZES}; keepalive, udp and bulk at the largest only, "
-                      "1 s runs; conn 2 s runs, the only one warmed up; 5 rounds, 5 changes; "
+                      "1 s runs; conn 2 s runs, the only one warmed up; 5 rounds, 3 changes; "
                       "no agent footprint (the default)")
     mode.add_argument("--full", action="store_true",
                       help=f"N = {FULL_SIZES}, every workload at every N, 5 s runs, 5 "
@@ -754,7 +759,7 @@ def main() -> int:
         for w in PER_N_WORKLOADS:
             args.seconds_of[w] = args.seconds or 1
     args.reps = args.reps or 5
-    args.changes = args.changes or (10 if full else 5)
+    args.changes = args.changes or (10 if full else 3)
     args.load_timeout = args.load_timeout or (900 if full else 120)
     args.variants = [v for v in args.variants.split(",") if v]
     args.workloads = [w for w in args.workloads.split(",") if w]
