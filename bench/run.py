@@ -286,7 +286,7 @@ class Bench:
             if not v.changes:
                 continue
             host, port = v.target("http")
-            probe = Probe(self.lab, PROBE_INTERVAL, netns=v.netns, in_cgroup=v.hooked,
+            probe = Probe(self.lab, PROBE_INTERVAL, netns=v.netns, cgroup=v.cgroup or "",
                           port=port)
             cur, other = self.set_a, self.set_b
             try:
@@ -797,6 +797,7 @@ def main() -> int:
         f"{estimate(args) / 60:.1f} min plus programming")
     command = "bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.monotonic()
+    vr.reap_private_hooks()
     lab = new_lab("nmb", backends=1)
     workdir = tempfile.mkdtemp(prefix="nodemesh-bench-")
     bench = Bench(args, lab, workdir)
@@ -816,6 +817,7 @@ def main() -> int:
         bench.close()
         cleanup(lab.bpffs)
         lab.destroy()
+        vr.forget_private_hooks(lab.prefix)
         shutil.rmtree(workdir, ignore_errors=True)
     took = time.monotonic() - started
     text = report(bench, args, extra, command) + f"\nWhole run: {took / 60:.1f} min.\n"

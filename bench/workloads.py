@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -38,16 +39,28 @@ CONNECTIONS = 32  # wrk's connections in every HTTP workload
 @dataclass
 class Client:
     """Where and how a variant's client runs."""
-    lab: object      # nodemesh.lab.topology.Lab
+    lab: object              # nodemesh.lab.topology.Lab
     netns: str
-    hooked: bool     # inside the lab's hooked cgroup (nodemesh's variants)
+    cgroup: Optional[str]    # the hooked cgroup it runs in (nodemesh's variants), or None
     host: str
     port: int
 
 
+def spawn(lab, argv: Sequence[str], netns: str, cgroup: Optional[str],
+          **popen) -> subprocess.Popen:
+    """Lab.spawn into any cgroup (a variant may have its own): the shell joins the cgroup
+    before exec, so every socket the program makes is hooked. The lab kills it at teardown."""
+    cmd = f"exec ip netns exec {shlex.quote(netns)} " + " ".join(shlex.quote(a) for a in argv)
+    if cgroup:
+        cmd = f"echo $$ > {shlex.quote(os.path.join(cgroup, 'cgroup.procs'))} && {cmd}"
+    proc = subprocess.Popen(["sh", "-c", cmd], start_new_session=True, **popen)
+    lab.processes.append(proc)
+    return proc
+
+
 def run(c: Client, argv: Sequence[str], timeout: float) -> str:
-    proc = c.lab.spawn(list(argv), netns=c.netns, in_cgroup=c.hooked,  # type: ignore[attr-defined]
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn(c.lab, argv, c.netns, c.cgroup, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
