@@ -160,6 +160,8 @@ class Bench:
                     log(f"  {v.name:>16}: {n:,} services programmed in {v.load_s[n]:.3f} s")
             except (vr.NotRun, RuntimeError, subprocess.TimeoutExpired) as e:
                 why = " ".join(str(e).split())[:300]
+                if isinstance(e, subprocess.TimeoutExpired):
+                    v.load_over[n] = self.args.load_timeout  # its load time: more than this
                 if not isinstance(e, vr.NotRun):
                     why = (f"programming failed or took over {self.args.load_timeout:.0f} s: "
                            f"{why}")
@@ -416,7 +418,8 @@ def med(values: List[float]) -> float:
 Column = Tuple[str, str, Callable[[float], str], bool]
 
 
-def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column]) -> List[str]:
+def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column],
+                paired: bool = False) -> List[str]:
     vs = list(bench.variants.values())
     d = bench.variants.get("direct")
     head = "| variant | " + " | ".join(
@@ -437,7 +440,12 @@ def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column]) -> L
             cells.append(f"{f(med(xs))} ({f(min(xs))}–{f(max(xs))})" if xs else "–")
             if ratio:
                 base = d.values(metric, n) if d else []
-                cells.append(f"{med(xs) / med(base):.2f}×" if xs and base else "–")
+                cell = f"{med(xs) / med(base):.2f}×" if xs and base else "–"
+                if paired and base and len(base) == len(xs) > 1 and v is not d:
+                    # rounds run side by side: each round's ratio cancels slow drifts of load
+                    pr = [a / b for a, b in zip(xs, base)]
+                    cell += f" (per round {med(pr):.2f}×, {min(pr):.2f}–{max(pr):.2f})"
+                cells.append(cell)
         out.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return out
 
@@ -517,7 +525,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
             out.append("")
         for n in conn_sizes:
             out.append(f"### N = {fmt_n(n)}: new connections/s, {args.reps} rounds\n")
-            out += per_n_table(bench, n, "conn", [("conn/s", "conn", f0, True)])
+            out += per_n_table(bench, n, "conn", [("conn/s", "conn", f0, True)], paired=True)
             out.append("")
     if "keepalive" in bench.rate:
         ka_sizes = [n for n in sizes if n in args.sizes_of["keepalive"]]
@@ -588,6 +596,8 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
                 cells.append(f"{v.load_s[n]:.3f} s ({v.rules[n]:,})")
             elif n in v.load_s:
                 cells.append(f"{v.load_s[n]:.3f} s, then not run")
+            elif n in v.load_over:
+                cells.append(f"> {v.load_over[n]:.0f} s: not run")
             else:
                 cells.append("not run")
         out.append(f"| {fmt_n(n)} | " + " | ".join(cells) + " |")

@@ -77,6 +77,7 @@ class Variant:
         # metric -> N -> values (one per round, or per change)
         self.data: Dict[str, Dict[int, List[float]]] = defaultdict(dict)
         self.load_s: Dict[int, float] = {}
+        self.load_over: Dict[int, float] = {}  # N -> the budget its programming ran over
         self.rules: Dict[int, int] = {}
         self.not_run: Dict[int, str] = {}
         self.proofs: Dict[int, str] = {}
@@ -354,7 +355,7 @@ class Haproxy(Variant):
                                host, str(port)], capture_output=True).returncode == 0:
                 return time.perf_counter() - t0, sum(1 for s in specs if s.protocol == "tcp")
             if time.perf_counter() - t0 > self.bench.args.load_timeout:
-                raise NotRun("haproxy did not listen in time")
+                raise subprocess.TimeoutExpired("haproxy", self.bench.args.load_timeout)
             time.sleep(0.05)
 
     def target(self, port_name: str) -> Tuple[str, int]:
