@@ -663,10 +663,18 @@ def plots(bench: Bench, sizes: List[int], stem: str) -> List[str]:
         drawn = False
         for v in bench.variants.values():
             if not metric:
-                ns = [n for n in sizes if n in v.load_s and v.name != "direct"]
+                if v.name == "direct":
+                    continue
+                ns = [n for n in sizes if n in v.load_s]
                 if ns:
-                    ax.plot(ns, [max(v.load_s[n], 1e-4) for n in ns], marker="o",
-                            label=v.name)
+                    line, = ax.plot(ns, [max(v.load_s[n], 1e-4) for n in ns], marker="o",
+                                    label=v.name)
+                    drawn = True
+                over = [n for n in sizes if n in v.load_over]
+                if over:  # ran over the budget: drawn at the budget, an x, not run
+                    ax.plot(over, [v.load_over[n] for n in over], marker="x", linestyle="",
+                            markersize=9, color=line.get_color() if ns else None,
+                            label=f"{v.name}: over the budget, not run")
                     drawn = True
                 continue
             ns = [n for n in sizes if v.values(metric, n)]
