@@ -786,6 +786,10 @@ def main() -> int:
         unknown = [x for x in given if x not in known]
         if unknown:
             ap.error(f"--{what}: unknown {unknown}; known: {', '.join(known)}")
+    if not args.workloads or not args.variants:
+        ap.error("--workloads and --variants: name at least one")
+    # conn first, whatever the order given: the traversal proof counts its connections only
+    args.workloads = [w for w in WORKLOADS if w in args.workloads]
     for w, given in (("keepalive", args.ka_rate), ("udp", args.udp_rate)):
         if w in args.workloads and "direct" not in args.variants and not given:
             ap.error(f"--workloads {w} needs the direct variant (its maximum sets the fixed "
