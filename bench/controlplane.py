@@ -155,17 +155,17 @@ def probe_main() -> int:
 
 
 class Probe:
-    """The probe process, started in a netns (default the lab's client netns, inside the
-    hooked cgroup); bench/run.py points it at other variants' client netns and ports."""
+    """The probe process, in a netns (default: the lab's client netns) and a cgroup (default:
+    the lab's hooked cgroup; "" for none). bench/run.py points it at each variant's."""
 
     def __init__(self, lab, interval: float, netns: Optional[str] = None,
-                 in_cgroup: bool = True, port: int = 80):
+                 cgroup: Optional[str] = None, port: int = 80):
+        from workloads import spawn
         self.interval = interval
         self.port = port
-        self.proc = lab.spawn([sys.executable, os.path.abspath(__file__), "--probe"],
-                              netns=netns or lab.client_ns, in_cgroup=in_cgroup,
-                              stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+        self.proc = spawn(lab, [sys.executable, os.path.abspath(__file__), "--probe"],
+                          netns or lab.client_ns, lab.cgroup if cgroup is None else cgroup,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lines: "queue.Queue[dict]" = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -174,11 +174,12 @@ class Probe:
             self.lines.put(json.loads(line))
         self.lines.put({"error": "probe exited"})
 
-    def arm(self, vip: str, want: Sequence[str], old: Sequence[str], max_seconds: float) -> None:
+    def arm(self, vip: str, want: Sequence[str], old: Sequence[str], max_seconds: float,
+            max_count: int = 100_000) -> None:
         self.proc.stdin.write(json.dumps({
             "target": f"{vip}:{self.port}", "want": list(want), "old": list(old),
             "interval": self.interval, "max_seconds": max_seconds,
-            "max_count": 100_000}) + "\n")
+            "max_count": max_count}) + "\n")
         self.proc.stdin.flush()
         primed = self.lines.get(timeout=max_seconds + 10)
         if primed.get("primed") is None:

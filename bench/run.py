@@ -27,15 +27,17 @@ Workloads (--workloads, comma-separated; bench/workloads.py runs them):
              wrk2 is not packaged, so bench/pace.lua paces wrk's requests with delay(); its
              limits (1 ms release batches; coordinated omission: a request held back while
              every connection is busy is timed from its actual send) are in the report.
-  udp        dnsperf against dnsmasq (one socket, 64 queries outstanding): queries/s and mean
-             latency (dnsperf 2.10 prints no percentiles). haproxy has no UDP: n/a.
+  udp        dnsperf against dnsmasq (one socket, 64 queries outstanding): the maximum
+             queries/s, then the mean and maximum latency paced (-Q) at 50% of direct's
+             maximum, measured first like keepalive's (dnsperf 2.10 prints no percentiles).
+             haproxy has no UDP: n/a.
   bulk       iperf3, one stream and eight (-P 8): Gbit/s received
   change     one backend change with N services loaded: the measured service moves to three
              other endpoints, the way each variant's control plane does it (nodemesh: one
              service's set_service + reconcile round, as the agent's core loop; iptables:
              kube-proxy's partial `iptables-restore --noflush`; nftables: kube-proxy's one
              `nft -f` transaction; haproxy: its runtime API `set server ... addr`). Timed from
-             just before the command to the first connection of a probe (every 1 ms, in the
+             just before the command to the first connection of a probe (every 2 ms, in the
              variant's client netns, bench/controlplane.py's probe) answered by a new endpoint
              (nginx answers with its address); also the command's CPU time.
 Programming time (empty -> N services × 3 endpoints) is measured for every N and variant.
@@ -91,11 +93,12 @@ from nodemesh.model import Backend, Service, ServicePort  # noqa: E402
 
 FAKE_PODS = "10.240.0.1"  # endpoints of the services not measured start here
 WORKLOADS = ("conn", "keepalive", "udp", "bulk", "change")
-QUICK_SIZES = [1, 1000, 10000]
+QUICK_SIZES = [1, 10000]
 FULL_SIZES = [1, 100, 1000, 10000, 100000]
 # keepalive, udp and bulk hardly depend on N (netfilter sees a connection's first packet
 # only): the quick mode runs them at its largest N, the full mode at every N.
 PER_N_WORKLOADS = ("keepalive", "udp", "bulk")
+PROBE_INTERVAL = 0.002  # the change probe's pause between connections (as controlplane.py's)
 
 
 def vip_of(i: int) -> str:
@@ -117,8 +120,9 @@ class Bench:
         self.cluster_cidr = f"198.18.{s}.0/24"  # the client counts as a pod: no masquerade
         self.variants: Dict[str, vr.Variant] = {}
         self.queries = wl.write_queries(os.path.join(workdir, "queries.txt"))
-        self.ka_rate: Optional[float] = None  # the fixed keep-alive rate: 50% of direct's max
-        self.ka_direct_max: List[float] = []
+        # workload -> its fixed rate (50% of direct's maximum), and direct's maximum's runs
+        self.rate: Dict[str, float] = {}
+        self.direct_max: Dict[str, List[float]] = {}
         self.load: Dict[int, Tuple[float, float]] = {}  # 1-min load average around each N
         self.requests: Dict[Tuple[str, int], int] = {}  # conn requests per (variant, N)
         self.closed = False
@@ -156,6 +160,8 @@ class Bench:
                     log(f"  {v.name:>16}: {n:,} services programmed in {v.load_s[n]:.3f} s")
             except (vr.NotRun, RuntimeError, subprocess.TimeoutExpired) as e:
                 why = " ".join(str(e).split())[:300]
+                if isinstance(e, subprocess.TimeoutExpired):
+                    v.load_over[n] = self.args.load_timeout  # its load time: more than this
                 if not isinstance(e, vr.NotRun):
                     why = (f"programming failed or took over {self.args.load_timeout:.0f} s: "
                            f"{why}")
@@ -190,9 +196,8 @@ class Bench:
             rate, _, note = wl.keepalive_max(v.client("http"), seconds)
             if note:
                 log(f"    ({v.name}: {note})")
-            assert self.ka_rate is not None
             self.reset(v)
-            p = wl.keepalive_paced(v.client("http"), seconds, self.ka_rate)
+            p = wl.keepalive_paced(v.client("http"), seconds, self.rate["keepalive"])
             if counted:
                 v.add("ka_max", n, rate)
                 v.add("ka_rate", n, p.rate)
@@ -203,11 +208,16 @@ class Bench:
                      f"p99 {p.p99_ms:.3f} ms")
         elif workload == "udp":
             u = wl.udp(v.client("dns"), seconds, self.queries)
+            self.reset(v)
+            p = wl.udp(v.client("dns"), seconds, self.queries, self.rate["udp"])
             if counted:
                 v.add("udp_qps", n, u.qps)
-                v.add("udp_ms", n, u.mean_ms)
                 v.add("udp_lost", n, u.lost / max(u.sent, 1) * 100)
-            shown = f"{u.qps:10,.0f} q/s, mean {u.mean_ms:.3f} ms, lost {u.lost}/{u.sent}"
+                v.add("udp_rate", n, p.qps)
+                v.add("udp_ms", n, p.mean_ms)
+                v.add("udp_max_ms", n, p.max_ms)
+            shown = (f"max {u.qps:10,.0f} q/s (lost {u.lost}/{u.sent}); at {p.qps:,.0f} q/s "
+                     f"mean {p.mean_ms:.3f} ms, max {p.max_ms:.3f} ms")
         elif workload == "bulk":
             one = wl.bulk(v.client("iperf"), seconds, 1)
             self.reset(v)
@@ -221,21 +231,28 @@ class Bench:
         if counted:
             log(f"  N={n:<7,} {workload:>9} {v.name:>16}: {shown}")
 
-    def calibrate_keepalive(self, n: int) -> None:
-        """The fixed keep-alive rate: 50% of direct's maximum, measured first in this run."""
-        if self.ka_rate is not None:
+    def calibrate(self, workload: str) -> None:
+        """The fixed rate of keepalive or udp: 50% of direct's maximum, measured first in
+        this run (the median of 3 runs), or --ka-rate / --udp-rate."""
+        if workload in self.rate:
             return
-        if self.args.ka_rate:
-            self.ka_rate = self.args.ka_rate
+        given = self.args.ka_rate if workload == "keepalive" else self.args.udp_rate
+        if given:
+            self.rate[workload] = given
             return
         d = self.variants["direct"]
+        runs = self.direct_max.setdefault(workload, [])
         for _ in range(3):
             self.reset(d)
-            rate, _, _ = wl.keepalive_max(d.client("http"), self.args.seconds)
-            self.ka_direct_max.append(rate)
-        self.ka_rate = statistics.median(self.ka_direct_max) / 2
-        log(f"  keep-alive: direct's maximum {statistics.median(self.ka_direct_max):,.0f} "
-            f"req/s (median of 3): the fixed rate is {self.ka_rate:,.0f} req/s")
+            if workload == "keepalive":
+                runs.append(wl.keepalive_max(d.client("http"),
+                                             self.args.seconds_of[workload])[0])
+            else:
+                runs.append(wl.udp(d.client("dns"), self.args.seconds_of[workload],
+                                   self.queries).qps)
+        self.rate[workload] = statistics.median(runs) / 2
+        log(f"  {workload}: direct's maximum {statistics.median(runs):,.0f}/s (median of 3): "
+            f"the fixed rate is {self.rate[workload]:,.0f}/s")
 
     def measure(self, n: int) -> None:
         load_before = os.getloadavg()[0]
@@ -245,16 +262,17 @@ class Bench:
             active = self.active(n, workload)
             if not active:
                 continue
-            if workload == "keepalive":
-                self.calibrate_keepalive(n)
+            if workload in ("keepalive", "udp"):
+                self.calibrate(workload)
             if workload == "conn":
                 for v in active:
                     v.proof(n, 0)  # counters from here on
-            for v in active:  # warm-up, not counted
-                self.run_workload(v, n, workload, 1, counted=False)
+            if workload in self.args.warm_up:
+                for v in active:  # warm-up, not counted
+                    self.run_workload(v, n, workload, 1, counted=False)
             for _ in range(self.args.reps):
                 for v in active:
-                    self.run_workload(v, n, workload, self.args.seconds)
+                    self.run_workload(v, n, workload, self.args.seconds_of[workload])
             if workload == "conn":
                 for v in active:
                     v.proofs[n] = v.proof(n, self.requests.get((v.name, n), 0))
@@ -270,15 +288,18 @@ class Bench:
             if not v.changes:
                 continue
             host, port = v.target("http")
-            probe = Probe(self.lab, 0.001, netns=v.netns, in_cgroup=v.hooked, port=port)
+            probe = Probe(self.lab, PROBE_INTERVAL, netns=v.netns, cgroup=v.cgroup or "",
+                          port=port)
             cur, other = self.set_a, self.set_b
             try:
                 for _ in range(self.args.changes):
                     old_specs = [s for s in v.specs if s.name == v.specs[-1].name]
                     new_specs = self.services(n, other)
                     changed = list(zip(old_specs, new_specs[-3:]))
-                    bound = min(300.0, max(5.0, 3 * v.load_s.get(n, 0.0)))
-                    probe.arm(host, other, cur, bound)
+                    # a change may take as long as programming may (kube-proxy's partial
+                    # iptables-nft restore at 10,000 services takes seconds)
+                    bound = self.args.load_timeout
+                    probe.arm(host, other, cur, bound, int(bound / PROBE_INTERVAL) + 1000)
                     t0 = time.monotonic()
                     cpu = v.change(new_specs, changed)
                     res = probe.result(timeout=bound + 15)
@@ -397,7 +418,8 @@ def med(values: List[float]) -> float:
 Column = Tuple[str, str, Callable[[float], str], bool]
 
 
-def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column]) -> List[str]:
+def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column],
+                paired: bool = False) -> List[str]:
     vs = list(bench.variants.values())
     d = bench.variants.get("direct")
     head = "| variant | " + " | ".join(
@@ -418,7 +440,12 @@ def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column]) -> L
             cells.append(f"{f(med(xs))} ({f(min(xs))}–{f(max(xs))})" if xs else "–")
             if ratio:
                 base = d.values(metric, n) if d else []
-                cells.append(f"{med(xs) / med(base):.2f}×" if xs and base else "–")
+                cell = f"{med(xs) / med(base):.2f}×" if xs and base else "–"
+                if paired and base and len(base) == len(xs) > 1 and v is not d:
+                    # rounds run side by side: each round's ratio cancels slow drifts of load
+                    pr = [a / b for a, b in zip(xs, base)]
+                    cell += f" (per round {med(pr):.2f}×, {min(pr):.2f}–{max(pr):.2f})"
+                cells.append(cell)
         out.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return out
 
@@ -464,8 +491,11 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
     now = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
     out = [f"# nodemesh dataplane benchmark\n\n{now}, host {socket.gethostname()}, kernel "
            f"{os.uname().release}, {os.cpu_count()} CPUs; `{command}`\n\n{tool_versions()}\n\n"
-           f"Method: bench/run.py's docstring. {args.seconds} s per run; per N and workload "
-           f"a 1 s warm-up of every variant, then {args.reps} rounds of all variants in turn "
+           f"Method: bench/run.py's docstring. Seconds per run: "
+           f"{', '.join(f'{w} {args.seconds_of[w]}' for w in args.workloads if w != 'change')}"
+           f" (change: {args.changes} changes); per N and workload "
+           f"({', '.join(args.warm_up) or 'none'}) a 1 s warm-up of every variant, then "
+           f"{args.reps} rounds of all variants in turn "
            "(A B C ... A B C ...); conntrack flushed and TIME_WAIT sockets destroyed in the "
            "client's and the server's netns before every run. The measured service is the "
            "last of N in every ruleset. nginx: 1 worker; haproxy: nbthread 1; every client "
@@ -495,15 +525,16 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
             out.append("")
         for n in conn_sizes:
             out.append(f"### N = {fmt_n(n)}: new connections/s, {args.reps} rounds\n")
-            out += per_n_table(bench, n, "conn", [("conn/s", "conn", f0, True)])
+            out += per_n_table(bench, n, "conn", [("conn/s", "conn", f0, True)], paired=True)
             out.append("")
-    if "keepalive" in args.workloads and bench.ka_rate:
+    if "keepalive" in bench.rate:
         ka_sizes = [n for n in sizes if n in args.sizes_of["keepalive"]]
-        direct_max = (f"direct's maximum {med(bench.ka_direct_max):,.0f} req/s (median of 3 "
-                      "runs before the rounds), " if bench.ka_direct_max else "")
+        runs = bench.direct_max.get("keepalive")
+        direct_max = (f"direct's maximum {med(runs):,.0f} req/s (median of 3 runs before "
+                      "the rounds), " if runs else "")
         out.append("## Keep-alive: maximum requests/s, and latency at a fixed rate\n")
         out.append(f"wrk -t1 -c32 over kept-alive connections. Fixed rate: {direct_max}half "
-                   f"of it: {bench.ka_rate:,.0f} req/s for every variant. Limits of the "
+                   f"of it: {bench.rate['keepalive']:,.0f} req/s for every variant. Limits of the "
                    "method: wrk has no fixed-rate mode (wrk2 is not packaged), so "
                    "bench/pace.lua schedules each request at start + k/rate through wrk's "
                    "delay(), which releases requests in 1 ms batches; and wrk times a "
@@ -519,20 +550,27 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
                 ("max req/s", "ka_max", f0, True), ("achieved rate", "ka_rate", f0, False),
                 ("p50 ms", "ka_p50", f3, True), ("p99 ms", "ka_p99", f3, True)])
             out.append("")
-    if "udp" in args.workloads:
+    if "udp" in bench.rate:
         udp_sizes = [n for n in sizes if n in args.sizes_of["udp"]]
+        runs = bench.direct_max.get("udp")
+        direct_max = (f"direct's maximum {med(runs):,.0f} queries/s (median of 3 runs before "
+                      "the rounds), " if runs else "")
         out.append("## UDP request/response: dnsperf against dnsmasq\n")
-        out.append("dnsperf -c1 -T1 -q64 (one socket, 64 queries outstanding), `bench.test A` "
-                   "answered by dnsmasq itself; mean latency in ms (dnsperf 2.10 prints no "
-                   "percentiles); lost = queries without an answer within 1 s. haproxy has no "
-                   "UDP: n/a.\n")
+        out.append("dnsperf -c1 -T1 -q64 (one socket, up to 64 queries outstanding), "
+                   "`bench.test A` answered by dnsmasq itself. Maximum: queries/s, and lost = "
+                   "queries without an answer within 1 s. Latency: a second run paced with "
+                   f"`-Q` at a fixed rate, {direct_max}half of it: "
+                   f"{bench.rate['udp']:,.0f} queries/s for every variant; dnsperf 2.10 "
+                   "prints the mean and the maximum, no percentiles. haproxy has no UDP: "
+                   "n/a.\n")
         out.append("queries/s vs direct (ratio of medians):\n")
         out += ratio_summary(bench, udp_sizes, "udp_qps", "udp")
         for n in udp_sizes:
             out.append(f"### N = {fmt_n(n)}: UDP, {args.reps} rounds\n")
             out += per_n_table(bench, n, "udp", [
-                ("queries/s", "udp_qps", f0, True), ("mean latency ms", "udp_ms", f3, True),
-                ("lost %", "udp_lost", f2, False)])
+                ("max queries/s", "udp_qps", f0, True), ("lost %", "udp_lost", f2, False),
+                ("achieved rate", "udp_rate", f0, False), ("mean ms", "udp_ms", f3, True),
+                ("max ms", "udp_max_ms", f3, False)])
             out.append("")
     if "bulk" in args.workloads:
         bulk_sizes = [n for n in sizes if n in args.sizes_of["bulk"]]
@@ -558,6 +596,8 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
                 cells.append(f"{v.load_s[n]:.3f} s ({v.rules[n]:,})")
             elif n in v.load_s:
                 cells.append(f"{v.load_s[n]:.3f} s, then not run")
+            elif n in v.load_over:
+                cells.append(f"> {v.load_over[n]:.0f} s: not run")
             else:
                 cells.append("not run")
         out.append(f"| {fmt_n(n)} | " + " | ".join(cells) + " |")
@@ -566,10 +606,11 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append("## One backend change with N services loaded\n")
         out.append(f"{args.changes} changes per N and variant, each moving the measured "
                    "service (all 3 ports) to the other 3 endpoints. Time: just before the "
-                   "change command -> the first connection of the probe (one every 1 ms from "
-                   "the variant's client netns) answered by a new endpoint, in ms; CPU: the "
-                   "command's own (iptables-restore / nft processes, haproxy's process, "
-                   "nodemesh's set_service + reconcile in this process), in ms. What each "
+                   "change command -> the first connection of the probe (one every "
+                   f"{PROBE_INTERVAL * 1000:g} ms from the variant's client netns) answered "
+                   "by a new endpoint, in ms; CPU: the command's own, in ms (the "
+                   "iptables-restore / nft processes; haproxy's process, from /proc in 10 ms "
+                   "ticks; nodemesh's set_service + reconcile round in this process). What each "
                    "variant runs is in bench/run.py's docstring; the whole agent (sources, "
                    "RSS, CPU per change) is bench/controlplane.py's.\n")
         ch = [v for v in vs if v.changes]
@@ -615,17 +656,25 @@ def plots(bench: Bench, sizes: List[int], stem: str) -> List[str]:
                "Keep-alive p99 latency at a fixed rate vs N"),
               ("programming", "", 1, "seconds", True,
                "Programming time vs N (empty -> N services × 3 endpoints)"),
-              ("change", "change", 1000, "ms to the first connection on the new endpoints "
-               "(median, min–max)", True, "One backend change vs N")]
+              ("change", "change", 1000, "ms (median, min–max)", True,
+               "One backend change vs N: to the first connection on the new endpoints")]
     for suffix, metric, scale, ylabel, logy, title in charts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
         for v in bench.variants.values():
             if not metric:
-                ns = [n for n in sizes if n in v.load_s and v.name != "direct"]
+                if v.name == "direct":
+                    continue
+                ns = [n for n in sizes if n in v.load_s]
                 if ns:
-                    ax.plot(ns, [max(v.load_s[n], 1e-4) for n in ns], marker="o",
-                            label=v.name)
+                    line, = ax.plot(ns, [max(v.load_s[n], 1e-4) for n in ns], marker="o",
+                                    label=v.name)
+                    drawn = True
+                over = [n for n in sizes if n in v.load_over]
+                if over:  # ran over the budget: drawn at the budget, an x, not run
+                    ax.plot(over, [v.load_over[n] for n in over], marker="x", linestyle="",
+                            markersize=9, color=line.get_color() if ns else None,
+                            label=f"{v.name}: over the budget, not run")
                     drawn = True
                 continue
             ns = [n for n in sizes if v.values(metric, n)]
@@ -657,17 +706,22 @@ def plots(bench: Bench, sizes: List[int], stem: str) -> List[str]:
 
 
 def estimate(args) -> float:
-    """Seconds of measuring (programming, set-up and the extras not included)."""
-    nv = len(args.variants)
-    per_run = {"conn": 1.0, "keepalive": 2.0, "udp": 1.0, "bulk": 2.0}
-    overhead = 0.5  # resets and process start per run
+    """Seconds of measuring, roughly (programming, set-up and the footprint not included)."""
+    runs_per_round = {"conn": 1, "keepalive": 2, "udp": 2, "bulk": 2}
+    overhead = 0.4  # resets and process start per run
     total = 0.0
-    for w, k in per_run.items():
+    for w, k in runs_per_round.items():
         if w in args.workloads:
-            runs = len(args.sizes_of[w]) * nv
-            total += runs * (args.reps * (k * args.seconds + overhead * k) + k + overhead * k)
+            per_variant = args.reps * k * (args.seconds_of[w] + overhead)
+            if w in args.warm_up:
+                per_variant += k * (1 + overhead)
+            nv = sum(1 for v in args.variants if w in vr.VARIANTS[v].workloads)
+            total += len(args.sizes_of[w]) * nv * per_variant
+            if w in ("keepalive", "udp"):
+                total += 3 * (args.seconds_of[w] + overhead)
     if "change" in args.workloads:
-        total += len(args.sizes_of["change"]) * (nv - 1) * args.changes * 0.5
+        nv = sum(1 for v in args.variants if vr.VARIANTS[v].changes)
+        total += len(args.sizes_of["change"]) * nv * args.changes * 0.5
     return total
 
 
@@ -677,27 +731,31 @@ def main() -> int:
                                  epilog="Method and workloads: the module docstring.")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help=f"N = {QUICK_SIZES} (keepalive, udp, bulk at the largest), 2 s "
-                      "runs, 5 rounds, 5 changes (the default)")
+                      help=f"N = {QUICK_SIZES}; keepalive, udp and bulk at the largest only, "
+                      "1 s runs; conn 2 s runs, the only one warmed up; 5 rounds, 3 changes; "
+                      "no agent footprint (the default)")
     mode.add_argument("--full", action="store_true",
                       help=f"N = {FULL_SIZES}, every workload at every N, 5 s runs, 5 "
-                      "rounds, 10 changes, agent footprint at 1 and 100,000")
+                      "rounds, 10 changes, the agent's footprint at 1 and 100,000")
     ap.add_argument("--sizes", help="comma-separated N (overrides the mode's; every workload "
                     "runs at every one)")
     ap.add_argument("--variants", default=",".join(vr.ALL),
                     help=f"comma-separated, of {', '.join(vr.VARIANTS)}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated, of {', '.join(WORKLOADS)}")
-    ap.add_argument("--seconds", type=int, help="seconds per run")
+    ap.add_argument("--seconds", type=int, help="seconds per run, every workload")
     ap.add_argument("--reps", type=int, help="rounds per N and workload (at least 5 to "
                     "publish)")
     ap.add_argument("--changes", type=int, help="backend changes per N and variant")
     ap.add_argument("--ka-rate", type=float, help="fixed keep-alive rate (req/s) instead of "
                     "half of direct's measured maximum")
+    ap.add_argument("--udp-rate", type=float, help="fixed dnsperf rate (queries/s) instead "
+                    "of half of direct's measured maximum")
     ap.add_argument("--load-timeout", type=float,
                     help="seconds a variant may take to program N before it is marked not "
                     "run at that N (quick 120, full 900)")
-    ap.add_argument("--skip-extra", action="store_true", help="no agent footprint table")
+    ap.add_argument("--skip-extra", action="store_true", help="no agent footprint table (the "
+                    "quick mode has none)")
     ap.add_argument("--output", help="results file (default bench/results/<date>-<host>.md, "
                     "copied to latest.md)")
     args = ap.parse_args()
@@ -709,9 +767,17 @@ def main() -> int:
     args.sizes = sorted(set(explicit or (FULL_SIZES if full else QUICK_SIZES)))
     if any(not 1 <= n <= 131071 for n in args.sizes):
         ap.error("--sizes: 1 to 131,071 services (the VIP range 10.96.0.0/15)")
-    args.seconds = args.seconds or (5 if full else 2)
+    quick = not full and explicit is None
+    # The quick mode (`make bench`, < 10 min on 2 cores) runs the workloads that hardly
+    # depend on N at its largest N only, 1 s each, and warms up the HTTP workloads only.
+    args.seconds_of = {w: args.seconds or (5 if full else 2) for w in WORKLOADS}
+    args.warm_up = [w for w in WORKLOADS if w != "change"]
+    if quick:
+        args.warm_up = ["conn"]
+        for w in PER_N_WORKLOADS:
+            args.seconds_of[w] = args.seconds or 1
     args.reps = args.reps or 5
-    args.changes = args.changes or (10 if full else 5)
+    args.changes = args.changes or (10 if full else 3)
     args.load_timeout = args.load_timeout or (900 if full else 120)
     args.variants = [v for v in args.variants.split(",") if v]
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -720,11 +786,16 @@ def main() -> int:
         unknown = [x for x in given if x not in known]
         if unknown:
             ap.error(f"--{what}: unknown {unknown}; known: {', '.join(known)}")
-    if "keepalive" in args.workloads and "direct" not in args.variants and not args.ka_rate:
-        ap.error("--workloads keepalive needs the direct variant (its maximum sets the fixed "
-                 "rate) or --ka-rate")
+    if not args.workloads or not args.variants:
+        ap.error("--workloads and --variants: name at least one")
+    # conn first, whatever the order given: the traversal proof counts its connections only
+    args.workloads = [w for w in WORKLOADS if w in args.workloads]
+    for w, given in (("keepalive", args.ka_rate), ("udp", args.udp_rate)):
+        if w in args.workloads and "direct" not in args.variants and not given:
+            ap.error(f"--workloads {w} needs the direct variant (its maximum sets the fixed "
+                     f"rate) or --{'ka' if w == 'keepalive' else 'udp'}-rate")
     args.sizes_of = {w: list(args.sizes) for w in WORKLOADS}
-    if not full and explicit is None:
+    if quick:
         for w in PER_N_WORKLOADS:
             args.sizes_of[w] = [max(args.sizes)]
     if args.reps < 5:
@@ -748,6 +819,7 @@ def main() -> int:
         f"{estimate(args) / 60:.1f} min plus programming")
     command = "bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.monotonic()
+    vr.reap_private_hooks()
     lab = new_lab("nmb", backends=1)
     workdir = tempfile.mkdtemp(prefix="nodemesh-bench-")
     bench = Bench(args, lab, workdir)
@@ -760,13 +832,14 @@ def main() -> int:
             log(f"N = {n:,}: measuring ...")
             bench.measure(n)
         bench.close()
-        if not args.skip_extra:
+        if not args.skip_extra and not quick:
             log("nodemesh agent footprint ...")
             extra.append(bench_footprint(args, lab, workdir, sorted({1, max(args.sizes)})))
     finally:
         bench.close()
         cleanup(lab.bpffs)
         lab.destroy()
+        vr.forget_private_hooks(lab.prefix)
         shutil.rmtree(workdir, ignore_errors=True)
     took = time.monotonic() - started
     text = report(bench, args, extra, command) + f"\nWhole run: {took / 60:.1f} min.\n"

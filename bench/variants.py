@@ -7,7 +7,11 @@ How to add a variant (e.g. nodemesh-tc, nodemesh-socket+sockmap, nodemesh-socket
   1. Subclass Variant (or Nodemesh) here:
        workloads  the workloads it can carry (a subset of WORKLOADS); the others are reported
                   "n/a" for it (haproxy has no UDP)
-       hooked     True if its clients must run inside the lab's hooked cgroup
+       cgroup     the cgroup its clients run in (None: not hooked); set in __init__. The
+                  Nodemesh class below makes the hooks: the variant named "nodemesh" on the
+                  lab's cgroup and pins, every other subclass on a cgroup and pin folder of
+                  its own (self.private_hooks()), so that features one variant turns on
+                  (sockmap, 10,000 policy rules) never touch another's connections
        program(n, specs) -> (seconds, count)
                   make the N service ports of `specs` (bench/baselines.SvcSpec, the measured
                   service's ports last) serve, from whatever the previous N left; return the
@@ -41,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import baselines as bl
 import workloads as wl
@@ -62,17 +66,18 @@ class NotRun(Exception):
 class Variant:
     name = ""
     workloads = frozenset(WORKLOADS)
-    hooked = False
     changes = True
 
     def __init__(self, bench) -> None:
         self.bench = bench
+        self.cgroup: Optional[str] = None
         self.netns = bench.lab.add_backend().netns  # a client netns on the lab bridge
         sh(f"ip -n {self.netns} route add blackhole {BENCH_VIPS}")
         self.specs: List[bl.SvcSpec] = []
         # metric -> N -> values (one per round, or per change)
         self.data: Dict[str, Dict[int, List[float]]] = defaultdict(dict)
         self.load_s: Dict[int, float] = {}
+        self.load_over: Dict[int, float] = {}  # N -> the budget its programming ran over
         self.rules: Dict[int, int] = {}
         self.not_run: Dict[int, str] = {}
         self.proofs: Dict[int, str] = {}
@@ -86,7 +91,7 @@ class Variant:
 
     def client(self, port_name: str) -> wl.Client:
         host, port = self.target(port_name)
-        return wl.Client(self.bench.lab, self.netns, self.hooked, host, port)
+        return wl.Client(self.bench.lab, self.netns, self.cgroup, host, port)
 
     def measured(self, port_name: str) -> bl.SvcSpec:
         return next(s for s in reversed(self.specs) if s.port_name == port_name)
@@ -149,13 +154,16 @@ class Nodemesh(Variant):
     Programming is Reconciler.apply of the whole set; a change is what the agent's core loop
     does for one service (set_service, then a reconcile round)."""
     name = "nodemesh"
-    hooked = True
 
     def __init__(self, bench) -> None:
         super().__init__(bench)
         from nodemesh.datapath.loader import Datapath
         from nodemesh.reconciler import Reconciler
-        self.dp = Datapath(bench.lab.bpffs, bench.lab.cgroup)
+        if self.name == "nodemesh":
+            self.cgroup, self.bpffs = bench.lab.cgroup, bench.lab.bpffs
+        else:
+            self.cgroup, self.bpffs = self.private_hooks()
+        self.dp = Datapath(self.bpffs, self.cgroup)
         self.rec = Reconciler(self.dp.load())
         self.dp.attach()
         self.conns_before = 0
@@ -214,7 +222,19 @@ class Nodemesh(Variant):
         except Exception:  # noqa: BLE001 - teardown goes on
             pass
         self.dp.close()
-        cleanup(self.bench.lab.bpffs)
+        cleanup(self.bpffs)
+        if self.cgroup != self.bench.lab.cgroup:
+            remove_cgroup(self.cgroup)
+
+    def private_hooks(self) -> Tuple[str, str]:
+        """A cgroup and a pin folder of this variant's own, beside the lab's; recorded so that
+        the next run reaps them if this one crashes (reap_private_hooks)."""
+        lab = self.bench.lab
+        slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        cgroup, bpffs = f"{lab.cgroup}-{slug}", f"{lab.bpffs}-{slug}"
+        record_private_hooks(lab.prefix, cgroup, bpffs)
+        os.makedirs(cgroup, exist_ok=True)
+        return cgroup, bpffs
 
 
 class Iptables(Variant):
@@ -335,7 +355,7 @@ class Haproxy(Variant):
                                host, str(port)], capture_output=True).returncode == 0:
                 return time.perf_counter() - t0, sum(1 for s in specs if s.protocol == "tcp")
             if time.perf_counter() - t0 > self.bench.args.load_timeout:
-                raise NotRun("haproxy did not listen in time")
+                raise subprocess.TimeoutExpired("haproxy", self.bench.args.load_timeout)
             time.sleep(0.05)
 
     def target(self, port_name: str) -> Tuple[str, int]:
@@ -383,7 +403,57 @@ class Haproxy(Variant):
         self.stop()
 
 
-VARIANTS: Dict[str, Callable[..., Variant]] = {
+# -- private hooks: recorded for the crash reaper --------------------------------------------
+STATE_DIR = "/run/nodemesh/bench-run"
+
+
+def record_private_hooks(prefix: str, cgroup: str, bpffs: str) -> None:
+    import json
+    os.makedirs(STATE_DIR, exist_ok=True)
+    path = os.path.join(STATE_DIR, f"{prefix}.json")
+    state = {"pid": os.getpid(), "cgroups": [], "bpffs": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            state = json.load(f)
+    state["cgroups"].append(cgroup)
+    state["bpffs"].append(bpffs)
+    with open(path, "w") as f:
+        json.dump(state, f)
+
+
+def remove_cgroup(cgroup: str) -> None:
+    from nodemesh.lab.topology import _empty_cgroup
+    if os.path.isdir(cgroup):
+        _empty_cgroup(cgroup)
+        try:
+            os.rmdir(cgroup)
+        except OSError:
+            pass
+
+
+def forget_private_hooks(prefix: str) -> None:
+    try:
+        os.unlink(os.path.join(STATE_DIR, f"{prefix}.json"))
+    except FileNotFoundError:
+        pass
+
+
+def reap_private_hooks() -> None:
+    """Remove the private cgroups and pins of earlier runs whose process is gone."""
+    from nodemesh.datapath.loader import DatapathError, cleanup
+    from nodemesh.lab.topology import orphaned_states
+    for path, state in orphaned_states(STATE_DIR, "pid"):
+        for bpffs in state.get("bpffs", []):
+            try:
+                cleanup(bpffs, force=True)
+            except DatapathError as e:
+                print(f"reaping {bpffs}: {e}", file=sys.stderr)
+        for cgroup in state.get("cgroups", []):
+            remove_cgroup(cgroup)
+        os.unlink(path)
+
+
+VARIANTS: Dict[str, Type[Variant]] = {
     "direct": Direct,
     "nodemesh": Nodemesh,
     "iptables-nft": Iptables,

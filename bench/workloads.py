@@ -13,8 +13,8 @@ Clients (each in the variant's client netns, inside the hooked cgroup for nodeme
   ka-max       wrk -t1 -c32, keep-alive: the most requests/s over 32 held connections
   ka-paced     wrk -t1 -c32 -s bench/pace.lua -- RATE: a fixed request rate (see pace.lua for
                its limits), p50/p99/max of the response times
-  udp          dnsperf -c1 -T1 -q64: queries/s, mean latency, queries lost (dnsperf 2.10 has
-               no percentiles)
+  udp-max      dnsperf -c1 -T1 -q64: queries/s, queries lost
+  udp-paced    the same with -Q RATE: mean and max latency (dnsperf 2.10 has no percentiles)
   bulk1/bulk8  iperf3 -P1 / -P8, client -> server: received Gbit/s
 """
 from __future__ import annotations
@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACE_LUA = os.path.join(HERE, "pace.lua")
@@ -38,16 +39,28 @@ CONNECTIONS = 32  # wrk's connections in every HTTP workload
 @dataclass
 class Client:
     """Where and how a variant's client runs."""
-    lab: object      # nodemesh.lab.topology.Lab
+    lab: object              # nodemesh.lab.topology.Lab
     netns: str
-    hooked: bool     # inside the lab's hooked cgroup (nodemesh's variants)
+    cgroup: Optional[str]    # the hooked cgroup it runs in (nodemesh's variants), or None
     host: str
     port: int
 
 
+def spawn(lab, argv: Sequence[str], netns: str, cgroup: Optional[str],
+          **popen) -> subprocess.Popen:
+    """Lab.spawn into any cgroup (a variant may have its own): the shell joins the cgroup
+    before exec, so every socket the program makes is hooked. The lab kills it at teardown."""
+    cmd = f"exec ip netns exec {shlex.quote(netns)} " + " ".join(shlex.quote(a) for a in argv)
+    if cgroup:
+        cmd = f"echo $$ > {shlex.quote(os.path.join(cgroup, 'cgroup.procs'))} && {cmd}"
+    proc = subprocess.Popen(["sh", "-c", cmd], start_new_session=True, **popen)
+    lab.processes.append(proc)
+    return proc
+
+
 def run(c: Client, argv: Sequence[str], timeout: float) -> str:
-    proc = c.lab.spawn(list(argv), netns=c.netns, in_cgroup=c.hooked,  # type: ignore[attr-defined]
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn(c.lab, argv, c.netns, c.cgroup, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -189,9 +202,13 @@ def parse_dnsperf(out: str) -> Udp:
                int(sent.group(1)), int(lost.group(1)))
 
 
-def udp(c: Client, seconds: float, queries: str) -> Udp:
+def udp(c: Client, seconds: float, queries: str, rate: Optional[float] = None) -> Udp:
+    """dnsperf at its maximum (64 queries outstanding), or paced to `rate` queries/s (-Q):
+    at the maximum the mean latency is mostly queueing (64 outstanding / the rate), so the
+    latency worth comparing is the paced one."""
+    pace = ["-Q", f"{rate:.0f}"] if rate else []
     out = run(c, ["dnsperf", "-s", c.host, "-p", str(c.port), "-d", queries, "-l",
-                  str(seconds), "-c", "1", "-T", "1", "-q", "64", "-t", "1"],
+                  str(seconds), "-c", "1", "-T", "1", "-q", "64", "-t", "1", *pace],
               timeout=seconds + 30)
     return parse_dnsperf(out)
 
@@ -227,8 +244,3 @@ def bulk(c: Client, seconds: float, streams: int) -> float:
                 raise
             time.sleep(0.3)
     raise RuntimeError(f"iperf3 server stayed busy: {last}")
-
-
-def summary(values: List[float]) -> Dict[str, float]:
-    import statistics
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
