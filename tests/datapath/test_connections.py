@@ -158,8 +158,10 @@ def test_counts_survive_an_agent_restart_in_the_middle(holding_lab, loaded):
         assert all(r["ok"] for r in holder.open(9))
         assert sum(wait_counts(rec, None, timeout=0.2).values()) == 9
         dp.close()  # the agent goes; pins and links stay
-        dp.__init__(lab.bpffs, lab.cgroup)  # the next agent (the fixture closes it)
-        rec = Reconciler(dp.load())
+        # The next agent, in the module's shared objects (the later tests and the fixture's
+        # teardown use them; a new Reconciler would leave theirs with closed fds).
+        dp.__init__(lab.bpffs, lab.cgroup)
+        rec.__init__(dp.load())
         rec.adopt()
         dp.attach()
         rec.apply([svc(lab)])
