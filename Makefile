@@ -4,6 +4,10 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test files run on JOBS workers (pytest-xdist; a file stays on one worker, so its module fixtures
+# are shared): most root tests wait on sockets and timers, not on the CPU.
+JOBS ?= 3
+XDIST := -n $(JOBS) --dist loadfile
 
 setup:
 	bash scripts/setup
@@ -12,7 +16,7 @@ demo: setup
 	$(VENV)/bin/nodemesh demo
 
 test: setup lint
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(XDIST) $(PYTEST_ARGS)
 
 # ruff on the whole tree; mypy --strict on the core modules (pyproject.toml lists them)
 lint: setup
@@ -22,14 +26,14 @@ lint: setup
 # No root needed once root's `make setup` made the venv; others cannot write root's pytest cache
 # in the checkout, so they run without one.
 test-unit: setup
-	$(PY) -m pytest -ra $(if $(filter 0,$(shell id -u)),,-p no:cacheprovider) tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(if $(filter 0,$(shell id -u)),,-p no:cacheprovider) tests/unit $(XDIST) $(PYTEST_ARGS)
 
 test-datapath: setup
-	$(PY) -m pytest -ra tests/datapath tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(XDIST) tests/datapath tests/e2e tests/fault $(PYTEST_ARGS)
 
 # Dataplane benchmark: quick (< 10 min on 2 cores) by default, FULL=1 for N up to 100,000.
 bench: setup
-	$(PY) bench/run.py $(if $(FULL),--full,--quick)
+	$(PY) bench/run.py $(if $(FULL),--full,--quick) $(if $(WORKLOADS),--workloads $(WORKLOADS))
 
 install: setup
 	bash scripts/install-host.sh

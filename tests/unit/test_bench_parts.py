@@ -1,5 +1,5 @@
-"""Checks of the benchmark's own parts, no root needed:
-    .venv/bin/python -m pytest -q bench/test_bench.py
+"""Checks of the benchmark's own parts (bench/), no root needed:
+    .venv/bin/python -m pytest -q tests/unit/test_bench_parts.py
 
 The generated changes are shaped as kube-proxy and HAProxy make them, the tools' outputs are
 parsed, and pace.lua holds wrk to a fixed rate (real wrk against a server on 127.0.0.1).
@@ -17,7 +17,8 @@ import threading
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "bench"))
 
 import baselines as bl  # noqa: E402
 import workloads as wl  # noqa: E402
