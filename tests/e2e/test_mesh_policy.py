@@ -1,5 +1,6 @@
 """Workloads, policies and connection limits through the agent as users run it: a config
 file, the CLI, metrics, and real connections from two workload cgroups."""
+import json
 import os
 import shlex
 import subprocess
@@ -89,6 +90,12 @@ policies:
 """
 
 
+def flows(lab, *args):
+    r = cli("flows", "--admin-socket", lab.admin_socket, "-o", "json", "--last", "4096", *args,
+            check=True)
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
 def test_agent_enforces_policies_and_limits_from_its_config_and_explains_them(
         lab, agent, cgroups):
     for b in lab.backends:  # servers that keep connections open, for the limit
@@ -114,6 +121,10 @@ def test_agent_enforces_policies_and_limits_from_its_config_and_explains_them(
     assert "frontend-only" in listing and "serviceAccounts=['frontend']" in listing
     assert agent.metric("nodemesh_policy_verdicts_total", namespace="shop", service="web",
                         verdict="denied") == 4
+    # Each refusal is also a flow event, with the VIP and the service beside it.
+    denied_flows = flows(lab, "--verdict", "denied")
+    assert [(f["service"], f["vip"], f["backend"]) for f in denied_flows] == \
+        [("web", f"{lab.vip4()}:80", "")] * 4
 
     # connectionLimits: the third held connection is refused at once.
     held = client(lab, cgroups["a"], f"{lab.vip4(11)}:80")
@@ -121,6 +132,8 @@ def test_agent_enforces_policies_and_limits_from_its_config_and_explains_them(
     assert [r["ok"] for r in res] == [True, True, False] and res[2]["error"] == "ECONNREFUSED"
     assert agent.metric("nodemesh_connection_limit_overflows_total", namespace="shop",
                         service="held", port="80", protocol="TCP") == 1
+    dropped = flows(lab, "--verdict", "dropped")
+    assert [(f["service"], f["reason"]) for f in dropped] == [("held", 1)]  # connection_limit
     active = sum(v for (name, labels), v in agent.metrics().items()
                  if name == "nodemesh_backend_active_connections" and
                  ("service", "held") in labels)

@@ -98,6 +98,15 @@ def test_redirected_connections_reach_the_proxy_which_relays_http_to_the_origina
     assert sum(agent.metric("nodemesh_service_connections_total", namespace="test",
                             service=name, port="80", protocol="TCP")
                for name in ("web", "web6")) == 60
+    # Each redirect is a flow event with the verdict proxy_redirect, the VIP beside it; the
+    # proxy's upstream connects are flows of their own, translated to a backend.
+    r = subprocess.run([sys.executable, "-m", "nodemesh.cli", "flows", "--admin-socket",
+                        lab.admin_socket, "-o", "json", "--last", "4096", "--verdict",
+                        "proxy_redirect"],
+                       capture_output=True, text=True, check=True)
+    redirected = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert collections.Counter((f["service"], f["vip"]) for f in redirected) == \
+        {("web", f"{vip4}:80"): 30, ("web6", f"[{vip6}]:80"): 30}
 
 
 def test_a_connection_from_the_proxy_uid_is_never_redirected(lab, agent):
