@@ -66,18 +66,6 @@ static __always_inline void count(u32 reason)
 
 #include "lib/select.h"
 
-static __always_inline void account(u32 svc_id, int selected)
-{
-	struct nm_svc_stats zero = {};
-	struct nm_svc_stats *st = svc_stats.lookup_or_try_init(&svc_id, &zero);
-	if (!st)
-		return;
-	if (selected)
-		st->connections += 1;
-	else
-		st->no_backend += 1;
-}
-
 static __always_inline void remember(void *ctx, struct nm_backend *be, struct nm_svc_key *vip,
 				     u32 svc_id)
 {

@@ -320,18 +320,6 @@ static __always_inline u64 client_identity(struct nm_pkt *p)
 	       (p->t.src[1] ^ p->t.src[3]);
 }
 
-static __always_inline void account(u32 svc_id, int selected)
-{
-	struct nm_svc_stats zero = {};
-	struct nm_svc_stats *st = svc_stats.lookup_or_try_init(&svc_id, &zero);
-	if (!st)
-		return;
-	if (selected)
-		st->connections += 1;
-	else
-		st->no_backend += 1;
-}
-
 /* A new flow to a frontend: choose, remember, translate, send on. */
 static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 {

@@ -58,6 +58,12 @@ def lab():
     yield from _lab(host_link=False)
 
 
+@pytest.fixture(scope="module")
+def module_lab():
+    """One lab for a whole test module (for modules whose tests each set what they need)."""
+    yield from _lab(host_link=False)
+
+
 @pytest.fixture
 def linked_lab():
     """A lab whose backends the host (where the agent and its health checks run) can reach:

@@ -2,7 +2,8 @@
  * path (tc_nodeport.c), so that both choose backends with the same code.
  *
  * The includer declares the maps this reads and writes (services, backends, rr_state, affinity,
- * backend_stats, counters), includes lib/maglev.h (the maglev tables) and defines count(). `client` identifies the client for session affinity:
+ * backend_stats, counters, svc_stats), includes lib/maglev.h (the maglev tables) and defines
+ * count(). `client` identifies the client for session affinity:
  * the socket hooks pass the netns cookie, the TC path the source address.
  */
 #ifndef NM_LIB_SELECT_H
@@ -128,6 +129,20 @@ static __always_inline struct nm_backend *select_backend(u64 client, struct nm_s
 		return be;
 	}
 	return NULL;
+}
+
+/* A frontend's per-CPU counters: a connection (or datagram) sent to a backend, or refused for
+ * want of one. Both paths count into the same svc_stats. */
+static __always_inline void account(u32 svc_id, int selected)
+{
+	struct nm_svc_stats zero = {};
+	struct nm_svc_stats *st = svc_stats.lookup_or_try_init(&svc_id, &zero);
+	if (!st)
+		return;
+	if (selected)
+		st->connections += 1;
+	else
+		st->no_backend += 1;
 }
 
 #endif /* NM_LIB_SELECT_H */

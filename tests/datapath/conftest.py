@@ -1,10 +1,7 @@
 import pytest
 
 
-@pytest.fixture
-def loaded(lab):
-    """(Datapath, Reconciler) on the lab, like `datapath`, with the Datapath at hand so that
-    a test can restart it or write other maps."""
+def _loaded(lab):
     from nodemesh.datapath.loader import Datapath, cleanup
     from nodemesh.reconciler import Reconciler
 
@@ -17,6 +14,20 @@ def loaded(lab):
     finally:
         dp.close()
         cleanup(lab.bpffs)
+
+
+@pytest.fixture
+def loaded(lab):
+    """(Datapath, Reconciler) on the lab, like `datapath`, with the Datapath at hand so that
+    a test can restart it or write other maps."""
+    yield from _loaded(lab)
+
+
+@pytest.fixture(scope="module")
+def module_loaded(module_lab):
+    """`loaded` once for a whole module, on `module_lab`: its tests set the services (and
+    policies) they need; the suite's time goes to traffic, not to set-up."""
+    yield from _loaded(module_lab)
 
 
 @pytest.fixture

@@ -8,10 +8,8 @@ import time
 
 import pytest
 
-from nodemesh.datapath.loader import Datapath
 from nodemesh.metrics import connection_counts
 from nodemesh.model import Backend, ConnectionLimits, Service, ServicePort
-from nodemesh.reconciler import Reconciler
 
 pytestmark = pytest.mark.root
 
@@ -23,30 +21,13 @@ HOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 # One lab and one load of the programs for the whole module (each test sets the services and
 # policies it needs): the suite's time budget is spent on traffic, not on set-up.
 @pytest.fixture(scope="module")
-def lab():
-    from nodemesh.lab.topology import new_lab
-
-    lab = new_lab("nmt", backends=3)
-    try:
-        lab.start_servers(tcp_ports=(8080,), udp_ports=(5353,))
-        yield lab
-    finally:
-        lab.destroy()
+def lab(module_lab):
+    return module_lab
 
 
 @pytest.fixture(scope="module")
-def loaded(lab):
-    from nodemesh.datapath.loader import cleanup
-
-    dp = Datapath(lab.bpffs, lab.cgroup)
-    try:
-        rec = Reconciler(dp.load())
-        rec.adopt()
-        dp.attach()
-        yield dp, rec
-    finally:
-        dp.close()
-        cleanup(lab.bpffs)
+def loaded(module_loaded):
+    return module_loaded
 
 
 @pytest.fixture
