@@ -61,9 +61,15 @@ def run_in(lab: Lab, argv: List[str], timeout: float) -> str:
 
 
 def iperf(lab: Lab, host: str, streams: int, seconds: float) -> float:
-    out = run_in(lab, ["iperf3", "-c", host, "-p", "5201", "-t", str(seconds), "-P",
-                       str(streams), "-J"], seconds + 20)
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    for attempt in range(3):
+        out = run_in(lab, ["iperf3", "-c", host, "-p", "5201", "-t", str(seconds), "-P",
+                           str(streams), "-J"], seconds + 20)
+        result = json.loads(out)
+        if "sum_received" in result.get("end", {}):
+            return result["end"]["sum_received"]["bits_per_second"] / 1e9
+        # iperf3's one server answers "busy" while it still winds down the previous test.
+        time.sleep(1.0)
+    raise RuntimeError(f"iperf3 gave no result: {result.get('error', out[:200])}")
 
 
 _UNITS = {"us": 1.0, "ms": 1000.0, "s": 1e6}

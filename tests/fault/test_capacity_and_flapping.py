@@ -2,7 +2,8 @@
 
 4. A backend's health flaps every 300 ms: it leaves and rejoins the set each time, every
    connection the datapath admits succeeds (its service port never goes down), the agent
-   survives, and the maps stay whole.
+   survives, and the maps stay whole. With two of three flapping, the panic threshold puts
+   every backend back whenever fewer than half are healthy, and only then.
 5. More frontends than the maps hold: each one that does not fit fails with an error naming
    the limit and the flag that raises it; it is not programmed at all (no slot, backend or
    counter of it), and the services already serving go on untouched."""
@@ -37,6 +38,38 @@ def test_a_health_check_flapping_every_300ms_fails_no_connection(
     print(f"{flips} flips, {checks_failed:g} failed checks; traffic {traffic.results}")
     assert traffic.failed() == 0 and traffic.ok() > 200, traffic.results
     assert flips >= 10 and checks_failed >= flips / 4
+    assert agent.proc.poll() is None and dump(lab.bpffs).stale() == []
+
+
+def test_two_flapping_backends_never_leave_one_and_panic_exactly_below_the_threshold(
+        linked_lab, linked_agent, tmp_path):
+    """panicThresholdPercent 50 over 3 backends, two of them flapping out of step: 2 of 3
+    healthy (67 %) is a set of 2; 1 of 3 (33 %) is panic, a set of all 3. So the set the
+    kernel balances over is never the single healthy backend, and panic comes with all 3."""
+    lab, agent = linked_lab, linked_agent
+    lab.start_servers(tcp_ports=(HEALTH_PORT,), udp_ports=())
+    web = service_yaml("web", lab.vip4(), [b.ipv4 for b in lab.backends], extra_ports=UDP)
+    web += (f"    healthCheck: {{type: tcp, port: {HEALTH_PORT}, intervalSeconds: 0.1, "
+            f"timeoutSeconds: 0.1, unhealthyThreshold: 1, healthyThreshold: 1}}\n"
+            f"    panicThresholdPercent: 50\n")
+    agent.write_config(config_yaml(web))
+    agent.start()
+    seen = []  # (selection, backends in the set), sampled from the agent's programmed state
+    with Traffic(lab, str(tmp_path), max_seconds=60) as traffic, \
+            Flapper(lab.backends[1].netns, HEALTH_PORT, 0.3, 30), \
+            Flapper(lab.backends[2].netns, HEALTH_PORT, 0.45, 30):
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            fe = next(fe for s in agent.services() for fe in s["frontends"] if fe["port"] == 80)
+            seen.append((fe["selection"], len(fe["backends"])))
+            time.sleep(0.05)
+    sizes = {n for _, n in seen}
+    print(f"{len(seen)} samples: {sorted(set(seen))}; traffic {traffic.results}")
+    assert traffic.failed() == 0 and traffic.ok() > 200, traffic.results
+    assert min(sizes) >= 2, seen  # never balanced over the one healthy backend alone
+    assert all(n == 3 for sel, n in seen if sel == "panic"), seen
+    assert any(sel == "panic" for sel, _ in seen), seen  # both were down at some point
+    assert any(sel != "panic" and n == 2 for sel, n in seen), seen  # and one at a time
     assert agent.proc.poll() is None and dump(lab.bpffs).stale() == []
 
 
