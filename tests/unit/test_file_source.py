@@ -145,6 +145,21 @@ def test_a_removed_file_deletes_its_services(folder, source):
     assert not rec.deltas[1].upserts
 
 
+def test_a_file_removed_between_listing_and_reading_is_removed_not_an_error(folder, source,
+                                                                          monkeypatch):
+    """The folder is listed, then each file read: one deleted in between (a ConfigMap swap, an
+    editor's temporary file) is simply not there, as at the next poll."""
+    from nodemesh import config
+
+    listed = config.config_files
+    monkeypatch.setattr(config, "config_files",
+                        lambda path: listed(path) + [str(folder / "vanished.yaml")])
+    rec = Recorder()
+    source(folder, rec)
+    rec.wait(deltas=1)  # and no error
+    assert sorted(s.name for s in rec.deltas[0].upserts) == ["api", "db", "web"]
+
+
 def test_a_service_in_two_files_belongs_to_the_first_and_rejects_the_second(folder, source):
     rec = Recorder()
     source(folder, rec)

@@ -66,8 +66,12 @@ class FileSource:
         """Re-read what changed (everything if `force`). Returns the files read and removed."""
         paths = config.config_files(self.path) if self.is_folder else [self.path]
         read = []
+        gone = set()
         for path in paths:
             st = self._stat(path)  # before reading: a write after it shows at the next poll
+            if st is None and self.is_folder:
+                gone.add(path)  # removed between the listing and now: as if never listed
+                continue
             old = self._files.get(path)
             if force or old is None or old.stat != st:
                 mesh = old.mesh if old else Mesh()
@@ -75,10 +79,13 @@ class FileSource:
                     parsed: Union[List[Service], config.ConfigError] = config.load(path)
                     mesh = meshconfig.load(path)
                 except config.ConfigError as e:
+                    if self.is_folder and not os.path.lexists(path):
+                        gone.add(path)  # removed while being read: the same
+                        continue
                     parsed = e
                 self._files[path] = _File(st, parsed, old.good if old else (), mesh)
                 read.append(path)
-        removed = [p for p in self._files if p not in paths]
+        removed = [p for p in self._files if p not in paths or p in gone]
         for path in removed:
             del self._files[path]
         return read, removed
