@@ -144,6 +144,19 @@ class FakeApiServer:
         self._server.shutdown()
         self._server.server_close()
 
+    def go_down(self) -> None:
+        """Unreachable: the listener closes (connects are refused) and open watches end; the
+        stored objects stay, and changes made meanwhile go into the history."""
+        self.stop()
+
+    def come_back(self) -> None:
+        """Listen again on the same address, as a restarted API server would."""
+        host, port = self._server.server_address[:2]
+        self._server = ThreadingHTTPServer((host, port), _Handler)
+        self._server.daemon_threads = True
+        self._server.fake = self  # type: ignore[attr-defined]
+        self.start()
+
     def __enter__(self) -> "FakeApiServer":
         return self.start()
 

@@ -1,7 +1,7 @@
 """Fault 6 (issue 14): the Kubernetes API fails under a live agent while clients keep
 connecting: a dropped watch stream, 410 Gone (history compacted), the server answering 503
-for a while ("down": NODEMESH_FAULT_API_DOWN_SECONDS, 3 s in CI; the issue's 30 s with
-=30), answering slowly, and answering garbage. The last good state serves throughout, and
+for a while, the server gone (connections refused) for NODEMESH_FAULT_API_DOWN_SECONDS (30 s,
+as the issue asks), answering slowly, and answering garbage. The last good state serves throughout, and
 each time the agent converges on the change made during the failure."""
 import os
 import time
@@ -13,7 +13,8 @@ from k8s_fake_apiserver import FakeApiServer
 
 pytestmark = pytest.mark.root
 
-DOWN = float(os.environ.get("NODEMESH_FAULT_API_DOWN_SECONDS", "3"))
+DOWN = float(os.environ.get("NODEMESH_FAULT_API_DOWN_SECONDS", "30"))
+UNAVAILABLE = 3.0  # seconds of 503 answers
 
 
 def service_obj(vip):
@@ -68,13 +69,22 @@ def test_api_failures_keep_the_last_good_state_serving_and_the_agent_converges_a
             api.compact()
             api.drop_watches()
             timeline.append(("410 Gone", programmed([b2, b3], 15)))
-            # Down: every request answered 503; a change lands while it is down.
+            # Unavailable: every request answered 503; a change lands meanwhile.
             api.fail_requests(503, "ServiceUnavailable", "down")
             api.drop_watches()
-            time.sleep(DOWN * TIME_SCALE)
+            time.sleep(UNAVAILABLE * TIME_SCALE)
             api.put(slice_obj([b3]))  # in the history: the resumed watch gets it
             api.fail_requests(None)
-            timeline.append((f"down {DOWN:g} s", programmed([b3], 30 + DOWN)))
+            timeline.append((f"503 for {UNAVAILABLE:g} s", programmed([b3], 30 + UNAVAILABLE)))
+            # Gone: the listener closed, every connect refused, for DOWN s; a change lands
+            # while it is gone; then it listens again on the same address.
+            api.go_down()
+            time.sleep(DOWN / 2 * TIME_SCALE)
+            api.put(slice_obj([b2, b3]))
+            time.sleep(DOWN / 2 * TIME_SCALE)
+            assert agent.proc.poll() is None
+            api.come_back()
+            timeline.append((f"unreachable {DOWN:g} s", programmed([b2, b3], 30 + DOWN)))
             # Slow: every request answered 1 s late.
             api.misbehave(delay=1.0)
             api.drop_watches()
