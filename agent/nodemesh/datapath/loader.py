@@ -25,7 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import bpfsys
 from .maps import ABI_VERSION, MAPS, Info, Maps, MapSizes, u32
@@ -170,6 +170,30 @@ def _pinned_map_id(pin: str) -> Optional[int]:
         bpfsys.close(fd)
 
 
+def pin_mismatches(bpffs: str, specs, capacity) -> Tuple[bool, List[str]]:
+    """(any of specs is pinned under bpffs, a line for each pin whose type, key size, value
+    size or capacity differs from what this build creates). capacity(spec) -> max_entries."""
+    found = False
+    problems = []
+    for spec in specs:
+        path = os.path.join(bpffs, spec.name)
+        if not os.path.exists(path):
+            continue
+        found = True
+        fd = bpfsys.obj_get(path)
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            bpfsys.close(fd)
+        want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
+                capacity(spec))
+        have = (info.type, info.key_size, info.value_size, info.max_entries)
+        if want != have:
+            problems.append(f"{path}: pinned (type, key, value, capacity) = {have}, "
+                            f"this build needs {want}")
+    return found, problems
+
+
 def ensure_bpffs(folder: str) -> None:
     """Make sure `folder` is on a bpf filesystem, mounting /sys/fs/bpf if nothing is (as Cilium
     does), and create it with mode 0700."""
@@ -214,24 +238,7 @@ class Datapath:
         """Compare existing pins with what this build creates. True if there are pins to adopt.
 
         A pin from an incompatible build would be silently misread; refuse it instead."""
-        found = False
-        problems = []
-        for spec in MAPS:
-            path = os.path.join(self.bpffs, spec.name)
-            if not os.path.exists(path):
-                continue
-            found = True
-            fd = bpfsys.obj_get(path)
-            try:
-                info = bpfsys.map_info(fd)
-            finally:
-                bpfsys.close(fd)
-            want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
-                    self.sizes.capacity(spec))
-            have = (info.type, info.key_size, info.value_size, info.max_entries)
-            if want != have:
-                problems.append(f"{path}: pinned (type, key, value, capacity) = {have}, "
-                                f"this build needs {want}")
+        found, problems = pin_mismatches(self.bpffs, MAPS, self.sizes.capacity)
         if problems:
             raise DatapathError("existing pins do not match this build (another nodemesh "
                                 "version, or other --map-* sizes):\n  " + "\n  ".join(problems)

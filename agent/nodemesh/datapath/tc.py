@@ -217,24 +217,9 @@ class TcPath:
         log.info("TC programs loaded in %.2fs", self.load_seconds)
 
     def check_pins(self) -> None:
-        from .loader import DatapathError
+        from .loader import DatapathError, pin_mismatches
 
-        problems = []
-        for spec in TC_MAPS:
-            path = os.path.join(self.bpffs, spec.name)
-            if not os.path.exists(path):
-                continue
-            fd = bpfsys.obj_get(path)
-            try:
-                info = bpfsys.map_info(fd)
-            finally:
-                bpfsys.close(fd)
-            want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
-                    self.settings.capacity(spec))
-            have = (info.type, info.key_size, info.value_size, info.max_entries)
-            if want != have:
-                problems.append(f"{path}: pinned (type, key, value, capacity) = {have}, this "
-                                f"build needs {want}")
+        _, problems = pin_mismatches(self.bpffs, TC_MAPS, self.settings.capacity)
         if problems:
             raise DatapathError("existing TC pins do not match this build (another version, "
                                 "or another --map-conntrack):\n  " + "\n  ".join(problems) +
