@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..datapath.loader import DatapathError, cgroup2_root
 from ..datapath.loader import cleanup as datapath_cleanup
-from .topology import sh
+from .topology import _alive, kill_all, sh
 
 FABRIC_GW = "10.77.0.1"
 CLIENT_ADDR = "10.77.0.100"
@@ -238,15 +237,7 @@ http {{
 
     # -- teardown ----------------------------------------------------------------------------
     def destroy(self) -> None:
-        for proc in self.processes:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_all(self.processes)
         self.processes = []
         _remove(self.namespaces(), [n.bpffs for n in self.nodes], [n.cgroup for n in self.nodes])
 
@@ -264,16 +255,6 @@ def _remove(namespaces: Sequence[str], bpffs: Sequence[str], cgroups: Sequence[s
             pass
     for ns in namespaces:  # the TC filters go with the interfaces
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def reap_stale() -> List[str]:

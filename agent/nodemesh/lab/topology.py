@@ -238,15 +238,7 @@ http {{
 
     # -- teardown ----------------------------------------------------------------------------
     def destroy(self) -> None:
-        for proc in self.processes:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_all(self.processes)
         self.processes = []
         teardown(self.prefix, self.subnet, self.host_link, self.cgroup,
                  [b.netns for b in self.backends], self.host_blackhole)
@@ -301,6 +293,19 @@ def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
         os.unlink(os.path.join(STATE_DIR, f"{prefix}.json"))
     except FileNotFoundError:
         pass
+
+
+def kill_all(processes) -> None:
+    """SIGKILL each spawned process's group (they are session leaders) and reap it."""
+    for proc in processes:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _empty_cgroup(cgroup: str) -> None:
