@@ -163,3 +163,44 @@ def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 def bpftool_json(*args: str):
     res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True)
     return json.loads(res.stdout.strip() or "null")
+
+
+# -- workload cgroups and their clients (the policy and identity tests) ----------------------
+HOLDER = os.path.join(ROOT, "tests", "conn_holder.py")
+
+
+def holder_client(lab: Lab, cgroup: str, target: str):
+    """tests/conn_holder.py in the lab's client netns, inside `cgroup` (joined before `ip netns
+    exec`, which remounts /sys). Returns say(line) -> the holder's JSON answer."""
+    import shlex
+
+    cmd = (f"echo $$ > {shlex.quote(os.path.join(cgroup, 'cgroup.procs'))} && exec ip netns "
+           f"exec {lab.client_ns} {shlex.quote(sys.executable)} {HOLDER} {target}")
+    proc = subprocess.Popen(["sh", "-c", cmd], start_new_session=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    lab.processes.append(proc)
+
+    def say(line: str):
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+    return say
+
+
+def remove_workload_cgroups(lab: Lab, paths: Iterable[str]) -> None:
+    """Stop every process of the lab (the test's alone), then remove `paths`, deepest first;
+    a cgroup lingers a moment after its last process exits."""
+    for proc in list(lab.processes):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for path in sorted(set(paths), key=len, reverse=True):
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)

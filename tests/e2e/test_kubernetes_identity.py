@@ -1,13 +1,9 @@
 """Workload identity from the Kubernetes API: Pods on this node, found in a kubelet-shaped
 cgroup hierarchy made under the lab's own cgroup, and a MeshPolicy, enforced at connect()."""
 import os
-import shlex
-import subprocess
-import sys
-import time
 
 import pytest
-from helpers import cli
+from helpers import cli, holder_client, remove_workload_cgroups
 from k8s_fake_apiserver import FakeApiServer
 from test_kubernetes_e2e import service_obj, slice_obj
 
@@ -17,8 +13,6 @@ from nodemesh.datapath.loader import cgroup2_root
 
 pytestmark = pytest.mark.root
 
-HOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "conn_holder.py")
 
 
 def pod(name, uid, sa, qos, labels=None, annotations=None, node="node-a"):
@@ -49,35 +43,10 @@ def kubelet(lab):
     try:
         yield make
     finally:
-        for proc in list(lab.processes):
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        for path in sorted(set(made), key=len, reverse=True):
-            for _ in range(50):
-                try:
-                    os.rmdir(path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.02)
+        remove_workload_cgroups(lab, made)
 
 
-def client(lab, cgroup, target):
-    import json
-
-    cmd = (f"echo $$ > {shlex.quote(os.path.join(cgroup, 'cgroup.procs'))} && exec ip netns "
-           f"exec {lab.client_ns} {shlex.quote(sys.executable)} {HOLDER} {target}")
-    proc = subprocess.Popen(["sh", "-c", cmd], start_new_session=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    lab.processes.append(proc)
-
-    def say(line):
-        proc.stdin.write(line + "\n")
-        proc.stdin.flush()
-        return json.loads(proc.stdout.readline())
-    return say
+client = holder_client
 
 
 def kernel_identities(lab):

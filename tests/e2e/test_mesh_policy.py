@@ -2,21 +2,18 @@
 file, the CLI, metrics, and real connections from two workload cgroups."""
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import TIME_SCALE, cli
+from helpers import TIME_SCALE, cli, holder_client, remove_workload_cgroups
 
 from nodemesh.datapath.loader import cgroup2_root
 
 pytestmark = pytest.mark.root
 
 HOLD_PORT = 9090
-HOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "conn_holder.py")
 
 
 @pytest.fixture
@@ -27,35 +24,10 @@ def cgroups(lab):
     try:
         yield paths
     finally:
-        for proc in list(lab.processes):  # the lab is this test's alone: stop all in it
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        for p in paths.values():
-            for _ in range(50):
-                try:
-                    os.rmdir(p)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.02)
+        remove_workload_cgroups(lab, paths.values())
 
 
-def client(lab, cgroup, target):
-    import json
-
-    cmd = (f"echo $$ > {shlex.quote(os.path.join(cgroup, 'cgroup.procs'))} && exec ip netns "
-           f"exec {lab.client_ns} {shlex.quote(sys.executable)} {HOLDER} {target}")
-    proc = subprocess.Popen(["sh", "-c", cmd], start_new_session=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    lab.processes.append(proc)
-
-    def say(line):
-        proc.stdin.write(line + "\n")
-        proc.stdin.flush()
-        return json.loads(proc.stdout.readline())
-    return say
+client = holder_client
 
 
 def config(lab, cgroups, policy_action="ALLOW"):
