@@ -89,7 +89,8 @@ def test_api_failures_keep_the_last_good_state_serving_and_the_agent_converges_a
             api.misbehave(delay=1.0)
             api.drop_watches()
             api.put(slice_obj([b1, b3]))
-            timeline.append(("slow (1 s per request)", programmed([b1, b3], 30)))
+            # After DOWN s unreachable the reconnect backoff sits at its cap (~16 s) for a while.
+            timeline.append(("slow (1 s per request)", programmed([b1, b3], 30 + DOWN)))
             api.misbehave()
             # Garbage: 200 with a body that is not JSON, for 2 s.
             api.misbehave(garbage=b"\x00<html>not json{{{")
@@ -98,7 +99,7 @@ def test_api_failures_keep_the_last_good_state_serving_and_the_agent_converges_a
             assert agent.proc.poll() is None
             api.put(slice_obj(lab.backends))
             api.misbehave()
-            timeline.append(("garbage", programmed(lab.backends, 30)))
+            timeline.append(("garbage", programmed(lab.backends, 30 + DOWN)))
         print(f"change made during the failure -> programmed after it, s: {timeline}; "
               f"traffic {traffic.results}")
         assert traffic.failed() == 0 and traffic.ok() > 200, traffic.results
