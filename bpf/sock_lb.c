@@ -110,8 +110,8 @@ static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *ke
 	struct nm_svc_key vip = *key;
 	int is_service;
 	u32 svc_id = 0;
-	struct nm_backend *be = select_backend(bpf_get_netns_cookie(ctx), key, &is_service,
-						&svc_id);
+	u64 netns = bpf_get_netns_cookie(ctx);
+	struct nm_backend *be = select_backend(netns, netns, key, &is_service, &svc_id);
 	if (!is_service)
 		return 0;
 	if (is_service == 2) {

@@ -320,6 +320,16 @@ static __always_inline u64 client_identity(struct nm_pkt *p)
 	       (p->t.src[1] ^ p->t.src[3]);
 }
 
+/* What Maglev hashes for a packet: its flow, i.e. the client's address and port (the
+ * frontend, which nm_maglev_hash adds, is the rest of the 5-tuple; for a NodePort it is the
+ * all-zero address, the same on every node). Every node computes the same value for a flow,
+ * so a flow that ECMP moves to another node lands on the same backend there. */
+static __always_inline u64 flow_identity(struct nm_pkt *p)
+{
+	u64 h = nm_mix64(((u64)p->t.src[0] << 32 | p->t.src[1]) ^ p->t.sport);
+	return nm_mix64(h ^ ((u64)p->t.src[2] << 32 | p->t.src[3]) ^ ((u64)p->t.family << 48));
+}
+
 /* A new flow to a frontend: choose, remember, translate, send on. */
 static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 {
@@ -330,7 +340,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 	int snat = !(master->flags & NM_SVC_F_EXT_LOCAL);
 	int is_service = 0;
 	u32 svc_id = 0;
-	struct nm_backend *be = select_backend(client_identity(p), &key, &is_service, &svc_id);
+	struct nm_backend *be = select_backend(client_identity(p), flow_identity(p), &key,
+					       &is_service, &svc_id);
 	if (!is_service)
 		return verdict(skb, NM_TC_INGRESS, NM_TC_PASS, TC_ACT_OK);
 	account(svc_id, be != NULL);

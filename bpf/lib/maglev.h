@@ -11,7 +11,8 @@
  * mix (see agent/nodemesh/datapath/maglev_tables.py).
  *
  * Callers hash what identifies a client: the socket path uses the client's netns cookie (all
- * sockets of a pod reach the same backend), a packet path would use the flow's 5-tuple.
+ * sockets of a pod reach the same backend), the TC path the flow's source address and port
+ * (tc_nodeport.c's flow_identity(); the frontend is the rest of the 5-tuple).
  */
 #ifndef NODEMESH_LIB_MAGLEV_H
 #define NODEMESH_LIB_MAGLEV_H

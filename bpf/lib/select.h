@@ -3,23 +3,26 @@
  *
  * The includer declares the maps this reads and writes (services, backends, rr_state, affinity,
  * backend_stats, counters, svc_stats), includes lib/maglev.h (the maglev tables) and defines
- * count(). `client` identifies the client for session affinity:
- * the socket hooks pass the netns cookie, the TC path the source address.
+ * count(). `client` identifies the client for session affinity: the socket hooks pass the
+ * netns cookie, the TC path the source address. `flow` is what Maglev hashes: the socket
+ * hooks pass the netns cookie again, the TC path the flow (source address and port).
  */
 #ifndef NM_LIB_SELECT_H
 #define NM_LIB_SELECT_H
 
-/* Maglev (lib/maglev.h, which the includer includes first): the row of `client` in the
+/* Maglev (lib/maglev.h, which the includer includes first): the row of `flow` in the
  * frontend's table. The socket hooks pass the client's netns cookie, so every socket of a pod
- * reaches the same backend; the TC path passes the source address. 0 when the table has no
- * live backend for it (the caller falls back to the slots and counts a miss). */
-static __always_inline u32 maglev_pick(u64 client, struct nm_svc_key *key,
+ * reaches the same backend; the TC path passes a hash of the source address and port, so
+ * that one flow reaches the same backend through whichever node ECMP sends it to, and one
+ * client's flows spread over the backends. 0 when the table has no live backend for it (the
+ * caller falls back to the slots and counts a miss). */
+static __always_inline u32 maglev_pick(u64 flow, struct nm_svc_key *key,
 				       struct nm_svc_value *master)
 {
 	u32 svc_id = master->svc_id;
 	void *table = maglev.lookup(&svc_id);
 	u32 backend_id = table ? nm_maglev_backend(table, master->backend_id,
-						   nm_maglev_hash(client, key)) : 0;
+						   nm_maglev_hash(flow, key)) : 0;
 	if (!backend_id || !backends.lookup(&backend_id)) {
 		count(NM_CTR_MAGLEV_MISS);
 		return 0;
@@ -56,7 +59,8 @@ static __always_inline struct nm_backend *sticky_backend(u64 client, u32 svc_id,
 /* Pick a backend for key (slot must be 0 on entry). Returns the backend, or NULL with
  * *is_service telling whether key was a frontend at all (NULL + is_service: no backend;
  * is_service 2: over a connection limit). */
-static __always_inline struct nm_backend *select_backend(u64 client, struct nm_svc_key *key,
+static __always_inline struct nm_backend *select_backend(u64 client, u64 flow,
+							  struct nm_svc_key *key,
 							  int *is_service, u32 *svc_id_out)
 {
 	*is_service = 0;
@@ -84,7 +88,7 @@ static __always_inline struct nm_backend *select_backend(u64 client, struct nm_s
 		}
 		u32 backend_id = 0;
 		if (master->algorithm == NM_ALG_MAGLEV)
-			backend_id = maglev_pick(client, key, master);
+			backend_id = maglev_pick(flow, key, master);
 		if (!backend_id) { /* random, round robin, or a maglev table miss */
 			u32 index;
 			if (master->algorithm == NM_ALG_ROUND_ROBIN) {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from socket import ntohs
+from socket import htons, ntohs
 
 import packets as P
 import pytest
@@ -65,6 +65,23 @@ services:
     trafficPolicy: {external: Local}
     ports: [{port: 80, targetPort: 8080, nodePort: 30082}]
     backends: [{address: 192.0.2.13, node: node-b}]
+  - name: mg
+    vip: 10.96.0.30
+    algorithm: maglev
+    maglev: {tableSize: 307}
+    trafficPolicy: {external: Local}
+    ports: [{port: 80, targetPort: 8080, nodePort: 30090}]
+    backends: [{address: 192.0.2.20, node: node-a}, {address: 192.0.2.21, node: node-a},
+               {address: 192.0.2.22, node: node-a}]
+  - name: mg6
+    vip: fd00::30
+    algorithm: maglev
+    maglev: {tableSize: 307}
+    trafficPolicy: {external: Local}
+    loadBalancerIPs: ["2001:db8:e::30"]
+    ports: [{port: 80, targetPort: 8080}]
+    backends: [{address: "2001:db8::20", node: node-a}, {address: "2001:db8::21", node: node-a},
+               {address: "2001:db8::22", node: node-a}]
 """
 
 
@@ -203,6 +220,60 @@ def test_local_policy_without_a_local_backend_drops_and_counts(tester):
     verdict, out = tester.ingress(frame)
     assert verdict == TC_ACT_SHOT
     assert tester.drops()["no_backend"] == before + 1
+
+
+# -- Maglev: the row of the flow's hash -------------------------------------------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    """nm_mix64 (bpf/lib/maglev.h), splitmix64's finalizer."""
+    x ^= x >> 30
+    x = x * 0xBF58476D1CE4E5B9 & MASK64
+    x ^= x >> 27
+    x = x * 0x94D049BB133111EB & MASK64
+    return x ^ (x >> 31)
+
+
+def tc_maglev_row(client: str, sport: int, frontend: str, port: int, proto: int,
+                  rows: int) -> int:
+    """What every node computes for a flow: nm_maglev_hash(flow_identity(p), key) % rows
+    (bpf/tc_nodeport.c, bpf/lib/maglev.h), over the words as they lie in memory."""
+    from nodemesh.datapath import maps as m
+
+    family, src = m.encode_addr(client)
+    _, fe = m.encode_addr(frontend)  # a NodePort's key: the all-zero address
+    h = mix64(((src[0] << 32) | src[1]) ^ htons(sport))
+    flow = mix64(h ^ ((src[2] << 32) | src[3]) ^ (family << 48))
+    h = mix64(flow ^ ((fe[0] << 32) | fe[3]))
+    h = mix64(h ^ ((fe[1] << 32) | fe[2]))
+    h = mix64(h ^ ((htons(port) << 16) | proto))
+    return ((h ^ (h >> 32)) & 0xFFFFFFFF) % rows
+
+
+@pytest.mark.parametrize("client,addr,key_addr,port,backends", [
+    (CLIENT4, NODE4, "0.0.0.0", 30090, ["192.0.2.20", "192.0.2.21", "192.0.2.22"]),
+    (CLIENT6, "2001:db8:e::30", "2001:db8:e::30", 80,
+     ["2001:db8::20", "2001:db8::21", "2001:db8::22"]),
+], ids=["nodeport4", "loadBalancerIP6"])
+def test_maglev_on_the_tc_path_takes_the_table_row_of_the_flows_hash(tester, client, addr,
+                                                                      key_addr, port, backends):
+    """The backend of each new flow is the one in row hash(client address, source port,
+    frontend) of the table every agent builds alike: nothing node-specific goes in, so
+    every node sends a flow to the same backend, and one client's flows spread."""
+    from nodemesh import maglev
+
+    table = maglev.build_table([(maglev.backend_key(b, 8080), 1) for b in backends], 307)
+    got, want = {}, {}
+    for sport in range(50000, 50048):  # Local policy: no SNAT port is used up
+        verdict, out = tester.ingress(P.flow(P.TCP, client, addr, sport, port))
+        assert verdict == TC_ACT_REDIRECT
+        got[sport] = P.parse(out).dst
+        want[sport] = backends[table[tc_maglev_row(client, sport, key_addr, port, P.TCP,
+                                                   307)]]
+    assert got == want
+    assert set(got.values()) == set(backends)
 
 
 # -- what is left alone ----------------------------------------------------------------------

@@ -385,3 +385,44 @@ def test_a_list_without_items_yields_none(body):
 def test_a_broken_list_body_is_an_error(body):
     with pytest.raises(ValueError):
         list(kubernetes._list_items(body, {}))
+
+
+def annotated_service(**annotations):
+    service = make_service()
+    service["metadata"]["annotations"] = annotations
+    return service
+
+
+@pytest.mark.parametrize("annotations, algorithm, size", [
+    ({},                                                          "random", 16381),
+    ({"nodemesh.io/lb-algorithm": "maglev"},                      "maglev", 16381),
+    ({"nodemesh.io/lb-algorithm": "maglev",
+      "nodemesh.io/maglev-table-size": "307"},                    "maglev", 307),
+    ({"nodemesh.io/lb-algorithm": "round_robin"},                 "round_robin", 16381),
+    ({"nodemesh.io/lb-algorithm": "least_connections"},           "least_connections", 16381),
+])
+def test_the_algorithm_and_maglev_table_size_come_from_annotations(annotations, algorithm,
+                                                                     size):
+    service = translate_service(annotated_service(**annotations), [])
+    assert (service.algorithm, service.maglev_table_size) == (algorithm, size)
+
+
+@pytest.mark.parametrize("annotations, message", [
+    ({"nodemesh.io/lb-algorithm": "consistent"},
+     "service default/svc: metadata.annotations[nodemesh.io/lb-algorithm]: 'consistent' is not "
+     "an algorithm (one of: random, round_robin, maglev, least_connections); ignored, random "
+     "is used"),
+    ({"nodemesh.io/lb-algorithm": "maglev", "nodemesh.io/maglev-table-size": "1000"},
+     "service default/svc: metadata.annotations[nodemesh.io/maglev-table-size]: 1000 is not "
+     "prime"),
+    ({"nodemesh.io/lb-algorithm": "maglev", "nodemesh.io/maglev-table-size": "big"},
+     "service default/svc: metadata.annotations[nodemesh.io/maglev-table-size]: 'big' is not "
+     "a table size (a prime 7-131071); ignored, 16381 is used"),
+])
+def test_a_bad_algorithm_annotation_is_noted_and_the_service_still_programmed(annotations,
+                                                                               message):
+    notes = Translation()
+    service = translate_service(annotated_service(**annotations), [], notes)
+    assert service is not None and service.vip == "10.96.0.10"
+    assert service.maglev_table_size == 16381
+    assert len(notes.invalid) == 1 and notes.invalid[0].startswith(message), notes.invalid

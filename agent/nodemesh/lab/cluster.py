@@ -3,15 +3,21 @@ benchmarks run against it.
 
     [fabric netns: bridge br0, 10.77.0.1 (the Kubernetes API)] ── the machine never sees it
         │ 10.77.0.11        │ 10.77.0.12        │ 10.77.0.13        │ 10.77.0.100
+        │ fd77::11          │ fd77::12          │ fd77::13          │ fd77::100
     [node n1: eth0]     [node n2: eth0]     [node n3: eth0]     [client netns]
         │ 10.77.1.1         │ 10.77.2.1         │ 10.77.3.1
+        │ fd77:1::1         │ fd77:2::1         │ fd77:3::1
     [pod p1 10.77.1.2]  [pod p2 10.77.2.2]  [pod p3 10.77.3.2]
+    [   fd77:1::2    ]  [   fd77:2::2    ]  [   fd77:3::2    ]
 
-Each node is a network namespace with forwarding on (the only ones), a route to every other
-node's pod subnet through that node, and its own agent: its bpffs folder, its cgroup, its
-admin socket, its metrics on the node's own loopback, fed by one Kubernetes API. Pods run a
-real nginx (access log with the client's address) and dnsmasq. The client has no route but
-the fabric: nothing here can leave the machine, and no namespace has a default route to it.
+Every link has an IPv4 and an IPv6 (ULA, fd77::/16) address, added without duplicate address
+detection so that they are usable at once. Each node is a network namespace with forwarding
+on for both families (the only ones), a route to every other node's pod subnets through that
+node, and its own agent: its bpffs folder, its cgroup, its admin socket, its metrics on the
+node's own loopback, fed by one Kubernetes API. Pods run a real nginx (access log with the
+client's address) and dnsmasq, on both families. The client has no route but the fabric's
+(tests add host routes to service addresses through a node, as ECMP would): nothing here can
+leave the machine, and no namespace has a default route to it.
 
 Names carry `nmk<pid>` so that a later run reaps what a crashed one left (reap_stale()).
 """
@@ -32,6 +38,8 @@ from .topology import _alive, kill_all, sh
 
 FABRIC_GW = "10.77.0.1"
 CLIENT_ADDR = "10.77.0.100"
+FABRIC_GW6 = "fd77::1"
+CLIENT_ADDR6 = "fd77::100"
 PREFIX = "nmk"
 BIG_FILE_BYTES = 50 * 1024 * 1024
 
@@ -42,6 +50,14 @@ def node_addr(i: int) -> str:
 
 def pod_addr(i: int) -> str:
     return f"10.77.{i}.2"
+
+
+def node_addr6(i: int) -> str:
+    return f"fd77::{10 + i}"
+
+
+def pod_addr6(i: int) -> str:
+    return f"fd77:{i}::2"
 
 
 @dataclass
@@ -63,6 +79,14 @@ class Node:
     @property
     def pod(self) -> str:
         return pod_addr(self.index)
+
+    @property
+    def address6(self) -> str:
+        return node_addr6(self.index)
+
+    @property
+    def pod6(self) -> str:
+        return pod_addr6(self.index)
 
 
 @dataclass
@@ -99,8 +123,9 @@ class Cluster:
         sh(f"ip -n {fab} link set lo up")
         sh(f"ip -n {fab} link add br0 type bridge")
         sh(f"ip -n {fab} addr add {FABRIC_GW}/24 dev br0")
+        sh(f"ip -n {fab} addr add {FABRIC_GW6}/64 dev br0 nodad")
         sh(f"ip -n {fab} link set br0 up")
-        self._attach(self.client, "cli", CLIENT_ADDR)
+        self._attach(self.client, "cli", CLIENT_ADDR, CLIENT_ADDR6)
         root = cgroup2_root()
         for i in range(1, count + 1):
             node = Node(i, f"node-{i}", f"{self.prefix}-n{i}", f"{self.prefix}-p{i}",
@@ -108,33 +133,45 @@ class Cluster:
                         os.path.join(root, f"{self.prefix}-n{i}"),
                         os.path.join(self.workdir, f"n{i}.sock"))
             self.nodes.append(node)
-            self._attach(node.netns, f"n{i}", node.address)
+            self._attach(node.netns, f"n{i}", node.address, node.address6)
             for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                        "net.ipv4.conf.eth0.rp_filter=0"):
+                        "net.ipv4.conf.eth0.rp_filter=0", "net.ipv6.conf.all.forwarding=1"):
                 sh(f"ip netns exec {node.netns} sysctl -qw {key}")
             sh(f"ip netns add {node.pod_netns}")
             sh(f"ip -n {node.pod_netns} link set lo up")
             sh(f"ip -n {node.netns} link add pod type veth peer name eth0 netns "
                f"{node.pod_netns}")
             sh(f"ip -n {node.netns} addr add 10.77.{i}.1/24 dev pod")
+            sh(f"ip -n {node.netns} addr add fd77:{i}::1/64 dev pod nodad")
             sh(f"ip -n {node.netns} link set pod up")
             sh(f"ip -n {node.pod_netns} addr add {node.pod}/24 dev eth0")
+            sh(f"ip -n {node.pod_netns} addr add {node.pod6}/64 dev eth0 nodad")
             sh(f"ip -n {node.pod_netns} link set eth0 up")
             sh(f"ip -n {node.pod_netns} route add default via 10.77.{i}.1")
+            sh(f"ip -n {node.pod_netns} -6 route add default via fd77:{i}::1")
             os.makedirs(node.cgroup, exist_ok=True)
         for node in self.nodes:
             for other in self.nodes:
                 if other is not node:
                     sh(f"ip -n {node.netns} route add 10.77.{other.index}.0/24 via "
                        f"{other.address}")
+                    sh(f"ip -n {node.netns} -6 route add fd77:{other.index}::/64 via "
+                       f"{other.address6}")
 
-    def _attach(self, netns: str, port: str, addr: str) -> None:
+    def _attach(self, netns: str, port: str, addr: str, addr6: str) -> None:
         sh(f"ip netns add {netns}")
         sh(f"ip -n {netns} link set lo up")
         sh(f"ip -n {self.fabric} link add {port} type veth peer name eth0 netns {netns}")
         sh(f"ip -n {self.fabric} link set {port} master br0 up")
         sh(f"ip -n {netns} addr add {addr}/24 dev eth0")
+        sh(f"ip -n {netns} addr add {addr6}/64 dev eth0 nodad")
         sh(f"ip -n {netns} link set eth0 up")
+
+    def route_via(self, address: str, node: "Node") -> None:
+        """Send the client's traffic for a service address (an externalIP, a load-balancer IP)
+        through `node`: what an ECMP router upstream does, one next hop at a time."""
+        via = node.address6 if ":" in address else node.address
+        sh(f"ip -n {self.client} route replace {address} via {via}")
 
     # -- processes ---------------------------------------------------------------------------
     def spawn(self, argv: Sequence[str], netns: str, cgroup: Optional[str] = None,
@@ -178,7 +215,7 @@ class Cluster:
 
     def start_pod_servers(self, node: Node) -> None:
         """nginx (/who: the pod's name; /big: 50 MB; access log with the client address) and
-        dnsmasq (who.lab -> 10.250.0.<node index>) in the node's pod."""
+        dnsmasq (who.lab -> 10.250.0.<node index>) in the node's pod, on IPv4 and IPv6."""
         d = os.path.join(self.workdir, f"pod{node.index}")
         os.makedirs(os.path.join(d, "www"), exist_ok=True)
         with open(os.path.join(d, "www", "who"), "w") as f:
@@ -197,12 +234,13 @@ http {{
   access_log {d}/access.log who;
   client_body_temp_path {d}; proxy_temp_path {d};
   fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
-  server {{ listen {node.pod}:8080; root {d}/www; }}
+  server {{ listen {node.pod}:8080; listen [{node.pod6}]:8080; root {d}/www; }}
 }}
 """)
         proc = self.spawn(["nginx", "-c", conf, "-g", "daemon off;"], node.pod_netns)
         self.spawn(["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                    "--user=root", f"--listen-address={node.pod}", "--bind-interfaces",
+                    "--user=root", f"--listen-address={node.pod}",
+                    f"--listen-address={node.pod6}", "--bind-interfaces",
                     f"--pid-file={d}/dnsmasq.pid", f"--address=/who.lab/10.250.0.{node.index}"],
                    node.pod_netns, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 5
@@ -228,8 +266,9 @@ http {{
         return res
 
     def curl(self, url: str, *args: str) -> str:
-        """curl from the external client."""
-        return self.run_in(self.client, ["curl", "-sS", "--max-time", "10", *args, url]).stdout
+        """curl from the external client (-g: an IPv6 literal's brackets are no glob)."""
+        return self.run_in(self.client, ["curl", "-sSg", "--max-time", "10", *args,
+                                         url]).stdout
 
     def dig(self, server: str, port: int, name: str = "who.lab") -> str:
         return self.run_in(self.client, ["dig", "+short", "+time=2", "+tries=1", "-p",

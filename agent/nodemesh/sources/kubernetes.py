@@ -92,7 +92,8 @@ from typing import (
     Union,
 )
 
-from ..model import Backend, Service, ServicePort, SessionAffinity, canonical_ip
+from .. import maglev
+from ..model import ALGORITHMS, Backend, Service, ServicePort, SessionAffinity, canonical_ip
 from . import Delta, OnChange, OnError
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_AFFINITY_TIMEOUT_SECONDS = 10800  # Kubernetes' default for sessionAffinity ClientIP
 SUPPORTED_PROTOCOLS = ("TCP", "UDP")
 FAMILY_VERSIONS = {"IPv4": 4, "IPv6": 6}
+# What the Service API has no field for: the algorithm, as a per-service annotation (the way
+# Cilium takes service.cilium.io/lb-algorithm), and the Maglev table size.
+ALGORITHM_ANNOTATION = "nodemesh.io/lb-algorithm"
+MAGLEV_TABLE_SIZE_ANNOTATION = "nodemesh.io/maglev-table-size"
 
 EVENT_KINDS = (
     "service_added", "service_modified", "service_deleted",
@@ -351,6 +356,8 @@ def _parse_service(service: dict, namespace: str, where: str,
         if not isinstance(key, str) or not isinstance(value, str):
             raise _Malformed(f"metadata.labels: {reprlib.repr(key)}: {reprlib.repr(value)} is "
                              "not a string label")
+    algorithm, table_size = _algorithm(_typed(meta, "annotations", dict, "metadata.", {}),
+                                       where, notes)
     return ParsedService(Service(
         name=sys.intern(meta["name"]), namespace=namespace, vip=vips[0],
         extra_vips=tuple(vips[1:]), ports=_share_ports(tuple(ports)), session_affinity=affinity,
@@ -360,7 +367,35 @@ def _parse_service(service: dict, namespace: str, where: str,
         traffic_distribution=_intern(_typed(spec, "trafficDistribution", str, "spec.")),
         labels=tuple(sorted(_share_label((sys.intern(k), sys.intern(v)))
                             for k, v in labels.items())),
+        algorithm=algorithm, maglev_table_size=table_size,
     ), tuple(named))
+
+
+def _algorithm(annotations: dict, where: str, notes: Translation) -> Tuple[str, int]:
+    """(algorithm, Maglev table size) from the service's annotations. A bad value is noted
+    and left out (the default stands): a typo in an annotation should not take the service
+    off the datapath, which is what a malformed API field does."""
+    algorithm, size = "random", maglev.DEFAULT_TABLE_SIZE
+    text = annotations.get(ALGORITHM_ANNOTATION)
+    if text is not None:
+        if isinstance(text, str) and text.strip() in ALGORITHMS:
+            algorithm = sys.intern(text.strip())
+        else:
+            notes.invalid.append(
+                f"{where}: metadata.annotations[{ALGORITHM_ANNOTATION}]: "
+                f"{reprlib.repr(text)} is not an algorithm (one of: {', '.join(ALGORITHMS)}); "
+                "ignored, random is used")
+    text = annotations.get(MAGLEV_TABLE_SIZE_ANNOTATION)
+    if text is not None:
+        number = int(text) if isinstance(text, str) and text.strip().isascii() and \
+            text.strip().isdigit() and len(text.strip()) <= 7 else text
+        why = maglev.check_table_size(number)
+        if why:
+            notes.invalid.append(f"{where}: metadata.annotations[{MAGLEV_TABLE_SIZE_ANNOTATION}]"
+                                 f": {why}; ignored, {size} is used")
+        else:
+            size = number
+    return algorithm, size
 
 
 def _service_port(port: Any, path: str, where: str,
