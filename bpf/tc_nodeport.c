@@ -77,6 +77,7 @@ struct nm_scratch {
 	struct nm_ct_value fwd;
 	struct nm_ct_value rev;
 	struct nm_ct_key rkey;
+	struct nm_ct_key okey; /* the forward key of a flow whose SNAT port is taken over */
 	u32 quote[NM_QUOTE6 / 4];
 	u32 old[NM_QUOTE6 / 4];
 };
@@ -393,8 +394,27 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 		u32 range = hi - lo + 1;
 		u32 start = bpf_get_prandom_u32();
 		int stored = 0;
+		int syn = p->t.proto == IPPROTO_TCP &&
+			  (p->tcp_flags & (NM_TCP_SYN | NM_TCP_ACK | NM_TCP_RST)) == NM_TCP_SYN;
+		struct nm_ct_key *okeyp = &sc->okey;
 		/* Try ports from a random start; a taken one is a collision, unless its flow has
-		 * expired, in which case it is taken over. */
+		 * expired or, for a SYN, is over: FIN both ways or RST, and silent 100 ms.
+		 *
+		 * Why a closed flow's port can go to a new SYN at once, without waiting out the
+		 * closing timeout: the backend may still hold (node:port, backend) in TIME_WAIT,
+		 * but Linux's TIME_WAIT accepts a SYN whose timestamp is newer than the old flow's
+		 * last one (tcp_timewait_state_process; RFC 6191), and a client's timestamp offset
+		 * is per address pair, so a client's later flows to this node carry later
+		 * timestamps. 100 ms is 100 ticks of the 1 ms timestamp clock of Linux, BSD and
+		 * macOS clients, plus room for the old flow's last ACK still in flight. A client
+		 * without timestamps (or another client, whose clock is not comparable) gets a
+		 * TIME_WAIT SYN only if its sequence number is higher; otherwise the backend
+		 * answers with an ACK, the client resets the TIME_WAIT and its SYN is retried a
+		 * second later: a delay, not a failure, as with the kernel's own conntrack, which
+		 * reopens a TIME_WAIT tuple for a SYN without any wait. At 100 ms a port serves
+		 * up to 10 new flows a second per (backend, node address): 282,320 a second with
+		 * the default range. Other packets (a late FIN, a stray ACK) take only free or
+		 * expired ports. */
 		for (int i = 0; i < NM_SNAT_TRIES; i++) {
 			u16 port = bpf_htons((u16)(lo + (start + i) % range));
 			rkey.dport = port;
@@ -404,10 +424,21 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 				break;
 			}
 			struct nm_ct_value *old = ct.lookup(&rkey);
-			if (old && ct_expired(&rkey, old, now) && ct.update(&rkey, &rev) == 0) {
-				stored = 1;
-				fwd.nat_sport = port;
-				break;
+			if (old && ct_snat_reusable(&rkey, old, now, syn)) {
+				/* Read the old flow's forward key before the update replaces `old`. */
+				ct_partner_key(&rkey, old, okeyp);
+				if (ct.update(&rkey, &rev) == 0) {
+					/* The old flow's forward entry still names this port: delete it,
+					 * so that a late packet of the old flow is a miss rather than
+					 * translated into the new one (ct_lookup checks it too). Unless
+					 * it now belongs to another flow (its client reused the tuple). */
+					struct nm_ct_value *of = ct.lookup(okeyp);
+					if (of && ct_points_back(of, &rkey))
+						ct.delete(okeyp);
+					stored = 1;
+					fwd.nat_sport = port;
+					break;
+				}
 			}
 			tc_event(NM_TC_EV_SNAT_COLLISION);
 		}
