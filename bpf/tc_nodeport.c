@@ -401,20 +401,22 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 		 * expired or, for a SYN, is over: FIN both ways or RST, and silent 100 ms.
 		 *
 		 * Why a closed flow's port can go to a new SYN at once, without waiting out the
-		 * closing timeout: the backend may still hold (node:port, backend) in TIME_WAIT,
-		 * but Linux's TIME_WAIT accepts a SYN whose timestamp is newer than the old flow's
-		 * last one (tcp_timewait_state_process; RFC 6191), and a client's timestamp offset
-		 * is per address pair, so a client's later flows to this node carry later
-		 * timestamps. 100 ms is 100 ticks of the 1 ms timestamp clock of Linux, BSD and
-		 * macOS clients, plus room for the old flow's last ACK still in flight. A client
-		 * without timestamps (or another client, whose clock is not comparable) gets a
-		 * TIME_WAIT SYN only if its sequence number is higher; otherwise the backend
-		 * answers with an ACK, the client resets the TIME_WAIT and its SYN is retried a
-		 * second later: a delay, not a failure, as with the kernel's own conntrack, which
-		 * reopens a TIME_WAIT tuple for a SYN without any wait. At 100 ms a port serves
-		 * up to 10 new flows a second per (backend, node address): 282,320 a second with
-		 * the default range. Other packets (a late FIN, a stray ACK) take only free or
-		 * expired ports. */
+		 * closing timeout: the backend may still hold (node:port, backend) in TIME_WAIT
+		 * (60 s when it closed first). Linux's TIME_WAIT takes a SYN whose timestamp is
+		 * newer than the old flow's last one, or without timestamps one whose sequence
+		 * number is higher (tcp_timewait_state_process, RFC 6191). Otherwise it answers
+		 * with an ACK; the client resets the TIME_WAIT with an RST and sends its SYN again
+		 * (Linux: after TCP_TIMEOUT_MIN, about 10 ms; others: their SYN timeout), which
+		 * then goes through. Nothing is delivered to the wrong flow either way, and the
+		 * kernel's own conntrack reopens such a tuple for a SYN without any wait. Where a
+		 * client's timestamp offset is per address pair, its later flows carry later
+		 * timestamps and are taken at once; on the lab's kernel (6.18) a capture shows
+		 * unrelated timestamps per connection, so about half are refused once (bench/tc.py
+		 * counts the client's SYN retransmits). The 100 ms lets the old
+		 * flow's last ACK go by first, and is 100 ticks of a 1 ms timestamp clock. At
+		 * 100 ms a port serves up to 10 new flows a second per (backend, node address):
+		 * 282,320 a second with the default range. Other packets (a late FIN, a stray
+		 * ACK) take only free or expired ports. */
 		for (int i = 0; i < NM_SNAT_TRIES; i++) {
 			u16 port = bpf_htons((u16)(lo + (start + i) % range));
 			rkey.dport = port;
