@@ -397,8 +397,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 		int syn = p->t.proto == IPPROTO_TCP &&
 			  (p->tcp_flags & (NM_TCP_SYN | NM_TCP_ACK | NM_TCP_RST)) == NM_TCP_SYN;
 		struct nm_ct_key *okeyp = &sc->okey;
-		/* Try ports from a random start; a taken one is a collision, unless its flow has
-		 * expired or, for a SYN, is over: FIN both ways or RST, and silent 100 ms.
+		/* Try the client's own port, then ports from a random start; a taken one is a
+		 * collision, unless its flow has expired or, for a SYN, is over: FIN both ways or
+		 * RST, and silent 100 ms.
 		 *
 		 * Why a closed flow's port can go to a new SYN at once, without waiting out the
 		 * closing timeout: the backend may still hold (node:port, backend) in TIME_WAIT
@@ -411,14 +412,23 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 		 * kernel's own conntrack reopens such a tuple for a SYN without any wait. Where a
 		 * client's timestamp offset is per address pair, its later flows carry later
 		 * timestamps and are taken at once; on the lab's kernel (6.18) a capture shows
-		 * unrelated timestamps per connection, so about half are refused once (bench/tc.py
-		 * counts the client's SYN retransmits). The 100 ms lets the old
-		 * flow's last ACK go by first, and is 100 ticks of a 1 ms timestamp clock. At
+		 * unrelated timestamps per connection (per 4-tuple), so about half of the tuples
+		 * reused by another client tuple were refused once: hence the client's own port
+		 * first (below), and bench/tc.py counts the client's SYN retransmits. The 100 ms
+		 * let the old flow's last ACK go by first, and are 100 ticks of a 1 ms timestamp
+		 * clock. At
 		 * 100 ms a port serves up to 10 new flows a second per (backend, node address):
 		 * 282,320 a second with the default range. Other packets (a late FIN, a stray
 		 * ACK) take only free or expired ports. */
+		/* The first try is the client's own port when the range holds it (as the
+		 * kernel's NAT and Cilium keep it): the same client tuple then gets the same
+		 * backend tuple again, and a client's timestamps on one tuple always grow, so
+		 * the backend's TIME_WAIT from that tuple's last flow takes the new SYN. */
+		u16 csport = bpf_ntohs(p->t.sport);
+		int keep = csport >= lo && csport <= hi;
 		for (int i = 0; i < NM_SNAT_TRIES; i++) {
-			u16 port = bpf_htons((u16)(lo + (start + i) % range));
+			u32 off = i == 0 && keep ? (u32)csport - lo : (start + i) % range;
+			u16 port = bpf_htons((u16)(lo + off));
 			rkey.dport = port;
 			if (ct.insert(&rkey, &rev) == 0) {
 				stored = 1;
