@@ -116,10 +116,15 @@ def wrk(c: Cluster, url: str, seconds: int) -> Tuple[float, float, int]:
     return rate, p50, requests
 
 
-def syn_retransmits(c: Cluster) -> int:
-    out = c.run_in(c.client, ["nstat", "-asz", "TcpExtTCPSynRetrans"]).stdout
-    m = re.search(r"^TcpExtTCPSynRetrans\s+(\d+)", out, re.M)
+def nstat(c: Cluster, netns: str, name: str) -> int:
+    """A TCP counter of `netns` (nstat -a: absolute, since the namespace was made)."""
+    out = c.run_in(netns, ["nstat", "-asz", name]).stdout
+    m = re.search(rf"^{name}\s+(\d+)", out, re.M)
     return int(m.group(1)) if m else 0
+
+
+def syn_retransmits(c: Cluster) -> int:
+    return nstat(c, c.client, "TcpExtTCPSynRetrans")
 
 
 def nodemesh_counters(c: Cluster, node) -> Dict[str, int]:
@@ -149,14 +154,18 @@ def conntrack_counters(c: Cluster, netns: str) -> Dict[str, int]:
     return out
 
 
-def measure(c: Cluster, name: str, url: str, seconds: int, n2, n3) -> Run:
+def measure(c: Cluster, name: str, url: str, seconds: int, n1, n2, n3) -> Run:
     """One wrk run, with the counters that say where connections waited or failed."""
+    pod = {"direct": n1, "iptables": n2}.get(name, n3).pod_netns
+
     def counters() -> Dict[str, int]:
+        # SYNs the backend's TIME_WAIT refused for an older timestamp (PAWS)
+        out = {"backend_paws_timewait": nstat(c, pod, "TcpExtPAWSTimewait")}
         if name == "iptables":
-            return conntrack_counters(c, n2.netns)
+            out.update(conntrack_counters(c, n2.netns))
         if name.startswith("nodemesh"):
-            return nodemesh_counters(c, n3)
-        return {}
+            out.update(nodemesh_counters(c, n3))
+        return out
     syn0, before = syn_retransmits(c), counters()
     rate, p50, requests = wrk(c, url, seconds)
     syn1, after = syn_retransmits(c), counters()
@@ -215,7 +224,7 @@ def main() -> int:
             for r in range(args.rounds):
                 order = list(variants) if r % 2 == 0 else list(reversed(variants))
                 for name in order:
-                    run = measure(c, name, variants[name], args.seconds, n2, n3)
+                    run = measure(c, name, variants[name], args.seconds, n1, n2, n3)
                     results.setdefault((n, name), []).append(run)
                     print(f"N={n} round {r + 1} {name}: {run.rate:.0f} conn/s, p50 "
                           f"{run.p50:.3f} ms, {run.requests} conns, client SYN retransmits "
@@ -245,10 +254,12 @@ def report(results, sizes, facts, command: str) -> str:
              "All rounds, and round 1 (fresh ports and conntrack) apart from the later rounds "
              "(steady state: ports come round again). SYN retx: the client's retransmitted "
              "SYNs per round (median): SYNs lost or refused (e.g. by a backend's TIME_WAIT); "
-             "a Linux client resends after ~10 ms when refused, 1 s when lost.", "",
+             "a Linux client resends after ~10 ms when refused, 1 s when lost. Backend PAWS: "
+             "SYNs the backend's TIME_WAIT refused for an older timestamp, per round "
+             "(median).", "",
              "| N services | variant | new conns/s median (min-max) | ratio to direct | "
              "round 1 | rounds 2+ median | ratio to direct, rounds 2+ | p50 latency ms | "
-             "SYN retx |", "|---|---|---|---|---|---|---|---|---|"]
+             "SYN retx | backend PAWS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         direct = med([r.rate for r in results[(n, "direct")]])[0]
         later_direct = statistics.median([r.rate for r in results[(n, "direct")][1:]] or
@@ -259,9 +270,11 @@ def report(results, sizes, facts, command: str) -> str:
             later = statistics.median([r.rate for r in runs[1:]] or [runs[0].rate])
             lat = med([r.p50 for r in runs])
             retx = statistics.median([r.syn_retrans for r in runs])
+            paws = statistics.median([r.extra.get("backend_paws_timewait", 0) for r in runs])
             lines.append(f"| {n:,} | {name} | {rates[0]:,.0f} ({rates[1]:,.0f}-{rates[2]:,.0f}) "
                          f"| {rates[0] / direct:.2f}x | {runs[0].rate:,.0f} | {later:,.0f} | "
-                         f"{later / later_direct:.2f}x | {lat[0]:.2f} | {retx:.0f} |")
+                         f"{later / later_direct:.2f}x | {lat[0]:.2f} | {retx:.0f} | "
+                         f"{paws:.0f} |")
     lines.append("")
     for n in sizes:
         nm = results[(n, "nodemesh")]
