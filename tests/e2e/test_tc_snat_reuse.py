@@ -67,7 +67,7 @@ def one_node(tmp_path_factory):
         c.start_pod_servers(node)
         c.start_agent(node, api.write_kubeconfig(f"{workdir}/kubeconfig"),
                       ["--snat-ports", SNAT_PORTS])
-        c.wait_ready(node)
+        c.wait_ready(node, timeout=180)  # one agent; BCC compiles slowly on a loaded machine
         yield c
     finally:
         c.destroy()
