@@ -17,6 +17,7 @@
 #define NM_TCP_FIN 0x01
 #define NM_TCP_SYN 0x02
 #define NM_TCP_RST 0x04
+#define NM_TCP_ACK 0x10
 
 static __always_inline u64 ct_lifetime_ns(u8 proto, u8 state)
 {
@@ -43,9 +44,26 @@ static __always_inline u64 ct_lifetime_ns(u8 proto, u8 state)
 	return (u64)s * 1000000000ULL;
 }
 
+/* Signed: another CPU may have refreshed the entry after `now` was read. */
+static __always_inline s64 ct_age_ns(struct nm_ct_value *v, u64 now)
+{
+	return (s64)(now - v->last_seen_ns);
+}
+
 static __always_inline int ct_expired(struct nm_ct_key *k, struct nm_ct_value *v, u64 now)
 {
-	return now - v->last_seen_ns > ct_lifetime_ns(k->proto, v->state);
+	return ct_age_ns(v, now) > (s64)ct_lifetime_ns(k->proto, v->state);
+}
+
+/* Whether v (the entry of the other direction) belongs to the same flow as key k, i.e. v's
+ * partner key is k. Not so for a forward entry whose SNAT port a new flow has taken over. */
+static __always_inline int ct_points_back(struct nm_ct_value *v, struct nm_ct_key *k)
+{
+	return v->nat_dport == k->sport && v->nat_sport == k->dport &&
+	       v->nat_dst[0] == k->src[0] && v->nat_dst[1] == k->src[1] &&
+	       v->nat_dst[2] == k->src[2] && v->nat_dst[3] == k->src[3] &&
+	       v->nat_src[0] == k->dst[0] && v->nat_src[1] == k->dst[1] &&
+	       v->nat_src[2] == k->dst[2] && v->nat_src[3] == k->dst[3];
 }
 
 /* The key of the other direction of the flow v belongs to. */
@@ -82,6 +100,21 @@ static __always_inline u8 ct_next_state(u8 proto, u8 state, u8 kind, u8 tcp_flag
 	return state;
 }
 
+/* TCP: which sides have ended the flow (NM_CT_F_FIN_*), after a packet seen in direction
+ * `kind`. An RST ends it both ways; a SYN that reopens a closing tuple starts it afresh. */
+static __always_inline u8 ct_next_flags(u8 proto, u8 flags, u8 kind, u8 tcp_flags, u8 next)
+{
+	if (proto != IPPROTO_TCP)
+		return flags;
+	if (tcp_flags & NM_TCP_RST)
+		return flags | NM_CT_F_OVER;
+	if (tcp_flags & NM_TCP_FIN)
+		return flags | (kind == NM_CT_FORWARD ? NM_CT_F_FIN_CLIENT : NM_CT_F_FIN_BACKEND);
+	if (next == NM_CT_SYN_SENT)
+		return flags & ~NM_CT_F_OVER;
+	return flags;
+}
+
 /* Look up the entry for this packet's tuple. Returns it (refreshed, its state and its
  * partner's advanced) or NULL for a miss; an expired flow is removed and is a miss. */
 static __always_inline struct nm_ct_value *ct_lookup(struct nm_ct_key *k, u8 tcp_flags)
@@ -92,20 +125,44 @@ static __always_inline struct nm_ct_value *ct_lookup(struct nm_ct_key *k, u8 tcp
 	u64 now = bpf_ktime_get_ns();
 	struct nm_ct_key pk = {};
 	ct_partner_key(k, v, &pk);
+	struct nm_ct_value *pv = ct.lookup(&pk);
+	if (pv && !ct_points_back(pv, k)) {
+		/* The partner is another flow's: this is the forward entry of a flow whose SNAT
+		 * port was taken over (normally deleted then, but a racing CPU or an LRU eviction
+		 * can leave it). A late packet of it must not be translated into the new flow. */
+		ct.delete(k);
+		return NULL;
+	}
 	if (ct_expired(k, v, now)) {
-		ct.delete(&pk);
+		if (pv)
+			ct.delete(&pk);
 		ct.delete(k);
 		return NULL;
 	}
 	u8 next = ct_next_state(k->proto, v->state, v->kind, tcp_flags);
+	u8 flags = ct_next_flags(k->proto, v->flags, v->kind, tcp_flags, next);
 	v->last_seen_ns = now;
 	v->state = next;
-	struct nm_ct_value *pv = ct.lookup(&pk);
+	v->flags = flags;
 	if (pv) {
 		pv->last_seen_ns = now;
 		pv->state = next;
+		pv->flags = flags;
 	}
 	return v;
+}
+
+/* Whether a new flow may take over the SNAT port whose reply entry (key k) is v: the entry has
+ * expired, or (for a new TCP SYN) its flow is over both ways and has been silent for
+ * NM_SNAT_REUSE_AFTER_NS. The reasons for the second are at the allocation loop. */
+static __always_inline int ct_snat_reusable(struct nm_ct_key *k, struct nm_ct_value *v, u64 now,
+					    int syn)
+{
+	if (ct_expired(k, v, now))
+		return 1;
+	return syn && k->proto == IPPROTO_TCP && v->state == NM_CT_CLOSING &&
+	       (v->flags & NM_CT_F_OVER) == NM_CT_F_OVER &&
+	       ct_age_ns(v, now) >= (s64)NM_SNAT_REUSE_AFTER_NS;
 }
 
 #endif /* NM_LIB_CONNTRACK_H */

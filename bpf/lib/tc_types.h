@@ -14,6 +14,9 @@
 #define NM_MAX_NODE_ADDRS 4096 /* (interface, address) pairs that take NodePorts */
 #endif
 #define NM_SNAT_TRIES 32 /* source ports tried before a new flow is dropped (snat_exhausted) */
+/* A new SYN may take over the SNAT port of a flow that is over (FIN both ways, or RST) once the
+ * flow has been silent this long; see the allocation loop in tc_nodeport.c for why. */
+#define NM_SNAT_REUSE_AFTER_NS 100000000ULL /* 100 ms */
 
 /* One conntrack entry per direction of a flow, keyed by the tuple as it arrives. The value is
  * what the packet becomes: translating is the same two rewrites either way. The other
@@ -41,7 +44,10 @@ struct nm_ct_value {
 	__u64 last_seen_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 };
 
-#define NM_CT_F_SNAT 0x1 /* the client address was replaced (externalTrafficPolicy Cluster) */
+#define NM_CT_F_SNAT 0x1       /* the client address was replaced (externalTrafficPolicy Cluster) */
+#define NM_CT_F_FIN_CLIENT 0x2 /* TCP: the client sent FIN (or either side RST) */
+#define NM_CT_F_FIN_BACKEND 0x4 /* TCP: the backend sent FIN (or either side RST) */
+#define NM_CT_F_OVER (NM_CT_F_FIN_CLIENT | NM_CT_F_FIN_BACKEND) /* both: the flow is over */
 
 enum nm_ct_kind {
 	NM_CT_FORWARD = 0, /* client -> service: becomes (snat address) -> backend */

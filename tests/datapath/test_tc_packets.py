@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from socket import htons, ntohs
+from typing import Tuple
 
 import packets as P
 import pytest
@@ -347,6 +348,107 @@ def test_snat_ports_collide_then_run_out_and_the_drop_is_named(tester):
         verdict, _ = tester.ingress(P.flow(P.UDP, CLIENT4, NODE4, 49001, 30053))
         assert verdict == TC_ACT_SHOT
         assert tester.drops()["snat_exhausted"] == before + 1
+    finally:
+        tester.set_config(snat_port_min=SNAT_PORTS[0], snat_port_max=SNAT_PORTS[1])
+
+
+BACKEND4 = "192.0.2.10"
+
+
+def open_flow(tester, sport: int) -> int:
+    """A TCP flow to the Cluster NodePort, answered by the backend: its SNAT port."""
+    verdict, out = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, sport, 30080))
+    assert verdict == TC_ACT_REDIRECT, "a port was free"
+    port = P.parse(out).sport
+    tester.ingress(P.flow(P.TCP, BACKEND4, NODE4, 8080, port, P.SYN | P.ACK))
+    tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, sport, 30080, P.ACK))
+    return port
+
+
+# How a flow ends, as (from the client?, TCP flags) packets; "half-closed" does not end it.
+# Each case has a 2-port SNAT range and client ports of its own: the flows of one case stay.
+ENDINGS = {
+    "fin-both-ways": [(False, P.FIN | P.ACK), (True, P.FIN | P.ACK), (False, P.ACK)],
+    "rst-from-backend": [(False, P.RST)],
+    "rst-from-client": [(True, P.RST | P.ACK)],
+    "established": [],
+    "half-closed": [(True, P.FIN | P.ACK), (False, P.ACK)],  # the backend may still send
+}
+
+
+def two_ports(ending: str) -> Tuple[int, int]:
+    first = 50010 + 2 * list(ENDINGS).index(ending)
+    return first, first + 1
+
+
+def end_flow(tester, sport: int, port: int, ending: str) -> None:
+    for from_client, flags in ENDINGS[ending]:
+        frame = (P.flow(P.TCP, CLIENT4, NODE4, sport, 30080, flags) if from_client else
+                 P.flow(P.TCP, BACKEND4, NODE4, 8080, port, flags))
+        assert tester.ingress(frame)[0] == TC_ACT_REDIRECT
+
+
+@pytest.mark.parametrize("ending", ["fin-both-ways", "rst-from-backend", "rst-from-client"])
+def test_a_syn_takes_over_the_snat_port_of_a_flow_that_is_over(tester, ending):
+    """Two SNAT ports, both held by flows that are over (closing, not expired): a new SYN
+    takes one over at once (after the 100 ms reuse age), its reply reaches the new client,
+    and a late packet of the old flow is not translated into the new flow."""
+    lo, hi = two_ports(ending)
+    sport = 52000 + 10 * (lo - 50010)
+    tester.set_config(snat_port_min=lo, snat_port_max=hi)
+    try:
+        old = {open_flow(tester, s): s for s in (sport, sport + 1)}
+        assert set(old) == {lo, hi}
+        for port, sport in old.items():
+            end_flow(tester, sport, port, ending)
+        time.sleep(0.15)  # older than NM_SNAT_REUSE_AFTER_NS (100 ms): an age, not a timing
+        verdict, out = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, sport + 2, 30080))
+        assert verdict == TC_ACT_REDIRECT
+        port = P.parse(out).sport
+        assert out == P.flow(P.TCP, NODE4, BACKEND4, port, 8080)
+        # A late packet of the flow that had this port: not sent on as the new flow ...
+        verdict, late = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, old[port], 30080, P.ACK))
+        assert verdict == TC_ACT_SHOT or P.parse(late).sport != port, "NATed into the new flow"
+        # ... and the backend's answer on that port still goes to the new client.
+        verdict, back = tester.ingress(P.flow(P.TCP, BACKEND4, NODE4, 8080, port,
+                                              P.SYN | P.ACK))
+        assert verdict == TC_ACT_REDIRECT
+        assert back == P.flow(P.TCP, NODE4, CLIENT4, 30080, sport + 2, P.SYN | P.ACK)
+    finally:
+        tester.set_config(snat_port_min=SNAT_PORTS[0], snat_port_max=SNAT_PORTS[1])
+
+
+@pytest.mark.parametrize("ending", ["established", "half-closed"])
+def test_a_syn_is_dropped_as_snat_exhausted_while_the_port_holders_are_not_over(tester, ending):
+    """The same two ports held by established flows, or by half-closed ones (the client sent
+    FIN, the backend may still be sending): the SYN gets no port, and the drop is counted."""
+    lo, hi = two_ports(ending)
+    sport = 53000 + 10 * (lo - 50010)
+    tester.set_config(snat_port_min=lo, snat_port_max=hi)
+    try:
+        for s in (sport, sport + 1):
+            end_flow(tester, s, open_flow(tester, s), ending)
+        time.sleep(0.15)
+        before = tester.drops().get("snat_exhausted", 0)
+        verdict, _ = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, sport + 2, 30080))
+        assert verdict == TC_ACT_SHOT
+        assert tester.drops()["snat_exhausted"] == before + 1
+    finally:
+        tester.set_config(snat_port_min=SNAT_PORTS[0], snat_port_max=SNAT_PORTS[1])
+
+
+def test_a_client_port_inside_the_snat_range_is_kept_while_it_is_free(tester):
+    """The client's own port is tried first: the same client tuple then meets its own
+    TIME_WAIT at the backend, whose timestamps it always exceeds. Another client with the
+    same port gets a different one (a random port of 100 is the same 1% of the time, so
+    without the rule the first assertion fails 99 times in 100)."""
+    tester.set_config(snat_port_min=50100, snat_port_max=50199)
+    try:
+        verdict, out = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, 50150, 30080))
+        assert verdict == TC_ACT_REDIRECT and P.parse(out).sport == 50150
+        verdict, out = tester.ingress(P.flow(P.TCP, "198.51.100.8", NODE4, 50150, 30080))
+        assert verdict == TC_ACT_REDIRECT
+        assert P.parse(out).sport != 50150 and 50100 <= P.parse(out).sport <= 50199
     finally:
         tester.set_config(snat_port_min=SNAT_PORTS[0], snat_port_max=SNAT_PORTS[1])
 
