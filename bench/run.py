@@ -152,10 +152,9 @@ class Bench:
 
     # -- programming --------------------------------------------------------------------------
     def program(self, n: int) -> None:
-        specs = self.services(n)
         for v in self.variants.values():
             try:
-                v.load_s[n], v.rules[n] = v.program(n, specs)
+                v.load_s[n], v.rules[n] = v.program(n, self.services(n, v.set_a))
                 if v.name != "direct":
                     log(f"  {v.name:>16}: {n:,} services programmed in {v.load_s[n]:.3f} s")
             except (vr.NotRun, RuntimeError, subprocess.TimeoutExpired) as e:
@@ -171,14 +170,32 @@ class Bench:
     # -- measuring ----------------------------------------------------------------------------
     def reset(self, v: vr.Variant) -> None:
         """Fresh connection state for the next run: conntrack flushed and TIME_WAIT sockets
-        destroyed in the client's netns and the server's."""
-        for ns in (v.netns, self.server.netns):
+        destroyed in the client's netns and the server's (and the variant's own state: the
+        TC path's conntrack map)."""
+        for ns in (v.netns, v.server_netns):
             sh(f"ip netns exec {ns} conntrack -F", check=False)
             sh(f"ip netns exec {ns} ss -K -t state time-wait", check=False)
+        v.reset_state()
 
     def active(self, n: int, workload: str) -> List[vr.Variant]:
         return [v for v in self.variants.values()
-                if n not in v.not_run and workload in v.workloads]
+                if n not in v.not_run and workload in v.workloads
+                and (n, workload) not in v.failed]
+
+    def attempt(self, v: vr.Variant, n: int, workload: str, seconds: float,
+                counted: bool = True) -> None:
+        """run_workload, but a failure (a tool's error, a hang past its bound) marks this
+        workload failed for this variant at this N, with the reason, and the run goes on
+        (nodemesh+sockmap's iperf3 can get ENOMEM from an accelerated write())."""
+        try:
+            self.run_workload(v, n, workload, seconds, counted)
+        except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+            done = len(v.values(vr.WORKLOAD_METRICS[workload][0], n))
+            why = (f"failed in {'the warm-up' if not counted else f'round {done + 1}'}: "
+                   f"{' '.join(str(e).split())[:300]}")
+            v.fail(n, workload, why)
+            log(f"  N={n:<7,} {workload:>9} {v.name:>16}: FAILED, not run further at this "
+                f"N: {why}")
 
     def run_workload(self, v: vr.Variant, n: int, workload: str, seconds: float,
                      counted: bool = True) -> None:
@@ -269,12 +286,12 @@ class Bench:
                     v.proof(n, 0)  # counters from here on
             if workload in self.args.warm_up:
                 for v in active:  # warm-up, not counted
-                    self.run_workload(v, n, workload, 1, counted=False)
+                    self.attempt(v, n, workload, 1, counted=False)
             for _ in range(self.args.reps):
-                for v in active:
-                    self.run_workload(v, n, workload, self.args.seconds_of[workload])
+                for v in self.active(n, workload):
+                    self.attempt(v, n, workload, self.args.seconds_of[workload])
             if workload == "conn":
-                for v in active:
+                for v in self.active(n, workload):
                     v.proofs[n] = v.proof(n, self.requests.get((v.name, n), 0))
                     if v.proofs[n]:
                         log(f"  {v.name:>16}: {v.proofs[n]}")
@@ -290,7 +307,7 @@ class Bench:
             host, port = v.target("http")
             probe = Probe(self.lab, PROBE_INTERVAL, netns=v.netns, cgroup=v.cgroup or "",
                           port=port)
-            cur, other = self.set_a, self.set_b
+            cur, other = v.set_a, v.set_b
             try:
                 for _ in range(self.args.changes):
                     old_specs = [s for s in v.specs if s.name == v.specs[-1].name]
@@ -431,6 +448,9 @@ def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column],
         if workload not in v.workloads:
             out.append(f"| {v.name} | n/a" + " |" * width)
             continue
+        if (n, workload) in v.failed:
+            out.append(f"| {v.name} | failed (see Not run)" + " |" * width)
+            continue
         if n in v.not_run or not v.values(columns[0][1], n):
             out.append(f"| {v.name} | not run" + " |" * width)
             continue
@@ -461,6 +481,8 @@ def ratio_summary(bench: Bench, sizes: List[int], metric: str, workload: str) ->
             xs = v.values(metric, n)
             if workload not in v.workloads:
                 cells.append("n/a")
+            elif (n, workload) in v.failed:
+                cells.append("failed")
             elif not xs:
                 cells.append("not run")
             else:
@@ -511,7 +533,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append("## New connections per second vs direct (ratio of medians)\n")
         out += ratio_summary(bench, conn_sizes, "conn", "conn")
         nm = bench.variants.get("nodemesh")
-        others = [v for v in vs if v.name not in ("direct", "nodemesh")]
+        others = [v for v in vs if v.name != "direct" and not v.name.startswith("nodemesh")]
         if nm and others:
             out.append("nodemesh ÷ baseline (ratio of medians):\n")
             out.append("| N | " + " | ".join(f"nodemesh ÷ {v.name}" for v in others) + " |")
@@ -634,9 +656,11 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
                    "included)\n")
         out += ["| N | variant | what was counted |", "|---|---|---|", *proofs, ""]
     notes = [f"- {v.name}, N = {fmt_n(n)}: {why}" for v in vs for n, why in v.not_run.items()]
+    notes += [f"- {v.name}, N = {fmt_n(n)}, {w}: {why}" for v in vs
+              for (n, w), why in v.failed.items()]
     notes += [f"- {v.name}: {note}" for v in vs for note in v.notes]
     if notes:
-        out.append("## Not run\n\n" + "\n".join(notes) + "\n")
+        out.append("## Not run, failures and notes\n\n" + "\n".join(notes) + "\n")
     out.extend(extra)
     return "\n".join(out)
 
