@@ -88,6 +88,7 @@ class NotRun(Exception):
 class Variant:
     name = ""
     workloads = frozenset(WORKLOADS)
+    unsupported: Dict[str, str] = {}  # workload -> why this variant cannot run it
     changes = True
 
     def __init__(self, bench) -> None:
@@ -182,6 +183,8 @@ class Direct(Variant):
     """The client connects to the first endpoint itself: the physical limit."""
     name = "direct"
     changes = False
+    workloads = frozenset(WORKLOADS) - {"change"}
+    unsupported = {"change": "no control plane: the client names the backend itself"}
 
     def program(self, n: int, specs: List[bl.SvcSpec]) -> Tuple[float, int]:
         self.specs = specs
@@ -198,6 +201,7 @@ class Nodemesh(Variant):
     does for one service (set_service, then a reconcile round)."""
     name = "nodemesh"
     accelerate = False  # --accelerate-local (nodemesh+sockmap)
+    translated = "the VIP is blackholed in the client's netns: every answer was translated"
 
     def __init__(self, bench) -> None:
         super().__init__(bench)
@@ -265,8 +269,7 @@ class Nodemesh(Variant):
     def proof(self, n: int, requests: int) -> str:
         conns = self.connections() - self.conns_before
         self.conns_before += conns
-        return (f"svc_stats connections {conns:,} for {requests:,} requests (the VIP is "
-                "blackholed: every answer was translated)")
+        return f"svc_stats connections {conns:,} for {requests:,} requests ({self.translated})"
 
     def close(self) -> None:
         from nodemesh.datapath.loader import cleanup
@@ -311,6 +314,9 @@ class NodemeshTc(Nodemesh):
     same Reconciler calls as nodemesh's. Every run starts with an empty TC conntrack map
     (reset_state), as the netfilter variants start with `conntrack -F`."""
     name = "nodemesh-tc"
+    translated = ("the client's only link is to the node; svc_stats counts backend choices, "
+                  "and a SYN from a client port whose closing conntrack entry still lives "
+                  "reuses that entry's translation, bpf/lib/conntrack.h")
 
     def __init__(self, bench) -> None:
         from nodemesh.datapath.tc import TcPath, TcSettings
@@ -565,6 +571,7 @@ class Haproxy(Variant):
     through its runtime API (`set server ... addr`), as a dynamic control plane does."""
     name = "haproxy"
     workloads = frozenset(WORKLOADS) - {"udp"}
+    unsupported = {"udp": "HAProxy proxies TCP only (mode tcp)"}
 
     def __init__(self, bench) -> None:
         super().__init__(bench)
@@ -719,6 +726,21 @@ VARIANTS: Dict[str, Type[Variant]] = {
     "nodemesh+policy": NodemeshPolicy,
 }
 ALL = list(VARIANTS)
+# One line each, for the report's list of variants.
+SUMMARY: Dict[str, str] = {
+    "direct": "the client connects to the backend address: the limit",
+    "nodemesh": "the cgroup socket hooks (connect/sendmsg) on the client's cgroup",
+    "iptables-nft": "kube-proxy's iptables mode, exact shape, loaded with iptables-nft-restore",
+    "iptables-legacy": "the same ruleset with iptables-legacy-restore (x_tables)",
+    "nftables": "kube-proxy's nftables mode (service-ips vmap, numgen random mod N vmap)",
+    "haproxy": "Debian's HAProxy, mode tcp, one listener per service port",
+    "nodemesh-tc": "the TC packet path: an external client through the measured service's "
+                   "NodePort on a node netns, externalTrafficPolicy Cluster (DNAT + SNAT)",
+    "nodemesh+sockmap": "the socket hooks with --accelerate-local; client and backends on the "
+                        "same node, both in the hooked cgroup",
+    "nodemesh+policy": "the socket hooks with 10,000 policy rules and 1,000 identities "
+                       "loaded; the client is an allowed workload",
+}
 # What each variant needs installed (run.py checks before it starts).
 TOOLS: Dict[str, str] = {"iptables-nft": "iptables-nft-restore",
                          "iptables-legacy": "iptables-legacy-restore", "nftables": "nft",
