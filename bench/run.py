@@ -57,13 +57,19 @@ Method. The lab (agent/nodemesh/lab): servers in the backend netns b1, on six en
 addresses (two sets of three: a change moves between them); every variant has a client netns
 of its own (a veth on the lab bridge, no route off the machine, torn down and crash-reaped
 with the lab), so each path is the same veth -> bridge -> veth, rules stay loaded across
-repetitions, and conntrack runs only where a variant's rules need it. The VIP range
+repetitions, and conntrack runs only where a variant's rules need it. Two exceptions, by
+what they measure: nodemesh-tc's client sits behind a node netns (client -> veth -> node,
+TC, forwarding -> bridge -> b1: the NodePort hop is part of its cost), and
+nodemesh+sockmap's servers are its own (the same three servers on addresses of their own, in
+a netns of its own on the bridge, inside its hooked cgroup: acceleration needs both ends
+there). The VIP range
 (10.96.0.0/15) is blackholed in every client netns; the netfilter variants route only the
 measured VIP /32 onto the lab bridge, as a node routes its service CIDR, because their DNAT
 comes after connect()'s route lookup. For each N and workload: every variant once as warm-up
 (1 s, not counted), then --reps rounds of all variants in the same order (A B C A B C ...);
 before every run conntrack is flushed (`conntrack -F`) and TIME_WAIT sockets are destroyed
-(`ss -K state time-wait`, sock_diag) in the client's netns and the server's. Reported: median
+(`ss -K state time-wait`, sock_diag) in the client's netns and the server's, and
+nodemesh-tc's own conntrack (the pinned `ct` map) is emptied. Reported: median
 and min-max of the rounds, ratios of medians to direct. Traversal is proved after each N's
 conn rounds: the packet counters of the measured service's KUBE-SEP DNAT rules (iptables), of
 its endpoint chains (nftables), and nodemesh's svc_stats map, against the requests wrk made.

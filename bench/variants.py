@@ -99,6 +99,10 @@ class Variant:
         self.set_b: List[str] = bench.set_b
         self.netns = self.client_netns()
         sh(f"ip -n {self.netns} route add blackhole {BENCH_VIPS}")
+        self.new_records()
+
+    def new_records(self) -> None:
+        """Empty figures and verdicts (also for the unit checks, which make no netns)."""
         self.specs: List[bl.SvcSpec] = []
         # metric -> N -> values (one per round, or per change)
         self.data: Dict[str, Dict[int, List[float]]] = defaultdict(dict)
