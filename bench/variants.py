@@ -697,24 +697,37 @@ def remove_cgroup(cgroup: str) -> None:
 
 
 def forget_private_hooks(prefix: str) -> None:
+    """Remove what this run's variants recorded and did not remove themselves (a variant
+    whose set-up failed half-way is never closed), then the record."""
+    import json
+    path = os.path.join(STATE_DIR, f"{prefix}.json")
     try:
-        os.unlink(os.path.join(STATE_DIR, f"{prefix}.json"))
+        with open(path) as f:
+            _remove_hooks(json.load(f))
+    except (OSError, ValueError):
+        pass
+    try:
+        os.unlink(path)
     except FileNotFoundError:
         pass
 
 
+def _remove_hooks(state: dict) -> None:
+    from nodemesh.datapath.loader import DatapathError, cleanup
+    for bpffs in state.get("bpffs", []):
+        try:
+            cleanup(bpffs, force=True)
+        except DatapathError as e:
+            print(f"removing {bpffs}: {e}", file=sys.stderr)
+    for cgroup in state.get("cgroups", []):
+        remove_cgroup(cgroup)
+
+
 def reap_private_hooks() -> None:
     """Remove the private cgroups and pins of earlier runs whose process is gone."""
-    from nodemesh.datapath.loader import DatapathError, cleanup
     from nodemesh.lab.topology import orphaned_states
     for path, state in orphaned_states(STATE_DIR, "pid"):
-        for bpffs in state.get("bpffs", []):
-            try:
-                cleanup(bpffs, force=True)
-            except DatapathError as e:
-                print(f"reaping {bpffs}: {e}", file=sys.stderr)
-        for cgroup in state.get("cgroups", []):
-            remove_cgroup(cgroup)
+        _remove_hooks(state)
         os.unlink(path)
 
 

@@ -232,3 +232,13 @@ def test_haproxy_at_100000_services_is_not_run_for_lack_of_file_descriptors(monk
     monkeypatch.setattr(vr.resource, "getrlimit", lambda _: (1024, 20000))
     with pytest.raises(vr.NotRun, match="hard RLIMIT_NOFILE here is 20,000"):
         v.program(100000, specs(2))
+
+
+def test_the_hooks_a_half_made_variant_recorded_are_removed_at_the_end(monkeypatch, tmp_path):
+    monkeypatch.setattr(vr, "STATE_DIR", str(tmp_path / "state"))
+    cgroup = tmp_path / "cg-nodemesh-tc"
+    (cgroup / "wl-0" / "pod").mkdir(parents=True)
+    vr.record_private_hooks("nmbtest", str(cgroup), str(tmp_path / "no-such-pins"))
+    vr.forget_private_hooks("nmbtest")  # run.py's last step, whatever happened before
+    assert not cgroup.exists()
+    assert os.listdir(tmp_path / "state") == []
