@@ -9,7 +9,9 @@ levels under the lab's (so the identity lookup walks ancestors). Variants altern
 
   no-policy   the service programmed, no workload and no policy in the maps
   policy      1,000 workloads (identities), 10,000 rules over 200 services x 5 ports; the
-              measured service has 50 of them, one of which allows wrk's identity
+              measured service has 50 of them, and the first allows wrk's identity (the
+              rule set is bench/variants.py's policy_mesh, which run.py's nodemesh+policy
+              variant loads too)
 
 Kernel time: BPF_ENABLE_STATS (BPF_STATS_RUN_TIME) is turned on for the run, and each round
 reads run_time_ns and run_cnt of the connect4 program (bpf_prog_info): ns per connect() is
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import random
 import re
 import shlex
 import signal
@@ -32,17 +33,18 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "agent"))
 
+from variants import POLICY_IDENTITIES, policy_mesh  # noqa: E402
+
 from nodemesh.datapath import bpfsys  # noqa: E402
 from nodemesh.datapath.loader import Datapath, cgroup2_root, cleanup  # noqa: E402
-from nodemesh.identity import Workload  # noqa: E402
 from nodemesh.lab.topology import new_lab  # noqa: E402
 from nodemesh.model import Backend, Service, ServicePort  # noqa: E402
-from nodemesh.policy import Mesh, Policy, PolicySource, PolicyTable  # noqa: E402
+from nodemesh.policy import Mesh, PolicyTable  # noqa: E402
 from nodemesh.reconciler import Reconciler  # noqa: E402
 
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
-IDENTITIES, SERVICES, PORTS, RULES_PER_SERVICE = 1000, 200, 5, 50
+IDENTITIES, SERVICES, PORTS = POLICY_IDENTITIES, 200, 5
 
 
 class _EnableStatsAttr(ctypes.Structure):
@@ -73,27 +75,6 @@ class ProgInfo(ctypes.Structure):
 def prog_stats(fd: int):
     info = bpfsys._info(fd, ProgInfo())
     return info.run_time_ns, info.run_cnt
-
-
-def mesh_for(lab, cgroups, services, client_sa: str) -> Mesh:
-    root = cgroup2_root()
-    workloads = tuple(Workload(os.path.relpath(cg, root), "bench", f"sa-{i}",
-                               (("app", f"a{i % 50}"),), name=f"w{i}")
-                      for i, cg in enumerate(cgroups))
-    rng = random.Random(7)
-    policies = []
-    for svc in services:
-        for r in range(RULES_PER_SERVICE):
-            action = "ALLOW" if r % 5 else "DENY"
-            sa = client_sa if (svc.vip == lab.vip4(10) and r == 1) else \
-                f"sa-{rng.randrange(1, IDENTITIES)}"
-            policies.append(Policy(f"{svc.name}-r{r}", "bench", action, svc.name,
-                                   (80 + rng.randrange(PORTS),) if r % 3 else (),
-                                   (PolicySource(service_accounts=(sa,)),)))
-    # The measured service's first ALLOW covers every port for wrk's identity.
-    policies = [Policy("measured-allow", "bench", "ALLOW", "s0", (),
-                       (PolicySource(service_accounts=(client_sa,)),))] + policies
-    return Mesh(workloads, tuple(policies))
 
 
 def wrk(lab, cgroup: str, url: str, seconds: int) -> float:
@@ -140,7 +121,9 @@ def main() -> int:
         dp.attach()
         table = PolicyTable(rec.maps, cgroup2_root())
         started = time.monotonic()
-        compiled = table.apply(mesh_for(lab, cgroups, services, "sa-0"), services)
+        # policy_mesh measures the last service: s0, the one wrk calls
+        mesh = policy_mesh(services[::-1], cgroups)
+        compiled = table.apply(mesh, services)
         compile_s = time.monotonic() - started
         entries = len(compiled.entries)
         table.apply(Mesh(), services)
@@ -149,7 +132,6 @@ def main() -> int:
         url = f"http://{lab.vip4(10)}:80/"
         rates = {"no-policy": [], "policy": []}
         ns = {"no-policy": [], "policy": []}
-        mesh = mesh_for(lab, cgroups, services, "sa-0")
         wrk(lab, client_cg, url, 1)  # warm-up
         for r in range(args.rounds):
             for variant in ("no-policy", "policy"):

@@ -3,7 +3,7 @@
 A variant is a way for a client to reach the measured service. Each has its own client netns
 on the lab bridge (its VIP range blackholed) and carries the workloads it supports.
 
-How to add a variant (e.g. nodemesh-tc, nodemesh-socket+sockmap, nodemesh-socket+policy):
+How to add a variant:
   1. Subclass Variant (or Nodemesh) here:
        workloads  the workloads it can carry (a subset of WORKLOADS); the others are reported
                   "n/a" for it (haproxy has no UDP)
@@ -29,10 +29,27 @@ How to add a variant (e.g. nodemesh-tc, nodemesh-socket+sockmap, nodemesh-socket
                   after the conn workload: read its counters that prove the connections went
                   through its rules (optional)
        close()    undo what it set up (the lab's teardown removes the netns anyway)
+     and, where the defaults do not fit:
+       client_netns()  make the netns its clients run in (default: a veth on the lab bridge)
+       server_netns, set_a, set_b
+                  the servers' netns and the two endpoint sets a change moves between
+                  (default: the lab's shared servers in b1)
+       reset_state()   what a run must not inherit beyond conntrack and TIME_WAIT (the TC
+                  path's own conntrack map)
   2. Register it: VARIANTS["name"] = YourClass, and list it in ALL (run.py's default set).
-A variant that needs more set-up (a TC program on the bridge port, sockmap, 10,000 policy
-rules) does it in __init__ or program(); the lab, the servers and the workdir are on
-self.bench.
+A variant that needs more set-up does it in __init__ or program(); the lab, the servers and
+the workdir are on self.bench. The nodemesh variants beside "nodemesh" (the socket hooks):
+  nodemesh-tc        the packet path (bpf/tc_nodeport.c) from a client OUTSIDE the node: a
+                     node netns on the lab bridge (forwarding on, TC on both its interfaces)
+                     and a client netns behind it on a veth of its own; the measured
+                     service's NodePorts, externalTrafficPolicy Cluster (DNAT + SNAT to the
+                     node's address), every run starting with an empty TC conntrack map
+  nodemesh+sockmap   --accelerate-local: same-node, so the client AND its backends run in
+                     the variant's hooked cgroup (servers of its own, in a netns of its own on
+                     the bridge), and sk_msg moves each sendmsg() socket to socket
+  nodemesh+policy    10,000 policy rules and 1,000 workload identities (1,000 cgroups) in the
+                     maps; the client runs as workload 0, 3 cgroup levels below the hooks, and
+                     an ALLOW rule of the measured service admits it
 """
 from __future__ import annotations
 
@@ -57,6 +74,11 @@ BENCH_VIPS = "10.96.0.0/15"  # N services' ClusterIPs; blackholed in every clien
 TARGET_PORTS = {"http": wl.HTTP_PORT, "dns": wl.DNS_PORT, "iperf": wl.IPERF_PORT}
 
 Changed = Sequence[Tuple[bl.SvcSpec, bl.SvcSpec]]
+# what run.py records per workload (Variant.add); a failed workload drops them at that N
+WORKLOAD_METRICS = {"conn": ("conn",),
+                    "keepalive": ("ka_max", "ka_rate", "ka_p50", "ka_p99", "ka_errors"),
+                    "udp": ("udp_qps", "udp_lost", "udp_rate", "udp_ms", "udp_max_ms"),
+                    "bulk": ("bulk1", "bulk8"), "change": ("change", "change_cpu")}
 
 
 class NotRun(Exception):
@@ -66,13 +88,21 @@ class NotRun(Exception):
 class Variant:
     name = ""
     workloads = frozenset(WORKLOADS)
+    unsupported: Dict[str, str] = {}  # workload -> why this variant cannot run it
     changes = True
 
     def __init__(self, bench) -> None:
         self.bench = bench
         self.cgroup: Optional[str] = None
-        self.netns = bench.lab.add_backend().netns  # a client netns on the lab bridge
+        self.server_netns: str = bench.server.netns
+        self.set_a: List[str] = bench.set_a
+        self.set_b: List[str] = bench.set_b
+        self.netns = self.client_netns()
         sh(f"ip -n {self.netns} route add blackhole {BENCH_VIPS}")
+        self.new_records()
+
+    def new_records(self) -> None:
+        """Empty figures and verdicts (also for the unit checks, which make no netns)."""
         self.specs: List[bl.SvcSpec] = []
         # metric -> N -> values (one per round, or per change)
         self.data: Dict[str, Dict[int, List[float]]] = defaultdict(dict)
@@ -82,6 +112,9 @@ class Variant:
         self.not_run: Dict[int, str] = {}
         self.proofs: Dict[int, str] = {}
         self.notes: List[str] = []
+        # (N, workload) -> why a run failed: the workload is reported failed at that N (its
+        # rounds dropped), and the rest of the run goes on
+        self.failed: Dict[Tuple[int, str], str] = {}
 
     def add(self, metric: str, n: int, value: float) -> None:
         self.data[metric].setdefault(n, []).append(value)
@@ -95,6 +128,21 @@ class Variant:
 
     def measured(self, port_name: str) -> bl.SvcSpec:
         return next(s for s in reversed(self.specs) if s.port_name == port_name)
+
+    def client_netns(self) -> str:
+        """A client netns on the lab bridge (the lab tears it down, and reaps it after a
+        crash)."""
+        return self.bench.lab.add_backend().netns
+
+    def reset_state(self) -> None:
+        """Connection state of this variant's own that a run must not inherit (run.py's
+        reset flushes conntrack and TIME_WAIT in the client's and the server's netns)."""
+
+    def fail(self, n: int, workload: str, why: str) -> None:
+        """The workload failed at N: its figures at N are dropped, the reason is kept."""
+        self.failed[(n, workload)] = why
+        for metric in WORKLOAD_METRICS[workload]:
+            self.data.get(metric, {}).pop(n, None)
 
     # -- to implement ---------------------------------------------------------------------
     def program(self, n: int, specs: List[bl.SvcSpec]) -> Tuple[float, int]:
@@ -139,6 +187,8 @@ class Direct(Variant):
     """The client connects to the first endpoint itself: the physical limit."""
     name = "direct"
     changes = False
+    workloads = frozenset(WORKLOADS) - {"change"}
+    unsupported = {"change": "no control plane: the client names the backend itself"}
 
     def program(self, n: int, specs: List[bl.SvcSpec]) -> Tuple[float, int]:
         self.specs = specs
@@ -154,6 +204,8 @@ class Nodemesh(Variant):
     Programming is Reconciler.apply of the whole set; a change is what the agent's core loop
     does for one service (set_service, then a reconcile round)."""
     name = "nodemesh"
+    accelerate = False  # --accelerate-local (nodemesh+sockmap)
+    translated = "the VIP is blackholed in the client's netns: every answer was translated"
 
     def __init__(self, bench) -> None:
         super().__init__(bench)
@@ -163,21 +215,30 @@ class Nodemesh(Variant):
             self.cgroup, self.bpffs = bench.lab.cgroup, bench.lab.bpffs
         else:
             self.cgroup, self.bpffs = self.private_hooks()
-        self.dp = Datapath(self.bpffs, self.cgroup)
+        self.hook_cgroup: str = self.cgroup  # where the hooks are; clients may run below it
+        self.dp = Datapath(self.bpffs, self.hook_cgroup, accelerate=self.accelerate)
         self.rec = Reconciler(self.dp.load())
-        self.dp.attach()
+        self.attach()
         self.conns_before = 0
 
-    @staticmethod
-    def services(specs: Sequence[bl.SvcSpec]) -> list:
+    def attach(self) -> None:
+        self.dp.attach()
+
+    def node_port(self, spec: bl.SvcSpec) -> Optional[int]:
+        """The nodePort of one of the measured service's ports (nodemesh-tc's)."""
+        return None
+
+    def services(self, specs: Sequence[bl.SvcSpec]) -> list:
         from nodemesh.model import Backend, Service, ServicePort
         by_name: Dict[Tuple[str, str], List[bl.SvcSpec]] = {}
         for s in specs:
             by_name.setdefault((s.namespace, s.name), []).append(s)
+        measured = specs[-1].name if specs else ""
         out = []
         for (ns, name), ports in by_name.items():
             out.append(Service(name, ns, ports[0].vip, tuple(
-                ServicePort(p.port, p.target_port, p.protocol.upper(), p.port_name)
+                ServicePort(p.port, p.target_port, p.protocol.upper(), p.port_name,
+                            self.node_port(p) if name == measured else None)
                 for p in ports), tuple(Backend(e) for e in ports[0].endpoints)))
         return out
 
@@ -212,8 +273,7 @@ class Nodemesh(Variant):
     def proof(self, n: int, requests: int) -> str:
         conns = self.connections() - self.conns_before
         self.conns_before += conns
-        return (f"svc_stats connections {conns:,} for {requests:,} requests (the VIP is "
-                "blackholed: every answer was translated)")
+        return f"svc_stats connections {conns:,} for {requests:,} requests ({self.translated})"
 
     def close(self) -> None:
         from nodemesh.datapath.loader import cleanup
@@ -223,8 +283,8 @@ class Nodemesh(Variant):
             pass
         self.dp.close()
         cleanup(self.bpffs)
-        if self.cgroup != self.bench.lab.cgroup:
-            remove_cgroup(self.cgroup)
+        if self.hook_cgroup != self.bench.lab.cgroup:
+            remove_cgroup(self.hook_cgroup)
 
     def private_hooks(self) -> Tuple[str, str]:
         """A cgroup and a pin folder of this variant's own, beside the lab's; recorded so that
@@ -235,6 +295,199 @@ class Nodemesh(Variant):
         record_private_hooks(lab.prefix, cgroup, bpffs)
         os.makedirs(cgroup, exist_ok=True)
         return cgroup, bpffs
+
+
+# nodemesh-tc: the node's outer veth and the external client behind it (a subnet of their own,
+# inside the two netns only: nothing routes to it, and the client has no other link)
+EXT_NODE, EXT_CLIENT = "10.98.0.1", "10.98.0.2"
+NODE_PORTS = {"http": 30080, "dns": 30053, "iperf": 30201}
+
+
+class NodemeshTc(Nodemesh):
+    """The TC packet path (bpf/tc_nodeport.c) for traffic from outside the node.
+
+        [client netns 10.98.0.2] --veth-- [node netns: ext 10.98.0.1, eth0 on the lab bridge]
+                                                 --bridge-- [b1: the servers]
+
+    The node forwards (ip_forward on) and has the TC programs on both interfaces: ext, where
+    NodePort traffic arrives, and eth0, where the backends' replies come back. The client
+    connects to 10.98.0.1:<nodePort> of the measured service (externalTrafficPolicy Cluster,
+    kube-proxy's default): DNAT to a backend and SNAT to the node's eth0 address. The socket
+    programs are loaded (the TC programs read their pinned service maps) but attached to no
+    cgroup anyone runs in: nobody on this node connects. Programming and a change are the
+    same Reconciler calls as nodemesh's. Every run starts with an empty TC conntrack map
+    (reset_state), as the netfilter variants start with `conntrack -F`."""
+    name = "nodemesh-tc"
+    translated = ("the client's only link is to the node; svc_stats counts backend choices, "
+                  "and a SYN from a client port whose closing conntrack entry still lives "
+                  "reuses that entry's translation, bpf/lib/conntrack.h")
+
+    def __init__(self, bench) -> None:
+        from nodemesh.datapath.tc import TcPath, TcSettings
+        super().__init__(bench)
+        self.cgroup = None  # the external client runs in no hooked cgroup
+        self.tc = TcPath(self.bpffs, self.dp.sizes, TcSettings())
+        self.tc.load()
+        with in_netns(self.node):
+            self.tc.attach(["ext", "eth0"])
+
+    def client_netns(self) -> str:
+        lab = self.bench.lab
+        # Both made as lab backends, so the lab tears them down (and reaps them after a crash).
+        self.node = lab.add_backend().netns
+        client = lab.add_backend().netns
+        sh(f"ip -n {client} link del eth0")  # off the bridge: the client reaches the node only
+        sh(f"ip -n {self.node} link add ext type veth peer name eth0 netns {client}")
+        sh(f"ip -n {self.node} addr add {EXT_NODE}/24 dev ext")
+        sh(f"ip -n {self.node} link set ext up")
+        sh(f"ip -n {client} addr add {EXT_CLIENT}/24 dev eth0")
+        sh(f"ip -n {client} link set eth0 up")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.eth0.rp_filter=0", "net.ipv4.conf.ext.rp_filter=0"):
+            sh(f"ip netns exec {self.node} sysctl -qw {key}")
+        return client
+
+    def attach(self) -> None:
+        """No socket hooks: the TC filters are attached in __init__, in the node's netns."""
+
+    def node_port(self, spec: bl.SvcSpec) -> Optional[int]:
+        return NODE_PORTS[spec.port_name]
+
+    def target(self, port_name: str) -> Tuple[str, int]:
+        return EXT_NODE, NODE_PORTS[port_name]
+
+    def reset_state(self) -> None:
+        from nodemesh.datapath import bpfsys
+        from nodemesh.datapath.tc import CtKey
+        sh(f"ip netns exec {self.node} conntrack -F", check=False)
+        keys = [k for k, _ in self.tc.conntrack()]
+        if keys:
+            bpfsys.map_delete_batch(self.tc.map_fds["ct"], (CtKey * len(keys))(*keys),
+                                    len(keys))
+
+    def proof(self, n: int, requests: int) -> str:
+        from nodemesh.datapath import tc as t
+        drops = t.percpu_sum(self.tc.map_fds["tc_drops"], t.u32)
+        dropped = ", ".join(f"{t.DROP_REASONS[int(k)]} {v:,}"  # type: ignore[call-overload]
+                            for k, v in sorted(drops.items()) if v) or "none"
+        return f"{super().proof(n, requests)}; TC drops since the start: {dropped}"
+
+    def close(self) -> None:
+        self.tc.close()
+        with in_netns(self.node):  # cleanup removes the TC filters of this netns
+            super().close()
+
+
+class NodemeshSockmap(Nodemesh):
+    """--accelerate-local: sockops puts both ends of each TCP connection of the hooked cgroup
+    in a sockhash, and sk_msg moves each sendmsg() straight into the peer's receive queue.
+    Same-node traffic: the client and its backends both run in the variant's cgroup, so its
+    servers are its own (nginx, dnsmasq, iperf3 as in b1, on six addresses of their own, in a
+    netns of their own on the bridge). iperf3's accelerated write() can fail with ENOMEM
+    (README, Mesh redirection): run.py then reports bulk failed for this variant."""
+    name = "nodemesh+sockmap"
+    accelerate = True
+
+    def __init__(self, bench) -> None:
+        from nodemesh.mesh import MeshOptions, write_mesh_config
+        super().__init__(bench)
+        write_mesh_config(self.rec.maps, MeshOptions(proxy_uid=None, accelerate_local=True))
+        lab, s = bench.lab, bench.lab.subnet
+        self.server_netns = lab.add_backend().netns
+        self.set_a = [f"198.18.{s}.{207 + j}" for j in range(3)]
+        self.set_b = [f"198.18.{s}.{210 + j}" for j in range(3)]
+        for ep in self.set_a + self.set_b:
+            sh(f"ip -n {self.server_netns} addr add {ep}/24 dev eth0")
+        wl.start_servers(lab, self.server_netns, self.set_a + self.set_b,
+                         os.path.join(bench.workdir, "sockmap"), cgroup=self.cgroup)
+        self.moved_before = 0
+
+    def proof(self, n: int, requests: int) -> str:
+        from nodemesh.mesh import accel_counters
+        c = accel_counters(self.rec.maps)
+        moved = c["redirected_bytes"] - self.moved_before
+        self.moved_before = c["redirected_bytes"]
+        return (f"{super().proof(n, requests)}; sk_msg moved {moved:,} bytes socket to "
+                "socket")
+
+
+POLICY_RULES, POLICY_IDENTITIES, POLICY_SERVICES = 10_000, 1_000, 200
+
+
+def policy_mesh(services: Sequence, cgroups: Sequence[str], rules: int = POLICY_RULES):
+    """`rules` policy rules (nodemesh.policy.Mesh) over the last min(200, N) of `services`
+    (the measured service last), and one workload identity per cgroup: service account
+    sa-<i>, label app=a<i % 50>. One rule in five is a DENY, two in three name one of the
+    service's ports, each names one random service account other than sa-0; the first rule
+    lets sa-0 (the client) reach every port of the measured service, so its connections
+    pass, after the lookups every rule set pays. bench/policy.py uses it too."""
+    import random
+
+    from nodemesh.datapath.loader import cgroup2_root
+    from nodemesh.identity import Workload
+    from nodemesh.policy import Mesh, Policy, PolicySource
+    root = cgroup2_root()
+    workloads = tuple(Workload(os.path.relpath(cg, root), "bench", f"sa-{i}",
+                               (("app", f"a{i % 50}"),), name=f"w{i}")
+                      for i, cg in enumerate(cgroups))
+    targets = list(services)[-POLICY_SERVICES:]
+    measured = targets[-1]
+    rng = random.Random(7)
+    policies = [Policy("measured-allow", measured.namespace, "ALLOW", measured.name, (),
+                       (PolicySource(service_accounts=("sa-0",)),))]
+    for k in range(rules - 1):
+        svc, r = targets[k % len(targets)], k // len(targets)
+        ports = (rng.choice(svc.ports).port,) if r % 3 else ()
+        sa = f"sa-{rng.randrange(1, max(2, len(cgroups)))}"
+        policies.append(Policy(f"{svc.name}-r{r}", svc.namespace, "ALLOW" if r % 5 else "DENY",
+                               svc.name, ports, (PolicySource(service_accounts=(sa,)),)))
+    return Mesh(workloads, tuple(policies))
+
+
+class NodemeshPolicy(Nodemesh):
+    """10,000 policy rules and 1,000 workload identities loaded (policy_mesh): the client
+    runs as workload 0, in wl-0/pod/ctr below the hooked cgroup (the identity lookup walks
+    its ancestors), and every connect() pays the policy lookups before the backend choice.
+    Programming is the services, then the rules (PolicyTable.apply): both in its time."""
+    name = "nodemesh+policy"
+
+    def __init__(self, bench) -> None:
+        from nodemesh.datapath.loader import cgroup2_root
+        from nodemesh.policy import PolicyTable
+        super().__init__(bench)
+        self.workload_cgroups = [os.path.join(self.hook_cgroup, f"wl-{i}")
+                                 for i in range(POLICY_IDENTITIES)]
+        for cg in self.workload_cgroups:
+            os.makedirs(cg, exist_ok=True)
+        self.cgroup = os.path.join(self.workload_cgroups[0], "pod", "ctr")
+        os.makedirs(self.cgroup, exist_ok=True)
+        self.table = PolicyTable(self.rec.maps, cgroup2_root())
+        self.denied_before = 0
+
+    def program(self, n: int, specs: List[bl.SvcSpec]) -> Tuple[float, int]:
+        from nodemesh.policy import Mesh
+        self.table.apply(Mesh(), [])
+        took, writes = super().program(n, specs)
+        services = self.services(specs)
+        mesh = policy_mesh(services, self.workload_cgroups)
+        t0 = time.perf_counter()
+        compiled = self.table.apply(mesh, services)
+        policy_s = time.perf_counter() - t0
+        if compiled.missing:
+            raise NotRun(f"workload cgroups not found: {compiled.missing[:3]}")
+        self.notes.append(f"N = {n:,}: {len(mesh.policies):,} rules over "
+                          f"{min(n, POLICY_SERVICES):,} services, {len(mesh.workloads):,} "
+                          f"identities -> {len(compiled.entries):,} policy entries, compiled "
+                          f"and written in {policy_s:.2f} s (part of its programming time)")
+        return took + policy_s, writes + len(compiled.entries)
+
+    def denied(self) -> int:
+        return sum(v["denied"] for v in self.table.stats().values())
+
+    def proof(self, n: int, requests: int) -> str:
+        denied = self.denied() - self.denied_before
+        self.denied_before += denied
+        return f"{super().proof(n, requests)}; connects denied by policy: {denied:,}"
 
 
 class Iptables(Variant):
@@ -322,6 +575,7 @@ class Haproxy(Variant):
     through its runtime API (`set server ... addr`), as a dynamic control plane does."""
     name = "haproxy"
     workloads = frozenset(WORKLOADS) - {"udp"}
+    unsupported = {"udp": "HAProxy proxies TCP only (mode tcp)"}
 
     def __init__(self, bench) -> None:
         super().__init__(bench)
@@ -403,6 +657,16 @@ class Haproxy(Variant):
         self.stop()
 
 
+def in_netns(name: str):
+    """This thread inside netns `name` until the with-block ends (tests/tcrun.py's InNetns,
+    which bench/tc.py uses too): pyroute2 attaches TC filters in the caller's netns."""
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from tcrun import InNetns
+    return InNetns(name)
+
+
 # -- private hooks: recorded for the crash reaper --------------------------------------------
 STATE_DIR = "/run/nodemesh/bench-run"
 
@@ -422,34 +686,48 @@ def record_private_hooks(prefix: str, cgroup: str, bpffs: str) -> None:
 
 
 def remove_cgroup(cgroup: str) -> None:
+    """Remove a cgroup and the ones below it (nodemesh+policy's workloads), deepest first."""
     from nodemesh.lab.topology import _empty_cgroup
-    if os.path.isdir(cgroup):
-        _empty_cgroup(cgroup)
+    for folder in sorted((f for f, _, _ in os.walk(cgroup)), key=len, reverse=True):
+        _empty_cgroup(folder)
         try:
-            os.rmdir(cgroup)
+            os.rmdir(folder)
         except OSError:
             pass
 
 
 def forget_private_hooks(prefix: str) -> None:
+    """Remove what this run's variants recorded and did not remove themselves (a variant
+    whose set-up failed half-way is never closed), then the record."""
+    import json
+    path = os.path.join(STATE_DIR, f"{prefix}.json")
     try:
-        os.unlink(os.path.join(STATE_DIR, f"{prefix}.json"))
+        with open(path) as f:
+            _remove_hooks(json.load(f))
+    except (OSError, ValueError):
+        pass
+    try:
+        os.unlink(path)
     except FileNotFoundError:
         pass
 
 
+def _remove_hooks(state: dict) -> None:
+    from nodemesh.datapath.loader import DatapathError, cleanup
+    for bpffs in state.get("bpffs", []):
+        try:
+            cleanup(bpffs, force=True)
+        except DatapathError as e:
+            print(f"removing {bpffs}: {e}", file=sys.stderr)
+    for cgroup in state.get("cgroups", []):
+        remove_cgroup(cgroup)
+
+
 def reap_private_hooks() -> None:
     """Remove the private cgroups and pins of earlier runs whose process is gone."""
-    from nodemesh.datapath.loader import DatapathError, cleanup
     from nodemesh.lab.topology import orphaned_states
     for path, state in orphaned_states(STATE_DIR, "pid"):
-        for bpffs in state.get("bpffs", []):
-            try:
-                cleanup(bpffs, force=True)
-            except DatapathError as e:
-                print(f"reaping {bpffs}: {e}", file=sys.stderr)
-        for cgroup in state.get("cgroups", []):
-            remove_cgroup(cgroup)
+        _remove_hooks(state)
         os.unlink(path)
 
 
@@ -460,8 +738,26 @@ VARIANTS: Dict[str, Type[Variant]] = {
     "iptables-legacy": IptablesLegacy,
     "nftables": Nftables,
     "haproxy": Haproxy,
+    "nodemesh-tc": NodemeshTc,
+    "nodemesh+sockmap": NodemeshSockmap,
+    "nodemesh+policy": NodemeshPolicy,
 }
 ALL = list(VARIANTS)
+# One line each, for the report's list of variants.
+SUMMARY: Dict[str, str] = {
+    "direct": "the client connects to the backend address: the limit",
+    "nodemesh": "the cgroup socket hooks (connect/sendmsg) on the client's cgroup",
+    "iptables-nft": "kube-proxy's iptables mode, exact shape, loaded with iptables-nft-restore",
+    "iptables-legacy": "the same ruleset with iptables-legacy-restore (x_tables)",
+    "nftables": "kube-proxy's nftables mode (service-ips vmap, numgen random mod N vmap)",
+    "haproxy": "Debian's HAProxy, mode tcp, one listener per service port",
+    "nodemesh-tc": "the TC packet path: an external client through the measured service's "
+                   "NodePort on a node netns, externalTrafficPolicy Cluster (DNAT + SNAT)",
+    "nodemesh+sockmap": "the socket hooks with --accelerate-local; client and backends on the "
+                        "same node, both in the hooked cgroup",
+    "nodemesh+policy": "the socket hooks with 10,000 policy rules and 1,000 identities "
+                       "loaded; the client is an allowed workload",
+}
 # What each variant needs installed (run.py checks before it starts).
 TOOLS: Dict[str, str] = {"iptables-nft": "iptables-nft-restore",
                          "iptables-legacy": "iptables-legacy-restore", "nftables": "nft",

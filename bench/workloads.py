@@ -75,8 +75,10 @@ def run(c: Client, argv: Sequence[str], timeout: float) -> str:
 
 
 # -- servers ----------------------------------------------------------------------------------
-def start_servers(lab, netns: str, addresses: Sequence[str], workdir: str) -> None:
-    """nginx, dnsmasq and iperf3 in `netns`, on every address (already on its eth0)."""
+def start_servers(lab, netns: str, addresses: Sequence[str], workdir: str,
+                  cgroup: Optional[str] = None) -> None:
+    """nginx, dnsmasq and iperf3 in `netns`, on every address (already on its eth0), and in
+    `cgroup` if given (nodemesh+sockmap's backends run in its hooked cgroup)."""
     tmp = os.path.join(workdir, "nginx")
     os.makedirs(tmp, exist_ok=True)
     listens = "\n".join(f"    listen {a}:{HTTP_PORT} reuseport backlog=4096;" for a in addresses)
@@ -99,14 +101,14 @@ http {{
   }}
 }}
 """)
-    nginx = lab.spawn(["nginx", "-c", conf, "-g", "daemon off;"], netns=netns)
-    lab.spawn(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-               "--no-hosts", "--pid-file=", "--log-facility=-", f"--port={DNS_PORT}",
-               "--bind-interfaces", "--listen-address=" + ",".join(addresses),
-               f"--address=/{DNS_NAME}/192.0.2.1"], netns=netns,
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lab.spawn(["iperf3", "--server", "--port", str(IPERF_PORT)], netns=netns,
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nginx = spawn(lab, ["nginx", "-c", conf, "-g", "daemon off;"], netns, cgroup)
+    spawn(lab, ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+                "--no-hosts", "--pid-file=", "--log-facility=-", f"--port={DNS_PORT}",
+                "--bind-interfaces", "--listen-address=" + ",".join(addresses),
+                f"--address=/{DNS_NAME}/192.0.2.1"], netns, cgroup,
+          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spawn(lab, ["iperf3", "--server", "--port", str(IPERF_PORT)], netns, cgroup,
+          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while not os.path.exists(f"{tmp}/nginx.pid"):
         if nginx.poll() is not None or time.monotonic() > deadline:
