@@ -142,7 +142,8 @@ def main() -> int:
                     f"lost {r['lost'][-1]:.1%}")
         load_after = os.getloadavg()[0]
         flows.configure(maps, flows.DEFAULT_RATE, flows.DEFAULT_BURST, True)
-        text = report(results, per_prog, runs_prog, args, command, load_before, load_after, drained[0])
+        text = report(results, per_prog, runs_prog, args, command, load_before, load_after,
+                      drained[0])
         out = args.output or os.path.join(ROOT, "bench", "results", "observability.md")
         with open(out, "w") as f:
             f.write(text)
