@@ -177,6 +177,17 @@ def report(results, per_prog, runs_prog, args, command, load_before, load_after,
         lines.append(f"| {name} | {fmt(r['rate'])} | {rate / base_rate:.3f} | {fmt(r['ns'])} | "
                      f"{ns / base_ns:.3f} | {statistics.median(r['sent']):.1%} / "
                      f"{statistics.median(r['lost']):.1%} |")
+    # Each round's variant against the same round's `alone`, a few seconds apart: the other
+    # work on a shared machine drifts between rounds more than within one.
+    lines += ["", "Paired ratios: each round's figure over the same round's `alone`, median "
+              "(min-max) over the rounds:", "",
+              "| variant | new connections/s | kernel ns per connection |", "|---|---|---|"]
+    for name, r in results.items():
+        if name == "alone":
+            continue
+        rates = [a / b for a, b in zip(r["rate"], results["alone"]["rate"])]
+        nss = [a / b for a, b in zip(r["ns"], results["alone"]["ns"])]
+        lines.append(f"| {name} | {fmt(rates, 3)} | {fmt(nss, 3)} |")
     lines += ["", "Kernel ns per connection by program (median):", "",
               "| program | " + " | ".join(results) + " |",
               "|---|" + "---|" * len(results)]
