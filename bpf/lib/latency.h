@@ -139,7 +139,9 @@ static __always_inline void nm_latency_closed(struct bpf_sock_ops *skops,
 	u64 control = 1 + (old_state == 5 /* FIN_WAIT2 */ || old_state == 9 /* LAST_ACK */);
 	__sync_fetch_and_add(&st->bytes_sent, acked > control ? acked - control : 0);
 	__sync_fetch_and_add(&st->bytes_received, skops->bytes_received);
-	__sync_fetch_and_add(&st->retransmits, skops->total_retrans);
+	u32 retrans = skops->total_retrans;
+	if (retrans) /* most connections have none: skip the shared cache line's atomic */
+		__sync_fetch_and_add(&st->retransmits, retrans);
 	__sync_fetch_and_add(&st->closed, 1);
 }
 
