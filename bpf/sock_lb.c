@@ -373,8 +373,9 @@ static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_en
  * outlier within milliseconds of the Nth failure.
  *
  * A counted connection runs this about nine times (TIMEOUT_INIT, RWND_INIT, NEEDS_ECN,
- * TCP_CONNECT, ACTIVE_ESTABLISHED and four state changes); only four of those runs have work,
- * so every other one leaves before any helper call or map lookup. */
+ * TCP_CONNECT, ACTIVE_ESTABLISHED and four state changes); only three of those runs have work
+ * (TCP_CONNECT, ACTIVE_ESTABLISHED and the move to CLOSE), so the other six leave before any
+ * helper call or map lookup. */
 int nm_sockops(struct bpf_sock_ops *skops)
 {
 	u32 op = skops->op;
