@@ -42,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import workloads as wl  # noqa: E402
 from run import Bench, log  # noqa: E402
 
 from nodemesh import bpfstats, flows  # noqa: E402
@@ -73,6 +74,8 @@ def main() -> int:
         print("benchmarks need root (netns, cgroups, BPF)", file=sys.stderr)
         return 1
     command = "bench/observability.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if os.environ.get("NODEMESH_BPF_DIR"):  # a side-by-side run of another build's C sources
+        command = f"NODEMESH_BPF_DIR={os.environ['NODEMESH_BPF_DIR']} {command}"
     lab = new_lab("nmo", backends=1)
     workdir = tempfile.mkdtemp(prefix="nodemesh-bench-obs-")
     bench = Bench(SimpleNamespace(variants=["nodemesh"], load_timeout=60.0), lab, workdir)
@@ -83,13 +86,13 @@ def main() -> int:
         bench.setup()
         bench.program(1)
         v = bench.variants["nodemesh"]
-        assert bench.dp is not None and bench.dp.maps is not None
-        maps = bench.dp.maps
-        cost = bpfstats.KernelCost(bench.dp.programs, {})
+        assert v.dp.maps is not None
+        maps = v.dp.maps
+        cost = bpfstats.KernelCost(v.dp.programs, {})
         if cost.stats_fd is None:
             print("BPF_ENABLE_STATS refused: cannot measure kernel time", file=sys.stderr)
             return 1
-        ring = RingBuffer(bench.dp.flow_ringbuf_fd)
+        ring = RingBuffer(v.dp.flow_ringbuf_fd)
 
         def drain() -> None:  # what the agent's flow worker does, minus decoding
             def one(_data: bytes) -> None:
@@ -106,18 +109,22 @@ def main() -> int:
         def kernel_ns() -> Dict[str, int]:
             return {k: p["run_ns"] for k, p in cost.program_stats().items()}
 
+        def kernel_runs() -> Dict[str, int]:
+            return {k: p["runs"] for k, p in cost.program_stats().items()}
+
         results: Dict[str, Dict[str, List[float]]] = {
             name: {"rate": [], "ns": [], "sent": [], "lost": []} for name in VARIANTS}
         per_prog: Dict[str, Dict[str, List[float]]] = {name: {} for name in VARIANTS}
+        runs_prog: Dict[str, Dict[str, List[float]]] = {name: {} for name in VARIANTS}
         load_before = os.getloadavg()[0]
         for rnd in range(args.reps + 1):  # round 0: warm-up, not counted
             for name, (rate, burst, latency) in VARIANTS.items():
                 flows.configure(maps, rate, burst, latency)
-                bench.reset()
-                b0, c0, k0 = flows.budget(maps), conns(), kernel_ns()
-                rps, _reqs = bench.wrk(v, 1 if rnd == 0 else args.seconds)
+                bench.reset(v)
+                b0, c0, k0, r0 = flows.budget(maps), conns(), kernel_ns(), kernel_runs()
+                rps, _reqs, _note = wl.conn(v.client("http"), 1 if rnd == 0 else args.seconds)
                 time.sleep(0.2)  # the last connections' closes reach sockops
-                b1, c1, k1 = flows.budget(maps), conns(), kernel_ns()
+                b1, c1, k1, r1 = flows.budget(maps), conns(), kernel_ns(), kernel_runs()
                 if rnd == 0:
                     continue
                 n = max(c1 - c0, 1)
@@ -129,12 +136,14 @@ def main() -> int:
                                   - b0["lost_rate_limit"] - b0["lost_ring_full"]) / n)
                 for p in k1:
                     per_prog[name].setdefault(p, []).append((k1[p] - k0[p]) / n)
+                    runs_prog[name].setdefault(p, []).append((r1[p] - r0[p]) / n)
                 log(f"  round {rnd} {name:>9}: {rps:,.0f} conn/s, "
                     f"{r['ns'][-1]:,.0f} kernel ns/conn, events sent {r['sent'][-1]:.1%} "
                     f"lost {r['lost'][-1]:.1%}")
         load_after = os.getloadavg()[0]
         flows.configure(maps, flows.DEFAULT_RATE, flows.DEFAULT_BURST, True)
-        text = report(results, per_prog, args, command, load_before, load_after, drained[0])
+        text = report(results, per_prog, runs_prog, args, command, load_before, load_after,
+                      drained[0])
         out = args.output or os.path.join(ROOT, "bench", "results", "observability.md")
         with open(out, "w") as f:
             f.write(text)
@@ -150,7 +159,7 @@ def main() -> int:
         lab.destroy()
 
 
-def report(results, per_prog, args, command, load_before, load_after, drained) -> str:
+def report(results, per_prog, runs_prog, args, command, load_before, load_after, drained) -> str:
     base_rate = statistics.median(results["alone"]["rate"])
     base_ns = statistics.median(results["alone"]["ns"])
     lines = [
@@ -168,6 +177,17 @@ def report(results, per_prog, args, command, load_before, load_after, drained) -
         lines.append(f"| {name} | {fmt(r['rate'])} | {rate / base_rate:.3f} | {fmt(r['ns'])} | "
                      f"{ns / base_ns:.3f} | {statistics.median(r['sent']):.1%} / "
                      f"{statistics.median(r['lost']):.1%} |")
+    # Each round's variant against the same round's `alone`, a few seconds apart: the other
+    # work on a shared machine drifts between rounds more than within one.
+    lines += ["", "Paired ratios: each round's figure over the same round's `alone`, median "
+              "(min-max) over the rounds:", "",
+              "| variant | new connections/s | kernel ns per connection |", "|---|---|---|"]
+    for name, r in results.items():
+        if name == "alone":
+            continue
+        rates = [a / b for a, b in zip(r["rate"], results["alone"]["rate"])]
+        nss = [a / b for a, b in zip(r["ns"], results["alone"]["ns"])]
+        lines.append(f"| {name} | {fmt(rates, 3)} | {fmt(nss, 3)} |")
     lines += ["", "Kernel ns per connection by program (median):", "",
               "| program | " + " | ".join(results) + " |",
               "|---|" + "---|" * len(results)]
@@ -176,6 +196,14 @@ def report(results, per_prog, args, command, load_before, load_after, drained) -
         cells = [f"{statistics.median(per_prog[n][p]):,.0f}" if per_prog[n].get(p) else "-"
                  for n in results]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += ["", "Runs per connection by program (median; programs that never ran left out):", "",
+              "| program | " + " | ".join(results) + " |",
+              "|---|" + "---|" * len(results)]
+    for p in progs:
+        medians = [statistics.median(runs_prog[n][p]) if runs_prog[n].get(p) else 0.0
+                   for n in results]
+        if any(medians):
+            lines.append(f"| {p} | " + " | ".join(f"{x:.2f}" for x in medians) + " |")
     lines += ["", f"The ring reader drained {drained:,} flow events in all.", ""]
     return "\n".join(lines)
 

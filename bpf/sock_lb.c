@@ -364,24 +364,43 @@ static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_en
 	ek->port = (u16)(skops->remote_port >> 16);
 }
 
-/* Needs endpoint_of() and revnat, above. */
 #include "lib/latency.h"
 
 /* Connect outcomes of client sockets in the cgroup, for endpoints the agent watches:
  * a connect that reaches ESTABLISHED is a success; one that goes from SYN_SENT to CLOSE was
  * refused, reset before it was established, or timed out (also when the application gave up
  * and closed it). Failures go to the agent on a ring buffer at once, so it can eject an
- * outlier within milliseconds of the Nth failure. */
+ * outlier within milliseconds of the Nth failure.
+ *
+ * A counted connection runs this about nine times (TIMEOUT_INIT, RWND_INIT, NEEDS_ECN,
+ * TCP_CONNECT, ACTIVE_ESTABLISHED and four state changes); only three of those runs have work
+ * (TCP_CONNECT, ACTIVE_ESTABLISHED and the move to CLOSE), so the other six leave before any
+ * helper call or map lookup. */
 int nm_sockops(struct bpf_sock_ops *skops)
 {
+	u32 op = skops->op;
+	u32 old_state = 0;
+	if (op == BPF_SOCK_OPS_STATE_CB) {
+		/* Counting, latency and health act on the move to CLOSE only. */
+		if (skops->args[1] != NM_TCP_CLOSE)
+			return 1;
+		old_state = skops->args[0];
+	} else if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+			nm_mesh_sockops(skops);
+		return 1;
+	}
+	if (op != BPF_SOCK_OPS_STATE_CB)
+		nm_mesh_sockops(skops);
 	struct nm_endpoint_key ek = {};
-	nm_mesh_sockops(skops);
-	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB ||
-	    skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_STATE_CB)
-		endpoint_of(skops, &ek);
+	endpoint_of(skops, &ek);
+	struct nm_sock_conn *sc = nm_sock_conn_of(skops);
+	/* Before counting forgets it: was this an established, counted connection? */
+	if (sc && op == BPF_SOCK_OPS_STATE_CB)
+		nm_latency_closed(skops, sc, old_state);
 	/* Active connection counts: a counted socket keeps its state callbacks to its close. */
-	int counted = nm_conn_sockops(skops, &ek);
-	switch (skops->op) {
+	int counted = nm_conn_sockops(skops, sc, &ek);
+	switch (op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
 		if (counted || endpoint_health.lookup(&ek))
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
@@ -395,17 +414,16 @@ int nm_sockops(struct bpf_sock_ops *skops)
 			__sync_fetch_and_add(&h->successes, 1);
 		}
 		/* Established: the rest of the socket's life is not our business, unless it is
-		 * counted (lib/conn_count.h) or its end is measured (lib/latency.h). */
-		int measured = nm_latency_established(skops);
-		if (!counted && !measured)
+		 * counted (lib/conn_count.h), and then its end is measured too (lib/latency.h). */
+		if (counted && sc)
+			nm_latency_established(skops, sc);
+		else
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
 							 ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	}
 	case BPF_SOCK_OPS_STATE_CB: {
-		u32 old_state = skops->args[0], new_state = skops->args[1];
-		nm_latency_state(skops, old_state, new_state);
-		if (new_state != NM_TCP_CLOSE || old_state != NM_TCP_SYN_SENT)
+		if (old_state != NM_TCP_SYN_SENT)
 			break;
 		struct nm_endpoint_health *h = endpoint_health.lookup(&ek);
 		if (!h)

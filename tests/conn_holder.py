@@ -5,6 +5,10 @@
                "error": "ECONNREFUSED", "ms": 0.1}
     connect N  like open, without saying or reading anything (any server; "backend" is "")
     close K    closes the K oldest held connections; prints {"closed": K}
+    refused H:P  a new socket connects to H:P, which must fail; the socket is kept unclosed as
+               the spare; prints {"ok": false, "error": ...} (or {"ok": true} if it connected)
+    again H:P  the spare connects again, now to H:P, says a line and reads the name, and is held
+               on success; prints an open-style record
     sendto N   N unconnected UDP datagrams to --target; prints the open-style list (no reply
                is awaited: "ok" means sendto() succeeded)
     churn N    N connections one after another, each closed once the name is read; prints
@@ -15,6 +19,7 @@ Bounded: every socket has a 5 s timeout, and the process exits when stdin closes
 import errno
 import json
 import socket
+import struct
 import sys
 import time
 
@@ -22,6 +27,7 @@ import time
 def main() -> int:
     host, _, port = sys.argv[1].rpartition(":")
     held = []
+    spare = None
     for line in sys.stdin:
         cmd, *arg = line.split()
         if cmd in ("open", "connect"):
@@ -73,6 +79,29 @@ def main() -> int:
                 s.close()
             held = held[k:]
             print(json.dumps({"closed": k}), flush=True)
+        elif cmd in ("refused", "again"):
+            h, _, p = arg[0].rpartition(":")
+            if cmd == "refused":
+                if spare is not None:
+                    spare.close()
+                spare = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET)
+                # Blocking, bounded by the kernel: a failed blocking connect() leaves the
+                # socket unconnected and ready to connect again (a non-blocking one leaves it
+                # "connecting", and the next connect() only resets it with ECONNABORTED).
+                bound = struct.pack("ll", 5, 0)
+                spare.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
+                spare.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+            try:
+                spare.connect((h.strip("[]"), int(p)))
+                rec = {"ok": True, "backend": ""}
+                if cmd == "again":
+                    spare.sendall(b"x\n")
+                    rec["backend"] = spare.recv(64).decode().strip()
+                    held.append(spare)
+                    spare = None
+            except OSError as e:
+                rec = {"ok": False, "error": errno.errorcode.get(e.errno or 0, type(e).__name__)}
+            print(json.dumps(rec), flush=True)
         elif cmd == "exit":
             break
     return 0

@@ -120,6 +120,13 @@ static __always_inline void nm_mesh_sockops(struct bpf_sock_ops *skops)
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return;
+	/* Established sockets matter only with acceleration on: ask before reading addresses. */
+	struct nm_mesh_config *cfg = NULL;
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB) {
+		cfg = mesh_cfg();
+		if (!cfg || !cfg->accelerate)
+			return;
+	}
 	u32 local[4] = {}, remote[4] = {}, l6[4], r6[4];
 	l6[0] = skops->local_ip6[0];
 	l6[1] = skops->local_ip6[1];
@@ -135,9 +142,7 @@ static __always_inline void nm_mesh_sockops(struct bpf_sock_ops *skops)
 		nm_proxy_record(skops, family, local, remote);
 		return;
 	}
-	struct nm_mesh_config *cfg = mesh_cfg();
-	if (cfg && cfg->accelerate)
-		nm_accel_add(skops, family, local, remote);
+	nm_accel_add(skops, family, local, remote);
 }
 
 /* A socket deleted from the sockhash loses what was redirected into it and not read yet (the

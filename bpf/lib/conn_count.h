@@ -11,7 +11,8 @@
  * Each counted socket remembers in its own storage what it counted against and in which state;
  * every decrement is of something that socket incremented, so counts never go negative. The
  * storage and the counts are pinned: a restarted agent's programs decrement what the previous
- * agent's programs counted.
+ * agent's programs counted. The same storage names the frontend and backend for lib/latency.h,
+ * so sockops never looks a counted socket up in revnat.
  */
 #ifndef NM_LIB_CONN_COUNT_H
 #define NM_LIB_CONN_COUNT_H
@@ -184,14 +185,22 @@ static __always_inline void nm_conn_add(struct nm_sock_conn *sc, int active, s64
 		__sync_fetch_and_add(active ? &s->active : &s->pending, delta);
 }
 
-/* sockops. Returns 1 when the socket is counted, so its state callbacks must stay on. */
-static __always_inline int nm_conn_sockops(struct bpf_sock_ops *skops,
-					   struct nm_endpoint_key *remote)
+/* sockops: the socket's storage, or NULL when the connect hook translated nothing for it. One
+ * lookup per sockops run, shared by the counting here and the latency of lib/latency.h. */
+static __always_inline struct nm_sock_conn *nm_sock_conn_of(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
-		return 0;
-	struct nm_sock_conn *sc = sock_conn.sk_storage_get(sk, 0, 0);
+		return NULL;
+	return sock_conn.sk_storage_get(sk, 0, 0);
+}
+
+/* sockops, for the ops nm_sockops lets through (TCP_CONNECT_CB, ACTIVE_ESTABLISHED_CB, and
+ * STATE_CB to TCP_CLOSE). Returns 1 when the socket is counted, so its state callbacks must
+ * stay on. */
+static __always_inline int nm_conn_sockops(struct bpf_sock_ops *skops, struct nm_sock_conn *sc,
+					   struct nm_endpoint_key *remote)
+{
 	if (!sc)
 		return 0;
 	switch (skops->op) {

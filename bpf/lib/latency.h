@@ -1,15 +1,17 @@
 /* lib/latency.h — what only the kernel knows about each backend: TCP connect duration (SYN to
  * established), smoothed RTT, bytes each way and retransmits, per (frontend, backend endpoint).
  *
- * Hook: sockops on the same cgroup, for the connections the connect hook translated (they have
- * a revnat entry under their socket cookie):
- *   ACTIVE_ESTABLISHED_CB connect duration (the handshake's RTT sample) -> log2 histogram;
- *                         state callbacks on for this socket
+ * Hook: sockops on the same cgroup, for the connections the connect hook translated and
+ * lib/conn_count.h counts (their socket storage, created at connect, names the frontend and the
+ * backend):
+ *   ACTIVE_ESTABLISHED_CB connect duration (the handshake's RTT sample) -> log2 histogram
  *   STATE_CB to CLOSE     srtt, bytes_acked, bytes_received and total_retrans, read once at the
  *                         end of the connection -> RTT histogram and counters
  * Why these and not RTT_CB: RTT_CB runs on every ACK; the state callback runs a handful of
  * times per connection, and the socket's final srtt is the smoothed value over its life.
- * Nothing is stored per socket: the revnat entry the connect hook wrote names the frontend.
+ * Cost: nothing of its own per socket. Connection counting already enables the state
+ * callbacks and looks the socket's storage up; latency adds one switch read and one stats
+ * lookup at ESTABLISHED and at CLOSE, and no revnat lookup (bench/observability.py).
  *
  * Histograms are log2 buckets of microseconds: bucket i counts values below 2^i µs (bucket 0:
  * below 1 µs); the last bucket takes everything larger. The agent turns them into Prometheus
@@ -61,72 +63,50 @@ static __always_inline u32 nm_log2_bucket(u64 v)
 	return r < NM_LAT_BUCKETS ? r : NM_LAT_BUCKETS - 1;
 }
 
-static __always_inline void nm_latency_key_of(struct bpf_sock_ops *skops, u32 svc_id,
-					      struct nm_latency_key *k)
+/* The stats entry of a counted socket's (frontend, backend endpoint), created on first use.
+ * The socket's own storage (lib/conn_count.h) names both: no revnat lookup. */
+static __always_inline struct nm_latency_stats *nm_latency_stats_of(struct nm_sock_conn *sc)
 {
-	struct nm_endpoint_key ek = {};
-	endpoint_of(skops, &ek);
-	k->addr[0] = ek.addr[0];
-	k->addr[1] = ek.addr[1];
-	k->addr[2] = ek.addr[2];
-	k->addr[3] = ek.addr[3];
-	k->port = ek.port;
-	k->family = ek.family;
-	k->svc_id = svc_id;
-}
-
-static __always_inline struct nm_latency_stats *nm_latency_stats_of(struct nm_latency_key *k)
-{
-	struct nm_latency_stats *st = backend_latency.lookup(k);
+	struct nm_latency_key k = {};
+	k.addr[0] = sc->backend.addr[0];
+	k.addr[1] = sc->backend.addr[1];
+	k.addr[2] = sc->backend.addr[2];
+	k.addr[3] = sc->backend.addr[3];
+	k.port = sc->backend.port;
+	k.family = sc->backend.family;
+	k.svc_id = sc->svc_id;
+	struct nm_latency_stats *st = backend_latency.lookup(&k);
 	if (st)
 		return st;
 	u32 idx = 0;
 	struct nm_latency_stats *zero = latency_zero.lookup(&idx);
 	if (!zero)
 		return NULL;
-	backend_latency.insert(k, zero); /* BPF_NOEXIST: a racing CPU's entry wins */
-	return backend_latency.lookup(k);
+	backend_latency.insert(&k, zero); /* BPF_NOEXIST: a racing CPU's entry wins */
+	return backend_latency.lookup(&k);
 }
 
-/* The frontend a client socket was translated for, from its revnat entry (socket cookie and
- * backend): 0 when the connection is not to a service, or latency is off. */
-static __always_inline u32 nm_latency_svc(struct bpf_sock_ops *skops, struct nm_latency_key *k)
+static __always_inline int nm_latency_on(void)
 {
 	struct nm_observe_config *cfg = nm_observe();
-	if (!cfg || !cfg->latency)
-		return 0;
-	struct nm_revnat_key rk = {};
-	nm_latency_key_of(skops, 0, k);
-	rk.cookie = bpf_get_socket_cookie(skops);
-	rk.addr[0] = k->addr[0];
-	rk.addr[1] = k->addr[1];
-	rk.addr[2] = k->addr[2];
-	rk.addr[3] = k->addr[3];
-	rk.port = k->port;
-	rk.family = k->family;
-	struct nm_revnat_value *rv = revnat.lookup(&rk);
-	if (!rv)
-		return 0;
-	k->svc_id = rv->svc_id;
-	return rv->svc_id;
+	return cfg && cfg->latency;
 }
 
-/* ACTIVE_ESTABLISHED_CB: the connect duration, and state callbacks on (to count the end).
- * Returns 1 when the connection is watched.
+/* ACTIVE_ESTABLISHED_CB of a socket that nm_conn_sockops has just counted as active: the
+ * connect duration. Its state callbacks are on already (counting needs them to its close).
  *
  * The duration is the kernel's first RTT sample, which for an active open is SYN to SYN-ACK:
  * srtt holds exactly that sample when the connection becomes established, so nothing needs
- * to be stamped at connect (no socket storage to allocate per connection). A retransmitted
- * SYN is timed from its last copy: each earlier copy waited one initial RTO (1 s, doubling),
- * which is added back. */
-static __always_inline int nm_latency_established(struct bpf_sock_ops *skops)
+ * to be stamped at connect. A retransmitted SYN is timed from its last copy: each earlier copy
+ * waited one initial RTO (1 s, doubling), which is added back. */
+static __always_inline void nm_latency_established(struct bpf_sock_ops *skops,
+						   struct nm_sock_conn *sc)
 {
-	struct nm_latency_key k = {};
-	if (!nm_latency_svc(skops, &k))
-		return 0;
-	struct nm_latency_stats *st = nm_latency_stats_of(&k);
+	if (!nm_latency_on())
+		return;
+	struct nm_latency_stats *st = nm_latency_stats_of(sc);
 	if (!st)
-		return 0;
+		return;
 	u64 us = skops->srtt_us >> 3; /* the kernel keeps srtt << 3 */
 	u32 syn_retrans = skops->total_retrans;
 	if (syn_retrans > 6)
@@ -136,20 +116,16 @@ static __always_inline int nm_latency_established(struct bpf_sock_ops *skops)
 	if (b < NM_LAT_BUCKETS)
 		__sync_fetch_and_add(&st->connect_us[b], 1);
 	__sync_fetch_and_add(&st->connect_sum_us, us);
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	return 1;
 }
 
-/* STATE_CB: at the move to CLOSE of an established, watched connection, count its end. */
-static __always_inline void nm_latency_state(struct bpf_sock_ops *skops, u32 old_state,
-					     u32 new_state)
+/* STATE_CB to CLOSE, called before nm_conn_sockops forgets the socket: a socket still counted
+ * as active was established through the connect hook's translation, so count its end. */
+static __always_inline void nm_latency_closed(struct bpf_sock_ops *skops,
+					      struct nm_sock_conn *sc, u32 old_state)
 {
-	if (new_state != 7 /* TCP_CLOSE */ || old_state == 2 /* SYN_SENT */)
+	if (sc->state != NM_SOCK_ACTIVE || !nm_latency_on())
 		return;
-	struct nm_latency_key k = {};
-	if (!nm_latency_svc(skops, &k))
-		return;
-	struct nm_latency_stats *st = nm_latency_stats_of(&k);
+	struct nm_latency_stats *st = nm_latency_stats_of(sc);
 	if (!st)
 		return;
 	u64 rtt_us = skops->srtt_us >> 3; /* the kernel keeps srtt << 3 */
@@ -163,7 +139,9 @@ static __always_inline void nm_latency_state(struct bpf_sock_ops *skops, u32 old
 	u64 control = 1 + (old_state == 5 /* FIN_WAIT2 */ || old_state == 9 /* LAST_ACK */);
 	__sync_fetch_and_add(&st->bytes_sent, acked > control ? acked - control : 0);
 	__sync_fetch_and_add(&st->bytes_received, skops->bytes_received);
-	__sync_fetch_and_add(&st->retransmits, skops->total_retrans);
+	u32 retrans = skops->total_retrans;
+	if (retrans) /* most connections have none: skip the shared cache line's atomic */
+		__sync_fetch_and_add(&st->retransmits, retrans);
 	__sync_fetch_and_add(&st->closed, 1);
 }
 

@@ -66,6 +66,12 @@ class Holder:
     def close(self, k):
         return self._say(f"close {k}")
 
+    def refused(self, target):
+        return self._say(f"refused {target}")
+
+    def again(self, target):
+        return self._say(f"again {target}")
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -113,6 +119,59 @@ def test_counts_follow_connections_and_never_leak(holding_lab, datapath):
     finally:
         holder.stop()
     assert wait_counts(datapath, {}) == {}
+
+
+def latency_entries(rec, svc_ids):
+    """{(svc_id, "addr:port"): (connects measured, closes measured)} of these frontends."""
+    from nodemesh.datapath import maps as m
+    out = {}
+    for key, value in rec.maps.items("backend_latency"):
+        if key.svc_id in svc_ids:
+            ep = f"{m.decode_addr(key.family, key.addr)}:{m.port_host(key.port)}"
+            out[(key.svc_id, ep)] = (sum(value.connect_us), value.closed)
+    return out
+
+
+def test_latency_names_where_a_reused_socket_connected_last(holding_lab, datapath):
+    """lib/latency.h reads the frontend and backend from the socket storage that the connect
+    hook fills for connection counting. A socket whose connect was refused and that connects
+    again, after its service moved to another backend or through another service, is measured
+    against its second destination only: the storage is rewritten, never stale."""
+    from nodemesh import flows
+    from nodemesh.reconciler import FrontendKey
+    lab, rec = holding_lab, datapath
+    b1, b2 = lab.backends[0], lab.backends[1]
+    vip_a, vip_b = lab.vip4(21), lab.vip4(22)
+
+    def service(name, vip, backend, port):
+        return Service(name, "test", vip, (ServicePort(80, port, "TCP", "tcp"),),
+                       (Backend(backend.ipv4),))
+
+    gone_b = service("lat-b", vip_b, b1, 9191)  # no listener: refused
+    rec.apply([service("lat-a", vip_a, b1, 9191), gone_b])
+    ids = {rec.programmed[FrontendKey(4, v, 80, "TCP")].svc_id for v in (vip_a, vip_b)}
+    svc_a = rec.programmed[FrontendKey(4, vip_a, 80, "TCP")].svc_id
+    flows.configure(rec.maps, 0, 1, True)  # backend latency on, flow events off
+    before = latency_entries(rec, ids)
+    holder = Holder(lab, f"{vip_a}:80")
+    try:
+        assert holder.refused(f"{vip_a}:80")["error"] == "ECONNREFUSED"
+        rec.apply([service("lat-a", vip_a, b2, HOLD_PORT), gone_b])  # a backend change
+        assert holder.again(f"{vip_a}:80") == {"ok": True, "backend": b2.name}
+        # Another service first (refused), then service a on the same socket.
+        assert holder.refused(f"{vip_b}:80")["error"] == "ECONNREFUSED"
+        assert holder.again(f"{vip_a}:80") == {"ok": True, "backend": b2.name}
+        assert wait_counts(rec, {(b2.ipv4, HOLD_PORT): 2}) == {(b2.ipv4, HOLD_PORT): 2}
+        holder.close(2)
+        assert wait_counts(rec, {}) == {}
+    finally:
+        holder.stop()
+        flows.configure(rec.maps, 0, 1, False)
+    got = latency_entries(rec, ids)
+    a_b2 = (svc_a, f"{b2.ipv4}:{HOLD_PORT}")
+    connects, closes = before.get(a_b2, (0, 0))
+    # Exactly: two connects and two closes under (service a, b2), and nothing anywhere else.
+    assert got == {**before, a_b2: (connects + 2, closes + 2)}
 
 
 def test_refused_connects_count_nothing(holding_lab, datapath):
