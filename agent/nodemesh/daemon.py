@@ -5,9 +5,9 @@ The caller of run() is the core loop's thread (core.Core): it owns desired state
 only caller of the reconciler. Sources, health checks and the ring-buffer reader post events
 to it; socket termination and the ring-buffer reader are supervised workers.
 
-Start:  load programs against the pinned maps (adopting them) -> adopt programmed state ->
-        the source's first full set -> first round -> attach (swap into existing links) ->
-        ready.
+Start:  the source starts (its events wait in the core's queue) while the programs load
+        against the pinned maps (adopting them) -> adopt programmed state -> the source's
+        first full set -> first round -> attach (swap into existing links) -> ready.
 Stop:   SIGTERM/SIGINT end the process and leave the datapath in the kernel, serving the last
         state; the next agent adopts it. `nodemesh cleanup` is what removes it.
 """
