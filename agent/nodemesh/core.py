@@ -62,14 +62,18 @@ class Core:
     def __init__(self, reconciler: Reconciler, health: HealthChecker, outlier: OutlierDetector,
                  source: SourceState, node_name: Optional[str] = None,
                  node_zone: Callable[[], Optional[str]] = lambda: None,
-                 on_round: Callable[[RoundResult], None] = lambda r: None):
+                 on_round: Callable[[RoundResult], None] = lambda r: None,
+                 events: "Optional[queue.SimpleQueue[Event]]" = None):
         self.reconciler = reconciler
         self.health = health
         self.outlier = outlier
         self.node_name = node_name
         self.node_zone = node_zone
         self.on_round = on_round
-        self.events: "queue.SimpleQueue[Event]" = queue.SimpleQueue()
+        # A queue given by the caller may already hold what a source sent before the core
+        # existed (the agent starts its source while the datapath loads).
+        self.events: "queue.SimpleQueue[Event]" = events if events is not None \
+            else queue.SimpleQueue()
         self.services: Dict[ServiceKey, Service] = {}
         self.synced = False               # the source's first full set has been folded in
         self._dirty: Set[ServiceKey] = set()

@@ -5,9 +5,9 @@ The caller of run() is the core loop's thread (core.Core): it owns desired state
 only caller of the reconciler. Sources, health checks and the ring-buffer reader post events
 to it; socket termination and the ring-buffer reader are supervised workers.
 
-Start:  load programs against the pinned maps (adopting them) -> adopt programmed state ->
-        the source's first full set -> first round -> attach (swap into existing links) ->
-        ready.
+Start:  the source starts (its events wait in the core's queue) while the programs load
+        against the pinned maps (adopting them) -> adopt programmed state -> the source's
+        first full set -> first round -> attach (swap into existing links) -> ready.
 Stop:   SIGTERM/SIGINT end the process and leave the datapath in the kernel, serving the last
         state; the next agent adopts it. `nodemesh cleanup` is what removes it.
 """
@@ -17,6 +17,7 @@ import ctypes
 import gc
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -76,6 +77,9 @@ class Agent:
         self.datapath: Optional[loader.Datapath] = None
         self.maps: Optional[m.Maps] = None
         self.core: Optional[Core] = None
+        # The core loop's queue exists before the core: the source starts while the datapath
+        # loads (BCC compiles in a child process), and what it sends meanwhile waits here.
+        self.events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.source: Any = None
         self.ready = False
         self.exit_code = 0
@@ -106,14 +110,12 @@ class Agent:
         """The source's on_change: only enqueued, so a source never waits for the kernel."""
         self.own_metrics.reloads.labels(self.source_name).inc()
         self.own_metrics.last_reload_success.labels(self.source_name).set(1)
-        assert self.core is not None
-        self.core.post(SourceChanged(delta))
+        self.events.put(SourceChanged(delta))
 
     def source_error(self, message: str) -> None:
         self.own_metrics.reload_failures.labels(self.source_name).inc()
         self.own_metrics.last_reload_success.labels(self.source_name).set(0)
-        assert self.core is not None
-        self.core.post(SourceFailed(message))
+        self.events.put(SourceFailed(message))
 
     def _count_restart(self, name: str) -> None:
         self.own_metrics.worker_restarts.labels(name).inc()
@@ -179,7 +181,13 @@ class Agent:
         log.info("metrics on http://%s/metrics", self.metrics_server.address)
         self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes,
                                         self.opts.mesh.accelerate_local)
+        thresholds = _collect_less_while_syncing()
         try:
+            # Listing 100,000 Services and EndpointSlices takes seconds of CPU, and so does the
+            # datapath's compile, in a child process: on two CPUs they overlap. What the source
+            # sends meanwhile waits in the core's queue; nothing is written before the first
+            # round.
+            self.source.start(self.desired, self.source_error)
             self.maps = self.datapath.load()
             write_mesh_config(self.maps, self.opts.mesh)
             reconciler = Reconciler(self.maps, self.sizes,
@@ -188,7 +196,7 @@ class Agent:
             self.core = Core(reconciler, self.health, self.outlier,
                              SourceState(self.source_name, self.opts.config),
                              node_name=self.opts.node_name, node_zone=self._node_zone,
-                             on_round=self._after_round)
+                             on_round=self._after_round, events=self.events)
             self.core.policy = PolicyTable(self.maps, loader.cgroup2_root())
             self.admin = api.AdminServer(self, self.opts.admin_socket)
             self.admin.start()
@@ -196,7 +204,6 @@ class Agent:
             self.workers.spawn("failure-events", self._watch_failures)
             self.observability.start()
             self.workers.spawn("sockterm", lambda: self.sockterm.run(self._stop))
-            self.source.start(self.desired, self.source_error)
             while not self.core.synced:
                 self.core.step(0.2, reconcile=False)
                 if self.opts.source == "file" and self.core.snapshot.source.ok is False:
@@ -211,6 +218,7 @@ class Agent:
             # of objects (milliseconds of CPU per change at that size).
             gc.collect()
             gc.freeze()
+            gc.set_threshold(*thresholds)
             _return_freed_memory()
             self.datapath.attach()
             if self.opts.interfaces:
@@ -416,6 +424,21 @@ class Agent:
                 "backends": backends, "connections": stats.get("connections", 0),
                 "no_backend": stats.get("no_backend", 0)})
         return list(by_service.values())
+
+
+SYNC_GC_THRESHOLDS = (100_000, 50, 100)
+
+
+def _collect_less_while_syncing() -> Tuple[int, int, int]:
+    """Until the first sync is programmed, let the cyclic collector run rarely; returns the
+    thresholds to restore. The sync allocates millions of objects that all stay alive (the
+    decoded pages, the services, the planned frontends), so each collection finds nearly
+    nothing, yet every oldest-generation pass walks all that the sync holds so far (a tenth
+    of its CPU at 100,000 services). Young cycles are still collected, every 100,000
+    allocations instead of 700, so a sync that never ends does not hoard garbage."""
+    old = gc.get_threshold()
+    gc.set_threshold(*SYNC_GC_THRESHOLDS)
+    return (old[0], old[1], old[2])
 
 
 def _return_freed_memory() -> None:

@@ -173,8 +173,10 @@ class IdSet:
             bool(self._bits[ident >> 3] & (1 << (ident & 7)))
 
     def add(self, ident: int) -> None:
-        if ident not in self:
-            self._bits[ident >> 3] |= 1 << (ident & 7)
+        # Inline, not `in self`: every id of a 100,000-service sync passes here.
+        index, bit = ident >> 3, 1 << (ident & 7)
+        if not self._bits[index] & bit:
+            self._bits[index] |= bit
             self._len += 1
 
     def discard(self, ident: int) -> None:
@@ -745,9 +747,14 @@ class Reconciler:
                                                     m.BACKEND_ACTIVE))
         slot_keys: List[bytes] = []
         slot_values: List[bytes] = []
+        master_keys: List[bytes] = []
         for c in changes:
-            slot_keys.extend(c.new.key.slot_keys(c.new.bank, len(c.new.slots)))
+            prefix = c.new.key.prefix()  # packed once per frontend, for its slots and master
+            bank = c.new.bank
+            slot_keys.extend(m.pack_svc_key(prefix, m.slot_number(bank, i))
+                             for i in range(1, len(c.new.slots) + 1))
             slot_values.extend(m.pack_slot_value(ident) for ident in c.new.slots)
+            master_keys.append(m.pack_svc_key(prefix, 0))
         try:
             self.maps.delete_batch("svc_stats", reused_svc)
             self.maps.delete_batch("backend_stats", reused_be)
@@ -762,7 +769,6 @@ class Reconciler:
                 failed[c.new.key] = f"map write failed ({_reason(e)}); the previous state " \
                                     f"keeps serving"
             return []
-        master_keys = [c.new.key.map_key(0) for c in changes]
         master_values = [m.pack_master_value(c.new.svc_id, len(c.new.slots), c.new.bank,
                                              m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
                                              (m.SVC_F_AFFINITY if c.new.affinity_timeout else 0)

@@ -204,6 +204,10 @@ def expanded_sequence(counts: Sequence[int]) -> List[int]:
 
 
 def slots_for(algorithm: str, weights: Sequence[int]) -> List[int]:
+    if len(weights) <= MAX_SLOTS and all(w == 1 for w in weights):
+        # Equal weights, nearly every service: one slot each, in order, whatever the
+        # algorithm (what slot_counts and either sequence give, without their work).
+        return list(range(len(weights)))
     counts = slot_counts(weights)
     if algorithm == "round_robin":
         return smooth_sequence(counts)

@@ -1,5 +1,7 @@
 """The core loop without root: deltas and verdicts reach only the services they name, readers
 hold snapshots that never change under them, and crashing workers are restarted."""
+import gc
+import queue
 import threading
 
 from fakemaps import FakeMaps
@@ -52,6 +54,35 @@ def test_nothing_is_programmed_before_the_first_full_set():
     core, rec, maps = make()
     core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.1"),))))
     assert core.step(0) is None and not core.synced and maps.count("services") == 0
+
+
+def test_what_a_source_sent_before_the_core_existed_is_its_first_round():
+    # The agent starts its source while the datapath loads, before the core exists: the
+    # deltas wait in the queue the core is then given, and nothing is lost.
+    events = queue.SimpleQueue()
+    events.put(SourceChanged(Delta(upserts=(svc(1, "10.0.0.1"), svc(2, "10.0.0.2")),
+                                   full=True)))
+    events.put(SourceChanged(Delta(upserts=(svc(2, "10.0.0.3"),))))
+    maps = FakeMaps()
+    registry = CollectorRegistry()
+    core = Core(Reconciler(maps), HealthChecker(registry, lambda key: None),
+                OutlierDetector(registry, lambda services: None), SourceState("kubernetes"),
+                events=events)
+    result = core.step(0)
+    assert core.synced and result.added == 2
+    assert core.services[("default", "s2")].backends[0].address == "10.0.0.3"
+
+
+def test_the_first_sync_collects_cycles_rarely_and_then_as_before():
+    from nodemesh.daemon import SYNC_GC_THRESHOLDS, _collect_less_while_syncing
+
+    before = gc.get_threshold()
+    try:
+        restore = _collect_less_while_syncing()
+        assert gc.get_threshold() == SYNC_GC_THRESHOLDS and SYNC_GC_THRESHOLDS[0] >= 100_000
+        assert restore == before
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_a_delta_touches_only_the_services_it_names():

@@ -398,6 +398,29 @@ def test_lists_are_read_page_by_page(api, monkeypatch, run_source):
     assert all("continue" in q and "resourceVersion" not in q for q in lists[1:])
 
 
+def test_the_next_page_is_asked_for_while_this_one_is_parsed(api, monkeypatch, run_source):
+    # The server (and the network) produce page 2 while the source parses page 1.
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    list_page = kubernetes_source._ClusterState.list_page
+    asked_meanwhile = []
+
+    def service_pages():
+        return [q for path, q in api.requests if path.endswith("/services") and
+                "watch" not in q]
+
+    def parse_slowly(state, kind, items, seen):
+        if kind == "service" and not asked_meanwhile:
+            asked_meanwhile.append(api.wait_for(lambda: len(service_pages()) >= 2, timeout=2))
+        list_page(state, kind, items, seen)
+
+    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", parse_slowly)
+    _, recorder = run_source()
+    services = recorder.wait_for_change()
+    assert asked_meanwhile == [True]
+    assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
+    assert len(service_pages()) == 4  # each page once: none asked for twice
+
+
 def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypatch,
                                                         run_source):
     monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)

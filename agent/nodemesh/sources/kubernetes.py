@@ -24,7 +24,9 @@ How it follows the API
     - Lists ask for resourceVersion "0" (served from the API server's watch cache: cheap when
       every node lists at once), except the relist after a 410, which is a consistent read.
       They come in pages of 500 (limit/continue), decoded one item at a time, and one
-      collection lists at a time. A relist parses only objects whose resourceVersion moved,
+      collection lists at a time; the next page is asked for (its token is in the page's
+      metadata, ahead of the items) before this one is parsed, so the server and the network
+      produce it meanwhile. A relist parses only objects whose resourceVersion moved,
       and whatever it does not name is deleted.
 
 What it keeps, and what it delivers
@@ -944,21 +946,25 @@ class _Watcher:
         # each socket read of the other waits for the GIL (the convoy effect): two lists of
         # 100,000 objects at once took three times their CPU time.
         with self._source._listing:
+            page = _PageFetch(self._page, query, self.kind)
             while True:
-                response = self._call(limit=self.PAGE_SIZE, **query,
-                                      _request_timeout=(self.CONNECT_TIMEOUT_SECONDS, 120))
-                try:
-                    text = response.data.decode("utf-8")
-                finally:
-                    response.release_conn()
+                text = page.result()
+                # The next page is asked for before this one is parsed, so that the server
+                # (and the network) produce it while we parse: the page's metadata comes
+                # before its items, and holds the token. Further pages name only the token
+                # (with a resourceVersion they are refused); an expired token is a 410, and
+                # the relist starts over.
+                head = _list_head(text)
+                token = head.get("continue") if head is not None else None
+                following = _PageFetch(self._page, {"_continue": token}, self.kind) \
+                    if token else None
                 fields: Dict[str, Any] = {}
                 self._state.list_page(self.kind, _list_items(text, fields), seen)
                 metadata = fields.get("metadata") or {}
                 if not metadata.get("continue"):
                     break
-                # Further pages name only the token (with a resourceVersion they are
-                # refused); an expired token is a 410, and the relist starts over.
-                query = {"_continue": metadata["continue"]}
+                page = following if following is not None and token == metadata["continue"] \
+                    else _PageFetch(self._page, {"_continue": metadata["continue"]}, self.kind)
             self._state.list_done(self.kind, seen)
         self._consistent_list = False
         self._backoff.reset()  # the server answers: a later failure starts from a short wait
@@ -969,6 +975,15 @@ class _Watcher:
                  self.resource_version)
         if self._after_list is not None:
             self._after_list()
+
+    def _page(self, query: Dict[str, Any]) -> str:
+        """One page of a list, as text."""
+        response = self._call(limit=self.PAGE_SIZE, **query,
+                              _request_timeout=(self.CONNECT_TIMEOUT_SECONDS, 120))
+        try:
+            return str(response.data.decode("utf-8"))
+        finally:
+            response.release_conn()
 
     def _watch(self, until: float) -> None:
         # End by the next resync; timeoutSeconds is whole seconds, at least 1.
@@ -1082,6 +1097,55 @@ def _list_items(text: str, fields: Dict[str, Any]) -> Iterator[dict]:
         else:
             fields[key], index = _DECODER.raw_decode(text, index)
         index = skip(index, ",")
+
+
+def _list_head(text: str) -> Optional[Dict[str, Any]]:
+    """A List's metadata, read without decoding its items, if it comes before them (as the
+    API server sends it); None if it does not."""
+    index = _SPACE.match(text, 0).end()
+    if not text.startswith("{", index):
+        return None
+    index = _SPACE.match(text, index + 1).end()
+    while not text.startswith("}", index):
+        key, index = _DECODER.raw_decode(text, index)
+        index = _SPACE.match(text, index).end()
+        if not text.startswith(":", index) or key == "items":
+            return None
+        value, index = _DECODER.raw_decode(text, _SPACE.match(text, index + 1).end())
+        if key == "metadata":
+            return value if isinstance(value, dict) else None
+        index = _SPACE.match(text, index).end()
+        if text.startswith(",", index):
+            index = _SPACE.match(text, index + 1).end()
+    return None
+
+
+class _PageFetch:
+    """One list page fetched on a thread of its own (daemon: a stopping agent does not wait
+    for it), while the caller parses the page before it."""
+
+    def __init__(self, fetch: Callable[[Dict[str, Any]], str], query: Dict[str, Any],
+                 kind: str):
+        self._text: Optional[str] = None
+        self._error: Optional[BaseException] = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(fetch, query), daemon=True,
+                         name=f"kubernetes-{kind}-page").start()
+
+    def _run(self, fetch: Callable[[Dict[str, Any]], str], query: Dict[str, Any]) -> None:
+        try:
+            self._text = fetch(query)
+        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+            self._error = error
+        finally:
+            self._done.set()
+
+    def result(self) -> str:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._text is not None
+        return self._text
 
 
 def _json_lines(response) -> Iterator[bytes]:

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""CPU of the agent's first sync from the Kubernetes source, phase by phase, without HTTP or
+the kernel: what is left of "synced in <= 10 s" once the network and the datapath are out.
+
+    .venv/bin/python bench/k8s_sync_cpu.py 50000 [--agent DIR]
+
+N Services + N EndpointSlices (bench/k8s_source.py's objects) are paged (500 a page) as the
+fake API server serves them (tests/k8s_fake_apiserver.py), then timed in this process with
+process CPU time:
+
+  list         every page decoded and parsed into the source's cluster state
+  first delta  the full set assembled (take_delta)
+  core round   the core folds it, plans every frontend and packs the map writes into an
+               in-memory map (tests/fakemaps.py), and publishes its snapshot
+  collect      the full gc.collect() the agent does before it freezes the first sync
+
+The GC thresholds are the agent's during a first sync (daemon._collect_less_while_syncing)
+when the agent code has them. --agent DIR times another checkout's agent/ (for example a
+`git archive` of an older commit), for side-by-side runs: alternate them (A B A B), since a
+shared machine moves CPU times by tens of percent.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("services", type=int)
+    parser.add_argument("--agent", default=ROOT, metavar="DIR",
+                        help="the checkout whose agent/ is timed (default: this one)")
+    args = parser.parse_args()
+    sys.path[:0] = [os.path.join(args.agent, "agent"), os.path.join(ROOT, "tests"),
+                    os.path.join(ROOT, "bench")]
+    from fakemaps import FakeMaps
+    from k8s_fake_apiserver import COLLECTIONS, FakeApiServer
+    from k8s_source import service_object, slice_object
+    from prometheus_client import CollectorRegistry
+
+    from nodemesh import daemon
+    from nodemesh.core import Core, SourceChanged
+    from nodemesh.datapath import maps as m
+    from nodemesh.health import HealthChecker
+    from nodemesh.outlier import OutlierDetector
+    from nodemesh.reconciler import Reconciler
+    from nodemesh.snapshot import SourceState
+    from nodemesh.sources import kubernetes as k8s
+
+    n = args.services
+    api = FakeApiServer()
+    api.load(service_object(i) for i in range(n))
+    api.load(slice_object(i) for i in range(n))
+    pages = {}
+    for resource in ("services", "endpointslices"):
+        bodies, query = [], {"limit": "500"}
+        while True:
+            _, body = api._list_body(COLLECTIONS[resource], None, query)
+            bodies.append(body)
+            metadata = k8s._list_head(body.decode()) if hasattr(k8s, "_list_head") else None
+            if metadata is None:  # an older checkout: read the page's metadata the long way
+                fields: dict = {}
+                for _ in k8s._list_items(body.decode(), fields):
+                    pass
+                metadata = fields["metadata"]
+            if not metadata.get("continue"):
+                break
+            query = {"continue": metadata["continue"], "limit": "500"}
+        pages[resource] = bodies
+    del api
+    gc.collect()
+    gc.freeze()  # the pages are the server's, not the agent's: out of the collector's sight
+    if hasattr(daemon, "_collect_less_while_syncing"):
+        daemon._collect_less_while_syncing()
+
+    times = {}
+    started = time.process_time()
+    state = k8s._ClusterState(lambda: None, lambda notes: None)
+    for kind, resource in (("service", "services"), ("endpointslice", "endpointslices")):
+        seen: set = set()
+        for body in pages[resource]:
+            state.list_page(kind, k8s._list_items(body.decode("utf-8"), {}), seen)
+        state.list_done(kind, seen)
+    times["list"] = time.process_time() - started
+    mark = time.process_time()
+    delta = state.take_delta()
+    times["first delta"] = time.process_time() - mark
+    mark = time.process_time()
+    registry = CollectorRegistry()
+    core = Core(Reconciler(FakeMaps(), m.MapSizes()), HealthChecker(registry, lambda key: None),
+                OutlierDetector(registry, lambda services: None), SourceState("kubernetes"))
+    core.post(SourceChanged(delta))
+    core.step(0, reconcile=False)
+    result = core.reconcile(force=True)
+    times["core round"] = time.process_time() - mark
+    mark = time.process_time()
+    gc.collect()
+    times["collect"] = time.process_time() - mark
+    assert result.added == n, result
+    times["total"] = time.process_time() - started
+    load = os.getloadavg()[0]
+    print(f"{n:,} services, agent {args.agent}: " +
+          ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items()) +
+          f" (CPU; 1-min load average {load:.1f} on {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
