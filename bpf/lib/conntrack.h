@@ -139,6 +139,29 @@ static __always_inline struct nm_ct_value *ct_lookup(struct nm_ct_key *k, u8 tcp
 		ct.delete(k);
 		return NULL;
 	}
+	if (!pv) {
+		/* The LRU evicted the other direction's entry while this one lived (entries are
+		 * evicted one by one). Without it the flow is half-translated: a client's SYN that
+		 * reopens this closing tuple would reach the backend, and the answer would come
+		 * back untranslated and be lost. Rebuild it: each entry names its partner's tuple
+		 * and its partner names this one, so one is the mirror of the other. */
+		struct nm_ct_value mirror = {};
+		__builtin_memcpy(mirror.nat_src, k->dst, 16);
+		__builtin_memcpy(mirror.nat_dst, k->src, 16);
+		mirror.nat_sport = k->dport;
+		mirror.nat_dport = k->sport;
+		mirror.kind = v->kind == NM_CT_FORWARD ? NM_CT_REPLY : NM_CT_FORWARD;
+		mirror.state = v->state;
+		mirror.flags = v->flags;
+		mirror.svc_id = v->svc_id;
+		mirror.last_seen_ns = now;
+		ct.insert(&pk, &mirror); /* BPF_NOEXIST: a flow that took the tuple meanwhile wins */
+		pv = ct.lookup(&pk);
+		if (pv && !ct_points_back(pv, k)) {
+			ct.delete(k);
+			return NULL;
+		}
+	}
 	u8 next = ct_next_state(k->proto, v->state, v->kind, tcp_flags);
 	u8 flags = ct_next_flags(k->proto, v->flags, v->kind, tcp_flags, next);
 	v->last_seen_ns = now;
