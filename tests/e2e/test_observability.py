@@ -31,7 +31,11 @@ class Follower:
 
         from helpers import ROOT
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "nodemesh.cli", "flows", "--follow",
+        # Ctrl-C's own disposition: a process started in the background (`make test &`)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+        start = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "from nodemesh.cli import main; sys.exit(main(sys.argv[1:]))")
+        self.proc = subprocess.Popen([sys.executable, "-c", start, "flows", "--follow",
                                       "-o", "json", "--admin-socket", lab.admin_socket],
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.lines = []
