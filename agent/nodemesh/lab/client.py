@@ -63,7 +63,7 @@ class Tally:
             self.errors[name] += 1
 
 
-def tcp_once(family, target, timeout: float, tally: Tally) -> None:
+def tcp_once(family, target, timeout: float, tally: Tally, path: str = "/") -> None:
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -71,7 +71,7 @@ def tcp_once(family, target, timeout: float, tally: Tally) -> None:
         if not _same(s.getpeername(), target):
             with tally.lock:
                 tally.peer_mismatch += 1
-        s.sendall(b"GET / HTTP/1.0\r\nHost: nodemesh\r\n\r\n")
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: nodemesh\r\n\r\n".encode())
         data = b""
         while True:
             chunk = s.recv(4096)
@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-socket", action="store_true",
                     help="UDP: one socket for all datagrams (a long-lived client)")
     ap.add_argument("--interval", type=float, default=0.0, help="pause between operations")
+    ap.add_argument("--path", default="/", help="TCP: the HTTP path to GET (its body names "
+                    "the backend)")
     ap.add_argument("--stop-file", help="run until this file exists (bounded by --max-seconds)")
     ap.add_argument("--max-seconds", type=float, default=60.0)
     args = ap.parse_args(argv)
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     def worker():
         while more():
             if args.mode == "tcp":
-                tcp_once(family, target, args.timeout, tally)
+                tcp_once(family, target, args.timeout, tally, args.path)
             else:
                 udp_once(family, target, args.timeout, args.connected, tally, shared)
             if args.interval:
