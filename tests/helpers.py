@@ -195,6 +195,12 @@ def remove_workload_cgroups(lab: Lab, paths: Iterable[str]) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    remove_cgroups(paths)
+
+
+def remove_cgroups(paths: Iterable[str]) -> None:
+    """Remove the cgroups `paths`, deepest first, once their processes are gone: a killed
+    process leaves its cgroup a moment later, so each removal is retried for up to a second."""
     for path in sorted(set(paths), key=len, reverse=True):
         for _ in range(50):
             try:

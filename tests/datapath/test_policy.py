@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from helpers import remove_cgroups
 
 from nodemesh.datapath.loader import cgroup2_root
 from nodemesh.identity import Workload
@@ -55,15 +56,7 @@ def workloads(lab):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         del lab.processes[servers:]
-        for path in reversed(made):
-            for _ in range(50):  # a killed process leaves its cgroup a moment later
-                try:
-                    os.rmdir(path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.02)
+        remove_cgroups(made)
 
 
 def rel(path):
