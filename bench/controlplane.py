@@ -37,7 +37,23 @@ switch lands on the new set, with no sampling delay. Measured:
                  change so far) and 100,000 connections). The time is connect()'s return.
   CPU / change   the agent's user+system CPU over the change loop, minus its idle CPU rate
                  (measured just after, over the same duration, at most --idle-seconds and
-                 scaled) times the loop's duration, divided by the number of changes
+                 scaled) times the loop's duration, divided by the number of changes. This
+                 counts the agent's work for the probe's connections in the loop too (flow
+                 events, connection and latency accounting: a few per change, since the
+                 probe stops at the first connection on the new set)
+  ... without the probe's connections
+                 the same, less the probe's share: a second baseline runs the probe alone
+                 against an unchanged service, at the same interval and for as long, and
+                 gives the agent's CPU per probe connection above idle; that times the loop's
+                 probe connections is taken off. What is left is the cost of the changes
+  by thread      the same three readings per thread (/proc/PID/task/*/stat, named by
+                 `py-spy dump` when py-spy sits next to this Python; numbered pool workers
+                 summed), printed and written below each table: the core loop (MainThread),
+                 the flow-event reader (flow-events), the source's threads, the metrics and
+                 admin servers. Ticks are 10 ms: a thread's per-change figure is only as
+                 good as its CPU over the loop (use --changes 100 for finer ones).
+                 --profile DIR also writes a `py-spy record` of the loop (collapsed stacks
+                 per thread; a profiled run's CPU figures are not a plain run's)
   /metrics       median (min-max) time of --scrapes GETs, and the body size
 
 --resync-seconds (default 3600) is passed to the agent so that its periodic prune of the
@@ -147,7 +163,7 @@ def probe_main() -> int:
         if result is None:
             result = {"error": f"no connection reached {sorted(want)} within "
                                f"{time.monotonic() - started:.1f}s ({n} tries)"}
-        result.update(failed=failed, errors=dict(errors), others=dict(others))
+        result.update(failed=failed, errors=dict(errors), others=dict(others), tries=n)
         if not primed:
             print(json.dumps({"primed": None}), flush=True)
         print(json.dumps(result), flush=True)
@@ -470,6 +486,87 @@ def cpu_seconds(p, children: bool = False) -> float:
     return t.user + t.system + ((t.children_user + t.children_system) if children else 0.0)
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> Dict[int, float]:
+    """Each thread's user+system CPU seconds, by native thread id (/proc/PID/task/*/stat)."""
+    out: Dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # the thread ended
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    return out
+
+
+def thread_names(pid: int) -> Dict[int, str]:
+    """Native thread id -> Python thread name, from `py-spy dump` (next to this Python, or on
+    PATH; measuring only, not an agent dependency). Without py-spy: the kernel's comm."""
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    spy = spy if os.path.exists(spy) else (shutil.which("py-spy") or "")
+    names: Dict[int, str] = {}
+    if spy:
+        try:
+            text = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
+                                  text=True, timeout=60).stdout
+            for m in re.finditer(r'^Thread (?:0x)?([0-9A-Fa-f]+) \(\w+\): "([^"]*)"', text,
+                                 re.M):
+                names[int(m.group(1))] = m.group(2)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if int(tid) not in names:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    names[int(tid)] = f"{f.read().strip()}[{tid}]"
+            except OSError:
+                pass
+    return names
+
+
+def start_profile(folder: Optional[str], pid: int, source: str,
+                  n: int) -> Optional[subprocess.Popen]:
+    """`py-spy record` of the agent over the change loop (--profile DIR): collapsed stacks per
+    thread, active samples only. It samples without stopping the agent, but its figures and
+    the CPU of a profiled run are not those of a plain run."""
+    if not folder:
+        return None
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    os.makedirs(folder, exist_ok=True)
+    out = os.path.join(folder, f"loop-{source}-{n}.txt")
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--nonblocking",
+                             "--rate", "200", "--format", "raw", "--output", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the first change
+    return proc
+
+
+def stop_profile(proc: Optional[subprocess.Popen]) -> None:
+    if proc is not None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def thread_group(name: str) -> str:
+    """A thread's part of the agent: numbered workers of one pool count together."""
+    return re.sub(r"-\d+$", "-*", name)
+
+
+def thread_delta(before: Dict[int, float], after: Dict[int, float],
+                 names: Dict[int, str]) -> Dict[str, float]:
+    out: Dict[str, float] = collections.Counter()
+    for tid, cpu in after.items():
+        out[thread_group(names.get(tid, f"thread {tid}"))] += cpu - before.get(tid, 0.0)
+    return dict(out)
+
+
 # -- leftovers of a crashed run ---------------------------------------------------------------
 
 class State:
@@ -533,7 +630,7 @@ def pct(values: List[float], q: int) -> float:
 def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
     import psutil
 
-    names = {i: lab.backends[i].name for i in range(len(lab.backends))}
+    names_of = {i: lab.backends[i].name for i in range(len(lab.backends))}
     addrs = {i: lab.backends[i].ipv4 for i in range(len(lab.backends))}
     set_a = [addrs[i] for i in SET_A]
     run_dir = tempfile.mkdtemp(prefix=f"{source}-{n}-", dir=workdir)
@@ -562,6 +659,10 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
         connections: List[int] = []
         probe_failures: List[str] = []
         rng = random.Random(n)
+        tries = 0  # the probe's connections during the loop
+        names = thread_names(p.pid)
+        spy = start_profile(args.profile, p.pid, source, n)
+        threads0 = thread_cpu(p.pid)
         cpu0 = cpu_seconds(p)
         loop0 = time.monotonic()
         for c in range(args.changes):
@@ -577,12 +678,13 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
             # would wait a whole poll interval every time (phase-locked), an unfair p50.
             time.sleep(rng.uniform(0.0, args.jitter))
             bound = min(300.0, max(5.0, ready, 3 * max(to_map, default=0.0)))
-            probe.arm(vip, [names[k] for k in new], [names[k] for k in old], bound)
+            probe.arm(vip, [names_of[k] for k in new], [names_of[k] for k in old], bound)
             t0 = variant.change(i, [addrs[k] for k in new])
             t_map = reader.wait_switch(vip, before, frozenset(addrs[k] for k in new),
                                        deadline=t0 + bound)
             current[i] = new
             res = probe.result(timeout=bound + 15)
+            tries += res.get("tries", res.get("connections", 0))
             to_map.append(t_map - t0)
             if "landed" in res:
                 to_conn.append(res["landed"] - t0)
@@ -591,15 +693,53 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
                 probe_failures.append(res.get("error", str(res)))
         loop = time.monotonic() - loop0
         cpu_loop = cpu_seconds(p) - cpu0
+        threads_loop = thread_delta(threads0, thread_cpu(p.pid), names)
+        stop_profile(spy)
         idle_for = min(loop, args.idle_seconds)
-        cpu1 = cpu_seconds(p)
+        # Baseline 1, idle: nothing changes and nothing connects.
+        names.update(thread_names(p.pid))
+        threads1, cpu1 = thread_cpu(p.pid), cpu_seconds(p)
         time.sleep(idle_for)
         idle_rate = (cpu_seconds(p) - cpu1) / idle_for
+        threads_idle = thread_delta(threads1, thread_cpu(p.pid), names)
+        # Baseline 2, the probe alone: nothing changes, the probe connects to an unchanged
+        # service at the loop's interval for as long, so every connection costs the agent
+        # what it costs in the loop (flow events, connection and latency accounting).
+        threads2, cpu2 = thread_cpu(p.pid), cpu_seconds(p)
+        t2 = time.monotonic()
+        still = current.get(0, SET_A)
+        probe.arm(vip_of(0), ["(nobody)"], [names_of[k] for k in still], idle_for)
+        res = probe.result(timeout=idle_for + 15)
+        probe_for = time.monotonic() - t2
+        probe_cpu = cpu_seconds(p) - cpu2
+        threads_probe = thread_delta(threads2, thread_cpu(p.pid), names)
+        probe_tries = res.get("tries", 0)
+        # The agent's CPU per probe connection, above idle (0 if the probe made none).
+        per_try = ((probe_cpu - idle_rate * probe_for) / probe_tries) if probe_tries else 0.0
         out.update(to_map=to_map, to_conn=to_conn, probe_failures=probe_failures,
                    connections=connections, loop=loop, idle_rate=idle_rate,
-                   cpu_per_change=(cpu_loop - idle_rate * loop) / args.changes)
+                   cpu_per_change=(cpu_loop - idle_rate * loop) / args.changes,
+                   tries=tries, probe_tries=probe_tries, probe_for=probe_for,
+                   per_try=per_try,
+                   cpu_change_only=(cpu_loop - idle_rate * loop - per_try * tries)
+                   / args.changes)
+        # Per thread: the loop's CPU, its idle rate, and what the probe's connections cost.
+        per_thread = {}
+        for g in sorted(set(threads_loop) | set(threads_idle) | set(threads_probe)):
+            rate = threads_idle.get(g, 0.0) / idle_for
+            g_try = ((threads_probe.get(g, 0.0) - rate * probe_for) / probe_tries
+                     if probe_tries else 0.0)
+            per_thread[g] = {"loop": threads_loop.get(g, 0.0), "idle_rate": rate,
+                             "probe_per_try": g_try,
+                             "change_only": (threads_loop.get(g, 0.0) - rate * loop
+                                             - g_try * tries) / args.changes}
+        out["threads"] = per_thread
         print(f"  {source} N={n:,}: {args.changes} changes in {loop:.1f}s; change->map p50 "
-              f"{statistics.median(to_map) * 1000:.0f} ms", flush=True)
+              f"{statistics.median(to_map) * 1000:.0f} ms; CPU/change "
+              f"{out['cpu_per_change'] * 1000:.2f} ms with the probe's {tries} connections, "
+              f"{out['cpu_change_only'] * 1000:.2f} ms without "
+              f"({per_try * 1e6:.0f} us a connection)", flush=True)
+        print(thread_table(per_thread, args.changes, tries), flush=True)
 
         times, sizes = [], []
         for _ in range(args.scrapes):
@@ -642,10 +782,23 @@ def cpu_text(per_change: float, changes: int) -> str:
     return f"< {floor * 1000:.1f} ms" if per_change < floor else ms(per_change)
 
 
+def thread_table(per_thread: Dict[str, dict], changes: int, tries: int) -> str:
+    """Per thread (numbered pool workers together): CPU over the change loop, its idle rate,
+    the CPU a probe connection costs it, and what is left per change."""
+    lines = [f"| thread | CPU over the loop | idle | per probe connection | per change, "
+             f"without the probe's {tries:,} connections |", "|---|---|---|---|---|"]
+    for g, t in sorted(per_thread.items(), key=lambda kv: -kv[1]["loop"]):
+        if t["loop"] < 0.005 and abs(t["change_only"]) < 0.0001:
+            continue  # below a tick: nothing to say
+        lines.append(f"| {g} | {t['loop']:.2f} s | {t['idle_rate'] * 100:.1f} % | "
+                     f"{t['probe_per_try'] * 1e6:.0f} us | {t['change_only'] * 1000:.2f} ms |")
+    return "\n".join(lines)
+
+
 def row(r: dict, changes: int) -> str:
     mib = 2 ** 20
     if "error" in r:
-        return f"| {r['n']:,} | failed: {r['error']} |" + " |" * 8
+        return f"| {r['n']:,} | failed: {r['error']} |" + " |" * 9
     conn = (f"{ms(statistics.median(r['to_conn']))} / {ms(pct(r['to_conn'], 99))}"
             if r["to_conn"] else "n/a")
     if r["probe_failures"]:
@@ -655,20 +808,30 @@ def row(r: dict, changes: int) -> str:
             f"{r['rss_ready'] / mib:.0f} MiB | {r['hwm_end'] / mib:.0f} MiB | "
             f"{ms(statistics.median(r['to_map']))} / {ms(pct(r['to_map'], 99))} "
             f"(max {ms(max(r['to_map']))}) | {conn} | "
-            f"{cpu_text(r['cpu_per_change'], changes)} | {r['idle_rate'] * 100:.1f} % | "
+            f"{cpu_text(r['cpu_per_change'], changes)} | "
+            f"{cpu_text(r['cpu_change_only'], changes)} | {r['idle_rate'] * 100:.1f} % | "
             f"{ms(statistics.median(r['scrape']))} ({ms(min(r['scrape']))}–"
             f"{ms(max(r['scrape']))}) | {r['scrape_bytes'] / 1024:,.0f} KiB |")
 
 
 HEADER = ("| services | start → /readyz 200 | agent CPU to ready | RSS ready | peak RSS (VmHWM) "
           "| change → kernel map p50 / p99 | change → first connection on the new set "
-          "p50 / p99 | agent CPU / change | agent idle CPU | /metrics scrape median (min–max) "
-          "| /metrics size |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "p50 / p99 | agent CPU / change | agent CPU / change without the probe's connections "
+          "| agent idle CPU | /metrics scrape median (min–max) "
+          "| /metrics size |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table(source: str, results: List[dict], args) -> str:
-    return (f"### {VARIANTS[source].title}\n\n{HEADER}\n" +
+    text = (f"### {VARIANTS[source].title}\n\n{HEADER}\n" +
             "\n".join(row(r, args.changes) for r in results) + "\n")
+    for r in results:
+        if "threads" in r:
+            text += (f"\nAgent CPU by thread at {r['n']:,} ({r['loop']:.1f} s loop; baselines "
+                     f"{min(r['loop'], args.idle_seconds):.1f} s idle, {r['probe_for']:.1f} s "
+                     f"of the probe alone, {r['probe_tries']:,} connections, "
+                     f"{r['per_try'] * 1e6:.0f} us of agent CPU each):\n\n"
+                     + thread_table(r["threads"], args.changes, r["tries"]) + "\n")
+    return text
 
 
 def main() -> int:
@@ -693,6 +856,9 @@ def main() -> int:
     ap.add_argument("--output", default=os.path.join(ROOT, "bench", "results",
                                                      "controlplane.md"))
     ap.add_argument("--logs", metavar="DIR", help="keep each run's agent log here")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="py-spy record the agent over each change loop into DIR "
+                         "(.venv/bin/pip install py-spy; changes the CPU figures)")
     ap.add_argument("--append", action="store_true", help="add to --output, not replace it")
     args = ap.parse_args()
     sizes = [int(s) for s in (args.sizes or ("1,10000,100000" if args.full else "1,10000"))
