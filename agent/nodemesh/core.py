@@ -231,9 +231,8 @@ class Core:
         snap = self.snapshot
         # The last round that did something (a quiet round would hide it); never changed again.
         last = result if (result or snap.last_round is None) else snap.last_round
-        self.snapshot = replace(
-            snap, generation=snap.generation + 1, frontends=snap.frontends.updated(views),
-            last_round=last, failing=len(self._failing),
+        self.snapshot = snap.with_frontends(
+            views, generation=snap.generation + 1, last_round=last, failing=len(self._failing),
             conflicts=tuple(c for cs in self._conflicts.values() for c in cs))
 
 

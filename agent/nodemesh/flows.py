@@ -13,11 +13,14 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import asdict, dataclass
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
 
 from .datapath import bpfsys
 from .datapath import maps as m
 from .datapath.observe import REASONS, VERDICT_IDS, VERDICTS, FlowBudget, FlowEvent, ObserveConfig
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
 
 HISTORY = 4096
 DEFAULT_RATE = 1000   # events per second per CPU
@@ -149,28 +152,17 @@ class FlowLog:
 
 
 class ServiceNames:
-    """svc_id -> (namespace, service), from the snapshot; rebuilt only when an id is unknown
-    and the snapshot changed since the last build."""
+    """svc_id -> (namespace, service), from the published snapshot's svc_id index: one lookup
+    an event, whatever the number of services (no table of its own to rebuild)."""
 
-    def __init__(self, snapshot: Callable[[], object]):
+    def __init__(self, snapshot: Callable[[], "Snapshot"]):
         self._snapshot = snapshot
-        self._generation = -1
-        self._names: Dict[int, Tuple[str, str]] = {}
 
     def __call__(self, svc_id: int) -> Tuple[str, str]:
-        hit = self._names.get(svc_id)
-        if hit is not None:
-            return hit
-        snap = self._snapshot()
-        generation = getattr(snap, "generation", 0)
-        if generation != self._generation:
-            self._generation = generation
-            self._names = {}
-            for view in snap.frontends.values():  # type: ignore[attr-defined]
-                p, d = view.programmed, view.desired
-                if p is not None and d is not None:
-                    self._names[p.svc_id] = (d.namespace, d.service)
-        return self._names.get(svc_id, ("", ""))
+        view = self._snapshot().by_svc_id.get(svc_id)
+        if view is None or view.desired is None:
+            return ("", "")
+        return (view.desired.namespace, view.desired.service)
 
 
 def read(ring_fd: int, log: FlowLog, names: Callable[[int], Tuple[str, str]],

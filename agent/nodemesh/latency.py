@@ -22,7 +22,6 @@ from .datapath.observe import LATENCY_BUCKETS, LatencyKey, LatencyStats
 
 if TYPE_CHECKING:
     from .daemon import Agent
-    from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,6 @@ class LatencyCollector(Collector):
     def __init__(self, agent: "Agent", per_backend: bool):
         self.agent = agent
         self.per_backend = per_backend
-        self._index: Dict[int, Tuple[str, str, frozenset]] = {}
-        self._index_generation = -1
 
     def totals(self) -> Dict[Tuple[str, ...], Totals]:
         """{(namespace, service[, backend]): Totals} for the frontends programmed now."""
@@ -86,26 +83,17 @@ class LatencyCollector(Collector):
             return {}
         out: Dict[Tuple[str, ...], Totals] = {}
         for (svc_id, address, port, _family), st in by_key.items():
-            svc = self._frontends(snap).get(svc_id)
-            if svc is None or (address, port) not in svc[2]:
+            # One lookup an entry in the snapshot's svc_id index: a scrape costs what the
+            # kernel has entries for, not N.
+            view = snap.by_svc_id.get(svc_id)
+            if view is None or view.desired is None or view.programmed is None or \
+                    (address, port) not in view.programmed.backend_ids:
                 continue  # a frontend or backend gone since: its entry ages out of the LRU
-            labels: Tuple[str, ...] = (svc[0], svc[1])
+            labels: Tuple[str, ...] = (view.desired.namespace, view.desired.service)
             if self.per_backend:
                 labels += (backend_label(address, port),)
             out.setdefault(labels, Totals()).add(st)
         return out
-
-    def _frontends(self, snap: "Snapshot") -> Dict[int, Tuple[str, str, frozenset]]:
-        """svc_id -> (namespace, service, its backends), built once per published snapshot:
-        a scrape with nothing changed costs what the kernel has entries for, not N."""
-        if self._index_generation != snap.generation:
-            index = {}
-            for view in snap.frontends.values():
-                p, d = view.programmed, view.desired
-                if p is not None and d is not None:
-                    index[p.svc_id] = (d.namespace, d.service, frozenset(p.backend_ids))
-            self._index, self._index_generation = index, snap.generation
-        return self._index
 
     def collect(self) -> Iterator[Metric]:
         try:

@@ -8,8 +8,8 @@ entries each).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Generic, Hashable, Iterator, Mapping, Optional, Tuple, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Generic, Hashable, Iterator, Mapping, Optional, Tuple, TypeVar
 
 from .model import Service
 from .reconciler import DesiredFrontend, FrontendKey, ProgrammedFrontend, RoundResult, Status
@@ -107,7 +107,25 @@ class Snapshot:
     generation: int = 0
     services: Shards[Tuple[str, str], Service] = field(default_factory=Shards)
     frontends: Shards[FrontendKey, FrontendView] = field(default_factory=Shards)
+    # The same views by the kernel's svc_id, for readers that hold an id from the kernel
+    # (flow events, latency entries): only frontends both desired and programmed.
+    by_svc_id: Shards[int, FrontendView] = field(default_factory=Shards)
     source: SourceState = field(default_factory=lambda: SourceState("file"))
     last_round: Optional[RoundResult] = None  # the last round that did something
     failing: int = 0                     # frontends whose last attempt failed
     conflicts: Tuple[str, ...] = ()      # frontends two services claim
+
+    def with_frontends(self, views: Mapping[FrontendKey, Optional[FrontendView]],
+                       **changes: Any) -> "Snapshot":
+        """A new Snapshot with these frontends' views replaced (None: gone), and the svc_id
+        index kept in step, at the cost of the views given, never of N."""
+        by_id: Dict[int, Optional[FrontendView]] = {}
+        for key in views:  # first the ids these frontends held, then what they hold now
+            old = self.frontends.get(key)
+            if old is not None and old.programmed is not None and old.desired is not None:
+                by_id[old.programmed.svc_id] = None
+        for view in views.values():
+            if view is not None and view.programmed is not None and view.desired is not None:
+                by_id[view.programmed.svc_id] = view
+        return replace(self, frontends=self.frontends.updated(views),
+                       by_svc_id=self.by_svc_id.updated(by_id), **changes)

@@ -147,7 +147,7 @@ def _agent_with(entries, generation=1):
     from types import SimpleNamespace
 
     from nodemesh.reconciler import DesiredFrontend, FrontendKey, ProgrammedFrontend, Status
-    from nodemesh.snapshot import Shards, Snapshot, frontend_view
+    from nodemesh.snapshot import Snapshot, frontend_view
 
     key = FrontendKey(m.FAMILY_V4, "10.96.0.10", 80, "TCP")
     desired = DesiredFrontend(key, "demo", "web", "http", "random",
@@ -155,7 +155,7 @@ def _agent_with(entries, generation=1):
     programmed = ProgrammedFrontend(key, 7, 0, "random", 1, (1, 2),
                                     {("10.0.0.1", 8080): 1, ("10.0.0.2", 8080): 2})
     view = frontend_view(key, desired, programmed, Status("done"))
-    snap = Snapshot(generation=generation, frontends=Shards().updated({key: view}))
+    snap = Snapshot(generation=generation).with_frontends({key: view})
     return SimpleNamespace(maps=_Maps(entries), snapshot=snap)
 
 
