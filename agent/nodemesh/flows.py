@@ -135,9 +135,15 @@ class FlowLog:
         return self.seq + 1
 
     def add(self, flow: Flow) -> None:
+        self.extend([flow])
+
+    def extend(self, flows: List[Flow]) -> None:
+        """Add flows in seq order: one lock and one wake-up for a whole poll's worth."""
+        if not flows:
+            return
         with self._cond:
-            self._flows.append(flow)
-            self.seq = flow.seq
+            self._flows.extend(flows)
+            self.seq = flows[-1].seq
             self._cond.notify_all()
 
     def since(self, seq: int, match: Callable[[Flow], bool], wait: float = 0.0,
@@ -170,13 +176,17 @@ def read(ring_fd: int, log: FlowLog, names: Callable[[int], Tuple[str, str]],
     """The worker: flow events from the ring buffer into the log, until stop."""
     from .datapath.ringbuf import RingBuffer, cast
 
+    batch: List[Flow] = []
+
     def on_event(data: bytes) -> None:
-        log.add(decode(cast(data, FlowEvent), log.next_seq(), names))
+        batch.append(decode(cast(data, FlowEvent), log.next_seq() + len(batch), names))
 
     ring = RingBuffer(ring_fd)
     try:
         while not stop.is_set():
             ring.poll(on_event, 0.1)
+            log.extend(batch)
+            batch.clear()
     finally:
         ring.close()
 

@@ -72,6 +72,29 @@ def test_the_log_keeps_the_last_flows_and_wakes_a_waiting_reader():
     assert [f.seq for f in got] == [6] and time.monotonic() - t < 1.5
 
 
+def test_a_polls_worth_of_flows_reaches_a_waiting_reader_whole_and_in_order():
+    # The reader decodes what one poll of the ring buffer returns and adds it under one lock,
+    # so a follower woken by it sees the whole batch, not its first flow.
+    log = flows.FlowLog(size=8)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(log.since(0, lambda f: True, wait=5)))
+    reader.start()
+    time.sleep(0.05)
+    log.extend([flows.decode(event(), log.next_seq() + i, names) for i in range(3)])
+    reader.join(5)
+    assert [f.seq for f in got[0][0]] == [1, 2, 3] and got[0][1] == 3
+
+
+def test_a_v4_address_decodes_as_ipaddress_writes_it():
+    import ipaddress
+    import random
+
+    rng = random.Random(8)
+    for value in [0, 1, 0x0A000001, 0xFFFFFFFF] + [rng.getrandbits(32) for _ in range(2000)]:
+        text = str(ipaddress.IPv4Address(value))
+        assert m.decode_addr(*m.encode_addr(text)) == text
+
+
 def test_flows_api_refuses_bad_query_values_with_400():
     log = flows.FlowLog()
     assert flows_view(log, "/v1/flows?wait=60")[0] == 400
