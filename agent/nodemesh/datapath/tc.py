@@ -32,17 +32,31 @@ FILTER_HANDLE = 1
 PARENT_INGRESS = 0xFFFFFFF2  # clsact's ingress hook (TC_H_MIN_INGRESS)
 PARENT_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
-IFACE_F_CLSACT = 0x1  # tc_ifaces: nodemesh created the clsact qdisc on this interface
+IFACE_F_CLSACT = 0x1  # NM_TC_IFACE_F_CLSACT: nodemesh created this interface's clsact qdisc
 
-# enum nm_tc_verdict, enum nm_drop_reason, enum nm_tc_event (bpf/lib/tc_types.h)
+# The constants of bpf/lib/tc_types.h, each defined once here under a name derived from its C
+# name (tests/datapath/test_tc_layout.py compares every one with what the compiler gives).
+# enum nm_tc_verdict, enum nm_drop_reason, enum nm_tc_event, NM_TC_INGRESS/EGRESS
 VERDICTS = {0: "pass", 1: "dnat", 2: "reverse", 3: "icmp_error", 4: "fragment",
             5: "unknown_protocol", 6: "drop"}
 DROP_REASONS = {0: "no_backend", 1: "snat_exhausted", 2: "conntrack_full", 3: "rewrite_failed"}
-EVENTS = {0: "snat_collision"}
+EVENTS = {0: "snat_collision", 1: "ct_rebuilt"}
 DIRECTIONS = {0: "ingress", 1: "egress"}
-CT_KINDS = {0: "forward", 1: "reply"}
-CT_STATES = {0: "syn_sent", 1: "established", 2: "closing", 3: "datagram"}
+# enum nm_ct_kind, enum nm_ct_state
+CT_FORWARD, CT_REPLY = 0, 1
+CT_KINDS = {CT_FORWARD: "forward", CT_REPLY: "reply"}
 CT_SYN_SENT, CT_ESTABLISHED, CT_CLOSING, CT_DATAGRAM = 0, 1, 2, 3
+CT_STATES = {CT_SYN_SENT: "syn_sent", CT_ESTABLISHED: "established", CT_CLOSING: "closing",
+             CT_DATAGRAM: "datagram"}
+# NM_CT_F_*: nm_ct_value.flags
+CT_F_SNAT = 0x1          # the client address was replaced (externalTrafficPolicy Cluster)
+CT_F_FIN_CLIENT = 0x2    # TCP: the client sent FIN (or either side RST)
+CT_F_FIN_BACKEND = 0x4   # TCP: the backend sent FIN (or either side RST)
+CT_F_OVER = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND  # both: the flow is over
+SNAT_TRIES = 32              # NM_SNAT_TRIES: ports tried before snat_exhausted
+SNAT_REUSE_AFTER_NS = 100_000_000  # NM_SNAT_REUSE_AFTER_NS: a closed flow's port, after 100 ms
+CT_REBUILD_BACKENDS = 32     # NM_CT_REBUILD_BACKENDS: backends searched for an evicted flow
+CT_REBUILD_PORTS = 4         # NM_CT_REBUILD_PORTS: its first SNAT ports searched
 
 
 class CtKey(ctypes.Structure):
