@@ -62,6 +62,12 @@ static __always_inline void count(u32 reason)
 #include "lib/conntrack.h"
 #include "lib/nat.h"
 
+/* struct bpf_redir_neigh of the kernel's uapi (Linux 5.10), which BCC 0.26's headers lack. */
+struct nm_redir_neigh {
+	u32 nh_family;
+	u32 nh[4]; /* ipv4_nh in nh[0], or ipv6_nh */
+};
+
 /* BCC 0.26 declares bpf_redirect_neigh without its plen argument; the kernel's has four. */
 static long (*nm_redirect_neigh)(u32 ifindex, void *params, int plen, u64 flags) =
 	(void *)BPF_FUNC_redirect_neigh;
@@ -259,8 +265,31 @@ static __always_inline int forward(struct __sk_buff *skb, struct nm_pkt *p, stru
 	}
 	int rc = bpf_fib_lookup(skb, f, sizeof(*f), 0);
 #undef fib
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return nm_redirect_neigh(f->ifindex, NULL, 0, 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		/* The neighbour is known: write its MAC and ours and send the packet straight to
+		 * the device. bpf_redirect_neigh would look the route up again and go through the
+		 * neighbour layer for what the FIB just told us. */
+		u8 *macs = (u8 *)sc->quote; /* scratch: dmac then smac, as in the Ethernet header */
+		__builtin_memcpy(macs, f->dmac, 6);
+		__builtin_memcpy(macs + 6, f->smac, 6);
+		if (bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect(f->ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		/* The neighbour layer resolves the next hop the FIB found (no second route
+		 * lookup) and holds the packet until it answers. */
+		struct nm_redir_neigh *nh = (struct nm_redir_neigh *)sc->old;
+		__builtin_memset(nh, 0, sizeof(*nh));
+		if (p->t.family == NM_FAMILY_V4) {
+			nh->nh_family = AF_INET;
+			nh->nh[0] = f->ipv4_dst;
+		} else {
+			nh->nh_family = AF_INET6;
+			__builtin_memcpy(nh->nh, f->ipv6_dst, 16);
+		}
+		return nm_redirect_neigh(f->ifindex, nh, sizeof(*nh), 0);
+	}
 	return TC_ACT_OK;
 }
 
