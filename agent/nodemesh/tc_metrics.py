@@ -53,10 +53,8 @@ class TcCollector(Collector):
                                   "Flows whose forward conntrack entry the LRU evicted, found "
                                   "again from their reply entry",
                                   value=events.get(1, 0))
-        now = time.monotonic_ns()
         settings = self.path.settings
-        live = sum(1 for k, v in self.path.conntrack()
-                   if now - v.last_seen_ns <= settings.lifetime_seconds(k.proto, v.state) * 10**9)
+        live, _ = self.path.scan(time.monotonic_ns())
         yield GaugeMetricFamily("nodemesh_conntrack_entries",
                                 "Live conntrack entries (two per flow: one per direction)",
                                 value=live)
