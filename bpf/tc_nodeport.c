@@ -455,6 +455,11 @@ static __always_inline int rebuild_forward(struct __sk_buff *skb, struct nm_pkt 
 	}
 	if (!found)
 		return 0;
+	/* An expired reply entry is no flow (checked here, out of the loops: the verifier's
+	 * budget). rk still holds its key. */
+	struct nm_ct_value *rv = ct.lookup(rk);
+	if (!rv || ct_expired(rk, rv, sc->fwd.last_seen_ns))
+		return 0;
 	ct.insert(&p->t, &sc->fwd);
 	tc_event(NM_TC_EV_CT_REBUILT);
 	return 1;
