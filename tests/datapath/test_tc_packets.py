@@ -440,8 +440,8 @@ def test_a_syn_is_dropped_as_snat_exhausted_while_the_port_holders_are_not_over(
 def test_a_client_port_inside_the_snat_range_is_kept_while_it_is_free(tester):
     """The client's own port is tried first: the same client tuple then meets its own
     TIME_WAIT at the backend, whose timestamps it always exceeds. Another client with the
-    same port gets a different one (a random port of 100 is the same 1% of the time, so
-    without the rule the first assertion fails 99 times in 100)."""
+    same port gets a different one (a port from the hashed start is this one for about 1
+    tuple in 100, so without the rule the first assertion fails for the other 99)."""
     tester.set_config(snat_port_min=50100, snat_port_max=50199)
     try:
         verdict, out = tester.ingress(P.flow(P.TCP, CLIENT4, NODE4, 50150, 30080))
