@@ -22,16 +22,33 @@ client resets the TIME_WAIT and resends its SYN (Linux: ~10 ms later). So each r
 records the client's SYN retransmits, nodemesh's SNAT collisions and snat_exhausted drops,
 and node 2's conntrack statistics, and the table gives round 1 and the later rounds apart.
 
+Is direct a fair baseline? It takes the same hops as the NodePort path: the client's veth,
+the fabric bridge, the node's eth0, the node's pod veth, the pod (in a cluster an external
+client reaching a pod IP is routed through the pod's node, as here). What it lacks is exactly
+the NAT: no TC program, no agent. The node forwards it through the kernel's IP stack (no
+netfilter rules, so no kernel conntrack in node 1 or 3; only node 2 has rules), while the TC
+path hands the packet to the pod's veth with bpf_redirect_neigh and skips that stack. Each
+variant has its own pod (one nginx worker each), so TIME_WAIT at one backend does not slow
+another.
+
 New connections per second: wrk, Connection: close, against nginx in the pod. Latency: wrk's
-p50 over the same run. Variants alternate round by round; medians with min-max. Also: the
+p50 over the same run. Within a round direct and the nodemesh variants run back to back (the
+order reversed every other round, iptables last), so each round gives a paired ratio
+nodemesh/direct taken a few seconds apart: the table gives the median of those per-round
+ratios with their min-max (the tolerance: on a shared 2-CPU machine single rounds scatter by
+about +-15%). With --bpf-stats, kernel.bpf_stats_enabled is on for the run (restored after)
+and each nodemesh round records the TC programs' ns per packet on node 3. Each round also
+records the agent's own CPU time (it shares the 2 CPUs with wrk and nginx). Also: the
 conntrack map's memory (the kernel's memlock for the pinned `ct` map), per 100,000 flows, and
 the node's concurrent flow capacity.
 
-    python bench/tc.py [--sizes 1,1000,10000] [--rounds 3] [--seconds 3]
+    python bench/tc.py [--sizes 1,1000,10000] [--rounds 3] [--seconds 3] [--bpf-stats]
+                       [--variants direct,nodemesh,nodemesh-local,iptables]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -154,7 +171,41 @@ def conntrack_counters(c: Cluster, netns: str) -> Dict[str, int]:
     return out
 
 
-def measure(c: Cluster, name: str, url: str, seconds: int, n1, n2, n3) -> Run:
+def tc_prog_ids(c: Cluster, netns: str) -> Dict[int, str]:
+    """{program id: name} of the TC programs attached in `netns` (node 3's agent)."""
+    out = json.loads(c.run_in(netns, ["bpftool", "-j", "net", "show"]).stdout or "[]")
+    ids: Dict[int, str] = {}
+    for section in out:
+        for entry in section.get("tc", []):
+            ids[entry["id"]] = entry["name"]
+    return ids
+
+
+def prog_stats(ids: Dict[int, str]) -> Dict[str, Tuple[int, int]]:
+    """{program name: (run_cnt, run_time_ns)} summed over the programs of that name."""
+    out = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
+                                    text=True, check=True).stdout)
+    sums: Dict[str, Tuple[int, int]] = {}
+    for prog in out:
+        if prog["id"] in ids:
+            name = prog.get("name", "")
+            cnt, ns = sums.get(name, (0, 0))
+            sums[name] = (cnt + prog.get("run_cnt", 0), ns + prog.get("run_time_ns", 0))
+    return sums
+
+
+def agent_cpu_ms(node) -> int:
+    """The agent's user + system CPU time so far (ms); its pid is nsenter's, exec'd into python."""
+    try:
+        with open(f"/proc/{node.agent.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1000 // os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError):
+        return 0
+
+
+def measure(c: Cluster, name: str, url: str, seconds: int, n1, n2, n3,
+            prog_ids: Dict[int, str]) -> Run:
     """One wrk run, with the counters that say where connections waited or failed."""
     pod = {"direct": n1, "iptables": n2}.get(name, n3).pod_netns
 
@@ -165,10 +216,15 @@ def measure(c: Cluster, name: str, url: str, seconds: int, n1, n2, n3) -> Run:
             out.update(conntrack_counters(c, n2.netns))
         if name.startswith("nodemesh"):
             out.update(nodemesh_counters(c, n3))
+            for prog, (cnt, ns) in prog_stats(prog_ids).items():
+                out[f"{prog}_runs"], out[f"{prog}_ns"] = cnt, ns
         return out
     syn0, before = syn_retransmits(c), counters()
+    cpu0 = agent_cpu_ms(n3)  # around wrk alone: the scrapes above cost the agent CPU too
     rate, p50, requests = wrk(c, url, seconds)
+    before["agent_cpu_ms"], cpu1 = cpu0, agent_cpu_ms(n3)
     syn1, after = syn_retransmits(c), counters()
+    after["agent_cpu_ms"] = cpu1
     extra = {k: v - before.get(k, 0) for k, v in after.items() if k != "time_wait_entries"}
     if "time_wait_entries" in after:
         extra["time_wait_entries"] = after["time_wait_entries"]
@@ -186,15 +242,35 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,1000,10000")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="turn kernel.bpf_stats_enabled on for the run: ns per packet")
+    ap.add_argument("--variants", default="direct,nodemesh,nodemesh-local,iptables")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
+    chosen = args.variants.split(",")
+    stats_before = None
+    if args.bpf_stats:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            stats_before = f.read().strip()
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write("1")
+    try:
+        return bench(args, sizes, chosen)
+    finally:
+        if stats_before is not None:
+            with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+                f.write(stats_before)
+
+
+def bench(args, sizes: List[int], chosen: List[str]) -> int:
     from k8s_fake_apiserver import FakeApiServer
     from tcrun import InNetns
 
     workdir = tempfile.mkdtemp(prefix="nm-bench-tc-")
     c = new_cluster(workdir, 3)
     results: Dict[Tuple[int, str], List[Run]] = {}
-    facts: List[str] = []
+    facts: List[str] = [f"load average at the start: "
+                        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"]
     try:
         n1, n2, n3 = c.nodes
         for node in c.nodes:
@@ -214,17 +290,22 @@ def main() -> int:
             rules = iptables_nodeport(n, n2.pod)
             subprocess.run(["ip", "netns", "exec", n2.netns, "iptables-restore"], input=rules,
                            text=True, check=True)
-            variants = {"direct": f"http://{n1.pod}:8080/who",
-                        "iptables": f"http://{n2.address}:30090/who",
-                        "nodemesh": f"http://{n3.address}:30080/who",
-                        "nodemesh-local": f"http://{n3.address}:30081/who"}
+            urls = {"direct": f"http://{n1.pod}:8080/who",
+                    "nodemesh": f"http://{n3.address}:30080/who",
+                    "nodemesh-local": f"http://{n3.address}:30081/who",
+                    "iptables": f"http://{n2.address}:30090/who"}
+            variants = {k: v for k, v in urls.items() if k in chosen}
+            prog_ids = tc_prog_ids(c, n3.netns)
             for name, url in variants.items():  # warm-up, and a check that each answers
                 assert c.curl(url).strip() in ("p1", "p2", "p3"), name
                 wrk(c, url, 1)
+            paired = [v for v in variants if v != "iptables"]
             for r in range(args.rounds):
-                order = list(variants) if r % 2 == 0 else list(reversed(variants))
-                for name in order:
-                    run = measure(c, name, variants[name], args.seconds, n1, n2, n3)
+                # direct and the nodemesh variants back to back (ABAB across rounds), then
+                # iptables, whose runs are slow and not what the ratios compare
+                order = paired if r % 2 == 0 else list(reversed(paired))
+                for name in order + (["iptables"] if "iptables" in variants else []):
+                    run = measure(c, name, variants[name], args.seconds, n1, n2, n3, prog_ids)
                     results.setdefault((n, name), []).append(run)
                     print(f"N={n} round {r + 1} {name}: {run.rate:.0f} conn/s, p50 "
                           f"{run.p50:.3f} ms, {run.requests} conns, client SYN retransmits "
@@ -239,13 +320,19 @@ def main() -> int:
             c.processes.remove(n3.agent)
             api.stop()
             subprocess.run(["ip", "netns", "exec", n2.netns, "iptables", "-t", "nat", "-F"])
-        print(report(results, sizes, facts, " ".join(sys.argv)))
+        print(report(results, sizes, facts, " ".join(sys.argv), chosen))
     finally:
         c.destroy()
     return 0
 
 
-def report(results, sizes, facts, command: str) -> str:
+def ns_per_packet(runs: List[Run], prog: str) -> str:
+    cnt = sum(r.extra.get(f"{prog}_runs", 0) for r in runs)
+    ns = sum(r.extra.get(f"{prog}_ns", 0) for r in runs)
+    return f"{ns / cnt:,.0f}" if cnt and ns else "-"
+
+
+def report(results, sizes, facts, command: str, chosen: List[str]) -> str:
     def med(vals):
         return statistics.median(vals), min(vals), max(vals)
 
@@ -256,27 +343,38 @@ def report(results, sizes, facts, command: str) -> str:
              "SYNs per round (median): SYNs lost or refused (e.g. by a backend's TIME_WAIT); "
              "a Linux client resends after ~10 ms when refused, 1 s when lost. Backend PAWS: "
              "SYNs the backend's TIME_WAIT refused for an older timestamp, per round "
-             "(median).", "",
+             "(median). Paired ratio: the median of each round's rate / that round's direct "
+             "rate, with min-max. Agent CPU: node 3's agent during wrk, ms per round (median). "
+             "ns/packet: the TC programs on node 3 by bpf_stats over all rounds (--bpf-stats).",
+             "",
              "| N services | variant | new conns/s median (min-max) | ratio to direct | "
-             "round 1 | rounds 2+ median | ratio to direct, rounds 2+ | p50 latency ms | "
-             "SYN retx | backend PAWS |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "paired ratio median (min-max) | round 1 | rounds 2+ median | p50 latency ms | "
+             "SYN retx | backend PAWS | agent CPU ms | ns/packet ingress, egress |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
-        direct = med([r.rate for r in results[(n, "direct")]])[0]
-        later_direct = statistics.median([r.rate for r in results[(n, "direct")][1:]] or
-                                         [direct])
-        for name in ("direct", "nodemesh", "nodemesh-local", "iptables"):
+        direct_runs = results[(n, "direct")]
+        direct = med([r.rate for r in direct_runs])[0]
+        for name in [v for v in ("direct", "nodemesh", "nodemesh-local", "iptables")
+                     if v in chosen]:
             runs = results[(n, name)]
             rates = med([r.rate for r in runs])
+            pr = med([r.rate / d.rate for r, d in zip(runs, direct_runs)])
             later = statistics.median([r.rate for r in runs[1:]] or [runs[0].rate])
             lat = med([r.p50 for r in runs])
             retx = statistics.median([r.syn_retrans for r in runs])
             paws = statistics.median([r.extra.get("backend_paws_timewait", 0) for r in runs])
+            cpu = statistics.median([r.extra.get("agent_cpu_ms", 0) for r in runs])
+            cost = (f"{ns_per_packet(runs, 'nm_tc_ingress')}, "
+                    f"{ns_per_packet(runs, 'nm_tc_egress')}"
+                    if name.startswith("nodemesh") else "")
             lines.append(f"| {n:,} | {name} | {rates[0]:,.0f} ({rates[1]:,.0f}-{rates[2]:,.0f}) "
-                         f"| {rates[0] / direct:.2f}x | {runs[0].rate:,.0f} | {later:,.0f} | "
-                         f"{later / later_direct:.2f}x | {lat[0]:.2f} | {retx:.0f} | "
-                         f"{paws:.0f} |")
+                         f"| {rates[0] / direct:.2f}x | {pr[0]:.2f}x ({pr[1]:.2f}-{pr[2]:.2f}) "
+                         f"| {runs[0].rate:,.0f} | {later:,.0f} | {lat[0]:.2f} | {retx:.0f} | "
+                         f"{paws:.0f} | {cpu:.0f} | {cost} |")
     lines.append("")
     for n in sizes:
+        if "nodemesh" not in chosen or "iptables" not in chosen:
+            continue
         nm = results[(n, "nodemesh")]
         conns = sum(r.requests for r in nm)
         coll = sum(r.extra.get("snat_collisions", 0) for r in nm)

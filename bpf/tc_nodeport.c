@@ -62,6 +62,12 @@ static __always_inline void count(u32 reason)
 #include "lib/conntrack.h"
 #include "lib/nat.h"
 
+/* struct bpf_redir_neigh of the kernel's uapi (Linux 5.10), which BCC 0.26's headers lack. */
+struct nm_redir_neigh {
+	u32 nh_family;
+	u32 nh[4]; /* ipv4_nh in nh[0], or ipv6_nh */
+};
+
 /* BCC 0.26 declares bpf_redirect_neigh without its plen argument; the kernel's has four. */
 static long (*nm_redirect_neigh)(u32 ifindex, void *params, int plen, u64 flags) =
 	(void *)BPF_FUNC_redirect_neigh;
@@ -259,8 +265,31 @@ static __always_inline int forward(struct __sk_buff *skb, struct nm_pkt *p, stru
 	}
 	int rc = bpf_fib_lookup(skb, f, sizeof(*f), 0);
 #undef fib
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return nm_redirect_neigh(f->ifindex, NULL, 0, 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		/* The neighbour is known: write its MAC and ours and send the packet straight to
+		 * the device. bpf_redirect_neigh would look the route up again and go through the
+		 * neighbour layer for what the FIB just told us. */
+		u8 *macs = (u8 *)sc->quote; /* scratch: dmac then smac, as in the Ethernet header */
+		__builtin_memcpy(macs, f->dmac, 6);
+		__builtin_memcpy(macs + 6, f->smac, 6);
+		if (bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect(f->ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		/* The neighbour layer resolves the next hop the FIB found (no second route
+		 * lookup) and holds the packet until it answers. */
+		struct nm_redir_neigh *nh = (struct nm_redir_neigh *)sc->old;
+		__builtin_memset(nh, 0, sizeof(*nh));
+		if (p->t.family == NM_FAMILY_V4) {
+			nh->nh_family = AF_INET;
+			nh->nh[0] = f->ipv4_dst;
+		} else {
+			nh->nh_family = AF_INET6;
+			__builtin_memcpy(nh->nh, f->ipv6_dst, 16);
+		}
+		return nm_redirect_neigh(f->ifindex, nh, sizeof(*nh), 0);
+	}
 	return TC_ACT_OK;
 }
 
@@ -331,6 +360,111 @@ static __always_inline u64 flow_identity(struct nm_pkt *p)
 	return nm_mix64(h ^ ((u64)p->t.src[2] << 32 | p->t.src[3]) ^ ((u64)p->t.family << 48));
 }
 
+/* The SNAT port range of tc_config: [*lo, *lo + *range). */
+static __always_inline void snat_range(u32 *lo, u32 *range)
+{
+	u32 zero = 0;
+	struct nm_tc_config *cfg = tc_config.lookup(&zero);
+	u32 l = cfg && cfg->snat_port_min ? cfg->snat_port_min : 32768;
+	u32 h = cfg && cfg->snat_port_max >= l ? cfg->snat_port_max : 60999;
+	*lo = l;
+	*range = h - l + 1;
+}
+
+/* Where a flow's search for a SNAT port starts: a hash of its forward tuple, not a random
+ * draw, so that the ports a flow tries are a function of its tuple and a flow whose forward
+ * entry the LRU evicted can find its reply entry again (rebuild_forward()). */
+static __always_inline u32 snat_start(struct nm_pkt *p)
+{
+	u64 h = nm_mix64(flow_identity(p) ^ ((u64)p->t.dst[0] << 32 | (u32)p->t.dport << 8 |
+					     p->t.proto));
+	h = nm_mix64(h ^ ((u64)p->t.dst[1] << 32 | p->t.dst[2]) ^ ((u64)p->t.dst[3] << 16));
+	return (u32)(h ^ (h >> 32));
+}
+
+/* The i-th SNAT port a flow tries (network order): first the client's own port when the
+ * range holds it (as the kernel's NAT and Cilium keep it; see new_flow), then ports from
+ * snat_start(). */
+static __always_inline u16 snat_try_port(struct nm_pkt *p, u32 i, u32 start, u32 lo, u32 range)
+{
+	u32 csport = bpf_ntohs(p->t.sport);
+	int keep = csport >= lo && csport < lo + range;
+	u32 off = i == 0 && keep ? csport - lo : (start + i) % range;
+	return bpf_htons((u16)(lo + off));
+}
+
+/* A TCP packet other than a SYN, of a flow whose forward entry is gone while its reply entry
+ * lives (the LRU evicts entries one by one). Find the reply entry: it is keyed by a backend of
+ * the frontend (up to NM_CT_REBUILD_BACKENDS of its slots) and, with SNAT, by one of the first
+ * NM_CT_REBUILD_PORTS ports the flow tried (snat_try_port), and it must name this packet's
+ * tuple. Then put back the forward entry, its mirror: 1. 0 when there is none: a flow whose
+ * backend has left the service, or whose port came later in its search, is not found. */
+static __always_inline int rebuild_forward(struct __sk_buff *skb, struct nm_pkt *p)
+{
+	struct nm_svc_key key = {};
+	struct nm_svc_value *master = frontend(skb, p, &key);
+	if (!master)
+		return 0;
+	u32 zero = 0;
+	struct nm_scratch *sc = scratch.lookup(&zero);
+	if (!sc)
+		return 0;
+	int snat = !(master->flags & NM_SVC_F_EXT_LOCAL);
+	u32 n = master->count;
+	u16 bank = (u16)master->bank << NM_SLOT_BANK_SHIFT;
+	u32 lo, range;
+	snat_range(&lo, &range);
+	u32 start = snat_start(p);
+	struct nm_ct_key *rk = &sc->rkey;
+	int found = 0;
+#pragma nounroll
+	for (u32 b = 0; b < NM_CT_REBUILD_BACKENDS && b < n && !found; b++) {
+		key.slot = bank | (u16)((b + 1) & NM_SLOT_INDEX_MASK);
+		struct nm_svc_value *slot = services.lookup(&key);
+		if (!slot)
+			continue;
+		u32 backend_id = slot->backend_id;
+		struct nm_backend *be = backends.lookup(&backend_id);
+		if (!be)
+			continue;
+		__builtin_memset(rk, 0, sizeof(*rk));
+		rk->proto = p->t.proto;
+		rk->family = p->t.family;
+		__builtin_memcpy(rk->src, be->addr, 16);
+		rk->sport = be->port;
+		if (snat) {
+			if (snat_address(skb, p, be->addr, rk->dst, &sc->fib) < 0)
+				__builtin_memcpy(rk->dst, p->t.dst, 16);
+		} else {
+			__builtin_memcpy(rk->dst, p->t.src, 16);
+			rk->dport = p->t.sport;
+		}
+#pragma nounroll
+		for (u32 i = 0; i < NM_CT_REBUILD_PORTS; i++) {
+			if (snat)
+				rk->dport = snat_try_port(p, i, start, lo, range);
+			struct nm_ct_value *rv = ct.lookup(rk);
+			if (rv && rv->kind == NM_CT_REPLY && ct_points_back(rv, &p->t)) {
+				ct_mirror(rk, rv, bpf_ktime_get_ns(), &sc->fwd);
+				found = 1;
+				break;
+			}
+			if (!snat)
+				break;
+		}
+	}
+	if (!found)
+		return 0;
+	/* An expired reply entry is no flow (checked here, out of the loops: the verifier's
+	 * budget). rk still holds its key. */
+	struct nm_ct_value *rv = ct.lookup(rk);
+	if (!rv || ct_expired(rk, rv, sc->fwd.last_seen_ns))
+		return 0;
+	ct.insert(&p->t, &sc->fwd);
+	tc_event(NM_TC_EV_CT_REBUILT);
+	return 1;
+}
+
 /* A new flow to a frontend: choose, remember, translate, send on. */
 static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 {
@@ -399,16 +533,15 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 			__builtin_memcpy(saddr, p->t.dst, 16); /* no route: the address it came to */
 		__builtin_memcpy(rkey.dst, saddr, 16);
 		__builtin_memcpy(fwd.nat_src, saddr, 16);
-		struct nm_tc_config *cfg = tc_config.lookup(&zero);
-		u32 lo = cfg && cfg->snat_port_min ? cfg->snat_port_min : 32768;
-		u32 hi = cfg && cfg->snat_port_max >= lo ? cfg->snat_port_max : 60999;
-		u32 range = hi - lo + 1;
-		u32 start = bpf_get_prandom_u32();
+		u32 lo, range;
+		snat_range(&lo, &range);
+		u32 start = snat_start(p);
 		int stored = 0;
 		int syn = p->t.proto == IPPROTO_TCP &&
 			  (p->tcp_flags & (NM_TCP_SYN | NM_TCP_ACK | NM_TCP_RST)) == NM_TCP_SYN;
 		struct nm_ct_key *okeyp = &sc->okey;
-		/* Try the client's own port, then ports from a random start; a taken one is a
+		/* Try the client's own port, then ports from a start hashed from the flow's
+		 * tuple (snat_start); a taken one is a
 		 * collision, unless its flow has expired or, for a SYN, is over: FIN both ways or
 		 * RST, and silent 100 ms.
 		 *
@@ -435,11 +568,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 		 * kernel's NAT and Cilium keep it): the same client tuple then gets the same
 		 * backend tuple again, and a client's timestamps on one tuple always grow, so
 		 * the backend's TIME_WAIT from that tuple's last flow takes the new SYN. */
-		u16 csport = bpf_ntohs(p->t.sport);
-		int keep = csport >= lo && csport <= hi;
-		for (int i = 0; i < NM_SNAT_TRIES; i++) {
-			u32 off = i == 0 && keep ? (u32)csport - lo : (start + i) % range;
-			u16 port = bpf_htons((u16)(lo + off));
+		for (u32 i = 0; i < NM_SNAT_TRIES; i++) {
+			u16 port = snat_try_port(p, i, start, lo, range);
 			rkey.dport = port;
 			if (ct.insert(&rkey, &rev) == 0) {
 				stored = 1;
@@ -496,6 +626,17 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
 		return verdict(skb, dir, NM_TC_PASS, TC_ACT_OK);
 	}
 	struct nm_ct_value *v = ct_lookup(&p.t, p.icmp_error ? 0 : p.tcp_flags);
+	if (!v && dir == NM_TC_INGRESS && !p.icmp_error && p.t.proto == IPPROTO_TCP &&
+	    (p.tcp_flags & (NM_TCP_SYN | NM_TCP_ACK | NM_TCP_RST | NM_TCP_FIN)) != NM_TCP_SYN) {
+		/* Only a SYN starts a TCP flow. Anything else without an entry is either a flow
+		 * whose forward entry the LRU evicted (found again from its reply entry) or no
+		 * flow of ours: it takes no SNAT port and no backend and goes to the stack as it
+		 * came (the stack answers an ACK for a NodePort with an RST, as it would without
+		 * nodemesh). The kernel's conntrack never makes state of an RST either. */
+		if (!rebuild_forward(skb, &p))
+			return verdict(skb, dir, NM_TC_PASS, TC_ACT_OK);
+		v = ct_lookup(&p.t, p.tcp_flags);
+	}
 	if (v) {
 		struct nm_ct_value copy = *v;
 		u8 what;

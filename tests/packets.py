@@ -13,7 +13,7 @@ from typing import Optional
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 TCP, UDP, ICMP, ICMPV6, GRE = 6, 17, 1, 58, 47
-SYN, ACK, FIN, RST = 0x02, 0x10, 0x01, 0x04
+SYN, ACK, FIN, RST, PSH = 0x02, 0x10, 0x01, 0x04, 0x08
 MAC_A, MAC_B = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
 
 

@@ -3,6 +3,7 @@
     nodemesh_tc_packets_total{interface,direction,verdict}  what the programs did per packet
     nodemesh_drops_total{reason}                            packets dropped, by named reason
     nodemesh_snat_collisions_total                          SNAT source ports found taken
+    nodemesh_conntrack_rebuilt_total                        evicted forward entries rebuilt
     nodemesh_conntrack_entries / nodemesh_conntrack_capacity  live entries (two per flow)
 
 The series are bounded: interfaces x 2 directions x 7 verdicts, and 4 drop reasons.
@@ -48,10 +49,12 @@ class TcCollector(Collector):
         yield CounterMetricFamily("nodemesh_snat_collisions_total",
                                   "SNAT source ports tried and found taken",
                                   value=events.get(0, 0))
-        now = time.monotonic_ns()
+        yield CounterMetricFamily("nodemesh_conntrack_rebuilt_total",
+                                  "Flows whose forward conntrack entry the LRU evicted, found "
+                                  "again from their reply entry",
+                                  value=events.get(1, 0))
         settings = self.path.settings
-        live = sum(1 for k, v in self.path.conntrack()
-                   if now - v.last_seen_ns <= settings.lifetime_seconds(k.proto, v.state) * 10**9)
+        live, _ = self.path.scan(time.monotonic_ns())
         yield GaugeMetricFamily("nodemesh_conntrack_entries",
                                 "Live conntrack entries (two per flow: one per direction)",
                                 value=live)

@@ -85,6 +85,23 @@ static __always_inline void ct_partner_key(struct nm_ct_key *k, struct nm_ct_val
 	out->pad = 0;
 }
 
+/* The entry of the other direction of the flow whose entry at key k is v: each names the
+ * other's tuple, so one is the mirror of the other. For rebuilding an entry the LRU evicted. */
+static __always_inline void ct_mirror(struct nm_ct_key *k, struct nm_ct_value *v, u64 now,
+				      struct nm_ct_value *out)
+{
+	__builtin_memcpy(out->nat_src, k->dst, 16);
+	__builtin_memcpy(out->nat_dst, k->src, 16);
+	out->nat_sport = k->dport;
+	out->nat_dport = k->sport;
+	out->kind = v->kind == NM_CT_FORWARD ? NM_CT_REPLY : NM_CT_FORWARD;
+	out->state = v->state;
+	out->flags = v->flags;
+	out->pad = 0;
+	out->svc_id = v->svc_id;
+	out->last_seen_ns = now;
+}
+
 /* TCP: the next state after a packet with these flags, seen in direction `kind`. */
 static __always_inline u8 ct_next_state(u8 proto, u8 state, u8 kind, u8 tcp_flags)
 {
@@ -158,15 +175,7 @@ static __always_inline struct nm_ct_value *ct_lookup(struct nm_ct_key *k, u8 tcp
 		 * back untranslated and be lost. Rebuild it: each entry names its partner's tuple
 		 * and its partner names this one, so one is the mirror of the other. */
 		struct nm_ct_value mirror = {};
-		__builtin_memcpy(mirror.nat_src, k->dst, 16);
-		__builtin_memcpy(mirror.nat_dst, k->src, 16);
-		mirror.nat_sport = k->dport;
-		mirror.nat_dport = k->sport;
-		mirror.kind = v->kind == NM_CT_FORWARD ? NM_CT_REPLY : NM_CT_FORWARD;
-		mirror.state = v->state;
-		mirror.flags = v->flags;
-		mirror.svc_id = v->svc_id;
-		mirror.last_seen_ns = now;
+		ct_mirror(k, v, now, &mirror);
 		ct.insert(&pk, &mirror); /* BPF_NOEXIST: a flow that took the tuple meanwhile wins */
 		pv = ct.lookup(&pk);
 		if (pv && !ct_points_back(pv, k)) {

@@ -84,28 +84,62 @@ static __always_inline int rewrite_addr(struct __sk_buff *skb, struct nm_pkt *p,
 	return bpf_skb_store_bytes(skb, off, new, 16, 0);
 }
 
-static __always_inline int rewrite_port(struct __sk_buff *skb, struct nm_pkt *p, u32 off,
-					u16 old, u16 new)
+/* The one's-complement sum of the difference from old to new, n 32-bit words, in the form
+ * bpf_csum_diff returns (what the csum_replace helpers take with size 0), computed here rather
+ * than by a helper call. */
+static __always_inline u32 csum_diff_words(u32 *old, u32 *new, int n)
 {
-	if (old == new)
-		return 0;
-	if (bpf_l4_csum_replace(skb, p->csum_off, old, new, l4_csum_flags(p) | 2) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, off, &new, 2, 0);
+	u64 s = 0;
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		if (i < n)
+			s += (u32)~old[i] + (u64)new[i];
+	}
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffffffff) + (s >> 32);
+	return (u32)s;
 }
 
-/* A TCP or UDP packet becomes nat_src:nat_sport -> nat_dst:nat_dport. */
+/* A TCP or UDP packet becomes nat_src:nat_sport -> nat_dst:nat_dport. Both addresses are one
+ * store and one checksum difference, both ports another: at most five helper calls for IPv4
+ * (four for IPv6, which has no header checksum), where an address or port at a time took up
+ * to ten. The ports' difference goes in without BPF_F_PSEUDO_HDR: for a CHECKSUM_PARTIAL
+ * packet the kernel then leaves the field alone (it holds only the pseudo-header's sum; the
+ * device sums the ports), while the addresses' difference is applied to it. */
 static __always_inline int nat_rewrite(struct __sk_buff *skb, struct nm_pkt *p,
 				       struct nm_ct_value *v)
 {
-	u32 src_off = p->t.family == NM_FAMILY_V4 ? NM_IP4_SRC_OFF : NM_IP6_SRC_OFF;
-	u32 dst_off = p->t.family == NM_FAMILY_V4 ? NM_IP4_DST_OFF : NM_IP6_DST_OFF;
-	u32 new_src[4] = {v->nat_src[0], v->nat_src[1], v->nat_src[2], v->nat_src[3]};
-	u32 new_dst[4] = {v->nat_dst[0], v->nat_dst[1], v->nat_dst[2], v->nat_dst[3]};
-	if (rewrite_addr(skb, p, src_off, p->t.src, new_src) < 0 ||
-	    rewrite_addr(skb, p, dst_off, p->t.dst, new_dst) < 0 ||
-	    rewrite_port(skb, p, p->l4_off, p->t.sport, v->nat_sport) < 0 ||
-	    rewrite_port(skb, p, p->l4_off + 2, p->t.dport, v->nat_dport) < 0)
+	u32 old_ports, new_ports;
+	__builtin_memcpy(&old_ports, &p->t.sport, 4); /* sport, dport: adjacent as on the wire */
+	__builtin_memcpy(&new_ports, &v->nat_sport, 4);
+	if (p->t.family == NM_FAMILY_V4) {
+		u32 old_a[2] = {p->t.src[0], p->t.dst[0]};
+		u32 new_a[2] = {v->nat_src[0], v->nat_dst[0]};
+		if (old_a[0] != new_a[0] || old_a[1] != new_a[1]) {
+			u32 d = csum_diff_words(old_a, new_a, 2);
+			if (bpf_l4_csum_replace(skb, p->csum_off, 0, d,
+						BPF_F_PSEUDO_HDR | l4_csum_flags(p)) < 0 ||
+			    bpf_l3_csum_replace(skb, NM_IP4_CSUM_OFF, 0, d, 0) < 0 ||
+			    bpf_skb_store_bytes(skb, NM_IP4_SRC_OFF, new_a, 8, 0) < 0)
+				return -1;
+		}
+	} else {
+		/* src[4] then dst[4] lead both structs, as the addresses lie in the header */
+		u32 *old_a = (u32 *)&p->t, *new_a = (u32 *)v;
+		int same = 1;
+#pragma unroll
+		for (int i = 0; i < 8; i++)
+			same &= old_a[i] == new_a[i];
+		if (!same) {
+			u32 d = csum_diff_words(old_a, new_a, 8);
+			if (bpf_l4_csum_replace(skb, p->csum_off, 0, d, BPF_F_PSEUDO_HDR) < 0 ||
+			    bpf_skb_store_bytes(skb, NM_IP6_SRC_OFF, new_a, 32, 0) < 0)
+				return -1;
+		}
+	}
+	if (old_ports != new_ports &&
+	    (bpf_l4_csum_replace(skb, p->csum_off, old_ports, new_ports, l4_csum_flags(p) | 4) < 0 ||
+	     bpf_skb_store_bytes(skb, p->l4_off, &new_ports, 4, 0) < 0))
 		return -1;
 	return 0;
 }

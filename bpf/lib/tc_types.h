@@ -1,7 +1,8 @@
 /* lib/tc_types.h — structs, maps sizes and enums of the TC packet path (tc_nodeport.c) that the
  * agent shares: conntrack, the per-interface settings and the packet/drop counters.
  *
- * Mirrored in agent/nodemesh/datapath/tc.py; tests/datapath/test_tc_layout.py proves it. Byte
+ * Mirrored in agent/nodemesh/datapath/tc.py; tests/datapath/test_tc_layout.py proves it,
+ * constants included. Byte
  * order as in nodemesh.h: addresses and ports in network order.
  */
 #ifndef NM_LIB_TC_TYPES_H
@@ -14,6 +15,10 @@
 #define NM_MAX_NODE_ADDRS 4096 /* (interface, address) pairs that take NodePorts */
 #endif
 #define NM_SNAT_TRIES 32 /* source ports tried before a new flow is dropped (snat_exhausted) */
+/* A TCP packet whose forward entry the LRU evicted finds its reply entry among this many of the
+ * service's backends and, with SNAT, this many of the first ports its flow tried. */
+#define NM_CT_REBUILD_BACKENDS 32
+#define NM_CT_REBUILD_PORTS 4
 /* A new SYN may take over the SNAT port of a flow that is over (FIN both ways, or RST) once the
  * flow has been silent this long; see the allocation loop in tc_nodeport.c for why. */
 #define NM_SNAT_REUSE_AFTER_NS 100000000ULL /* 100 ms */
@@ -113,7 +118,8 @@ enum nm_drop_reason {
 
 enum nm_tc_event {
 	NM_TC_EV_SNAT_COLLISION = 0, /* a source port tried for SNAT was taken; the next is tried */
-	NM_TC_EV_MAX = 1,
+	NM_TC_EV_CT_REBUILT = 1,     /* a flow's evicted forward entry rebuilt from its reply entry */
+	NM_TC_EV_MAX = 2,
 };
 
 #endif /* NM_LIB_TC_TYPES_H */
