@@ -581,22 +581,19 @@ class Haproxy(Variant):
         super().__init__(bench)
         self.proc: Optional[subprocess.Popen] = None
         self.socket = os.path.join(bench.workdir, "haproxy.sock")
+        self.nr_open_before: Optional[int] = None  # fs.nr_open, when fd_limit raised it
 
     def program(self, n: int, specs: List[bl.SvcSpec]) -> Tuple[float, int]:
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if hard != resource.RLIM_INFINITY and bl.haproxy_fds(n) > hard:
-            self.stop()
-            raise NotRun(f"haproxy needs ~{bl.haproxy_fds(n):,} file descriptors for {n:,} "
-                         f"listeners; the hard RLIMIT_NOFILE here is {hard:,} and root may "
-                         "not raise it")
         self.stop()
+        wrap = self.fd_limit(bl.haproxy_fds(n), n)
         cfg = os.path.join(self.bench.workdir, "haproxy.cfg")
         with open(cfg, "w") as f:
             f.write(bl.haproxy_config(specs, os.path.join(self.bench.workdir, "haproxy.pid"),
                                       self.socket))
         self.specs = specs
         t0 = time.perf_counter()
-        self.proc = self.bench.lab.spawn(["haproxy", "-db", "-f", cfg], netns=self.netns,
+        self.proc = self.bench.lab.spawn([*wrap, *wl.pinned("client"), "haproxy", "-db", "-f",
+                                          cfg], netns=self.netns,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                          text=True)
         host, port = self.target("http")
@@ -611,6 +608,35 @@ class Haproxy(Variant):
             if time.perf_counter() - t0 > self.bench.args.load_timeout:
                 raise subprocess.TimeoutExpired("haproxy", self.bench.args.load_timeout)
             time.sleep(0.05)
+
+    def fd_limit(self, need: int, n: int) -> List[str]:
+        """The command prefix that gives haproxy `need` file descriptors (one per listener,
+        two per connection): `prlimit --nofile=need:need` on haproxy's process alone when
+        this process's limit is lower, after raising fs.nr_open (the kernel's ceiling for
+        any RLIMIT_NOFILE; restored at close) if it is lower still. Where neither can be
+        raised (no CAP_SYS_RESOURCE, as in some containers) -> NotRun with the reason."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or need <= soft:
+            return []
+        nr_open = read_int(NR_OPEN)
+        if nr_open is not None and need > nr_open:
+            try:
+                with open(NR_OPEN, "w") as f:
+                    f.write(str(need))
+                if self.nr_open_before is None:
+                    self.nr_open_before = nr_open
+            except OSError as e:
+                raise NotRun(f"haproxy needs ~{need:,} file descriptors for {n:,} listeners; "
+                             f"fs.nr_open is {nr_open:,} and could not be raised: {e}")
+        wrap = nofile_prefix(need)
+        failed = try_prefix(wrap)
+        if failed:
+            raise NotRun(f"haproxy needs ~{need:,} file descriptors for {n:,} listeners; the "
+                         f"hard RLIMIT_NOFILE here is {hard:,} and raising it failed "
+                         f"({failed[:120]}): this process lacks CAP_SYS_RESOURCE (`capsh "
+                         "--print` shows it dropped), as in a container; root on a plain "
+                         "host raises it")
+        return wrap
 
     def target(self, port_name: str) -> Tuple[str, int]:
         s = self.measured(port_name)
@@ -655,6 +681,32 @@ class Haproxy(Variant):
 
     def close(self) -> None:
         self.stop()
+        if self.nr_open_before is not None:
+            with open(NR_OPEN, "w") as f:
+                f.write(str(self.nr_open_before))
+            self.nr_open_before = None
+
+
+NR_OPEN = "/proc/sys/fs/nr_open"
+
+
+def nofile_prefix(need: int) -> List[str]:
+    """Runs the command after it with RLIMIT_NOFILE need:need (that process only)."""
+    return ["prlimit", f"--nofile={need}:{need}", "--"]
+
+
+def try_prefix(prefix: List[str]) -> str:
+    """'' if `prefix true` succeeds here, else its error (e.g. prlimit's EPERM)."""
+    res = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    return "" if res.returncode == 0 else " ".join(res.stderr.split()) or f"exit {res.returncode}"
+
+
+def read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def in_netns(name: str):
