@@ -116,6 +116,7 @@ WORKLOADS = ("conn", "keepalive", "udp", "bulk", "change")
 # change` adds them back, about 4 minutes more).
 QUICK_WORKLOADS = ("conn", "keepalive", "change")
 QUICK_SIZES = [1, 10000]
+QUICK_CONN_SECONDS = 2
 FULL_SIZES = [1, 100, 1000, 10000, 100000]
 # keepalive, udp and bulk hardly depend on N (netfilter sees a connection's first packet
 # only): the quick mode runs them at its largest N, the full mode at every N.
@@ -152,6 +153,19 @@ def predicted_over(load_s: Dict[int, float], load_over: Dict[int, float], n: int
     return (predicted, f"programming {m:,} services took {load_s[m]:.1f} s: {n:,} would take "
             f"at least {predicted:,.0f} s (scaled linearly), over the {limit:.0f} s limit "
             "(--load-timeout): not tried")
+
+
+def cpu_stall() -> float:
+    """Seconds some runnable task has waited for a CPU since boot (PSI, /proc/pressure/cpu
+    "some" total; 0 where the kernel has no PSI). Its growth over a run divided by the run's
+    length is the share of that run during which a task (the bench's or anyone's) waited:
+    about 0 when the client and the server have a CPU each and nothing else runs, and the
+    signature of other work on the machine when the rounds scatter."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class Bench:
@@ -252,13 +266,16 @@ class Bench:
         """One run of one workload for one variant; its figures are added to v.data."""
         self.reset(v)
         if workload == "conn":
+            stall0, t0 = cpu_stall(), time.monotonic()
             rate, reqs, note = wl.conn(v.client("http"), seconds)
+            stall = (cpu_stall() - stall0) / (time.monotonic() - t0)
             self.requests[(v.name, n)] = self.requests.get((v.name, n), 0) + reqs
             if note:
                 log(f"    ({v.name}: {note})")
             if counted:
                 v.add("conn", n, rate)
-            shown = f"{rate:10,.0f} conn/s"
+                v.add("conn_stall", n, stall)
+            shown = f"{rate:10,.0f} conn/s (CPU pressure {stall:.0%})"
         elif workload == "keepalive":
             rate, _, note = wl.keepalive_max(v.client("http"), seconds)
             if note:
@@ -791,6 +808,13 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
             out.append(f"### N = {fmt_n(n)}: new connections/s, "
                        f"{rounds(bench, 'conn', n)} rounds\n")
             out += per_n_table(bench, n, "conn", [("conn/s", "conn", f0, True)], paired=True)
+            stalls = [x for v in vs for x in v.values("conn_stall", n)]
+            if stalls:
+                out.append(f"\nCPU pressure during these runs (PSI: share of the run some "
+                           f"task waited for a CPU): median {med(stalls):.0%}, "
+                           f"{min(stalls):.0%}–{max(stalls):.0%}; near 0 on an otherwise idle "
+                           "machine with the client and the server pinned apart, high where "
+                           "other work shared the CPUs (and the rounds scatter).")
             out.append("")
     if "keepalive" in bench.rate:
         ka_sizes = [n for n in sizes if n in args.sizes_of["keepalive"]]
@@ -996,7 +1020,7 @@ def estimate(args) -> float:
 # other work) at 10,000 (bench/results/2026-11-29-vm.md) and 100,000 (the smokes of
 # bench/results/full-smoke-2026-11-29.md); between and beyond, a power law through the two.
 REF_LOAD: Dict[str, Tuple[float, float]] = {
-    "nodemesh": (0.7, 11.6), "iptables-nft": (3.0, 300.0), "iptables-legacy": (1.7, 170.0),
+    "nodemesh": (0.7, 11.6), "iptables-nft": (3.0, 436.3), "iptables-legacy": (1.7, 170.0),
     "nftables": (48.8, 4880.0), "haproxy": (1.0, 10.0), "nodemesh-tc": (0.9, 12.0),
     "nodemesh+sockmap": (0.7, 11.6), "nodemesh+policy": (0.7, 12.0)}
 # seconds one change takes at 10,000 and 100,000 (the netfilter ones rewrite per N)
@@ -1052,8 +1076,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true",
                       help=f"N = {QUICK_SIZES}; workloads {','.join(QUICK_WORKLOADS)} (udp "
                       "and bulk only when --workloads names them), keepalive, udp and bulk at "
-                      "the largest N only; 1 s runs, conn the only one warmed up; 5 rounds, 3 "
-                      "changes; no agent footprint (the default)")
+                      "the largest N only; 1 s runs (conn 2 s), conn the only one warmed up; 5 "
+                      "rounds, 3 changes; no agent footprint (the default)")
     mode.add_argument("--full", action="store_true",
                       help=f"N = {FULL_SIZES}, every workload at every N, 5 s runs, 5 "
                       "rounds, 10 changes, the agent's footprint at 1 and 100,000")
@@ -1105,6 +1129,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         # nine variants in under 10 minutes on 2 CPUs (measured: the README's Performance)
         args.warm_up = ["conn"]
         args.seconds_of = {w: args.seconds or 1 for w in WORKLOADS}
+        # conn carries three of the targets: 2 s runs (about 40,000 connections each) halve
+        # what one second of someone else's work on the machine does to a round
+        args.seconds_of["conn"] = args.seconds or QUICK_CONN_SECONDS
     args.reps = args.reps or 5
     args.changes = args.changes or (10 if full else 3)
     args.load_timeout = args.load_timeout or (900 if full else 120)

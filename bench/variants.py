@@ -71,11 +71,12 @@ from nodemesh.lab.topology import sh
 
 WORKLOADS = ("conn", "keepalive", "udp", "bulk", "change")
 BENCH_VIPS = "10.96.0.0/15"  # N services' ClusterIPs; blackholed in every client netns
+PORTS = "1024 65535"  # the client netns' ephemeral ports
 TARGET_PORTS = {"http": wl.HTTP_PORT, "dns": wl.DNS_PORT, "iperf": wl.IPERF_PORT}
 
 Changed = Sequence[Tuple[bl.SvcSpec, bl.SvcSpec]]
 # what run.py records per workload (Variant.add); a failed workload drops them at that N
-WORKLOAD_METRICS = {"conn": ("conn",),
+WORKLOAD_METRICS = {"conn": ("conn", "conn_stall"),
                     "keepalive": ("ka_max", "ka_rate", "ka_p50", "ka_p99", "ka_errors"),
                     "udp": ("udp_qps", "udp_lost", "udp_rate", "udp_ms", "udp_max_ms"),
                     "bulk": ("bulk1", "bulk8"), "change": ("change", "change_cpu")}
@@ -99,6 +100,10 @@ class Variant:
         self.set_b: List[str] = bench.set_b
         self.netns = self.client_netns()
         sh(f"ip -n {self.netns} route add blackhole {BENCH_VIPS}")
+        # A 5 s conn run makes ~150,000 connections: with the default 28,232 ephemeral ports
+        # each client port comes back ~5 times to a 4-tuple the server still holds in
+        # TIME_WAIT. Every port there is, in the client's netns only (a per-netns sysctl).
+        sh(f"ip netns exec {self.netns} sysctl -qw net.ipv4.ip_local_port_range='{PORTS}'")
         self.new_records()
 
     def new_records(self) -> None:

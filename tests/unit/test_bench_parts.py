@@ -222,6 +222,7 @@ def test_quick_mode_runs_every_variant_at_both_sizes_within_its_budget():
     assert {"nodemesh-tc", "nodemesh+sockmap", "nodemesh+policy"} <= set(args.variants)
     assert args.sizes == [1, 10000] and args.sizes_of["conn"] == [1, 10000]
     assert args.reps >= 5
+    assert args.seconds_of["conn"] == 2 and args.seconds_of["keepalive"] == 1
     # measuring only: set-up and programming take about 2 more minutes (README, Performance)
     assert run.estimate(args) < 8 * 60
     assert run.parse(["--quick", "--workloads", "conn,bulk"]).workloads == ["conn", "bulk"]
@@ -396,3 +397,19 @@ def test_the_hooks_a_half_made_variant_recorded_are_removed_at_the_end(monkeypat
     vr.forget_private_hooks("nmbtest")  # run.py's last step, whatever happened before
     assert not cgroup.exists()
     assert os.listdir(tmp_path / "state") == []
+
+
+def test_the_conn_tables_state_the_cpu_pressure_of_their_runs(monkeypatch, tmp_path):
+    one, _ = two_parts(monkeypatch)
+    for v in one.variants.values():
+        v.data["conn_stall"][1] = [0.02, 0.40]
+    one.args.commands = ["x"]
+    text = run.report(one, one.args, [], "x")
+    assert "CPU pressure during these runs (PSI: share of the run some task waited for a " \
+           "CPU): median 21%, 2%–40%" in text
+    pressure = tmp_path / "cpu"
+    pressure.write_text("some avg10=1.00 avg60=0.50 avg300=0.10 total=2500000\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(
+        pressure if p == "/proc/pressure/cpu" else p, *a, **k))
+    assert run.cpu_stall() == 2.5
