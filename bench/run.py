@@ -640,6 +640,9 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
         got = {n: ratio(nm, hap, metric, n) for n in sizes}
         got = {n: r for n, r in got.items() if r is not None}
         shown = ", ".join(f"{fmt_n(n)}: {r:.2f}×" for n, r in got.items())
+        unrun = [fmt_n(n) for n in sizes if hap and n in hap.not_run]
+        if unrun:
+            shown += f"{'; ' if shown else ''}HAProxy not run at N = {', '.join(unrun)}"
         state = verdict(all(cmp(r, want) for r in got.values())) if got else "not measured"
         rows.append(f"| {label} | {shown or '–'} | {state} |")
     load = nm.load_s.get(TARGET_N) if nm else None

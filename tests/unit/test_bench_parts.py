@@ -385,6 +385,11 @@ def test_the_report_says_per_target_met_or_missed_with_the_figure(monkeypatch):
     assert "100,000: 2.42×" in rows["nodemesh ≥ 2× HAProxy's connection rate"]
     assert "**met**" in rows["nodemesh ≥ 2× HAProxy's connection rate"]
     assert "not measured" in rows["nodemesh's keep-alive p99 ≤ 0.5× HAProxy's"]
+    two.variants["haproxy"].not_run[100000] = "descriptors"
+    two.variants["haproxy"].data["conn"].pop(100000)
+    hap_rows = [line for line in run.targets(two, two.args.sizes) if "2× HAProxy" in line]
+    assert hap_rows == ["| nodemesh ≥ 2× HAProxy's connection rate | HAProxy not run at N = "
+                    "100,000 | not measured |"]
     assert "9.00 s | **met**" in rows["nodemesh programs 100,000 services in ≤ 10 s"]
     change = next(v for k, v in rows.items() if k.startswith("one change at 100,000"))
     assert "35.0 ms (30.0–40.0) | **met**" in change
