@@ -143,6 +143,9 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+PREDICT_STEP, PREDICT_MIN_S = 10, 1.0
+
+
 def predicted_over(load_s: Dict[int, float], load_over: Dict[int, float], n: int,
                    limit: float) -> Optional[Tuple[float, str]]:
     """A variant's programming at N skipped before it is tried, when a smaller N already
@@ -153,7 +156,10 @@ def predicted_over(load_s: Dict[int, float], load_over: Dict[int, float], n: int
         return (load_over[m] * n / m,
                 f"programming ran over the {limit:.0f} s limit at N = {m:,} already: not "
                 f"tried at {n:,} (it would take over {load_over[m] * n / m:,.0f} s)")
-    done = [m for m in load_s if m < n and load_s[m] > 0]
+    # Only from a load that per-service work dominates (a second or more; below, process
+    # start and fixed work such as nodemesh+policy's 10,000 rules dominate) and at most one
+    # full-mode step (×10) below N: 0.1 s at 1 service says nothing about 10,000.
+    done = [m for m in load_s if n / PREDICT_STEP <= m < n and load_s[m] >= PREDICT_MIN_S]
     if not done:
         return None
     m = max(done)

@@ -264,6 +264,12 @@ def test_a_load_predicted_over_the_limit_is_not_tried_and_is_reported(monkeypatc
     got = run.predicted_over({1000: 2.0, 10000: 48.8}, {}, 100000, 300)
     assert got is not None and got[0] == pytest.approx(488.0)
     assert "10,000 services took 48.8 s" in got[1] and "not tried" in got[1]
+    # not from a load that fixed costs dominate, nor from more than ×10 below (the quick
+    # mode's 1 -> 10,000 skipped every baseline on a loaded machine before this)
+    assert run.predicted_over({1: 0.1}, {}, 10000, 120) is None
+    assert run.predicted_over({1: 5.6}, {}, 10000, 120) is None  # nodemesh+policy's rules
+    assert run.predicted_over({1000: 0.9}, {}, 10000, 5) is None
+    assert run.predicted_over({1000: 20.0}, {}, 10000, 120)[0] == pytest.approx(200)
     # over the limit at a smaller N: over it at every larger N
     assert run.predicted_over({1: 0.1}, {10000: 300.0}, 100000, 300)[0] == pytest.approx(3000)
     v = bare(vr.Nftables, "nftables")
