@@ -32,8 +32,12 @@ test-datapath: setup
 	$(PY) -m pytest -ra $(XDIST) tests/datapath tests/e2e tests/fault $(PYTEST_ARGS)
 
 # Dataplane benchmark: quick (< 10 min on 2 cores) by default, FULL=1 for N up to 100,000.
+# Parts of it: SIZES=1,100 VARIANTS=direct,nodemesh WORKLOADS=conn APPEND=bench/results/x.md
+# (each part adds its figures to the same results file; README, Performance).
 bench: setup
-	$(PY) bench/run.py $(if $(FULL),--full,--quick) $(if $(WORKLOADS),--workloads $(WORKLOADS))
+	$(PY) bench/run.py $(if $(FULL),--full,--quick) $(if $(WORKLOADS),--workloads $(WORKLOADS)) \
+		$(if $(SIZES),--sizes $(SIZES)) $(if $(VARIANTS),--variants $(VARIANTS)) \
+		$(if $(APPEND),--append $(APPEND))
 
 install: setup
 	bash scripts/install-host.sh

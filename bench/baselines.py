@@ -336,7 +336,9 @@ def haproxy_config(services: Sequence[SvcSpec], pidfile: str, stats_socket: str 
     """One `listen` per TCP service port (haproxy has no UDP), on the service's own loopback
     address: service i (in order of first appearance) listens on haproxy_frontend(i). The
     stats socket (level admin) is how a control plane changes servers at run time."""
-    out = ["global", f"  pidfile {pidfile}", "  nbthread 1", f"  maxconn {HAPROXY_MAXCONN}"]
+    listeners = sum(1 for s in services if s.protocol == "tcp")
+    out = ["global", f"  pidfile {pidfile}", "  nbthread 1", f"  maxconn {HAPROXY_MAXCONN}",
+           f"  ulimit-n {haproxy_fds(listeners)}"]
     if stats_socket:
         out.append(f"  stats socket {stats_socket} mode 600 level admin")
     out += ["defaults", "  mode tcp", "  timeout connect 5s", "  timeout client 30s",

@@ -73,8 +73,18 @@ nodemesh-tc's own conntrack (the pinned `ct` map) is emptied. Reported: median
 and min-max of the rounds, ratios of medians to direct. Traversal is proved after each N's
 conn rounds: the packet counters of the measured service's KUBE-SEP DNAT rules (iptables), of
 its endpoint chains (nftables), and nodemesh's svc_stats map, against the requests wrk made.
-Where a variant cannot be programmed at some N (over --load-timeout, or haproxy's file
-descriptors at 100,000), its load time and the reason are reported and the point is "not run".
+Where a variant cannot be programmed at some N (over --load-timeout; or predicted over it
+from a smaller N's load time scaled linearly, then not tried; or haproxy's file descriptors
+where RLIMIT_NOFILE cannot be raised for it), its load time and the reason are reported and
+the point is "not run". Placement (--cpus, default 0,1): every client tool and haproxy on
+one CPU, every server on the other, with taskset, for every variant; each conn run records
+the CPU pressure (PSI) it met, reported per table. Client netns use ports 1024-65535.
+
+Parts: every run also writes its figures as <report>.json; --append <report>.md runs more
+(other --sizes, --variants, --workloads) and rewrites the report from all the parts, e.g.
+    bench/run.py --full --sizes 1,100,1000 --append bench/results/full.md
+    bench/run.py --full --sizes 10000,100000 --append bench/results/full.md
+Each report has a Targets table: the README's targets, met / missed / not measured.
 
 Results: bench/results/<date>-<host>.md (and a copy in latest.md; not with --output), with
 matplotlib PNGs beside it: connection rate, keep-alive p99, programming time and change
@@ -116,6 +126,7 @@ WORKLOADS = ("conn", "keepalive", "udp", "bulk", "change")
 # change` adds them back, about 4 minutes more).
 QUICK_WORKLOADS = ("conn", "keepalive", "change")
 QUICK_SIZES = [1, 10000]
+QUICK_CONN_SECONDS = 2
 FULL_SIZES = [1, 100, 1000, 10000, 100000]
 # keepalive, udp and bulk hardly depend on N (netfilter sees a connection's first packet
 # only): the quick mode runs them at its largest N, the full mode at every N.
@@ -130,6 +141,47 @@ def vip_of(i: int) -> str:
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+PREDICT_STEP, PREDICT_MIN_S = 10, 1.0
+
+
+def predicted_over(load_s: Dict[int, float], load_over: Dict[int, float], n: int,
+                   limit: float) -> Optional[Tuple[float, str]]:
+    """A variant's programming at N skipped before it is tried, when a smaller N already
+    shows it would take over `limit` seconds: it ran over the limit at a smaller N, or its
+    load time there, scaled linearly to N (a lower bound: no loader here is sub-linear), is
+    over it. -> (the predicted seconds, the reason reported), or None: try it."""
+    for m in sorted((m for m in load_over if m < n), reverse=True):
+        return (load_over[m] * n / m,
+                f"programming ran over the {limit:.0f} s limit at N = {m:,} already: not "
+                f"tried at {n:,} (it would take over {load_over[m] * n / m:,.0f} s)")
+    # Only from a load that per-service work dominates (a second or more; below, process
+    # start and fixed work such as nodemesh+policy's 10,000 rules dominate) and at most one
+    # full-mode step (×10) below N: 0.1 s at 1 service says nothing about 10,000.
+    done = [m for m in load_s if n / PREDICT_STEP <= m < n and load_s[m] >= PREDICT_MIN_S]
+    if not done:
+        return None
+    m = max(done)
+    predicted = load_s[m] * n / m
+    if predicted <= limit:
+        return None
+    return (predicted, f"programming {m:,} services took {load_s[m]:.1f} s: {n:,} would take "
+            f"at least {predicted:,.0f} s (scaled linearly), over the {limit:.0f} s limit "
+            "(--load-timeout): not tried")
+
+
+def cpu_stall() -> float:
+    """Seconds some runnable task has waited for a CPU since boot (PSI, /proc/pressure/cpu
+    "some" total; 0 where the kernel has no PSI). Its growth over a run divided by the run's
+    length is the share of that run during which a task (the bench's or anyone's) waited:
+    about 0 when the client and the server have a CPU each and nothing else runs, and the
+    signature of other work on the machine when the rounds scatter."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class Bench:
@@ -175,6 +227,12 @@ class Bench:
     # -- programming --------------------------------------------------------------------------
     def program(self, n: int) -> None:
         for v in self.variants.values():
+            over = predicted_over(v.load_s, v.load_over, n, self.args.load_timeout)
+            if over:
+                v.load_over[n], why = over
+                v.not_run[n] = why
+                log(f"  {v.name:>16}: NOT RUN at N={n:,}: {why}")
+                continue
             try:
                 v.load_s[n], v.rules[n] = v.program(n, self.services(n, v.set_a))
                 if v.name != "direct":
@@ -224,13 +282,16 @@ class Bench:
         """One run of one workload for one variant; its figures are added to v.data."""
         self.reset(v)
         if workload == "conn":
+            stall0, t0 = cpu_stall(), time.monotonic()
             rate, reqs, note = wl.conn(v.client("http"), seconds)
+            stall = (cpu_stall() - stall0) / (time.monotonic() - t0)
             self.requests[(v.name, n)] = self.requests.get((v.name, n), 0) + reqs
             if note:
                 log(f"    ({v.name}: {note})")
             if counted:
                 v.add("conn", n, rate)
-            shown = f"{rate:10,.0f} conn/s"
+                v.add("conn_stall", n, stall)
+            shown = f"{rate:10,.0f} conn/s (CPU pressure {stall:.0%})"
         elif workload == "keepalive":
             rate, _, note = wl.keepalive_max(v.client("http"), seconds)
             if note:
@@ -305,7 +366,10 @@ class Bench:
                 self.calibrate(workload)
             if workload == "conn":
                 for v in active:
-                    v.proof(n, 0)  # counters from here on
+                    # counters from here on; the netfilter rules' start at 0 when loaded,
+                    # and reading them back takes minutes at 100,000 (iptables-save -c)
+                    if not v.counts_from_load:
+                        v.proof(n, 0)
             if workload in self.args.warm_up:
                 for v in active:  # warm-up, not counted
                     self.attempt(v, n, workload, 1, counted=False)
@@ -437,6 +501,174 @@ def bench_footprint(args, lab, workdir, sizes: List[int]) -> str:
 
 
 
+# -- results kept for --append ----------------------------------------------------------------
+# A run's figures are also written beside its report, as <report>.json; `--append <report>.md`
+# reads them back, keeps every (variant, metric, N) the new run did not measure, and rewrites
+# the report from the union: parts of the full mode (--sizes, --variants, --workloads) run one
+# after another end in one results file. The fixed keep-alive and UDP rates of the first part
+# are reused by the later ones, so every part is paced alike.
+RECORD_DICTS = ("load_s", "load_over", "rules", "not_run", "proofs")
+
+
+def record(bench: "Bench", args, commands: List[str], minutes: float) -> dict:
+    """Everything report() reads, as JSON (N keys as strings)."""
+    def keyed(d: dict) -> dict:
+        return {str(k): v for k, v in d.items()}
+    return {
+        "commands": commands, "minutes": minutes, "reps": args.reps,
+        "seconds_of": args.seconds_of, "changes": args.changes, "warm_up": args.warm_up,
+        "sizes_of": args.sizes_of, "workloads": args.workloads,
+        "rate": bench.rate, "direct_max": bench.direct_max, "load": keyed(bench.load),
+        "variants": {v.name: {
+            "data": {m: keyed(by_n) for m, by_n in v.data.items() if by_n},
+            **{f: keyed(getattr(v, f)) for f in RECORD_DICTS},
+            "failed": [[n, w, why] for (n, w), why in v.failed.items()],
+            "notes": v.notes} for v in bench.variants.values()},
+    }
+
+
+def bare_variant(name: str) -> vr.Variant:
+    """A variant with records only (no netns, no kernel state): a part of the results that
+    an earlier run measured."""
+    v = object.__new__(vr.VARIANTS[name])
+    v.new_records()
+    v.name = name
+    return v
+
+
+def merge(bench: "Bench", args, old: dict) -> None:
+    """Add an earlier part's figures (`old`, from record()) to this run's, in place: what
+    this run measured wins, (variant, metric, N) by (variant, metric, N); a variant or N
+    only the earlier part has is kept as it was. args' sizes and workloads become the
+    union; the commands of every part are kept, in order, in args.commands."""
+    def ints(d: dict) -> dict:
+        return {int(k): v for k, v in d.items()}
+    for name, rec in old.get("variants", {}).items():
+        if name not in vr.VARIANTS:
+            continue
+        v = bench.variants.get(name)
+        if v is None:
+            v = bench.variants[name] = bare_variant(name)
+        measured = set(v.load_s) | set(v.load_over) | set(v.not_run)
+        for metric, by_n in rec.get("data", {}).items():
+            for n, xs in ints(by_n).items():
+                if not v.values(metric, n):
+                    v.data[metric][n] = list(xs)
+        for f in RECORD_DICTS:
+            mine = getattr(v, f)
+            for n, value in ints(rec.get(f, {})).items():
+                if n not in measured and n not in mine:
+                    mine[n] = value
+        for n, w, why in rec.get("failed", []):
+            if (n, w) not in v.failed and not any(v.values(m, n)
+                                                  for m in vr.WORKLOAD_METRICS[w]):
+                v.failed[(n, w)] = why
+        v.notes += [note for note in rec.get("notes", []) if note not in v.notes]
+    bench.variants = {name: bench.variants[name] for name in vr.VARIANTS
+                      if name in bench.variants}
+    for w, rate in old.get("rate", {}).items():
+        bench.rate.setdefault(w, rate)
+    for w, runs in old.get("direct_max", {}).items():
+        bench.direct_max.setdefault(w, runs)
+    for n, la in ints(old.get("load", {})).items():
+        bench.load.setdefault(n, tuple(la))
+    for w, ns in old.get("sizes_of", {}).items():
+        if w in args.sizes_of:
+            args.sizes_of[w] = sorted(set(args.sizes_of[w]) | set(ns))
+    args.workloads = [w for w in WORKLOADS
+                      if w in args.workloads or w in old.get("workloads", [])]
+    args.sizes = sorted({n for w in args.workloads for n in args.sizes_of[w]}
+                        | set(args.sizes))
+    args.commands = list(old.get("commands", [])) + list(getattr(args, "commands", []))
+
+
+def load_record(path: str) -> Optional[dict]:
+    """The figures of an existing results file (its .json), or None when there are none."""
+    import json
+    try:
+        with open(os.path.splitext(path)[0] + ".json") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+# -- targets --------------------------------------------------------------------------------
+# The README's targets (Performance), checked against the figures of the run.
+TARGET_SOCKET, TARGET_FLAT, TARGET_TC = 0.97, 0.05, 0.85
+TARGET_VS_HAPROXY, TARGET_P99_VS_HAPROXY = 2.0, 0.5
+TARGET_PROGRAM_S, TARGET_CHANGE_S, TARGET_N = 10.0, 0.050, 100_000
+
+
+def targets(bench: "Bench", sizes: List[int]) -> List[str]:
+    """One row per target: what it asks, the measured figures, met / missed / not measured
+    (a target stated at some N that this run did not measure is not measured, never met)."""
+    vs = bench.variants
+    nm, tc, hap, d = (vs.get(k) for k in ("nodemesh", "nodemesh-tc", "haproxy", "direct"))
+
+    def ratio(a, b, metric: str, n: int) -> Optional[float]:
+        if not a or not b:
+            return None
+        x, y = a.values(metric, n), b.values(metric, n)
+        return med(x) / med(y) if x and y else None
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    rows = []
+
+    def at_every_n(label: str, v, least: float) -> None:
+        rs = {n: ratio(v, d, "conn", n) for n in sizes}
+        got = {n: r for n, r in rs.items() if r is not None}
+        shown = ", ".join(f"{fmt_n(n)}: {r:.2f}×" for n, r in got.items()) or "–"
+        missing = [fmt_n(n) for n in [1, TARGET_N] if n not in got]
+        state = verdict(all(r >= least for r in got.values())) if got else "not measured"
+        if got and missing and state == "**met**":
+            state = f"met where measured; not measured at N = {', '.join(missing)}"
+        rows.append(f"| {label} | {shown} | {state} |")
+
+    at_every_n(f"nodemesh ≥ {TARGET_SOCKET:.2f}× direct, new connections, every N", nm,
+               TARGET_SOCKET)
+    got = {n: ratio(nm, d, "conn", n) for n in sizes}
+    got = {n: r for n, r in got.items() if r is not None}
+    if 1 in got and TARGET_N in got:
+        spread = (max(got.values()) - min(got.values())) / max(got.values())
+        rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to {fmt_n(TARGET_N)} "
+                    f"(its ratio to direct, max − min over max, over N = "
+                    f"{', '.join(fmt_n(n) for n in got)}) | {spread:.1%} | "
+                    f"{verdict(spread <= TARGET_FLAT)} |")
+    else:
+        rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to {fmt_n(TARGET_N)} | "
+                    f"needs N = 1 and {fmt_n(TARGET_N)}; measured "
+                    f"{', '.join(fmt_n(n) for n in got) or 'neither'} | not measured |")
+    at_every_n(f"nodemesh-tc ≥ {TARGET_TC:.2f}× direct, every N", tc, TARGET_TC)
+    for label, metric, want, cmp in (
+            (f"nodemesh ≥ {TARGET_VS_HAPROXY:g}× HAProxy's connection rate", "conn",
+             TARGET_VS_HAPROXY, lambda r, w: r >= w),
+            (f"nodemesh's keep-alive p99 ≤ {TARGET_P99_VS_HAPROXY:g}× HAProxy's", "ka_p99",
+             TARGET_P99_VS_HAPROXY, lambda r, w: r <= w)):
+        got = {n: ratio(nm, hap, metric, n) for n in sizes}
+        got = {n: r for n, r in got.items() if r is not None}
+        shown = ", ".join(f"{fmt_n(n)}: {r:.2f}×" for n, r in got.items())
+        unrun = [fmt_n(n) for n in sizes if hap and n in hap.not_run]
+        if unrun:
+            shown += f"{'; ' if shown else ''}HAProxy not run at N = {', '.join(unrun)}"
+        state = verdict(all(cmp(r, want) for r in got.values())) if got else "not measured"
+        rows.append(f"| {label} | {shown or '–'} | {state} |")
+    load = nm.load_s.get(TARGET_N) if nm else None
+    rows.append(f"| nodemesh programs {fmt_n(TARGET_N)} services in ≤ {TARGET_PROGRAM_S:g} s | "
+                + (f"{load:.2f} s | {verdict(load <= TARGET_PROGRAM_S)} |" if load is not None
+                   else f"– | not measured (N = {fmt_n(TARGET_N)} not run) |"))
+    ch = nm.values("change", TARGET_N) if nm else []
+    rows.append(f"| one change at {fmt_n(TARGET_N)} takes effect in ≤ "
+                f"{TARGET_CHANGE_S * 1000:g} ms end to end (median) | "
+                + (f"{fms(med(ch))} ms ({fms(min(ch))}–{fms(max(ch))}) | "
+                   f"{verdict(med(ch) <= TARGET_CHANGE_S)} |" if ch
+                   else f"– | not measured (N = {fmt_n(TARGET_N)} not run) |"))
+    return ["## Targets (README, Performance): met or missed\n",
+            "Ratios of medians; a target stated for every N is judged on the N this run "
+            "measured.\n", "| target | measured | verdict |", "|---|---|---|", *rows, ""]
+
+
 # -- report ---------------------------------------------------------------------------------
 def tool_versions() -> str:
     def first(cmd: str) -> str:
@@ -533,21 +765,34 @@ def fms(x: float) -> str:
     return f"{x * 1000:.1f}"
 
 
+def rounds(bench: Bench, metric: str, n: int) -> int:
+    """Rounds behind a per-N table (parts appended with --append may differ from --reps)."""
+    return max((len(v.values(metric, n)) for v in bench.variants.values()), default=0)
+
+
 def report(bench: Bench, args, extra: List[str], command: str) -> str:
     vs = list(bench.variants.values())
     sizes = args.sizes
     now = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
     out = [f"# nodemesh dataplane benchmark\n\n{now}, host {socket.gethostname()}, kernel "
-           f"{os.uname().release}, {os.cpu_count()} CPUs; `{command}`\n\n{tool_versions()}\n\n"
+           f"{os.uname().release}, {os.cpu_count()} CPUs; `{command}`\n\n"
+           + ("Parts appended into this file (--append), in order: "
+              + "; ".join(f"`{c}`" for c in args.commands) + "\n\n"
+              if len(getattr(args, "commands", [])) > 1 else "")
+           + f"{tool_versions()}\n\n"
            f"Method: bench/run.py's docstring. Seconds per run: "
            f"{', '.join(f'{w} {args.seconds_of[w]}' for w in args.workloads if w != 'change')}"
            f" (change: {args.changes} changes); per N and workload "
-           f"({', '.join(args.warm_up) or 'none'}) a 1 s warm-up of every variant, then "
+           f"({', '.join(w for w in args.warm_up if w in args.workloads) or 'none'}) a 1 s "
+           "warm-up of every variant, then "
            f"{args.reps} rounds of all variants in turn "
            "(A B C ... A B C ...); conntrack flushed and TIME_WAIT sockets destroyed in the "
            "client's and the server's netns before every run. The measured service is the "
            "last of N in every ruleset. nginx: 1 worker; haproxy: nbthread 1; every client "
-           f"tool runs one thread. Workloads: {', '.join(args.workloads)}.\n"]
+           f"tool runs one thread. Workloads: {', '.join(args.workloads)}. CPU placement: "
+           + (f"every client tool (and haproxy) on CPU {wl.CPUS['client']}, every server on "
+              f"CPU {wl.CPUS['server']} (taskset), for every variant.\n"
+              if wl.CPUS else "none (the scheduler's).\n")]
     for n in sizes:
         if n in bench.load:
             out.append(f"N = {fmt_n(n)}: 1-min load average {bench.load[n][0]:.2f} before, "
@@ -564,6 +809,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append(f"| {v.name} | {vr.SUMMARY.get(v.name, '')} | {', '.join(runs)} | "
                    f"{'; '.join(why) or '–'} |")
     out.append("")
+    out += targets(bench, sizes)
     conn_sizes = [n for n in sizes if n in args.sizes_of["conn"]]
     if "conn" in args.workloads:
         out.append("## New connections per second vs direct (ratio of medians)\n")
@@ -582,8 +828,16 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
                 out.append(f"| {fmt_n(n)} | " + " | ".join(cells) + " |")
             out.append("")
         for n in conn_sizes:
-            out.append(f"### N = {fmt_n(n)}: new connections/s, {args.reps} rounds\n")
+            out.append(f"### N = {fmt_n(n)}: new connections/s, "
+                       f"{rounds(bench, 'conn', n)} rounds\n")
             out += per_n_table(bench, n, "conn", [("conn/s", "conn", f0, True)], paired=True)
+            stalls = [x for v in vs for x in v.values("conn_stall", n)]
+            if stalls:
+                out.append(f"\nCPU pressure during these runs (PSI: share of the run some "
+                           f"task waited for a CPU): median {med(stalls):.0%}, "
+                           f"{min(stalls):.0%}–{max(stalls):.0%}; near 0 on an otherwise idle "
+                           "machine with the client and the server pinned apart, high where "
+                           "other work shared the CPUs (and the rounds scatter).")
             out.append("")
     if "keepalive" in bench.rate:
         ka_sizes = [n for n in sizes if n in args.sizes_of["keepalive"]]
@@ -603,7 +857,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append("p99 at the fixed rate vs direct (ratio of medians):\n")
         out += ratio_summary(bench, ka_sizes, "ka_p99", "keepalive")
         for n in ka_sizes:
-            out.append(f"### N = {fmt_n(n)}: keep-alive, {args.reps} rounds\n")
+            out.append(f"### N = {fmt_n(n)}: keep-alive, {rounds(bench, 'ka_max', n)} rounds\n")
             out += per_n_table(bench, n, "keepalive", [
                 ("max req/s", "ka_max", f0, True), ("achieved rate", "ka_rate", f0, False),
                 ("p50 ms", "ka_p50", f3, True), ("p99 ms", "ka_p99", f3, True)])
@@ -624,7 +878,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append("queries/s vs direct (ratio of medians):\n")
         out += ratio_summary(bench, udp_sizes, "udp_qps", "udp")
         for n in udp_sizes:
-            out.append(f"### N = {fmt_n(n)}: UDP, {args.reps} rounds\n")
+            out.append(f"### N = {fmt_n(n)}: UDP, {rounds(bench, 'udp_qps', n)} rounds\n")
             out += per_n_table(bench, n, "udp", [
                 ("max queries/s", "udp_qps", f0, True), ("lost %", "udp_lost", f2, False),
                 ("achieved rate", "udp_rate", f0, False), ("mean ms", "udp_ms", f3, True),
@@ -634,7 +888,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         bulk_sizes = [n for n in sizes if n in args.sizes_of["bulk"]]
         out.append("## Bulk throughput: iperf3, Gbit/s received\n")
         for n in bulk_sizes:
-            out.append(f"### N = {fmt_n(n)}: bulk, {args.reps} rounds\n")
+            out.append(f"### N = {fmt_n(n)}: bulk, {rounds(bench, 'bulk1', n)} rounds\n")
             out += per_n_table(bench, n, "bulk", [("1 stream", "bulk1", f2, True),
                                                   ("8 streams", "bulk8", f2, True)])
             out.append("")
@@ -785,6 +1039,59 @@ def estimate(args) -> float:
     return total
 
 
+# What the estimate scales from: seconds to program N services on the 2-CPU VM (loaded by
+# other work) at 10,000 (bench/results/2026-11-29-vm.md) and 100,000 (the smokes of
+# bench/results/full-smoke-2026-11-29.md; iptables-legacy ran over 600 s there and nftables
+# is only known to be over 488 s: both counted as over the full mode's 900 s); between and
+# beyond, a power law through the two.
+REF_LOAD: Dict[str, Tuple[float, float]] = {
+    "nodemesh": (0.7, 11.6), "iptables-nft": (3.0, 436.3), "iptables-legacy": (1.7, 901.0),
+    "nftables": (48.8, 901.0), "haproxy": (1.0, 10.0), "nodemesh-tc": (0.9, 12.0),
+    "nodemesh+sockmap": (0.7, 11.6), "nodemesh+policy": (0.7, 12.0)}
+# seconds one change takes at 10,000 and 100,000 (the netfilter ones rewrite per N)
+REF_CHANGE: Dict[str, Tuple[float, float]] = {
+    "iptables-nft": (2.1, 21.0), "iptables-legacy": (1.4, 14.0), "nftables": (0.3, 3.0)}
+SETUP_S = 15.0  # a nodemesh variant's BPF compile and load; the others' netns take ~1 s
+
+
+def scaled(ref: Tuple[float, float], n: int) -> float:
+    """Seconds at N from the two reference points (10,000 and 100,000), power law."""
+    import math
+    a, b = ref
+    k = math.log10(b / a) if a > 0 and b > 0 else 1.0
+    return a * (n / 10_000) ** k
+
+
+def estimate_parts(args) -> Dict[str, float]:
+    """The whole run's wall time, in seconds per part: set-up, programming (every variant
+    at every N: a load predicted over --load-timeout is tried once, counted at the limit,
+    and the larger N skip it, as run.py does), measuring (estimate()), the changes
+    (--changes per N and variant, each its command's time plus the probe's landing) and
+    the agent's footprint. Scaled from the 2-CPU VM's figures (REF_LOAD, REF_CHANGE)."""
+    setup = 5.0 + sum(SETUP_S if v.startswith("nodemesh") else 1.0 for v in args.variants)
+    programming = changes = 0.0
+    for v in args.variants:
+        over = False
+        for n in args.sizes:
+            if over or v not in REF_LOAD:
+                continue
+            t = scaled(REF_LOAD[v], n)
+            if t > args.load_timeout:
+                programming += args.load_timeout
+                over = True
+                continue
+            programming += 2 * t if v.startswith("nodemesh") else t  # emptying, then loading
+            if "change" in args.workloads and vr.VARIANTS[v].changes and \
+                    n in args.sizes_of["change"]:
+                per = scaled(REF_CHANGE[v], n) if v in REF_CHANGE else 0.01
+                changes += args.changes * (per + 0.3)  # + the probe's arming and landing
+    footprint = 0.0
+    if not args.quick and not args.skip_extra:
+        footprint = sum(2 * (10 + 30 * n / 100_000) for n in sorted({1, max(args.sizes)}))
+    return {"set-up": setup, "programming": programming, "measuring": estimate(args),
+            "changes": changes, "footprint": footprint}
+
+
 def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """The command line, with the mode's defaults filled in (no root needed)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -794,8 +1101,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true",
                       help=f"N = {QUICK_SIZES}; workloads {','.join(QUICK_WORKLOADS)} (udp "
                       "and bulk only when --workloads names them), keepalive, udp and bulk at "
-                      "the largest N only; 1 s runs, conn the only one warmed up; 5 rounds, 3 "
-                      "changes; no agent footprint (the default)")
+                      "the largest N only; 1 s runs (conn 2 s), conn the only one warmed up; 5 "
+                      "rounds, 3 changes; no agent footprint (the default)")
     mode.add_argument("--full", action="store_true",
                       help=f"N = {FULL_SIZES}, every workload at every N, 5 s runs, 5 "
                       "rounds, 10 changes, the agent's footprint at 1 and 100,000")
@@ -820,6 +1127,15 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "quick mode has none)")
     ap.add_argument("--output", help="results file (default bench/results/<date>-<host>.md, "
                     "copied to latest.md)")
+    ap.add_argument("--append", metavar="FILE.md", help="add this run's figures to an "
+                    "earlier run's results file (its figures are in FILE.json beside it): "
+                    "the report is rewritten from both, this run's figures winning where "
+                    "both measured the same variant, metric and N, and the earlier part's "
+                    "fixed keep-alive/UDP rates are reused. For running the full mode in "
+                    "parts (--sizes, --variants, --workloads); FILE.md may not exist yet")
+    ap.add_argument("--cpus", help="CLIENT,SERVER: the CPUs every client tool (and haproxy) "
+                    "and every server are pinned to with taskset, for every variant; 'none' "
+                    "to leave placement to the scheduler (default 0,1 on 2 CPUs or more)")
     args = ap.parse_args(argv)
     full = args.full
     try:
@@ -838,6 +1154,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         # nine variants in under 10 minutes on 2 CPUs (measured: the README's Performance)
         args.warm_up = ["conn"]
         args.seconds_of = {w: args.seconds or 1 for w in WORKLOADS}
+        # conn carries three of the targets: 2 s runs (about 40,000 connections each) halve
+        # what one second of someone else's work on the machine does to a round
+        args.seconds_of["conn"] = args.seconds or QUICK_CONN_SECONDS
     args.reps = args.reps or 5
     args.changes = args.changes or (10 if full else 3)
     args.load_timeout = args.load_timeout or (900 if full else 120)
@@ -863,6 +1182,19 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         for w in PER_N_WORKLOADS:
             args.sizes_of[w] = [max(args.sizes)]
     args.quick = quick
+    if args.append and args.output and os.path.abspath(args.append) != \
+            os.path.abspath(args.output):
+        ap.error("--append FILE writes FILE: give no other --output")
+    cpus = args.cpus or ("0,1" if (os.cpu_count() or 1) >= 2 else "none")
+    if cpus == "none":
+        args.cpu_roles = {}
+    else:
+        parts = cpus.split(",")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) < (os.cpu_count() or 1)
+                                      for p in parts):
+            ap.error(f"--cpus: {cpus!r} is not CLIENT,SERVER (two CPU numbers below "
+                     f"{os.cpu_count()}) or none")
+        args.cpu_roles = {"client": parts[0], "server": parts[1]}
     return args
 
 
@@ -885,18 +1217,33 @@ def main() -> int:
         print(f"missing tools: {', '.join(missing)}; `make setup` installs them",
               file=sys.stderr)
         return 1
+    old = load_record(args.append) if args.append else None
+    if args.append and old is None and os.path.exists(args.append):
+        print(f"--append: {args.append} has no {os.path.splitext(args.append)[0]}.json "
+              "beside it (written by every run since --append exists): nothing to add to",
+              file=sys.stderr)
+        return 1
+    wl.CPUS.clear()
+    wl.CPUS.update(args.cpu_roles)
+    parts = estimate_parts(args)
     log(f"sizes {args.sizes}; workloads {args.workloads}; variants {args.variants}; "
-        f"measuring takes about {estimate(args) / 60:.1f} min, plus set-up (a BPF compile "
-        "per nodemesh variant, about 15 s each) and programming (about 1 min at 10,000 "
-        "services, nftables most of it; at 100,000 each baseline may take up to "
-        f"--load-timeout {args.load_timeout:.0f} s)"
-        + ("" if args.quick or args.skip_extra else ", plus the agent's footprint (~1 min)"))
+        f"CPUs {args.cpu_roles or 'unpinned'}\nestimate: about "
+        f"{sum(parts.values()) / 60:.0f} min in all: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items() if v)
+        + f" (programming and changes scaled from the 2-CPU VM's; a baseline over "
+        f"--load-timeout {args.load_timeout:.0f} s counts that long once, then is skipped)")
     command = "bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    args.commands = [command]
     started = time.monotonic()
     vr.reap_private_hooks()
     lab = new_lab("nmb", backends=1)
     workdir = tempfile.mkdtemp(prefix="nodemesh-bench-")
     bench = Bench(args, lab, workdir)
+    if old:  # the earlier parts' fixed rates, unless given: every part paced alike
+        given = {"keepalive": args.ka_rate, "udp": args.udp_rate}
+        bench.rate.update({w: r for w, r in old.get("rate", {}).items() if not given.get(w)})
+        bench.direct_max.update({w: r for w, r in old.get("direct_max", {}).items()
+                                 if w in bench.rate and not given.get(w)})
     extra: List[str] = []
     try:
         bench.setup()
@@ -916,17 +1263,29 @@ def main() -> int:
         vr.forget_private_hooks(lab.prefix)
         shutil.rmtree(workdir, ignore_errors=True)
     took = time.monotonic() - started
-    text = report(bench, args, extra, command) + f"\nWhole run: {took / 60:.1f} min.\n"
+    minutes = took / 60
+    if old:
+        merge(bench, args, old)
+        minutes += old.get("minutes", 0)
+        extra += old.get("extra", []) if not extra else []
+    text = report(bench, args, extra, command) + (
+        f"\nWhole run: {minutes:.1f} min" + (f" in {len(args.commands)} parts (this one "
+                                              f"{took / 60:.1f} min)" if old else "") + ".\n")
     outdir = os.path.join(ROOT, "bench", "results")
     os.makedirs(outdir, exist_ok=True)
     stem = os.path.join(outdir, f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}")
-    path = args.output or stem + ".md"
+    path = args.append or args.output or stem + ".md"
     made = plots(bench, args.sizes, os.path.splitext(path)[0])
     if made:
         text += "\nPlots: " + ", ".join(os.path.basename(p) for p in made) + "\n"
     with open(path, "w") as f:
         f.write(text)
-    if not args.output:
+    import json
+    rec = record(bench, args, args.commands, minutes)
+    rec["extra"] = extra
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(rec, f, indent=1)
+    if not args.output and not args.append:
         shutil.copyfile(path, os.path.join(outdir, "latest.md"))
     log("\n" + text)
     log(f"results: {path}")

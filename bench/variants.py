@@ -71,11 +71,12 @@ from nodemesh.lab.topology import sh
 
 WORKLOADS = ("conn", "keepalive", "udp", "bulk", "change")
 BENCH_VIPS = "10.96.0.0/15"  # N services' ClusterIPs; blackholed in every client netns
+PORTS = "1024 65535"  # the client netns' ephemeral ports
 TARGET_PORTS = {"http": wl.HTTP_PORT, "dns": wl.DNS_PORT, "iperf": wl.IPERF_PORT}
 
 Changed = Sequence[Tuple[bl.SvcSpec, bl.SvcSpec]]
 # what run.py records per workload (Variant.add); a failed workload drops them at that N
-WORKLOAD_METRICS = {"conn": ("conn",),
+WORKLOAD_METRICS = {"conn": ("conn", "conn_stall"),
                     "keepalive": ("ka_max", "ka_rate", "ka_p50", "ka_p99", "ka_errors"),
                     "udp": ("udp_qps", "udp_lost", "udp_rate", "udp_ms", "udp_max_ms"),
                     "bulk": ("bulk1", "bulk8"), "change": ("change", "change_cpu")}
@@ -90,6 +91,9 @@ class Variant:
     workloads = frozenset(WORKLOADS)
     unsupported: Dict[str, str] = {}  # workload -> why this variant cannot run it
     changes = True
+    # proof() reads counters that program() has just created at 0 (netfilter rules): no
+    # reading them before the conn runs (iptables-save -c takes ~3 min at 100,000 services)
+    counts_from_load = False
 
     def __init__(self, bench) -> None:
         self.bench = bench
@@ -99,6 +103,10 @@ class Variant:
         self.set_b: List[str] = bench.set_b
         self.netns = self.client_netns()
         sh(f"ip -n {self.netns} route add blackhole {BENCH_VIPS}")
+        # A 5 s conn run makes ~150,000 connections: with the default 28,232 ephemeral ports
+        # each client port comes back ~5 times to a 4-tuple the server still holds in
+        # TIME_WAIT. Every port there is, in the client's netns only (a per-netns sysctl).
+        sh(f"ip netns exec {self.netns} sysctl -qw net.ipv4.ip_local_port_range='{PORTS}'")
         self.new_records()
 
     def new_records(self) -> None:
@@ -494,6 +502,7 @@ class Iptables(Variant):
     """kube-proxy's iptables mode; `backend` is iptables-nft or iptables-legacy. Programming
     restores the whole ruleset into empty tables; a change is kube-proxy's partial sync."""
     backend = "nft"
+    counts_from_load = True
 
     def __init__(self, bench) -> None:
         super().__init__(bench)
@@ -537,6 +546,7 @@ class Nftables(Variant):
     """kube-proxy's nftables mode. Programming is one `nft -f` of the whole table; a change
     is one transaction over the changed service's chains."""
     name = "nftables"
+    counts_from_load = True
 
     def counted(self, specs: Sequence[bl.SvcSpec]) -> List[bl.SvcSpec]:
         return [s for s in specs if s.name == specs[-1].name]
@@ -581,22 +591,19 @@ class Haproxy(Variant):
         super().__init__(bench)
         self.proc: Optional[subprocess.Popen] = None
         self.socket = os.path.join(bench.workdir, "haproxy.sock")
+        self.nr_open_before: Optional[int] = None  # fs.nr_open, when fd_limit raised it
 
     def program(self, n: int, specs: List[bl.SvcSpec]) -> Tuple[float, int]:
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if hard != resource.RLIM_INFINITY and bl.haproxy_fds(n) > hard:
-            self.stop()
-            raise NotRun(f"haproxy needs ~{bl.haproxy_fds(n):,} file descriptors for {n:,} "
-                         f"listeners; the hard RLIMIT_NOFILE here is {hard:,} and root may "
-                         "not raise it")
         self.stop()
+        wrap = self.fd_limit(bl.haproxy_fds(n), n)
         cfg = os.path.join(self.bench.workdir, "haproxy.cfg")
         with open(cfg, "w") as f:
             f.write(bl.haproxy_config(specs, os.path.join(self.bench.workdir, "haproxy.pid"),
                                       self.socket))
         self.specs = specs
         t0 = time.perf_counter()
-        self.proc = self.bench.lab.spawn(["haproxy", "-db", "-f", cfg], netns=self.netns,
+        self.proc = self.bench.lab.spawn([*wrap, *wl.pinned("client"), "haproxy", "-db", "-f",
+                                          cfg], netns=self.netns,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                          text=True)
         host, port = self.target("http")
@@ -611,6 +618,35 @@ class Haproxy(Variant):
             if time.perf_counter() - t0 > self.bench.args.load_timeout:
                 raise subprocess.TimeoutExpired("haproxy", self.bench.args.load_timeout)
             time.sleep(0.05)
+
+    def fd_limit(self, need: int, n: int) -> List[str]:
+        """The command prefix that gives haproxy `need` file descriptors (one per listener,
+        two per connection): `prlimit --nofile=need:need` on haproxy's process alone when
+        this process's limit is lower, after raising fs.nr_open (the kernel's ceiling for
+        any RLIMIT_NOFILE; restored at close) if it is lower still. Where neither can be
+        raised (no CAP_SYS_RESOURCE, as in some containers) -> NotRun with the reason."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or need <= soft:
+            return []
+        nr_open = read_int(NR_OPEN)
+        if nr_open is not None and need > nr_open:
+            try:
+                with open(NR_OPEN, "w") as f:
+                    f.write(str(need))
+                if self.nr_open_before is None:
+                    self.nr_open_before = nr_open
+            except OSError as e:
+                raise NotRun(f"haproxy needs ~{need:,} file descriptors for {n:,} listeners; "
+                             f"fs.nr_open is {nr_open:,} and could not be raised: {e}")
+        wrap = nofile_prefix(need)
+        failed = try_prefix(wrap)
+        if failed:
+            raise NotRun(f"haproxy needs ~{need:,} file descriptors for {n:,} listeners; the "
+                         f"hard RLIMIT_NOFILE here is {hard:,} and raising it failed "
+                         f"({failed[:120]}): this process lacks CAP_SYS_RESOURCE (`capsh "
+                         "--print` shows it dropped), as in a container; root on a plain "
+                         "host raises it")
+        return wrap
 
     def target(self, port_name: str) -> Tuple[str, int]:
         s = self.measured(port_name)
@@ -655,6 +691,32 @@ class Haproxy(Variant):
 
     def close(self) -> None:
         self.stop()
+        if self.nr_open_before is not None:
+            with open(NR_OPEN, "w") as f:
+                f.write(str(self.nr_open_before))
+            self.nr_open_before = None
+
+
+NR_OPEN = "/proc/sys/fs/nr_open"
+
+
+def nofile_prefix(need: int) -> List[str]:
+    """Runs the command after it with RLIMIT_NOFILE need:need (that process only)."""
+    return ["prlimit", f"--nofile={need}:{need}", "--"]
+
+
+def try_prefix(prefix: List[str]) -> str:
+    """'' if `prefix true` succeeds here, else its error (e.g. prlimit's EPERM)."""
+    res = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    return "" if res.returncode == 0 else " ".join(res.stderr.split()) or f"exit {res.returncode}"
+
+
+def read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def in_netns(name: str):

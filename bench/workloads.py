@@ -27,13 +27,23 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACE_LUA = os.path.join(HERE, "pace.lua")
 HTTP_PORT, DNS_PORT, IPERF_PORT = 8080, 5353, 5201
 DNS_NAME = "bench.test"
 CONNECTIONS = 32  # wrk's connections in every HTTP workload
+# CPU placement (run.py --cpus): role -> taskset CPU list. Every client tool (and haproxy, the
+# client node's proxy) runs on the "client" CPU, every server on the "server" CPU, the same for
+# every variant; empty: the scheduler places them (and moves them between runs).
+CPUS: Dict[str, str] = {}
+
+
+def pinned(role: str) -> List[str]:
+    """The taskset prefix that puts a process of `role` on its CPU (none if unpinned)."""
+    cpu = CPUS.get(role)
+    return ["taskset", "-c", cpu] if cpu else []
 
 
 @dataclass
@@ -46,10 +56,11 @@ class Client:
     port: int
 
 
-def spawn(lab, argv: Sequence[str], netns: str, cgroup: Optional[str],
+def spawn(lab, argv: Sequence[str], netns: str, cgroup: Optional[str], role: str = "client",
           **popen) -> subprocess.Popen:
     """Lab.spawn into any cgroup (a variant may have its own): the shell joins the cgroup
     before exec, so every socket the program makes is hooked. The lab kills it at teardown."""
+    argv = [*pinned(role), *argv]
     cmd = f"exec ip netns exec {shlex.quote(netns)} " + " ".join(shlex.quote(a) for a in argv)
     if cgroup:
         cmd = f"echo $$ > {shlex.quote(os.path.join(cgroup, 'cgroup.procs'))} && {cmd}"
@@ -101,15 +112,15 @@ http {{
   }}
 }}
 """)
-    nginx = spawn(lab, ["nginx", "-c", conf, "-g", "daemon off;"], netns, cgroup)
+    nginx = spawn(lab, ["nginx", "-c", conf, "-g", "daemon off;"], netns, cgroup, "server")
     spawn(lab, ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
                 "--no-hosts", "--pid-file=", "--log-facility=-", f"--port={DNS_PORT}",
                 "--bind-interfaces", "--listen-address=" + ",".join(addresses),
-                f"--address=/{DNS_NAME}/192.0.2.1"], netns, cgroup,
+                f"--address=/{DNS_NAME}/192.0.2.1"], netns, cgroup, "server",
           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    spawn(lab, ["iperf3", "--server", "--port", str(IPERF_PORT)], netns, cgroup,
+    spawn(lab, ["iperf3", "--server", "--port", str(IPERF_PORT)], netns, cgroup, "server",
           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # nginx took over 10 s at a load average of 15
     while not os.path.exists(f"{tmp}/nginx.pid"):
         if nginx.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"nginx did not start ({tmp}/error.log)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import json
 import os
 import shutil
 import socketserver
@@ -221,17 +222,183 @@ def test_quick_mode_runs_every_variant_at_both_sizes_within_its_budget():
     assert {"nodemesh-tc", "nodemesh+sockmap", "nodemesh+policy"} <= set(args.variants)
     assert args.sizes == [1, 10000] and args.sizes_of["conn"] == [1, 10000]
     assert args.reps >= 5
+    assert args.seconds_of["conn"] == 2 and args.seconds_of["keepalive"] == 1
     # measuring only: set-up and programming take about 2 more minutes (README, Performance)
     assert run.estimate(args) < 8 * 60
     assert run.parse(["--quick", "--workloads", "conn,bulk"]).workloads == ["conn", "bulk"]
 
 
-def test_haproxy_at_100000_services_is_not_run_for_lack_of_file_descriptors(monkeypatch):
+def test_haproxy_at_100000_services_gets_its_descriptors_from_prlimit(monkeypatch, tmp_path):
+    """Above this process's RLIMIT_NOFILE, haproxy alone runs under `prlimit --nofile`, after
+    fs.nr_open is raised if it is lower (and put back at close); only where the limit cannot
+    be raised is it not run, with the reason."""
     v = bare(vr.Haproxy)
-    v.proc = None
+    v.nr_open_before = None
+    nr_open = tmp_path / "nr_open"
+    nr_open.write_text("65536\n")
+    monkeypatch.setattr(vr, "NR_OPEN", str(nr_open))
     monkeypatch.setattr(vr.resource, "getrlimit", lambda _: (1024, 20000))
-    with pytest.raises(vr.NotRun, match="hard RLIMIT_NOFILE here is 20,000"):
-        v.program(100000, specs(2))
+    tried = []
+    monkeypatch.setattr(vr, "try_prefix", lambda prefix: tried.append(prefix) or "")
+    need = bl.haproxy_fds(100000)
+    assert v.fd_limit(need, 100000) == ["prlimit", f"--nofile={need}:{need}", "--"]
+    assert tried == [vr.nofile_prefix(need)]
+    assert int(nr_open.read_text()) == need and v.nr_open_before == 65536
+    v.stop = lambda: None
+    v.close()
+    assert nr_open.read_text() == "65536"
+    assert v.fd_limit(1000, 1) == []  # within the soft limit: nothing to raise
+    assert f"ulimit-n {bl.haproxy_fds(2)}" in bl.haproxy_config(specs(2), "/tmp/x.pid")
+    monkeypatch.setattr(vr, "try_prefix", lambda prefix: "prlimit: failed to set the NOFILE "
+                        "resource limit: Operation not permitted")
+    with pytest.raises(vr.NotRun, match="hard RLIMIT_NOFILE here is 20,000 and raising it "
+                       "failed .*Operation not permitted.*CAP_SYS_RESOURCE"):
+        v.fd_limit(need, 100000)
+
+
+def test_a_load_predicted_over_the_limit_is_not_tried_and_is_reported(monkeypatch):
+    # nothing measured yet, or within the limit scaled linearly: try it
+    assert run.predicted_over({}, {}, 100000, 900) is None
+    assert run.predicted_over({10000: 48.8}, {}, 100000, 900) is None
+    # 48.8 s at 10,000 -> at least 488 s at 100,000: over a 300 s limit
+    got = run.predicted_over({1000: 2.0, 10000: 48.8}, {}, 100000, 300)
+    assert got is not None and got[0] == pytest.approx(488.0)
+    assert "10,000 services took 48.8 s" in got[1] and "not tried" in got[1]
+    # not from a load that fixed costs dominate, nor from more than ×10 below (the quick
+    # mode's 1 -> 10,000 skipped every baseline on a loaded machine before this)
+    assert run.predicted_over({1: 0.1}, {}, 10000, 120) is None
+    assert run.predicted_over({1: 5.6}, {}, 10000, 120) is None  # nodemesh+policy's rules
+    assert run.predicted_over({1000: 0.9}, {}, 10000, 5) is None
+    assert run.predicted_over({1000: 20.0}, {}, 10000, 120)[0] == pytest.approx(200)
+    # over the limit at a smaller N: over it at every larger N
+    assert run.predicted_over({1: 0.1}, {10000: 300.0}, 100000, 300)[0] == pytest.approx(3000)
+    v = bare(vr.Nftables, "nftables")
+    v.load_s[10000], v.rules[10000] = 48.8, 90036
+    v.program = lambda n, specs: pytest.fail("programmed although predicted over the limit")
+    bench = object.__new__(run.Bench)
+    bench.args = run.parse(["--full", "--load-timeout", "300"])
+    bench.variants = {"nftables": v}
+    bench.program(100000)
+    assert "not tried" in v.not_run[100000] and v.load_over[100000] == pytest.approx(488.0)
+    monkeypatch.setattr(run, "tool_versions", lambda: "tools")
+    bench.rate, bench.direct_max, bench.load, bench.requests = {}, {}, {}, {}
+    bench.args.commands = ["bench/run.py --full"]
+    text = run.report(bench, bench.args, [], "bench/run.py --full")
+    assert "| 100,000 | " in text and "> 488 s: not run" in text
+    assert "- nftables, N = 100,000: programming 10,000 services took 48.8 s" in text
+
+
+def test_the_full_mode_estimate_counts_programming_changes_and_set_up():
+    full = run.estimate_parts(run.parse(["--full"]))
+    assert set(full) == {"set-up", "programming", "measuring", "changes", "footprint"}
+    # iptables-legacy and nftables at 100,000 (over 600 s and 488 s here) count once each
+    # at the 900 s limit; iptables-nft's 436 s and the rest add up to under 20 minutes
+    assert 2 * 900 <= full["programming"] < 2 * 900 + 20 * 60
+    assert full["changes"] > 60 and full["footprint"] > 0
+    assert 2.5 * 3600 < sum(full.values()) < 4.5 * 3600
+    part = run.estimate_parts(run.parse(["--full", "--sizes", "100000", "--variants",
+                                         "direct,nodemesh", "--workloads", "conn,change"]))
+    assert sum(part.values()) < 15 * 60
+    quick = run.parse(["--quick"])
+    assert sum(run.estimate_parts(quick).values()) < 10 * 60
+
+
+def test_placement_pins_clients_and_servers_to_their_cpus(monkeypatch):
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    assert run.parse(["--quick"]).cpu_roles == {"client": "0", "server": "1"}
+    assert run.parse(["--quick", "--cpus", "none"]).cpu_roles == {}
+    assert run.parse(["--quick", "--cpus", "1,1"]).cpu_roles == {"client": "1", "server": "1"}
+    for bad in ("0", "0,2", "a,b"):
+        with pytest.raises(SystemExit):
+            run.parse(["--quick", "--cpus", bad])
+    monkeypatch.setattr(wl, "CPUS", {"client": "0", "server": "1"})
+    assert wl.pinned("server") == ["taskset", "-c", "1"]
+    started = []
+
+    class Lab:
+        processes: list = []
+    monkeypatch.setattr(wl.subprocess, "Popen", lambda argv, **kw: started.append(argv))
+    wl.spawn(Lab(), ["wrk", "x"], "ns1", None)
+    assert started[0][-1] == "exec ip netns exec ns1 taskset -c 0 wrk x"
+
+
+def two_parts(monkeypatch):
+    """Part 1: direct and nodemesh at N = 1; part 2: N = 100,000 with haproxy too."""
+    monkeypatch.setattr(run, "tool_versions", lambda: "tools")
+
+    def part(argv, figures, rate):
+        bench = object.__new__(run.Bench)
+        bench.args = run.parse(argv)
+        bench.variants = {}
+        for name, (n, conn, load) in figures.items():
+            v = bare(vr.VARIANTS[name], name)
+            v.data["conn"][n] = conn
+            v.load_s[n], v.rules[n] = load, 3
+            bench.variants[name] = v
+        bench.rate, bench.direct_max = ({"keepalive": rate}, {"keepalive": [2 * rate]})
+        bench.load, bench.requests = {}, {}
+        return bench
+    one = part(["--sizes", "1", "--variants", "direct,nodemesh", "--workloads", "conn"],
+               {"direct": (1, [100.0, 110.0], 0.0), "nodemesh": (1, [98.0, 99.0], 0.01)}, 500)
+    two = part(["--sizes", "100000", "--variants", "direct,nodemesh,haproxy", "--workloads",
+                "conn,change"], {"direct": (100000, [100.0], 0.0),
+                                 "nodemesh": (100000, [97.0], 9.0),
+                                 "haproxy": (100000, [40.0], 30.0)}, 700)
+    two.variants["nodemesh"].data["change"][100000] = [0.03, 0.04]
+    two.variants["nodemesh"].data["change_cpu"][100000] = [0.001, 0.001]
+    return one, two
+
+
+def test_parts_appended_end_in_one_report_of_both(monkeypatch):
+    import json
+    one, two = two_parts(monkeypatch)
+    rec = json.loads(json.dumps(run.record(one, one.args, ["bench/run.py --sizes 1"], 2.0)))
+    two.args.commands = ["bench/run.py --sizes 100000 --append r.md"]
+    two.variants["nodemesh"].data["conn"][1] = [50.0]  # measured again: the new part wins
+    run.merge(two, two.args, rec)
+    assert two.args.sizes == [1, 100000]
+    assert two.args.workloads == ["conn", "change"]
+    assert list(two.variants) == ["direct", "nodemesh", "haproxy"]  # the report's order
+    assert two.variants["direct"].values("conn", 1) == [100.0, 110.0]
+    assert two.variants["nodemesh"].values("conn", 1) == [50.0]
+    assert two.variants["nodemesh"].load_s == {1: 0.01, 100000: 9.0}
+    assert two.rate["keepalive"] == 700  # this part's own rate stays
+    assert two.args.commands[0] == "bench/run.py --sizes 1"
+    text = run.report(two, two.args, [], two.args.commands[-1])
+    assert "Parts appended into this file (--append), in order: `bench/run.py --sizes 1`" in text
+    assert "### N = 1: new connections/s, 2 rounds" in text
+    assert "### N = 100,000: new connections/s, 1 rounds" in text
+    # a variant only the earlier part ran is kept (a bare one: records, no kernel state)
+    three = object.__new__(run.Bench)
+    three.args = run.parse(["--sizes", "10", "--variants", "direct", "--workloads", "conn"])
+    three.variants, three.rate, three.direct_max, three.load = {}, {}, {}, {}
+    three.args.commands = ["third"]
+    run.merge(three, three.args, rec)
+    assert three.variants["nodemesh"].values("conn", 1) == [98.0, 99.0]
+    assert three.rate == {"keepalive": 500}  # reused: every part paced alike
+
+
+def test_the_report_says_per_target_met_or_missed_with_the_figure(monkeypatch):
+    one, two = two_parts(monkeypatch)
+    run.merge(two, two.args, json.loads(json.dumps(run.record(one, one.args, ["a"], 1.0))))
+    rows = {line.split(" | ")[0].lstrip("| "): line
+            for line in run.targets(two, two.args.sizes) if line.startswith("| ")}
+    socket = rows["nodemesh ≥ 0.97× direct, new connections, every N"]
+    assert "1: 0.94×, 100,000: 0.97×" in socket and "**missed**" in socket  # 98.5/105 at 1
+    flat = next(v for k, v in rows.items() if k.startswith("nodemesh flat within 5%"))
+    assert "3.3%" in flat and "**met**" in flat
+    assert "not measured" in rows["nodemesh-tc ≥ 0.85× direct, every N"]
+    assert "100,000: 2.42×" in rows["nodemesh ≥ 2× HAProxy's connection rate"]
+    assert "**met**" in rows["nodemesh ≥ 2× HAProxy's connection rate"]
+    assert "not measured" in rows["nodemesh's keep-alive p99 ≤ 0.5× HAProxy's"]
+    two.variants["haproxy"].not_run[100000] = "descriptors"
+    two.variants["haproxy"].data["conn"].pop(100000)
+    hap_rows = [line for line in run.targets(two, two.args.sizes) if "2× HAProxy" in line]
+    assert hap_rows == ["| nodemesh ≥ 2× HAProxy's connection rate | HAProxy not run at N = "
+                    "100,000 | not measured |"]
+    assert "9.00 s | **met**" in rows["nodemesh programs 100,000 services in ≤ 10 s"]
+    change = next(v for k, v in rows.items() if k.startswith("one change at 100,000"))
+    assert "35.0 ms (30.0–40.0) | **met**" in change
 
 
 def test_the_hooks_a_half_made_variant_recorded_are_removed_at_the_end(monkeypatch, tmp_path):
@@ -242,3 +409,37 @@ def test_the_hooks_a_half_made_variant_recorded_are_removed_at_the_end(monkeypat
     vr.forget_private_hooks("nmbtest")  # run.py's last step, whatever happened before
     assert not cgroup.exists()
     assert os.listdir(tmp_path / "state") == []
+
+
+def test_the_conn_tables_state_the_cpu_pressure_of_their_runs(monkeypatch, tmp_path):
+    one, _ = two_parts(monkeypatch)
+    for v in one.variants.values():
+        v.data["conn_stall"][1] = [0.02, 0.40]
+    one.args.commands = ["x"]
+    text = run.report(one, one.args, [], "x")
+    assert "CPU pressure during these runs (PSI: share of the run some task waited for a " \
+           "CPU): median 21%, 2%–40%" in text
+    pressure = tmp_path / "cpu"
+    pressure.write_text("some avg10=1.00 avg60=0.50 avg300=0.10 total=2500000\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(
+        pressure if p == "/proc/pressure/cpu" else p, *a, **k))
+    assert run.cpu_stall() == 2.5
+
+
+def test_netfilter_counters_are_read_once_after_the_conn_runs_not_before():
+    """iptables-save -c took ~3 min at 100,000 services: its rules' counters start at 0 when
+    loaded, so only nodemesh's (cumulative map counters) are read before the runs."""
+    ipt, nm = bare(vr.Iptables, "iptables-nft"), bare(vr.Nodemesh, "nodemesh")
+    reads = []
+    for v in (ipt, nm):
+        v.proof = lambda n, requests, v=v: reads.append((v.name, requests)) or "read"
+    bench = object.__new__(run.Bench)
+    bench.args = run.parse(["--sizes", "10", "--variants", "iptables-nft,nodemesh",
+                            "--workloads", "conn", "--reps", "1"])
+    bench.variants = {"iptables-nft": ipt, "nodemesh": nm}
+    bench.requests, bench.load = {}, {}
+    bench.run_workload = lambda v, n, w, seconds, counted=True: None
+    bench.measure(10)
+    assert reads == [("nodemesh", 0), ("iptables-nft", 0), ("nodemesh", 0)]
+    assert ipt.proofs[10] == "read"
