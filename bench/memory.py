@@ -86,6 +86,12 @@ def deep_sizes(owners: List[Tuple[str, List[Any]]]
     return out
 
 
+def short(filename: str) -> str:
+    """agent/nodemesh/... whichever checkout it is in."""
+    at = filename.find("/agent/nodemesh/")
+    return filename[at + 1:] if at >= 0 else filename
+
+
 def pages_of(n: int) -> Dict[str, List[bytes]]:
     from k8s_fake_apiserver import COLLECTIONS, FakeApiServer
     from k8s_source import service_object, slice_object
@@ -135,6 +141,14 @@ def child(n: int, trace: bool) -> dict:
     out["page_bytes"] = page_bytes
     if hasattr(daemon, "_collect_less_while_syncing"):
         daemon._collect_less_while_syncing()
+    phases: List[Tuple[str, int, int]] = []  # (phase, traced after it, traced peak within it)
+
+    def phase(name: str) -> None:
+        if trace:
+            now, peak = tracemalloc.get_traced_memory()
+            phases.append((name, now, peak))
+            tracemalloc.reset_peak()
+
     if trace:
         tracemalloc.start(1)
     state = k8s._ClusterState(lambda: None, lambda notes: None)
@@ -147,7 +161,9 @@ def child(n: int, trace: bool) -> dict:
             del body
         state.list_done(kind, seen)
     del pages
+    phase("list (pages decoded and parsed into the source's cache)")
     delta = state.take_delta()
+    phase("first delta (every service assembled)")
     registry = CollectorRegistry()
     fake = FakeMaps()
     reconciler = Reconciler(fake, m.MapSizes())
@@ -158,10 +174,13 @@ def child(n: int, trace: bool) -> dict:
     core.step(0, reconcile=False)
     result = core.reconcile(force=True)
     assert result.added == n, result
+    phase("core's first round (planned, packed, written; the in-memory map's copy included)")
     for table in fake.data.values():  # the kernel's, not the agent's
         table.clear()
     fake.calls.clear()
     gc.collect()
+    phase("the kernel's copy dropped, full collection")
+    out["phases"] = phases
     if hasattr(gc, "freeze"):
         gc.freeze()
     out["rss_ready"] = rss()
@@ -171,9 +190,9 @@ def child(n: int, trace: bool) -> dict:
         tracemalloc.stop()
         stats = snap.statistics("lineno")
         out["traced"] = sum(s.size for s in stats)
-        out["lines"] = [(f"{s.traceback[0].filename.replace(ROOT + '/', '')}:"
-                         f"{s.traceback[0].lineno}", s.size, s.count) for s in stats[:25]]
-        out["files"] = [(s.traceback[0].filename.replace(ROOT + '/', ''), s.size, s.count)
+        out["lines"] = [(f"{short(s.traceback[0].filename)}:{s.traceback[0].lineno}",
+                         s.size, s.count) for s in stats[:25]]
+        out["files"] = [(short(s.traceback[0].filename), s.size, s.count)
                         for s in snap.statistics("filename")[:12]]
         del snap, stats
         r = reconciler
@@ -255,6 +274,11 @@ def report(n: int, plain: dict, traced: dict) -> str:
     if "addr_cache" in traced:
         lines.append(f"| (not walked) encode_addr cache: {traced['addr_cache']:,} entries | "
                      "see maps.py below | | |")
+    if traced.get("phases"):
+        lines += ["", "| phase (tracemalloc) | traced after it | peak within it |",
+                  "|---|---|---|"]
+        for name, now, peak in traced["phases"]:
+            lines.append(f"| {name} | {mib(now)} | {mib(peak)} |")
     lines += ["", "| top allocation sites at ready (tracemalloc, 1 frame) | size | blocks |",
               "|---|---|---|"]
     for where, size, count in traced["lines"][:20]:
