@@ -42,6 +42,7 @@ from typing import (
     FrozenSet,
     Iterator,
     List,
+    Mapping,
     Optional,
     Sequence,
     Set,
@@ -132,7 +133,7 @@ class ProgrammedFrontend:
     algorithm: str
     revision: int
     slots: Tuple[int, ...]                 # backend id per slot, in slot order
-    backend_ids: Dict[Tuple[str, int], int]
+    backend_ids: Mapping[Tuple[str, int], int]  # a dict, or a BackendIds when small
     desired: Optional[DesiredFrontend] = None
     damaged: bool = False                  # kernel state disagrees; rewrite on next round
     count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
@@ -197,6 +198,63 @@ class IdSet:
     def __eq__(self, other: object) -> bool:
         return set(self) == set(other) if isinstance(other, (set, frozenset, IdSet)) \
             else NotImplemented
+
+
+BackendKey = Tuple[str, int]  # (address, target port)
+
+
+class BackendIds(Mapping[BackendKey, int]):
+    """A small frontend's (address, port) -> backend id, kept as one flat tuple (address,
+    port, id, address, port, id, ...): about 110 bytes for 3 backends, where a dict with its
+    key tuples takes about 350. At 100,000 frontends that is 25 MB of the agent's RSS.
+    Lookups scan, so only frontends of up to COMPACT_IDS backends use it (backend_id_map);
+    it is read-only and compares equal to a dict with the same items."""
+
+    __slots__ = ("_flat",)
+
+    def __init__(self, items: Iterator[Tuple[BackendKey, int]] = iter(())):
+        self._flat: Tuple[Any, ...] = tuple(x for (address, port), ident in items
+                                            for x in (address, port, ident))
+
+    def __getitem__(self, key: BackendKey) -> int:
+        flat = self._flat
+        address, port = key
+        for i in range(0, len(flat), 3):
+            if flat[i] == address and flat[i + 1] == port:
+                return flat[i + 2]  # type: ignore[no-any-return]
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]
+        except (KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[BackendKey]:
+        flat = self._flat
+        return zip(flat[0::3], flat[1::3])
+
+    def __len__(self) -> int:
+        return len(self._flat) // 3
+
+    def items(self) -> Any:  # an iterable of pairs, as dict.items() is used here
+        flat = self._flat
+        return list(zip(zip(flat[0::3], flat[1::3]), flat[2::3]))
+
+    def values(self) -> Any:
+        return list(self._flat[2::3])
+
+    def __repr__(self) -> str:
+        return f"BackendIds({dict(self.items())!r})"
+
+
+COMPACT_IDS = 8  # backends a frontend may have and still keep its ids in a BackendIds
+
+
+def backend_id_map(ids: Dict[BackendKey, int]) -> Mapping[BackendKey, int]:
+    """What a ProgrammedFrontend keeps of `ids`: compact when small, the dict otherwise."""
+    return BackendIds(iter(ids.items())) if len(ids) <= COMPACT_IDS else ids
 
 
 class IdPool:
@@ -489,7 +547,8 @@ class Reconciler:
                 self.maglev_rows += rows
             self.programmed[fk] = ProgrammedFrontend(
                 fk, master.svc_id, master.bank, m.ALGORITHM_NAMES.get(master.algorithm, "random"),
-                master.revision, ids, backend_ids, damaged=damaged, count=master.count,
+                master.revision, ids, backend_id_map(backend_ids), damaged=damaged,
+                count=master.count,
                 affinity_timeout=master.affinity_timeout
                 if master.flags & m.SVC_F_AFFINITY else 0, maglev_rows=rows,
                 flags=master.flags & ~(m.SVC_F_AFFINITY | m.SVC_F_PROXY_OFF),
@@ -611,7 +670,7 @@ class Reconciler:
                       f" (+{len(failed) - len(result.errors)} more)"
                       if len(failed) > len(result.errors) else "")
 
-    def _refer(self, fk: FrontendKey, backend_ids: Dict[Tuple[str, int], int], step: int,
+    def _refer(self, fk: FrontendKey, backend_ids: Mapping[Tuple[str, int], int], step: int,
                result: Optional[RoundResult] = None,
                desired: Optional[DesiredFrontend] = None) -> None:
         """Count frontends per (address, port, protocol); one that reaches 0 is reported as
@@ -632,7 +691,7 @@ class Reconciler:
             return None  # unchanged since it was last written: nothing to do
         ids: Dict[Tuple[str, int], int] = {}
         new_ids: List[int] = []
-        old_ids = old.backend_ids if old else {}
+        old_ids: Mapping[Tuple[str, int], int] = old.backend_ids if old else {}
         for address, port, _ in d.backends:
             if (address, port) in old_ids:
                 ids[(address, port)] = old_ids[(address, port)]
@@ -668,7 +727,8 @@ class Reconciler:
         keep = set(ids.values())
         dropped = [i for i in old_ids.values() if i not in keep]
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
-                                 ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots, ids, d,
+                                 ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots,
+                                 backend_id_map(ids), d,
                                  affinity_timeout=d.affinity_timeout, maglev_rows=table_rows,
                                  flags=d.flags, limits=d.limits, proxy_port=d.proxy_port)
         self.maglev_rows += more_rows  # reserved now, given back if the change fails

@@ -1,0 +1,72 @@
+"""What the agent keeps per frontend stays small (bench/memory.py measures the whole), and the
+compact forms behave as the dicts they replace. No root needed."""
+import gc
+import sys
+
+from fakemaps import FakeMaps
+
+from nodemesh.datapath import maps as m
+from nodemesh.model import Backend, Service, ServicePort
+from nodemesh.reconciler import COMPACT_IDS, BackendIds, FrontendKey, Reconciler
+
+
+def deep_size(obj, stop=(str, int, type)):
+    """Bytes of obj and the containers it reaches (shared strings, ints, classes not counted)."""
+    seen, size, stack = set(), 0, [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, stop):
+            continue
+        seen.add(id(o))
+        size += sys.getsizeof(o)
+        stack.extend(gc.get_referents(o))
+    return size
+
+
+def svc(name, vip, addresses):
+    return Service(name=name, namespace="default", vip=vip,
+                   ports=(ServicePort(port=80, target_port=8080),),
+                   backends=tuple(Backend(address=a) for a in addresses))
+
+
+def test_backend_ids_answer_as_the_dict_they_replace():
+    items = {("10.0.0.1", 8080): 7, ("10.0.0.2", 8080): 9, ("fd00::1", 80): 11}
+    ids = BackendIds(iter(items.items()))
+    assert ids == items and items == ids and len(ids) == 3
+    assert ids[("10.0.0.2", 8080)] == 9 and ids.get(("10.0.0.2", 80)) is None
+    assert ("fd00::1", 80) in ids and ("fd00::1", 81) not in ids and "junk" not in ids
+    assert sorted(ids.items()) == sorted(items.items()) and list(ids) == list(items)
+    assert sorted(ids.values()) == [7, 9, 11] and frozenset(ids) == frozenset(items)
+    assert BackendIds() == {} and len(BackendIds()) == 0
+
+
+def test_a_small_frontend_keeps_its_backend_ids_in_less_than_half_a_dict():
+    maps = FakeMaps()
+    rec = Reconciler(maps, m.MapSizes())
+    rec.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+               svc("big", "10.96.0.2", [f"10.1.0.{i}" for i in range(1, COMPACT_IDS + 2)])])
+    small = rec.programmed[FrontendKey(4, "10.96.0.1", 80, "TCP")].backend_ids
+    as_dict = dict(small.items())
+    assert small == as_dict
+    assert deep_size(small) * 2 < deep_size(as_dict), (deep_size(small), deep_size(as_dict))
+    # lookups scan: a frontend with many backends keeps its dict
+    big = rec.programmed[FrontendKey(4, "10.96.0.2", 80, "TCP")].backend_ids
+    assert isinstance(big, dict) and len(big) == COMPACT_IDS + 1
+    # and a restarted agent adopts them in the compact form, with zero writes
+    again = Reconciler(maps, m.MapSizes())
+    again.adopt()
+    adopted = again.programmed[FrontendKey(4, "10.96.0.1", 80, "TCP")].backend_ids
+    assert adopted == small and deep_size(adopted) * 2 < deep_size(as_dict)
+    before = maps.writes()
+    again.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+                 svc("big", "10.96.0.2", [f"10.1.0.{i}" for i in range(1, COMPACT_IDS + 2)])])
+    assert maps.writes() == before
+
+
+def test_the_address_encoding_cache_stays_small_at_100000_addresses():
+    m.encode_addr.cache_clear()
+    for i in range(20_000):
+        m.encode_addr(f"10.{128 + i // 65536}.{i // 256 % 256}.{i % 256}")
+    # each entry costs about 250 bytes: 1 MiB at most, where 131,072 entries were 30 MiB
+    assert m.encode_addr.cache_info().currsize <= 4096
+    assert m.encode_addr("10.128.0.1") == m.encode_addr.__wrapped__("10.128.0.1")
