@@ -22,6 +22,7 @@ lives only while a session is open (while lists run): an idle agent holds no sec
 from __future__ import annotations
 
 import collections
+import fcntl
 import gc
 import logging
 import os
@@ -36,6 +37,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, NamedTuple, Optional, T
 
 log = logging.getLogger(__name__)
 
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; the fcntl module has it from 3.10
 _HEADER = struct.Struct("<QB")  # page length, kind code
 _LENGTH = struct.Struct("<Q")
 KINDS = ("service", "endpointslice")
@@ -191,6 +193,8 @@ class PageDecoder:
         process = subprocess.Popen(
             [sys.executable, "-m", "nodemesh.sources.kubernetes_decoder"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        for pipe in (process.stdin, process.stdout):
+            _widen(pipe)
         worker = _Worker(process)
         for target, name in ((self._feed, "feed"), (self._read, "read")):
             threading.Thread(target=target, args=(worker,), daemon=True,
@@ -285,11 +289,48 @@ class PageDecoder:
             worker.wakeup.notify()
 
 
+PIPE_BYTES = 8 << 20  # two pages of 500 EndpointSlices fit, with room
+
+
+def _widen(pipe: Any) -> None:
+    """Make the pipe hold a page or two. With the default 64 KiB, a page of 1 MiB goes
+    through in 16 writes, and after each one the writing thread waits for the GIL (up to the
+    5 ms switch interval) while the source's thread parses: the worker starves. Root may go
+    beyond /proc/sys/fs/pipe-max-size; others get at most that, or keep the default."""
+    for size in (PIPE_BYTES, 1 << 20):
+        try:
+            fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
+
+
+def _pickle_by_constructor() -> None:
+    """Pickle the model's dataclasses as a call of their constructor with their fields in
+    order: unpickled in the agent, that costs a quarter of the default way for a slotted
+    dataclass (dataclasses' __setstate__ calls fields() for every object). Only classes whose
+    every field is an __init__ parameter; the others keep the default."""
+    import copyreg
+    import dataclasses
+
+    from .. import model
+
+    def reducer(names: Tuple[str, ...]) -> Callable[[Any], Tuple[Any, Tuple[Any, ...]]]:
+        return lambda obj: (type(obj), tuple([getattr(obj, name) for name in names]))
+
+    for value in vars(model).values():
+        if isinstance(value, type) and dataclasses.is_dataclass(value):
+            fields = dataclasses.fields(value)
+            if all(f.init for f in fields):
+                copyreg.pickle(value, reducer(tuple(f.name for f in fields)))
+
+
 def main() -> None:
     """The child: frames in on stdin (length, kind, page), pickled answers out on stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent's Ctrl-C is the agent's to handle
     gc.set_threshold(100_000, 50, 100)  # pages are trees of dicts: few cycles to look for
     from . import kubernetes  # noqa: F401 - imported once, before the first page
+    _pickle_by_constructor()
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
         head = source.read(_HEADER.size)
