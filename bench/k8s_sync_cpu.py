@@ -109,7 +109,8 @@ def main() -> None:
         watcher._list()
     times["list"] = time.process_time() - started
     times["list wall"] = time.monotonic() - wall
-    while any(t.name == "kubernetes-decoder-read" for t in threading.enumerate()):
+    while any(t.name in ("kubernetes-decoder-read", "kubernetes-decoder-reap")
+              for t in threading.enumerate()):
         time.sleep(0.01)  # the worker exits once the list is done: its CPU, once it has
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     times["worker"] = usage.ru_utime + usage.ru_stime

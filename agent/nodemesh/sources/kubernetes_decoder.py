@@ -27,11 +27,13 @@ import gc
 import logging
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Deque, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
@@ -84,33 +86,40 @@ def decode_page(kind: str, body: bytes) -> DecodedPage:
 class _Pending:
     """A page given to the worker; its DecodedPage once the worker answers."""
 
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._page: Optional[DecodedPage] = None
+    def __init__(self, decoder: "PageDecoder", worker: "_Worker") -> None:
+        self._decoder, self._worker = decoder, worker
+        self._blob: Optional[bytes] = None
         self._error: Optional[BaseException] = None
+        self._done = False
 
     def done(self) -> bool:
-        return self._done.is_set()
+        """Whether the answer is in (reads what the worker has written, without waiting)."""
+        if not self._done:
+            self._decoder._pump(self._worker, wait=0.0)
+        return self._done
 
-    def _set(self, page: Optional[DecodedPage], error: Optional[BaseException]) -> None:
-        self._page, self._error = page, error
-        self._done.set()
+    def _set(self, blob: Optional[bytes], error: Optional[BaseException]) -> None:
+        self._blob, self._error, self._done = blob, error, True
 
 
 class _Worker:
-    """One child process, its feeding thread and its reading thread."""
+    """One child process, the pages it holds (oldest first) and its answers read so far."""
 
     def __init__(self, process: subprocess.Popen) -> None:
         self.process = process
         self.pending: Deque[_Pending] = collections.deque()
-        self.outbox: "collections.deque[Optional[bytes]]" = collections.deque()
-        self.wakeup = threading.Condition()
-        self.closing = False
+        self.received = bytearray()
+        self.unsent = bytearray()  # what the pipe to the child could not take yet
         self.failed: Optional[str] = None
 
 
 class PageDecoder:
-    """The source's decoding worker (see the module docstring)."""
+    """The source's decoding worker (see the module docstring).
+
+    No thread of its own: the thread that lists writes the pages and reads the answers
+    (the pipes hold two pages and their answers, so neither side waits for the other). A
+    thread that woke for each answer would take the GIL from the source's thread, and under
+    load every such handoff waits for the OS to schedule the other thread."""
 
     MAX_CRASHES = 3
     RESULT_TIMEOUT_SECONDS = 60.0
@@ -142,8 +151,9 @@ class PageDecoder:
                 self._close(worker)
 
     def submit(self, kind: str, body: bytes) -> Optional[_Pending]:
-        """Give the worker a page (it is queued, this does not block); None if there is no
-        worker to give it to (too many crashes, or no child could be started)."""
+        """Give the worker a page; None if there is no worker to give it to (too many
+        crashes, or no child could be started). Returns at once unless the pipe is full
+        (a page bigger than the pipe)."""
         with self._lock:
             if not self.usable:
                 return None
@@ -154,27 +164,38 @@ class PageDecoder:
                 except OSError as error:
                     self._crashed(f"cannot start the decoding worker: {error}")
                     return None
-            pending = _Pending()
-            with worker.wakeup:
-                worker.pending.append(pending)
-                worker.outbox.append(_HEADER.pack(len(body), KINDS.index(kind)) + body)
-                worker.wakeup.notify()
+        pending = _Pending(self, worker)
+        worker.pending.append(pending)
+        worker.unsent += _HEADER.pack(len(body), KINDS.index(kind))
+        worker.unsent += body
+        if not self._send(worker):  # the child is gone: reading its end says how
+            self._pump(worker, wait=5.0, until=pending)
         return pending
 
     def result(self, pending: _Pending) -> DecodedPage:
         """The page, once decoded; DecoderCrashed if the worker died or did not answer."""
-        if not pending._done.wait(self.RESULT_TIMEOUT_SECONDS):
-            with self._lock:
-                worker = self._worker
-            if worker is not None and pending in worker.pending:
-                self._fail(worker, f"no answer in {self.RESULT_TIMEOUT_SECONDS:.0f} s")
-                worker.process.kill()
-            if not pending._done.wait(5):
-                raise DecoderCrashed("the decoding worker did not answer")
+        worker = pending._worker
+        if not pending._done:
+            self._pump(worker, wait=self.RESULT_TIMEOUT_SECONDS, until=pending)
+        if not pending._done:
+            self._fail(worker, f"no answer in {self.RESULT_TIMEOUT_SECONDS:.0f} s")
+            worker.process.kill()
+            self._pump(worker, wait=5.0, until=pending)  # its end fails what it held
+            if not pending._done:
+                raise DecoderCrashed(str(worker.failed))
         if pending._error is not None:
             raise pending._error
-        assert pending._page is not None
-        return pending._page
+        assert pending._blob is not None
+        try:
+            answer = pickle.loads(pending._blob)
+        except Exception as error:  # noqa: BLE001 - a torn answer is a crash like any other
+            self._fail(worker, f"unreadable answer from the decoding worker: {error}")
+            worker.process.kill()
+            self._reap(worker)
+            raise DecoderCrashed(str(worker.failed)) from error
+        if isinstance(answer, DecodedPage):
+            return answer
+        raise ValueError(str(answer))  # the page itself could not be decoded
 
     def stop(self) -> None:
         """End the child now (the source stops); idempotent."""
@@ -195,73 +216,92 @@ class PageDecoder:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         for pipe in (process.stdin, process.stdout):
             _widen(pipe)
-        worker = _Worker(process)
-        for target, name in ((self._feed, "feed"), (self._read, "read")):
-            threading.Thread(target=target, args=(worker,), daemon=True,
-                             name=f"kubernetes-decoder-{name}").start()
+        assert process.stdout is not None and process.stdin is not None
+        os.set_blocking(process.stdout.fileno(), False)
+        os.set_blocking(process.stdin.fileno(), False)
         log.debug("kubernetes: decoding worker started (pid %d)", process.pid)
-        return worker
+        return _Worker(process)
 
-    def _feed(self, worker: _Worker) -> None:
-        """Write queued pages to the child; a write blocks while the child is busy."""
+    @staticmethod
+    def _send(worker: _Worker) -> bool:
+        """Write what the pipe takes now, without waiting (a page can be bigger than the
+        pipe: the rest goes when the child has read some); False if the child is gone."""
         stdin = worker.process.stdin
         assert stdin is not None
-        try:
-            while True:
-                with worker.wakeup:
-                    while not worker.outbox:
-                        worker.wakeup.wait()
-                    frame = worker.outbox.popleft()
-                if frame is None:
-                    break
-                stdin.write(frame)
-                stdin.flush()
-        except (OSError, ValueError):
-            pass  # the child is gone: the reading thread reports it
-        finally:
+        while worker.unsent:
             try:
-                stdin.close()  # end of input: the child exits
+                written = os.write(stdin.fileno(), worker.unsent)
+            except BlockingIOError:
+                return True
             except (OSError, ValueError):
-                pass
+                worker.unsent.clear()
+                return False
+            del worker.unsent[:written]
+        return True
 
-    def _read(self, worker: _Worker) -> None:
-        """Read answers, in the order the pages went in; report the child's end."""
+    def _pump(self, worker: _Worker, wait: float, until: Optional[_Pending] = None) -> None:
+        """Read the answers the worker has written, waiting up to `wait` seconds for
+        `until`'s (or for anything, without `until`); on the child's end, fail what it held."""
         stdout = worker.process.stdout
         assert stdout is not None
-        why = None
-        try:
-            while True:
-                head = stdout.read(_LENGTH.size)
-                if len(head) < _LENGTH.size:
-                    break
-                blob = stdout.read(_LENGTH.unpack(head)[0])
-                answer = pickle.loads(blob)
-                with worker.wakeup:
-                    pending = worker.pending.popleft() if worker.pending else None
-                if pending is None:
-                    why = "the decoding worker answered a page it was not given"
-                    worker.process.kill()
-                    break
-                if isinstance(answer, DecodedPage):
-                    pending._set(answer, None)
-                else:  # the page itself could not be decoded: the source reports that
-                    pending._set(None, ValueError(str(answer)))
-        except Exception as error:  # noqa: BLE001 - a torn answer is a crash like any other
-            why = f"unreadable answer from the decoding worker: {error}"
-            worker.process.kill()
-        code = worker.process.wait()
-        with worker.wakeup:
-            left = list(worker.pending)
-            worker.pending.clear()
-            closing = worker.closing
-        if why is None and (left or not closing or code != 0):
-            why = f"the decoding worker (pid {worker.process.pid}) exited with " + (
-                f"signal {-code}" if code < 0 else f"status {code}") + (
-                f" with {len(left)} page(s) in hand" if left else "")
-        if why is not None:
-            self._fail(worker, why)
+        fd = stdout.fileno()
+        deadline = time.monotonic() + wait
+        while worker.pending:
+            if worker.unsent and not self._send(worker):
+                worker.process.kill()  # it cannot take its pages: end it, and fail them
+            try:
+                chunk = os.read(fd, 1 << 22)
+            except BlockingIOError:
+                chunk = None
+            except OSError:
+                chunk = b""
+            if chunk:
+                worker.received += chunk
+                self._answers(worker)
+                continue
+            if chunk == b"":  # end of the pipe: the child has ended
+                self._ended(worker)
+                return
+            if until is None or until._done:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            stdin = worker.process.stdin
+            select.select([fd], [stdin] if worker.unsent and stdin is not None else [], [],
+                          remaining)
+
+    @staticmethod
+    def _answers(worker: _Worker) -> None:
+        """Hand every complete answer received to its page, in order."""
+        data, at = worker.received, 0
+        while len(data) - at >= _LENGTH.size:
+            size = _LENGTH.unpack_from(data, at)[0]
+            if len(data) - at - _LENGTH.size < size:
+                break
+            if worker.pending:
+                worker.pending.popleft()._set(
+                    bytes(data[at + _LENGTH.size:at + _LENGTH.size + size]), None)
+            at += _LENGTH.size + size
+        del data[:at]
+
+    def _ended(self, worker: _Worker) -> None:
+        code = self._reap(worker)
+        left = list(worker.pending)
+        worker.pending.clear()
+        why = f"the decoding worker (pid {worker.process.pid}) exited with " + (
+            f"signal {-code}" if code is not None and code < 0 else f"status {code}") + (
+            f" with {len(left)} page(s) in hand" if left else "")
+        self._fail(worker, why)
         for pending in left:
-            pending._set(None, DecoderCrashed(worker.failed or "the decoding worker ended"))
+            pending._set(None, DecoderCrashed(worker.failed or why))
+
+    @staticmethod
+    def _reap(worker: _Worker) -> Optional[int]:
+        try:
+            return worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _fail(self, worker: _Worker, why: str) -> None:
         with self._lock:
@@ -282,11 +322,25 @@ class PageDecoder:
         except Exception:  # noqa: BLE001 - reporting must not break the list
             log.exception("kubernetes: the decoder's on_crash raised")
 
-    def _close(self, worker: _Worker) -> None:
-        with worker.wakeup:
-            worker.closing = True
-            worker.outbox.append(None)
-            worker.wakeup.notify()
+    @staticmethod
+    def _close(worker: _Worker) -> None:
+        """End of input: the child finishes what it holds (nobody waits for it) and exits;
+        a thread reaps it, so that no zombie is left."""
+        try:
+            if worker.process.stdin is not None:
+                worker.process.stdin.close()
+        except (OSError, ValueError):
+            pass
+        if worker.pending:  # abandoned pages (the list failed): no need to finish them
+            worker.process.kill()
+        threading.Thread(target=PageDecoder._reap_and_close, args=(worker,), daemon=True,
+                         name="kubernetes-decoder-reap").start()
+
+    @staticmethod
+    def _reap_and_close(worker: _Worker) -> None:
+        worker.process.wait()
+        if worker.process.stdout is not None:
+            worker.process.stdout.close()
 
 
 PIPE_BYTES = 8 << 20  # two pages of 500 EndpointSlices fit, with room
