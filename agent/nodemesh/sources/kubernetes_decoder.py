@@ -343,14 +343,14 @@ class PageDecoder:
             worker.process.stdout.close()
 
 
-PIPE_BYTES = 8 << 20  # two pages of 500 EndpointSlices fit, with room
+PIPE_BYTES = 8 << 20  # two pages of 500 EndpointSlices (about 1 MiB each) and their answers
 
 
 def _widen(pipe: Any) -> None:
-    """Make the pipe hold a page or two. With the default 64 KiB, a page of 1 MiB goes
-    through in 16 writes, and after each one the writing thread waits for the GIL (up to the
-    5 ms switch interval) while the source's thread parses: the worker starves. Root may go
-    beyond /proc/sys/fs/pipe-max-size; others get at most that, or keep the default."""
+    """Make the pipe hold a page or two, so that a page goes in a write or two instead of
+    sixteen (64 KiB, the default). Beyond /proc/sys/fs/pipe-max-size (1 MiB by default) only
+    with CAP_SYS_RESOURCE; else that size, or the default. Whatever the pipe does not take
+    is written later (PageDecoder._send)."""
     for size in (PIPE_BYTES, 1 << 20):
         try:
             fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, size)
