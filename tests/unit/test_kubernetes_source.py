@@ -424,17 +424,18 @@ def test_the_next_page_is_asked_for_while_this_one_is_parsed(api, monkeypatch, r
 def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypatch,
                                                         run_source):
     monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
-    list_page = kubernetes_source._ClusterState.list_page
+    page = kubernetes_source._Watcher._page
     expired = []
 
-    def expire_after_the_first_page(state, kind, items, seen):
-        list_page(state, kind, items, seen)
-        if kind == "service" and not expired:  # between two pages: the snapshot goes away
+    def expire_before_the_second_page(watcher, query):
+        # Between two pages the snapshot goes away (as the second page is asked for: how far
+        # parsing has got by then depends on the decoding worker and the machine's load).
+        if watcher.kind == "service" and "_continue" in query and not expired:
             expired.append(api.put(new_service("during-list", "10.96.33.33")))
             api.compact()
+        return page(watcher, query)
 
-    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page",
-                        expire_after_the_first_page)
+    monkeypatch.setattr(kubernetes_source._Watcher, "_page", expire_before_the_second_page)
     _, recorder = run_source()
     services = recorder.wait_for_change()
     assert sorted(by_key(services)) == [("default", "api"), ("shop", "during-list"),
@@ -443,6 +444,51 @@ def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypat
     lists = [q for path, q in api.requests if path.endswith("/services") and "watch" not in q]
     restarts = [q for q in lists if "continue" not in q]
     assert len(restarts) == 2 and "resourceVersion" not in restarts[1]  # a consistent read
+
+
+def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monkeypatch,
+                                                                      run_source):
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    list_page = kubernetes_source._ClusterState.list_page
+    decoded = []
+
+    def count_decoded(state, kind, items, seen):
+        if isinstance(items, kubernetes_source.DecodedPage):
+            decoded.append((kind, [item.key for item in items.items]))
+        list_page(state, kind, items, seen)
+
+    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", count_decoded)
+    _, recorder = run_source()
+    services = recorder.wait_for_change()
+    assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
+    assert len(addresses(services, "shop", "web")) == 4
+    assert decoded and {kind for kind, _ in decoded} <= {"service", "endpointslice"}
+
+
+def test_a_crashed_decoding_worker_is_counted_and_its_pages_are_parsed_by_the_agent(
+        api, registry, monkeypatch, run_source):
+    # The first worker dies before it answers (killed as it starts): the pages it held are
+    # parsed in the agent's process, the list goes on without an error or a retry, and the
+    # next page starts a new worker.
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    start = kubernetes_source.PageDecoder._start
+    started = []
+
+    def start_then_kill_the_first(decoder):
+        worker = start(decoder)
+        started.append(worker.process.pid)
+        if len(started) == 1:
+            worker.process.kill()
+        return worker
+
+    monkeypatch.setattr(kubernetes_source.PageDecoder, "_start", start_then_kill_the_first)
+    _, recorder = run_source()
+    services = recorder.wait_for_change()
+    assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
+    assert len(addresses(services, "shop", "web")) == 4
+    assert events(registry, "decoder_crash") == 1
+    assert events(registry, "error") == 0 and events(registry, "relist") == 2
+    assert len(started) >= 2  # restarted
 
 
 # -- watch robustness

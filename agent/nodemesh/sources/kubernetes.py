@@ -66,6 +66,8 @@ Metrics (on the registry given, prometheus_client.REGISTRY by default)
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -82,6 +84,7 @@ from dataclasses import dataclass, field, replace
 from typing import (
     Any,
     Callable,
+    Deque,
     Dict,
     Iterable,
     Iterator,
@@ -97,6 +100,7 @@ from typing import (
 from .. import maglev
 from ..model import ALGORITHMS, Backend, Service, ServicePort, SessionAffinity, canonical_ip
 from . import Delta, OnChange, OnError
+from .kubernetes_decoder import DecodedPage, DecoderCrashed, PageDecoder
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +117,7 @@ MAGLEV_TABLE_SIZE_ANNOTATION = "nodemesh.io/maglev-table-size"
 EVENT_KINDS = (
     "service_added", "service_modified", "service_deleted",
     "endpointslice_added", "endpointslice_modified", "endpointslice_deleted",
-    "bookmark", "relist", "gone", "error",
+    "bookmark", "relist", "gone", "error", "decoder_crash",
 )
 
 ServiceKey = Tuple[str, str]  # (namespace, name)
@@ -593,6 +597,15 @@ def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
     return replace(template, ports=ports, backends=backends)
 
 
+def _shared(parsed: Any) -> Any:
+    """A record from the decoding worker, with its slice's service key in the agent's own
+    (interned) strings, as parse_slice makes it here."""
+    if type(parsed) is ParsedSlice and parsed.service is not None:
+        namespace, name = parsed.service
+        return parsed._replace(service=(sys.intern(namespace), sys.intern(name)))
+    return parsed
+
+
 def _in_order(backends: Iterable[Backend]) -> Tuple[Backend, ...]:
     """IPv4 before IPv6, then by number, as ipaddress orders them (and cheaper)."""
     def order(backend: Backend) -> Tuple[int, bytes]:
@@ -701,28 +714,48 @@ class _ClusterState:
         self._delivered = False
         self._listed: Set[str] = set()                       # collections listed at least once
         self._put = {"service": self._put_service, "endpointslice": self._put_slice}
+        self._parse = {"service": parse_service, "endpointslice": parse_slice}
         self._drop = {"service": self._drop_service, "endpointslice": self._drop_slice}
         self._stored: Dict[str, Dict[ServiceKey, Any]] = {"service": self._services,
                                                            "endpointslice": self._slices}
 
     # -- what the watchers call
     def put(self, kind: str, obj: dict) -> None:
-        self._apply(lambda notes: self._put[kind](object_key(obj), obj, notes))
+        parse = self._parse[kind]
+        self._apply(lambda notes: self._put[kind](object_key(obj), object_version(obj),
+                                                  parse(obj, notes), notes))
 
     def delete(self, kind: str, obj: dict) -> None:
         self._apply(lambda notes: self._drop[kind](object_key(obj), notes))
 
-    def list_page(self, kind: str, items: Iterable[dict], seen: Set[ServiceKey]) -> None:
+    def list_page(self, kind: str, items: Union[Iterable[dict], DecodedPage],
+                  seen: Set[ServiceKey]) -> None:
         """One page of a (re)list: only objects whose resourceVersion moved are parsed. The
-        items are decoded as they are iterated, outside the lock."""
-        stored, put, notes = self._stored[kind], self._put[kind], Translation()
+        items are decoded as they are iterated, outside the lock; or they come decoded and
+        parsed already (a DecodedPage, from the decoding worker), and only those whose
+        resourceVersion moved are taken."""
+        stored, put, parse = self._stored[kind], self._put[kind], self._parse[kind]
+        if isinstance(items, DecodedPage):
+            notes = Translation(skipped=list(items.skipped), invalid=list(items.invalid))
+            with self._lock:
+                for (namespace, name), version, parsed in items.items:
+                    # The worker's strings are its own: share the agent's copies again.
+                    key = (sys.intern(namespace), name)
+                    seen.add(key)
+                    known = stored.get(key)
+                    if known is None or known.version != version:
+                        put(key, version, _shared(parsed), notes)
+            self._report(notes)
+            return
+        notes = Translation()
         for obj in items:
             key = object_key(obj)
             seen.add(key)
             with self._lock:
                 known = stored.get(key)
-                if known is None or known.version != object_version(obj):
-                    put(key, obj, notes)
+                version = object_version(obj)
+                if known is None or known.version != version:
+                    put(key, version, parse(obj, notes), notes)
         self._report(notes)
 
     def list_done(self, kind: str, seen: Set[ServiceKey]) -> None:
@@ -745,16 +778,16 @@ class _ClusterState:
         self._on_dirty()
 
     # -- under the lock
-    def _put_service(self, key: ServiceKey, obj: dict, notes: Translation) -> None:
+    def _put_service(self, key: ServiceKey, version: Union[int, str, None],
+                     parsed: Optional[ParsedService], notes: Translation) -> None:
         key = (key[0], sys.intern(key[1]))  # one string: the key's, the Service's, the label's
-        parsed = parse_service(obj, notes)
         known = self._services.get(key)
         service = parsed.service if parsed else None
         if parsed and self._delivered:
             service = assemble(parsed, self._slices_for(key), notes)
         if known is not None and service == known.service:
             service = known.service  # keep the object the agent already holds
-        self._services[key] = _ServiceRecord(object_version(obj), service,
+        self._services[key] = _ServiceRecord(version, service,
                                              parsed.named_ports if parsed else ())
         self._note_change(key, known.service if known else None, service)
 
@@ -763,8 +796,8 @@ class _ClusterState:
         if known is not None:
             self._note_change(key, known.service, None)
 
-    def _put_slice(self, key: ServiceKey, obj: dict, notes: Translation) -> None:
-        parsed = parse_slice(obj, notes)
+    def _put_slice(self, key: ServiceKey, version: Union[int, str, None], parsed: ParsedSlice,
+                   notes: Translation) -> None:
         known = self._slices.get(key)
         self._slices[key] = parsed
         if known is not None and known.service not in (None, parsed.service):  # relabelled
@@ -945,8 +978,14 @@ class _Watcher:
         # One list at a time: decoding and parsing are CPU-bound, and while one list parses,
         # each socket read of the other waits for the GIL (the convoy effect): two lists of
         # 100,000 objects at once took three times their CPU time.
-        with self._source._listing:
+        decoder = self._source._decoder if self._source.DECODE_IN_WORKER and \
+            self.kind in ("service", "endpointslice") else None
+        with self._source._listing, contextlib.ExitStack() as stack:
             page = _PageFetch(self._page, query, self.kind)
+            # Pages given to the decoding worker, oldest first, with their text (parsed here
+            # if the worker fails them).
+            handed: Deque[Tuple[Any, str]] = collections.deque()
+            stack_entered = False
             while True:
                 text = page.result()
                 # The next page is asked for before this one is parsed, so that the server
@@ -958,9 +997,26 @@ class _Watcher:
                 token = head.get("continue") if head is not None else None
                 following = _PageFetch(self._page, {"_continue": token}, self.kind) \
                     if token else None
-                fields: Dict[str, Any] = {}
-                self._state.list_page(self.kind, _list_items(text, fields), seen)
-                metadata = fields.get("metadata") or {}
+                # A list of more than one page is decoded on both CPUs: the worker is given a
+                # page whenever it holds fewer than two, and this thread parses the others.
+                # Pages whose metadata comes after their items (no server sends that) are
+                # parsed here: their token is known only then.
+                pending = None
+                if decoder is not None and head is not None and (token or handed) and \
+                        len(handed) < 2 and decoder.usable:
+                    if not stack_entered:  # the worker runs while this list does
+                        stack.enter_context(decoder.session())
+                        stack_entered = True
+                    pending = decoder.submit(self.kind, text.encode("utf-8"))
+                if pending is not None:
+                    handed.append((pending, text))
+                    metadata = head
+                else:
+                    fields: Dict[str, Any] = {}
+                    self._state.list_page(self.kind, _list_items(text, fields), seen)
+                    metadata = fields.get("metadata") or {}
+                while handed and (handed[0][0].done() or not metadata.get("continue")):
+                    self._take_decoded(decoder, *handed.popleft(), seen)
                 if not metadata.get("continue"):
                     break
                 page = following if following is not None and token == metadata["continue"] \
@@ -975,6 +1031,16 @@ class _Watcher:
                  self.resource_version)
         if self._after_list is not None:
             self._after_list()
+
+    def _take_decoded(self, decoder: PageDecoder, pending: Any, text: str,
+                      seen: Set[ServiceKey]) -> None:
+        """A page the worker decoded; or, if the worker failed it, the page parsed here."""
+        try:
+            decoded = decoder.result(pending)
+        except DecoderCrashed:
+            self._state.list_page(self.kind, _list_items(text, {}), seen)
+            return
+        self._state.list_page(self.kind, decoded, seen)
 
     def _page(self, query: Dict[str, Any]) -> str:
         """One page of a list, as text."""
@@ -1195,6 +1261,9 @@ class KubernetesSource:
     """Desired services from a Kubernetes API server (Services + EndpointSlices)."""
 
     name = "kubernetes"
+    # Big lists are decoded on two CPUs: this process and a worker process
+    # (sources/kubernetes_decoder.py). False: every page is parsed in this process.
+    DECODE_IN_WORKER = True
     QUIET_SECONDS = 0.01      # deliver once the stream has been quiet this long...
     MAX_DELAY_SECONDS = 0.05  # ...or this long after the first change, whichever comes first
 
@@ -1216,6 +1285,7 @@ class KubernetesSource:
         self._listing = threading.Lock()  # held by the watcher that is listing
         self._changed = threading.Event()
         self._state = _ClusterState(on_dirty=self._changed.set, on_notes=self._report_notes)
+        self._decoder = PageDecoder(on_crash=self._decoder_crashed)
         self._mesh_state: Optional[Any] = None  # pods on this node and MeshPolicies
         self._threads: List[threading.Thread] = []
         self._watchers: List[_Watcher] = []
@@ -1297,6 +1367,7 @@ class KubernetesSource:
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
         self._api_clients = []
+        self._decoder.stop()
 
     # -- what the watchers call
     def _new_api_client(self):
@@ -1336,6 +1407,10 @@ class KubernetesSource:
                 self._node_warned = True
             return
         self.node_zone = ((node.get("metadata") or {}).get("labels") or {}).get(ZONE_LABEL)
+
+    def _decoder_crashed(self, why: str) -> None:
+        log.warning("kubernetes: %s; its pages are parsed in the agent's process", why)
+        self._count("decoder_crash")
 
     def _report_notes(self, notes: Translation) -> None:
         for message in notes.skipped:
