@@ -448,6 +448,7 @@ def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypat
 
 def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monkeypatch,
                                                                       run_source):
+    monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", True)
     monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
     list_page = kubernetes_source._ClusterState.list_page
     decoded = []
@@ -470,6 +471,7 @@ def test_a_crashed_decoding_worker_is_counted_and_its_pages_are_parsed_by_the_ag
     # The first worker dies before it answers (killed as it starts): the pages it held are
     # parsed in the agent's process, the list goes on without an error or a retry, and the
     # next page starts a new worker.
+    monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", True)
     monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
     start = kubernetes_source.PageDecoder._start
     started = []
