@@ -30,22 +30,12 @@ sys.path.insert(0, os.path.join(ROOT, "agent"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import packets as P  # noqa: E402
-from tcrun import BPF_PROG_TEST_RUN, SkbCtx, TestNetns, _TestRunAttr  # noqa: E402
+from tcrun import BPF_PROG_TEST_RUN, NODE_NETNS, SkbCtx, TestNetns, _TestRunAttr  # noqa: E402
 
 from nodemesh.datapath import bpfsys  # noqa: E402
 from nodemesh.datapath import maps as m  # noqa: E402
 from nodemesh.datapath import tc as t  # noqa: E402
 
-SETUP = """
-ip link set lo up
-ip link add nmtc0 type veth peer name nmtc1
-ip link set nmtc1 up
-ip link set nmtc0 up
-ip addr add 192.0.2.1/24 dev nmtc0
-ip addr add 2001:db8::1/64 dev nmtc0 nodad
-ip route add 198.51.100.0/24 dev nmtc0
-ip route add 2001:db8:c::/64 dev nmtc0
-"""
 NEIGHBOURS = """
 ip neigh add 192.0.2.10 lladdr 02:00:00:00:00:0a dev nmtc0 nud permanent
 ip neigh add 198.51.100.7 lladdr 02:00:00:00:00:07 dev nmtc0 nud permanent
@@ -83,7 +73,7 @@ def main() -> int:
     from nodemesh.datapath.loader import Datapath, bpf_source_dir, cleanup
 
     bpffs = f"/sys/fs/bpf/nmtccost-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    setup = SETUP.strip() + ("\n" + NEIGHBOURS.strip() if args.neighbour else "")
+    setup = NODE_NETNS.strip() + ("\n" + NEIGHBOURS.strip() if args.neighbour else "")
     with TestNetns(setup):
         dp = Datapath(bpffs, None)
         path = t.TcPath(bpffs, dp.sizes, t.TcSettings())

@@ -39,6 +39,23 @@ class SkbCtx(ctypes.Structure):  # the leading part of struct __sk_buff, up to i
                 ("ifindex", ctypes.c_uint32)]
 
 
+# A node's side of the packet tables: nmtc0 with the node's addresses (192.0.2.1,
+# 2001:db8::1) and the clients' networks (198.51.100.0/24, 2001:db8:c::/64) routed through
+# it. For TestNetns; FORWARDING switches forwarding on, without which bpf_fib_lookup answers
+# "forwarding disabled" and the TC program hands a packet to the stack, not redirecting it.
+NODE_NETNS = """
+ip link set lo up
+ip link add nmtc0 type veth peer name nmtc1
+ip link set nmtc1 up
+ip link set nmtc0 up
+ip addr add 192.0.2.1/24 dev nmtc0
+ip addr add 2001:db8::1/64 dev nmtc0 nodad
+ip route add 198.51.100.0/24 dev nmtc0
+ip route add 2001:db8:c::/64 dev nmtc0
+"""
+FORWARDING = "sysctl -qw net.ipv4.ip_forward=1\nsysctl -qw net.ipv6.conf.all.forwarding=1\n"
+
+
 def run(prog_fd: int, frame: bytes, ifindex: int) -> Tuple[int, bytes]:
     """(the program's return value, the frame as it left the program)."""
     data_in = ctypes.create_string_buffer(frame, len(frame))

@@ -15,26 +15,13 @@ from typing import Tuple
 
 import packets as P
 import pytest
-from tcrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, run
+from tcrun import FORWARDING, NODE_NETNS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, run
 
 pytestmark = pytest.mark.root
 
 NODE4, NODE6 = "192.0.2.1", "2001:db8::1"
 CLIENT4, CLIENT6 = "198.51.100.7", "2001:db8:c::7"
 SNAT_PORTS = (40000, 40063)
-
-SETUP = """
-ip link set lo up
-ip link add nmtc0 type veth peer name nmtc1
-ip link set nmtc1 up
-ip link set nmtc0 up
-ip addr add 192.0.2.1/24 dev nmtc0
-ip addr add 2001:db8::1/64 dev nmtc0 nodad
-ip route add 198.51.100.0/24 dev nmtc0
-ip route add 2001:db8:c::/64 dev nmtc0
-sysctl -qw net.ipv4.ip_forward=1
-sysctl -qw net.ipv6.conf.all.forwarding=1
-"""
 
 CONFIG = """
 services:
@@ -136,7 +123,7 @@ def tester():
     from nodemesh.reconciler import Reconciler
 
     bpffs = f"/sys/fs/bpf/nmtc-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    with TestNetns(SETUP) as ns:
+    with TestNetns(NODE_NETNS + FORWARDING) as ns:
         dp = Datapath(bpffs, None)
         path = t.TcPath(bpffs, dp.sizes, t.TcSettings(snat_port_min=SNAT_PORTS[0],
                                                       snat_port_max=SNAT_PORTS[1]))
