@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "agent"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import packets as P  # noqa: E402
-from tcrun import BPF_PROG_TEST_RUN, NODE_NETNS, SkbCtx, TestNetns, _TestRunAttr  # noqa: E402
+from tcrun import BPF_PROG_TEST_RUN, FORWARDING, NODE_NETNS, SkbCtx, TestNetns, _TestRunAttr  # noqa: E402
 
 from nodemesh.datapath import bpfsys  # noqa: E402
 from nodemesh.datapath import maps as m  # noqa: E402
@@ -73,7 +73,11 @@ def main() -> int:
     from nodemesh.datapath.loader import Datapath, bpf_source_dir, cleanup
 
     bpffs = f"/sys/fs/bpf/nmtccost-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    setup = NODE_NETNS.strip() + ("\n" + NEIGHBOURS.strip() if args.neighbour else "")
+    # Forwarding on: without it the FIB answers "forwarding disabled" and the A -> B runs
+    # would hand the packet to the stack instead of redirecting it.
+    setup = (NODE_NETNS + FORWARDING).strip()
+    if args.neighbour:
+        setup += "\n" + NEIGHBOURS.strip()
     with TestNetns(setup):
         dp = Datapath(bpffs, None)
         path = t.TcPath(bpffs, dp.sizes, t.TcSettings())
