@@ -1,7 +1,9 @@
 """The Python mirrors of bpf/nodemesh.h match what BCC compiled, field by field: every map's key
 and value, the ring-buffer event, and every constant the header shares with the agent."""
+import contextlib
 import ctypes
 import re
+from typing import List
 
 import pytest
 
@@ -127,7 +129,11 @@ int nm_submit_failure_event(struct __sk_buff *skb)
 	nm_failure_event_fields.ringbuf_output(&ev, sizeof(ev), 0);
 	return 0;
 }
+"""
 
+
+# Appended to a program's own text by compiled_constants: stores constant i in slot i.
+CONSTANTS_PROBE = """
 BPF_ARRAY(nm_constants, u64, %(count)d);
 int nm_store_constants(struct __sk_buff *skb)
 {
@@ -139,18 +145,18 @@ int nm_store_constants(struct __sk_buff *skb)
 """
 
 
-@pytest.fixture(scope="module")
-def probe():
-    """(the BCC object, {name: value as compiled}) for a program that includes only the header,
-    without the loader's -D size flags, and stores each constant the header defines in a map."""
+@contextlib.contextmanager
+def compiled_constants(text: str, names: List[str]):
+    """(the BCC object, {name: value as compiled}) for `text` (which includes the headers,
+    without the loader's -D size flags) followed by a program that stores each named
+    constant in a map, run once."""
     from bcc import BPF
 
     src = loader.bpf_source_dir()
-    names = header_constant_names((src / "nodemesh.h").read_text())
     stores = "\n".join(f"\ti = {i}; v = (u64)({name}); nm_constants.update(&i, &v);"
                        for i, name in enumerate(names))
-    bpf = BPF(text=(PROBE % {"count": len(names), "stores": stores}).encode(),
-              cflags=[f"-I{src}", '-DNM_PIN_DIR="/nonexistent"'])
+    probe = CONSTANTS_PROBE % {"count": len(names), "stores": stores}
+    bpf = BPF(text=(text + probe).encode(), cflags=[f"-I{src}", '-DNM_PIN_DIR="/nonexistent"'])
     try:
         fn = bpf.load_func(b"nm_store_constants", BPF_PROG_TYPE_SOCKET_FILTER)
         packet = ctypes.create_string_buffer(64)  # a socket filter's test run wants a frame
@@ -160,6 +166,15 @@ def probe():
         yield bpf, {name: table[ctypes.c_uint32(i)].value for i, name in enumerate(names)}
     finally:
         bpf.cleanup()
+
+
+@pytest.fixture(scope="module")
+def probe():
+    """(the BCC object, {name: value as compiled}) for a program that includes only
+    nodemesh.h and stores each constant the header defines in a map."""
+    names = header_constant_names((loader.bpf_source_dir() / "nodemesh.h").read_text())
+    with compiled_constants(PROBE, names) as result:
+        yield result
 
 
 def test_header_constant_names_finds_defines_and_enum_members():

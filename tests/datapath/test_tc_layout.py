@@ -2,19 +2,15 @@
 has, in agent/nodemesh/datapath/tc.py, the value the compiler gives it: a probe program built
 from the headers alone stores each one in a map. The struct mirrors are checked against BCC's
 generated types in test_tc_packets.py (test_tc_map_mirrors_match_what_bcc_compiled)."""
-import ctypes
 import re
 
 import pytest
-from test_layout import _TestRunAttr, header_constant_names
+from test_layout import compiled_constants, header_constant_names
 
-from nodemesh.datapath import bpfsys, loader
+from nodemesh.datapath import loader
 from nodemesh.datapath import tc as t
 
 pytestmark = pytest.mark.root
-
-BPF_PROG_TEST_RUN = 10
-BPF_PROG_TYPE_SOCKET_FILTER = 1
 
 PROBE = """
 #include <linux/in.h>
@@ -23,15 +19,6 @@ PROBE = """
 BPF_ARRAY(tc_config, struct nm_tc_config, 1); /* what lib/conntrack.h reads */
 BPF_HASH(ct, struct nm_ct_key, struct nm_ct_value, 2);
 #include "lib/conntrack.h"
-
-BPF_ARRAY(nm_constants, u64, %(count)d);
-int nm_store_constants(struct __sk_buff *skb)
-{
-	u32 i;
-	u64 v;
-%(stores)s
-	return 0;
-}
 """
 
 
@@ -81,29 +68,14 @@ def header_names():
 
 
 @pytest.fixture(scope="module")
-def compiled_constants():
-    from bcc import BPF
-
-    src = loader.bpf_source_dir()
-    names = header_names()
-    stores = "\n".join(f"\ti = {i}; v = (u64)({name}); nm_constants.update(&i, &v);"
-                       for i, name in enumerate(names))
-    bpf = BPF(text=(PROBE % {"count": len(names), "stores": stores}).encode(),
-              cflags=[f"-I{src}", '-DNM_PIN_DIR="/nonexistent"'])
-    try:
-        fn = bpf.load_func(b"nm_store_constants", BPF_PROG_TYPE_SOCKET_FILTER)
-        packet = ctypes.create_string_buffer(64)
-        bpfsys.bpf(BPF_PROG_TEST_RUN, _TestRunAttr(prog_fd=fn.fd, data_size_in=64,
-                                                   data_in=ctypes.addressof(packet), repeat=1))
-        table = bpf[b"nm_constants"]
-        yield {name: table[ctypes.c_uint32(i)].value for i, name in enumerate(names)}
-    finally:
-        bpf.cleanup()
+def compiled_tc_constants():
+    with compiled_constants(PROBE, header_names()) as (_bpf, values):
+        yield values
 
 
-def test_every_tc_constant_has_the_value_the_compiler_gives_it(compiled_constants):
+def test_every_tc_constant_has_the_value_the_compiler_gives_it(compiled_tc_constants):
     mirrored = {RENAMED.get(k, k): v for k, v in python_constants().items()}
-    assert mirrored == compiled_constants
+    assert mirrored == compiled_tc_constants
 
 
 def test_the_conntrack_flags_are_found_in_the_header():
