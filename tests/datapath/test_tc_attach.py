@@ -104,3 +104,58 @@ def test_cleanup_removes_only_what_nodemesh_added(node):
         assert "nm_tc" not in left and f"pref {prio}" in left
     assert filters("nmtc1", "egress") == [] and filters("nmtc2", "ingress") == []
     assert cleanup(bpffs) == []  # idempotent
+
+
+def test_an_older_agents_smaller_event_counters_are_carried_over_and_conntrack_kept(node):
+    """An agent of the build before tc_events grew (1 entry) left its pins: the new agent
+    replaces that map by one of the new size holding the old counts, attaches programs that
+    use it, and keeps the conntrack map (the same map, its entries) instead of refusing the
+    pins and asking for a cleanup that would break every flow."""
+    from nodemesh.datapath import bpfsys
+    from nodemesh.datapath import tc as t
+
+    bpffs, dp = node
+    first = load_tc(bpffs, dp)
+    first.attach(["nmtc0"])
+    key = t.CtKey(proto=6, family=4)
+    bpfsys.map_update(first.map_fds["ct"], key, t.CtValue(kind=1, svc_id=7))
+    ct_id = bpfsys.map_info(first.map_fds["ct"]).id
+    first.close()
+    # the older build's tc_events: one per-CPU counter, 3 and 4 collisions on CPUs 0 and 1
+    pin = os.path.join(bpffs, "tc_events")
+    os.unlink(pin)
+    ncpu = bpfsys.possible_cpus()
+    old = bpfsys.map_create(bpfsys.MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, name="tc_events")
+    counts = (t.u64 * ncpu)(*([3, 4] + [0] * (ncpu - 2))[:ncpu])
+    bpfsys.map_update(old, t.u32(0), counts)
+    bpfsys.obj_pin(old, pin)
+    old_id = bpfsys.map_info(old).id
+    bpfsys.close(old)
+
+    second = load_tc(bpffs, dp)
+    second.attach(["nmtc0"])
+    try:
+        fd = bpfsys.obj_get(pin)
+        try:
+            info = bpfsys.map_info(fd)
+            assert (info.max_entries, info.id != old_id) == (len(t.EVENTS), True)
+        finally:
+            bpfsys.close(fd)
+        assert t.percpu_sum(second.map_fds["tc_events"], t.u32) == {
+            i: (sum(counts) if i == 0 else 0) for i in range(len(t.EVENTS))}
+        assert second.map_fds and bpfsys.map_info(second.map_fds["ct"]).id == ct_id
+        assert [v.svc_id for _, v in second.conntrack()] == [7]
+        # the attached programs count into the new map, not the old one
+        [line] = filters("nmtc0", "ingress")
+        prog_id = line.split(" id ")[1].split()[0]
+        maps = json_out(f"bpftool -j prog show id {prog_id}")["map_ids"]
+        assert info.id in maps and old_id not in maps
+    finally:
+        second.close()
+
+
+def json_out(cmd: str):
+    import json
+
+    return json.loads(subprocess.run(cmd, shell=True, check=True, capture_output=True,
+                                     text=True).stdout)

@@ -213,22 +213,88 @@ class TcPath:
         self._owned: List[int] = []
         self.interfaces: Dict[str, int] = {}  # name -> ifindex
         self.load_seconds = 0.0
+        # Pinned counter arrays an older build made smaller: their pins are taken away before
+        # the load (which then creates and pins the new size), their fds kept until the old
+        # counts are added to the new map (name -> the old map's fd).
+        self._retired: Dict[str, int] = {}
 
     def load(self, in_process: bool = False) -> None:
         from .compile import compile_in_child
         from .loader import bpf_source_dir
 
+        self.retire_grown_arrays()
         self.check_pins()
         src = bpf_source_dir()
-        if in_process:
-            self.bpf, self.progs, self.map_fds, self.load_seconds = compile_and_load_tc(
-                self.bpffs, self.sizes, self.settings, src)
-        else:
-            self.progs, self.map_fds, self.load_seconds = compile_in_child(
-                self.bpffs, self.sizes, src, tc=self.settings)
-            self._owned = [*self.progs.values(), *self.map_fds.values()]
+        try:
+            if in_process:
+                self.bpf, self.progs, self.map_fds, self.load_seconds = compile_and_load_tc(
+                    self.bpffs, self.sizes, self.settings, src)
+            else:
+                self.progs, self.map_fds, self.load_seconds = compile_in_child(
+                    self.bpffs, self.sizes, src, tc=self.settings)
+                self._owned = [*self.progs.values(), *self.map_fds.values()]
+        except BaseException:
+            self._restore_retired()
+            raise
         bpfsys.map_update(self.map_fds["tc_config"], u32(0), self.settings.config())
         log.info("TC programs loaded in %.2fs", self.load_seconds)
+
+    def retire_grown_arrays(self) -> List[str]:
+        """Take away the pins of counter arrays (u32 -> u64, per-CPU or not) that this build
+        makes bigger and that differ in nothing else: an older agent's tc_events had 1 entry,
+        this one has len(EVENTS). Refusing them would ask for `nodemesh cleanup`, which drops
+        the conntrack map and so breaks every flow. The load then creates the new size; the
+        old counts are added to it by carry_over(), once the old programs are detached.
+        Returns the names retired."""
+        for spec in TC_MAPS:
+            path = os.path.join(self.bpffs, spec.name)
+            if spec.name in self._retired or spec.value is not u64 or spec.key is not u32 or \
+                    spec.map_type not in (bpfsys.MAP_TYPE_ARRAY, bpfsys.MAP_TYPE_PERCPU_ARRAY) \
+                    or not os.path.exists(path):
+                continue
+            fd = bpfsys.obj_get(path)
+            info = bpfsys.map_info(fd)
+            if (info.type, info.key_size, info.value_size) == (spec.map_type, 4, 8) and \
+                    info.max_entries < self.settings.capacity(spec):
+                os.unlink(path)
+                self._retired[spec.name] = fd
+                log.info("%s: pinned with %d entries, this build has %d: replaced by a new map "
+                         "that keeps its counts", path, info.max_entries,
+                         self.settings.capacity(spec))
+            else:
+                bpfsys.close(fd)
+        return list(self._retired)
+
+    def _restore_retired(self) -> None:
+        """The load failed: pin the old maps back where nothing new took their place."""
+        for name, fd in self._retired.items():
+            path = os.path.join(self.bpffs, name)
+            if not os.path.exists(path):
+                bpfsys.obj_pin(fd, path)
+            bpfsys.close(fd)
+        self._retired.clear()
+
+    def carry_over(self) -> None:
+        """Add the retired maps' counts (per CPU) to the new maps. After attach: the old
+        programs, which counted into the old maps until their filters were replaced, are gone.
+        A packet counted by a new program during the copy may be lost (user space and the
+        program both read-modify-write the slot): counters, not state."""
+        for name, fd in list(self._retired.items()):
+            spec = TC_MAP_BY_NAME[name]
+            per_cpu = spec.map_type == bpfsys.MAP_TYPE_PERCPU_ARRAY
+            value_type = u64 * (bpfsys.possible_cpus() if per_cpu else 1)
+            try:
+                for index in range(bpfsys.map_info(fd).max_entries):
+                    old, new = value_type(), value_type()
+                    if not bpfsys.map_lookup(fd, u32(index), old):
+                        continue
+                    bpfsys.map_lookup(self.map_fds[name], u32(index), new)
+                    for cpu in range(len(new)):
+                        new[cpu] += old[cpu]
+                    bpfsys.map_update(self.map_fds[name], u32(index), new)
+            finally:
+                bpfsys.close(fd)
+                del self._retired[name]
 
     def check_pins(self) -> None:
         from .loader import DatapathError, pin_mismatches
@@ -264,6 +330,7 @@ class TcPath:
                            direct_action=True)
                 self.interfaces[name] = ifindex
                 log.info("TC programs attached to %s (ifindex %d)", name, ifindex)
+        self.carry_over()
         self.sync_addresses()
 
     def attached(self) -> List[str]:
@@ -351,6 +418,9 @@ class TcPath:
             bpfsys.close(fd)
         self._owned = []
         self.progs, self.map_fds = {}, {}
+        for fd in self._retired.values():  # never attached: the old counts are not carried
+            bpfsys.close(fd)
+        self._retired.clear()
 
 
 def detach(bpffs: str) -> List[str]:
