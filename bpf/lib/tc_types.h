@@ -94,6 +94,12 @@ struct nm_tc_stats_key {
 
 #define NM_TC_IFACE_F_CLSACT 0x1 /* tc_ifaces: nodemesh created this interface's clsact */
 
+/* A bit of skb->tc_index: the ingress program translated this packet and redirected it to the
+ * egress of an interface, whose egress program then lets it go without a second lookup (a
+ * translated tuple never has an entry of its own). tc_index lives in the skb and survives the
+ * redirect (Cilium's TC_INDEX_F_SKIP_NODEPORT is the same idea); the egress clears it. */
+#define NM_TC_INDEX_F_REDIRECTED 0x0100
+
 #define NM_TC_INGRESS 0
 #define NM_TC_EGRESS 1
 

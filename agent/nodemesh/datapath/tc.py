@@ -33,6 +33,7 @@ PARENT_INGRESS = 0xFFFFFFF2  # clsact's ingress hook (TC_H_MIN_INGRESS)
 PARENT_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 IFACE_F_CLSACT = 0x1  # NM_TC_IFACE_F_CLSACT: nodemesh created this interface's clsact qdisc
+TC_INDEX_F_REDIRECTED = 0x0100  # NM_TC_INDEX_F_REDIRECTED: skb->tc_index, ingress redirected it
 
 # The constants of bpf/lib/tc_types.h, each defined once here under a name derived from its C
 # name (tests/datapath/test_tc_layout.py compares every one with what the compiler gives).
