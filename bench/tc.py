@@ -171,6 +171,12 @@ def conntrack_counters(c: Cluster, netns: str) -> Dict[str, int]:
     return out
 
 
+def kernel_ct_entries(c: Cluster, netns: str) -> int:
+    """The kernel conntrack's entries in `netns` (0 when nothing there makes it track)."""
+    out = c.run_in(netns, ["conntrack", "-C"], check=False).stdout.strip()
+    return int(out) if out.isdigit() else 0
+
+
 def tc_prog_ids(c: Cluster, netns: str) -> Dict[int, str]:
     """{program id: name} of the TC programs attached in `netns` (node 3's agent)."""
     out = json.loads(c.run_in(netns, ["bpftool", "-j", "net", "show"]).stdout or "[]")
@@ -216,6 +222,8 @@ def measure(c: Cluster, name: str, url: str, seconds: int, n1, n2, n3,
             out.update(conntrack_counters(c, n2.netns))
         if name.startswith("nodemesh"):
             out.update(nodemesh_counters(c, n3))
+            # does the node's own (kernel) conntrack track the flows too? Its entries now
+            out["node3_kernel_ct"] = kernel_ct_entries(c, n3.netns)
             for prog, (cnt, ns) in prog_stats(prog_ids).items():
                 out[f"{prog}_runs"], out[f"{prog}_ns"] = cnt, ns
         return out
@@ -225,9 +233,11 @@ def measure(c: Cluster, name: str, url: str, seconds: int, n1, n2, n3,
     before["agent_cpu_ms"], cpu1 = cpu0, agent_cpu_ms(n3)
     syn1, after = syn_retransmits(c), counters()
     after["agent_cpu_ms"] = cpu1
-    extra = {k: v - before.get(k, 0) for k, v in after.items() if k != "time_wait_entries"}
-    if "time_wait_entries" in after:
-        extra["time_wait_entries"] = after["time_wait_entries"]
+    extra = {k: v - before.get(k, 0) for k, v in after.items()
+             if k not in ("time_wait_entries", "node3_kernel_ct")}
+    for k in ("time_wait_entries", "node3_kernel_ct"):
+        if k in after:
+            extra[k] = after[k]
     return Run(rate, p50, requests, syn1 - syn0, extra)
 
 
@@ -326,6 +336,14 @@ def bench(args, sizes: List[int], chosen: List[str]) -> int:
     return 0
 
 
+def ns_per_connection(runs: List[Run]) -> str:
+    """Both TC programs' bpf_stats time over the connections wrk made: what a connection
+    costs in them, whatever the packet count (a skipped egress run is cheap but counted)."""
+    ns = sum(r.extra.get(f"{p}_ns", 0) for r in runs for p in ("nm_tc_ingress", "nm_tc_egress"))
+    conns = sum(r.requests for r in runs)
+    return f"{ns / conns:,.0f}" if ns and conns else "-"
+
+
 def ns_per_packet(runs: List[Run], prog: str) -> str:
     cnt = sum(r.extra.get(f"{prog}_runs", 0) for r in runs)
     ns = sum(r.extra.get(f"{prog}_ns", 0) for r in runs)
@@ -345,12 +363,13 @@ def report(results, sizes, facts, command: str, chosen: List[str]) -> str:
              "SYNs the backend's TIME_WAIT refused for an older timestamp, per round "
              "(median). Paired ratio: the median of each round's rate / that round's direct "
              "rate, with min-max. Agent CPU: node 3's agent during wrk, ms per round (median). "
-             "ns/packet: the TC programs on node 3 by bpf_stats over all rounds (--bpf-stats).",
+             "ns/packet: the TC programs on node 3 by bpf_stats over all rounds (--bpf-stats); "
+             "ns/conn: both programs' time over all rounds / the connections made.",
              "",
              "| N services | variant | new conns/s median (min-max) | ratio to direct | "
              "paired ratio median (min-max) | round 1 | rounds 2+ median | p50 latency ms | "
-             "SYN retx | backend PAWS | agent CPU ms | ns/packet ingress, egress |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "SYN retx | backend PAWS | agent CPU ms | ns/packet ingress, egress | ns/conn |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         direct_runs = results[(n, "direct")]
         direct = med([r.rate for r in direct_runs])[0]
@@ -365,8 +384,8 @@ def report(results, sizes, facts, command: str, chosen: List[str]) -> str:
             paws = statistics.median([r.extra.get("backend_paws_timewait", 0) for r in runs])
             cpu = statistics.median([r.extra.get("agent_cpu_ms", 0) for r in runs])
             cost = (f"{ns_per_packet(runs, 'nm_tc_ingress')}, "
-                    f"{ns_per_packet(runs, 'nm_tc_egress')}"
-                    if name.startswith("nodemesh") else "")
+                    f"{ns_per_packet(runs, 'nm_tc_egress')} | {ns_per_connection(runs)}"
+                    if name.startswith("nodemesh") else " | ")
             lines.append(f"| {n:,} | {name} | {rates[0]:,.0f} ({rates[1]:,.0f}-{rates[2]:,.0f}) "
                          f"| {rates[0] / direct:.2f}x | {pr[0]:.2f}x ({pr[1]:.2f}-{pr[2]:.2f}) "
                          f"| {runs[0].rate:,.0f} | {later:,.0f} | {lat[0]:.2f} | {retx:.0f} | "
@@ -387,6 +406,12 @@ def report(results, sizes, facts, command: str, chosen: List[str]) -> str:
                      f"drops {exh:,}; iptables: node 2's conntrack over its rounds "
                      + ", ".join(f"{k} {v:,}" for k, v in ct.items())
                      + f", up to {tw:,} TIME_WAIT entries after a round")
+    for n in sizes:
+        kct = [r.extra.get("node3_kernel_ct", 0) for v in ("nodemesh", "nodemesh-local")
+               if v in chosen for r in results[(n, v)]]
+        if kct:
+            lines.append(f"- N={n}: node 3's kernel conntrack (nf_conntrack) after each nodemesh "
+                         f"round: up to {max(kct):,} entries (0: it does not track these flows)")
     lines += [f"- {f}" for f in facts]
     return "\n".join(lines)
 
