@@ -46,8 +46,9 @@ BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/tc_stats", struct nm_tc_stats_key, u64, 
 	    4096, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_array", u32, u64, tc_drops, NM_DROP_MAX, NM_PIN_DIR "/tc_drops");
 BPF_TABLE_PINNED("percpu_array", u32, u64, tc_events, NM_TC_EV_MAX, NM_PIN_DIR "/tc_events");
-/* Only for the agent: ifindex -> NM_TC_IFACE_F_*, so cleanup removes only the clsact qdiscs
- * it created. In the pin folder, because that is where everything nodemesh made is. */
+/* ifindex -> NM_TC_IFACE_F_*: for the agent, so cleanup removes only the clsact qdiscs it
+ * created (in the pin folder, because that is where everything nodemesh made is); for
+ * forward(), the attached veths whose peer bpf_redirect_peer reaches. */
 BPF_F_TABLE("hash:" NM_PIN_DIR "/tc_ifaces", u32, u32, tc_ifaces, 1024, BPF_F_NO_PREALLOC);
 
 static __always_inline void count(u32 reason)
@@ -275,7 +276,14 @@ static __always_inline int forward(struct __sk_buff *skb, struct nm_pkt *p, stru
 		if (bpf_skb_store_bytes(skb, 0, macs, 12, 0) < 0)
 			return TC_ACT_SHOT;
 		skb->tc_index |= NM_TC_INDEX_F_REDIRECTED;
-		return bpf_redirect(f->ifindex, 0);
+		/* Towards a pod's veth (forward() runs at ingress only): into the pod's own
+		 * ingress at once, as Cilium does, rather than through the veth's transmit and the
+		 * per-CPU backlog, which cost the packet a second pass of the receive path. */
+		u32 oif = f->ifindex;
+		u32 *iface = tc_ifaces.lookup(&oif);
+		if (iface && (*iface & NM_TC_IFACE_F_PEER))
+			return bpf_redirect_peer(oif, 0);
+		return bpf_redirect(oif, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/* The neighbour layer resolves the next hop the FIB found (no second route

@@ -159,3 +159,30 @@ def json_out(cmd: str):
 
     return json.loads(subprocess.run(cmd, shell=True, check=True, capture_output=True,
                                      text=True).stdout)
+
+
+def test_only_a_veth_whose_peer_is_in_another_netns_is_marked_for_redirect_peer(node):
+    """forward() hands a packet to a pod with bpf_redirect_peer only towards interfaces whose
+    tc_ifaces entry has NM_TC_IFACE_F_PEER (towards any other device the kernel would drop
+    it): set for a veth into another netns (a pod's), not for one whose peer is here."""
+    from nodemesh.datapath import bpfsys
+    from nodemesh.datapath import tc as t
+
+    bpffs, dp = node
+    pod = f"nmtcp{os.getpid()}{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", pod], check=True)
+    try:
+        subprocess.run(f"ip link add nmtcp0 type veth peer name eth0 netns {pod} && "
+                       "ip link set nmtcp0 up", shell=True, check=True)
+        path = load_tc(bpffs, dp)
+        path.attach(["nmtc0", "nmtcp0"])
+        try:
+            flags = {int(k): int(v) for k, v in
+                     bpfsys.map_lookup_batch(path.map_fds["tc_ifaces"], t.u32, t.u32)}
+            to_pod, local = path.interfaces["nmtcp0"], path.interfaces["nmtc0"]
+            assert flags[to_pod] == t.IFACE_F_CLSACT | t.IFACE_F_PEER
+            assert flags[local] == t.IFACE_F_CLSACT
+        finally:
+            path.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", pod], capture_output=True)

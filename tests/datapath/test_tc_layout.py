@@ -36,6 +36,7 @@ def python_constants():
         "NM_CT_F_FIN_BACKEND": t.CT_F_FIN_BACKEND,
         "NM_CT_F_OVER": t.CT_F_OVER,
         "NM_TC_IFACE_F_CLSACT": t.IFACE_F_CLSACT,
+        "NM_TC_IFACE_F_PEER": t.IFACE_F_PEER,
         "NM_TC_INDEX_F_REDIRECTED": t.TC_INDEX_F_REDIRECTED,
         "NM_TC_VERDICT_MAX": len(t.VERDICTS),
         "NM_DROP_MAX": len(t.DROP_REASONS),

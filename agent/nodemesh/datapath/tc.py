@@ -33,6 +33,7 @@ PARENT_INGRESS = 0xFFFFFFF2  # clsact's ingress hook (TC_H_MIN_INGRESS)
 PARENT_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 IFACE_F_CLSACT = 0x1  # NM_TC_IFACE_F_CLSACT: nodemesh created this interface's clsact qdisc
+IFACE_F_PEER = 0x2    # NM_TC_IFACE_F_PEER: a veth whose peer is in another netns
 TC_INDEX_F_REDIRECTED = 0x0100  # NM_TC_INDEX_F_REDIRECTED: skb->tc_index, ingress redirected it
 
 # The constants of bpf/lib/tc_types.h, each defined once here under a name derived from its C
@@ -197,6 +198,18 @@ def _bpf_filters(ipr, ifindex: int, parent: int) -> Iterator[Tuple[int, int, str
         yield msg["info"] >> 16, msg["handle"], name
 
 
+def _veth_to_another_netns(ipr, ifindex: int) -> bool:
+    """A veth whose peer lives in another network namespace (IFLA_LINK_NETNSID names it):
+    bpf_redirect_peer reaches that peer's ingress (it drops towards any other device)."""
+    links = ipr.get_links(ifindex)
+    if not links:
+        return False
+    attrs = _attrs(links[0])
+    info = attrs.get("IFLA_LINKINFO")
+    kind = _attrs(info).get("IFLA_INFO_KIND") if info is not None else None
+    return kind == "veth" and attrs.get("IFLA_LINK_NETNSID") is not None
+
+
 def _has_clsact(ipr, ifindex: int) -> bool:
     return any(_attrs(q).get("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=ifindex))
 
@@ -319,10 +332,16 @@ class TcPath:
                 if not found:
                     raise DatapathError(f"--interface {name}: no such interface")
                 ifindex = found[0]
+                flags = u32(0)
+                bpfsys.map_lookup(self.map_fds["tc_ifaces"], u32(ifindex), flags)
+                flags = u32(flags.value & ~IFACE_F_PEER)
                 if not _has_clsact(ipr, ifindex):
                     ipr.tc("add", "clsact", index=ifindex)
-                    bpfsys.map_update(self.map_fds["tc_ifaces"], u32(ifindex),
-                                      u32(IFACE_F_CLSACT))
+                    flags = u32(flags.value | IFACE_F_CLSACT)
+                if _veth_to_another_netns(ipr, ifindex):
+                    flags = u32(flags.value | IFACE_F_PEER)
+                if flags.value:
+                    bpfsys.map_update(self.map_fds["tc_ifaces"], u32(ifindex), flags)
                 for parent, prog in ((PARENT_INGRESS, PROG_INGRESS),
                                      (PARENT_EGRESS, PROG_EGRESS)):
                     ipr.tc("replace-filter", "bpf", index=ifindex, handle=FILTER_HANDLE,
