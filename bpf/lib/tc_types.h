@@ -93,8 +93,9 @@ struct nm_tc_stats_key {
 };
 
 #define NM_TC_IFACE_F_CLSACT 0x1 /* tc_ifaces: nodemesh created this interface's clsact */
-/* tc_ifaces: a veth whose peer is in another netns (a pod's), so bpf_redirect_peer can hand
- * a packet straight to the peer's ingress: no veth transmit and no backlog queue on the way */
+/* tc_ifaces: a veth whose peer is in another netns and no bridge's port there (a pod's end),
+ * so bpf_redirect_peer can hand a packet straight to the peer's ingress: no veth transmit and
+ * no backlog queue on the way */
 #define NM_TC_IFACE_F_PEER 0x2
 
 /* A bit of skb->tc_index: the ingress program translated this packet and redirected it to the

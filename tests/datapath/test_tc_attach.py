@@ -161,10 +161,12 @@ def json_out(cmd: str):
                                      text=True).stdout)
 
 
-def test_only_a_veth_whose_peer_is_in_another_netns_is_marked_for_redirect_peer(node):
+def test_only_a_veth_to_a_pod_is_marked_for_redirect_peer(node):
     """forward() hands a packet to a pod with bpf_redirect_peer only towards interfaces whose
     tc_ifaces entry has NM_TC_IFACE_F_PEER (towards any other device the kernel would drop
-    it): set for a veth into another netns (a pod's), not for one whose peer is here."""
+    it): set for a veth into another netns whose end there is no bridge port (a pod's), not
+    for one whose peer is here, nor for one into a bridge in another netns (an uplink, like
+    the lab's fabric: a node's NIC would not let a packet skip its transmit)."""
     from nodemesh.datapath import bpfsys
     from nodemesh.datapath import tc as t
 
@@ -173,15 +175,18 @@ def test_only_a_veth_whose_peer_is_in_another_netns_is_marked_for_redirect_peer(
     subprocess.run(["ip", "netns", "add", pod], check=True)
     try:
         subprocess.run(f"ip link add nmtcp0 type veth peer name eth0 netns {pod} && "
-                       "ip link set nmtcp0 up", shell=True, check=True)
+                       f"ip link add nmtcp1 type veth peer name up0 netns {pod} && "
+                       f"ip -n {pod} link add br0 type bridge && "
+                       f"ip -n {pod} link set up0 master br0 && "
+                       "ip link set nmtcp0 up && ip link set nmtcp1 up", shell=True, check=True)
         path = load_tc(bpffs, dp)
-        path.attach(["nmtc0", "nmtcp0"])
+        path.attach(["nmtc0", "nmtcp0", "nmtcp1"])
         try:
             flags = {int(k): int(v) for k, v in
                      bpfsys.map_lookup_batch(path.map_fds["tc_ifaces"], t.u32, t.u32)}
-            to_pod, local = path.interfaces["nmtcp0"], path.interfaces["nmtc0"]
-            assert flags[to_pod] == t.IFACE_F_CLSACT | t.IFACE_F_PEER
-            assert flags[local] == t.IFACE_F_CLSACT
+            assert flags[path.interfaces["nmtcp0"]] == t.IFACE_F_CLSACT | t.IFACE_F_PEER
+            assert flags[path.interfaces["nmtcp1"]] == t.IFACE_F_CLSACT  # bridged: an uplink
+            assert flags[path.interfaces["nmtc0"]] == t.IFACE_F_CLSACT   # its peer is here
         finally:
             path.close()
     finally:

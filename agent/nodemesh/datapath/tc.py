@@ -33,7 +33,7 @@ PARENT_INGRESS = 0xFFFFFFF2  # clsact's ingress hook (TC_H_MIN_INGRESS)
 PARENT_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 IFACE_F_CLSACT = 0x1  # NM_TC_IFACE_F_CLSACT: nodemesh created this interface's clsact qdisc
-IFACE_F_PEER = 0x2    # NM_TC_IFACE_F_PEER: a veth whose peer is in another netns
+IFACE_F_PEER = 0x2    # NM_TC_IFACE_F_PEER: a veth to a pod (peer in another netns, unbridged)
 TC_INDEX_F_REDIRECTED = 0x0100  # NM_TC_INDEX_F_REDIRECTED: skb->tc_index, ingress redirected it
 
 # The constants of bpf/lib/tc_types.h, each defined once here under a name derived from its C
@@ -198,16 +198,26 @@ def _bpf_filters(ipr, ifindex: int, parent: int) -> Iterator[Tuple[int, int, str
         yield msg["info"] >> 16, msg["handle"], name
 
 
-def _veth_to_another_netns(ipr, ifindex: int) -> bool:
-    """A veth whose peer lives in another network namespace (IFLA_LINK_NETNSID names it):
-    bpf_redirect_peer reaches that peer's ingress (it drops towards any other device)."""
+def _veth_to_an_endpoint(ipr, ifindex: int) -> bool:
+    """A veth whose peer lives in another network namespace (IFLA_LINK_NETNSID names it) and
+    is no bridge's port there: a pod's end, where bpf_redirect_peer delivers (it drops towards
+    any other device). A veth to a bridge is a way out of the node (a VM's or a container
+    node's uplink, or the lab's fabric), which a real node's NIC would be: it keeps
+    bpf_redirect, so the lab does not save a hop that a node would not."""
     links = ipr.get_links(ifindex)
     if not links:
         return False
     attrs = _attrs(links[0])
     info = attrs.get("IFLA_LINKINFO")
     kind = _attrs(info).get("IFLA_INFO_KIND") if info is not None else None
-    return kind == "veth" and attrs.get("IFLA_LINK_NETNSID") is not None
+    nsid, peer = attrs.get("IFLA_LINK_NETNSID"), attrs.get("IFLA_LINK")
+    if kind != "veth" or nsid is None or not peer:
+        return False
+    try:  # the peer, seen from here by its netns id (IFLA_TARGET_NETNSID, Linux 4.20)
+        found = ipr.link("get", index=peer, IFLA_IF_NETNSID=nsid)
+    except Exception:  # NetlinkError: not allowed or gone; then no peer redirect
+        return False
+    return bool(found) and not _attrs(found[0]).get("IFLA_MASTER")
 
 
 def _has_clsact(ipr, ifindex: int) -> bool:
@@ -338,7 +348,7 @@ class TcPath:
                 if not _has_clsact(ipr, ifindex):
                     ipr.tc("add", "clsact", index=ifindex)
                     flags = u32(flags.value | IFACE_F_CLSACT)
-                if _veth_to_another_netns(ipr, ifindex):
+                if _veth_to_an_endpoint(ipr, ifindex):
                     flags = u32(flags.value | IFACE_F_PEER)
                 if flags.value:
                     bpfsys.map_update(self.map_fds["tc_ifaces"], u32(ifindex), flags)
