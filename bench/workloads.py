@@ -257,3 +257,96 @@ def bulk(c: Client, seconds: float, streams: int) -> float:
                 raise
             time.sleep(0.3)
     raise RuntimeError(f"iperf3 server stayed busy: {last}")
+
+
+# -- what a run cost, and what else ran meanwhile -----------------------------------------------
+# A connection rate on a shared 2-CPU machine moves with everyone's load; the CPU a connection
+# costs hardly does. Around each conn run: the CPU time of the client tool (the bench's
+# children reaped meanwhile: wrk) and of every process resident in the variant's netns (nginx,
+# haproxy), each including the softirq work done in its context (this kernel has no
+# IRQ_TIME_ACCOUNTING: a softirq's time goes to the task it interrupted, and veth's receive
+# path runs in the sender's context); and the whole machine's busy and steal time
+# (/proc/stat), whose excess over the bench's own is other work that shared the CPUs.
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def netns_pids(names: Sequence[str]) -> List[int]:
+    """The processes whose network namespace is one of `names` (/run/netns/NAME)."""
+    inodes = set()
+    for name in names:
+        try:
+            inodes.add(os.stat(f"/run/netns/{name}").st_ino)
+        except OSError:
+            pass
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ns = os.readlink(f"/proc/{entry}/ns/net")
+            except OSError:
+                continue
+            if ns.startswith("net:[") and int(ns[5:-1]) in inodes:
+                pids.append(int(entry))
+    return pids
+
+
+def task_runtime(pid: int) -> float:
+    """Seconds pid's threads have run (schedstat, ns exact; 0 once it has gone)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return total / 1e9
+
+
+def machine_times(stat: str = "/proc/stat") -> tuple:
+    """(busy, steal) seconds of all CPUs since boot: busy is user + nice + system + irq +
+    softirq (guest time is inside user)."""
+    with open(stat) as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+@dataclass
+class Meter:
+    """A snapshot taken before a run; cost() reads the same counters after it."""
+    wall: float
+    children: float
+    resident: Dict[int, float]
+    busy: float
+    steal: float
+
+
+@dataclass
+class Cost:
+    wall: float          # seconds the run took
+    own: float           # CPU seconds of the client tool and the netns' resident processes
+    others: float        # the rest of the machine's busy CPU seconds meanwhile (others' work)
+    steal: float         # CPU seconds the hypervisor took meanwhile
+
+    def others_share(self, cpus: int) -> float:
+        """Other work's share of the machine during the run (0 .. 1)."""
+        return (self.others + self.steal) / max(self.wall * cpus, 1e-9)
+
+
+def children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def meter(netns: Sequence[str]) -> Meter:
+    busy, steal = machine_times()
+    return Meter(time.monotonic(), children_cpu(),
+                 {pid: task_runtime(pid) for pid in netns_pids(netns)}, busy, steal)
+
+
+def cost(m: Meter) -> Cost:
+    busy, steal = machine_times()
+    resident = sum(max(task_runtime(pid) - t, 0.0) for pid, t in m.resident.items())
+    own = children_cpu() - m.children + resident
+    return Cost(time.monotonic() - m.wall, own, max(busy - m.busy - own, 0.0), steal - m.steal)
