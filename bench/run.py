@@ -127,7 +127,7 @@ WORKLOADS = ("conn", "keepalive", "udp", "bulk", "change")
 # change` adds them back, about 4 minutes more).
 QUICK_WORKLOADS = ("conn", "keepalive", "change")
 QUICK_SIZES = [1, 10000]
-QUICK_CONN_SECONDS = 2
+QUICK_CONN_SECONDS, QUICK_CONN_ROUNDS = 1, 6
 FULL_SIZES = [1, 100, 1000, 10000, 100000]
 # keepalive, udp and bulk hardly depend on N (netfilter sees a connection's first packet
 # only): the quick mode runs them at its largest N, the full mode at every N.
@@ -191,6 +191,12 @@ class Run:
     rate: float     # connections/s
     cpu_us: float   # CPU µs a connection (client + servers + softirq in their context)
     others: float   # the share of the machine's CPUs other work used meanwhile
+
+
+# The variants whose conn runs are paired with direct's around them: those with a target
+# stated against direct, and the A/A test; the others (targets against HAProxy, or none) run
+# in turn after them in each round, to keep the quick mode in its budget.
+BRACKETED = ("direct-aa", "nodemesh", "nodemesh-tc")
 
 
 class Bench:
@@ -309,6 +315,7 @@ class Bench:
                 v.add("conn", n, rate)
                 v.add("conn_stall", n, stall)
                 v.add("conn_cpu_us", n, cpu_us)
+                v.add("conn_client_us", n, spent.client / max(reqs, 1) * 1e6)
                 v.add("conn_others", n, others)
             self.last = Run(rate, cpu_us, others)
             shown = (f"{rate:10,.0f} conn/s, {cpu_us:5.1f} µs CPU a connection (other work "
@@ -394,11 +401,14 @@ class Bench:
             if workload in self.args.warm_up:
                 for v in active:  # warm-up, not counted
                     self.attempt(v, n, workload, 1, counted=False)
-            for _ in range(self.args.reps):
+            for _ in range(self.args.reps_of[workload]):
                 if workload == "conn" and "direct" in self.variants and \
                         self.args.order == "bracketed":
                     self.bracketed_round(n)
                     continue
+                if workload == "conn" and "direct" in self.variants and \
+                        self.args.order == "concurrent":
+                    self.concurrent_pairs(n)
                 for v in self.active(n, workload):
                     self.attempt(v, n, workload, self.args.seconds_of[workload])
             if workload == "conn":
@@ -411,18 +421,20 @@ class Bench:
         self.load[n] = (load_before, os.getloadavg()[0])
 
     def bracketed_round(self, n: int) -> None:
-        """One round of conn runs with direct between every two variants (D A D B D ...):
-        each variant's run is paired with the mean of the two direct runs around it, seconds
-        apart, so a drift of the machine's load between rounds cancels in its ratio. The pair
-        keeps the most other work any of its three runs met (round_stats flags it)."""
+        """One round of conn runs with direct between every two of the BRACKETED variants
+        (D A D B D ...), then the others in turn: each bracketed run is paired with the mean
+        of the two direct runs around it, seconds apart, so a drift of the machine's load
+        between rounds cancels in its ratio. The pair keeps the most other work any of its
+        three runs met (paired() leaves the disturbed ones out)."""
         d = self.variants["direct"]
         seconds = self.args.seconds_of["conn"]
         if d not in self.active(n, "conn"):
             for v in self.active(n, "conn"):
                 self.attempt(v, n, "conn", seconds)
             return
+        active = [v for v in self.active(n, "conn") if v is not d]
         before = self.attempt(d, n, "conn", seconds)
-        for v in [v for v in self.active(n, "conn") if v is not d]:
+        for v in [v for v in active if v.name in BRACKETED]:
             run = self.attempt(v, n, "conn", seconds)
             after = self.attempt(d, n, "conn", seconds)
             if run and before and after:
@@ -430,6 +442,34 @@ class Bench:
                 v.add("conn_cpu_pair", n, run.cpu_us / ((before.cpu_us + after.cpu_us) / 2))
                 v.add("conn_pair_others", n, max(before.others, run.others, after.others))
             before = after
+        for v in [v for v in active if v.name not in BRACKETED]:  # in turn, unpaired
+            self.attempt(v, n, "conn", seconds)
+
+    def concurrent_pairs(self, n: int) -> None:
+        """Each BRACKETED variant side by side with direct, at the same time (workloads.
+        conn_side_by_side): its ratio per round is the two rates of the same seconds. The
+        round's runs in turn follow (measure), for the absolute rates."""
+        d = self.variants["direct"]
+        if d not in self.active(n, "conn"):
+            return
+        for v in [v for v in self.active(n, "conn") if v.name in BRACKETED]:
+            self.reset(d)
+            self.reset(v)
+            meter = wl.meter(sorted(set(d.resident_netns() + v.resident_netns())))
+            try:
+                (rd, nd, _), (rv, nv, _) = wl.conn_side_by_side(
+                    d.client("http"), v.client("http"), self.args.seconds_of["conn"])
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                log(f"  N={n:<7,}      conn {v.name:>16}: side by side with direct failed: "
+                    f"{' '.join(str(e).split())[:200]}")
+                continue
+            others = wl.cost(meter).others_share(os.cpu_count() or 1)
+            for name, reqs in ((d.name, nd), (v.name, nv)):
+                self.requests[(name, n)] = self.requests.get((name, n), 0) + reqs
+            v.add("conn_pair", n, rv / rd)
+            v.add("conn_pair_others", n, others)
+            log(f"  N={n:<7,}      conn {v.name:>16}: {rv:10,.0f} conn/s beside direct's "
+                f"{rd:,.0f}: {rv / rd:.3f}× (other work {others:.0%} of the CPUs)")
 
     def measure_changes(self, n: int) -> None:
         from controlplane import Probe
@@ -1025,13 +1065,15 @@ def conn_method(bench: Bench, n: int) -> List[str]:
         out.append("\nCPU a connection (µs: wrk, the servers and any proxy in the variant's "
                    "netns, softirq in their context; workloads.Cost), a companion figure that "
                    "depends less on the machine's load than the rate:\n")
-        out.append("| variant | CPU µs a connection median (min–max) | paired ratio to direct |")
-        out.append("|---|---|---|")
+        out.append("| variant | CPU µs a connection median (min–max) | of which the client "
+                   "(wrk) | paired ratio to direct |")
+        out.append("|---|---|---|---|")
         for v in cpu:
-            xs = v.values("conn_cpu_us", n)
+            xs, cl = v.values("conn_cpu_us", n), v.values("conn_client_us", n)
             p = paired(v, n, "conn_cpu_pair")
             out.append(f"| {v.name} | {med(xs):.1f} ({min(xs):.1f}–{max(xs):.1f}) | "
-                       + (p.describe() if p else "–") + " |")
+                       + (f"{med(cl):.1f} ({min(cl):.1f}–{max(cl):.1f})" if cl else "–")
+                       + " | " + (p.describe() if p else "–") + " |")
     return out
 
 
@@ -1040,7 +1082,8 @@ def this_part(args, command: str, started: float) -> dict:
     its method (--append keeps one per part)."""
     return {"command": command,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-            "method": f"{args.reps} rounds, conn {args.seconds_of['conn']} s runs, "
+            "method": f"conn {args.reps_of['conn']} rounds of {args.seconds_of['conn']} s "
+                      "runs, "
                       + ("bracketed (D A D B ... D)" if args.order == "bracketed" else
                          "in turn")
                       + f", CPUs {','.join(args.cpu_roles.values()) or 'unpinned'}"}
@@ -1072,7 +1115,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
            f" (change: {args.changes} changes); per N and workload "
            f"({', '.join(w for w in args.warm_up if w in args.workloads) or 'none'}) a 1 s "
            "warm-up of every variant, then "
-           f"{args.reps} rounds of all variants in turn "
+           f"{args.reps} rounds of all variants in turn (conn {args.reps_of['conn']}) "
            "(A B C ... A B C ...; "
            + ("conn's rounds bracketed: direct before the first variant and after every one, "
               "D A D B ... D, each run paired with the direct runs around it" if
@@ -1318,10 +1361,13 @@ def estimate(args) -> float:
     total = 0.0
     for w, k in runs_per_round.items():
         if w in args.workloads:
-            per_variant = args.reps * k * (args.seconds_of[w] + overhead)
+            per_variant = args.reps_of[w] * k * (args.seconds_of[w] + overhead)
             if w in args.warm_up:
                 per_variant += k * (1 + overhead)
             nv = sum(1 for v in args.variants if w in vr.VARIANTS[v].workloads)
+            if w == "conn" and args.order != "rounds" and "direct" in args.variants:
+                # bracketed: direct after each; concurrent: each beside direct
+                nv += sum(1 for v in args.variants if v in BRACKETED)
             total += len(args.sizes_of[w]) * nv * per_variant
             if w in ("keepalive", "udp"):
                 total += 3 * (args.seconds_of[w] + overhead)
@@ -1425,11 +1471,15 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "both measured the same variant, metric and N, and the earlier part's "
                     "fixed keep-alive/UDP rates are reused. For running the full mode in "
                     "parts (--sizes, --variants, --workloads); FILE.md may not exist yet")
-    ap.add_argument("--order", choices=("bracketed", "rounds"), default="bracketed",
+    ap.add_argument("--order", choices=("bracketed", "concurrent", "rounds"),
+                    default="bracketed",
                     help="conn runs per round: bracketed (the default) runs direct before "
                     "the first variant and after every one (D A D B ... D) and pairs each run "
                     "with the direct runs around it; rounds runs every variant once in turn "
-                    "(A B C ..., the method before bracketing), ratios of medians only")
+                    "(A B C ..., the method before bracketing), ratios of medians only; "
+                    "concurrent runs each bracketed variant side by side with direct (two wrk "
+                    "at once, 16 connections each) for its ratio, then every variant in turn "
+                    "for the absolute rates")
     ap.add_argument("--cpus", help="CLIENT,SERVER: the CPUs every client tool (and haproxy) "
                     "and every server are pinned to with taskset, for every variant; 'none' "
                     "to leave placement to the scheduler (default 0,1 on 2 CPUs or more)")
@@ -1451,9 +1501,13 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         # nine variants in under 10 minutes on 2 CPUs (measured: the README's Performance)
         args.warm_up = ["conn"]
         args.seconds_of = {w: args.seconds or 1 for w in WORKLOADS}
-        # conn carries three of the targets: 2 s runs (about 40,000 connections each) halve
-        # what one second of someone else's work on the machine does to a round
+        # conn carries three of the targets: more, shorter rounds (6 of 1 s, about 20,000
+        # connections each when quiet), each of nodemesh, nodemesh-tc and the A/A test
+        # paired with direct (BRACKETED), in the time 5 rounds of 2 s in turn took
         args.seconds_of["conn"] = args.seconds or QUICK_CONN_SECONDS
+    args.reps_of = {w: args.reps or 5 for w in WORKLOADS}
+    if quick and not args.reps:
+        args.reps_of["conn"] = QUICK_CONN_ROUNDS
     args.reps = args.reps or 5
     args.changes = args.changes or (10 if full else 3)
     args.load_timeout = args.load_timeout or (900 if full else 120)

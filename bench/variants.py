@@ -76,8 +76,8 @@ TARGET_PORTS = {"http": wl.HTTP_PORT, "dns": wl.DNS_PORT, "iperf": wl.IPERF_PORT
 
 Changed = Sequence[Tuple[bl.SvcSpec, bl.SvcSpec]]
 # what run.py records per workload (Variant.add); a failed workload drops them at that N
-WORKLOAD_METRICS = {"conn": ("conn", "conn_stall", "conn_cpu_us", "conn_others", "conn_pair",
-                             "conn_cpu_pair", "conn_pair_others"),
+WORKLOAD_METRICS = {"conn": ("conn", "conn_stall", "conn_cpu_us", "conn_client_us",
+                             "conn_others", "conn_pair", "conn_cpu_pair", "conn_pair_others"),
                     "keepalive": ("ka_max", "ka_rate", "ka_p50", "ka_p99", "ka_errors"),
                     "udp": ("udp_qps", "udp_lost", "udp_rate", "udp_ms", "udp_max_ms"),
                     "bulk": ("bulk1", "bulk8"), "change": ("change", "change_cpu")}

@@ -164,6 +164,31 @@ def conn(c: Client, seconds: float) -> tuple:
     return _wrk_rate(out)
 
 
+def conn_side_by_side(a: Client, b: Client, seconds: float) -> tuple:
+    """Two conn runs at once, half the connections each, both on the client CPU: ((rate,
+    requests, note) of a, the same of b). The scheduler shares the CPUs between them and
+    whatever else runs hits both alike in the same instant, so the ratio of their rates
+    is that of what a connection costs each, steady where the machine's load is not."""
+    argv = ["wrk", "-t1", f"-c{CONNECTIONS // 2}", f"-d{seconds}s", "-H", "Connection: close"]
+    procs = [spawn(c.lab, [*argv, url(c)], c.netns, c.cgroup, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True) for c in (a, b)]
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=seconds + 30)
+            if proc.returncode != 0:
+                raise RuntimeError(f"wrk failed ({proc.returncode}): "
+                                   f"{(out + err).strip()[-400:]}")
+            outs.append(_wrk_rate(out + err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            a.lab.processes.remove(proc)  # type: ignore[attr-defined]
+    return outs[0], outs[1]
+
+
 def keepalive_max(c: Client, seconds: float) -> tuple:
     """(requests/s over 32 kept-alive connections, requests, error note)."""
     out = run(c, ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", url(c)],
@@ -325,6 +350,7 @@ class Meter:
 class Cost:
     wall: float          # seconds the run took
     own: float           # CPU seconds of the client tool and the netns' resident processes
+    client: float        # of which the client tool's (wrk: where the socket hooks run)
     others: float        # the rest of the machine's busy CPU seconds meanwhile (others' work)
     steal: float         # CPU seconds the hypervisor took meanwhile
 
@@ -348,5 +374,7 @@ def meter(netns: Sequence[str]) -> Meter:
 def cost(m: Meter) -> Cost:
     busy, steal = machine_times()
     resident = sum(max(task_runtime(pid) - t, 0.0) for pid, t in m.resident.items())
-    own = children_cpu() - m.children + resident
-    return Cost(time.monotonic() - m.wall, own, max(busy - m.busy - own, 0.0), steal - m.steal)
+    client = children_cpu() - m.children
+    own = client + resident
+    return Cost(time.monotonic() - m.wall, own, client, max(busy - m.busy - own, 0.0),
+                steal - m.steal)

@@ -218,11 +218,13 @@ def test_a_failed_workload_is_reported_failed_with_its_reason_and_the_run_goes_o
 
 def test_quick_mode_runs_every_variant_at_both_sizes_within_its_budget():
     args = run.parse(["--quick"])
-    assert args.variants == list(vr.VARIANTS)  # the nine, the three new ones included
+    assert args.variants == list(vr.VARIANTS)  # the nine and the A/A test
     assert {"nodemesh-tc", "nodemesh+sockmap", "nodemesh+policy"} <= set(args.variants)
     assert args.sizes == [1, 10000] and args.sizes_of["conn"] == [1, 10000]
     assert args.reps >= 5
-    assert args.seconds_of["conn"] == 2 and args.seconds_of["keepalive"] == 1
+    # conn: 6 rounds of 1 s, nodemesh, nodemesh-tc and the A/A test each paired with direct
+    assert args.seconds_of["conn"] == 1 and args.reps_of["conn"] == 6
+    assert args.seconds_of["keepalive"] == 1 and args.reps_of["keepalive"] == 5
     # measuring only: set-up and programming take about 2 more minutes (README, Performance)
     assert run.estimate(args) < 8 * 60
     assert run.parse(["--quick", "--workloads", "conn,bulk"]).workloads == ["conn", "bulk"]
@@ -521,21 +523,22 @@ def test_rounds_disturbed_by_other_work_are_left_out_when_enough_remain():
 
 def test_a_bracketed_round_pairs_each_run_with_the_direct_runs_around_it():
     bench = object.__new__(run.Bench)
-    bench.args = run.parse(["--sizes", "1", "--variants", "direct,direct-aa,nodemesh",
-                            "--workloads", "conn", "--seconds", "1"])
+    bench.args = run.parse(["--sizes", "1", "--variants",
+                            "direct,direct-aa,nodemesh,haproxy", "--workloads", "conn"])
     bench.variants = {name: bare(vr.VARIANTS[name], name)
-                      for name in ("direct", "direct-aa", "nodemesh")}
+                      for name in ("direct", "direct-aa", "haproxy", "nodemesh")}
     order = []
     figures = iter([run.Run(100, 50, 0.0), run.Run(95, 52, 0.02),    # D, direct-aa
                     run.Run(90, 55, 0.01), run.Run(72, 60, 0.3),     # D, nodemesh
-                    run.Run(80, 50, 0.05)])                          # D
+                    run.Run(80, 50, 0.05), run.Run(30, 90, 0.0)])    # D; haproxy, in turn
 
     def attempt(v, n, workload, seconds, counted=True):
         order.append(v.name)
         return next(figures)
     bench.attempt = attempt
     bench.bracketed_round(1)
-    assert order == ["direct", "direct-aa", "direct", "nodemesh", "direct"]
+    assert order == ["direct", "direct-aa", "direct", "nodemesh", "direct", "haproxy"]
+    assert bench.variants["haproxy"].values("conn_pair", 1) == []  # no target against direct
     aa, nm = bench.variants["direct-aa"], bench.variants["nodemesh"]
     assert aa.values("conn_pair", 1) == [pytest.approx(95 / 95)]
     assert aa.values("conn_cpu_pair", 1) == [pytest.approx(52 / 52.5)]
@@ -551,9 +554,9 @@ def test_appended_parts_each_show_their_command_date_and_method(monkeypatch):
     two.args.parts = [run.this_part(two.args, two.args.commands[0], 86400.0 * 365)]
     run.merge(two, two.args, rec)
     text = run.report(two, two.args, [], two.args.commands[-1])
-    assert ("1. 1970-01-01 00:00 UTC: `bench/run.py --sizes 1` (5 rounds, conn 2 s runs, "
-            "bracketed (D A D B ... D), CPUs ") in text
-    assert "2. 1971-01-01 00:00 UTC: `bench/run.py --sizes 100000 --append r.md` (5 " in text
+    assert ("1. 1970-01-01 00:00 UTC: `bench/run.py --sizes 1` (conn 5 rounds of 2 s "
+            "runs, bracketed (D A D B ... D), CPUs ") in text
+    assert "2. 1971-01-01 00:00 UTC: `bench/run.py --sizes 100000 --append r.md` (conn 5 " in text
 
 
 def test_a_runs_cost_is_its_own_cpu_and_the_rest_is_other_work(monkeypatch, tmp_path):
@@ -572,4 +575,27 @@ def test_a_runs_cost_is_its_own_cpu_and_the_rest_is_other_work(monkeypatch, tmp_
     monkeypatch.setattr(wl, "task_runtime", lambda pid: next(runtime[pid]))
     spent = wl.cost(wl.meter(["client", "server"]))
     assert spent.own == pytest.approx(0.9) and spent.others == pytest.approx(0.6)
+    assert spent.client == pytest.approx(0.4)
     assert spent.others_share(2) == pytest.approx((0.6 + 0.1) / 2)
+
+
+def test_concurrent_pairs_run_each_target_variant_beside_direct(monkeypatch):
+    bench = object.__new__(run.Bench)
+    bench.args = run.parse(["--sizes", "1", "--variants", "direct,nodemesh,haproxy",
+                            "--workloads", "conn", "--order", "concurrent"])
+    bench.variants = {name: bare(vr.VARIANTS[name], name)
+                      for name in ("direct", "nodemesh", "haproxy")}
+    for v in bench.variants.values():
+        v.client = lambda port, v=v: v.name
+        v.resident_netns = lambda: []
+    bench.requests, bench.reset = {}, lambda v: None
+    beside = []
+
+    def side_by_side(a, b, seconds):
+        beside.append((a, b))
+        return (10000.0, 10000, ""), (9600.0, 9600, "")
+    monkeypatch.setattr(wl, "conn_side_by_side", side_by_side)
+    bench.concurrent_pairs(1)
+    assert beside == [("direct", "nodemesh")]
+    assert bench.variants["nodemesh"].values("conn_pair", 1) == [0.96]
+    assert bench.requests == {("direct", 1): 10000, ("nodemesh", 1): 9600}
