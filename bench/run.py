@@ -914,8 +914,9 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
                    f"{verdict(med(ch) <= TARGET_CHANGE_S)} |" if ch
                    else f"– | not measured (N = {fmt_n(TARGET_N)} not run) |"))
     return ["## Targets (README, Performance): met, missed or cannot be judged\n",
-            "Connection-rate targets: the median of the per-round ratios to the direct runs "
-            f"around each run, with a distribution-free interval of that median (at least "
+            "Connection-rate targets: the median of the per-round ratios to direct (to the "
+            "direct runs around each run, bracketed; or to direct's run beside it, "
+            f"--order concurrent), with a distribution-free interval of that median (at least "
             f"{CI_LEVEL:.0%} coverage where there are enough rounds; the coverage is shown), "
             "widened by the A/A test's bias (direct-aa's distance from 1.00 at that N): met "
             "when the whole interval clears the target, missed when it falls short, cannot be "
@@ -1051,10 +1052,17 @@ def conn_method(bench: Bench, n: int) -> List[str]:
                    f"{len(pairs)} paired rounds disturbed (over {DISTURBED:.0%} in one of "
                    "their three runs).")
     d = bench.variants.get("direct")
-    if d and any(v.values("conn_pair", n) for v in vs):
-        out.append(f"\nRounds bracketed: direct ran before the first variant and after every "
-                   f"one (D A D B ... D: {len(d.values('conn', n))} direct runs); each "
-                   "variant's ratio per round is to the mean of the two direct runs around it.")
+    order = getattr(bench.args, "order", "bracketed")
+    if d and any(v.values("conn_pair", n) for v in vs) and order == "concurrent":
+        out.append(f"\nRounds paired side by side (--order concurrent): {', '.join(BRACKETED)} "
+                   "each ran at the same time as direct (two wrk, 16 connections each, on the "
+                   "client CPU), their ratio per round from the same seconds; then every "
+                   "variant ran alone, in turn, for the absolute rates above.")
+    elif d and any(v.values("conn_pair", n) for v in vs):
+        out.append(f"\nRounds bracketed: direct ran before the first of {', '.join(BRACKETED)} "
+                   f"and after every one (D A D B ... D: {len(d.values('conn', n))} direct "
+                   "runs); each one's ratio per round is to the mean of the two direct runs "
+                   "around it; the other variants ran after them, in turn.")
     aa = paired(bench.variants.get("direct-aa"), n)
     if aa:
         out.append(f"\nA/A test (direct-aa, the same path from a netns of its own, paired like "
@@ -1084,8 +1092,8 @@ def this_part(args, command: str, started: float) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
             "method": f"conn {args.reps_of['conn']} rounds of {args.seconds_of['conn']} s "
                       "runs, "
-                      + ("bracketed (D A D B ... D)" if args.order == "bracketed" else
-                         "in turn")
+                      + {"bracketed": "bracketed (D A D B ... D)", "concurrent":
+                         "side by side with direct"}.get(args.order, "in turn")
                       + f", CPUs {','.join(args.cpu_roles.values()) or 'unpinned'}"}
 
 
@@ -1117,9 +1125,13 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
            "warm-up of every variant, then "
            f"{args.reps} rounds of all variants in turn (conn {args.reps_of['conn']}) "
            "(A B C ... A B C ...; "
-           + ("conn's rounds bracketed: direct before the first variant and after every one, "
-              "D A D B ... D, each run paired with the direct runs around it" if
-              getattr(args, "order", "rounds") == "bracketed" else "conn's too, unpaired")
+           + {"bracketed": f"conn's rounds bracketed for {', '.join(BRACKETED)}: direct "
+              "before the first and after every one, D A D B ... D, each run paired with the "
+              "direct runs around it, the others after them in turn",
+              "concurrent": f"conn's rounds first run {', '.join(BRACKETED)} each side by "
+              "side with direct, at the same time, for their paired ratio, then every "
+              "variant alone in turn"}.get(getattr(args, "order", "rounds"),
+                                           "conn's too, unpaired")
            + "); conntrack flushed and TIME_WAIT sockets destroyed in the "
            "client's and the server's netns before every run. The measured service is the "
            "last of N in every ruleset. nginx: 1 worker; haproxy: nbthread 1; every client "
@@ -1471,15 +1483,16 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "both measured the same variant, metric and N, and the earlier part's "
                     "fixed keep-alive/UDP rates are reused. For running the full mode in "
                     "parts (--sizes, --variants, --workloads); FILE.md may not exist yet")
-    ap.add_argument("--order", choices=("bracketed", "concurrent", "rounds"),
-                    default="bracketed",
-                    help="conn runs per round: bracketed (the default) runs direct before "
+    ap.add_argument("--order", choices=("concurrent", "bracketed", "rounds"),
+                    default="concurrent",
+                    help="conn runs per round: bracketed runs direct before "
                     "the first variant and after every one (D A D B ... D) and pairs each run "
                     "with the direct runs around it; rounds runs every variant once in turn "
                     "(A B C ..., the method before bracketing), ratios of medians only; "
-                    "concurrent runs each bracketed variant side by side with direct (two wrk "
-                    "at once, 16 connections each) for its ratio, then every variant in turn "
-                    "for the absolute rates")
+                    "concurrent (the default) runs each of those variants side by side with "
+                    "direct (two wrk at once, 16 connections each) for its ratio, then every "
+                    "variant alone in turn for the absolute rates: its A/A interval was half "
+                    "bracketed's under load (bench/results/method-2026-11-29.md)")
     ap.add_argument("--cpus", help="CLIENT,SERVER: the CPUs every client tool (and haproxy) "
                     "and every server are pinned to with taskset, for every variant; 'none' "
                     "to leave placement to the scheduler (default 0,1 on 2 CPUs or more)")

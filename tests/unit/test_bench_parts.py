@@ -524,7 +524,8 @@ def test_rounds_disturbed_by_other_work_are_left_out_when_enough_remain():
 def test_a_bracketed_round_pairs_each_run_with_the_direct_runs_around_it():
     bench = object.__new__(run.Bench)
     bench.args = run.parse(["--sizes", "1", "--variants",
-                            "direct,direct-aa,nodemesh,haproxy", "--workloads", "conn"])
+                            "direct,direct-aa,nodemesh,haproxy", "--workloads", "conn",
+                            "--order", "bracketed"])
     bench.variants = {name: bare(vr.VARIANTS[name], name)
                       for name in ("direct", "direct-aa", "haproxy", "nodemesh")}
     order = []
@@ -555,7 +556,7 @@ def test_appended_parts_each_show_their_command_date_and_method(monkeypatch):
     run.merge(two, two.args, rec)
     text = run.report(two, two.args, [], two.args.commands[-1])
     assert ("1. 1970-01-01 00:00 UTC: `bench/run.py --sizes 1` (conn 5 rounds of 2 s "
-            "runs, bracketed (D A D B ... D), CPUs ") in text
+            "runs, side by side with direct, CPUs ") in text
     assert "2. 1971-01-01 00:00 UTC: `bench/run.py --sizes 100000 --append r.md` (conn 5 " in text
 
 
