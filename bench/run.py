@@ -70,9 +70,25 @@ comes after connect()'s route lookup. For each N and workload: every variant onc
 before every run conntrack is flushed (`conntrack -F`) and TIME_WAIT sockets are destroyed
 (`ss -K state time-wait`, sock_diag) in the client's netns and the server's, and
 nodemesh-tc's own conntrack (the pinned `ct` map) is emptied. Reported: median
-and min-max of the rounds, ratios of medians to direct. Traversal is proved after each N's
-conn rounds: the packet counters of the measured service's KUBE-SEP DNAT rules (iptables), of
-its endpoint chains (nftables), and nodemesh's svc_stats map, against the requests wrk made.
+and min-max of the rounds, ratios of medians to direct.
+
+The connection-rate targets (issue 13) need a ratio known to within a few per cent, on a
+machine others share. So conn's rounds also pair each variant with a target against direct
+(BRACKETED: nodemesh, nodemesh-tc, and direct-aa, direct again from a netns of its own: the
+A/A test) with direct: by default side by side (--order concurrent: two wrk at once, 16
+connections each, on the client CPU; the ratio of their rates in the same seconds), or
+bracketed (D A D B ... D: each run against the mean of the direct runs around it), or not at
+all (--order rounds, the method before). Every conn run records its CPU a connection (wrk's
+by rusage, the netns' servers' and proxies' by schedstat, softirq in their context) and the
+other work on the machine meanwhile (/proc/stat busy time not ours, plus steal); a pair
+where other work took over 10% of the CPUs is disturbed and left out when 5 others remain.
+The Targets table judges a rate target on a distribution-free interval of the median paired
+ratio (>= 90% coverage; 5 pairs or more), widened by the A/A test's distance from 1: met,
+missed, or cannot be judged when the interval straddles the target.
+
+Traversal is proved after each N's conn rounds: the packet counters of the measured service's
+KUBE-SEP DNAT rules (iptables), of its endpoint chains (nftables), and nodemesh's svc_stats
+map, against the requests wrk made.
 Where a variant cannot be programmed at some N (over --load-timeout; or predicted over it
 from a smaller N's load time scaled linearly, then not tried; or haproxy's file descriptors
 where RLIMIT_NOFILE cannot be raised for it), its load time and the reason are reported and
