@@ -774,10 +774,11 @@ def paired(v: Optional[vr.Variant], n: int, metric: str = "conn_pair") -> Option
                   (min(use), max(use)))
 
 
-def in_turn(v: Optional[vr.Variant], d: Optional[vr.Variant], n: int) -> Optional[Paired]:
+def in_turn(v: Optional[vr.Variant], d: Optional[vr.Variant], n: int,
+            metric: str = "conn") -> Optional[Paired]:
     """Rounds run in turn (--order rounds, or a part recorded before bracketing): round i's
     run against direct's run i of the same round, where both have as many rounds."""
-    xs, base = (v.values("conn", n) if v else []), (d.values("conn", n) if d else [])
+    xs, base = (v.values(metric, n) if v else []), (d.values(metric, n) if d else [])
     if not xs or len(xs) != len(base) or v is d:
         return None
     rs = [a / b for a, b in zip(xs, base)]
@@ -787,7 +788,9 @@ def in_turn(v: Optional[vr.Variant], d: Optional[vr.Variant], n: int) -> Optiona
 
 def aa_bias(bench: "Bench", n: int, metric: str = "conn_pair") -> float:
     """How far the A/A test's median ratio is from 1 at N (0 where it was not run)."""
-    aa = paired(bench.variants.get("direct-aa"), n, metric)
+    aa_v = bench.variants.get("direct-aa")
+    alone = "conn_cpu_us" if metric == "conn_cpu_pair" else "conn"
+    aa = paired(aa_v, n, metric) or in_turn(aa_v, bench.variants.get("direct"), n, alone)
     return abs(aa.median - 1) if aa else 0.0
 
 
@@ -842,7 +845,8 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
         connection, whose ratio should be at most 1/least (the rate's target, as a cost)."""
         shown, states = [], []
         for n in sizes:
-            p = paired(v, n, metric) or (None if cost else in_turn(v, d, n))
+            # side by side, CPU is not split between the two wrk: the runs alone, in turn
+            p = paired(v, n, metric) or in_turn(v, d, n, "conn_cpu_us" if cost else "conn")
             if p is not None:
                 bias = aa_bias(bench, n, metric)
                 low, high = p.low - bias, p.high + bias
@@ -1087,8 +1091,8 @@ def conn_method(bench: Bench, n: int) -> List[str]:
     cpu = [v for v in vs if v.values("conn_cpu_us", n)]
     if cpu:
         out.append("\nCPU a connection (µs: wrk, the servers and any proxy in the variant's "
-                   "netns, softirq in their context; workloads.Cost), a companion figure that "
-                   "depends less on the machine's load than the rate:\n")
+                   "netns, softirq in their context; workloads.Cost), a companion figure: "
+                   "direct-aa's against direct's shows how far other work moved it:\n")
         out.append("| variant | CPU µs a connection median (min–max) | of which the client "
                    "(wrk) | paired ratio to direct |")
         out.append("|---|---|---|---|")
@@ -1177,7 +1181,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append("## New connections per second vs direct (ratio of medians)\n")
         out += ratio_summary(bench, conn_sizes, "conn", "conn")
         nm = bench.variants.get("nodemesh")
-        others = [v for v in vs if v.name != "direct" and not v.name.startswith("nodemesh")]
+        others = [v for v in vs if not v.name.startswith(("direct", "nodemesh"))]
         if nm and others:
             out.append("nodemesh ÷ baseline (ratio of medians):\n")
             out.append("| N | " + " | ".join(f"nodemesh ÷ {v.name}" for v in others) + " |")

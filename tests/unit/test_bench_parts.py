@@ -600,3 +600,16 @@ def test_concurrent_pairs_run_each_target_variant_beside_direct(monkeypatch):
     assert beside == [("direct", "nodemesh")]
     assert bench.variants["nodemesh"].values("conn_pair", 1) == [0.96]
     assert bench.requests == {("direct", 1): 10000, ("nodemesh", 1): 9600}
+
+
+def test_side_by_side_the_cpu_companion_comes_from_the_runs_alone_with_the_a_a_bias():
+    """Two wrk at once share their CPU time: the CPU a connection is paired from the runs
+    each variant made alone in the same rounds, and direct-aa's alone runs give its bias."""
+    bench = paired_bench({1: [1.0] * 6})
+    for name, cpu in (("direct", [50.0] * 6), ("direct-aa", [51.0] * 6),
+                      ("nodemesh", [60.0, 61.0, 59.0, 60.0, 62.0, 58.0])):
+        bench.variants[name].data["conn_cpu_us"][1] = cpu
+        bench.variants[name].data["conn"][1] = [100.0] * 6
+    rows = [line for line in run.targets(bench, [1]) if line.startswith("| companion")]
+    assert "1: 1.200× (97% interval 1.160–1.240" in rows[0] and "± 0.020 A/A bias" in rows[0]
+    assert rows[0].endswith("| **missed** |")  # 1/1.26 .. 1/1.14: short of 0.97 throughout
