@@ -70,9 +70,25 @@ comes after connect()'s route lookup. For each N and workload: every variant onc
 before every run conntrack is flushed (`conntrack -F`) and TIME_WAIT sockets are destroyed
 (`ss -K state time-wait`, sock_diag) in the client's netns and the server's, and
 nodemesh-tc's own conntrack (the pinned `ct` map) is emptied. Reported: median
-and min-max of the rounds, ratios of medians to direct. Traversal is proved after each N's
-conn rounds: the packet counters of the measured service's KUBE-SEP DNAT rules (iptables), of
-its endpoint chains (nftables), and nodemesh's svc_stats map, against the requests wrk made.
+and min-max of the rounds, ratios of medians to direct.
+
+The connection-rate targets (issue 13) need a ratio known to within a few per cent, on a
+machine others share. So conn's rounds also pair each variant with a target against direct
+(BRACKETED: nodemesh, nodemesh-tc, and direct-aa, direct again from a netns of its own: the
+A/A test) with direct: by default side by side (--order concurrent: two wrk at once, 16
+connections each, on the client CPU; the ratio of their rates in the same seconds), or
+bracketed (D A D B ... D: each run against the mean of the direct runs around it), or not at
+all (--order rounds, the method before). Every conn run records its CPU a connection (wrk's
+by rusage, the netns' servers' and proxies' by schedstat, softirq in their context) and the
+other work on the machine meanwhile (/proc/stat busy time not ours, plus steal); a pair
+where other work took over 10% of the CPUs is disturbed and left out when 5 others remain.
+The Targets table judges a rate target on a distribution-free interval of the median paired
+ratio (>= 90% coverage; 5 pairs or more), widened by the A/A test's distance from 1: met,
+missed, or cannot be judged when the interval straddles the target.
+
+Traversal is proved after each N's conn rounds: the packet counters of the measured service's
+KUBE-SEP DNAT rules (iptables), of its endpoint chains (nftables), and nodemesh's svc_stats
+map, against the requests wrk made.
 Where a variant cannot be programmed at some N (over --load-timeout; or predicted over it
 from a smaller N's load time scaled linearly, then not tried; or haproxy's file descriptors
 where RLIMIT_NOFILE cannot be raised for it), its load time and the reason are reported and
@@ -104,6 +120,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +143,7 @@ WORKLOADS = ("conn", "keepalive", "udp", "bulk", "change")
 # change` adds them back, about 4 minutes more).
 QUICK_WORKLOADS = ("conn", "keepalive", "change")
 QUICK_SIZES = [1, 10000]
-QUICK_CONN_SECONDS = 2
+QUICK_CONN_SECONDS, QUICK_CONN_ROUNDS = 1, 6
 FULL_SIZES = [1, 100, 1000, 10000, 100000]
 # keepalive, udp and bulk hardly depend on N (netfilter sees a connection's first packet
 # only): the quick mode runs them at its largest N, the full mode at every N.
@@ -184,6 +201,20 @@ def cpu_stall() -> float:
         return 0.0
 
 
+@dataclass
+class Run:
+    """One conn run's figures, for pairing it with the direct runs around it."""
+    rate: float     # connections/s
+    cpu_us: float   # CPU µs a connection (client + servers + softirq in their context)
+    others: float   # the share of the machine's CPUs other work used meanwhile
+
+
+# The variants whose conn runs are paired with direct's around them: those with a target
+# stated against direct, and the A/A test; the others (targets against HAProxy, or none) run
+# in turn after them in each round, to keep the quick mode in its budget.
+BRACKETED = ("direct-aa", "nodemesh", "nodemesh-tc")
+
+
 class Bench:
     def __init__(self, args, lab: Lab, workdir: str):
         self.args, self.lab, self.workdir = args, lab, workdir
@@ -200,6 +231,7 @@ class Bench:
         self.load: Dict[int, Tuple[float, float]] = {}  # 1-min load average around each N
         self.requests: Dict[Tuple[str, int], int] = {}  # conn requests per (variant, N)
         self.closed = False
+        self.last: Optional[Run] = None  # the latest conn run's figures (attempt)
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -263,12 +295,15 @@ class Bench:
                 and (n, workload) not in v.failed]
 
     def attempt(self, v: vr.Variant, n: int, workload: str, seconds: float,
-                counted: bool = True) -> None:
+                counted: bool = True) -> Optional[Run]:
         """run_workload, but a failure (a tool's error, a hang past its bound) marks this
         workload failed for this variant at this N, with the reason, and the run goes on
-        (nodemesh+sockmap's iperf3 can get ENOMEM from an accelerated write())."""
+        (nodemesh+sockmap's iperf3 can get ENOMEM from an accelerated write()). -> a conn
+        run's figures (None for the other workloads, or when it failed)."""
+        self.last = None
         try:
             self.run_workload(v, n, workload, seconds, counted)
+            return self.last
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
             done = len(v.values(vr.WORKLOAD_METRICS[workload][0], n))
             why = (f"failed in {'the warm-up' if not counted else f'round {done + 1}'}: "
@@ -283,15 +318,24 @@ class Bench:
         self.reset(v)
         if workload == "conn":
             stall0, t0 = cpu_stall(), time.monotonic()
+            meter = wl.meter(v.resident_netns())
             rate, reqs, note = wl.conn(v.client("http"), seconds)
+            spent = wl.cost(meter)
             stall = (cpu_stall() - stall0) / (time.monotonic() - t0)
             self.requests[(v.name, n)] = self.requests.get((v.name, n), 0) + reqs
             if note:
                 log(f"    ({v.name}: {note})")
+            cpu_us = spent.own / max(reqs, 1) * 1e6
+            others = spent.others_share(os.cpu_count() or 1)
             if counted:
                 v.add("conn", n, rate)
                 v.add("conn_stall", n, stall)
-            shown = f"{rate:10,.0f} conn/s (CPU pressure {stall:.0%})"
+                v.add("conn_cpu_us", n, cpu_us)
+                v.add("conn_client_us", n, spent.client / max(reqs, 1) * 1e6)
+                v.add("conn_others", n, others)
+            self.last = Run(rate, cpu_us, others)
+            shown = (f"{rate:10,.0f} conn/s, {cpu_us:5.1f} µs CPU a connection (other work "
+                     f"{others:.0%} of the CPUs, CPU pressure {stall:.0%})")
         elif workload == "keepalive":
             rate, _, note = wl.keepalive_max(v.client("http"), seconds)
             if note:
@@ -373,7 +417,14 @@ class Bench:
             if workload in self.args.warm_up:
                 for v in active:  # warm-up, not counted
                     self.attempt(v, n, workload, 1, counted=False)
-            for _ in range(self.args.reps):
+            for _ in range(self.args.reps_of[workload]):
+                if workload == "conn" and "direct" in self.variants and \
+                        self.args.order == "bracketed":
+                    self.bracketed_round(n)
+                    continue
+                if workload == "conn" and "direct" in self.variants and \
+                        self.args.order == "concurrent":
+                    self.concurrent_pairs(n)
                 for v in self.active(n, workload):
                     self.attempt(v, n, workload, self.args.seconds_of[workload])
             if workload == "conn":
@@ -384,6 +435,57 @@ class Bench:
         if "change" in self.args.workloads and n in self.args.sizes_of["change"]:
             self.measure_changes(n)
         self.load[n] = (load_before, os.getloadavg()[0])
+
+    def bracketed_round(self, n: int) -> None:
+        """One round of conn runs with direct between every two of the BRACKETED variants
+        (D A D B D ...), then the others in turn: each bracketed run is paired with the mean
+        of the two direct runs around it, seconds apart, so a drift of the machine's load
+        between rounds cancels in its ratio. The pair keeps the most other work any of its
+        three runs met (paired() leaves the disturbed ones out)."""
+        d = self.variants["direct"]
+        seconds = self.args.seconds_of["conn"]
+        if d not in self.active(n, "conn"):
+            for v in self.active(n, "conn"):
+                self.attempt(v, n, "conn", seconds)
+            return
+        active = [v for v in self.active(n, "conn") if v is not d]
+        before = self.attempt(d, n, "conn", seconds)
+        for v in [v for v in active if v.name in BRACKETED]:
+            run = self.attempt(v, n, "conn", seconds)
+            after = self.attempt(d, n, "conn", seconds)
+            if run and before and after:
+                v.add("conn_pair", n, run.rate / ((before.rate + after.rate) / 2))
+                v.add("conn_cpu_pair", n, run.cpu_us / ((before.cpu_us + after.cpu_us) / 2))
+                v.add("conn_pair_others", n, max(before.others, run.others, after.others))
+            before = after
+        for v in [v for v in active if v.name not in BRACKETED]:  # in turn, unpaired
+            self.attempt(v, n, "conn", seconds)
+
+    def concurrent_pairs(self, n: int) -> None:
+        """Each BRACKETED variant side by side with direct, at the same time (workloads.
+        conn_side_by_side): its ratio per round is the two rates of the same seconds. The
+        round's runs in turn follow (measure), for the absolute rates."""
+        d = self.variants["direct"]
+        if d not in self.active(n, "conn"):
+            return
+        for v in [v for v in self.active(n, "conn") if v.name in BRACKETED]:
+            self.reset(d)
+            self.reset(v)
+            meter = wl.meter(sorted(set(d.resident_netns() + v.resident_netns())))
+            try:
+                (rd, nd, _), (rv, nv, _) = wl.conn_side_by_side(
+                    d.client("http"), v.client("http"), self.args.seconds_of["conn"])
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                log(f"  N={n:<7,}      conn {v.name:>16}: side by side with direct failed: "
+                    f"{' '.join(str(e).split())[:200]}")
+                continue
+            others = wl.cost(meter).others_share(os.cpu_count() or 1)
+            for name, reqs in ((d.name, nd), (v.name, nv)):
+                self.requests[(name, n)] = self.requests.get((name, n), 0) + reqs
+            v.add("conn_pair", n, rv / rd)
+            v.add("conn_pair_others", n, others)
+            log(f"  N={n:<7,}      conn {v.name:>16}: {rv:10,.0f} conn/s beside direct's "
+                f"{rd:,.0f}: {rv / rd:.3f}× (other work {others:.0%} of the CPUs)")
 
     def measure_changes(self, n: int) -> None:
         from controlplane import Probe
@@ -515,7 +617,8 @@ def record(bench: "Bench", args, commands: List[str], minutes: float) -> dict:
     def keyed(d: dict) -> dict:
         return {str(k): v for k, v in d.items()}
     return {
-        "commands": commands, "minutes": minutes, "reps": args.reps,
+        "commands": commands, "parts": getattr(args, "parts", []), "minutes": minutes,
+        "reps": args.reps,
         "seconds_of": args.seconds_of, "changes": args.changes, "warm_up": args.warm_up,
         "sizes_of": args.sizes_of, "workloads": args.workloads,
         "rate": bench.rate, "direct_max": bench.direct_max, "load": keyed(bench.load),
@@ -579,6 +682,10 @@ def merge(bench: "Bench", args, old: dict) -> None:
                       if w in args.workloads or w in old.get("workloads", [])]
     args.sizes = sorted({n for w in args.workloads for n in args.sizes_of[w]}
                         | set(args.sizes))
+    earlier = old.get("parts") or [{"command": c} for c in old.get("commands", [])]
+    mine = getattr(args, "parts", None) or [{"command": c} for c in
+                                            getattr(args, "commands", [])]
+    args.parts = list(earlier) + list(mine)
     args.commands = list(old.get("commands", [])) + list(getattr(args, "commands", []))
 
 
@@ -599,6 +706,120 @@ TARGET_VS_HAPROXY, TARGET_P99_VS_HAPROXY = 2.0, 0.5
 TARGET_PROGRAM_S, TARGET_CHANGE_S, TARGET_N = 10.0, 0.050, 100_000
 
 
+# -- paired rounds: how sure a ratio is ---------------------------------------------------------
+# Each variant's conn run is paired with the two direct runs around it (Bench.bracketed_round):
+# its ratio per round is steady against slow drifts of the machine's load but not against a
+# burst inside one run. A pair is disturbed when other work used more than DISTURBED of the
+# CPUs during any of its three runs (workloads.Cost); the figures come from the undisturbed
+# pairs when there are MIN_PAIRS of them, else from all, and say so. The tolerance of a median
+# ratio is a distribution-free interval of the median (order statistics, at least CI_LEVEL
+# coverage where there are enough pairs), widened by the A/A test's own bias at that N
+# (direct-aa's median ratio to direct, which should be 1.00): a target is met when the whole
+# interval clears it, missed when the whole interval falls short, and cannot be judged when
+# the interval straddles it.
+DISTURBED, MIN_PAIRS, CI_LEVEL = 0.10, 5, 0.90
+
+
+def median_interval(xs: List[float]) -> Tuple[float, float, float]:
+    """(low, high, coverage): the widest-inward order statistics x(j), x(k+1-j) around the
+    median of xs whose coverage, 1 - 2 P(Binomial(k, 1/2) <= j - 1), is at least CI_LEVEL;
+    min and max, with their lower coverage, when there are too few values for that."""
+    import math
+    ys = sorted(xs)
+    k = len(ys)
+    best = (ys[0], ys[-1], 1 - 2 * 0.5 ** k)
+    for j in range(2, (k + 1) // 2 + 1):
+        coverage = 1 - 2 * sum(math.comb(k, i) for i in range(j)) / 2 ** k
+        if coverage < CI_LEVEL:
+            break
+        best = (ys[j - 1], ys[k - j], coverage)
+    return best
+
+
+@dataclass
+class Paired:
+    """A variant's per-round ratios to the direct runs around it, at one N."""
+    median: float
+    low: float          # the median's interval (median_interval), before any A/A widening
+    high: float
+    coverage: float
+    used: int           # pairs the figures come from
+    total: int          # pairs measured
+    disturbed: int      # pairs with other work over DISTURBED in one of their runs
+    spread: Tuple[float, float]  # min and max of the pairs used
+
+    def describe(self) -> str:
+        sure = f"{self.coverage:.0%} interval {self.low:.3f}–{self.high:.3f}"
+        rounds = f"{self.used} of {self.total} rounds"
+        if self.disturbed:
+            rounds += (f"; {self.disturbed} disturbed, "
+                       + ("left out" if self.used < self.total else "kept: too few others"))
+        return (f"{self.median:.3f}× ({sure}; range {self.spread[0]:.2f}–"
+                f"{self.spread[1]:.2f}; {rounds})")
+
+
+def paired(v: Optional[vr.Variant], n: int, metric: str = "conn_pair") -> Optional[Paired]:
+    """The paired figures of v at N from its per-round ratios `metric` (conn_pair: rate,
+    conn_cpu_pair: CPU a connection), or None where v ran no paired rounds."""
+    xs = v.values(metric, n) if v else []
+    if not v or not xs:
+        return None
+    others = v.values("conn_pair_others", n)
+    if len(others) != len(xs):
+        others = [0.0] * len(xs)
+    quiet = [x for x, o in zip(xs, others) if o <= DISTURBED]
+    use = quiet if len(quiet) >= MIN_PAIRS else list(xs)
+    low, high, coverage = median_interval(use)
+    return Paired(med(use), low, high, coverage, len(use), len(xs), len(xs) - len(quiet),
+                  (min(use), max(use)))
+
+
+def in_turn(v: Optional[vr.Variant], d: Optional[vr.Variant], n: int,
+            metric: str = "conn") -> Optional[Paired]:
+    """Rounds run in turn (--order rounds, or a part recorded before bracketing): round i's
+    run against direct's run i of the same round, where both have as many rounds."""
+    xs, base = (v.values(metric, n) if v else []), (d.values(metric, n) if d else [])
+    if not xs or len(xs) != len(base) or v is d:
+        return None
+    rs = [a / b for a, b in zip(xs, base)]
+    low, high, coverage = median_interval(rs)
+    return Paired(med(rs), low, high, coverage, len(rs), len(rs), 0, (min(rs), max(rs)))
+
+
+def aa_bias(bench: "Bench", n: int, metric: str = "conn_pair") -> float:
+    """How far the A/A test's median ratio is from 1 at N (0 where it was not run)."""
+    aa_v = bench.variants.get("direct-aa")
+    alone = "conn_cpu_us" if metric == "conn_cpu_pair" else "conn"
+    aa = paired(aa_v, n, metric) or in_turn(aa_v, bench.variants.get("direct"), n, alone)
+    return abs(aa.median - 1) if aa else 0.0
+
+
+FEW = f"**cannot be judged** (too few rounds for a {CI_LEVEL:.0%} interval)"
+
+
+def judge_at_least(low: float, high: float, want: float) -> str:
+    if low >= want:
+        return "**met**"
+    if high < want:
+        return "**missed**"
+    return "**cannot be judged** (the interval straddles the target)"
+
+
+def judge_flat(intervals: Dict[int, Tuple[float, float, float]], most: float) -> Tuple[
+        str, str]:
+    """Flat within `most` over N, from each N's (median, low, high): the measured spread
+    (max - min over max of the medians), and the spread's bounds from the intervals."""
+    mids = [m for m, _, _ in intervals.values()]
+    lows = [lo for _, lo, _ in intervals.values()]
+    highs = [hi for _, _, hi in intervals.values()]
+    spread = (max(mids) - min(mids)) / max(mids)
+    upper = (max(highs) - min(lows)) / max(highs)
+    lower = max(max(lows) - min(highs), 0.0) / max(highs)
+    verdict = ("**met**" if upper <= most else "**missed**" if lower > most else
+               "**cannot be judged** (the bounds straddle the target)")
+    return f"{spread:.1%} (bounds {lower:.1%}–{upper:.1%})", verdict
+
+
 def targets(bench: "Bench", sizes: List[int]) -> List[str]:
     """One row per target: what it asks, the measured figures, met / missed / not measured
     (a target stated at some N that this run did not measure is not measured, never met)."""
@@ -616,30 +837,78 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
 
     rows = []
 
-    def at_every_n(label: str, v, least: float) -> None:
-        rs = {n: ratio(v, d, "conn", n) for n in sizes}
-        got = {n: r for n, r in rs.items() if r is not None}
-        shown = ", ".join(f"{fmt_n(n)}: {r:.2f}×" for n, r in got.items()) or "–"
-        missing = [fmt_n(n) for n in [1, TARGET_N] if n not in got]
-        state = verdict(all(r >= least for r in got.values())) if got else "not measured"
-        if got and missing and state == "**met**":
+    def at_every_n(label: str, v, least: float, metric: str = "conn_pair",
+                   cost: bool = False) -> None:
+        """A ratio to direct that should be at least `least` at every N: judged on the paired
+        rounds' interval (widened by the A/A bias) where there are paired rounds, else on the
+        ratio of medians, with no tolerance to judge by. cost: the companion figure, CPU a
+        connection, whose ratio should be at most 1/least (the rate's target, as a cost)."""
+        shown, states = [], []
+        for n in sizes:
+            # side by side, CPU is not split between the two wrk: the runs alone, in turn
+            p = paired(v, n, metric) or in_turn(v, d, n, "conn_cpu_us" if cost else "conn")
+            if p is not None:
+                bias = aa_bias(bench, n, metric)
+                low, high = p.low - bias, p.high + bias
+                if cost:  # rate ratio ≈ 1 / cost ratio where the CPUs are the limit
+                    low, high = 1 / high, 1 / low
+                shown.append(f"{fmt_n(n)}: {p.describe()}"
+                             + (f", ± {bias:.3f} A/A bias" if bias else ""))
+                states.append(judge_at_least(low, high, least) if p.coverage >= CI_LEVEL
+                              else FEW)
+                continue
+            r = None if cost else ratio(v, d, "conn", n)
+            if r is not None:
+                shown.append(f"{fmt_n(n)}: {r:.2f}× (ratio of medians, no paired rounds)")
+                states.append("**cannot be judged** (no paired rounds: no tolerance)")
+        missing = [fmt_n(n) for n in [1, TARGET_N] if n not in
+                   [m for m in sizes if paired(v, m, metric) or ratio(v, d, "conn", m)]]
+        if not states:
+            state = "not measured"
+        elif "**missed**" in states:
+            state = "**missed**"
+        elif all(s == "**met**" for s in states):
+            state = "**met**"
+        else:
+            state = next(s for s in states if s.startswith("**cannot"))
+        if states and missing and state == "**met**":
             state = f"met where measured; not measured at N = {', '.join(missing)}"
-        rows.append(f"| {label} | {shown} | {state} |")
+        rows.append(f"| {label} | {'; '.join(shown) or '–'} | {state} |")
 
     at_every_n(f"nodemesh ≥ {TARGET_SOCKET:.2f}× direct, new connections, every N", nm,
                TARGET_SOCKET)
-    got = {n: ratio(nm, d, "conn", n) for n in sizes}
-    got = {n: r for n, r in got.items() if r is not None}
-    if 1 in got and TARGET_N in got:
-        spread = (max(got.values()) - min(got.values())) / max(got.values())
+    at_every_n(f"companion: nodemesh's CPU a connection ≤ 1/{TARGET_SOCKET:.2f} of direct's "
+               "(shown: its ratio to direct's, per N)", nm, TARGET_SOCKET, "conn_cpu_pair",
+               cost=True)
+    bounds, few = {}, False
+    for n in sizes:
+        p = paired(nm, n) or in_turn(nm, d, n)
+        if p is not None:
+            bias = aa_bias(bench, n)
+            bounds[n] = (p.median, p.low - bias, p.high + bias)
+            few = few or p.coverage < CI_LEVEL
+    if 1 in bounds and TARGET_N in bounds:
+        spread, flat_state = judge_flat(bounds, TARGET_FLAT)
+        if few and "**cannot" not in flat_state:
+            flat_state = FEW
         rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to {fmt_n(TARGET_N)} "
-                    f"(its ratio to direct, max − min over max, over N = "
-                    f"{', '.join(fmt_n(n) for n in got)}) | {spread:.1%} | "
-                    f"{verdict(spread <= TARGET_FLAT)} |")
+                    f"(its paired ratio to direct, max − min over max, over N = "
+                    f"{', '.join(fmt_n(n) for n in bounds)}; bounds from the intervals) | "
+                    f"{spread} | {flat_state} |")
     else:
-        rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to {fmt_n(TARGET_N)} | "
-                    f"needs N = 1 and {fmt_n(TARGET_N)}; measured "
-                    f"{', '.join(fmt_n(n) for n in got) or 'neither'} | not measured |")
+        got = {n: ratio(nm, d, "conn", n) for n in sizes}
+        got = {n: r for n, r in got.items() if r is not None}
+        if 1 in got and TARGET_N in got:
+            spread = (max(got.values()) - min(got.values())) / max(got.values())
+            rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to {fmt_n(TARGET_N)} "
+                        f"(ratio of medians; no paired rounds) | {spread:.1%} | **cannot be "
+                        "judged** (no paired rounds: no tolerance) |")
+        else:
+            measured = sorted(set(bounds) | set(got))
+            rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to "
+                        f"{fmt_n(TARGET_N)} | needs N = 1 and {fmt_n(TARGET_N)}; measured "
+                        f"{', '.join(fmt_n(n) for n in measured) or 'neither'} | "
+                        "not measured |")
     at_every_n(f"nodemesh-tc ≥ {TARGET_TC:.2f}× direct, every N", tc, TARGET_TC)
     for label, metric, want, cmp in (
             (f"nodemesh ≥ {TARGET_VS_HAPROXY:g}× HAProxy's connection rate", "conn",
@@ -664,9 +933,18 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
                 + (f"{fms(med(ch))} ms ({fms(min(ch))}–{fms(max(ch))}) | "
                    f"{verdict(med(ch) <= TARGET_CHANGE_S)} |" if ch
                    else f"– | not measured (N = {fmt_n(TARGET_N)} not run) |"))
-    return ["## Targets (README, Performance): met or missed\n",
-            "Ratios of medians; a target stated for every N is judged on the N this run "
-            "measured.\n", "| target | measured | verdict |", "|---|---|---|", *rows, ""]
+    return ["## Targets (README, Performance): met, missed or cannot be judged\n",
+            "Connection-rate targets: the median of the per-round ratios to direct (to the "
+            "direct runs around each run, bracketed; or to direct's run beside it, "
+            f"--order concurrent), with a distribution-free interval of that median (at least "
+            f"{CI_LEVEL:.0%} coverage where there are enough rounds; the coverage is shown), "
+            "widened by the A/A test's bias (direct-aa's distance from 1.00 at that N): met "
+            "when the whole interval clears the target, missed when it falls short, cannot be "
+            "judged when it straddles it. Rounds where other work used more than "
+            f"{DISTURBED:.0%} of the CPUs are left out when {MIN_PAIRS} others remain. "
+            "HAProxy's rows: ratios of medians. A target stated for every N is judged on the "
+            "N this run measured.\n",
+            "| target | measured | verdict |", "|---|---|---|", *rows, ""]
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -694,7 +972,7 @@ Column = Tuple[str, str, Callable[[float], str], bool]
 
 
 def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column],
-                paired: bool = False) -> List[str]:
+                pairs: bool = False) -> List[str]:
     vs = list(bench.variants.values())
     d = bench.variants.get("direct")
     head = "| variant | " + " | ".join(
@@ -719,7 +997,13 @@ def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column],
             if ratio:
                 base = d.values(metric, n) if d else []
                 cell = f"{med(xs) / med(base):.2f}×" if xs and base else "–"
-                if paired and base and len(base) == len(xs) > 1 and v is not d:
+                pair = paired(v, n) if pairs else None
+                if pair is not None:
+                    # each run against the direct runs around it (Bench.bracketed_round)
+                    cell += (f" (paired {pair.median:.2f}×, interval {pair.low:.2f}–"
+                             f"{pair.high:.2f}, range {pair.spread[0]:.2f}–{pair.spread[1]:.2f}"
+                             f", {pair.used} rounds)")
+                elif pairs and base and len(base) == len(xs) > 1 and v is not d:
                     # rounds run side by side: each round's ratio cancels slow drifts of load
                     pr = [a / b for a, b in zip(xs, base)]
                     cell += f" (per round {med(pr):.2f}×, {min(pr):.2f}–{max(pr):.2f})"
@@ -766,8 +1050,84 @@ def fms(x: float) -> str:
 
 
 def rounds(bench: Bench, metric: str, n: int) -> int:
-    """Rounds behind a per-N table (parts appended with --append may differ from --reps)."""
-    return max((len(v.values(metric, n)) for v in bench.variants.values()), default=0)
+    """Rounds behind a per-N table (parts appended with --append may differ from --reps);
+    direct, which runs between every two variants in a bracketed round, counts only where
+    it ran alone."""
+    bracketed = any(v.values("conn_pair", n) for v in bench.variants.values())
+    return max((len(v.values(metric, n)) for v in bench.variants.values()
+                if not (bracketed and v.name == "direct")), default=0)
+
+
+def conn_method(bench: Bench, n: int) -> List[str]:
+    """Under a conn table: other work during its runs, the A/A test, and CPU a connection."""
+    vs = [v for v in bench.variants.values() if v.values("conn", n)]
+    out = []
+    others = [x for v in vs for x in v.values("conn_others", n)]
+    pairs = [x for v in vs for x in v.values("conn_pair_others", n)]
+    if others:
+        out.append(f"\nOther work during these runs (the machine's busy CPU time outside the "
+                   f"bench's client and servers, plus steal, as a share of its "
+                   f"{os.cpu_count()} CPUs): median {med(others):.0%}, {min(others):.0%}–"
+                   f"{max(others):.0%}; {sum(1 for x in pairs if x > DISTURBED)} of "
+                   f"{len(pairs)} paired rounds disturbed (over {DISTURBED:.0%} in one of "
+                   "their three runs).")
+    d = bench.variants.get("direct")
+    order = getattr(bench.args, "order", "bracketed")
+    if d and any(v.values("conn_pair", n) for v in vs) and order == "concurrent":
+        out.append(f"\nRounds paired side by side (--order concurrent): {', '.join(BRACKETED)} "
+                   "each ran at the same time as direct (two wrk, 16 connections each, on the "
+                   "client CPU), their ratio per round from the same seconds; then every "
+                   "variant ran alone, in turn, for the absolute rates above.")
+    elif d and any(v.values("conn_pair", n) for v in vs):
+        out.append(f"\nRounds bracketed: direct ran before the first of {', '.join(BRACKETED)} "
+                   f"and after every one (D A D B ... D: {len(d.values('conn', n))} direct "
+                   "runs); each one's ratio per round is to the mean of the two direct runs "
+                   "around it; the other variants ran after them, in turn.")
+    aa = paired(bench.variants.get("direct-aa"), n)
+    if aa:
+        out.append(f"\nA/A test (direct-aa, the same path from a netns of its own, paired like "
+                   f"the others): {aa.describe()}. Its distance from 1.000 and its interval "
+                   "are the method's own error at this N.")
+    cpu = [v for v in vs if v.values("conn_cpu_us", n)]
+    if cpu:
+        out.append("\nCPU a connection (µs: wrk, the servers and any proxy in the variant's "
+                   "netns, softirq in their context; workloads.Cost), a companion figure: "
+                   "direct-aa's against direct's shows how far other work moved it:\n")
+        out.append("| variant | CPU µs a connection median (min–max) | of which the client "
+                   "(wrk) | paired ratio to direct |")
+        out.append("|---|---|---|---|")
+        for v in cpu:
+            xs, cl = v.values("conn_cpu_us", n), v.values("conn_client_us", n)
+            p = paired(v, n, "conn_cpu_pair")
+            out.append(f"| {v.name} | {med(xs):.1f} ({min(xs):.1f}–{max(xs):.1f}) | "
+                       + (f"{med(cl):.1f} ({min(cl):.1f}–{max(cl):.1f})" if cl else "–")
+                       + " | " + (p.describe() if p else "–") + " |")
+    return out
+
+
+def this_part(args, command: str, started: float) -> dict:
+    """What report() says of one part of a results file: its command, its start (UTC) and
+    its method (--append keeps one per part)."""
+    return {"command": command,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+            "method": f"conn {args.reps_of['conn']} rounds of {args.seconds_of['conn']} s "
+                      "runs, "
+                      + {"bracketed": "bracketed (D A D B ... D)", "concurrent":
+                         "side by side with direct"}.get(args.order, "in turn")
+                      + f", CPUs {','.join(args.cpu_roles.values()) or 'unpinned'}"}
+
+
+def parts_text(args) -> str:
+    """Every part appended into the results file, in order, each with its date, command and
+    method (a part recorded before parts had dates says so)."""
+    parts = getattr(args, "parts", None) or [{"command": c} for c in
+                                              getattr(args, "commands", [])]
+    if len(parts) < 2:
+        return ""
+    return ("Parts appended into this file (--append), in order:\n\n" + "".join(
+        f"{i}. {p.get('date') or 'date not recorded'}: `{p['command']}`"
+        + (f" ({p['method']})" if p.get("method") else "") + "\n"
+        for i, p in enumerate(parts, 1)) + "\n")
 
 
 def report(bench: Bench, args, extra: List[str], command: str) -> str:
@@ -776,17 +1136,23 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
     now = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
     out = [f"# nodemesh dataplane benchmark\n\n{now}, host {socket.gethostname()}, kernel "
            f"{os.uname().release}, {os.cpu_count()} CPUs; `{command}`\n\n"
-           + ("Parts appended into this file (--append), in order: "
-              + "; ".join(f"`{c}`" for c in args.commands) + "\n\n"
-              if len(getattr(args, "commands", [])) > 1 else "")
+           + parts_text(args)
            + f"{tool_versions()}\n\n"
            f"Method: bench/run.py's docstring. Seconds per run: "
            f"{', '.join(f'{w} {args.seconds_of[w]}' for w in args.workloads if w != 'change')}"
            f" (change: {args.changes} changes); per N and workload "
            f"({', '.join(w for w in args.warm_up if w in args.workloads) or 'none'}) a 1 s "
            "warm-up of every variant, then "
-           f"{args.reps} rounds of all variants in turn "
-           "(A B C ... A B C ...); conntrack flushed and TIME_WAIT sockets destroyed in the "
+           f"{args.reps} rounds of all variants in turn (conn {args.reps_of['conn']}) "
+           "(A B C ... A B C ...; "
+           + {"bracketed": f"conn's rounds bracketed for {', '.join(BRACKETED)}: direct "
+              "before the first and after every one, D A D B ... D, each run paired with the "
+              "direct runs around it, the others after them in turn",
+              "concurrent": f"conn's rounds first run {', '.join(BRACKETED)} each side by "
+              "side with direct, at the same time, for their paired ratio, then every "
+              "variant alone in turn"}.get(getattr(args, "order", "rounds"),
+                                           "conn's too, unpaired")
+           + "); conntrack flushed and TIME_WAIT sockets destroyed in the "
            "client's and the server's netns before every run. The measured service is the "
            "last of N in every ruleset. nginx: 1 worker; haproxy: nbthread 1; every client "
            f"tool runs one thread. Workloads: {', '.join(args.workloads)}. CPU placement: "
@@ -815,7 +1181,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append("## New connections per second vs direct (ratio of medians)\n")
         out += ratio_summary(bench, conn_sizes, "conn", "conn")
         nm = bench.variants.get("nodemesh")
-        others = [v for v in vs if v.name != "direct" and not v.name.startswith("nodemesh")]
+        others = [v for v in vs if not v.name.startswith(("direct", "nodemesh"))]
         if nm and others:
             out.append("nodemesh ÷ baseline (ratio of medians):\n")
             out.append("| N | " + " | ".join(f"nodemesh ÷ {v.name}" for v in others) + " |")
@@ -830,7 +1196,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         for n in conn_sizes:
             out.append(f"### N = {fmt_n(n)}: new connections/s, "
                        f"{rounds(bench, 'conn', n)} rounds\n")
-            out += per_n_table(bench, n, "conn", [("conn/s", "conn", f0, True)], paired=True)
+            out += per_n_table(bench, n, "conn", [("conn/s", "conn", f0, True)], pairs=True)
             stalls = [x for v in vs for x in v.values("conn_stall", n)]
             if stalls:
                 out.append(f"\nCPU pressure during these runs (PSI: share of the run some "
@@ -838,6 +1204,7 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
                            f"{min(stalls):.0%}–{max(stalls):.0%}; near 0 on an otherwise idle "
                            "machine with the client and the server pinned apart, high where "
                            "other work shared the CPUs (and the rounds scatter).")
+            out += conn_method(bench, n)
             out.append("")
     if "keepalive" in bench.rate:
         ka_sizes = [n for n in sizes if n in args.sizes_of["keepalive"]]
@@ -1026,10 +1393,13 @@ def estimate(args) -> float:
     total = 0.0
     for w, k in runs_per_round.items():
         if w in args.workloads:
-            per_variant = args.reps * k * (args.seconds_of[w] + overhead)
+            per_variant = args.reps_of[w] * k * (args.seconds_of[w] + overhead)
             if w in args.warm_up:
                 per_variant += k * (1 + overhead)
             nv = sum(1 for v in args.variants if w in vr.VARIANTS[v].workloads)
+            if w == "conn" and args.order != "rounds" and "direct" in args.variants:
+                # bracketed: direct after each; concurrent: each beside direct
+                nv += sum(1 for v in args.variants if v in BRACKETED)
             total += len(args.sizes_of[w]) * nv * per_variant
             if w in ("keepalive", "udp"):
                 total += 3 * (args.seconds_of[w] + overhead)
@@ -1133,6 +1503,16 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "both measured the same variant, metric and N, and the earlier part's "
                     "fixed keep-alive/UDP rates are reused. For running the full mode in "
                     "parts (--sizes, --variants, --workloads); FILE.md may not exist yet")
+    ap.add_argument("--order", choices=("concurrent", "bracketed", "rounds"),
+                    default="concurrent",
+                    help="conn runs per round: bracketed runs direct before "
+                    "the first variant and after every one (D A D B ... D) and pairs each run "
+                    "with the direct runs around it; rounds runs every variant once in turn "
+                    "(A B C ..., the method before bracketing), ratios of medians only; "
+                    "concurrent (the default) runs each of those variants side by side with "
+                    "direct (two wrk at once, 16 connections each) for its ratio, then every "
+                    "variant alone in turn for the absolute rates: its A/A interval was half "
+                    "bracketed's under load (bench/results/method-2026-11-29.md)")
     ap.add_argument("--cpus", help="CLIENT,SERVER: the CPUs every client tool (and haproxy) "
                     "and every server are pinned to with taskset, for every variant; 'none' "
                     "to leave placement to the scheduler (default 0,1 on 2 CPUs or more)")
@@ -1154,9 +1534,13 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         # nine variants in under 10 minutes on 2 CPUs (measured: the README's Performance)
         args.warm_up = ["conn"]
         args.seconds_of = {w: args.seconds or 1 for w in WORKLOADS}
-        # conn carries three of the targets: 2 s runs (about 40,000 connections each) halve
-        # what one second of someone else's work on the machine does to a round
+        # conn carries three of the targets: more, shorter rounds (6 of 1 s, about 20,000
+        # connections each when quiet), each of nodemesh, nodemesh-tc and the A/A test
+        # paired with direct (BRACKETED), in the time 5 rounds of 2 s in turn took
         args.seconds_of["conn"] = args.seconds or QUICK_CONN_SECONDS
+    args.reps_of = {w: args.reps or 5 for w in WORKLOADS}
+    if quick and not args.reps:
+        args.reps_of["conn"] = QUICK_CONN_ROUNDS
     args.reps = args.reps or 5
     args.changes = args.changes or (10 if full else 3)
     args.load_timeout = args.load_timeout or (900 if full else 120)
@@ -1234,6 +1618,7 @@ def main() -> int:
         f"--load-timeout {args.load_timeout:.0f} s counts that long once, then is skipped)")
     command = "bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     args.commands = [command]
+    args.parts = [this_part(args, command, time.time())]
     started = time.monotonic()
     vr.reap_private_hooks()
     lab = new_lab("nmb", backends=1)

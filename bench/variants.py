@@ -76,7 +76,8 @@ TARGET_PORTS = {"http": wl.HTTP_PORT, "dns": wl.DNS_PORT, "iperf": wl.IPERF_PORT
 
 Changed = Sequence[Tuple[bl.SvcSpec, bl.SvcSpec]]
 # what run.py records per workload (Variant.add); a failed workload drops them at that N
-WORKLOAD_METRICS = {"conn": ("conn", "conn_stall"),
+WORKLOAD_METRICS = {"conn": ("conn", "conn_stall", "conn_cpu_us", "conn_client_us",
+                             "conn_others", "conn_pair", "conn_cpu_pair", "conn_pair_others"),
                     "keepalive": ("ka_max", "ka_rate", "ka_p50", "ka_p99", "ka_errors"),
                     "udp": ("udp_qps", "udp_lost", "udp_rate", "udp_ms", "udp_max_ms"),
                     "bulk": ("bulk1", "bulk8"), "change": ("change", "change_cpu")}
@@ -142,6 +143,11 @@ class Variant:
         crash)."""
         return self.bench.lab.add_backend().netns
 
+    def resident_netns(self) -> List[str]:
+        """The netns whose processes (servers, a proxy) serve this variant's connections:
+        their CPU time is part of what a connection costs (workloads.meter)."""
+        return [self.netns, self.server_netns]
+
     def reset_state(self) -> None:
         """Connection state of this variant's own that a run must not inherit (run.py's
         reset flushes conntrack and TIME_WAIT in the client's and the server's netns)."""
@@ -205,6 +211,16 @@ class Direct(Variant):
     def target(self, port_name: str) -> Tuple[str, int]:
         s = self.measured(port_name)
         return s.endpoints[0], s.target_port
+
+
+class DirectAgain(Direct):
+    """direct once more, from a client netns of its own built the same way: the A/A test. Run
+    in the same rounds as the others, its ratio to direct is the method's own spread (what two
+    identical paths measure apart), the floor under every other variant's ratio."""
+    name = "direct-aa"
+    workloads = frozenset({"conn"})
+    unsupported = {w: "the A/A test is run on new connections only" for w in WORKLOADS
+                   if w != "conn"}
 
 
 class Nodemesh(Variant):
@@ -795,6 +811,7 @@ def reap_private_hooks() -> None:
 
 VARIANTS: Dict[str, Type[Variant]] = {
     "direct": Direct,
+    "direct-aa": DirectAgain,
     "nodemesh": Nodemesh,
     "iptables-nft": Iptables,
     "iptables-legacy": IptablesLegacy,
@@ -808,6 +825,8 @@ ALL = list(VARIANTS)
 # One line each, for the report's list of variants.
 SUMMARY: Dict[str, str] = {
     "direct": "the client connects to the backend address: the limit",
+    "direct-aa": "direct again, from a client netns of its own: the A/A test (its ratio to "
+                 "direct is the method's spread)",
     "nodemesh": "the cgroup socket hooks (connect/sendmsg) on the client's cgroup",
     "iptables-nft": "kube-proxy's iptables mode, exact shape, loaded with iptables-nft-restore",
     "iptables-legacy": "the same ruleset with iptables-legacy-restore (x_tables)",

@@ -164,6 +164,31 @@ def conn(c: Client, seconds: float) -> tuple:
     return _wrk_rate(out)
 
 
+def conn_side_by_side(a: Client, b: Client, seconds: float) -> tuple:
+    """Two conn runs at once, half the connections each, both on the client CPU: ((rate,
+    requests, note) of a, the same of b). The scheduler shares the CPUs between them and
+    whatever else runs hits both alike in the same instant, so the ratio of their rates
+    is that of what a connection costs each, steady where the machine's load is not."""
+    argv = ["wrk", "-t1", f"-c{CONNECTIONS // 2}", f"-d{seconds}s", "-H", "Connection: close"]
+    procs = [spawn(c.lab, [*argv, url(c)], c.netns, c.cgroup, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True) for c in (a, b)]
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=seconds + 30)
+            if proc.returncode != 0:
+                raise RuntimeError(f"wrk failed ({proc.returncode}): "
+                                   f"{(out + err).strip()[-400:]}")
+            outs.append(_wrk_rate(out + err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            a.lab.processes.remove(proc)  # type: ignore[attr-defined]
+    return outs[0], outs[1]
+
+
 def keepalive_max(c: Client, seconds: float) -> tuple:
     """(requests/s over 32 kept-alive connections, requests, error note)."""
     out = run(c, ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", url(c)],
@@ -257,3 +282,99 @@ def bulk(c: Client, seconds: float, streams: int) -> float:
                 raise
             time.sleep(0.3)
     raise RuntimeError(f"iperf3 server stayed busy: {last}")
+
+
+# -- what a run cost, and what else ran meanwhile -----------------------------------------------
+# A connection rate on a shared 2-CPU machine moves with everyone's load; the CPU a connection
+# costs hardly does. Around each conn run: the CPU time of the client tool (the bench's
+# children reaped meanwhile: wrk) and of every process resident in the variant's netns (nginx,
+# haproxy), each including the softirq work done in its context (this kernel has no
+# IRQ_TIME_ACCOUNTING: a softirq's time goes to the task it interrupted, and veth's receive
+# path runs in the sender's context); and the whole machine's busy and steal time
+# (/proc/stat), whose excess over the bench's own is other work that shared the CPUs.
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def netns_pids(names: Sequence[str]) -> List[int]:
+    """The processes whose network namespace is one of `names` (/run/netns/NAME)."""
+    inodes = set()
+    for name in names:
+        try:
+            inodes.add(os.stat(f"/run/netns/{name}").st_ino)
+        except OSError:
+            pass
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ns = os.readlink(f"/proc/{entry}/ns/net")
+            except OSError:
+                continue
+            if ns.startswith("net:[") and int(ns[5:-1]) in inodes:
+                pids.append(int(entry))
+    return pids
+
+
+def task_runtime(pid: int) -> float:
+    """Seconds pid's threads have run (schedstat, ns exact; 0 once it has gone)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return total / 1e9
+
+
+def machine_times(stat: str = "/proc/stat") -> tuple:
+    """(busy, steal) seconds of all CPUs since boot: busy is user + nice + system + irq +
+    softirq (guest time is inside user)."""
+    with open(stat) as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+@dataclass
+class Meter:
+    """A snapshot taken before a run; cost() reads the same counters after it."""
+    wall: float
+    children: float
+    resident: Dict[int, float]
+    busy: float
+    steal: float
+
+
+@dataclass
+class Cost:
+    wall: float          # seconds the run took
+    own: float           # CPU seconds of the client tool and the netns' resident processes
+    client: float        # of which the client tool's (wrk: where the socket hooks run)
+    others: float        # the rest of the machine's busy CPU seconds meanwhile (others' work)
+    steal: float         # CPU seconds the hypervisor took meanwhile
+
+    def others_share(self, cpus: int) -> float:
+        """Other work's share of the machine during the run (0 .. 1)."""
+        return (self.others + self.steal) / max(self.wall * cpus, 1e-9)
+
+
+def children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def meter(netns: Sequence[str]) -> Meter:
+    busy, steal = machine_times()
+    return Meter(time.monotonic(), children_cpu(),
+                 {pid: task_runtime(pid) for pid in netns_pids(netns)}, busy, steal)
+
+
+def cost(m: Meter) -> Cost:
+    busy, steal = machine_times()
+    resident = sum(max(task_runtime(pid) - t, 0.0) for pid, t in m.resident.items())
+    client = children_cpu() - m.children
+    own = client + resident
+    return Cost(time.monotonic() - m.wall, own, client, max(busy - m.busy - own, 0.0),
+                steal - m.steal)
