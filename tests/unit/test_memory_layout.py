@@ -100,3 +100,14 @@ def test_a_frontend_view_formats_its_labels_at_scrape_and_stores_none():
     assert frontend_view(key, None, rec.programmed[key], Status("done")).labels == ""
     # two strings a frontend were about 19 MiB of the snapshot at 100,000 frontends
     assert not [o for o in gc.get_referents(view) if isinstance(o, str)]
+
+
+def test_publishing_one_change_at_100000_frontends_copies_one_small_shard():
+    from nodemesh.snapshot import Shards
+
+    big = Shards().updated({i: i for i in range(100_000)})
+    after = big.updated({5: 0})
+    copied = [new for old, new in zip(big._shards, after._shards) if new is not old]
+    # about 25 entries (4,096 shards) where 256 shards copied about 400 a change
+    assert len(copied) == 1 and len(copied[0]) <= 64, len(copied[0])
+    assert after.get(5) == 0 and big.get(5) == 5 and len(after) == len(big) == 100_000
