@@ -111,3 +111,18 @@ def test_publishing_one_change_at_100000_frontends_copies_one_small_shard():
     # about 25 entries (4,096 shards) where 256 shards copied about 400 a change
     assert len(copied) == 1 and len(copied[0]) <= 64, len(copied[0])
     assert after.get(5) == 0 and big.get(5) == 5 and len(after) == len(big) == 100_000
+
+
+def test_done_frontends_cost_no_status_entry_yet_answer_done():
+    from nodemesh.reconciler import DONE, PENDING
+
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    rec.apply([svc(f"s{i}", f"10.96.1.{i}", [f"10.0.1.{i}"]) for i in range(1, 101)])
+    key = FrontendKey(4, "10.96.1.7", 80, "TCP")
+    assert len(rec.status) == 100 and rec.status[key].state == DONE and key in rec.status
+    assert {st.state for st in rec.status.values()} == {DONE}
+    assert rec.status._other == {}  # a dict entry each was about 5 MiB at 100,000
+    rec.set_service(("default", "s7"), {})
+    assert rec.status[key].state == PENDING and len(rec.status) == 100
+    rec.reconcile()
+    assert key not in rec.status and rec.status.get(key) is None and len(rec.status) == 99
