@@ -126,3 +126,22 @@ def test_done_frontends_cost_no_status_entry_yet_answer_done():
     assert rec.status[key].state == PENDING and len(rec.status) == 100
     rec.reconcile()
     assert key not in rec.status and rec.status.get(key) is None and len(rec.status) == 99
+
+
+def test_a_one_frontend_service_is_indexed_by_its_bare_key_and_grows_to_several():
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    one = svc("web", "10.96.0.1", ["10.0.0.1"])
+    two = Service(name="web", namespace="default", vip="10.96.0.1",
+                  ports=(ServicePort(port=80, target_port=8080),
+                         ServicePort(name="tls", port=443, target_port=8443)),
+                  backends=one.backends)
+    http, tls = FrontendKey(4, "10.96.0.1", 80, "TCP"), FrontendKey(4, "10.96.0.1", 443, "TCP")
+    rec.apply([one])
+    assert rec.by_service[("default", "web")] == http  # no 1-tuple: 4.5 MiB at 100,000
+    rec.apply([two])
+    assert set(rec.frontends_of(("default", "web"))) == {http, tls}
+    assert set(rec.programmed) == {http, tls}
+    rec.apply([replace(two, ports=two.ports[1:])])
+    assert rec.frontends_of(("default", "web")) == (tls,) and set(rec.programmed) == {tls}
+    rec.apply([])
+    assert rec.frontends_of(("default", "web")) == () and rec.programmed == {}
