@@ -209,6 +209,12 @@ class StatusTable(Mapping[FrontendKey, Status]):
         else:
             self._other[key] = st
 
+    def shrink(self) -> None:
+        """Drop the table an emptied dict keeps (dicts never shrink): after a first sync it
+        is sized for every frontend."""
+        if not self._other:
+            self._other = {}
+
     def pop(self, key: FrontendKey, default: Optional[Status] = None) -> Optional[Status]:
         """Forget a frontend's status (call it once the frontend left `programmed`)."""
         return self._other.pop(key, default)
@@ -697,6 +703,7 @@ class Reconciler:
             # A set keeps the table of its largest size: after a first sync of 100,000
             # frontends, scanning even an empty one costs milliseconds each round.
             self.pending = set()
+            self.status.shrink()
         result.seconds = self.clock() - started
         self.last_result = result
         self._log(result, failed)
