@@ -210,7 +210,7 @@ def child(n: int, trace: bool) -> dict:
             ("reconciler status, pending, health watchers",
              [r.status, r.pending, r._watchers, r._watched_by, r.endpoints]),
             ("id allocators (frontend, backend)", [r.svc_ids, r.backend_ids]),
-            ("readers' snapshot (views, labels, shard dicts)", [core.snapshot]),
+            ("readers' snapshot (views, shard dicts)", [core.snapshot]),
             ("metrics registry", [registry]),
         ]
         out["owners"] = [(name, size, count, types) for name, (size, count, types) in

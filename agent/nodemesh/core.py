@@ -230,7 +230,10 @@ class Core:
                 self._failing.discard(fk)
         snap = self.snapshot
         # The last round that did something (a quiet round would hide it); never changed again.
-        last = result if (result or snap.last_round is None) else snap.last_round
+        # Readers want its counts and errors: the keys it touched (all 100,000 after a first
+        # sync, 4 MiB) and the endpoints it removed stay with the caller.
+        last = replace(result, touched=set(), removed_endpoints=[]) \
+            if (result or snap.last_round is None) else snap.last_round
         self.snapshot = snap.with_frontends(
             views, generation=snap.generation + 1, last_round=last, failing=len(self._failing),
             conflicts=tuple(c for cs in self._conflicts.values() for c in cs))

@@ -155,7 +155,8 @@ class DatapathCollector(Collector):
         except OSError as e:  # a scrape must not take the agent down
             log.warning("reading maps for metrics failed: %s", e)
             return b""
-        # Label sets are formatted once, as strings: cheaper to count, sort and write.
+        # Label sets are formatted as strings, once a frontend a scrape: cheaper to count and
+        # write than tuples.
         conns: Dict[str, int] = {}
         refused: Dict[str, int] = {}
         be_conns: Dict[str, int] = {}
@@ -163,9 +164,10 @@ class DatapathCollector(Collector):
         over: Dict[str, int] = {}
         redirects: Dict[str, int] = {}  # per service (namespace, service), as documented
         for view in snap.frontends.values():
-            p, labels = view.programmed, view.labels
-            if p is None or not labels:
+            p = view.programmed
+            if p is None or view.desired is None:
                 continue  # not in the kernel yet, or adopted but not desired
+            labels = view.labels  # formatted here: the snapshot keeps no label strings
             st = svc_stats.get(p.svc_id)  # the datapath creates it on first use
             if st is None:
                 conns.setdefault(labels, 0)
@@ -180,8 +182,9 @@ class DatapathCollector(Collector):
                 redirects[view.service_labels] = redirects.get(view.service_labels, 0) \
                     + st["proxy_redirects"]
             if per_backend:
+                service_labels = view.service_labels
                 for (address, port), ident in p.backend_ids.items():
-                    bl = f'{view.service_labels},backend="{backend_label(address, port)}"'
+                    bl = f'{service_labels},backend="{backend_label(address, port)}"'
                     be_conns[bl] = be_conns.get(bl, 0) + \
                         be_stats.get(ident, {}).get("connections", 0)
                     if p.key.protocol == "TCP":

@@ -214,3 +214,12 @@ def test_a_crashing_worker_is_restarted_and_one_that_keeps_crashing_gives_up():
     sup.join(10)
     assert gave_up and "broken" in gave_up[0]
     stop.set()
+
+
+def test_the_snapshot_keeps_the_last_rounds_counts_but_not_the_keys_it_touched():
+    core, _, _ = make()
+    synced(core, [svc(i, f"10.0.0.{i}") for i in range(1, 51)])
+    last = core.snapshot.last_round
+    assert (last.added, last.writes > 0) == (50, True)
+    # the touched keys (every frontend after a first sync) are for the publish, not readers
+    assert last.touched == set() and last.removed_endpoints == []

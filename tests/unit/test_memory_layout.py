@@ -2,6 +2,7 @@
 compact forms behave as the dicts they replace. No root needed."""
 import gc
 import sys
+from dataclasses import replace
 
 from fakemaps import FakeMaps
 
@@ -70,3 +71,78 @@ def test_the_address_encoding_cache_stays_small_at_100000_addresses():
     # each entry costs about 250 bytes: 1 MiB at most, where 131,072 entries were 30 MiB
     assert m.encode_addr.cache_info().currsize <= 4096
     assert m.encode_addr("10.128.0.1") == m.encode_addr.__wrapped__("10.128.0.1")
+
+
+def test_a_desired_frontend_keeps_its_backends_in_one_flat_tuple():
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    rec.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])])
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    d = rec.desired[key]
+    triples = (("10.0.0.1", 8080, 1), ("10.0.0.2", 8080, 1), ("10.0.0.3", 8080, 1))
+    assert d.backends == triples
+    # built from triples it is the same frontend (what tests and readers construct)
+    assert replace(d, flat_backends=triples) == d
+    # one tuple of 9 (112 bytes) where 4 tuples took 256: about 14 MiB at 100,000 frontends
+    own = deep_size(d) - deep_size(key)
+    assert own <= 360, own  # 472 with a tuple per backend
+
+
+def test_a_frontend_view_formats_its_labels_at_scrape_and_stores_none():
+    from nodemesh.reconciler import Status
+    from nodemesh.snapshot import frontend_view
+
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    rec.apply([svc("web", "10.96.0.1", ["10.0.0.1"])])
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    view = frontend_view(key, rec.desired[key], rec.programmed[key], Status("done"))
+    assert view.labels == 'namespace="default",service="web",port="80",protocol="TCP"'
+    assert view.service_labels == 'namespace="default",service="web"'
+    assert frontend_view(key, None, rec.programmed[key], Status("done")).labels == ""
+    # two strings a frontend were about 19 MiB of the snapshot at 100,000 frontends
+    assert not [o for o in gc.get_referents(view) if isinstance(o, str)]
+
+
+def test_publishing_one_change_at_100000_frontends_copies_one_small_shard():
+    from nodemesh.snapshot import Shards
+
+    big = Shards().updated({i: i for i in range(100_000)})
+    after = big.updated({5: 0})
+    copied = [new for old, new in zip(big._shards, after._shards) if new is not old]
+    # about 25 entries (4,096 shards) where 256 shards copied about 400 a change
+    assert len(copied) == 1 and len(copied[0]) <= 64, len(copied[0])
+    assert after.get(5) == 0 and big.get(5) == 5 and len(after) == len(big) == 100_000
+
+
+def test_done_frontends_cost_no_status_entry_yet_answer_done():
+    from nodemesh.reconciler import DONE, PENDING
+
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    rec.apply([svc(f"s{i}", f"10.96.1.{i}", [f"10.0.1.{i}"]) for i in range(1, 101)])
+    key = FrontendKey(4, "10.96.1.7", 80, "TCP")
+    assert len(rec.status) == 100 and rec.status[key].state == DONE and key in rec.status
+    assert {st.state for st in rec.status.values()} == {DONE}
+    # a dict entry each was about 5 MiB at 100,000; nor is the emptied table kept
+    assert rec.status._other == {} and sys.getsizeof(rec.status._other) < 100
+    rec.set_service(("default", "s7"), {})
+    assert rec.status[key].state == PENDING and len(rec.status) == 100
+    rec.reconcile()
+    assert key not in rec.status and rec.status.get(key) is None and len(rec.status) == 99
+
+
+def test_a_one_frontend_service_is_indexed_by_its_bare_key_and_grows_to_several():
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    one = svc("web", "10.96.0.1", ["10.0.0.1"])
+    two = Service(name="web", namespace="default", vip="10.96.0.1",
+                  ports=(ServicePort(port=80, target_port=8080),
+                         ServicePort(name="tls", port=443, target_port=8443)),
+                  backends=one.backends)
+    http, tls = FrontendKey(4, "10.96.0.1", 80, "TCP"), FrontendKey(4, "10.96.0.1", 443, "TCP")
+    rec.apply([one])
+    assert rec.by_service[("default", "web")] == http  # no 1-tuple: 4.5 MiB at 100,000
+    rec.apply([two])
+    assert set(rec.frontends_of(("default", "web"))) == {http, tls}
+    assert set(rec.programmed) == {http, tls}
+    rec.apply([replace(two, ports=two.ports[1:])])
+    assert rec.frontends_of(("default", "web")) == (tls,) and set(rec.programmed) == {tls}
+    rec.apply([])
+    assert rec.frontends_of(("default", "web")) == () and rec.programmed == {}

@@ -261,3 +261,24 @@ def test_removing_the_last_frontend_of_a_backend_reports_it_for_socket_terminati
     assert r.removed_endpoints == []  # 10.0.0.2 still serves b
     r = rec.apply([svc("a", "10.96.0.1", ["10.0.0.1"])])
     assert r.removed_endpoints == [("10.0.0.2", 8080, "TCP", False)]
+
+
+def test_endpoints_sharing_an_address_are_reported_apart_by_port_and_protocol():
+    # one backend address behind three endpoints: 8080/TCP twice, 8081/TCP, 8080/UDP
+    def ported(name, vip, target, protocol="TCP"):
+        return Service(name=name, namespace="default", vip=vip,
+                       ports=(ServicePort(port=80, target_port=target, protocol=protocol),),
+                       backends=(Backend(address="10.0.0.9"),))
+
+    rec, _, _ = make()
+    everything = [ported("a", "10.96.0.1", 8080), ported("b", "10.96.0.2", 8081),
+                  ported("c", "10.96.0.3", 8080, "UDP"), ported("d", "10.96.0.4", 8080)]
+    rec.apply(everything)
+    assert rec.apply(everything[1:]).removed_endpoints == []  # d still uses 8080/TCP
+    assert rec.apply(everything[2:]).removed_endpoints == [("10.0.0.9", 8081, "TCP", False)]
+    assert rec.apply(everything[3:]).removed_endpoints == [("10.0.0.9", 8080, "UDP", False)]
+    assert rec.apply(everything[1:]).removed_endpoints == []  # b and c back, d stays
+    assert sorted(rec.apply([]).removed_endpoints) == [
+        ("10.0.0.9", 8080, "TCP", False), ("10.0.0.9", 8080, "UDP", False),
+        ("10.0.0.9", 8081, "TCP", False)]
+    assert rec._endpoint_refs == {}

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""CPU of a one-service change round at N services, in-process: no kernel, no source.
+
+    PYTHONPATH=agent:tests .venv/bin/python bench/core_round.py 100000 300 [--profile]
+
+Builds N services (3 backends each, one TCP port) in the agent's Core and Reconciler over
+tests/fakemaps.py, runs the first round, then `gc.collect(); gc.freeze()` as the agent does
+after its first sync. Then, twice, CHANGES one-service changes (one backend replaced, a
+different service each time) through `Core.step`, and prints the CPU time
+(`time.process_time`) per round: the core loop's own work (planning, packing, the in-memory
+map writes, status, the snapshot publish) without the Kubernetes source's threads or the
+bpf(2) syscalls. --profile adds a cProfile (CPU clock) of a third pass. For a side-by-side,
+point PYTHONPATH at a `git archive` of another commit (its agent and tests) and alternate.
+"""
+import cProfile
+import gc
+import pstats
+import sys
+import time
+
+from fakemaps import FakeMaps
+from prometheus_client import CollectorRegistry
+
+from nodemesh.core import Core, SourceChanged
+from nodemesh.datapath import maps as m
+from nodemesh.health import HealthChecker
+from nodemesh.model import Backend, Service, ServicePort
+from nodemesh.outlier import OutlierDetector
+from nodemesh.reconciler import Reconciler
+from nodemesh.snapshot import SourceState
+from nodemesh.sources import Delta
+
+PORTS = (ServicePort(name="http", port=80, target_port=8080),)
+
+
+def service(i: int, generation: int = 0) -> Service:
+    backends = []
+    for j in range(3):
+        n = i * 3 + j
+        address = f"10.{128 + n // 65536}.{n // 256 % 256}.{n % 256}"
+        if j == 2 and generation:  # a change: this backend was replaced
+            address = f"10.{200 + generation // 65536}.{generation // 256 % 256}." \
+                      f"{generation % 256}"
+        backends.append(Backend(address=address))
+    return Service(name=f"svc-{i}", namespace=f"ns-{i % 100}",
+                   vip=f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}", ports=PORTS,
+                   backends=tuple(backends))
+
+
+def main() -> None:
+    n, changes = int(sys.argv[1]), int(sys.argv[2])
+    registry = CollectorRegistry()
+    core = Core(Reconciler(FakeMaps(), m.MapSizes()), HealthChecker(registry, lambda k: None),
+                OutlierDetector(registry, lambda s: None), SourceState("kubernetes"))
+    core.post(SourceChanged(Delta(upserts=tuple(service(i) for i in range(n)), full=True)))
+    core.step(0, reconcile=False)
+    core.reconcile(force=True)
+    gc.collect()
+    gc.freeze()
+    generation = [0]
+
+    def rounds() -> float:
+        start = time.process_time()
+        for g in range(generation[0] + 1, generation[0] + changes + 1):
+            core.post(SourceChanged(Delta(upserts=(service(g * 37 % n, g),))))
+            result = core.step(0)
+            assert result is not None and result.changed == 1, result
+        generation[0] += changes
+        return (time.process_time() - start) / changes
+
+    print(f"N={n}: {rounds() * 1000:.3f} ms CPU a round (warm-up)")
+    print(f"N={n}: {rounds() * 1000:.3f} ms CPU a round")
+    if "--profile" in sys.argv:
+        profile = cProfile.Profile(time.process_time)
+        profile.enable()
+        rounds()
+        profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
