@@ -36,10 +36,11 @@ BPF_TABLE_PINNED("array", u32, u64, rr_state, NM_MAX_FRONTENDS, NM_PIN_DIR "/rr_
  * (lib/proxy.h reads it in sockops). */
 BPF_TABLE_PINNED("lru_hash", struct nm_revnat_key, struct nm_revnat_value, revnat,
 		 NM_MAX_REVNAT, NM_PIN_DIR "/revnat");
-/* Reverse translation of a connected socket, in its own storage: creating it at connect()
- * costs less than an LRU hash update keyed by cookie (bench/sock_cost.py), and it is freed
- * with the socket instead of filling revnat until evicted. Pinned (BCC's BPF_SK_STORAGE has no
- * pin path), so a restarted agent's programs read what the previous one's wrote. */
+/* Reverse translation of a connected socket, in its own storage: created at connect() and
+ * freed with the socket, instead of an LRU hash entry keyed by cookie that outlives it until
+ * evicted (its cost per connect: bench/sock_cost.py, variants full and hashrevnat). Pinned
+ * (BCC's BPF_SK_STORAGE has no pin path), so a restarted agent's programs read what the
+ * previous one's wrote. */
 struct sock_revnat_table_t {
 	int key;
 	struct nm_sock_revnat leaf;
