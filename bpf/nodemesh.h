@@ -161,6 +161,18 @@ struct nm_revnat_value {
 	__u32 svc_id;
 };
 
+/* The same for a connected socket (TCP, or UDP after connect()), in the socket's own storage
+ * (sock_revnat): written at connect(), freed with the socket, no cookie and no shared hash. */
+struct nm_sock_revnat {
+	__u32 backend[4]; /* backend address */
+	__u32 vip[4];     /* VIP */
+	__u16 backend_port; /* network order */
+	__u16 vip_port;     /* network order */
+	__u32 svc_id;
+	__u8 family;      /* of the backend address (NM_FAMILY_V4 for a v4-mapped peer) */
+	__u8 pad[3];
+};
+
 /* Per-CPU counters, summed by the agent at scrape time. */
 struct nm_svc_stats {
 	__u64 connections; /* backend selected (connect, or unconnected UDP sendmsg) */

@@ -10,7 +10,8 @@
  *         chosen; lib/conn_count.h refines the choice (least_connections, connection limits)
  *         getsockopt, sk_msg, and the proxy redirect in connect4/6: lib/proxy.h, lib/accel.h
  * Reads:  services (masters + slots), backends, rr_state, revnat, affinity, maglev tables
- * Writes: the socket address in ctx, revnat and affinity (LRU), endpoint_health, failure
+ * Writes: the socket address in ctx, sock_revnat (connected sockets' storage), revnat
+ *         (unconnected UDP, proxy redirects) and affinity (LRU), endpoint_health, failure
  *         events (ring buffer), per-CPU svc_stats / backend_stats / counters
  *
  * Because translation happens at connect(), packets carry the backend address from the start:
@@ -31,8 +32,25 @@ BPF_F_TABLE("hash:" NM_PIN_DIR "/backends", u32, struct nm_backend, backends,
 	    NM_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 /* Round-robin positions, one per frontend (svc_id), shared by all CPUs. */
 BPF_TABLE_PINNED("array", u32, u64, rr_state, NM_MAX_FRONTENDS, NM_PIN_DIR "/rr_state");
+/* Reverse translation of unconnected UDP (per datagram destination) and of proxy redirects
+ * (lib/proxy.h reads it in sockops). */
 BPF_TABLE_PINNED("lru_hash", struct nm_revnat_key, struct nm_revnat_value, revnat,
 		 NM_MAX_REVNAT, NM_PIN_DIR "/revnat");
+/* Reverse translation of a connected socket, in its own storage: created at connect() and
+ * freed with the socket, instead of an LRU hash entry keyed by cookie that outlives it until
+ * evicted (its cost per connect: bench/sock_cost.py, variants full and hashrevnat). Pinned
+ * (BCC's BPF_SK_STORAGE has no pin path), so a restarted agent's programs read what the
+ * previous one's wrote. */
+struct sock_revnat_table_t {
+	int key;
+	struct nm_sock_revnat leaf;
+	void *(*sk_storage_get)(void *, void *, int);
+	int (*sk_storage_delete)(void *);
+	u32 flags;
+};
+__attribute__((section("maps/sk_storage:" NM_PIN_DIR "/sock_revnat")))
+struct sock_revnat_table_t sock_revnat = {.flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(sock_revnat, int, struct nm_sock_revnat);
 /* Per-CPU counters. An entry is created here on first use and deleted by the agent when it
  * frees (and again when it reuses) the id, so memory follows the ids in use, programming a
  * service writes nothing here, and a reused id starts from zero. */
@@ -88,6 +106,70 @@ static __always_inline void remember(void *ctx, struct nm_backend *be, struct nm
 		count(NM_CTR_REVNAT_FAILED);
 }
 
+/* connect(): the same, in the socket's storage. A socket connected again (UDP may) keeps only
+ * its latest peer, which is the only one it can receive from. Falls back to revnat when the
+ * storage cannot be had. */
+static __always_inline void remember_connected(struct bpf_sock_addr *ctx, struct nm_backend *be,
+					       struct nm_svc_key *vip, u32 svc_id)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct nm_sock_revnat *sr = sk ? sock_revnat.sk_storage_get(sk, 0,
+								    BPF_SK_STORAGE_GET_F_CREATE)
+				       : NULL;
+	if (!sr) {
+		remember(ctx, be, vip, svc_id);
+		return;
+	}
+	sr->backend[0] = be->addr[0];
+	sr->backend[1] = be->addr[1];
+	sr->backend[2] = be->addr[2];
+	sr->backend[3] = be->addr[3];
+	sr->backend_port = be->port;
+	sr->family = be->family;
+	sr->vip[0] = vip->addr[0];
+	sr->vip[1] = vip->addr[1];
+	sr->vip[2] = vip->addr[2];
+	sr->vip[3] = vip->addr[3];
+	sr->vip_port = vip->port;
+	sr->svc_id = svc_id;
+}
+
+/* recvmsg, getpeername: the VIP behind peer (family, addr, port) of this socket, from its
+ * storage (connected sockets) or else from revnat (unconnected UDP, proxy redirects, and
+ * sockets an agent without sock_revnat connected). */
+static __always_inline int lookup_reverse(struct bpf_sock_addr *ctx, u8 family, u32 a0, u32 a1,
+					  u32 a2, u32 a3, u16 port, u32 *vip, u16 *vip_port)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct nm_sock_revnat *sr = sk ? sock_revnat.sk_storage_get(sk, 0, 0) : NULL;
+	if (sr && sr->family == family && sr->backend_port == port && sr->backend[0] == a0 &&
+	    sr->backend[1] == a1 && sr->backend[2] == a2 && sr->backend[3] == a3) {
+		vip[0] = sr->vip[0];
+		vip[1] = sr->vip[1];
+		vip[2] = sr->vip[2];
+		vip[3] = sr->vip[3];
+		*vip_port = sr->vip_port;
+		return 1;
+	}
+	struct nm_revnat_key rk = {};
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.addr[0] = a0;
+	rk.addr[1] = a1;
+	rk.addr[2] = a2;
+	rk.addr[3] = a3;
+	rk.port = port;
+	rk.family = family;
+	struct nm_revnat_value *rv = revnat.lookup(&rk);
+	if (!rv)
+		return 0;
+	vip[0] = rv->addr[0];
+	vip[1] = rv->addr[1];
+	vip[2] = rv->addr[2];
+	vip[3] = rv->addr[3];
+	*vip_port = rv->port;
+	return 1;
+}
+
 static __always_inline int refuse(void)
 {
 	/* Without this the syscall would fail with EPERM; a missing backend is a refusal. */
@@ -105,12 +187,16 @@ static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
  * *out set to the backend, whose address the caller writes into ctx in its family's shape.
  * Policy was decided before (admit()). */
 static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *key,
-				struct nm_backend **out)
+				struct nm_backend **out, int connected)
 {
 	struct nm_svc_key vip = *key;
 	int is_service;
 	u32 svc_id = 0;
+#ifdef NM_COST_NO_NETNS
+	u64 netns = 0;
+#else
 	u64 netns = bpf_get_netns_cookie(ctx);
+#endif
 	struct nm_backend *be = select_backend(netns, netns, key, &is_service, &svc_id);
 	if (!is_service)
 		return 0;
@@ -118,15 +204,32 @@ static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *ke
 		nm_flow_emit(ctx, NM_FLOW_DROPPED, NM_FLOW_REASON_CONNECTION_LIMIT, &vip, NULL, svc_id);
 		return -1;
 	}
+#ifndef NM_COST_NO_ACCOUNT
 	account(svc_id, be != NULL);
+#endif
+#ifndef NM_COST_NO_FLOW
 	nm_flow_emit(ctx, be ? NM_FLOW_TRANSLATED : NM_FLOW_NO_BACKEND, 0, &vip, be, svc_id);
+#endif
 	if (!be)
 		return -1;
-	remember(ctx, be, &vip, svc_id);
+#ifndef NM_COST_NO_REVNAT
+#ifdef NM_COST_REVNAT_HASH
+	connected = 0;
+#endif
+	if (connected)
+		remember_connected(ctx, be, &vip, svc_id);
+	else
+		remember(ctx, be, &vip, svc_id);
+#endif
+#ifndef NM_COST_NO_CONN
 	nm_conn_remember(ctx, be, svc_id);
+#endif
 	*out = be;
 	return 1;
 }
+
+/* NM_COST_NO_*: parts compiled out, in bench/sock_cost.py's measuring builds only (never
+ * defined by the agent), to attribute the connect hook's cost. */
 
 /* Policy comes first, before the proxy redirect and the choice of a backend: a caller the
  * policy denies must not reach the service through the proxy either. 1: go on translating;
@@ -134,6 +237,9 @@ static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *ke
  * -1: denied (the caller rejects with EPERM). */
 static __always_inline int admit(struct bpf_sock_addr *ctx, struct nm_svc_key *key)
 {
+#ifdef NM_COST_NO_POLICY
+	return 1;
+#endif
 	int decided = nm_policy_decide(key);
 	if (decided == NM_POLICY_NO_LB)
 		return 0;
@@ -151,7 +257,7 @@ static __always_inline int admit(struct bpf_sock_addr *ctx, struct nm_svc_key *k
 
 /* ---- IPv4 ---------------------------------------------------------------------------- */
 
-static __always_inline int translate4(struct bpf_sock_addr *ctx)
+static __always_inline int translate4(struct bpf_sock_addr *ctx, int connected)
 {
 	struct nm_svc_key key = {};
 	key.addr[0] = ctx->user_ip4;
@@ -163,10 +269,12 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx)
 		return nm_policy_reject();
 	if (admitted == 0)
 		return SYS_PROCEED;
+#ifndef NM_COST_NO_PROXY
 	if (nm_proxy_redirect4(ctx, &key))
 		return SYS_PROCEED;
+#endif
 	struct nm_backend *be = NULL;
-	int picked = pick(ctx, &key, &be);
+	int picked = pick(ctx, &key, &be, connected);
 	if (picked == 0)
 		return SYS_PROCEED;
 	if (picked < 0 || !be)
@@ -180,14 +288,14 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 {
 	if (!is_lb_protocol(ctx))
 		return SYS_PROCEED;
-	return translate4(ctx);
+	return translate4(ctx, 1);
 }
 
 int nm_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_UDP)
 		return SYS_PROCEED;
-	int ret = translate4(ctx);
+	int ret = translate4(ctx, 0);
 	count(NM_CTR_UDP_SENDMSG);
 	return ret;
 }
@@ -195,15 +303,12 @@ int nm_sendmsg4(struct bpf_sock_addr *ctx)
 /* recvmsg and getpeername: if this socket reached this backend through a VIP, show the VIP. */
 static __always_inline int reverse4(struct bpf_sock_addr *ctx)
 {
-	struct nm_revnat_key rk = {};
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	rk.addr[0] = ctx->user_ip4;
-	rk.port = (u16)ctx->user_port;
-	rk.family = NM_FAMILY_V4;
-	struct nm_revnat_value *rv = revnat.lookup(&rk);
-	if (rv) {
-		ctx->user_ip4 = rv->addr[0];
-		ctx->user_port = rv->port;
+	u32 vip[4] = {};
+	u16 vip_port = 0;
+	if (lookup_reverse(ctx, NM_FAMILY_V4, ctx->user_ip4, 0, 0, 0, (u16)ctx->user_port, vip,
+			   &vip_port)) {
+		ctx->user_ip4 = vip[0];
+		ctx->user_port = vip_port;
 		count(NM_CTR_REVNAT_HIT);
 	}
 	return SYS_PROCEED;
@@ -227,7 +332,7 @@ static __always_inline int is_v4_mapped(u32 a0, u32 a1, u32 a2)
 	return a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff);
 }
 
-static __always_inline int translate6(struct bpf_sock_addr *ctx)
+static __always_inline int translate6(struct bpf_sock_addr *ctx, int connected)
 {
 	struct nm_svc_key key = {};
 	u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
@@ -253,7 +358,7 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx)
 	if (nm_proxy_redirect6(ctx, &key, mapped))
 		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
-	int picked = pick(ctx, &key, &be);
+	int picked = pick(ctx, &key, &be, connected);
 	if (picked == 0)
 		return SYS_PROCEED;
 	if (picked < 0 || !be)
@@ -278,48 +383,40 @@ int nm_connect6(struct bpf_sock_addr *ctx)
 {
 	if (!is_lb_protocol(ctx))
 		return SYS_PROCEED;
-	return translate6(ctx);
+	return translate6(ctx, 1);
 }
 
 int nm_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_UDP)
 		return SYS_PROCEED;
-	int ret = translate6(ctx);
+	int ret = translate6(ctx, 0);
 	count(NM_CTR_UDP_SENDMSG);
 	return ret;
 }
 
 static __always_inline int reverse6(struct bpf_sock_addr *ctx)
 {
-	struct nm_revnat_key rk = {};
 	u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
 	    a3 = ctx->user_ip6[3];
 	int mapped = is_v4_mapped(a0, a1, a2);
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	if (mapped) {
-		rk.addr[0] = a3;
-		rk.family = NM_FAMILY_V4;
-	} else {
-		rk.addr[0] = a0;
-		rk.addr[1] = a1;
-		rk.addr[2] = a2;
-		rk.addr[3] = a3;
-		rk.family = NM_FAMILY_V6;
-	}
-	rk.port = (u16)ctx->user_port;
-	struct nm_revnat_value *rv = revnat.lookup(&rk);
-	if (!rv)
+	u32 vip[4] = {};
+	u16 vip_port = 0;
+	int found = mapped ? lookup_reverse(ctx, NM_FAMILY_V4, a3, 0, 0, 0, (u16)ctx->user_port,
+					    vip, &vip_port)
+			   : lookup_reverse(ctx, NM_FAMILY_V6, a0, a1, a2, a3, (u16)ctx->user_port,
+					    vip, &vip_port);
+	if (!found)
 		return SYS_PROCEED;
 	if (mapped) {
-		ctx->user_ip6[3] = rv->addr[0];
+		ctx->user_ip6[3] = vip[0];
 	} else {
-		ctx->user_ip6[0] = rv->addr[0];
-		ctx->user_ip6[1] = rv->addr[1];
-		ctx->user_ip6[2] = rv->addr[2];
-		ctx->user_ip6[3] = rv->addr[3];
+		ctx->user_ip6[0] = vip[0];
+		ctx->user_ip6[1] = vip[1];
+		ctx->user_ip6[2] = vip[2];
+		ctx->user_ip6[3] = vip[3];
 	}
-	ctx->user_port = rv->port;
+	ctx->user_port = vip_port;
 	count(NM_CTR_REVNAT_HIT);
 	return SYS_PROCEED;
 }

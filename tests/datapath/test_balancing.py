@@ -4,6 +4,7 @@ Statistics: the kernel's bpf_get_prandom_u32() cannot be seeded, so each split i
 against a stated bound: every backend's share within 5 standard deviations of its weight's
 share (a false failure about once in 1.7 million runs per backend).
 """
+import json
 import math
 import subprocess
 import sys
@@ -132,3 +133,77 @@ def test_processes_outside_the_hooked_cgroup_are_untouched(lab, datapath):
     assert json.loads(out)["backends"] == {"untranslated": 20}
     inside = lab.client(["tcp", "--target", f"{service.vip}:80", "--count", "20"])
     assert "untranslated" not in inside["backends"] and inside["ok"] == 20
+
+
+PEERS = r"""
+import json, socket, sys
+v4, v6 = sys.argv[1], sys.argv[2]
+out = []
+for family, vip, port in ((socket.AF_INET, v4, 80), (socket.AF_INET6, v6, 80),
+                          (socket.AF_INET6, "::ffff:" + v4, 80)):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.connect((vip, port))
+    out.append(["tcp", vip, list(s.getpeername()[:2])])
+    s.close()
+for family, vip in ((socket.AF_INET, v4), (socket.AF_INET6, v6)):
+    u = socket.socket(family, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.connect((vip, 53))
+    u.send(b"q")
+    _, source = u.recvfrom(512)
+    out.append(["udp", vip, list(source[:2]), list(u.getpeername()[:2])])
+    u.close()
+print(json.dumps(out))
+"""
+
+
+def test_connected_sockets_see_the_vip_without_a_revnat_entry(lab, loaded):
+    """A connected socket (TCP, UDP connect()) keeps its reverse translation in its own
+    storage (sock_revnat), freed with it: getpeername and recvfrom show the VIP, IPv4, IPv6
+    and v4-mapped alike, and the shared revnat LRU gets no entry for it."""
+    dp, datapath = loaded
+    v4, v6 = svc(lab, family=4), svc(lab, family=6, vip_index=11)
+    datapath.apply([v4, Service("web6", "test", v6.vip, v6.ports, v6.backends)])
+    proc = lab.spawn([sys.executable, "-c", PEERS, v4.vip, v6.vip], netns=lab.client_ns,
+                     in_cgroup=True, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=20)
+    lab.processes.remove(proc)
+    got = json.loads(out)
+    assert got == [
+        ["tcp", v4.vip, [v4.vip, 80]], ["tcp", v6.vip, [v6.vip, 80]],
+        ["tcp", "::ffff:" + v4.vip, ["::ffff:" + v4.vip, 80]],
+        ["udp", v4.vip, [v4.vip, 53], [v4.vip, 53]], ["udp", v6.vip, [v6.vip, 53], [v6.vip, 53]],
+    ]
+    assert dp.maps.count("revnat") == 0
+
+
+HELD = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 8080))
+print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), "little"), flush=True)  # SO_COOKIE
+sys.stdin.readline()
+print(*s.getpeername()[:2], flush=True)
+"""
+
+
+def test_a_socket_with_only_a_revnat_entry_still_sees_its_vip(lab, loaded):
+    """A socket an older agent connected has its reverse translation in revnat only (no
+    sock_revnat storage): getpeername still finds it there, so an upgrade keeps the VIP."""
+    from nodemesh.datapath import bpfsys
+    from nodemesh.datapath import maps as m
+
+    dp, datapath = loaded
+    service = svc(lab)
+    datapath.apply([service])
+    backend = lab.backends[0].ipv4
+    proc = lab.spawn([sys.executable, "-c", HELD, backend], netns=lab.client_ns, in_cgroup=True,
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cookie = int(proc.stdout.readline())
+    family, addr = m.encode_addr(backend)
+    _, vip = m.encode_addr(service.vip)
+    bpfsys.map_update(dp.maps.fd("revnat"),
+                      m.RevnatKey(cookie, (m.u32 * 4)(*addr), m.port_be(8080), family),
+                      m.RevnatValue((m.u32 * 4)(*vip), m.port_be(80), 0, 1))
+    out, _ = proc.communicate("\n", timeout=10)
+    lab.processes.remove(proc)
+    assert out.split() == [service.vip, "80"]

@@ -117,6 +117,12 @@ class SockConn(ctypes.Structure):
     _fields_ = [("backend", EndpointKey), ("svc_id", u32), ("state", u8), ("pad", u8 * 3)]
 
 
+# bpf/nodemesh.h: a connected socket's reverse translation, in its own storage (sock_lb.c)
+class SockRevnat(ctypes.Structure):
+    _fields_ = [("backend", u32 * 4), ("vip", u32 * 4), ("backend_port", u16),
+                ("vip_port", u16), ("svc_id", u32), ("family", u8), ("pad", u8 * 3)]
+
+
 # bpf/lib/identity.h and bpf/lib/policy.h
 MAX_IDENTITIES = 65536
 MAX_POLICY = 262144
@@ -196,6 +202,7 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("backends", bpfsys.MAP_TYPE_HASH, u32, BackendEntry, "NM_MAX_BACKENDS"),
     MapSpec("rr_state", bpfsys.MAP_TYPE_ARRAY, u32, u64, "NM_MAX_FRONTENDS"),
     MapSpec("revnat", bpfsys.MAP_TYPE_LRU_HASH, RevnatKey, RevnatValue, "NM_MAX_REVNAT"),
+    MapSpec("sock_revnat", bpfsys.MAP_TYPE_SK_STORAGE, ctypes.c_int, SockRevnat, "", 0),
     MapSpec("svc_stats", bpfsys.MAP_TYPE_PERCPU_HASH, u32, SvcStats, "NM_MAX_FRONTENDS"),
     MapSpec("backend_stats", bpfsys.MAP_TYPE_PERCPU_HASH, u32, BackendStats, "NM_MAX_BACKENDS"),
     MapSpec("counters", bpfsys.MAP_TYPE_PERCPU_ARRAY, u32, u64, "", COUNTER_SLOTS),

@@ -1,0 +1,193 @@
+"""The connect4 hook's cost per connect, and where it goes: parts compiled out one at a time.
+
+A lab (tests' topology: a client netns with no route off the machine, 3 backends running the
+lab server) with the datapath attached to its child cgroup and one TCP service; a client in
+the cgroup does N connects to the VIP (each closed with an RST, SO_LINGER 0, so no TIME_WAIT
+piles up) and the program's run_time_ns / run_cnt over those connects (BPF_ENABLE_STATS,
+held by an fd for the measurement only: whatever kernel.bpf_stats_enabled says is left as it
+is) gives ns a connect. Flow events are on at the agent's defaults (1000/s per CPU, burst 200),
+as in a running agent.
+
+Each variant is a measuring build: a copy of bpf/ whose sock_lb.c starts with the variant's
+`#define NM_COST_NO_<PART>` lines (sock_lb.c's guards; the agent never defines them). Variants
+run round-robin (ABAB...), --rounds times, each round a fresh load, so a change of machine
+load spreads over all of them.
+
+    sudo .venv/bin/python bench/sock_cost.py [--connects 20000] [--rounds 3] [--variants full,flow]
+
+`full` is the build as shipped; `none` compiles out everything but the service lookup and the
+backend choice. `hashrevnat` (not a part compiled out: the way before sock_revnat) keeps a
+connected socket's reverse translation in the revnat hash, for before/after:
+
+    sudo .venv/bin/python bench/sock_cost.py --variants hashrevnat,full --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "agent"))
+
+PARTS = {
+    "policy": "NM_COST_NO_POLICY",     # nm_policy_decide
+    "proxy": "NM_COST_NO_PROXY",       # the proxy redirect check
+    "account": "NM_COST_NO_ACCOUNT",   # per-service stats
+    "flow": "NM_COST_NO_FLOW",         # nm_flow_emit
+    "revnat": "NM_COST_NO_REVNAT",     # remember(): the reverse translation
+    "conn": "NM_COST_NO_CONN",         # nm_conn_remember
+    "netns": "NM_COST_NO_NETNS",       # bpf_get_netns_cookie
+    "hashrevnat": "NM_COST_REVNAT_HASH",  # connected sockets in revnat, as before sock_revnat
+}
+# One chunk of connects per line read; "<failures>" printed after each.
+CLIENT = r"""
+import socket, struct, sys
+vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+linger = struct.pack("ii", 1, 0)
+for line in sys.stdin:
+    fails = 0
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        try:
+            s.connect((vip, port))
+        except OSError:
+            fails += 1
+        s.close()
+    print(fails, flush=True)
+"""
+
+
+def build(variant: str, src: Path, tmp: Path) -> Path:
+    """A copy of the sources with the variant's parts compiled out."""
+    out = tmp / variant
+    shutil.copytree(src, out)
+    if variant == "full":
+        parts: List[str] = []
+    elif variant == "none":
+        parts = [p for p, d in PARTS.items() if d.startswith("NM_COST_NO_")]
+    else:
+        parts = variant.split("+")
+    defines = "".join(f"#define {PARTS[p]} 1\n" for p in parts)
+    text = (out / "sock_lb.c").read_text()
+    (out / "sock_lb.c").write_text(defines + text)
+    return out
+
+
+def measure(lab, variant_dir: Path, connects: int, chunk: int) -> List[float]:
+    """ns a connect of each chunk of `chunk` connects."""
+    from nodemesh import flows
+    from nodemesh.bpfstats import enable_stats, fdinfo
+    from nodemesh.datapath import bpfsys
+    from nodemesh.datapath.loader import Datapath, cleanup
+    from nodemesh.model import Backend, Service, ServicePort
+    from nodemesh.reconciler import Reconciler
+
+    os.environ["NODEMESH_BPF_DIR"] = str(variant_dir)
+    dp = Datapath(lab.bpffs, lab.cgroup)
+    stats = None
+    try:
+        maps = dp.load()
+        rec = Reconciler(maps)
+        rec.adopt()
+        flows.configure(maps, flows.DEFAULT_RATE, flows.DEFAULT_BURST, True)
+        dp.attach()
+        vip = lab.vip4(10)
+        rec.apply([Service("web", "bench", vip, (ServicePort(80, 8080, "TCP", "http"),),
+                           tuple(Backend(b.ipv4, 1) for b in lab.backends))])
+        fd = dp.programs["connect4"]
+        stats = enable_stats()
+        if stats is None:
+            raise SystemExit("BPF_ENABLE_STATS refused: run as root on Linux >= 5.8")
+        proc = lab.spawn([sys.executable, "-c", CLIENT, vip, "80", str(chunk)],
+                         netns=lab.client_ns, in_cgroup=True, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        out: List[float] = []
+        try:
+            for _ in range(max(connects // chunk, 1)):
+                before = fdinfo(fd)
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                failed = proc.stdout.readline().strip()
+                after = fdinfo(fd)
+                if failed != "0":
+                    raise SystemExit(f"client failed: {failed!r} connects of {chunk}")
+                runs = after["run_cnt"] - before["run_cnt"]
+                if runs < chunk:
+                    raise SystemExit(f"connect4 ran {runs} times for {chunk} connects")
+                out.append((after["run_time_ns"] - before["run_time_ns"]) / runs)
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+            lab.processes.remove(proc)
+        return out
+    finally:
+        bpfsys.close(stats)
+        dp.close()
+        cleanup(lab.bpffs)
+        os.environ.pop("NODEMESH_BPF_DIR", None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--connects", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=250,
+                    help="connects a sample: each round gives connects/chunk samples")
+    ap.add_argument("--variants", default="full,none," + ",".join(PARTS),
+                    help="comma-separated: full, none, a part, or parts joined by +")
+    args = ap.parse_args()
+    if not 0 < args.connects <= 200000 or not 0 < args.rounds <= 20 or \
+            not 0 < args.chunk <= args.connects:
+        raise SystemExit("--connects must be in 1..200000, --rounds in 1..20 and --chunk in "
+                         "1..connects")
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in ("full", "none") and any(p not in PARTS for p in v.split("+")):
+            raise SystemExit(f"--variants: unknown part in {v!r} (known: {', '.join(PARTS)})")
+    from nodemesh.datapath.loader import bpf_source_dir
+    from nodemesh.lab.topology import new_lab
+
+    src = bpf_source_dir()
+    # Per variant: each chunk's ns a connect, and each round's lowest chunk. On a loaded machine
+    # a chunk in which the client (and the program in it) was preempted or shared its CPU
+    # reads high; the lowest chunk of a round is the least disturbed one.
+    results: Dict[str, List[float]] = {v: [] for v in variants}
+    lows: Dict[str, List[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="nm-sockcost-") as tmp:
+        # Every build is made before the first run, so editing bpf/ meanwhile changes nothing.
+        builds = {v: build(v, src, Path(tmp)) for v in variants}
+        lab = new_lab("nmb", backends=3)
+        try:
+            lab.start_servers(tcp_ports=(8080,), udp_ports=())
+            for r in range(args.rounds):
+                for v in variants:
+                    chunks = measure(lab, builds[v], args.connects, args.chunk)
+                    results[v] += chunks
+                    lows[v].append(min(chunks))
+                    print(f"round {r + 1} {v}: median {statistics.median(chunks):.0f}, lowest "
+                          f"{min(chunks):.0f} ns/connect over {len(chunks)} chunks of "
+                          f"{args.chunk} (load {os.getloadavg()[0]:.1f})", flush=True)
+        finally:
+            lab.destroy()
+    full = statistics.median(lows["full"]) if "full" in lows else None
+    print(f"\n{src}: connect4 ns a connect, {args.connects} connects x {args.rounds} rounds "
+          f"in chunks of {args.chunk}; load {os.getloadavg()[0]:.1f}")
+    print(f"  {'variant':24} {'lowest chunk (median of rounds)':>32} {'all chunks: median':>20}")
+    for v in variants:
+        low = statistics.median(lows[v])
+        saved = f"  full - this: {full - low:+.0f}" if full is not None and v != "full" else ""
+        print(f"  {v:24} {low:32.0f} {statistics.median(results[v]):20.0f}{saved}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
