@@ -4,10 +4,11 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# Test files run on JOBS workers (pytest-xdist; a file stays on one worker, so its module fixtures
-# are shared): most root tests wait on sockets and timers, not on the CPU.
+# Tests run on JOBS workers (pytest-xdist): most root tests wait on sockets and timers, not on the
+# CPU. loadgroup: each test is a unit of work, except that a file with a module-scoped fixture
+# stays on one worker (tests/conftest.py groups it), so its set-up is made once.
 JOBS ?= 3
-XDIST := -n $(JOBS) --dist loadfile
+XDIST := -n $(JOBS) --dist loadgroup
 
 setup:
 	bash scripts/setup

@@ -10,7 +10,9 @@ import pytest
 IS_ROOT = os.geteuid() == 0
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
+    _group_modules_that_share_a_setup(items)
     if IS_ROOT:
         return
     skip = pytest.mark.skip(reason="needs root (BPF, network namespaces, cgroups)")
@@ -18,6 +20,20 @@ def pytest_collection_modifyitems(config, items):
         # The marker itself: item.keywords would also match a test parametrized with "root".
         if item.get_closest_marker("root"):
             item.add_marker(skip)
+
+
+def _group_modules_that_share_a_setup(items):
+    """`make test` runs `--dist loadgroup`: a test is a unit of work on its own, so a file of a
+    few long tests spreads over the workers instead of making the tail of the run. A file
+    with a module-scoped fixture (a lab, a loaded datapath, servers started once) stays on one
+    worker, as a group, so that its set-up is still made once."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(defs and defs[-1].scope in ("module", "class", "package")
+               for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .datapath import bpfsys
 from .datapath import maps as m
@@ -67,7 +67,8 @@ class Flow:
         return asdict(self)
 
 
-def _hostport(family: int, words, port: int) -> str:
+def _hostport(family: int, words: Sequence[int], port: int) -> str:
+    # words: a FlowEvent u32[4] (a ctypes array reads as a Sequence[int])
     addr = m.decode_addr(family, words)
     return f"[{addr}]:{port}" if family == m.FAMILY_V6 else f"{addr}:{port}"
 

@@ -348,6 +348,11 @@ class HealthChecker:
         """Seconds from one check's start to the next: the interval plus 0..10 % jitter."""
         return max(interval, 0.001) * (1.0 + self._rng.uniform(0.0, JITTER_FRACTION))
 
+    def next_start(self, key: TargetKey, started: float, interval: float) -> float:
+        """When (event-loop time) the check of `key` after the one that started at `started`
+        starts: start to start, so the time a check takes does not push the schedule back."""
+        return started + self.next_delay(interval)
+
     async def _check_forever(self, key: TargetKey, state: TargetState,
                              check: HealthCheck) -> None:
         loop = asyncio.get_running_loop()
@@ -369,7 +374,7 @@ class HealthChecker:
                 raise
             except Exception:  # a bug here must not end this target's checks silently
                 log.exception("health check of %s failed unexpectedly", _describe(key))
-            await asyncio.sleep(max(0.0, started + self.next_delay(check.interval_seconds)
+            await asyncio.sleep(max(0.0, self.next_start(key, started, check.interval_seconds)
                                     - loop.time()))
 
     def _record(self, key: TargetKey, state: TargetState, check: HealthCheck,

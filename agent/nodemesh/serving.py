@@ -4,7 +4,11 @@ One thread watches every connection with a selector and reads the request heads;
 complete head takes one of a few worker threads. So an idle connection costs a descriptor and
 no thread, and:
 - a connection whose head is not complete HEAD_TIMEOUT seconds after accept is dropped;
-- a response not written within REQUEST_TIMEOUT seconds is abandoned (a client not reading);
+- a response not written within REQUEST_TIMEOUT seconds of its first byte is abandoned (a
+  client not reading). The time the handler takes to build the response is not counted: a
+  scrape of 100,000 services on a loaded node takes seconds to render, and a deadline that
+  started at the request cut such a body off after its first megabytes (the client saw an
+  IncompleteRead);
 - at most max_connections are open. One more displaces the oldest connection still sending its
   head, so clients holding idle connections cannot lock out a scrape; when every connection is
   being answered, the new one is closed. Both count in
@@ -23,6 +27,7 @@ import threading
 import time
 import weakref
 from http.server import BaseHTTPRequestHandler
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -50,25 +55,30 @@ def _rejected_counter(registry: CollectorRegistry, server: str):
 
 class Handler(BaseHTTPRequestHandler):
     """Answers one request whose head the event loop has read; request is (socket, head,
-    deadline)."""
+    seconds the response may take to write, from its first byte)."""
 
     def setup(self):
-        self.connection, head, deadline = self.request
+        self.connection, head, write_seconds = self.request
         self.rfile = io.BytesIO(head)
-        self.wfile = _Writer(self.connection, deadline)
+        self.wfile = _Writer(self.connection, write_seconds)
 
 
 class _Writer(io.RawIOBase):
-    def __init__(self, sock: socket.socket, deadline: float):
-        self._sock, self._deadline = sock, deadline
+    def __init__(self, sock: socket.socket, write_seconds: float):
+        self._sock, self._seconds = sock, write_seconds
+        self._deadline: Optional[float] = None  # set by the first write
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:
-        # sendall's timeout bounds the whole call, so a client reading a byte at a time is
-        # dropped at the deadline too.
-        self._sock.settimeout(max(self._deadline - time.monotonic(), 0.001))
+        # The deadline starts with the response's first byte, after the handler built it, so
+        # only the client's reading is timed. sendall's timeout bounds the whole call, so a
+        # client reading a byte at a time is dropped at the deadline too.
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._seconds
+        self._sock.settimeout(max(self._deadline - now, 0.001))
         self._sock.sendall(data)
         return len(data)
 
@@ -210,8 +220,7 @@ class Server:
                 return
             conn, head, addr = job
             try:
-                self._handler((conn, head, time.monotonic() + self._request_timeout), addr,
-                              self)
+                self._handler((conn, head, self._request_timeout), addr, self)
             except OSError as e:
                 log.debug("%s: %s", self.name, e)  # the client went away
             except Exception:

@@ -194,13 +194,20 @@ def test_initial_sync_delivers_every_cluster_ip_service_with_its_backends(run_so
     assert len(recorder.changes) == 1
 
 
-def test_an_endpointslice_change_reaches_on_change_within_two_seconds(api, run_source):
+def test_an_endpointslice_change_reaches_on_change_through_the_watch_alone(api, registry,
+                                                                          run_source):
+    """The change comes from the watch stream as one delta of the one service it touched, not
+    from a relist or a resync (which is what a late delivery would have to wait for). How soon
+    is bench/'s business: a deadline here failed on a loaded machine."""
     _, recorder = run_source()
     recorder.wait_for_change()
+    before, relists = len(recorder.deltas), events(registry, "relist")
     add_web_endpoint(api, "10.244.3.5")
     services = recorder.wait_for_change(
-        lambda s: "10.244.3.5" in addresses(s, "shop", "web"), timeout=2.0)
+        lambda s: "10.244.3.5" in addresses(s, "shop", "web"), after=before)
     assert len(addresses(services, "shop", "web")) == 5
+    assert [[s.key for s in d.upserts] for d in recorder.deltas[before:]] == [[("shop", "web")]]
+    assert not recorder.deltas[-1].full and events(registry, "relist") == relists
 
 
 def test_endpoint_conditions_changes_are_delivered(api, run_source):
@@ -218,10 +225,14 @@ def test_endpoint_conditions_changes_are_delivered(api, run_source):
     recorder.wait_for_change(canary_terminating)
 
 
-def test_median_latency_from_an_endpointslice_change_to_on_change(api, run_source,
-                                                                  record_property):
+def test_each_of_20_spaced_changes_is_delivered_alone_and_the_latency_is_recorded(
+        api, registry, run_source, record_property):
+    """Twenty changes, each written after the last was delivered: each arrives as its own delta
+    through the watch (no relist). The median latency is recorded and printed, not asserted
+    (a timed assertion fails on a loaded machine; bench/ measures it)."""
     _, recorder = run_source()
     recorder.wait_for_change()
+    relists = events(registry, "relist")
     latencies = []
     for i in range(20):
         address = f"10.244.9.{i + 1}"
@@ -232,24 +243,95 @@ def test_median_latency_from_an_endpointslice_change_to_on_change(api, run_sourc
         delivered = next(t for t, s in recorder.changes[before:]
                          if address in addresses(s, "shop", "web"))
         latencies.append(delivered - written)
+        assert len(recorder.changes) == before + 1
+    assert events(registry, "relist") == relists
+    assert len(addresses(recorder.latest(), "shop", "web")) == 24
     median = statistics.median(latencies)
     record_property("median_latency_seconds", round(median, 4))
     print(f"\nEndpointSlice change -> on_change: median {median * 1000:.1f} ms, "
           f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} changes")
-    assert median < 0.5
 
 
-def test_a_burst_of_changes_is_coalesced_into_few_deliveries(api, run_source):
-    _, recorder = run_source()
+def test_a_burst_of_changes_is_coalesced_into_few_deliveries(api, run_source, registry):
+    """Changes that come while a delivery is under way are merged into the next one. The
+    deliverer is held in on_change while the burst lands, so the machine's speed decides
+    nothing (a burst paced by sleeps against the 10 ms quiet window failed at load 8)."""
+    source, recorder = run_source()
     recorder.wait_for_change()
+    gate, in_on_change = threading.Event(), threading.Event()
+    deliver = recorder.on_change
+
+    def held_on_change(delta):
+        in_on_change.set()
+        gate.wait(30)  # a bound only against a hung test
+        deliver(delta)
+    source._on_change = held_on_change
     before = len(recorder.changes)
-    for i in range(20):  # a rolling update: one change every few milliseconds
-        add_web_endpoint(api, f"10.244.8.{i + 1}")
-        time.sleep(0.005)
+    modified = events(registry, "endpointslice_modified")
+    try:
+        add_web_endpoint(api, "10.244.8.1")
+        assert in_on_change.wait(WAIT_SECONDS), "the first change of the burst was not delivered"
+        for i in range(1, 20):  # the rest of a rolling update, while that delivery runs
+            add_web_endpoint(api, f"10.244.8.{i + 1}")
+        wait_until(lambda: events(registry, "endpointslice_modified") >= modified + 20,
+                   what="the source has seen all 20 changes")
+    finally:
+        gate.set()
     recorder.wait_for_change(lambda s: "10.244.8.20" in addresses(s, "shop", "web"),
                              after=before)
-    assert len(recorder.changes) - before < 10
+    assert len(recorder.changes) - before == 2  # the first change, then the other 19 at once
     assert len(addresses(recorder.latest(), "shop", "web")) == 24
+
+
+class _ScriptedChanges:
+    """A stand-in for the source's change event and its clock: changes arrive at scripted
+    times, and waiting moves the clock, so the coalescing window is judged with no real time
+    passing. As with threading.Event, a change stays signalled until the next clear()."""
+
+    def __init__(self, arrivals):
+        self.now, self.unseen = 0.0, sorted(arrivals)
+
+    def monotonic(self):
+        return self.now
+
+    def clear(self):
+        self.unseen = [t for t in self.unseen if t > self.now]
+
+    def wait(self, timeout=None):
+        if self.unseen and (timeout is None or self.unseen[0] <= self.now + timeout):
+            self.now = max(self.now, self.unseen[0])
+            return True
+        self.now += timeout
+        return False
+
+    def deliveries(self, source):
+        """When the delivery loop (_deliver_loop) would deliver, for the scripted arrivals."""
+        times = []
+        while self.unseen:
+            self.wait()  # the deliverer idles until a change comes
+            source._coalesce()
+            times.append(self.now)
+        return times
+
+
+@pytest.mark.parametrize("arrivals, expected", [
+    # One change: delivered once the stream has been quiet for QUIET_SECONDS.
+    ([0.0], [0.01]),
+    # Three changes 5 ms apart: one delivery, quiet 10 ms after the last.
+    ([0.0, 0.005, 0.010], [0.02]),
+    # A change every 5 ms for 100 ms: never quiet, so one delivery each MAX_DELAY_SECONDS.
+    ([i * 0.005 for i in range(20)], [0.05, 0.105]),
+    # Two changes further apart than the quiet window: two deliveries.
+    ([0.0, 0.5], [0.01, 0.51]),
+])
+def test_the_coalescing_window_is_ten_ms_of_quiet_and_at_most_fifty_ms(monkeypatch, arrivals,
+                                                                      expected):
+    script = _ScriptedChanges(arrivals)
+    source = object.__new__(KubernetesSource)  # no client: only the window is exercised
+    source._changed, source._stopping = script, threading.Event()
+    monkeypatch.setattr(kubernetes_source, "time", script)
+    assert (KubernetesSource.QUIET_SECONDS, KubernetesSource.MAX_DELAY_SECONDS) == (0.01, 0.05)
+    assert script.deliveries(source) == pytest.approx(expected, abs=1e-9)
 
 
 def test_the_first_delivery_waits_until_both_collections_are_listed(api, run_source):

@@ -372,3 +372,45 @@ def test_metrics_are_served_on_an_ipv6_address():
         assert not_ready.value.code == 503
     finally:
         server.stop()
+
+
+def test_a_scrape_that_takes_longer_to_render_than_the_request_timeout_is_written_whole(
+        monkeypatch):
+    """At 100,000 services on a loaded node, rendering /metrics takes seconds; the time to write
+    the response is counted from its first byte, so a slow render does not cut the body off
+    (the client saw http.client.IncompleteRead). The server's clock is made to jump past the
+    request timeout while the body renders, so no real time is spent and no wall clock decides
+    the outcome."""
+    import http.client
+    import types
+
+    from prometheus_client import CollectorRegistry
+
+    from nodemesh import serving
+
+    jumped = [0.0]
+    monkeypatch.setattr(serving, "time", types.SimpleNamespace(
+        monotonic=lambda: time.monotonic() + jumped[0]))
+    body = b"#" + b"x" * (16 << 20) + b"\n"  # 16 MiB: more than loopback's socket buffers hold
+
+    class SlowToRender:
+        def render_large(self):
+            jumped[0] += 2 * serving.REQUEST_TIMEOUT  # rendering "took" twice the timeout
+            return body
+
+    class Agent:
+        ready = True
+        datapath_metrics = SlowToRender()
+
+    server = metrics.MetricsServer(Agent(), CollectorRegistry(), "127.0.0.1:0")
+    server.start()
+    host, port = server.server.socket.getsockname()[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60 * TIME_SCALE)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.read().endswith(body)  # IncompleteRead when the write was cut off
+    finally:
+        conn.close()
+        server.stop()
