@@ -39,11 +39,16 @@ class Recorder:
         self.changes = []   # (monotonic time, [Service])
         self.errors = []
         self.deltas = []
+        self.partials = []  # the first sync's pages, before the full delta (not in deltas)
         self._cond = threading.Condition(threading.RLock())
 
     def on_change(self, delta):
         # Fold each delta into the whole desired set, as the agent does, and record that set.
         with self._cond:
+            if delta.partial:
+                self.partials.append(delta)
+                self._cond.notify_all()
+                return
             self.deltas.append(delta)
             current = {} if delta.full else {s.key: s for s in (self.latest() or [])}
             for key in delta.deletes:
@@ -444,6 +449,37 @@ def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypat
     lists = [q for path, q in api.requests if path.endswith("/services") and "watch" not in q]
     restarts = [q for q in lists if "continue" not in q]
     assert len(restarts) == 2 and "resourceVersion" not in restarts[1]  # a consistent read
+
+
+def test_the_first_sync_streams_the_services_page_by_page_after_the_slices(api, monkeypatch,
+                                                                          run_source):
+    # The agent programs each page of services while the next one is listed: every page
+    # after the first waits (2 s at most) until the pages before it were delivered.
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    page = kubernetes_source._Watcher._page
+    recorders = []
+
+    def wait_for_the_pages_before(watcher, query):
+        if watcher.kind == "service" and "_continue" in query:
+            deadline = time.monotonic() + 2
+            while not recorders[0].partials and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return page(watcher, query)
+
+    monkeypatch.setattr(kubernetes_source._Watcher, "_page", wait_for_the_pages_before)
+    _, recorder = run_source()
+    recorders.append(recorder)
+    full = recorder.wait_for_delta(0)
+    assert full.full and keys(full.upserts) == [("default", "api"), ("shop", "web")]
+    # Each service comes whole (with its backends), as the full set has it, and before it.
+    assert recorder.partials and recorder.deltas == [full]
+    streamed = {s.key: s for delta in recorder.partials for s in delta.upserts}
+    assert streamed and all(s == by_key(full.upserts)[key] for key, s in streamed.items())
+    assert all(not d.deletes and not d.full for d in recorder.partials)
+    lists = [path for path, q in api.requests if "watch" not in q and
+             path.rsplit("/", 1)[-1] in ("services", "endpointslices")]
+    assert lists.index(next(p for p in lists if p.endswith("/services"))) > \
+        max(i for i, p in enumerate(lists) if p.endswith("/endpointslices"))
 
 
 def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monkeypatch,
