@@ -35,9 +35,13 @@ What it keeps, and what it delivers
     model.Backend per address. No JSON is kept. A service is assembled again from those
     parts when it or one of its slices changes, and it shares its Backends with them, so the
     cache costs little beyond the services delivered.
-    A third thread delivers Deltas (nodemesh.sources): the first once both collections have
-    been listed (never a half-synced set: services without their backends would black-hole
-    traffic), with full=True and every service; then, after coalescing a burst (10 ms of
+    A third thread delivers Deltas (nodemesh.sources): the first full one once both
+    collections have been listed (never a half-synced set: services without their backends
+    would black-hole traffic), with full=True and every service. The slices are listed
+    first, so that a Services list of several pages can stream before it: each page's
+    services are assembled with their backends as they arrive and delivered as partial
+    deltas (which delete nothing), and the agent programs them while the next page is
+    decoded. Then, after coalescing a burst (10 ms of
     quiet, at most 50 ms after the first change), only the services whose translation
     changed (upserts) and those that are gone or no longer programmable (deletes). A change
     that translates to what was delivered is not delivered. The work of an event or a delta
