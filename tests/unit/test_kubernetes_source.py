@@ -482,6 +482,34 @@ def test_the_first_sync_streams_the_services_page_by_page_after_the_slices(api, 
         max(i for i, p in enumerate(lists) if p.endswith("/endpointslices"))
 
 
+def test_a_streamed_list_that_fails_half_way_starts_over_and_the_full_set_drops_what_went(
+        api, registry, monkeypatch, run_source):
+    # Page 1 (default/api) is delivered; the next page fails, and meanwhile default/api is
+    # deleted: the list starts over, and the full set, the only delta that deletes, lacks it.
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    page = kubernetes_source._Watcher._page
+    recorders, failed = [], []
+
+    def fail_once_after_the_first_page(watcher, query):
+        if watcher.kind == "service" and "_continue" in query and not failed:
+            deadline = time.monotonic() + 2
+            while not recorders[0].partials and time.monotonic() < deadline:
+                time.sleep(0.01)
+            api.delete("Service", "default", "api")
+            failed.append(True)
+            raise ConnectionResetError("cut half-way through the list")
+        return page(watcher, query)
+
+    monkeypatch.setattr(kubernetes_source._Watcher, "_page", fail_once_after_the_first_page)
+    _, recorder = run_source()
+    recorders.append(recorder)
+    full = recorder.wait_for_delta(0, timeout=10)
+    assert ("default", "api") in {s.key for d in recorder.partials for s in d.upserts}
+    assert full.full and keys(full.upserts) == [("shop", "web")]
+    assert len(addresses(full.upserts, "shop", "web")) == 4
+    assert events(registry, "error") == 1 and recorder.deltas == [full]
+
+
 def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monkeypatch,
                                                                       run_source):
     monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", True)
