@@ -94,6 +94,7 @@ def main() -> None:
 
     class Source:  # what a _Watcher asks of its source, without a server
         DECODE_IN_WORKER = not args.no_worker
+        DECODE_SERVICES_IN_WORKER = False  # the worker for both lists, or for neither
         _listing = threading.Lock()
         _decoder = k8s.PageDecoder(print) if hasattr(k8s, "PageDecoder") else None
         resync_seconds = 300

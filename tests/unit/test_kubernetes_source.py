@@ -456,6 +456,8 @@ def test_the_first_sync_streams_the_services_page_by_page_after_the_slices(api, 
     # The agent programs each page of services while the next one is listed: every page
     # after the first waits (2 s at most) until the pages before it were delivered.
     monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    # Pages parsed in order by the listing thread (a worker's answer is taken later).
+    monkeypatch.setattr(KubernetesSource, "DECODE_SERVICES_IN_WORKER", False, raising=False)
     page = kubernetes_source._Watcher._page
     recorders = []
 
@@ -487,6 +489,8 @@ def test_a_streamed_list_that_fails_half_way_starts_over_and_the_full_set_drops_
     # Page 1 (default/api) is delivered; the next page fails, and meanwhile default/api is
     # deleted: the list starts over, and the full set, the only delta that deletes, lacks it.
     monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    # Pages parsed in order by the listing thread (a worker's answer is taken later).
+    monkeypatch.setattr(KubernetesSource, "DECODE_SERVICES_IN_WORKER", False, raising=False)
     page = kubernetes_source._Watcher._page
     recorders, failed = [], []
 
@@ -528,6 +532,28 @@ def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monke
     assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
     assert len(addresses(services, "shop", "web")) == 4
     assert decoded and {kind for kind, _ in decoded} <= {"service", "endpointslice"}
+
+
+def test_on_two_cpus_the_worker_decodes_the_services_list_and_not_the_slices(api, monkeypatch,
+                                                                           run_source):
+    # The slices list runs while BCC compiles the datapath (the second CPU is the
+    # compiler's); the services list, after it, while the core programs its pages.
+    monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", False)
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    list_page = kubernetes_source._ClusterState.list_page
+    decoded = []
+
+    def count_decoded(state, kind, items, seen):
+        if isinstance(items, kubernetes_source.DecodedPage):
+            decoded.append(kind)
+        list_page(state, kind, items, seen)
+
+    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", count_decoded)
+    _, recorder = run_source()
+    full = recorder.wait_for_delta(0)
+    assert keys(full.upserts) == [("default", "api"), ("shop", "web")]
+    assert len(addresses(full.upserts, "shop", "web")) == 4
+    assert decoded and set(decoded) == {"service"}
 
 
 def test_a_crashed_decoding_worker_is_counted_and_its_pages_are_parsed_by_the_agent(

@@ -1027,8 +1027,10 @@ class _Watcher:
         # One list at a time: decoding and parsing are CPU-bound, and while one list parses,
         # each socket read of the other waits for the GIL (the convoy effect): two lists of
         # 100,000 objects at once took three times their CPU time.
-        decoder = self._source._decoder if self._source.DECODE_IN_WORKER and \
-            self.kind in ("service", "endpointslice") else None
+        source = self._source
+        decoder = source._decoder if (source.DECODE_IN_WORKER and self.kind in (
+            "service", "endpointslice")) or (source.DECODE_SERVICES_IN_WORKER and
+                                              self.kind == "service") else None
         with self._source._listing, contextlib.ExitStack() as stack:
             page = _PageFetch(self._page, query, self.kind)
             # Pages given to the decoding worker, oldest first, with their text (parsed here
@@ -1320,6 +1322,9 @@ class KubernetesSource:
     # the lists alone 11.1-12.0 s -> 8.2-8.3 s of wall time with the worker, but start -> ready
     # unchanged (25.5 s and 25.4 s against 25.6 s and 23.8 s) for 4.5 s more CPU.
     DECODE_IN_WORKER = len(os.sched_getaffinity(0)) >= 3
+    # On two CPUs, the Services list only: it runs after the slices, once the compile is
+    # done, while the core programs its pages; the worker then has the second CPU.
+    DECODE_SERVICES_IN_WORKER = len(os.sched_getaffinity(0)) >= 2
     QUIET_SECONDS = 0.01      # deliver once the stream has been quiet this long...
     MAX_DELAY_SECONDS = 0.05  # ...or this long after the first change, whichever comes first
 
