@@ -130,6 +130,20 @@ class Core:
         self._publish(result)
         return result
 
+    def reconcile_listed(self) -> Optional[RoundResult]:
+        """A round of the first sync, before the full set: program the services the source
+        has listed so far (partial deltas) and delete nothing. Until the full set is in, a
+        frontend nobody has named may belong to a service still to be listed; one adopted
+        from the previous agent keeps serving. None if nothing was listed since."""
+        if not self._dirty:
+            return None
+        listed: Set[FrontendKey] = set()
+        self._push_dirty(listed)
+        result = self.reconciler.reconcile(force=True, only=listed)
+        self.on_round(result)
+        self._publish(result, listed_only=True)
+        return result
+
     def _apply_mesh(self) -> None:
         if self.policy is None or self.mesh is None:
             return
@@ -154,7 +168,9 @@ class Core:
             if d.full:
                 old, self.services = self.services, {s.key: s for s in d.upserts}
                 self._dirty.update(k for k in old if k not in self.services)
-                self._dirty.update(k for k, s in self.services.items() if old.get(k) != s)
+                # After partial deltas, most are the very objects folded already.
+                self._dirty.update(k for k, s in self.services.items()
+                                   if old.get(k) is not s and old.get(k) != s)
                 self.synced = True
             else:
                 for key in d.deletes:
@@ -166,9 +182,10 @@ class Core:
                         self._dirty.add(svc.key)
             if d.mesh is not None and d.mesh != self.mesh:
                 self.mesh, self._mesh_dirty = d.mesh, True
-            src = self.snapshot.source
-            self.snapshot = replace(self.snapshot, source=replace(
-                src, ok=True, error=None, loads=src.loads + 1, last_change=time.time()))
+            if not d.partial:  # a part of the first sync is no load of its own
+                src = self.snapshot.source
+                self.snapshot = replace(self.snapshot, source=replace(
+                    src, ok=True, error=None, loads=src.loads + 1, last_change=time.time()))
         elif isinstance(event, SourceFailed):
             log.error("desired state rejected; the last good state keeps serving:\n%s",
                       event.message)
@@ -185,9 +202,10 @@ class Core:
         return selection.Context(node_name=self.node_name, node_zone=self.node_zone(),
                                  unhealthy=frozenset(unhealthy | self.outlier.ejected()))
 
-    def _push_dirty(self) -> None:
+    def _push_dirty(self, wanted: Optional[Set[FrontendKey]] = None) -> None:
         """Hand each dirty service's wants to the reconciler, health checks and outlier
-        detector. Only dirty services are looked at."""
+        detector. Only dirty services are looked at. `wanted` collects the frontends the
+        dirty services want now."""
         if not self._dirty:
             return
         ctx = self.selection_context()
@@ -208,16 +226,20 @@ class Core:
                               "frontend: %s", key[0], key[1], "; ".join(conflicts))
                 else:
                     self._conflicts.pop(key, None)
+                if wanted is not None:
+                    wanted.update(rec.by_service.get(key, ()))
             self.health.set_service_targets(key, _health_targets(svc) if svc else {})
             self.outlier.configure_service(key, svc)
         self._dirty.clear()
         self.snapshot = replace(self.snapshot,
                                 services=self.snapshot.services.updated(changes))
 
-    def _publish(self, result: RoundResult) -> None:
+    def _publish(self, result: RoundResult, listed_only: bool = False) -> None:
         rec = self.reconciler
         views: Dict[FrontendKey, Optional[FrontendView]] = {}
-        for fk in result.touched | rec.pending:
+        # A round of the first sync publishes what it touched; the frontends still pending
+        # (adopted, not listed yet: up to all of them) wait for the full round.
+        for fk in result.touched if listed_only else result.touched | rec.pending:
             st = rec.status.get(fk)
             if st is None:
                 views[fk] = None

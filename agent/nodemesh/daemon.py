@@ -6,8 +6,10 @@ only caller of the reconciler. Sources, health checks and the ring-buffer reader
 to it; socket termination and the ring-buffer reader are supervised workers.
 
 Start:  the source starts (its events wait in the core's queue) while the programs load
-        against the pinned maps (adopting them) -> adopt programmed state -> the source's
-        first full set -> first round -> attach (swap into existing links) -> ready.
+        against the pinned maps (adopting them) -> adopt programmed state -> the pages of
+        the source's first sync as they come (partial deltas: written, nothing deleted) ->
+        its first full set -> first full round (deletes what nobody wants) -> attach (swap
+        into existing links) -> ready.
 Stop:   SIGTERM/SIGINT end the process and leave the datapath in the kernel, serving the last
         state; the next agent adopts it. `nodemesh cleanup` is what removes it.
 """
@@ -108,8 +110,9 @@ class Agent:
 
     def desired(self, delta: Delta) -> None:
         """The source's on_change: only enqueued, so a source never waits for the kernel."""
-        self.own_metrics.reloads.labels(self.source_name).inc()
-        self.own_metrics.last_reload_success.labels(self.source_name).set(1)
+        if not delta.partial:  # a page of the first sync is no reload
+            self.own_metrics.reloads.labels(self.source_name).inc()
+            self.own_metrics.last_reload_success.labels(self.source_name).set(1)
         self.events.put(SourceChanged(delta))
 
     def source_error(self, message: str) -> None:
@@ -212,6 +215,10 @@ class Agent:
                     return 1
                 if self._stop.is_set():
                     return 0
+                if not self.core.synced:
+                    # Pages of a first sync (partial deltas): programmed while the source
+                    # decodes the next ones; nothing is deleted until the full set.
+                    self.core.reconcile_listed()
             self.core.reconcile(force=True)
             # The first sync's objects live as long as their services: take them out of the
             # cyclic collector's reach, or every full collection walks 100,000 services' worth

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import (
     Any,
     Callable,
+    Collection,
     Deque,
     Dict,
     FrozenSet,
@@ -647,13 +648,23 @@ class Reconciler:
         return len(self.programmed)
 
     # -- a round ----------------------------------------------------------------------------
-    def reconcile(self, force: bool = False) -> RoundResult:
+    def reconcile(self, force: bool = False,
+                  only: Optional[Collection[FrontendKey]] = None) -> RoundResult:
         """Write the pending frontends that are due (all of them with force). Deletes first,
-        so that the ids they free serve the writes."""
+        so that the ids they free serve the writes.
+
+        `only`: a round of the first sync while the source has listed part of the desired
+        set. Only these frontends are written, if desired, and nothing is deleted (no
+        frontend, no garbage, no endpoint_health entry): an adopted frontend nobody has
+        named yet may belong to a service still to be listed, and keeps serving until the
+        round without `only`."""
         started = self.clock()
         result = RoundResult()
-        self._collect_garbage(result)
-        due = [k for k in self.pending if force or self.status[k].next_attempt <= started]
+        if only is None:
+            self._collect_garbage(result)
+            due = [k for k in self.pending if force or self.status[k].next_attempt <= started]
+        else:
+            due = [k for k in only if k in self.pending and k in self.desired]
         failed: Dict[FrontendKey, str] = {}
         deletes = [self.programmed[k] for k in due if k not in self.desired and
                    k in self.programmed]
@@ -695,7 +706,8 @@ class Reconciler:
                                         if i in dropped}, -1, result, c.old.desired)
             self._done(c.new.key, result)
         self._delete_old_banks(committed, result)
-        self._sync_endpoint_health(result)
+        if only is None:
+            self._sync_endpoint_health(result)
         for k, err in failed.items():
             self._failed(k, err, started, result)
         result.failed = len(failed)

@@ -3,13 +3,14 @@ hold snapshots that never change under them, and crashing workers are restarted.
 import gc
 import queue
 import threading
+from dataclasses import replace
 
 from fakemaps import FakeMaps
 from prometheus_client import CollectorRegistry
 
 from nodemesh.core import BackendsChanged, Core, SourceChanged, SourceFailed, Supervisor
 from nodemesh.health import HealthChecker
-from nodemesh.model import Backend, Service, ServicePort
+from nodemesh.model import Backend, OutlierDetection, Service, ServicePort
 from nodemesh.outlier import OutlierDetector
 from nodemesh.reconciler import FrontendKey, Reconciler
 from nodemesh.snapshot import SourceState
@@ -83,6 +84,73 @@ def test_the_first_sync_collects_cycles_rarely_and_then_as_before():
         assert restore == before
     finally:
         gc.set_threshold(*before)
+
+
+def restarted(maps):
+    """A new agent's core on the maps a previous one programmed (adopted)."""
+    rec = CountingReconciler(maps)
+    rec.adopt()
+    registry = CollectorRegistry()
+    core = Core(rec, HealthChecker(registry, lambda key: None),
+                OutlierDetector(registry, lambda services: None), SourceState("kubernetes"))
+    return core, rec
+
+
+def listed(core, *services, deletes=()):
+    """A page of the first sync (a partial delta), programmed as the agent does."""
+    core.post(SourceChanged(Delta(upserts=services, deletes=deletes, partial=True)))
+    core.step(0, reconcile=False)
+    return core.reconcile_listed()
+
+
+def test_after_a_restart_the_first_sync_is_programmed_page_by_page_and_deletes_nothing_early():
+    # Services not listed yet keep serving what the previous agent programmed: only the full
+    # set, after the last page, can say what nobody wants any more.
+    watched = replace(svc(6, "10.0.0.6"), outlier_detection=OutlierDetection())
+    core, _, maps = make()
+    synced(core, [svc(i, f"10.0.0.{i}") for i in range(1, 6)] + [watched])
+    assert maps.count("endpoint_health") == 1
+    core, rec = restarted(maps)
+    before, mark = maps.writes(), len(maps.calls)
+    first = listed(core, svc(1, "10.0.0.1"), svc(2, "10.0.0.9"), svc(7, "10.0.0.7"))
+    assert not core.synced and first.added == 1 and first.changed == 1 and first.removed == 0
+    assert maps.serving(fk(2)) == [("10.0.0.9", 8080)] and maps.serving(fk(7))
+    for i in (3, 4, 5, 6):  # adopted, not listed yet: untouched
+        assert maps.serving(fk(i)) == [(f"10.0.0.{i}", 8080)]
+    assert maps.count("endpoint_health") == 1
+    # A service deleted while the list runs (a relist after 410) is not deleted yet either.
+    assert listed(core, svc(3, "10.0.0.3"), deletes=(("default", "s2"),)).removed == 0
+    assert maps.serving(fk(2)) == [("10.0.0.9", 8080)]
+    # Nothing deleted but the old bank of the frontend that changed (its update order).
+    deleted = [(name, n) for op, name, n in maps.calls[mark:] if op == "delete"]
+    assert deleted == [("services", 1), ("backends", 1), ("backend_stats", 1)], deleted
+    # The full set: now what nobody named goes (s2, s4, s5, s6 and s6's endpoint entry).
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.1"), svc(3, "10.0.0.3"),
+                                           svc(7, "10.0.0.7")), full=True)))
+    core.step(0, reconcile=False)
+    assert core.synced
+    result = core.reconcile(force=True)
+    assert result.removed == 4 and result.added == 0 and result.changed == 0
+    assert [i for i in range(1, 8) if maps.serving(fk(i))] == [1, 3, 7]
+    assert maps.count("endpoint_health") == 0
+    assert maps.writes() > before
+    assert not rec.pending and len(core.snapshot.frontends) == 3
+
+
+def test_after_a_restart_with_nothing_changed_the_pages_and_the_full_set_write_nothing():
+    services = [svc(i, f"10.0.0.{i}") for i in range(1, 7)]
+    core, _, maps = make()
+    synced(core, services)
+    core, rec = restarted(maps)
+    before = maps.writes()
+    assert listed(core, *services[:3]).unchanged == 3
+    assert listed(core, *services[3:]).unchanged == 3
+    core.post(SourceChanged(Delta(upserts=tuple(services), full=True)))
+    core.step(0, reconcile=False)
+    result = core.reconcile(force=True)
+    assert maps.writes() == before and result.writes == 0 and not rec.pending
+    assert core.snapshot.source.loads == 1  # the pages are parts of one load
+    assert len(core.snapshot.frontends) == 6
 
 
 def test_a_delta_touches_only_the_services_it_names():

@@ -39,11 +39,16 @@ class Recorder:
         self.changes = []   # (monotonic time, [Service])
         self.errors = []
         self.deltas = []
+        self.partials = []  # the first sync's pages, before the full delta (not in deltas)
         self._cond = threading.Condition(threading.RLock())
 
     def on_change(self, delta):
         # Fold each delta into the whole desired set, as the agent does, and record that set.
         with self._cond:
+            if delta.partial:
+                self.partials.append(delta)
+                self._cond.notify_all()
+                return
             self.deltas.append(delta)
             current = {} if delta.full else {s.key: s for s in (self.latest() or [])}
             for key in delta.deletes:
@@ -528,6 +533,69 @@ def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypat
     assert len(restarts) == 2 and "resourceVersion" not in restarts[1]  # a consistent read
 
 
+def test_the_first_sync_streams_the_services_page_by_page_after_the_slices(api, monkeypatch,
+                                                                          run_source):
+    # The agent programs each page of services while the next one is listed: every page
+    # after the first waits (2 s at most) until the pages before it were delivered.
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    # Pages parsed in order by the listing thread (a worker's answer is taken later).
+    monkeypatch.setattr(KubernetesSource, "DECODE_SERVICES_IN_WORKER", False, raising=False)
+    page = kubernetes_source._Watcher._page
+    recorders = []
+
+    def wait_for_the_pages_before(watcher, query):
+        if watcher.kind == "service" and "_continue" in query:
+            deadline = time.monotonic() + 2
+            while not recorders[0].partials and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return page(watcher, query)
+
+    monkeypatch.setattr(kubernetes_source._Watcher, "_page", wait_for_the_pages_before)
+    _, recorder = run_source()
+    recorders.append(recorder)
+    full = recorder.wait_for_delta(0)
+    assert full.full and keys(full.upserts) == [("default", "api"), ("shop", "web")]
+    # Each service comes whole (with its backends), as the full set has it, and before it.
+    assert recorder.partials and recorder.deltas == [full]
+    streamed = {s.key: s for delta in recorder.partials for s in delta.upserts}
+    assert streamed and all(s == by_key(full.upserts)[key] for key, s in streamed.items())
+    assert all(not d.deletes and not d.full for d in recorder.partials)
+    lists = [path for path, q in api.requests if "watch" not in q and
+             path.rsplit("/", 1)[-1] in ("services", "endpointslices")]
+    assert lists.index(next(p for p in lists if p.endswith("/services"))) > \
+        max(i for i, p in enumerate(lists) if p.endswith("/endpointslices"))
+
+
+def test_a_streamed_list_that_fails_half_way_starts_over_and_the_full_set_drops_what_went(
+        api, registry, monkeypatch, run_source):
+    # Page 1 (default/api) is delivered; the next page fails, and meanwhile default/api is
+    # deleted: the list starts over, and the full set, the only delta that deletes, lacks it.
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    # Pages parsed in order by the listing thread (a worker's answer is taken later).
+    monkeypatch.setattr(KubernetesSource, "DECODE_SERVICES_IN_WORKER", False, raising=False)
+    page = kubernetes_source._Watcher._page
+    recorders, failed = [], []
+
+    def fail_once_after_the_first_page(watcher, query):
+        if watcher.kind == "service" and "_continue" in query and not failed:
+            deadline = time.monotonic() + 2
+            while not recorders[0].partials and time.monotonic() < deadline:
+                time.sleep(0.01)
+            api.delete("Service", "default", "api")
+            failed.append(True)
+            raise ConnectionResetError("cut half-way through the list")
+        return page(watcher, query)
+
+    monkeypatch.setattr(kubernetes_source._Watcher, "_page", fail_once_after_the_first_page)
+    _, recorder = run_source()
+    recorders.append(recorder)
+    full = recorder.wait_for_delta(0, timeout=10)
+    assert ("default", "api") in {s.key for d in recorder.partials for s in d.upserts}
+    assert full.full and keys(full.upserts) == [("shop", "web")]
+    assert len(addresses(full.upserts, "shop", "web")) == 4
+    assert events(registry, "error") == 1 and recorder.deltas == [full]
+
+
 def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monkeypatch,
                                                                       run_source):
     monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", True)
@@ -546,6 +614,28 @@ def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monke
     assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
     assert len(addresses(services, "shop", "web")) == 4
     assert decoded and {kind for kind, _ in decoded} <= {"service", "endpointslice"}
+
+
+def test_on_two_cpus_the_worker_decodes_the_services_list_and_not_the_slices(api, monkeypatch,
+                                                                           run_source):
+    # The slices list runs while BCC compiles the datapath (the second CPU is the
+    # compiler's); the services list, after it, while the core programs its pages.
+    monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", False)
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    list_page = kubernetes_source._ClusterState.list_page
+    decoded = []
+
+    def count_decoded(state, kind, items, seen):
+        if isinstance(items, kubernetes_source.DecodedPage):
+            decoded.append(kind)
+        list_page(state, kind, items, seen)
+
+    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", count_decoded)
+    _, recorder = run_source()
+    full = recorder.wait_for_delta(0)
+    assert keys(full.upserts) == [("default", "api"), ("shop", "web")]
+    assert len(addresses(full.upserts, "shop", "web")) == 4
+    assert decoded and set(decoded) == {"service"}
 
 
 def test_a_crashed_decoding_worker_is_counted_and_its_pages_are_parsed_by_the_agent(

@@ -12,6 +12,12 @@ Contract (every source implements it):
                                         that it does not name is deleted. Later calls carry
                                         only what changed, so the agent's work follows the
                                         change, not the number of services.
+                                        Before that first full call, a source may send
+                                        partial=True deltas: services of the first sync
+                                        as they are listed (each complete, with its
+                                        backends), which the agent may program at once;
+                                        they delete nothing the agent already has, and
+                                        the full call still follows with the whole set.
     on_error(message: str)              a problem that did not change the desired set (a bad
                                         file, a lost watch ...); the last good state stays
 
@@ -38,6 +44,9 @@ class Delta:
     full: bool = False  # the whole desired set: anything not upserted here is deleted
     origin: str = ""    # what changed, for logs ("web.yaml", "kubernetes")
     mesh: Optional["Mesh"] = None  # workloads and policies, whole, when they changed
+    # A part of the first sync, before the full delta: these services are listed and
+    # complete; nothing else may be deleted on their account.
+    partial: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.upserts or self.deletes or self.full or self.mesh is not None)

@@ -35,9 +35,13 @@ What it keeps, and what it delivers
     model.Backend per address. No JSON is kept. A service is assembled again from those
     parts when it or one of its slices changes, and it shares its Backends with them, so the
     cache costs little beyond the services delivered.
-    A third thread delivers Deltas (nodemesh.sources): the first once both collections have
-    been listed (never a half-synced set: services without their backends would black-hole
-    traffic), with full=True and every service; then, after coalescing a burst (10 ms of
+    A third thread delivers Deltas (nodemesh.sources): the first full one once both
+    collections have been listed (never a half-synced set: services without their backends
+    would black-hole traffic), with full=True and every service. The slices are listed
+    first, so that a Services list of several pages can stream before it: each page's
+    services are assembled with their backends as they arrive and delivered as partial
+    deltas (which delete nothing), and the agent programs them while the next page is
+    decoded. Then, after coalescing a burst (10 ms of
     quiet, at most 50 ms after the first change), only the services whose translation
     changed (upserts) and those that are gone or no longer programmable (deletes). A change
     that translates to what was delivered is not delivered. The work of an event or a delta
@@ -700,7 +704,10 @@ class _ServiceRecord(NamedTuple):
 class _ClusterState:
     """The parsed collections, every service kept translated, and what changed since the last
     delivery. Work per event follows the event: one object parsed, one service assembled.
-    Until the first delivery nothing is assembled: it assembles every service once."""
+    Until the first delivery nothing is assembled: it assembles every service once; unless
+    the services come in pages after the slices are listed (`stream_services`): then each
+    service is assembled as its page arrives and delivered in a partial delta, so that the
+    agent programs the first pages while the next ones are decoded."""
 
     def __init__(self, on_dirty: Callable[[], None], on_notes: Callable[[Translation], None]):
         self._lock = threading.Lock()
@@ -713,6 +720,9 @@ class _ClusterState:
         # only once the first (full) delivery is out.
         self._changed: Dict[ServiceKey, Optional[Service]] = {}
         self._delivered = False
+        # Before the first delivery, with the slices listed: services are assembled and
+        # delivered page by page (partial deltas), the full delta follows the last page.
+        self._streaming = False
         self._listed: Set[str] = set()                       # collections listed at least once
         self._put = {"service": self._put_service, "endpointslice": self._put_slice}
         self._parse = {"service": parse_service, "endpointslice": parse_slice}
@@ -759,6 +769,24 @@ class _ClusterState:
                     put(key, version, parse(obj, notes), notes)
         self._report(notes)
 
+    def stream_services(self) -> None:
+        """The services list has more than one page: if the slices are listed already (the
+        source lists them first), assemble each service as its page arrives and deliver the
+        pages as partial deltas until the list is complete. Services stored before are
+        assembled now."""
+        with self._lock:
+            if self._delivered or self._streaming or "endpointslice" not in self._listed:
+                return
+            self._streaming = True
+            notes = Translation()
+            for key, record in self._services.items():
+                if record.service is not None:  # not delivered yet: None before
+                    self._services[key] = record._replace(service=assemble(
+                        ParsedService(record.service, record.named_ports),
+                        self._slices_for(key), notes))
+                    self._changed.setdefault(key, None)
+        self._report(notes)
+
     def list_done(self, kind: str, seen: Set[ServiceKey]) -> None:
         """The list is complete: whatever it did not name was deleted meanwhile."""
         def apply(notes: Translation) -> None:
@@ -784,7 +812,7 @@ class _ClusterState:
         key = (key[0], sys.intern(key[1]))  # one string: the key's, the Service's, the label's
         known = self._services.get(key)
         service = parsed.service if parsed else None
-        if parsed and self._delivered:
+        if parsed and (self._delivered or self._streaming):
             service = assemble(parsed, self._slices_for(key), notes)
         if known is not None and service == known.service:
             service = known.service  # keep the object the agent already holds
@@ -829,7 +857,7 @@ class _ClusterState:
     def _reassemble(self, key: ServiceKey, notes: Translation) -> None:
         """A slice of this service changed: assemble it again from what is parsed."""
         known = self._services.get(key)
-        if known is None or known.service is None or not self._delivered:
+        if known is None or known.service is None or not (self._delivered or self._streaming):
             return
         service = assemble(ParsedService(known.service, known.named_ports),
                            self._slices_for(key), notes)
@@ -839,18 +867,23 @@ class _ClusterState:
 
     def _note_change(self, key: ServiceKey, before: Optional[Service],
                      after: Optional[Service]) -> None:
-        if self._delivered and before is not after:
+        if (self._delivered or self._streaming) and before is not after:
             self._changed.setdefault(key, before)
 
     # -- what the delivery thread calls
     def take_delta(self) -> Optional[Delta]:
-        """What changed since the last call, or None if nothing did. The first delta, once
-        both collections are listed (never a half-synced set: services without their
-        backends would black-hole traffic), is the full set."""
+        """What changed since the last call, or None if nothing did. The first full delta,
+        once both collections are listed, is the full set. Before it, while the services
+        stream in after the slices, partial deltas carry the services of the pages listed
+        so far, each with its backends (never a half-synced service: one without its
+        backends would black-hole traffic)."""
+        partial = False
         with self._lock:
             if not {"service", "endpointslice"} <= self._listed:
-                return None
-            first = not self._delivered
+                if not self._streaming or not self._changed:
+                    return None
+                partial = True
+            first = not self._delivered and not partial
             if first:
                 notes = Translation()
                 delta = self._first_delta(notes)
@@ -872,10 +905,18 @@ class _ClusterState:
                 upserts.append(after)
         if not upserts and not deletes:
             return None
-        return Delta(upserts=tuple(upserts), deletes=tuple(deletes), origin="kubernetes")
+        return Delta(upserts=tuple(upserts), deletes=tuple(deletes), origin="kubernetes",
+                     partial=partial)
 
     def _first_delta(self, notes: Translation) -> Delta:
-        """Assemble every service once: the full set."""
+        """Assemble every service once: the full set. Streamed services are assembled and
+        current already (and delivered, most of them): the same objects again."""
+        if self._streaming:
+            self._streaming, self._changed, self._delivered = False, {}, True
+            return Delta(upserts=tuple(record.service for _, record in
+                                       sorted(self._services.items())
+                                       if record.service is not None),
+                         full=True, origin="kubernetes")
         services = []
         for key, record in sorted(self._services.items()):
             if record.service is not None:
@@ -931,7 +972,8 @@ class _Watcher:
     PAGE_SIZE = 500
 
     def __init__(self, kind: str, list_function: Callable[..., Any], source: "KubernetesSource",
-                 state: "_ClusterState", after_list: Optional[Callable[[], None]] = None):
+                 state: "_ClusterState", after_list: Optional[Callable[[], None]] = None,
+                 first_list_after: Optional[threading.Event] = None):
         self.thread = threading.Thread(target=self.run, name=f"kubernetes-{kind}-watch",
                                        daemon=True)
         self.kind = kind
@@ -939,6 +981,7 @@ class _Watcher:
         self._source = source
         self._state = state
         self._after_list = after_list
+        self._first_list_after = first_list_after
         self._backoff = _Backoff()
         self._response_lock = threading.Lock()
         self._response = None
@@ -948,6 +991,11 @@ class _Watcher:
     def run(self) -> None:
         stopping = self._source._stopping
         resync_at = 0.0
+        # The services are listed first after the slices: then each page of services is
+        # complete as it arrives and is delivered at once (_ClusterState.stream_services).
+        while self._first_list_after is not None and not self._first_list_after.wait(0.05):
+            if stopping.is_set():
+                return
         while not stopping.is_set():
             try:
                 if self.resource_version is None or time.monotonic() >= resync_at:
@@ -979,8 +1027,10 @@ class _Watcher:
         # One list at a time: decoding and parsing are CPU-bound, and while one list parses,
         # each socket read of the other waits for the GIL (the convoy effect): two lists of
         # 100,000 objects at once took three times their CPU time.
-        decoder = self._source._decoder if self._source.DECODE_IN_WORKER and \
-            self.kind in ("service", "endpointslice") else None
+        source = self._source
+        decoder = source._decoder if (source.DECODE_IN_WORKER and self.kind in (
+            "service", "endpointslice")) or (source.DECODE_SERVICES_IN_WORKER and
+                                              self.kind == "service") else None
         with self._source._listing, contextlib.ExitStack() as stack:
             page = _PageFetch(self._page, query, self.kind)
             # Pages given to the decoding worker, oldest first, with their text (parsed here
@@ -998,6 +1048,8 @@ class _Watcher:
                 token = head.get("continue") if head is not None else None
                 following = _PageFetch(self._page, {"_continue": token}, self.kind) \
                     if token else None
+                if token and self.kind == "service":
+                    self._state.stream_services()
                 # A list of more than one page is decoded on both CPUs: the worker is given a
                 # page whenever it holds fewer than two, and this thread parses the others.
                 # Pages whose metadata comes after their items (no server sends that) are
@@ -1270,6 +1322,9 @@ class KubernetesSource:
     # the lists alone 11.1-12.0 s -> 8.2-8.3 s of wall time with the worker, but start -> ready
     # unchanged (25.5 s and 25.4 s against 25.6 s and 23.8 s) for 4.5 s more CPU.
     DECODE_IN_WORKER = len(os.sched_getaffinity(0)) >= 3
+    # On two CPUs, the Services list only: it runs after the slices, once the compile is
+    # done, while the core programs its pages; the worker then has the second CPU.
+    DECODE_SERVICES_IN_WORKER = len(os.sched_getaffinity(0)) >= 2
     QUIET_SECONDS = 0.01      # deliver once the stream has been quiet this long...
     MAX_DELAY_SECONDS = 0.05  # ...or this long after the first change, whichever comes first
 
@@ -1289,6 +1344,7 @@ class KubernetesSource:
             self._metrics.events.labels(source=self.name, kind=kind)
         self._stopping = threading.Event()
         self._listing = threading.Lock()  # held by the watcher that is listing
+        self._slices_listed = threading.Event()  # the services are listed after the slices
         self._changed = threading.Event()
         self._state = _ClusterState(on_dirty=self._changed.set, on_notes=self._report_notes)
         self._decoder = PageDecoder(on_crash=self._decoder_crashed)
@@ -1327,9 +1383,9 @@ class KubernetesSource:
         discovery = self._client.DiscoveryV1Api(self._new_api_client())
         self._watchers = [
             _Watcher("service", core.list_service_for_all_namespaces, self, self._state,
-                     after_list=self._refresh_node_zone),
+                     after_list=self._refresh_node_zone, first_list_after=self._slices_listed),
             _Watcher("endpointslice", discovery.list_endpoint_slice_for_all_namespaces, self,
-                     self._state),
+                     self._state, after_list=self._slices_listed.set),
         ]
         if self.node_name:  # workloads are this node's pods: without a node, no identities
             self._watchers += self._mesh_watchers(core)
