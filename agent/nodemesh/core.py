@@ -227,7 +227,7 @@ class Core:
                 else:
                     self._conflicts.pop(key, None)
                 if wanted is not None:
-                    wanted.update(rec.by_service.get(key, ()))
+                    wanted.update(rec.frontends_of(key))
             self.health.set_service_targets(key, _health_targets(svc) if svc else {})
             self.outlier.configure_service(key, svc)
         self._dirty.clear()
