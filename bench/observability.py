@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -157,6 +158,7 @@ def main() -> int:
         bench.close()
         cleanup(lab.bpffs)
         lab.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def report(results, per_prog, runs_prog, args, command, load_before, load_after, drained) -> str:
