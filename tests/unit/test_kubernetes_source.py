@@ -596,9 +596,11 @@ def test_a_streamed_list_that_fails_half_way_starts_over_and_the_full_set_drops_
     assert events(registry, "error") == 1 and recorder.deltas == [full]
 
 
-def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monkeypatch,
-                                                                      run_source):
-    monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", True)
+def decoded_pages(monkeypatch, *, in_worker: bool):
+    """Lists of one item a page, with the decoding worker's setting for many CPUs forced to
+    `in_worker`: returns the (kind, keys) of each page that reached the cluster state
+    already decoded by the worker, as the source lists."""
+    monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", in_worker)
     monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
     list_page = kubernetes_source._ClusterState.list_page
     decoded = []
@@ -609,6 +611,12 @@ def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monke
         list_page(state, kind, items, seen)
 
     monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", count_decoded)
+    return decoded
+
+
+def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monkeypatch,
+                                                                      run_source):
+    decoded = decoded_pages(monkeypatch, in_worker=True)
     _, recorder = run_source()
     services = recorder.wait_for_change()
     assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
@@ -620,22 +628,12 @@ def test_on_two_cpus_the_worker_decodes_the_services_list_and_not_the_slices(api
                                                                            run_source):
     # The slices list runs while BCC compiles the datapath (the second CPU is the
     # compiler's); the services list, after it, while the core programs its pages.
-    monkeypatch.setattr(kubernetes_source.KubernetesSource, "DECODE_IN_WORKER", False)
-    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
-    list_page = kubernetes_source._ClusterState.list_page
-    decoded = []
-
-    def count_decoded(state, kind, items, seen):
-        if isinstance(items, kubernetes_source.DecodedPage):
-            decoded.append(kind)
-        list_page(state, kind, items, seen)
-
-    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", count_decoded)
+    decoded = decoded_pages(monkeypatch, in_worker=False)
     _, recorder = run_source()
     full = recorder.wait_for_delta(0)
     assert keys(full.upserts) == [("default", "api"), ("shop", "web")]
     assert len(addresses(full.upserts, "shop", "web")) == 4
-    assert decoded and set(decoded) == {"service"}
+    assert decoded and {kind for kind, _ in decoded} == {"service"}
 
 
 def test_a_crashed_decoding_worker_is_counted_and_its_pages_are_parsed_by_the_agent(
