@@ -210,3 +210,21 @@ def remove_cgroups(paths: Iterable[str]) -> None:
                 break
             except OSError:
                 time.sleep(0.02)
+
+
+def lab_per_module():
+    """`lab` and `loaded` fixtures of module scope, over conftest's `module_lab` and
+    `module_loaded`: one lab and one load of the programs for a whole test module, whose tests
+    each set the services (and policies) they need. At a module's top level:
+    `lab, loaded = lab_per_module()`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def lab(module_lab):
+        return module_lab
+
+    @pytest.fixture(scope="module")
+    def loaded(module_loaded):
+        return module_loaded
+
+    return lab, loaded

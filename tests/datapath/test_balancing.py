@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import lab_per_module
 
 from nodemesh.model import Backend, Service, ServicePort
 
@@ -18,14 +19,7 @@ pytestmark = pytest.mark.root
 
 # One lab and one loaded datapath for the module: each test applies the whole desired set it
 # needs (Reconciler.apply), so the suite's time goes to traffic, not to a BCC compile per test.
-@pytest.fixture(scope="module")
-def lab(module_lab):
-    return module_lab
-
-
-@pytest.fixture(scope="module")
-def loaded(module_loaded):
-    return module_loaded
+lab, loaded = lab_per_module()
 
 
 def svc(lab, *, family=4, weights=(1, 1, 1), algorithm="random", ports=None, vip_index=10,

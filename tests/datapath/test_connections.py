@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from helpers import lab_per_module
 
 from nodemesh.metrics import connection_counts
 from nodemesh.model import Backend, ConnectionLimits, Service, ServicePort
@@ -20,14 +21,7 @@ HOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 # One lab and one load of the programs for the whole module (each test sets the services and
 # policies it needs): the suite's time budget is spent on traffic, not on set-up.
-@pytest.fixture(scope="module")
-def lab(module_lab):
-    return module_lab
-
-
-@pytest.fixture(scope="module")
-def loaded(module_loaded):
-    return module_loaded
+lab, loaded = lab_per_module()
 
 
 @pytest.fixture

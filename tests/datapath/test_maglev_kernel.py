@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import lab_per_module
 
 from nodemesh import maglev
 from nodemesh.datapath import maps as m
@@ -27,14 +28,7 @@ pytestmark = pytest.mark.root
 # load 10): each test applies the whole desired set it needs, uses the lab's first three
 # backends as servers (the client netns the tests add are listed after them), and reads the
 # kernel's counters as differences.
-@pytest.fixture(scope="module")
-def lab(module_lab):
-    return module_lab
-
-
-@pytest.fixture(scope="module")
-def loaded(module_loaded):
-    return module_loaded
+lab, loaded = lab_per_module()
 
 
 def servers_of(lab):
