@@ -42,6 +42,21 @@
 #error "NM_PIN_DIR must name the bpffs folder for pinned maps"
 #endif
 
+/* A pinned BPF_SK_STORAGE map `name` of `value_type` values: BCC's own BPF_SK_STORAGE has no pin
+ * path. The table struct is BCC's, so `name.sk_storage_get(sk, 0, flags)` works as with its
+ * macro; storage is created on use and freed with the socket. */
+#define NM_PINNED_SK_STORAGE(name, value_type)                                                \
+	struct name##_table_t {                                                            \
+		int key;                                                                   \
+		value_type leaf;                                                           \
+		void *(*sk_storage_get)(void *, void *, int);                              \
+		int (*sk_storage_delete)(void *);                                          \
+		u32 flags;                                                                 \
+	};                                                                                 \
+	__attribute__((section("maps/sk_storage:" NM_PIN_DIR "/" #name)))                 \
+	struct name##_table_t name = {.flags = BPF_F_NO_PREALLOC};                         \
+	BPF_ANNOTATE_KV_PAIR(name, int, value_type)
+
 #define NM_FAMILY_V4 4
 #define NM_FAMILY_V6 6
 

@@ -38,19 +38,9 @@ BPF_TABLE_PINNED("lru_hash", struct nm_revnat_key, struct nm_revnat_value, revna
 		 NM_MAX_REVNAT, NM_PIN_DIR "/revnat");
 /* Reverse translation of a connected socket, in its own storage: created at connect() and
  * freed with the socket, instead of an LRU hash entry keyed by cookie that outlives it until
- * evicted (its cost per connect: bench/sock_cost.py, variants full and hashrevnat). Pinned
- * (BCC's BPF_SK_STORAGE has no pin path), so a restarted agent's programs read what the
- * previous one's wrote. */
-struct sock_revnat_table_t {
-	int key;
-	struct nm_sock_revnat leaf;
-	void *(*sk_storage_get)(void *, void *, int);
-	int (*sk_storage_delete)(void *);
-	u32 flags;
-};
-__attribute__((section("maps/sk_storage:" NM_PIN_DIR "/sock_revnat")))
-struct sock_revnat_table_t sock_revnat = {.flags = BPF_F_NO_PREALLOC};
-BPF_ANNOTATE_KV_PAIR(sock_revnat, int, struct nm_sock_revnat);
+ * evicted (its cost per connect: bench/sock_cost.py, variants full and hashrevnat). Pinned,
+ * so a restarted agent's programs read what the previous one's wrote. */
+NM_PINNED_SK_STORAGE(sock_revnat, struct nm_sock_revnat);
 /* Per-CPU counters. An entry is created here on first use and deleted by the agent when it
  * frees (and again when it reuses) the id, so memory follows the ids in use, programming a
  * service writes nothing here, and a reused id starts from zero. */

@@ -38,17 +38,7 @@ struct nm_sock_conn {
 
 #define NM_CONN_PROBES 8 /* slots probed for a backend under its cap (unrolled below) */
 
-/* A pinned BPF_SK_STORAGE: BCC's own macro has no pin path. */
-struct sock_conn_table_t {
-	int key;
-	struct nm_sock_conn leaf;
-	void *(*sk_storage_get)(void *, void *, int);
-	int (*sk_storage_delete)(void *);
-	u32 flags;
-};
-__attribute__((section("maps/sk_storage:" NM_PIN_DIR "/sock_conn")))
-struct sock_conn_table_t sock_conn = {.flags = BPF_F_NO_PREALLOC};
-BPF_ANNOTATE_KV_PAIR(sock_conn, int, struct nm_sock_conn);
+NM_PINNED_SK_STORAGE(sock_conn, struct nm_sock_conn);
 
 BPF_F_TABLE("hash:" NM_PIN_DIR "/conn_counts", struct nm_endpoint_key, struct nm_conn_count,
 	    conn_counts, NM_MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
