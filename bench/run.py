@@ -1068,16 +1068,20 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
                    f"{verdict(med(ch) <= TARGET_CHANGE_S)} |" if ch
                    else f"– | not measured (N = {fmt_n(TARGET_N)} not run) |"))
     return ["## Targets (README, Performance): met, missed or cannot be judged\n",
-            "Connection-rate targets: the median of the per-round ratios to direct (to the "
-            "direct runs around each run, bracketed; or to direct's run beside it, "
-            f"--order concurrent), with a distribution-free interval of that median (at least "
+            "Connection-rate targets: the median of the per-round ratios to the variant's "
+            "baseline (direct; direct-routed for nodemesh-tc: the same node hop, forwarded "
+            "untouched) (to the baseline's runs around each run, bracketed; or to its run "
+            "beside it, --order concurrent), with a distribution-free interval of that "
+            "median (at least "
             f"{CI_LEVEL:.0%} coverage where there are enough rounds; the coverage is shown), "
             "widened by the A/A test's bias (direct-aa's distance from 1.00 at that N): met "
             "when the whole interval clears the target, missed when it falls short, cannot be "
             "judged when it straddles it. Rounds where other work used more than "
             f"{DISTURBED:.0%} of the CPUs are left out when {MIN_PAIRS} others remain. "
             "HAProxy's rows: ratios of medians. A target stated for every N is judged on the "
-            "N this run measured.\n",
+            "N this run measured. Flatness: the paired ratio at each N over the one at 1, "
+            "its interval from the two medians' intervals (not widened by the A/A bias, "
+            "which cancels in the quotient).\n",
             "| target | measured | verdict |", "|---|---|---|", *rows, ""]
 
 
