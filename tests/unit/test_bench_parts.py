@@ -696,7 +696,7 @@ def test_quick_mode_marks_the_others_not_run_at_100000_with_their_load_time():
         v.set_a = []
         v.load_s[10000] = 3.9
         v.program = lambda n, specs, v=v: programmed.append(v.name) or (9.0, 700014)
-    bench.services = lambda n, endpoints=None: []
+    bench.services = lambda n, endpoints=None, measured_only=False: []
     bench.program(100000)
     assert programmed == ["direct", "direct-aa", "nodemesh"]
     assert bench.variants["nodemesh"].load_s[100000] == 9.0
@@ -707,6 +707,11 @@ def test_quick_mode_marks_the_others_not_run_at_100000_with_their_load_time():
     assert set(bench.variants) - {n for n, v in bench.variants.items()
                                   if 100000 in v.not_run} == set(programmed)
     assert "took" not in bench.variants["direct-routed"].not_run[100000]  # nothing to load
+    # direct's kind gets the measured service's ports only (it names the backend itself)
+    bench.set_a = ["198.18.7.201"]
+    ports = run.Bench.services(bench, 100000, measured_only=True)
+    assert [(s.name, s.port_name) for s in ports] == [
+        ("svc-99999", "dns"), ("svc-99999", "iperf"), ("svc-99999", "http")]
 
 
 def test_flatness_is_the_ratio_at_n_over_the_ratio_at_1_with_both_intervals():
