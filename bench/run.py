@@ -1199,11 +1199,11 @@ def fms(x: float) -> str:
 
 def rounds(bench: Bench, metric: str, n: int) -> int:
     """Rounds behind a per-N table (parts appended with --append may differ from --reps);
-    direct, which runs between every two variants in a bracketed round, counts only where
-    it ran alone."""
+    the baselines (direct, direct-routed), which run between every two of their variants
+    in a bracketed round, count only where they ran alone."""
     bracketed = any(v.values("conn_pair", n) for v in bench.variants.values())
     return max((len(v.values(metric, n)) for v in bench.variants.values()
-                if not (bracketed and v.name == "direct")), default=0)
+                if not (bracketed and v.name in PAIRED_WITH.values())), default=0)
 
 
 def conn_method(bench: Bench, n: int) -> List[str]:

@@ -786,3 +786,14 @@ def test_changes_build_the_n_services_once_per_endpoint_set(monkeypatch):
     bench.measure_changes(10)
     assert sorted(builds) == [tuple(OLD), tuple(NEW)]  # 6 changes, 2 builds
     assert all(len(v.values("change", 10)) == 3 for v in bench.variants.values())
+
+
+def test_a_tables_rounds_leave_out_the_baselines_extra_bracketing_runs():
+    bench = object.__new__(run.Bench)
+    bench.variants = {name: bare(vr.VARIANTS[name], name)
+                      for name in ("direct", "nodemesh-tc", "direct-routed")}
+    bench.variants["direct"].data["conn"][1] = [1.0] * 5
+    bench.variants["direct-routed"].data["conn"][1] = [1.0] * 9  # R T R, alone: 4 + 5
+    bench.variants["nodemesh-tc"].data["conn"][1] = [1.0] * 5
+    bench.variants["nodemesh-tc"].data["conn_pair"][1] = [1.0] * 4
+    assert run.rounds(bench, "conn", 1) == 5
