@@ -1651,10 +1651,13 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                  epilog="Method and workloads: the module docstring.")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help=f"N = {QUICK_SIZES}; workloads {','.join(QUICK_WORKLOADS)} (udp "
-                      "and bulk only when --workloads names them), keepalive, udp and bulk at "
-                      "the largest N only; 1 s runs (conn 2 s), conn the only one warmed up; 5 "
-                      "rounds, 3 changes; no agent footprint (the default)")
+                      help=f"N = {QUICK_SIZES} (at {QUICK_LARGEST:,} only "
+                      f"{', '.join(QUICK_AT_LARGEST)}); workloads {','.join(QUICK_WORKLOADS)} "
+                      "(udp and bulk only when --workloads names them), keepalive, udp and "
+                      "bulk at 10,000 only (keepalive for "
+                      f"{', '.join(QUICK_KEEPALIVE)}); 1 s runs, conn the only one warmed "
+                      f"up; 5 rounds (conn: {QUICK_CONN_ROUNDS} alone and {QUICK_PAIR_ROUNDS} "
+                      "paired), 3 changes; no agent footprint (the default)")
     mode.add_argument("--full", action="store_true",
                       help=f"N = {FULL_SIZES}, every workload at every N, 5 s runs, 5 "
                       "rounds, 10 changes, the agent's footprint at 1 and 100,000")
