@@ -669,16 +669,11 @@ class Nftables(Variant):
 
     def proof(self, n: int, requests: int) -> str:
         s = self.measured("http")
-        # One `nft list chain` loads the whole table's cache first (~20 s a chain at 10,000
-        # services; nft 1.0.6 fails several list commands in one invocation): the three at
-        # once, one process each, on both CPUs
-        procs = [subprocess.Popen(["ip", "netns", "exec", self.netns, "nft", "list", "chain",
-                                   "ip", "kube-proxy", s.nft_endpoint_chain(ep)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                 for ep in s.endpoints]
         counts = []
-        for proc in procs:
-            out = proc.communicate()[0]
+        for ep in s.endpoints:
+            out = subprocess.run(["ip", "netns", "exec", self.netns, "nft", "list", "chain",
+                                  "ip", "kube-proxy", s.nft_endpoint_chain(ep)],
+                                 capture_output=True, text=True).stdout
             m = re.search(r"counter packets (\d+)", out)
             counts.append(int(m.group(1)) if m else -1)
         return (f"endpoint-chain DNAT packets {' / '.join(f'{c:,}' for c in counts)} "
