@@ -174,7 +174,7 @@ QUICK_SKIPPED_WHY = {"keepalive": "the quick mode runs keep-alive for "
                      "first packet; `make bench FULL=1` runs it"}
 # 8 paired rounds: the median's >= 90% interval is then x(2)..x(7) (93%), about ±0.85 of one
 # pair's standard deviation; 6 gave only min..max (±1.3), and 9 to 12 are no tighter for
-# their cost (10: x(2)..x(9), ±1.0; 12: ±0.8); 13 gives x(4)..x(10), ±0.6 (PAIRS=13)
+# their cost (10: x(2)..x(9), ±1.0; 12: ±0.8); 13 gives x(4)..x(10), ±0.6 (PAIRS=13, ~1 min more)
 QUICK_CONN_SECONDS, QUICK_CONN_ROUNDS, QUICK_PAIR_ROUNDS = 1, 5, 8
 FULL_SIZES = [1, 100, 1000, 10000, 100000]
 # keepalive, udp and bulk hardly depend on N (netfilter sees a connection's first packet
