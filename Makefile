@@ -34,13 +34,14 @@ test-datapath: setup
 
 # Dataplane benchmark: quick (< 10 min on 2 cores) by default, FULL=1 for N up to 100,000.
 # Parts of it: SIZES=1,100 VARIANTS=direct,nodemesh WORKLOADS=conn APPEND=bench/results/x.md
-# (each part adds its figures to the same results file; README, Performance). ORDER=concurrent
-# or rounds: how conn's rounds pair nodemesh with direct (default bracketed); REPS=8: rounds.
+# (each part adds its figures to the same results file; README, Performance). ORDER=bracketed
+# or rounds: how conn's rounds pair each variant with its baseline (default concurrent, side
+# by side); REPS=8: rounds; PAIRS=20: conn's paired rounds (the quick mode 12).
 bench: setup
 	$(PY) bench/run.py $(if $(FULL),--full,--quick) $(if $(WORKLOADS),--workloads $(WORKLOADS)) \
 		$(if $(SIZES),--sizes $(SIZES)) $(if $(VARIANTS),--variants $(VARIANTS)) \
 		$(if $(APPEND),--append $(APPEND)) $(if $(ORDER),--order $(ORDER)) \
-		$(if $(REPS),--reps $(REPS))
+		$(if $(REPS),--reps $(REPS)) $(if $(PAIRS),--pair-rounds $(PAIRS))
 
 install: setup
 	bash scripts/install-host.sh

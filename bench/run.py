@@ -2,7 +2,8 @@
 """nodemesh's dataplane benchmark: a service VIP's cost side by side with the baselines a user
 would compare it with, from 1 to 100,000 services, for five workloads.
 
-    .venv/bin/python bench/run.py --quick      # `make bench` (< 10 min on 2 cores)
+    .venv/bin/python bench/run.py --quick      # `make bench` (< 10 min on 2 cores): N = 1
+                                               # and 10,000, and 100,000 for the socket path
     .venv/bin/python bench/run.py --full       # `make bench FULL=1`: N = 1 ... 100,000
     .venv/bin/python bench/run.py --sizes 1,10000 --reps 7 --seconds 5 \\
         --variants direct,nodemesh --workloads conn,keepalive
@@ -18,6 +19,10 @@ Variants (bench/variants.py, one class each; its docstring says how to add one):
   nodemesh-tc       the TC packet path: a client outside the node (its own netns, linked to
                     a node netns only) calls the measured service's NodePorts on the node;
                     TC on the node's two interfaces, externalTrafficPolicy Cluster
+  direct-routed     nodemesh-tc's baseline: the same client outside the node and node netns,
+                    the client connecting to the backend's address, the node forwarding it
+                    untouched (no TC filter, no netfilter rule, no NAT; proved after the
+                    conn runs)
   nodemesh+sockmap  the cgroup hooks with --accelerate-local (sockops + sk_msg); same-node:
                     the client and its own servers both run in the hooked cgroup
   nodemesh+policy   the cgroup hooks with 10,000 policy rules and 1,000 workload identities
@@ -73,18 +78,27 @@ nodemesh-tc's own conntrack (the pinned `ct` map) is emptied. Reported: median
 and min-max of the rounds, ratios of medians to direct.
 
 The connection-rate targets (issue 13) need a ratio known to within a few per cent, on a
-machine others share. So conn's rounds also pair each variant with a target against direct
-(BRACKETED: nodemesh, nodemesh-tc, and direct-aa, direct again from a netns of its own: the
-A/A test) with direct: by default side by side (--order concurrent: two wrk at once, 16
-connections each, on the client CPU; the ratio of their rates in the same seconds), or
-bracketed (D A D B ... D: each run against the mean of the direct runs around it), or not at
-all (--order rounds, the method before). Every conn run records its CPU a connection (wrk's
-by rusage, the netns' servers' and proxies' by schedstat, softirq in their context) and the
-other work on the machine meanwhile (/proc/stat busy time not ours, plus steal); a pair
-where other work took over 10% of the CPUs is disturbed and left out when 5 others remain.
+machine others share. So conn's rounds also pair each variant with a target against a
+baseline with that baseline (PAIRED_WITH: nodemesh and direct-aa, direct again from a netns
+of its own, the A/A test, with direct; nodemesh-tc with direct-routed): by default side by
+side (--order concurrent: two wrk at once, 16 connections each, on the client CPU; the ratio
+of their rates in the same seconds), or bracketed (D A D B ... D: each run against the mean
+of the baseline runs around it), or not at all (--order rounds, the method before). The
+paired rounds (--pair-rounds; the quick mode 12) are spread evenly over conn's rounds alone
+(--reps; the quick mode 5), which give every variant's absolute rate. Every conn run
+records its CPU a connection (wrk's by rusage, the netns' servers' and proxies' by
+schedstat, softirq in their context) and the other work on the machine meanwhile
+(/proc/stat busy time not ours, plus steal); a pair where other work took over 10% of the
+CPUs is disturbed and left out when 5 others remain.
 The Targets table judges a rate target on a distribution-free interval of the median paired
 ratio (>= 90% coverage; 5 pairs or more), widened by the A/A test's distance from 1: met,
-missed, or cannot be judged when the interval straddles the target.
+missed, or cannot be judged when the interval straddles the target. Flat within 5%: the
+paired ratio at N over the one at 1, its interval from the two intervals (flat_bounds).
+The quick mode runs only direct, direct-aa and nodemesh at 100,000 (QUICK_AT_LARGEST: the
+socket path's rate, flatness, programming and change targets); every other variant is
+reported not run there, with its load time at 10,000 scaled to 100,000. Each log line starts
+with the minutes and seconds since the run began, and the report ends with where the time
+went, phase by phase.
 
 Traversal is proved after each N's conn rounds: the packet counters of the measured service's
 KUBE-SEP DNAT rules (iptables), of its endpoint chains (nftables), and nodemesh's svc_stats
@@ -110,6 +124,7 @@ with its sources) are bench/controlplane.py's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -142,12 +157,30 @@ WORKLOADS = ("conn", "keepalive", "udp", "bulk", "change")
 # bulk have no target and hardly depend on N (`make bench WORKLOADS=conn,keepalive,udp,bulk,
 # change` adds them back, about 4 minutes more).
 QUICK_WORKLOADS = ("conn", "keepalive", "change")
-QUICK_SIZES = [1, 10000]
-QUICK_CONN_SECONDS, QUICK_CONN_ROUNDS = 1, 6
+QUICK_SIZES = [1, 10000, 100000]
+# At 100,000 the quick mode runs the socket path's targets only (rate, flatness, programming,
+# one change): direct, the A/A test and nodemesh. The baselines' loads alone would take
+# minutes there (iptables-nft 436 s, iptables-legacy and nftables over 600 s on the 2-CPU VM)
+# and the other nodemesh variants' two more (each programs 100,000 services, ~10 s, twice);
+# they are reported not run at 100,000 with that reason, and `make bench FULL=1` runs them.
+QUICK_LARGEST, QUICK_AT_LARGEST = 100000, ("direct", "direct-aa", "nodemesh")
+# Keep-alive in the quick mode: its target (nodemesh's p99 against HAProxy's), direct (the
+# fixed rate and the ratios), and the paths that touch every packet (TC, sk_msg). The
+# netfilter rulesets and the policy rules act on a connection's first packet only, so their
+# keep-alive is direct's plus conntrack's lookup: the full mode measures it.
+QUICK_KEEPALIVE = ("direct", "nodemesh", "haproxy", "nodemesh-tc", "nodemesh+sockmap")
+QUICK_SKIPPED_WHY = {"keepalive": "the quick mode runs keep-alive for "
+                     + ", ".join(QUICK_KEEPALIVE) + " only: the rest act on a connection's "
+                     "first packet; `make bench FULL=1` runs it"}
+# 8 paired rounds: the median's >= 90% interval is then x(2)..x(7) (93%), about ±0.85 of one
+# pair's standard deviation; 6 gave only min..max (±1.3), and 9 to 12 are no tighter for
+# their cost (10: x(2)..x(9), ±1.0; 12: ±0.8); 13 gives x(4)..x(10), ±0.6 (PAIRS=13, ~1 min more)
+QUICK_CONN_SECONDS, QUICK_CONN_ROUNDS, QUICK_PAIR_ROUNDS = 1, 5, 8
 FULL_SIZES = [1, 100, 1000, 10000, 100000]
 # keepalive, udp and bulk hardly depend on N (netfilter sees a connection's first packet
 # only): the quick mode runs them at its largest N, the full mode at every N.
 PER_N_WORKLOADS = ("keepalive", "udp", "bulk")
+WORKLOAD_FIRST = {w: vr.WORKLOAD_METRICS[w][0] for w in WORKLOADS}  # what a run records first
 PROBE_INTERVAL = 0.002  # the change probe's pause between connections (as controlplane.py's)
 
 
@@ -156,8 +189,14 @@ def vip_of(i: int) -> str:
     return str(ipaddress.IPv4Address("10.96.0.1") + i)
 
 
+STARTED = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    """A line of the run's log, after the minutes and seconds since the run started (where
+    the time goes: the report's "Where the time went" sums it per phase)."""
+    took = time.monotonic() - STARTED
+    print(f"[{int(took // 60):02d}:{took % 60:04.1f}] {msg}", flush=True)
 
 
 PREDICT_STEP, PREDICT_MIN_S = 10, 1.0
@@ -188,6 +227,23 @@ def predicted_over(load_s: Dict[int, float], load_over: Dict[int, float], n: int
             "(--load-timeout): not tried")
 
 
+def not_in_quick_mode(v: vr.Variant, n: int) -> str:
+    """Why the quick mode does not run v at its largest N, with v's load time at the largest
+    N it did program in this run, scaled linearly to N (a lower bound)."""
+    done = [m for m in v.load_s if m < n and m not in v.not_run]
+    why = f"the quick mode runs only {', '.join(QUICK_AT_LARGEST)} at N = {n:,}"
+    if done and v.name not in ("direct", "direct-aa", "direct-routed"):
+        m = max(done)
+        why += (f"; programming {m:,} services took {v.load_s[m]:.1f} s here, so {n:,} would "
+                f"take at least {v.load_s[m] * n / m:,.0f} s (scaled linearly)")
+    return why + "; `make bench FULL=1` runs it"
+
+
+def spread(i: int, k: int, total: int) -> bool:
+    """Whether round i of `total` is one of k rounds spread evenly over them."""
+    return (i + 1) * k // total > i * k // total if total else False
+
+
 def cpu_stall() -> float:
     """Seconds some runnable task has waited for a CPU since boot (PSI, /proc/pressure/cpu
     "some" total; 0 where the kernel has no PSI). Its growth over a run divided by the run's
@@ -209,10 +265,29 @@ class Run:
     others: float   # the share of the machine's CPUs other work used meanwhile
 
 
-# The variants whose conn runs are paired with direct's around them: those with a target
-# stated against direct, and the A/A test; the others (targets against HAProxy, or none) run
-# in turn after them in each round, to keep the quick mode in its budget.
-BRACKETED = ("direct-aa", "nodemesh", "nodemesh-tc")
+# The variants whose conn runs are paired, each with its baseline: those with a target stated
+# against a baseline (nodemesh against direct; nodemesh-tc, whose client is outside the node,
+# against direct-routed: the same client and node hop, the node forwarding untouched), the A/A
+# test. The others (targets against HAProxy, or none; direct-routed, whose ratio to direct is
+# the node hop's cost) run in turn after them in each round. A variant is paired only when
+# its baseline runs too.
+PAIRED_WITH: Dict[str, str] = {"direct-aa": "direct", "nodemesh": "direct",
+                               "nodemesh-tc": "direct-routed"}
+BRACKETED = tuple(PAIRED_WITH)
+
+
+def pairs_text() -> str:
+    """'direct-aa and nodemesh beside direct, nodemesh-tc beside direct-routed'."""
+    by_base: Dict[str, List[str]] = {}
+    for v, b in PAIRED_WITH.items():
+        by_base.setdefault(b, []).append(v)
+    return ", ".join(f"{' and '.join(vs)} beside {b}" for b, vs in by_base.items())
+
+
+def baseline(name: str) -> str:
+    """The variant `name`'s conn runs are paired with (and its rate target is stated
+    against): direct, or direct-routed for nodemesh-tc."""
+    return PAIRED_WITH.get(name, "direct")
 
 
 class Bench:
@@ -232,6 +307,17 @@ class Bench:
         self.requests: Dict[Tuple[str, int], int] = {}  # conn requests per (variant, N)
         self.closed = False
         self.last: Optional[Run] = None  # the latest conn run's figures (attempt)
+        self.phases: List[Tuple[str, float]] = []  # (what, seconds), in order (timed)
+
+    @contextlib.contextmanager
+    def timed(self, what: str):
+        """Adds (what, its seconds) to self.phases: the report says where the time went."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.__dict__.setdefault("phases", []).append((what, time.monotonic() - t0))
+            log(f"  ({what}: {time.monotonic() - t0:.1f} s)")
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -242,11 +328,15 @@ class Bench:
         for name in self.args.variants:
             self.variants[name] = vr.VARIANTS[name](self)
 
-    def services(self, n: int, endpoints: Optional[List[str]] = None) -> List[bl.SvcSpec]:
+    def services(self, n: int, endpoints: Optional[List[str]] = None,
+                 measured_only: bool = False) -> List[bl.SvcSpec]:
+        """The N services' ports, the measured service's last; measured_only: its ports
+        alone (direct's kind names the backend itself: building 100,000 specs for it took
+        seconds of the quick mode)."""
         import ipaddress
         fake = ipaddress.IPv4Address(FAKE_PODS)
         out = []
-        for i in range(n - 1):
+        for i in range(0 if measured_only else n - 1):
             eps = [str(fake + 3 * i + j) for j in range(3)]
             out.append(bl.SvcSpec("bench", f"svc-{i}", "http", vip_of(i), 80, eps, 8080))
         eps = endpoints or self.set_a
@@ -258,7 +348,12 @@ class Bench:
 
     # -- programming --------------------------------------------------------------------------
     def program(self, n: int) -> None:
+        only = getattr(self.args, "only_at", {}).get(n)
         for v in self.variants.values():
+            if only is not None and v.name not in only:
+                v.not_run[n] = not_in_quick_mode(v, n)
+                log(f"  {v.name:>16}: NOT RUN at N={n:,}: {v.not_run[n]}")
+                continue
             over = predicted_over(v.load_s, v.load_over, n, self.args.load_timeout)
             if over:
                 v.load_over[n], why = over
@@ -266,7 +361,8 @@ class Bench:
                 log(f"  {v.name:>16}: NOT RUN at N={n:,}: {why}")
                 continue
             try:
-                v.load_s[n], v.rules[n] = v.program(n, self.services(n, v.set_a))
+                v.load_s[n], v.rules[n] = v.program(
+                    n, self.services(n, v.set_a, measured_only=not v.programs))
                 if v.name != "direct":
                     log(f"  {v.name:>16}: {n:,} services programmed in {v.load_s[n]:.3f} s")
             except (vr.NotRun, RuntimeError, subprocess.TimeoutExpired) as e:
@@ -280,19 +376,23 @@ class Bench:
                 log(f"  {v.name:>16}: NOT RUN at N={n:,}: {why}")
 
     # -- measuring ----------------------------------------------------------------------------
-    def reset(self, v: vr.Variant) -> None:
-        """Fresh connection state for the next run: conntrack flushed and TIME_WAIT sockets
-        destroyed in the client's netns and the server's (and the variant's own state: the
-        TC path's conntrack map)."""
-        for ns in (v.netns, v.server_netns):
-            sh(f"ip netns exec {ns} sh -c 'conntrack -F; ss -K -t state time-wait'",
-               check=False)
-        v.reset_state()
+    def reset(self, *vs: vr.Variant) -> None:
+        """Fresh connection state for the next run of vs (one, or a pair side by side):
+        conntrack flushed and TIME_WAIT sockets destroyed in each client's netns, the
+        server's, and a node's between them (flush_netns), all at once from one shell (a
+        process start costs ~0.2-0.4 s on the loaded 2-CPU VM; one each was most of a 1 s
+        run's overhead); then each variant's own state (the TC path's conntrack map)."""
+        netns = list(dict.fromkeys(ns for v in vs for ns in v.flush_netns()))
+        sh(" ".join(f"ip netns exec {ns} sh -c 'conntrack -F; ss -K -t state time-wait' "
+                    ">/dev/null 2>&1 &" for ns in netns) + " wait", check=False)
+        for v in vs:
+            v.reset_state()
 
     def active(self, n: int, workload: str) -> List[vr.Variant]:
+        only = getattr(getattr(self, "args", None), "workload_only", {}).get(workload)
         return [v for v in self.variants.values()
                 if n not in v.not_run and workload in v.workloads
-                and (n, workload) not in v.failed]
+                and (n, workload) not in v.failed and (only is None or v.name in only)]
 
     def attempt(self, v: vr.Variant, n: int, workload: str, seconds: float,
                 counted: bool = True) -> Optional[Run]:
@@ -340,7 +440,8 @@ class Bench:
             rate, _, note = wl.keepalive_max(v.client("http"), seconds)
             if note:
                 log(f"    ({v.name}: {note})")
-            self.reset(v)
+            # no reset before the paced run: 32 kept-alive connections leave nothing that
+            # matters, and a reset costs a process start (the quick mode runs 45 of these)
             p = wl.keepalive_paced(v.client("http"), seconds, self.rate["keepalive"])
             if counted:
                 v.add("ka_max", n, rate)
@@ -352,7 +453,6 @@ class Bench:
                      f"p99 {p.p99_ms:.3f} ms")
         elif workload == "udp":
             u = wl.udp(v.client("dns"), seconds, self.queries)
-            self.reset(v)
             p = wl.udp(v.client("dns"), seconds, self.queries, self.rate["udp"])
             if counted:
                 v.add("udp_qps", n, u.qps)
@@ -364,7 +464,6 @@ class Bench:
                      f"mean {p.mean_ms:.3f} ms, max {p.max_ms:.3f} ms")
         elif workload == "bulk":
             one = wl.bulk(v.client("iperf"), seconds, 1)
-            self.reset(v)
             eight = wl.bulk(v.client("iperf"), seconds, 8)
             if counted:
                 v.add("bulk1", n, one)
@@ -406,77 +505,100 @@ class Bench:
             active = self.active(n, workload)
             if not active:
                 continue
-            if workload in ("keepalive", "udp"):
-                self.calibrate(workload)
-            if workload == "conn":
-                for v in active:
-                    # counters from here on; the netfilter rules' start at 0 when loaded,
-                    # and reading them back takes minutes at 100,000 (iptables-save -c)
-                    if not v.counts_from_load:
-                        v.proof(n, 0)
-            if workload in self.args.warm_up:
-                for v in active:  # warm-up, not counted
-                    self.attempt(v, n, workload, 1, counted=False)
-            for _ in range(self.args.reps_of[workload]):
-                if workload == "conn" and "direct" in self.variants and \
-                        self.args.order == "bracketed":
-                    self.bracketed_round(n)
-                    continue
-                if workload == "conn" and "direct" in self.variants and \
-                        self.args.order == "concurrent":
-                    self.concurrent_pairs(n)
-                for v in self.active(n, workload):
-                    self.attempt(v, n, workload, self.args.seconds_of[workload])
-            if workload == "conn":
-                for v in self.active(n, workload):
-                    v.proofs[n] = v.proof(n, self.requests.get((v.name, n), 0))
-                    if v.proofs[n]:
-                        log(f"  {v.name:>16}: {v.proofs[n]}")
+            with self.timed(f"N = {fmt_n(n)}: {workload}"):
+                self.measure_workload(n, workload, active)
         if "change" in self.args.workloads and n in self.args.sizes_of["change"]:
-            self.measure_changes(n)
+            with self.timed(f"N = {fmt_n(n)}: change"):
+                self.measure_changes(n)
         self.load[n] = (load_before, os.getloadavg()[0])
 
-    def bracketed_round(self, n: int) -> None:
-        """One round of conn runs with direct between every two of the BRACKETED variants
-        (D A D B D ...), then the others in turn: each bracketed run is paired with the mean
-        of the two direct runs around it, seconds apart, so a drift of the machine's load
-        between rounds cancels in its ratio. The pair keeps the most other work any of its
-        three runs met (paired() leaves the disturbed ones out)."""
-        d = self.variants["direct"]
+    def measure_workload(self, n: int, workload: str, active: List[vr.Variant]) -> None:
+        """Warm-up, rounds (conn's paired and alone), and conn's traversal proof."""
+        if workload in ("keepalive", "udp"):
+            self.calibrate(workload)
+        if workload == "conn":
+            for v in active:
+                # counters from here on; the netfilter rules' start at 0 when loaded,
+                # and reading them back takes minutes at 100,000 (iptables-save -c)
+                if not v.counts_from_load:
+                    v.proof(n, 0)
+        if workload in self.args.warm_up:
+            for v in active:  # warm-up, not counted
+                if v.programs or not self.warmed(v, workload, n):
+                    self.attempt(v, n, workload, 1, counted=False)
+        rounds = self.args.reps_of[workload]
+        pair_rounds = self.args.pair_rounds if workload == "conn" and \
+            self.args.order != "rounds" else 0
+        total = max(rounds, pair_rounds)
+        for i in range(total):
+            # conn's paired rounds and its rounds alone may differ in number: each kind
+            # is spread evenly over the rounds
+            pair_now, alone_now = spread(i, pair_rounds, total), spread(i, rounds, total)
+            if pair_now and self.args.order == "bracketed":
+                self.bracketed_round(n, alone=alone_now)
+                continue
+            if pair_now:
+                self.concurrent_pairs(n)
+            if alone_now:
+                for v in self.active(n, workload):
+                    self.attempt(v, n, workload, self.args.seconds_of[workload])
+        if workload == "conn":
+            for v in self.active(n, workload):
+                v.proofs[n] = v.proof(n, self.requests.get((v.name, n), 0))
+                if v.proofs[n]:
+                    log(f"  {v.name:>16}: {v.proofs[n]}")
+
+    def warmed(self, v: vr.Variant, workload: str, n: int) -> bool:
+        """v has run `workload` at a smaller N already (a variant that programs nothing,
+        direct's kind, needs no warm-up after its first: nothing changed on its path)."""
+        return any(v.values(WORKLOAD_FIRST[workload], m) for m in self.args.sizes if m < n)
+
+    def pairs(self, n: int) -> List[Tuple[vr.Variant, vr.Variant]]:
+        """(baseline, variant) for each PAIRED_WITH variant running conn at N whose baseline
+        runs too, in the variants' order."""
+        active = {v.name: v for v in self.active(n, "conn")}
+        return [(active[baseline(name)], v) for name, v in active.items()
+                if name in PAIRED_WITH and baseline(name) in active]
+
+    def bracketed_round(self, n: int, alone: bool = True) -> None:
+        """One round of conn runs with each baseline between every two of the variants paired
+        with it (D A D B D ..., then R T R for direct-routed's), then the others in turn
+        (alone: False leaves them out): each paired run is paired with the mean of the two
+        baseline runs around it, seconds apart, so a drift of the machine's load between
+        rounds cancels in its ratio. The pair keeps the most other work any of its three
+        runs met (paired() leaves the disturbed ones out)."""
         seconds = self.args.seconds_of["conn"]
-        if d not in self.active(n, "conn"):
-            for v in self.active(n, "conn"):
+        pairs = self.pairs(n)
+        ran = set()
+        for base in dict.fromkeys(b for b, _ in pairs):
+            before = self.attempt(base, n, "conn", seconds)
+            ran.add(base.name)
+            for v in [v for b, v in pairs if b is base]:
+                run = self.attempt(v, n, "conn", seconds)
+                ran.add(v.name)
+                after = self.attempt(base, n, "conn", seconds)
+                if run and before and after:
+                    v.add("conn_pair", n, run.rate / ((before.rate + after.rate) / 2))
+                    v.add("conn_cpu_pair", n,
+                          run.cpu_us / ((before.cpu_us + after.cpu_us) / 2))
+                    v.add("conn_pair_others", n, max(before.others, run.others, after.others))
+                before = after
+        if alone:
+            for v in [v for v in self.active(n, "conn") if v.name not in ran]:  # in turn
                 self.attempt(v, n, "conn", seconds)
-            return
-        active = [v for v in self.active(n, "conn") if v is not d]
-        before = self.attempt(d, n, "conn", seconds)
-        for v in [v for v in active if v.name in BRACKETED]:
-            run = self.attempt(v, n, "conn", seconds)
-            after = self.attempt(d, n, "conn", seconds)
-            if run and before and after:
-                v.add("conn_pair", n, run.rate / ((before.rate + after.rate) / 2))
-                v.add("conn_cpu_pair", n, run.cpu_us / ((before.cpu_us + after.cpu_us) / 2))
-                v.add("conn_pair_others", n, max(before.others, run.others, after.others))
-            before = after
-        for v in [v for v in active if v.name not in BRACKETED]:  # in turn, unpaired
-            self.attempt(v, n, "conn", seconds)
 
     def concurrent_pairs(self, n: int) -> None:
-        """Each BRACKETED variant side by side with direct, at the same time (workloads.
-        conn_side_by_side): its ratio per round is the two rates of the same seconds. The
-        round's runs in turn follow (measure), for the absolute rates."""
-        d = self.variants["direct"]
-        if d not in self.active(n, "conn"):
-            return
-        for v in [v for v in self.active(n, "conn") if v.name in BRACKETED]:
-            self.reset(d)
-            self.reset(v)
+        """Each paired variant side by side with its baseline (PAIRED_WITH), at the same time
+        (workloads.conn_side_by_side): its ratio per round is the two rates of the same
+        seconds. The round's runs in turn follow (measure), for the absolute rates."""
+        for d, v in self.pairs(n):
+            self.reset(d, v)
             meter = wl.meter(sorted(set(d.resident_netns() + v.resident_netns())))
             try:
                 (rd, nd, _), (rv, nv, _) = wl.conn_side_by_side(
                     d.client("http"), v.client("http"), self.args.seconds_of["conn"])
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
-                log(f"  N={n:<7,}      conn {v.name:>16}: side by side with direct failed: "
+                log(f"  N={n:<7,}      conn {v.name:>16}: side by side with {d.name} failed: "
                     f"{' '.join(str(e).split())[:200]}")
                 continue
             others = wl.cost(meter).others_share(os.cpu_count() or 1)
@@ -484,11 +606,14 @@ class Bench:
                 self.requests[(name, n)] = self.requests.get((name, n), 0) + reqs
             v.add("conn_pair", n, rv / rd)
             v.add("conn_pair_others", n, others)
-            log(f"  N={n:<7,}      conn {v.name:>16}: {rv:10,.0f} conn/s beside direct's "
+            log(f"  N={n:<7,}      conn {v.name:>16}: {rv:10,.0f} conn/s beside {d.name}'s "
                 f"{rd:,.0f}: {rv / rd:.3f}× (other work {others:.0%} of the CPUs)")
 
     def measure_changes(self, n: int) -> None:
         from controlplane import Probe
+        # N services' specs per endpoint set, built once for every variant and change (at
+        # 100,000 each build took seconds: 45 s for nodemesh's 3 changes on the loaded VM)
+        built: Dict[Tuple[str, ...], List[bl.SvcSpec]] = {}
         for v in self.active(n, "change"):
             if not v.changes:
                 continue
@@ -499,7 +624,8 @@ class Bench:
             try:
                 for _ in range(self.args.changes):
                     old_specs = [s for s in v.specs if s.name == v.specs[-1].name]
-                    new_specs = self.services(n, other)
+                    new_specs = built.get(tuple(other)) or built.setdefault(
+                        tuple(other), self.services(n, other))
                     changed = list(zip(old_specs, new_specs[-3:]))
                     # a change may take as long as programming may (kube-proxy's partial
                     # iptables-nft restore at 10,000 services takes seconds)
@@ -805,19 +931,51 @@ def judge_at_least(low: float, high: float, want: float) -> str:
     return "**cannot be judged** (the interval straddles the target)"
 
 
-def judge_flat(intervals: Dict[int, Tuple[float, float, float]], most: float) -> Tuple[
-        str, str]:
-    """Flat within `most` over N, from each N's (median, low, high): the measured spread
-    (max - min over max of the medians), and the spread's bounds from the intervals."""
-    mids = [m for m, _, _ in intervals.values()]
-    lows = [lo for _, lo, _ in intervals.values()]
-    highs = [hi for _, _, hi in intervals.values()]
-    spread = (max(mids) - min(mids)) / max(mids)
-    upper = (max(highs) - min(lows)) / max(highs)
-    lower = max(max(lows) - min(highs), 0.0) / max(highs)
-    verdict = ("**met**" if upper <= most else "**missed**" if lower > most else
-               "**cannot be judged** (the bounds straddle the target)")
-    return f"{spread:.1%} (bounds {lower:.1%}–{upper:.1%})", verdict
+def flat_bounds(at_n: Paired, at_1: Paired) -> Tuple[float, float, float, float]:
+    """nodemesh's paired ratio at N over its ratio at 1: (the quotient of the medians, its
+    low and high bound from the two intervals, low_N / high_1 and high_N / low_1, and their
+    coverage: at least the product of the two, the rounds at the two N being independent).
+    Not widened by the A/A bias: a bias of the method common to every N cancels in it."""
+    return (at_n.median / at_1.median, at_n.low / at_1.high, at_n.high / at_1.low,
+            at_n.coverage * at_1.coverage)
+
+
+def judge_flat(quotients: Dict[int, Tuple[float, float, float, float]], most: float) -> str:
+    """Flat within `most` from each N's (quotient, low, high, coverage) over N = 1: met when
+    every interval lies within 1 ± most, missed when one lies wholly outside, else cannot be
+    judged; too few rounds for a CI_LEVEL interval at 1 or at an N cannot be judged either."""
+    states = []
+    for _, low, high, coverage in quotients.values():
+        if low >= 1 - most and high <= 1 + most:
+            states.append("met")
+        elif low > 1 + most or high < 1 - most:
+            states.append("missed")
+        else:
+            states.append("cannot")
+    if "missed" in states:
+        return "**missed**"
+    if any(c < CI_LEVEL ** 2 for *_, c in quotients.values()):
+        return FEW
+    if states and all(x == "met" for x in states):
+        return "**met**"
+    return "**cannot be judged** (an interval straddles the target)"
+
+
+def flat_row(bench: "Bench", sizes: List[int]) -> str:
+    """The Targets row of "flat within 5% from 1 to 100,000": nodemesh's paired ratio to
+    direct at each N over its ratio at N = 1, with the quotient's interval (flat_bounds)."""
+    nm, d = bench.variants.get("nodemesh"), bench.variants.get("direct")
+    label = (f"nodemesh flat within {TARGET_FLAT:.0%} from 1 to {fmt_n(TARGET_N)} (its paired "
+             "ratio to direct at N over its ratio at 1, with the interval from both "
+             "medians' intervals, at least their coverages' product)")
+    at = {n: p for n in sizes if (p := paired(nm, n) or in_turn(nm, d, n)) is not None}
+    if 1 not in at or TARGET_N not in at:
+        return (f"| {label} | needs N = 1 and {fmt_n(TARGET_N)}; measured "
+                f"{', '.join(fmt_n(n) for n in at) or 'neither'} | not measured |")
+    quotients = {n: flat_bounds(p, at[1]) for n, p in at.items() if n != 1}
+    shown = "; ".join(f"{fmt_n(n)} over 1: {q:.3f} (interval {lo:.3f}–{hi:.3f}, "
+                      f"{c:.0%} coverage)" for n, (q, lo, hi, c) in quotients.items())
+    return f"| {label} | {shown} | {judge_flat(quotients, TARGET_FLAT)} |"
 
 
 def targets(bench: "Bench", sizes: List[int]) -> List[str]:
@@ -825,6 +983,7 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
     (a target stated at some N that this run did not measure is not measured, never met)."""
     vs = bench.variants
     nm, tc, hap, d = (vs.get(k) for k in ("nodemesh", "nodemesh-tc", "haproxy", "direct"))
+    routed = vs.get(baseline("nodemesh-tc"))
 
     def ratio(a, b, metric: str, n: int) -> Optional[float]:
         if not a or not b:
@@ -838,7 +997,7 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
     rows = []
 
     def at_every_n(label: str, v, least: float, metric: str = "conn_pair",
-                   cost: bool = False) -> None:
+                   cost: bool = False, base=d) -> None:
         """A ratio to direct that should be at least `least` at every N: judged on the paired
         rounds' interval (widened by the A/A bias) where there are paired rounds, else on the
         ratio of medians, with no tolerance to judge by. cost: the companion figure, CPU a
@@ -846,7 +1005,7 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
         shown, states = [], []
         for n in sizes:
             # side by side, CPU is not split between the two wrk: the runs alone, in turn
-            p = paired(v, n, metric) or in_turn(v, d, n, "conn_cpu_us" if cost else "conn")
+            p = paired(v, n, metric) or in_turn(v, base, n, "conn_cpu_us" if cost else "conn")
             if p is not None:
                 bias = aa_bias(bench, n, metric)
                 low, high = p.low - bias, p.high + bias
@@ -857,12 +1016,12 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
                 states.append(judge_at_least(low, high, least) if p.coverage >= CI_LEVEL
                               else FEW)
                 continue
-            r = None if cost else ratio(v, d, "conn", n)
+            r = None if cost else ratio(v, base, "conn", n)
             if r is not None:
                 shown.append(f"{fmt_n(n)}: {r:.2f}× (ratio of medians, no paired rounds)")
                 states.append("**cannot be judged** (no paired rounds: no tolerance)")
         missing = [fmt_n(n) for n in [1, TARGET_N] if n not in
-                   [m for m in sizes if paired(v, m, metric) or ratio(v, d, "conn", m)]]
+                   [m for m in sizes if paired(v, m, metric) or ratio(v, base, "conn", m)]]
         if not states:
             state = "not measured"
         elif "**missed**" in states:
@@ -880,36 +1039,20 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
     at_every_n(f"companion: nodemesh's CPU a connection ≤ 1/{TARGET_SOCKET:.2f} of direct's "
                "(shown: its ratio to direct's, per N)", nm, TARGET_SOCKET, "conn_cpu_pair",
                cost=True)
-    bounds, few = {}, False
+    rows.append(flat_row(bench, sizes))
+    at_every_n(f"nodemesh-tc ≥ {TARGET_TC:.2f}× direct-routed (the node forwarding "
+               "untouched), every N", tc, TARGET_TC, base=routed)
+    no_hop = []
     for n in sizes:
-        p = paired(nm, n) or in_turn(nm, d, n)
-        if p is not None:
-            bias = aa_bias(bench, n)
-            bounds[n] = (p.median, p.low - bias, p.high + bias)
-            few = few or p.coverage < CI_LEVEL
-    if 1 in bounds and TARGET_N in bounds:
-        spread, flat_state = judge_flat(bounds, TARGET_FLAT)
-        if few and "**cannot" not in flat_state:
-            flat_state = FEW
-        rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to {fmt_n(TARGET_N)} "
-                    f"(its paired ratio to direct, max − min over max, over N = "
-                    f"{', '.join(fmt_n(n) for n in bounds)}; bounds from the intervals) | "
-                    f"{spread} | {flat_state} |")
-    else:
-        got = {n: ratio(nm, d, "conn", n) for n in sizes}
-        got = {n: r for n, r in got.items() if r is not None}
-        if 1 in got and TARGET_N in got:
-            spread = (max(got.values()) - min(got.values())) / max(got.values())
-            rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to {fmt_n(TARGET_N)} "
-                        f"(ratio of medians; no paired rounds) | {spread:.1%} | **cannot be "
-                        "judged** (no paired rounds: no tolerance) |")
-        else:
-            measured = sorted(set(bounds) | set(got))
-            rows.append(f"| nodemesh flat within {TARGET_FLAT:.0%} from 1 to "
-                        f"{fmt_n(TARGET_N)} | needs N = 1 and {fmt_n(TARGET_N)}; measured "
-                        f"{', '.join(fmt_n(n) for n in measured) or 'neither'} | "
-                        "not measured |")
-    at_every_n(f"nodemesh-tc ≥ {TARGET_TC:.2f}× direct, every N", tc, TARGET_TC)
+        r, hop = ratio(tc, d, "conn", n), ratio(routed, d, "conn", n)
+        if r is not None:
+            no_hop.append(f"{fmt_n(n)}: {r:.2f}×" + (f" (direct-routed {hop:.2f}×)"
+                                                      if hop is not None else ""))
+    if no_hop:
+        rows.append("| reference, no target: nodemesh-tc ÷ direct, no node hop (ratios of "
+                    "medians of the runs alone: the node's forwarding counts against it; "
+                    "direct-routed's own ratio is what that hop costs) | "
+                    f"{'; '.join(no_hop)} | – |")
     for label, metric, want, cmp in (
             (f"nodemesh ≥ {TARGET_VS_HAPROXY:g}× HAProxy's connection rate", "conn",
              TARGET_VS_HAPROXY, lambda r, w: r >= w),
@@ -934,16 +1077,20 @@ def targets(bench: "Bench", sizes: List[int]) -> List[str]:
                    f"{verdict(med(ch) <= TARGET_CHANGE_S)} |" if ch
                    else f"– | not measured (N = {fmt_n(TARGET_N)} not run) |"))
     return ["## Targets (README, Performance): met, missed or cannot be judged\n",
-            "Connection-rate targets: the median of the per-round ratios to direct (to the "
-            "direct runs around each run, bracketed; or to direct's run beside it, "
-            f"--order concurrent), with a distribution-free interval of that median (at least "
+            "Connection-rate targets: the median of the per-round ratios to the variant's "
+            "baseline (direct; direct-routed for nodemesh-tc: the same node hop, forwarded "
+            "untouched) (to the baseline's runs around each run, bracketed; or to its run "
+            "beside it, --order concurrent), with a distribution-free interval of that "
+            "median (at least "
             f"{CI_LEVEL:.0%} coverage where there are enough rounds; the coverage is shown), "
             "widened by the A/A test's bias (direct-aa's distance from 1.00 at that N): met "
             "when the whole interval clears the target, missed when it falls short, cannot be "
             "judged when it straddles it. Rounds where other work used more than "
             f"{DISTURBED:.0%} of the CPUs are left out when {MIN_PAIRS} others remain. "
             "HAProxy's rows: ratios of medians. A target stated for every N is judged on the "
-            "N this run measured.\n",
+            "N this run measured. Flatness: the paired ratio at each N over the one at 1, "
+            "its interval from the two medians' intervals (not widened by the A/A bias, "
+            "which cancels in the quotient).\n",
             "| target | measured | verdict |", "|---|---|---|", *rows, ""]
 
 
@@ -999,8 +1146,9 @@ def per_n_table(bench: Bench, n: int, workload: str, columns: List[Column],
                 cell = f"{med(xs) / med(base):.2f}×" if xs and base else "–"
                 pair = paired(v, n) if pairs else None
                 if pair is not None:
-                    # each run against the direct runs around it (Bench.bracketed_round)
-                    cell += (f" (paired {pair.median:.2f}×, interval {pair.low:.2f}–"
+                    # each run beside its baseline's (Bench.concurrent_pairs)
+                    cell += (f" (paired with {baseline(v.name)} {pair.median:.2f}×, "
+                             f"interval {pair.low:.2f}–"
                              f"{pair.high:.2f}, range {pair.spread[0]:.2f}–{pair.spread[1]:.2f}"
                              f", {pair.used} rounds)")
                 elif pairs and base and len(base) == len(xs) > 1 and v is not d:
@@ -1051,11 +1199,11 @@ def fms(x: float) -> str:
 
 def rounds(bench: Bench, metric: str, n: int) -> int:
     """Rounds behind a per-N table (parts appended with --append may differ from --reps);
-    direct, which runs between every two variants in a bracketed round, counts only where
-    it ran alone."""
+    the baselines (direct, direct-routed), which run between every two of their variants
+    in a bracketed round, count only where they ran alone."""
     bracketed = any(v.values("conn_pair", n) for v in bench.variants.values())
     return max((len(v.values(metric, n)) for v in bench.variants.values()
-                if not (bracketed and v.name == "direct")), default=0)
+                if not (bracketed and v.name in PAIRED_WITH.values())), default=0)
 
 
 def conn_method(bench: Bench, n: int) -> List[str]:
@@ -1074,15 +1222,15 @@ def conn_method(bench: Bench, n: int) -> List[str]:
     d = bench.variants.get("direct")
     order = getattr(bench.args, "order", "bracketed")
     if d and any(v.values("conn_pair", n) for v in vs) and order == "concurrent":
-        out.append(f"\nRounds paired side by side (--order concurrent): {', '.join(BRACKETED)} "
-                   "each ran at the same time as direct (two wrk, 16 connections each, on the "
-                   "client CPU), their ratio per round from the same seconds; then every "
-                   "variant ran alone, in turn, for the absolute rates above.")
+        out.append(f"\nRounds paired side by side (--order concurrent): {pairs_text()}, "
+                   "each at the same time as its baseline (two wrk, 16 connections each, on "
+                   "the client CPU), their ratio per round from the same seconds; and every "
+                   "variant alone, in turn, for the absolute rates above.")
     elif d and any(v.values("conn_pair", n) for v in vs):
-        out.append(f"\nRounds bracketed: direct ran before the first of {', '.join(BRACKETED)} "
-                   f"and after every one (D A D B ... D: {len(d.values('conn', n))} direct "
-                   "runs); each one's ratio per round is to the mean of the two direct runs "
-                   "around it; the other variants ran after them, in turn.")
+        out.append(f"\nRounds bracketed ({pairs_text()}): each baseline ran before the first "
+                   "of its variants and after every one (D A D B ... D); each one's ratio per "
+                   "round is to the mean of the two baseline runs around it; the other "
+                   "variants ran after them, in turn.")
     aa = paired(bench.variants.get("direct-aa"), n)
     if aa:
         out.append(f"\nA/A test (direct-aa, the same path from a netns of its own, paired like "
@@ -1094,14 +1242,19 @@ def conn_method(bench: Bench, n: int) -> List[str]:
                    "netns, softirq in their context; workloads.Cost), a companion figure: "
                    "direct-aa's against direct's shows how far other work moved it:\n")
         out.append("| variant | CPU µs a connection median (min–max) | of which the client "
-                   "(wrk) | paired ratio to direct |")
+                   "(wrk) | ratio to its baseline, round by round |")
         out.append("|---|---|---|---|")
-        for v in cpu:
+        for v in dict.fromkeys(cpu):  # one row a variant
             xs, cl = v.values("conn_cpu_us", n), v.values("conn_client_us", n)
-            p = paired(v, n, "conn_cpu_pair")
+            # bracketed: each run against its baseline's around it; side by side, two wrk
+            # share their CPU time, so the runs alone, each against its baseline's run alone
+            # in the same round (in_turn)
+            base = bench.variants.get(baseline(v.name))
+            p = paired(v, n, "conn_cpu_pair") or in_turn(v, base, n, "conn_cpu_us")
             out.append(f"| {v.name} | {med(xs):.1f} ({min(xs):.1f}–{max(xs):.1f}) | "
                        + (f"{med(cl):.1f} ({min(cl):.1f}–{max(cl):.1f})" if cl else "–")
-                       + " | " + (p.describe() if p else "–") + " |")
+                       + " | " + (f"to {base.name}: {p.describe()}" if p and base else "–")
+                       + " |")
     return out
 
 
@@ -1145,13 +1298,15 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
            "warm-up of every variant, then "
            f"{args.reps} rounds of all variants in turn (conn {args.reps_of['conn']}) "
            "(A B C ... A B C ...; "
-           + {"bracketed": f"conn's rounds bracketed for {', '.join(BRACKETED)}: direct "
+           + {"bracketed": f"conn's rounds bracketed ({pairs_text()}): the baseline "
               "before the first and after every one, D A D B ... D, each run paired with the "
-              "direct runs around it, the others after them in turn",
-              "concurrent": f"conn's rounds first run {', '.join(BRACKETED)} each side by "
-              "side with direct, at the same time, for their paired ratio, then every "
-              "variant alone in turn"}.get(getattr(args, "order", "rounds"),
-                                           "conn's too, unpaired")
+              "baseline runs around it, the others after them in turn",
+              "concurrent": f"conn's paired rounds run {pairs_text()}, side by side, at the "
+              "same time, for their paired ratio; its rounds alone run every variant in "
+              "turn"}.get(getattr(args, "order", "rounds"), "conn's too, unpaired")
+           + (f"; conn: {getattr(args, 'pair_rounds', 0)} paired rounds spread over its "
+              f"{args.reps_of['conn']} rounds alone" if getattr(args, "order", "rounds")
+              != "rounds" else "")
            + "); conntrack flushed and TIME_WAIT sockets destroyed in the "
            "client's and the server's netns before every run. The measured service is the "
            "last of N in every ruleset. nginx: 1 worker; haproxy: nbthread 1; every client "
@@ -1169,9 +1324,13 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
     out.append("| variant | what | workloads | not run (why) |")
     out.append("|---|---|---|---|")
     for v in vs:
-        runs = [w for w in args.workloads if w in v.workloads]
+        skipped = {w for w, only in getattr(args, "workload_only", {}).items()
+                   if v.name not in only}
+        runs = [w for w in args.workloads if w in v.workloads and w not in skipped]
         why = [f"{w} ({v.unsupported.get(w, 'not supported')})" for w in args.workloads
                if w not in v.workloads]
+        why += [f"{w} ({QUICK_SKIPPED_WHY[w]})" for w in args.workloads
+                if w in v.workloads and w in skipped]
         out.append(f"| {v.name} | {vr.SUMMARY.get(v.name, '')} | {', '.join(runs)} | "
                    f"{'; '.join(why) or '–'} |")
     out.append("")
@@ -1312,6 +1471,10 @@ def report(bench: Bench, args, extra: List[str], command: str) -> str:
         out.append("## Proof of traversal (counters read after each N's conn runs, warm-up "
                    "included)\n")
         out += ["| N | variant | what was counted |", "|---|---|---|", *proofs, ""]
+    if getattr(bench, "phases", None):
+        out.append("## Where the time went (this run's phases, wall seconds)\n")
+        out += ["| phase | seconds |", "|---|---|",
+                *[f"| {what} | {took:.1f} |" for what, took in bench.phases], ""]
     notes = [f"- {v.name}, N = {fmt_n(n)}: {why}" for v in vs for n, why in v.not_run.items()]
     notes += [f"- {v.name}, N = {fmt_n(n)}, {w}: {why}" for v in vs
               for (n, w), why in v.failed.items()]
@@ -1386,37 +1549,54 @@ def plots(bench: Bench, sizes: List[int], stem: str) -> List[str]:
     return made
 
 
+OVERHEAD_S = 0.4  # a run's resets, meters and process start (estimate)
+
+
 def estimate(args) -> float:
     """Seconds of measuring, roughly (programming, set-up and the footprint not included)."""
     runs_per_round = {"conn": 1, "keepalive": 2, "udp": 2, "bulk": 2}
-    overhead = 0.4  # resets and process start per run
+    overhead = OVERHEAD_S
     total = 0.0
     for w, k in runs_per_round.items():
-        if w in args.workloads:
-            per_variant = args.reps_of[w] * k * (args.seconds_of[w] + overhead)
-            if w in args.warm_up:
-                per_variant += k * (1 + overhead)
-            nv = sum(1 for v in args.variants if w in vr.VARIANTS[v].workloads)
-            if w == "conn" and args.order != "rounds" and "direct" in args.variants:
-                # bracketed: direct after each; concurrent: each beside direct
-                nv += sum(1 for v in args.variants if v in BRACKETED)
-            total += len(args.sizes_of[w]) * nv * per_variant
-            if w in ("keepalive", "udp"):
-                total += 3 * (args.seconds_of[w] + overhead)
+        if w not in args.workloads:
+            continue
+        per_variant = args.reps_of[w] * k * (args.seconds_of[w] + overhead)
+        if w in args.warm_up:
+            per_variant += k * (1 + overhead)
+        only = getattr(args, "workload_only", {}).get(w)
+        for n in args.sizes_of[w]:
+            here = [v for v in running_at(args, n) if w in vr.VARIANTS[v].workloads
+                    and (only is None or v in only)]
+            total += len(here) * per_variant
+            if w in args.warm_up and n != args.sizes_of[w][0]:  # warmed once: direct's kind
+                total -= sum(k * (1 + overhead) for v in here if not vr.VARIANTS[v].programs)
+            if w == "conn" and args.order != "rounds":
+                # concurrent: each paired variant beside its baseline; bracketed: the
+                # baseline after each
+                pairs = sum(1 for v in here if v in PAIRED_WITH and baseline(v) in here)
+                total += args.pair_rounds * pairs * (args.seconds_of[w] + overhead)
+        if w in ("keepalive", "udp"):
+            total += 3 * (args.seconds_of[w] + overhead)
     if "change" in args.workloads:
-        nv = sum(1 for v in args.variants if vr.VARIANTS[v].changes)
-        total += len(args.sizes_of["change"]) * nv * args.changes * 0.5
+        total += sum(sum(1 for v in running_at(args, n) if vr.VARIANTS[v].changes)
+                     for n in args.sizes_of["change"]) * args.changes * 0.5
     return total
 
 
-# What the estimate scales from: seconds to program N services on the 2-CPU VM (loaded by
-# other work) at 10,000 (bench/results/2026-11-29-vm.md) and 100,000 (the smokes of
-# bench/results/full-smoke-2026-11-29.md; iptables-legacy ran over 600 s there and nftables
-# is only known to be over 488 s: both counted as over the full mode's 900 s); between and
-# beyond, a power law through the two.
+def running_at(args, n: int) -> List[str]:
+    """The variants the run programs and measures at N (the quick mode's largest N: a few)."""
+    return list(getattr(args, "only_at", {}).get(n, args.variants))
+
+
+# What the estimate scales from: seconds to program N services on the 2-CPU VM at 10,000
+# (bench/results/2026-11-29-vm.md; nftables from the quiet latest.md, 84 s) and 100,000 (the
+# smokes of bench/results/full-smoke-2026-11-29.md, nodemesh from the quiet
+# full-part-2026-11-29.md; iptables-legacy ran over 600 s there and nftables is only known to
+# be over 488 s: both counted as over the full mode's 900 s); between and beyond, a power law
+# through the two.
 REF_LOAD: Dict[str, Tuple[float, float]] = {
-    "nodemesh": (0.7, 11.6), "iptables-nft": (3.0, 436.3), "iptables-legacy": (1.7, 901.0),
-    "nftables": (48.8, 901.0), "haproxy": (1.0, 10.0), "nodemesh-tc": (0.9, 12.0),
+    "nodemesh": (0.7, 9.1), "iptables-nft": (3.0, 436.3), "iptables-legacy": (1.7, 901.0),
+    "nftables": (84.2, 901.0), "haproxy": (1.0, 10.0), "nodemesh-tc": (0.9, 12.0),
     "nodemesh+sockmap": (0.7, 11.6), "nodemesh+policy": (0.7, 12.0)}
 # seconds one change takes at 10,000 and 100,000 (the netfilter ones rewrite per N)
 REF_CHANGE: Dict[str, Tuple[float, float]] = {
@@ -1441,16 +1621,18 @@ def estimate_parts(args) -> Dict[str, float]:
     setup = 5.0 + sum(SETUP_S if v.startswith("nodemesh") else 1.0 for v in args.variants)
     programming = changes = 0.0
     for v in args.variants:
-        over = False
+        over, before = False, 0.0
         for n in args.sizes:
-            if over or v not in REF_LOAD:
+            if over or v not in REF_LOAD or v not in running_at(args, n):
                 continue
             t = scaled(REF_LOAD[v], n)
             if t > args.load_timeout:
                 programming += args.load_timeout
                 over = True
                 continue
-            programming += 2 * t if v.startswith("nodemesh") else t  # emptying, then loading
+            # nodemesh empties the previous N's services first, then loads N
+            programming += t + (before if v.startswith("nodemesh") else 0.0)
+            before = t
             if "change" in args.workloads and vr.VARIANTS[v].changes and \
                     n in args.sizes_of["change"]:
                 per = scaled(REF_CHANGE[v], n) if v in REF_CHANGE else 0.01
@@ -1469,10 +1651,13 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                  epilog="Method and workloads: the module docstring.")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help=f"N = {QUICK_SIZES}; workloads {','.join(QUICK_WORKLOADS)} (udp "
-                      "and bulk only when --workloads names them), keepalive, udp and bulk at "
-                      "the largest N only; 1 s runs (conn 2 s), conn the only one warmed up; 5 "
-                      "rounds, 3 changes; no agent footprint (the default)")
+                      help=f"N = {QUICK_SIZES} (at {QUICK_LARGEST:,} only "
+                      f"{', '.join(QUICK_AT_LARGEST)}); workloads {','.join(QUICK_WORKLOADS)} "
+                      "(udp and bulk only when --workloads names them), keepalive, udp and "
+                      "bulk at 10,000 only (keepalive for "
+                      f"{', '.join(QUICK_KEEPALIVE)}); 1 s runs, conn the only one warmed "
+                      f"up; 5 rounds (conn: {QUICK_CONN_ROUNDS} alone and {QUICK_PAIR_ROUNDS} "
+                      "paired), 3 changes; no agent footprint (the default)")
     mode.add_argument("--full", action="store_true",
                       help=f"N = {FULL_SIZES}, every workload at every N, 5 s runs, 5 "
                       "rounds, 10 changes, the agent's footprint at 1 and 100,000")
@@ -1485,6 +1670,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=int, help="seconds per run, every workload")
     ap.add_argument("--reps", type=int, help="rounds per N and workload (at least 5 to "
                     "publish)")
+    ap.add_argument("--pair-rounds", type=int, help="conn's paired rounds per N (each paired "
+                    "variant beside its baseline), spread over the rounds alone (default: as "
+                    f"many as --reps; the quick mode {QUICK_PAIR_ROUNDS})")
     ap.add_argument("--changes", type=int, help="backend changes per N and variant")
     ap.add_argument("--ka-rate", type=float, help="fixed keep-alive rate (req/s) instead of "
                     "half of direct's measured maximum")
@@ -1541,6 +1729,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.reps_of = {w: args.reps or 5 for w in WORKLOADS}
     if quick and not args.reps:
         args.reps_of["conn"] = QUICK_CONN_ROUNDS
+    args.pair_rounds = args.pair_rounds or (QUICK_PAIR_ROUNDS if quick and not args.reps
+                                            else args.reps_of["conn"])
     args.reps = args.reps or 5
     args.changes = args.changes or (10 if full else 3)
     args.load_timeout = args.load_timeout or (900 if full else 120)
@@ -1562,9 +1752,16 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
             ap.error(f"--workloads {w} needs the direct variant (its maximum sets the fixed "
                      f"rate) or --{'ka' if w == 'keepalive' else 'udp'}-rate")
     args.sizes_of = {w: list(args.sizes) for w in WORKLOADS}
+    # N -> the only variants that run there (the quick mode's largest N); the others are
+    # reported not run at that N, with the reason (Bench.program)
+    args.only_at = {QUICK_LARGEST: [v for v in args.variants if v in QUICK_AT_LARGEST]} \
+        if quick else {}
+    # workload -> the only variants that run it (the quick mode's keep-alive)
+    args.workload_only = {"keepalive": list(QUICK_KEEPALIVE)} if quick else {}
     if quick:
+        every = [n for n in args.sizes if n not in args.only_at] or args.sizes
         for w in PER_N_WORKLOADS:
-            args.sizes_of[w] = [max(args.sizes)]
+            args.sizes_of[w] = [max(every)]
     args.quick = quick
     if args.append and args.output and os.path.abspath(args.append) != \
             os.path.abspath(args.output):
@@ -1631,13 +1828,16 @@ def main() -> int:
                                  if w in bench.rate and not given.get(w)})
     extra: List[str] = []
     try:
-        bench.setup()
+        with bench.timed("set-up: servers and variants (netns, BPF compiled and loaded)"):
+            bench.setup()
         for n in args.sizes:
             log(f"N = {n:,}: programming ...")
-            bench.program(n)
+            with bench.timed(f"N = {fmt_n(n)}: programming"):
+                bench.program(n)
             log(f"N = {n:,}: measuring ...")
             bench.measure(n)
-        bench.close()
+        with bench.timed("teardown of the variants"):
+            bench.close()
         if not args.skip_extra and not args.quick:
             log("nodemesh agent footprint ...")
             extra.append(bench_footprint(args, lab, workdir, sorted({1, max(args.sizes)})))

@@ -92,6 +92,7 @@ class Variant:
     workloads = frozenset(WORKLOADS)
     unsupported: Dict[str, str] = {}  # workload -> why this variant cannot run it
     changes = True
+    programs = True  # False: its path does not depend on N (direct's kind): warmed up once
     # proof() reads counters that program() has just created at 0 (netfilter rules): no
     # reading them before the conn runs (iptables-save -c takes ~3 min at 100,000 services)
     counts_from_load = False
@@ -148,9 +149,14 @@ class Variant:
         their CPU time is part of what a connection costs (workloads.meter)."""
         return [self.netns, self.server_netns]
 
+    def flush_netns(self) -> List[str]:
+        """The netns whose conntrack and TIME_WAIT sockets run.py's reset empties before each
+        run: the client's and the server's (and a node's between them)."""
+        return [self.netns, self.server_netns]
+
     def reset_state(self) -> None:
         """Connection state of this variant's own that a run must not inherit (run.py's
-        reset flushes conntrack and TIME_WAIT in the client's and the server's netns)."""
+        reset flushes conntrack and TIME_WAIT in flush_netns())."""
 
     def fail(self, n: int, workload: str, why: str) -> None:
         """The workload failed at N: its figures at N are dropped, the reason is kept."""
@@ -201,6 +207,7 @@ class Direct(Variant):
     """The client connects to the first endpoint itself: the physical limit."""
     name = "direct"
     changes = False
+    programs = False
     workloads = frozenset(WORKLOADS) - {"change"}
     unsupported = {"change": "no control plane: the client names the backend itself"}
 
@@ -300,11 +307,9 @@ class Nodemesh(Variant):
         return f"svc_stats connections {conns:,} for {requests:,} requests ({self.translated})"
 
     def close(self) -> None:
+        # No apply([]) first: cleanup removes the pins and closing the fds frees the maps,
+        # while deleting 100,000 services entry by entry took seconds of the run
         from nodemesh.datapath.loader import cleanup
-        try:
-            self.rec.apply([])
-        except Exception:  # noqa: BLE001 - teardown goes on
-            pass
         self.dp.close()
         cleanup(self.bpffs)
         if self.hook_cgroup != self.bench.lab.cgroup:
@@ -380,10 +385,12 @@ class NodemeshTc(Nodemesh):
     def target(self, port_name: str) -> Tuple[str, int]:
         return EXT_NODE, NODE_PORTS[port_name]
 
+    def flush_netns(self) -> List[str]:
+        return [*super().flush_netns(), self.node]
+
     def reset_state(self) -> None:
         from nodemesh.datapath import bpfsys
         from nodemesh.datapath.tc import CtKey
-        sh(f"ip netns exec {self.node} conntrack -F", check=False)
         keys = [k for k, _ in self.tc.conntrack()]
         if keys:
             bpfsys.map_delete_batch(self.tc.map_fds["ct"], (CtKey * len(keys))(*keys),
@@ -400,6 +407,83 @@ class NodemeshTc(Nodemesh):
         self.tc.close()
         with in_netns(self.node):  # cleanup removes the TC filters of this netns
             super().close()
+
+
+# direct-routed: the same shape as nodemesh-tc's (a client outside the node, linked to a node
+# netns only), on a subnet of its own; the backends' netns routes it back through that node
+ROUTED_NODE, ROUTED_CLIENT, ROUTED_SUBNET = "10.98.1.1", "10.98.1.2", "10.98.1.0/24"
+
+
+class DirectRouted(Direct):
+    """direct for a client outside the node: the physical limit nodemesh-tc is judged against.
+
+        [client netns 10.98.1.2] --veth-- [node netns: ext 10.98.1.1, eth0 on the lab bridge]
+                                                 --bridge-- [b1: the servers]
+
+    nodemesh-tc's topology (a node netns of its own, forwarding on, rp_filter off), but the
+    client connects to the backend's address and the node forwards the packet untouched:
+    no TC program, no netfilter rule (proof() checks, after each N's conn runs), no
+    NAT (the backends route the client's subnet back through the node, so the server sees
+    the client's own address). Its ratio to direct is what the node hop itself costs."""
+    name = "direct-routed"
+    workloads = frozenset({"conn"})
+    unsupported = {w: "the node-hop baseline is run on new connections only (nodemesh-tc's "
+                      "target is stated on them)" for w in WORKLOADS if w != "conn"}
+
+    def client_netns(self) -> str:
+        lab = self.bench.lab
+        node_backend = lab.add_backend()  # lab backends: torn down (and reaped) with the lab
+        self.node = node_backend.netns
+        client = lab.add_backend().netns
+        sh(f"ip -n {client} link del eth0")  # off the bridge: the client reaches the node only
+        sh(f"ip -n {self.node} link add ext type veth peer name eth0 netns {client}")
+        sh(f"ip -n {self.node} addr add {ROUTED_NODE}/24 dev ext")
+        sh(f"ip -n {self.node} link set ext up")
+        sh(f"ip -n {client} addr add {ROUTED_CLIENT}/24 dev eth0")
+        sh(f"ip -n {client} link set eth0 up")
+        sh(f"ip -n {client} route add {self.bench.cluster_cidr} via {ROUTED_NODE}")
+        sh(f"ip -n {self.bench.server.netns} route replace {ROUTED_SUBNET} "
+           f"via {node_backend.ipv4}")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.eth0.rp_filter=0", "net.ipv4.conf.ext.rp_filter=0"):
+            sh(f"ip netns exec {self.node} sysctl -qw {key}")
+        self.forwarded_before = 0
+        return client
+
+    def plain_forwarding(self) -> str:
+        """'' when the node netns has no TC filter and no netfilter rule (it forwards every
+        packet untouched), else what it found."""
+        found = []
+        for dev in ("ext", "eth0"):
+            for way in ("ingress", "egress"):
+                out = sh(f"ip netns exec {self.node} tc filter show dev {dev} {way}",
+                         check=False).stdout.strip()
+                if out:
+                    found.append(f"a TC filter on {dev} {way}")
+        if sh(f"ip netns exec {self.node} nft list ruleset", check=False).stdout.strip():
+            found.append("an nftables ruleset")
+        legacy = sh(f"ip netns exec {self.node} iptables-legacy-save", check=False).stdout
+        if re.search(r"^-A ", legacy, re.M):
+            found.append("iptables-legacy rules")
+        return ", ".join(found)
+
+    def forwarded(self) -> int:
+        """Packets the node's IP stack forwarded (IpForwDatagrams, since the netns was made)."""
+        out = sh(f"ip netns exec {self.node} nstat -asz IpForwDatagrams", check=False).stdout
+        m = re.search(r"^IpForwDatagrams\s+(\d+)", out, re.M)
+        return int(m.group(1)) if m else 0
+
+    def flush_netns(self) -> List[str]:
+        return [*super().flush_netns(), self.node]
+
+    def proof(self, n: int, requests: int) -> str:
+        forwarded = self.forwarded() - self.forwarded_before
+        self.forwarded_before += forwarded
+        rules = self.plain_forwarding()
+        return (f"the node's IP stack forwarded {forwarded:,} packets for {requests:,} requests "
+                "(IpForwDatagrams); the node had "
+                + (f"{rules}: NOT plain forwarding" if rules else
+                   "no TC filter and no netfilter rule: plain forwarding, no NAT"))
 
 
 class NodemeshSockmap(Nodemesh):
@@ -818,6 +902,7 @@ VARIANTS: Dict[str, Type[Variant]] = {
     "nftables": Nftables,
     "haproxy": Haproxy,
     "nodemesh-tc": NodemeshTc,
+    "direct-routed": DirectRouted,
     "nodemesh+sockmap": NodemeshSockmap,
     "nodemesh+policy": NodemeshPolicy,
 }
@@ -834,6 +919,9 @@ SUMMARY: Dict[str, str] = {
     "haproxy": "Debian's HAProxy, mode tcp, one listener per service port",
     "nodemesh-tc": "the TC packet path: an external client through the measured service's "
                    "NodePort on a node netns, externalTrafficPolicy Cluster (DNAT + SNAT)",
+    "direct-routed": "direct for an external client: nodemesh-tc's client and node shape, the "
+                     "backend's address, the node forwarding it untouched (no TC, no rules, "
+                     "no NAT): nodemesh-tc's baseline",
     "nodemesh+sockmap": "the socket hooks with --accelerate-local; client and backends on the "
                         "same node, both in the hooked cgroup",
     "nodemesh+policy": "the socket hooks with 10,000 policy rules and 1,000 identities "
