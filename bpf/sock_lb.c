@@ -201,12 +201,13 @@ static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
 	return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP;
 }
 
-/* The family-independent part of a translation: 0 when key is no frontend (leave the socket
- * alone), -1 when the frontend has no backend or is over a connection limit (refuse), 1 with
- * *out set to the backend, whose address the caller writes into ctx in its family's shape.
- * Policy was decided before (admit()). */
+/* The family-independent part of a translation of frontend key, whose master entry the caller
+ * looked up: 0 when a racing update removed the frontend (leave the socket alone), -1 when it
+ * has no backend or is over a connection limit (refuse), 1 with *out set to the backend, whose
+ * address the caller writes into ctx in its family's shape. Policy was decided before
+ * (admit()). */
 static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *key,
-				struct nm_backend **out, int connected)
+				struct nm_svc_value *master, struct nm_backend **out, int connected)
 {
 	struct nm_svc_key vip = *key;
 	int is_service;
@@ -216,7 +217,7 @@ static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *ke
 #else
 	u64 netns = bpf_get_netns_cookie(ctx);
 #endif
-	struct nm_backend *be = select_backend(netns, netns, key, &is_service, &svc_id);
+	struct nm_backend *be = select_backend(netns, netns, key, master, &is_service, &svc_id);
 	if (!is_service)
 		return 0;
 	if (is_service == 2) {
@@ -286,12 +287,16 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx, int connected)
 		return nm_policy_reject();
 	if (admitted == 0)
 		return SYS_PROCEED;
+	/* One lookup of the master entry for the proxy check and the choice of a backend. */
+	struct nm_svc_value *master = services.lookup(&key);
+	if (!master)
+		return SYS_PROCEED; /* not a frontend */
 #ifndef NM_COST_NO_PROXY
-	if (nm_proxy_redirect4(ctx, &key))
+	if (nm_proxy_redirect4(ctx, &key, master))
 		return SYS_PROCEED;
 #endif
 	struct nm_backend *be = NULL;
-	int picked = pick(ctx, &key, &be, connected);
+	int picked = pick(ctx, &key, master, &be, connected);
 	if (picked == 0)
 		return SYS_PROCEED;
 	if (picked < 0 || !be)
@@ -372,10 +377,13 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int connected)
 		return nm_policy_reject();
 	if (admitted == 0)
 		return SYS_PROCEED;
-	if (nm_proxy_redirect6(ctx, &key, mapped))
+	struct nm_svc_value *master = services.lookup(&key);
+	if (!master)
+		return SYS_PROCEED; /* not a frontend */
+	if (nm_proxy_redirect6(ctx, &key, master, mapped))
 		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
-	int picked = pick(ctx, &key, &be, connected);
+	int picked = pick(ctx, &key, master, &be, connected);
 	if (picked == 0)
 		return SYS_PROCEED;
 	if (picked < 0 || !be)
