@@ -16,10 +16,15 @@ load spreads over all of them.
     sudo .venv/bin/python bench/sock_cost.py [--connects 20000] [--rounds 3] [--variants full,flow]
 
 `full` is the build as shipped; `none` compiles out everything but the service lookup and the
-backend choice. `hashrevnat` (not a part compiled out: the way before sock_revnat) keeps a
-connected socket's reverse translation in the revnat hash, for before/after:
+backend choice. `twostorages` (not a part compiled out: the way before one storage a socket)
+creates a TCP socket's second storage (sock_conn) for sockops' count state, for before/after:
 
-    sudo .venv/bin/python bench/sock_cost.py --variants hashrevnat,full --rounds 5
+    sudo .venv/bin/python bench/sock_cost.py --variants twostorages,full --rounds 5
+
+`git:<ref>` is the bpf/ folder of a commit (`git archive`), loaded by this agent: before/after
+across commits, e.g. `--variants git:main,full`. Each connect's sockops runs are measured too
+(a connect closed with an RST runs sockops 7 times: TIMEOUT_INIT, RWND_INIT, NEEDS_ECN,
+TCP_CONNECT, ACTIVE_ESTABLISHED and two state changes), reported as ns a connect.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "agent"))
@@ -41,10 +46,10 @@ PARTS = {
     "proxy": "NM_COST_NO_PROXY",       # the proxy redirect check
     "account": "NM_COST_NO_ACCOUNT",   # per-service stats
     "flow": "NM_COST_NO_FLOW",         # nm_flow_emit
-    "revnat": "NM_COST_NO_REVNAT",     # remember(): the reverse translation
-    "conn": "NM_COST_NO_CONN",         # nm_conn_remember
+    "revnat": "NM_COST_NO_REVNAT",     # the socket's storage: reverse translation + count state
     "netns": "NM_COST_NO_NETNS",       # bpf_get_netns_cookie
-    "hashrevnat": "NM_COST_REVNAT_HASH",  # connected sockets in revnat, as before sock_revnat
+    # not a part compiled out: the former way, count state in a second storage (sock_conn)
+    "twostorages": "NM_COST_TWO_STORAGES",
 }
 # One chunk of connects per line read; "<failures>" printed after each.
 CLIENT = r"""
@@ -66,8 +71,14 @@ for line in sys.stdin:
 
 
 def build(variant: str, src: Path, tmp: Path) -> Path:
-    """A copy of the sources with the variant's parts compiled out."""
-    out = tmp / variant
+    """A copy of the sources with the variant's parts compiled out, or a commit's bpf/."""
+    out = tmp / variant.replace("/", "_").replace(":", "_")
+    if variant.startswith("git:"):
+        tar = subprocess.run(["git", "-C", ROOT, "archive", variant[4:], "bpf"], check=True,
+                             stdout=subprocess.PIPE).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=tar, check=True)
+        (tmp / "bpf").rename(out)
+        return out
     shutil.copytree(src, out)
     if variant == "full":
         parts: List[str] = []
@@ -81,8 +92,9 @@ def build(variant: str, src: Path, tmp: Path) -> Path:
     return out
 
 
-def measure(lab, variant_dir: Path, connects: int, chunk: int) -> List[float]:
-    """ns a connect of each chunk of `chunk` connects."""
+def measure(lab, variant_dir: Path, connects: int, chunk: int) -> Tuple[List[float], List[float]]:
+    """ns a connect of each chunk of `chunk` connects: connect4's, and sockops' (all its runs
+    over the chunk, divided by the connects)."""
     from nodemesh import flows
     from nodemesh.bpfstats import enable_stats, fdinfo
     from nodemesh.datapath import bpfsys
@@ -103,6 +115,7 @@ def measure(lab, variant_dir: Path, connects: int, chunk: int) -> List[float]:
         rec.apply([Service("web", "bench", vip, (ServicePort(80, 8080, "TCP", "http"),),
                            tuple(Backend(b.ipv4, 1) for b in lab.backends))])
         fd = dp.programs["connect4"]
+        ops_fd = dp.programs["sockops"]
         stats = enable_stats()
         if stats is None:
             raise SystemExit("BPF_ENABLE_STATS refused: run as root on Linux >= 5.8")
@@ -111,24 +124,26 @@ def measure(lab, variant_dir: Path, connects: int, chunk: int) -> List[float]:
                          stdout=subprocess.PIPE, text=True)
         assert proc.stdin is not None and proc.stdout is not None
         out: List[float] = []
+        ops: List[float] = []
         try:
             for _ in range(max(connects // chunk, 1)):
-                before = fdinfo(fd)
+                before, ops_before = fdinfo(fd), fdinfo(ops_fd)
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
                 failed = proc.stdout.readline().strip()
-                after = fdinfo(fd)
+                after, ops_after = fdinfo(fd), fdinfo(ops_fd)
                 if failed != "0":
                     raise SystemExit(f"client failed: {failed!r} connects of {chunk}")
                 runs = after["run_cnt"] - before["run_cnt"]
                 if runs < chunk:
                     raise SystemExit(f"connect4 ran {runs} times for {chunk} connects")
                 out.append((after["run_time_ns"] - before["run_time_ns"]) / runs)
+                ops.append((ops_after["run_time_ns"] - ops_before["run_time_ns"]) / runs)
         finally:
             proc.stdin.close()
             proc.wait(timeout=30)
             lab.processes.remove(proc)
-        return out
+        return out, ops
     finally:
         bpfsys.close(stats)
         dp.close()
@@ -151,7 +166,8 @@ def main() -> int:
                          "1..connects")
     variants = args.variants.split(",")
     for v in variants:
-        if v not in ("full", "none") and any(p not in PARTS for p in v.split("+")):
+        if v not in ("full", "none") and not v.startswith("git:") and \
+                any(p not in PARTS for p in v.split("+")):
             raise SystemExit(f"--variants: unknown part in {v!r} (known: {', '.join(PARTS)})")
     from nodemesh.datapath.loader import bpf_source_dir
     from nodemesh.lab.topology import new_lab
@@ -162,6 +178,8 @@ def main() -> int:
     # reads high; the lowest chunk of a round is the least disturbed one.
     results: Dict[str, List[float]] = {v: [] for v in variants}
     lows: Dict[str, List[float]] = {v: [] for v in variants}
+    ops_all: Dict[str, List[float]] = {v: [] for v in variants}
+    ops_lows: Dict[str, List[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="nm-sockcost-") as tmp:
         # Every build is made before the first run, so editing bpf/ meanwhile changes nothing.
         builds = {v: build(v, src, Path(tmp)) for v in variants}
@@ -170,22 +188,28 @@ def main() -> int:
             lab.start_servers(tcp_ports=(8080,), udp_ports=())
             for r in range(args.rounds):
                 for v in variants:
-                    chunks = measure(lab, builds[v], args.connects, args.chunk)
+                    chunks, ops = measure(lab, builds[v], args.connects, args.chunk)
                     results[v] += chunks
                     lows[v].append(min(chunks))
+                    ops_all[v] += ops
+                    ops_lows[v].append(min(ops))
                     print(f"round {r + 1} {v}: median {statistics.median(chunks):.0f}, lowest "
                           f"{min(chunks):.0f} ns/connect over {len(chunks)} chunks of "
-                          f"{args.chunk} (load {os.getloadavg()[0]:.1f})", flush=True)
+                          f"{args.chunk}; sockops median {statistics.median(ops):.0f}, lowest "
+                          f"{min(ops):.0f} (load {os.getloadavg()[0]:.1f})", flush=True)
         finally:
             lab.destroy()
     full = statistics.median(lows["full"]) if "full" in lows else None
-    print(f"\n{src}: connect4 ns a connect, {args.connects} connects x {args.rounds} rounds "
+    print(f"\n{src}: ns a connect, {args.connects} connects x {args.rounds} rounds "
           f"in chunks of {args.chunk}; load {os.getloadavg()[0]:.1f}")
-    print(f"  {'variant':24} {'lowest chunk (median of rounds)':>32} {'all chunks: median':>20}")
+    print(f"  {'variant':24} {'connect4: lowest chunk':>22} {'median':>8} "
+          f"{'sockops: lowest chunk':>22} {'median':>8}   (lowest: median of rounds' lowest)")
     for v in variants:
         low = statistics.median(lows[v])
         saved = f"  full - this: {full - low:+.0f}" if full is not None and v != "full" else ""
-        print(f"  {v:24} {low:32.0f} {statistics.median(results[v]):20.0f}{saved}")
+        print(f"  {v:24} {low:22.0f} {statistics.median(results[v]):8.0f} "
+              f"{statistics.median(ops_lows[v]):22.0f} {statistics.median(ops_all[v]):8.0f}"
+              f"{saved}")
     return 0
 
 

@@ -177,7 +177,11 @@ struct nm_revnat_value {
 };
 
 /* The same for a connected socket (TCP, or UDP after connect()), in the socket's own storage
- * (sock_revnat): written at connect(), freed with the socket, no cookie and no shared hash. */
+ * (sock_revnat): written at connect(), freed with the socket, no cookie and no shared hash.
+ * For TCP it is also what sockops counts the connection by (lib/conn_count.h): one storage a
+ * socket, not two. state and flags sit in what was padding, so older pins keep their layout
+ * (and ABI): an older agent's connect hook left both zero and kept its count state in
+ * sock_conn, which sockops still reads for such sockets. */
 struct nm_sock_revnat {
 	__u32 backend[4]; /* backend address */
 	__u32 vip[4];     /* VIP */
@@ -185,7 +189,9 @@ struct nm_sock_revnat {
 	__u16 vip_port;     /* network order */
 	__u32 svc_id;
 	__u8 family;      /* of the backend address (NM_FAMILY_V4 for a v4-mapped peer) */
-	__u8 pad[3];
+	__u8 state;       /* enum nm_sock_conn_state (lib/conn_count.h), if NM_SOCK_F_COUNTS */
+	__u8 flags;       /* NM_SOCK_F_* (lib/conn_count.h); BPF-only, the agent reads neither */
+	__u8 pad;
 };
 
 /* Per-CPU counters, summed by the agent at scrape time. */

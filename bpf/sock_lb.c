@@ -10,9 +10,10 @@
  *         chosen; lib/conn_count.h refines the choice (least_connections, connection limits)
  *         getsockopt, sk_msg, and the proxy redirect in connect4/6: lib/proxy.h, lib/accel.h
  * Reads:  services (masters + slots), backends, rr_state, revnat, affinity, maglev tables
- * Writes: the socket address in ctx, sock_revnat (connected sockets' storage), revnat
- *         (unconnected UDP, proxy redirects) and affinity (LRU), endpoint_health, failure
- *         events (ring buffer), per-CPU svc_stats / backend_stats / counters
+ * Writes: the socket address in ctx, sock_revnat (connected sockets' storage, which sockops
+ *         also counts TCP connections by), revnat (unconnected UDP, proxy redirects) and
+ *         affinity (LRU), endpoint_health, failure events (ring buffer), per-CPU svc_stats /
+ *         backend_stats / counters
  *
  * Because translation happens at connect(), packets carry the backend address from the start:
  * no per-packet NAT, no conntrack, nothing extra on the data path after the first syscall.
@@ -96,31 +97,59 @@ static __always_inline void remember(void *ctx, struct nm_backend *be, struct nm
 		count(NM_CTR_REVNAT_FAILED);
 }
 
-/* connect(): the same, in the socket's storage. A socket connected again (UDP may) keeps only
- * its latest peer, which is the only one it can receive from. Falls back to revnat when the
- * storage cannot be had. */
+/* connect(): the same, in the socket's storage, which for TCP is also what sockops counts the
+ * connection by (lib/conn_count.h): one storage a socket. A socket connected again (UDP may)
+ * keeps only its latest peer, which is the only one it can receive from; a TCP socket already
+ * counted keeps what it counts (its second connect() fails anyway). Falls back to revnat (and
+ * sock_conn) when the storage cannot be had. */
 static __always_inline void remember_connected(struct bpf_sock_addr *ctx, struct nm_backend *be,
 					       struct nm_svc_key *vip, u32 svc_id)
 {
+	struct nm_sock_revnat want = {};
+	want.backend[0] = be->addr[0];
+	want.backend[1] = be->addr[1];
+	want.backend[2] = be->addr[2];
+	want.backend[3] = be->addr[3];
+	want.backend_port = be->port;
+	want.family = be->family;
+	want.vip[0] = vip->addr[0];
+	want.vip[1] = vip->addr[1];
+	want.vip[2] = vip->addr[2];
+	want.vip[3] = vip->addr[3];
+	want.vip_port = vip->port;
+	want.svc_id = svc_id;
+#ifndef NM_COST_TWO_STORAGES
+	want.flags = NM_SOCK_F_COUNTS;
+#endif
 	struct bpf_sock *sk = ctx->sk;
-	struct nm_sock_revnat *sr = sk ? sock_revnat.sk_storage_get(sk, 0,
+	/* A new storage starts as `want`; an existing one is returned as it is. */
+	struct nm_sock_revnat *sr = sk ? sock_revnat.sk_storage_get(sk, &want,
 								    BPF_SK_STORAGE_GET_F_CREATE)
 				       : NULL;
 	if (!sr) {
 		remember(ctx, be, vip, svc_id);
+		nm_conn_remember(ctx, be, svc_id);
 		return;
 	}
-	sr->backend[0] = be->addr[0];
-	sr->backend[1] = be->addr[1];
-	sr->backend[2] = be->addr[2];
-	sr->backend[3] = be->addr[3];
-	sr->backend_port = be->port;
-	sr->family = be->family;
-	sr->vip[0] = vip->addr[0];
-	sr->vip[1] = vip->addr[1];
-	sr->vip[2] = vip->addr[2];
-	sr->vip[3] = vip->addr[3];
-	sr->vip_port = vip->port;
+	if (sr->flags & NM_SOCK_F_COUNTS) {
+		if (sr->state != NM_SOCK_NONE)
+			return;
+	} else {
+		/* Written by an older agent's connect hook (or the measuring build of the former
+		 * way): that socket's count state lives in sock_conn, and stays there. */
+		nm_conn_remember(ctx, be, svc_id);
+	}
+	sr->backend[0] = want.backend[0];
+	sr->backend[1] = want.backend[1];
+	sr->backend[2] = want.backend[2];
+	sr->backend[3] = want.backend[3];
+	sr->backend_port = want.backend_port;
+	sr->family = want.family;
+	sr->vip[0] = want.vip[0];
+	sr->vip[1] = want.vip[1];
+	sr->vip[2] = want.vip[2];
+	sr->vip[3] = want.vip[3];
+	sr->vip_port = want.vip_port;
 	sr->svc_id = svc_id;
 }
 
@@ -172,12 +201,13 @@ static __always_inline int is_lb_protocol(struct bpf_sock_addr *ctx)
 	return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP;
 }
 
-/* The family-independent part of a translation: 0 when key is no frontend (leave the socket
- * alone), -1 when the frontend has no backend or is over a connection limit (refuse), 1 with
- * *out set to the backend, whose address the caller writes into ctx in its family's shape.
- * Policy was decided before (admit()). */
+/* The family-independent part of a translation of frontend key, whose master entry the caller
+ * looked up: 0 when a racing update removed the frontend (leave the socket alone), -1 when it
+ * has no backend or is over a connection limit (refuse), 1 with *out set to the backend, whose
+ * address the caller writes into ctx in its family's shape. Policy was decided before
+ * (admit()). */
 static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *key,
-				struct nm_backend **out, int connected)
+				struct nm_svc_value *master, struct nm_backend **out, int connected)
 {
 	struct nm_svc_key vip = *key;
 	int is_service;
@@ -187,7 +217,7 @@ static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *ke
 #else
 	u64 netns = bpf_get_netns_cookie(ctx);
 #endif
-	struct nm_backend *be = select_backend(netns, netns, key, &is_service, &svc_id);
+	struct nm_backend *be = select_backend(netns, netns, key, master, &is_service, &svc_id);
 	if (!is_service)
 		return 0;
 	if (is_service == 2) {
@@ -203,23 +233,21 @@ static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *ke
 	if (!be)
 		return -1;
 #ifndef NM_COST_NO_REVNAT
-#ifdef NM_COST_REVNAT_HASH
-	connected = 0;
-#endif
+	/* Connected sockets: reverse translation and, for TCP, what sockops counts by, in one
+	 * socket storage. Unconnected UDP: revnat, per datagram destination. */
 	if (connected)
 		remember_connected(ctx, be, &vip, svc_id);
 	else
 		remember(ctx, be, &vip, svc_id);
-#endif
-#ifndef NM_COST_NO_CONN
-	nm_conn_remember(ctx, be, svc_id);
 #endif
 	*out = be;
 	return 1;
 }
 
 /* NM_COST_NO_*: parts compiled out, in bench/sock_cost.py's measuring builds only (never
- * defined by the agent), to attribute the connect hook's cost. */
+ * defined by the agent), to attribute the connect hook's cost. NM_COST_TWO_STORAGES: the
+ * former way (count state in sock_conn, a second storage), for before/after and for the
+ * tests of sockets an older agent connected. */
 
 /* Policy comes first, before the proxy redirect and the choice of a backend: a caller the
  * policy denies must not reach the service through the proxy either. 1: go on translating;
@@ -259,12 +287,16 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx, int connected)
 		return nm_policy_reject();
 	if (admitted == 0)
 		return SYS_PROCEED;
+	/* One lookup of the master entry for the proxy check and the choice of a backend. */
+	struct nm_svc_value *master = services.lookup(&key);
+	if (!master)
+		return SYS_PROCEED; /* not a frontend */
 #ifndef NM_COST_NO_PROXY
-	if (nm_proxy_redirect4(ctx, &key))
+	if (nm_proxy_redirect4(ctx, &key, master))
 		return SYS_PROCEED;
 #endif
 	struct nm_backend *be = NULL;
-	int picked = pick(ctx, &key, &be, connected);
+	int picked = pick(ctx, &key, master, &be, connected);
 	if (picked == 0)
 		return SYS_PROCEED;
 	if (picked < 0 || !be)
@@ -345,10 +377,13 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int connected)
 		return nm_policy_reject();
 	if (admitted == 0)
 		return SYS_PROCEED;
-	if (nm_proxy_redirect6(ctx, &key, mapped))
+	struct nm_svc_value *master = services.lookup(&key);
+	if (!master)
+		return SYS_PROCEED; /* not a frontend */
+	if (nm_proxy_redirect6(ctx, &key, master, mapped))
 		return SYS_PROCEED;
 	struct nm_backend *be = NULL;
-	int picked = pick(ctx, &key, &be, connected);
+	int picked = pick(ctx, &key, master, &be, connected);
 	if (picked == 0)
 		return SYS_PROCEED;
 	if (picked < 0 || !be)
@@ -481,7 +516,8 @@ int nm_sockops(struct bpf_sock_ops *skops)
 		nm_mesh_sockops(skops);
 	struct nm_endpoint_key ek = {};
 	endpoint_of(skops, &ek);
-	struct nm_sock_conn *sc = nm_sock_conn_of(skops);
+	struct nm_conn_ref ref = {};
+	struct nm_conn_ref *sc = nm_conn_ref_of(skops, &ref) ? &ref : NULL;
 	/* Before counting forgets it: was this an established, counted connection? */
 	if (sc && op == BPF_SOCK_OPS_STATE_CB)
 		nm_latency_closed(skops, sc, old_state);

@@ -485,7 +485,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct nm_pkt *p)
 	int snat = !(master->flags & NM_SVC_F_EXT_LOCAL);
 	int is_service = 0;
 	u32 svc_id = 0;
-	struct nm_backend *be = select_backend(client_identity(p), flow_identity(p), &key,
+	struct nm_backend *be = select_backend(client_identity(p), flow_identity(p), &key, NULL,
 					       &is_service, &svc_id);
 	if (!is_service)
 		return verdict(skb, NM_TC_INGRESS, NM_TC_PASS, TC_ACT_OK);

@@ -2,17 +2,21 @@
  * sockops, and the choices that read them: least_connections (power of two choices) and
  * connection limits (circuit breaking).
  *
- * Reads:  services (slots), the socket's sock_conn storage
- * Writes: conn_counts (per backend endpoint), svc_conn_counts (per svc_id), sock_conn,
- *         conn_overflows (per-CPU, per svc_id)
+ * Reads:  services (slots), the socket's sock_revnat storage (sock_conn for sockets an older
+ *         agent connected)
+ * Writes: conn_counts (per backend endpoint), svc_conn_counts (per svc_id), the socket's state
+ *         in sock_revnat (or sock_conn), conn_overflows (per-CPU, per svc_id)
  *
  * Counting happens in sockops, never at connect(): a connect() that fails before the SYN
  * (no route, no port) never reaches TCP_CONNECT_CB, so it is never counted and cannot leak.
  * Each counted socket remembers in its own storage what it counted against and in which state;
- * every decrement is of something that socket incremented, so counts never go negative. The
- * storage and the counts are pinned: a restarted agent's programs decrement what the previous
- * agent's programs counted. The same storage names the frontend and backend for lib/latency.h,
- * so sockops never looks a counted socket up in revnat.
+ * every decrement is of something that socket incremented, so counts never go negative. That
+ * storage is the socket's sock_revnat, which the connect hook creates for its reverse
+ * translation anyway (one allocation a connect, not two); sockets connected by an older agent
+ * keep their state in sock_conn, its former place, and are counted down from there. Storage and
+ * counts are pinned: a restarted agent's programs decrement what the previous agent's programs
+ * counted. The same storage names the frontend and backend for lib/latency.h, so sockops never
+ * looks a counted socket up in revnat.
  */
 #ifndef NM_LIB_CONN_COUNT_H
 #define NM_LIB_CONN_COUNT_H
@@ -28,7 +32,13 @@ enum nm_sock_conn_state {
 	NM_SOCK_ACTIVE = 2,  /* counted as active */
 };
 
-/* Per-socket storage: the backend the connect hook chose, and what sockops counted. */
+/* sock_revnat's flags: the socket's count state is in that storage's `state`. Unset (an older
+ * agent's connect hook wrote the storage), it is in sock_conn. */
+#define NM_SOCK_F_COUNTS 0x1
+
+/* Per-socket storage of sockets an older agent's connect hook translated: the backend it chose,
+ * and what sockops counted. This build keeps the same in sock_revnat (NM_SOCK_F_COUNTS); it
+ * writes sock_conn only when a socket with an older agent's sock_revnat connects again. */
 struct nm_sock_conn {
 	struct nm_endpoint_key backend;
 	__u32 svc_id;
@@ -141,7 +151,17 @@ static __always_inline int nm_conn_choose(struct nm_svc_key *key, u8 bank, u8 al
 	return -1;
 }
 
-/* connect(): remember the chosen backend on the socket, for sockops to count. TCP only. */
+/* What sockops reads and writes of a translated TCP socket, wherever its storage is: the backend
+ * endpoint and frontend it is counted against (a copy), and its state byte (in the storage). */
+struct nm_conn_ref {
+	struct nm_endpoint_key backend;
+	__u32 svc_id;
+	__u8 *state; /* enum nm_sock_conn_state */
+};
+
+/* connect(), the former way: the chosen backend in sock_conn, for sockops to count. TCP only.
+ * For a socket whose sock_revnat an older agent wrote, or which could get none (sock_lb.c
+ * remember_connected()). */
 static __always_inline void nm_conn_remember(struct bpf_sock_addr *ctx, struct nm_backend *be,
 					     u32 svc_id)
 {
@@ -155,71 +175,114 @@ static __always_inline void nm_conn_remember(struct bpf_sock_addr *ctx, struct n
 	sc->svc_id = svc_id;
 }
 
-static __always_inline void nm_conn_add(struct nm_sock_conn *sc, int active, s64 delta)
+/* Add to a count. A decrement applies only to an entry that was there before: a missing entry
+ * is created by an increment, never below zero. */
+static __always_inline void nm_count_add(struct nm_conn_count *c, int created, s64 active,
+					 s64 pending)
 {
-	struct nm_conn_count zero = {};
-	struct nm_conn_count *c = conn_counts.lookup(&sc->backend);
-	if (!c && delta > 0) {
-		conn_counts.insert(&sc->backend, &zero); /* fails harmlessly if another CPU won */
-		c = conn_counts.lookup(&sc->backend);
-	}
-	if (c)
-		__sync_fetch_and_add(active ? &c->active : &c->pending, delta);
-	u32 svc_id = sc->svc_id;
-	struct nm_conn_count *s = svc_conn_counts.lookup(&svc_id);
-	if (!s && delta > 0) {
-		svc_conn_counts.insert(&svc_id, &zero);
-		s = svc_conn_counts.lookup(&svc_id);
-	}
-	if (s)
-		__sync_fetch_and_add(active ? &s->active : &s->pending, delta);
+	if (active && !(created && active < 0))
+		__sync_fetch_and_add(&c->active, active);
+	if (pending && !(created && pending < 0))
+		__sync_fetch_and_add(&c->pending, pending);
 }
 
-/* sockops: the socket's storage, or NULL when the connect hook translated nothing for it. One
- * lookup per sockops run, shared by the counting here and the latency of lib/latency.h. */
-static __always_inline struct nm_sock_conn *nm_sock_conn_of(struct bpf_sock_ops *skops)
+/* Move the socket's counts by (active, pending), backend and frontend alike: one lookup each,
+ * also when ESTABLISHED moves a connection from pending to active. */
+static __always_inline void nm_conn_add(struct nm_conn_ref *ref, s64 active, s64 pending)
+{
+	struct nm_conn_count zero = {};
+	int grows = active > 0 || pending > 0;
+	int created = 0;
+	struct nm_conn_count *c = conn_counts.lookup(&ref->backend);
+	if (!c && grows) {
+		conn_counts.insert(&ref->backend, &zero); /* fails harmlessly if another CPU won */
+		c = conn_counts.lookup(&ref->backend);
+		created = 1;
+	}
+	if (c)
+		nm_count_add(c, created, active, pending);
+	u32 svc_id = ref->svc_id;
+	created = 0;
+	struct nm_conn_count *s = svc_conn_counts.lookup(&svc_id);
+	if (!s && grows) {
+		svc_conn_counts.insert(&svc_id, &zero);
+		s = svc_conn_counts.lookup(&svc_id);
+		created = 1;
+	}
+	if (s)
+		nm_count_add(s, created, active, pending);
+}
+
+/* sockops: 1 with *ref filled when the connect hook translated this socket, else 0. The
+ * socket's sock_revnat, or for a socket an older agent connected, its sock_conn. One lookup per
+ * sockops run for sockets this build connected, shared by the counting here and the latency of
+ * lib/latency.h. */
+static __always_inline int nm_conn_ref_of(struct bpf_sock_ops *skops, struct nm_conn_ref *ref)
 {
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
-		return NULL;
-	return sock_conn.sk_storage_get(sk, 0, 0);
+		return 0;
+	struct nm_sock_revnat *sr = sock_revnat.sk_storage_get(sk, 0, 0);
+	if (sr && (sr->flags & NM_SOCK_F_COUNTS)) {
+		ref->backend.addr[0] = sr->backend[0];
+		ref->backend.addr[1] = sr->backend[1];
+		ref->backend.addr[2] = sr->backend[2];
+		ref->backend.addr[3] = sr->backend[3];
+		ref->backend.port = sr->backend_port;
+		ref->backend.family = sr->family;
+		ref->svc_id = sr->svc_id;
+		ref->state = &sr->state;
+		return 1;
+	}
+	struct nm_sock_conn *sc = sock_conn.sk_storage_get(sk, 0, 0);
+	if (!sc)
+		return 0;
+	ref->backend = sc->backend;
+	ref->svc_id = sc->svc_id;
+	ref->state = &sc->state;
+	return 1;
 }
 
 /* sockops, for the ops nm_sockops lets through (TCP_CONNECT_CB, ACTIVE_ESTABLISHED_CB, and
  * STATE_CB to TCP_CLOSE). Returns 1 when the socket is counted, so its state callbacks must
  * stay on. */
-static __always_inline int nm_conn_sockops(struct bpf_sock_ops *skops, struct nm_sock_conn *sc,
+static __always_inline int nm_conn_sockops(struct bpf_sock_ops *skops, struct nm_conn_ref *ref,
 					   struct nm_endpoint_key *remote)
 {
-	if (!sc)
+	if (!ref)
 		return 0;
+	u8 state = *ref->state;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		/* Count only the destination the connect hook chose (not a later reconnect
 		 * elsewhere on the same socket). */
-		if (sc->state != NM_SOCK_NONE || sc->backend.port != remote->port ||
-		    sc->backend.family != remote->family || sc->backend.addr[0] != remote->addr[0] ||
-		    sc->backend.addr[1] != remote->addr[1] || sc->backend.addr[2] != remote->addr[2] ||
-		    sc->backend.addr[3] != remote->addr[3])
+		if (state != NM_SOCK_NONE || ref->backend.port != remote->port ||
+		    ref->backend.family != remote->family ||
+		    ref->backend.addr[0] != remote->addr[0] ||
+		    ref->backend.addr[1] != remote->addr[1] ||
+		    ref->backend.addr[2] != remote->addr[2] ||
+		    ref->backend.addr[3] != remote->addr[3])
 			return 0;
-		sc->state = NM_SOCK_PENDING;
-		nm_conn_add(sc, 0, 1);
+		*ref->state = NM_SOCK_PENDING;
+		nm_conn_add(ref, 0, 1);
 		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		if (sc->state != NM_SOCK_PENDING)
+		if (state != NM_SOCK_PENDING)
 			return 0;
-		sc->state = NM_SOCK_ACTIVE;
-		nm_conn_add(sc, 0, -1);
-		nm_conn_add(sc, 1, 1);
+		*ref->state = NM_SOCK_ACTIVE;
+		nm_conn_add(ref, 1, -1);
 		return 1;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] != 7 /* TCP_CLOSE */ || sc->state == NM_SOCK_NONE)
-			return sc->state != NM_SOCK_NONE;
-		nm_conn_add(sc, sc->state == NM_SOCK_ACTIVE, -1);
-		sc->state = NM_SOCK_NONE;
+		if (skops->args[1] != 7 /* TCP_CLOSE */ || state == NM_SOCK_NONE)
+			return state != NM_SOCK_NONE;
+		if (state == NM_SOCK_ACTIVE)
+			nm_conn_add(ref, -1, 0);
+		else
+			nm_conn_add(ref, 0, -1);
+		*ref->state = NM_SOCK_NONE;
 		return 0;
 	}
-	return sc->state != NM_SOCK_NONE;
+	return state != NM_SOCK_NONE;
 }
 
 #endif /* NM_LIB_CONN_COUNT_H */

@@ -65,16 +65,16 @@ static __always_inline u32 nm_log2_bucket(u64 v)
 
 /* The stats entry of a counted socket's (frontend, backend endpoint), created on first use.
  * The socket's own storage (lib/conn_count.h) names both: no revnat lookup. */
-static __always_inline struct nm_latency_stats *nm_latency_stats_of(struct nm_sock_conn *sc)
+static __always_inline struct nm_latency_stats *nm_latency_stats_of(struct nm_conn_ref *ref)
 {
 	struct nm_latency_key k = {};
-	k.addr[0] = sc->backend.addr[0];
-	k.addr[1] = sc->backend.addr[1];
-	k.addr[2] = sc->backend.addr[2];
-	k.addr[3] = sc->backend.addr[3];
-	k.port = sc->backend.port;
-	k.family = sc->backend.family;
-	k.svc_id = sc->svc_id;
+	k.addr[0] = ref->backend.addr[0];
+	k.addr[1] = ref->backend.addr[1];
+	k.addr[2] = ref->backend.addr[2];
+	k.addr[3] = ref->backend.addr[3];
+	k.port = ref->backend.port;
+	k.family = ref->backend.family;
+	k.svc_id = ref->svc_id;
 	struct nm_latency_stats *st = backend_latency.lookup(&k);
 	if (st)
 		return st;
@@ -100,11 +100,11 @@ static __always_inline int nm_latency_on(void)
  * to be stamped at connect. A retransmitted SYN is timed from its last copy: each earlier copy
  * waited one initial RTO (1 s, doubling), which is added back. */
 static __always_inline void nm_latency_established(struct bpf_sock_ops *skops,
-						   struct nm_sock_conn *sc)
+						   struct nm_conn_ref *ref)
 {
 	if (!nm_latency_on())
 		return;
-	struct nm_latency_stats *st = nm_latency_stats_of(sc);
+	struct nm_latency_stats *st = nm_latency_stats_of(ref);
 	if (!st)
 		return;
 	u64 us = skops->srtt_us >> 3; /* the kernel keeps srtt << 3 */
@@ -121,11 +121,11 @@ static __always_inline void nm_latency_established(struct bpf_sock_ops *skops,
 /* STATE_CB to CLOSE, called before nm_conn_sockops forgets the socket: a socket still counted
  * as active was established through the connect hook's translation, so count its end. */
 static __always_inline void nm_latency_closed(struct bpf_sock_ops *skops,
-					      struct nm_sock_conn *sc, u32 old_state)
+					      struct nm_conn_ref *ref, u32 old_state)
 {
-	if (sc->state != NM_SOCK_ACTIVE || !nm_latency_on())
+	if (*ref->state != NM_SOCK_ACTIVE || !nm_latency_on())
 		return;
-	struct nm_latency_stats *st = nm_latency_stats_of(sc);
+	struct nm_latency_stats *st = nm_latency_stats_of(ref);
 	if (!st)
 		return;
 	u64 rtt_us = skops->srtt_us >> 3; /* the kernel keeps srtt << 3 */

@@ -71,17 +71,15 @@ static __always_inline int nm_is_proxy(struct nm_mesh_config *cfg)
 	       bpf_get_current_ancestor_cgroup_id(cfg->proxy_cgroup_level) == cfg->proxy_cgroup_id;
 }
 
-/* The proxy port for the frontend in key (slot 0), or 0 to balance as usual. */
-static __always_inline u16 nm_proxy_port(struct bpf_sock_addr *ctx, struct nm_svc_key *key,
+/* The proxy port for the frontend whose master entry the caller looked up, or 0 to balance as
+ * usual. */
+static __always_inline u16 nm_proxy_port(struct bpf_sock_addr *ctx, struct nm_svc_value *master,
 					 u32 *svc_id)
 {
-	if (ctx->protocol != IPPROTO_TCP)
+	if (ctx->protocol != IPPROTO_TCP || (master->flags & NM_SVC_F_PROXY_OFF))
 		return 0;
 	struct nm_mesh_config *cfg = mesh_cfg();
 	if (!cfg)
-		return 0;
-	struct nm_svc_value *master = services.lookup(key);
-	if (!master || (master->flags & NM_SVC_F_PROXY_OFF))
 		return 0;
 	u16 port = master->proxy_port ? master->proxy_port : cfg->proxy_port;
 	if (!port || nm_is_proxy(cfg))
@@ -99,10 +97,11 @@ static __always_inline void nm_count_redirect(u32 svc_id)
 }
 
 /* translate4: 1 when the connect was sent to the proxy (the caller proceeds), else 0. */
-static __always_inline int nm_proxy_redirect4(struct bpf_sock_addr *ctx, struct nm_svc_key *key)
+static __always_inline int nm_proxy_redirect4(struct bpf_sock_addr *ctx, struct nm_svc_key *key,
+					      struct nm_svc_value *master)
 {
 	u32 svc_id = 0;
-	u16 port = nm_proxy_port(ctx, key, &svc_id);
+	u16 port = nm_proxy_port(ctx, master, &svc_id);
 	if (!port)
 		return 0;
 	/* The proxy stands in for a backend in revnat: getpeername shows the VIP, and sockops
@@ -120,10 +119,10 @@ static __always_inline int nm_proxy_redirect4(struct bpf_sock_addr *ctx, struct 
 /* translate6: the same to [::1], or to ::ffff:127.0.0.1 for an IPv4 frontend reached through
  * a v4-mapped address (the socket is AF_INET6 and must stay on IPv4 loopback). */
 static __always_inline int nm_proxy_redirect6(struct bpf_sock_addr *ctx, struct nm_svc_key *key,
-					      int mapped)
+					      struct nm_svc_value *master, int mapped)
 {
 	u32 svc_id = 0;
-	u16 port = nm_proxy_port(ctx, key, &svc_id);
+	u16 port = nm_proxy_port(ctx, master, &svc_id);
 	if (!port)
 		return 0;
 	struct nm_backend proxy = {.port = port};

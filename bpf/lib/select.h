@@ -58,9 +58,11 @@ static __always_inline struct nm_backend *sticky_backend(u64 client, u32 svc_id,
 
 /* Pick a backend for key (slot must be 0 on entry). Returns the backend, or NULL with
  * *is_service telling whether key was a frontend at all (NULL + is_service: no backend;
- * is_service 2: over a connection limit). */
+ * is_service 2: over a connection limit). `master`: key's master entry if the caller has just
+ * looked it up (the socket hooks, which needed it first), else NULL. */
 static __always_inline struct nm_backend *select_backend(u64 client, u64 flow,
 							  struct nm_svc_key *key,
+							  struct nm_svc_value *master0,
 							  int *is_service, u32 *svc_id_out)
 {
 	*is_service = 0;
@@ -69,7 +71,8 @@ static __always_inline struct nm_backend *select_backend(u64 client, u64 flow,
 #pragma unroll
 	for (int attempt = 0; attempt < 2; attempt++) {
 		key->slot = 0;
-		struct nm_svc_value *master = services.lookup(key);
+		struct nm_svc_value *master = attempt == 0 && master0 ? master0
+								     : services.lookup(key);
 		if (!master)
 			return NULL;
 		*is_service = 1;

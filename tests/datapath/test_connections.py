@@ -2,6 +2,7 @@
 with real sockets from the lab's client netns to servers that hold connections open."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -271,3 +272,77 @@ def test_least_connections_spares_a_backend_holding_long_connections(holding_lab
         churner.stop()
     # 300 connections of churn and 8 long ones, all closed: nothing is left counted.
     assert wait_counts(datapath, {}) == {}
+
+
+STORAGES = r"""
+import ctypes, json, socket, sys
+from nodemesh.datapath import bpfsys
+from nodemesh.datapath import maps as m
+host, port, revnat_fd, conn_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.create_connection((host, port), timeout=5)
+s.sendall(b"x\n")
+s.recv(64)
+out = {}
+for name, fd, value in (("sock_revnat", revnat_fd, m.SockRevnat()),
+                        ("sock_conn", conn_fd, m.SockConn())):
+    out[name] = bpfsys.map_lookup(fd, ctypes.c_int(s.fileno()), value) and value.state
+print(json.dumps(out))
+"""
+
+
+def test_a_translated_tcp_socket_has_one_storage_that_holds_its_count_state(holding_lab,
+                                                                           datapath):
+    """connect() creates one socket storage (sock_revnat), and sockops keeps the connection's
+    count state in it: no second storage (sock_conn) a connection."""
+    lab = holding_lab
+    datapath.apply([svc(lab)])
+    # The map fds are handed over: `ip netns exec` mounts its own /sys, without the bpffs.
+    fds = [datapath.maps.fd("sock_revnat"), datapath.maps.fd("sock_conn")]
+    proc = lab.spawn([sys.executable, "-c", STORAGES, lab.vip4(20), "80", *map(str, fds)],
+                     netns=lab.client_ns, in_cgroup=True, stdout=subprocess.PIPE, text=True,
+                     pass_fds=fds)
+    out, _ = proc.communicate(timeout=20)
+    lab.processes.remove(proc)
+    assert json.loads(out) == {"sock_revnat": 2, "sock_conn": False}  # 2: NM_SOCK_ACTIVE
+
+
+def test_connections_an_older_agent_counted_close_under_this_one(holding_lab, loaded, tmp_path,
+                                                                 monkeypatch):
+    """An older agent's connect hook kept a socket's count state in a second storage
+    (sock_conn; its sock_revnat has no NM_SOCK_F_COUNTS). After an upgrade this build's sockops
+    counts those sockets down from there: nothing stays counted once all have closed."""
+    from nodemesh.datapath.loader import bpf_source_dir
+
+    this = str(bpf_source_dir())
+    older = tmp_path / "bpf"
+    shutil.copytree(this, older)
+    text = (older / "sock_lb.c").read_text()  # the former way, in a measuring build
+    (older / "sock_lb.c").write_text("#define NM_COST_TWO_STORAGES 1\n" + text)
+    lab = holding_lab
+    dp, rec = loaded
+
+    def restart():  # in the module's shared objects, as in the restart test above
+        dp.close()
+        dp.__init__(lab.bpffs, lab.cgroup)
+        rec.__init__(dp.load())
+        rec.adopt()
+        dp.attach()
+        rec.apply([svc(lab)])
+
+    holder = Holder(lab, f"{lab.vip4(20)}:80")
+    try:
+        monkeypatch.setenv("NODEMESH_BPF_DIR", str(older))
+        restart()
+        assert all(r["ok"] for r in holder.open(6))
+        assert sum(wait_counts(rec, None, timeout=0.2).values()) == 6
+        monkeypatch.setenv("NODEMESH_BPF_DIR", this)
+        restart()
+        assert all(r["ok"] for r in holder.open(3))
+        assert sum(wait_counts(rec, None, timeout=0.2).values()) == 9
+        holder.close(9)
+        assert wait_counts(rec, {}) == {}
+    finally:
+        holder.stop()
+        if os.environ["NODEMESH_BPF_DIR"] != this:  # failed under the older build: the later
+            monkeypatch.setenv("NODEMESH_BPF_DIR", this)  # tests of this module want this one
+            restart()

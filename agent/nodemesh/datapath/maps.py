@@ -120,7 +120,8 @@ class SockConn(ctypes.Structure):
 # bpf/nodemesh.h: a connected socket's reverse translation, in its own storage (sock_lb.c)
 class SockRevnat(ctypes.Structure):
     _fields_ = [("backend", u32 * 4), ("vip", u32 * 4), ("backend_port", u16),
-                ("vip_port", u16), ("svc_id", u32), ("family", u8), ("pad", u8 * 3)]
+                ("vip_port", u16), ("svc_id", u32), ("family", u8), ("state", u8),
+                ("flags", u8), ("pad", u8)]
 
 
 # bpf/lib/identity.h and bpf/lib/policy.h
