@@ -13,6 +13,7 @@ IS_ROOT = os.geteuid() == 0
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     _group_modules_that_share_a_setup(items)
+    _start_slow_tests_first(items)
     if IS_ROOT:
         return
     skip = pytest.mark.skip(reason="needs root (BPF, network namespaces, cgroups)")
@@ -68,6 +69,18 @@ class _XdistGroupTags:
 
             warnings.warn(f"{lost} tests lost their xdist_group: this pytest takes no group "
                           f"tag, so --dist loadgroup spreads each grouped file over the workers")
+
+
+def _start_slow_tests_first(items):
+    """Tests marked `slow` (20 s to 100 s each) go to the front of the queue, so that none of
+    them starts near the end and runs alone while the other workers have finished: the short
+    tests fill the end instead. xdist hands out a grouped file first anyway (the larger the
+    group the sooner), and a group keeps the order of its tests (a stable sort, and grouped
+    tests all sort as not slow)."""
+    def late(item):
+        return item.get_closest_marker("slow") is None or \
+            item.get_closest_marker("xdist_group") is not None
+    items.sort(key=late)
 
 
 @pytest.fixture(scope="session", autouse=True)
