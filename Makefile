@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Tests run on JOBS workers (pytest-xdist): most root tests wait on sockets and timers, not on the
 # CPU. loadgroup: each test is a unit of work, except that a file with a module-scoped fixture
-# stays on one worker (tests/conftest.py groups it), so its set-up is made once.
+# stays on one worker (tests/conftest.py groups it), so its set-up is made once; tests marked
+# slow start first (tests/conftest.py orders them), so that short ones fill the end.
 JOBS ?= 3
 XDIST := -n $(JOBS) --dist loadgroup
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from tcrun import TestNetns
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 SETUP = """
 ip link add nmtc0 type veth peer name nmtc1

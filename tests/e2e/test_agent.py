@@ -144,6 +144,7 @@ def test_changing_the_backend_set_under_load_fails_no_connection(lab, agent, tmp
     assert set(r["backends"]) == {"b1", "b2", "b3"}
 
 
+@pytest.mark.slow
 def test_sigkill_under_load_fails_no_connection_and_the_next_agent_adopts_the_pins(
         lab, agent, tmp_path):
     agent.write_config(config_yaml(web(lab)))

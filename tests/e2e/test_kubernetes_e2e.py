@@ -6,7 +6,7 @@ import time
 import pytest
 from k8s_fake_apiserver import FakeApiServer
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def service_obj(vip):

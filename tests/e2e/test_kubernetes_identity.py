@@ -11,7 +11,7 @@ from nodemesh.datapath import bpfsys
 from nodemesh.datapath import maps as m
 from nodemesh.datapath.loader import cgroup2_root
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 

@@ -11,7 +11,7 @@ from helpers import TIME_SCALE, cli, holder_client, remove_workload_cgroups
 
 from nodemesh.datapath.loader import cgroup2_root
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 HOLD_PORT = 9090
 

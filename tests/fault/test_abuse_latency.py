@@ -15,7 +15,7 @@ import pytest
 from fault_lab import dump
 from helpers import TIME_SCALE, config_yaml, service_yaml
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 HEALTH_PORT = 9090
 JUNK = [b"\x16\x03\x01\x00\xff" * 50, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",

@@ -11,7 +11,7 @@ import pytest
 from fault_lab import Traffic, dump
 from helpers import cli, config_yaml, service_yaml
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 UDP = "      - {port: 53, targetPort: 5353, protocol: UDP}"
 MANY = 2000  # services in the "large reload": about a second of parsing and writing here

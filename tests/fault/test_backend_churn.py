@@ -16,7 +16,7 @@ from helpers import TIME_SCALE, config_yaml, service_yaml
 
 from nodemesh.datapath import maps
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 SECONDS = float(os.environ.get("NODEMESH_FAULT_CHURN_SECONDS", "10"))
 UDP = "      - {port: 53, targetPort: 5353, protocol: UDP}"

@@ -13,7 +13,7 @@ import pytest
 from fault_lab import Flapper, Traffic, dump
 from helpers import config_yaml, service_yaml
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 UDP = "      - {port: 53, targetPort: 5353, protocol: UDP}"
 HEALTH_PORT = 9090

@@ -11,7 +11,7 @@ from fault_lab import Traffic, dump
 from helpers import TIME_SCALE
 from k8s_fake_apiserver import FakeApiServer
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 DOWN = float(os.environ.get("NODEMESH_FAULT_API_DOWN_SECONDS", "30"))
 UNAVAILABLE = 3.0  # seconds of 503 answers

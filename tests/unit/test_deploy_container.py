@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 VENV = "/opt/nodemesh/venv"
@@ -242,6 +244,7 @@ def test_every_copy_source_is_in_the_build_context():
                     f"COPY {source}: nothing of it is in the build context"
 
 
+@pytest.mark.slow
 def test_build_stage_builds_the_wheel_from_the_build_context(tmp_path):
     # What `pip install ".[kubernetes]"` does first, offline: the build backend is the one
     # in this venv instead of a freshly downloaded one.

@@ -126,6 +126,7 @@ def dump(document, style):
                      sort_keys=False, allow_unicode=True, **style)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=150)
 @given(valid_documents, DUMP_STYLES)
 def test_a_valid_config_loads_and_every_frontend_fits_the_datapath(document, style):
@@ -210,12 +211,14 @@ def test_any_text_or_bytes_give_services_or_a_config_error(data):
     parse(data)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=300)
 @given(mutated_documents)
 def test_a_config_with_hostile_fields_gives_services_or_a_config_error(text):
     parse(text)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=400)
 @given(spliced_documents | damaged_documents)
 def test_a_config_with_yaml_tokens_spliced_in_gives_services_or_a_config_error(data):

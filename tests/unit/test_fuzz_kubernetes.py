@@ -87,6 +87,7 @@ def mutated_case(draw):
                      for s in picked]
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=700)
 @given(mutated_case())
 def test_a_mutated_service_or_slice_translates_or_is_skipped_with_a_note(case):
@@ -160,6 +161,7 @@ def built_case(draw):
     return service, slices
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=250)
 @given(built_case())
 def test_a_service_built_from_odd_parts_translates_or_is_skipped_with_a_note(case):

@@ -59,6 +59,7 @@ def libvirt_plugin_installed(tmp_path):
     return "vagrant-libvirt" in listing
 
 
+@pytest.mark.slow
 @needs_vagrant
 def test_vagrant_validate_accepts_the_vagrantfile(tmp_path):
     # Without a provider plugin Vagrant cannot load a provider's settings: skip just those.

@@ -48,6 +48,7 @@ def test_the_vm_is_emulated_and_its_network_forwards_nowhere():
     assert "lv.kernel" in box and "lv.initrd" in box and "root=/dev/vda" in box
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(VAGRANT is None, reason="vagrant is not installed (Debian package vagrant)")
 def test_vagrant_validate_accepts_the_vm_test_vagrantfile(tmp_path):
     env = {**os.environ, "VAGRANT_HOME": str(tmp_path / "home"), "VAGRANT_DOTFILE_PATH": str(tmp_path / "dot"),
