@@ -7,7 +7,6 @@ import functools
 import ipaddress
 from typing import Any, List, Tuple
 
-from helpers import TIME_SCALE
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -16,9 +15,10 @@ from nodemesh.datapath import maps
 from nodemesh.model import ALGORITHMS, PROTOCOLS, Service
 
 # Deterministic (the same examples on every run, no example database), and bounded: each
-# test sets max_examples so that the fuzz suite stays under ~30 s on 2 cores. The deadline
-# catches a hang; it is generous because one slow example on a loaded machine is no bug.
-FUZZ = settings(derandomize=True, database=None, deadline=2000 * TIME_SCALE,
+# test sets max_examples so that the fuzz suite stays under ~30 s on 2 cores. No per-example
+# deadline: it was a timed assertion (one slow example on a loaded machine is no bug, and it
+# failed a loaded run at 4.1 s); pytest-timeout catches a hang.
+FUZZ = settings(derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Strings that mean something to one field or another, or nearly do.
