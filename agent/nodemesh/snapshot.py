@@ -13,7 +13,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Generic, Hashable, Iterator, Mapping, Optional, Tuple, TypeVar
 
 from .model import Service
-from .reconciler import DesiredFrontend, FrontendKey, ProgrammedFrontend, RoundResult, Status
+from .reconciler import (
+    DesiredFrontend,
+    FrontendKey,
+    ProgrammedFrontend,
+    RoundResult,
+    Status,
+    fast_init,
+)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -65,6 +72,7 @@ class Shards(Generic[K, V]):
         return self._len
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class FrontendView:
     key: FrontendKey
