@@ -875,8 +875,14 @@ class Reconciler:
         proto = m.PROTO_IDS[fk.protocol]
         count = self._count_endpoint
         if step > 0:  # nothing reaches 0
+            refs = self._endpoint_refs
             for address, port in backend_ids:
-                count(address, (port << 8) | proto, step)
+                port_proto = (port << 8) | proto
+                v = refs.get(address)
+                if v is None:  # inline: the first sync's case, 300,000 times
+                    refs[address] = (port_proto << 32) | step
+                else:
+                    count(address, port_proto, step)
             return
         for address, port in backend_ids:
             if count(address, (port << 8) | proto, step) <= 0:
