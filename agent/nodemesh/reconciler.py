@@ -68,6 +68,7 @@ ID_QUARANTINE = 10.0                 # seconds before a freed id is handed out a
 # e.g. 1,024 frontends at the default 16,381 rows or 50,000 at 331 rows.
 MAGLEV_MAX_ROWS = 1 << 24
 TABLE_BATCH = 1024  # Maglev tables staged (fds open) before they are swapped in
+WRITE_CHUNK = 4096  # frontends whose map writes are packed and written together
 
 
 class CapacityError(Exception):
@@ -797,7 +798,11 @@ class Reconciler:
                 self._done(k, result)
             else:
                 changes.append(change)
-        committed = self._write(changes, failed, result)
+        # In chunks, each in the atomic order (backends, slots, masters): a first sync's
+        # packed writes are then a chunk's, not 700,000 elements' at once (the peak).
+        committed = []
+        for at in range(0, len(changes), WRITE_CHUNK):
+            committed += self._write(changes[at:at + WRITE_CHUNK], failed, result)
         programmed = self.programmed
         for c in committed:
             new = c.new

@@ -328,3 +328,23 @@ def test_ids_taken_many_at_once_are_all_or_none_and_reuse_like_one_at_a_time():
     assert pool.allocate_many(3) == [4, 5, 2]
     assert pool.allocate_many(1) == [1]
     assert len(pool) == 5
+
+
+def test_a_large_round_writes_chunk_by_chunk_each_in_the_atomic_order(monkeypatch):
+    # A first sync packs a chunk's writes at a time (the peak), each chunk still backends,
+    # then slots, then masters; a failed chunk leaves the others programmed.
+    import nodemesh.reconciler as r
+
+    monkeypatch.setattr(r, "WRITE_CHUNK", 4)
+    rec, maps, _ = make()
+    maps.fail("update", "backends", skip=1)  # the second chunk's backends
+    result = rec.apply([svc(f"s{i}", f"10.96.0.{i}", [f"10.0.0.{i}", f"10.0.1.{i}"])
+                        for i in range(1, 11)])
+    writes = [(name, n) for op, name, n in maps.calls if op == "update"]
+    assert writes == [("backends", 8), ("services", 8), ("services", 4),   # chunk 1
+                      ("backends", 8),                                     # chunk 2 fails
+                      ("backends", 4), ("services", 4), ("services", 2)]   # chunk 3
+    assert (result.added, result.failed) == (6, 4)
+    assert_no_leaks(rec, maps)
+    assert rec.reconcile(force=True).added == 4  # the failed chunk, retried
+    assert_no_leaks(rec, maps)
