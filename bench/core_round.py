@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
 """CPU of a one-service change round at N services, in-process: no kernel, no source.
 
-    PYTHONPATH=agent:tests .venv/bin/python bench/core_round.py 100000 300 [--profile]
+    PYTHONPATH=agent:tests .venv/bin/python bench/core_round.py 100000 300 [--drop-entries]
+        [--profile]
 
 Builds N services (3 backends each, one TCP port) in the agent's Core and Reconciler over
-tests/fakemaps.py, runs the first round, then `gc.collect(); gc.freeze()` as the agent does
-after its first sync. Then, twice, CHANGES one-service changes (one backend replaced, a
-different service each time) through `Core.step`, and prints the CPU time
+tests/fakemaps.py, runs the first round (all N in one round, with the agent's collector
+thresholds of a first sync) and prints its CPU and the peak RSS it reached (VmHWM, reset
+first; it includes the in-memory map's entries, which the kernel holds in the agent), then
+`gc.collect(); gc.freeze()` as the agent does after its first sync. Then, twice, CHANGES
+one-service changes (one backend replaced, a different service each time) through
+`Core.step`, and prints the CPU time
 (`time.process_time`) per round: the core loop's own work (planning, packing, the in-memory
 map writes, status, the snapshot publish) without the Kubernetes source's threads or the
-bpf(2) syscalls. --profile adds a cProfile (CPU clock) of a third pass. For a side-by-side,
-point PYTHONPATH at a `git archive` of another commit (its agent and tests) and alternate.
+bpf(2) syscalls. --drop-entries keeps no services/backends entries in the in-memory map
+(the kernel holds them, not the agent's heap), for the first round's peak RSS. --profile
+adds a cProfile (CPU clock) of a third pass. For a side-by-side, run this script with
+PYTHONPATH at a `git archive` of another commit's agent (and this checkout's tests), and
+alternate.
 """
 import cProfile
 import gc
@@ -47,14 +54,45 @@ def service(i: int, generation: int = 0) -> Service:
                    backends=tuple(backends))
 
 
+class EntriesInTheKernel(FakeMaps):
+    """Writes to the big maps are counted, not stored: their entries live in the kernel."""
+
+    def update_packed(self, name, keys, values):
+        if name in ("services", "backends"):
+            self.calls.append(("update", name, len(keys)))
+            return
+        super().update_packed(name, keys, values)
+
+
+def _status_mib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith(field))
+
+
 def main() -> None:
     n, changes = int(sys.argv[1]), int(sys.argv[2])
     registry = CollectorRegistry()
-    core = Core(Reconciler(FakeMaps(), m.MapSizes()), HealthChecker(registry, lambda k: None),
+    services = tuple(service(i) for i in range(n))
+    gc.collect()
+    gc.freeze()  # the source's objects: not the round's
+    thresholds = gc.get_threshold()
+    from nodemesh import daemon
+    if hasattr(daemon, "_collect_less_while_syncing"):
+        daemon._collect_less_while_syncing()
+    core = Core(Reconciler(EntriesInTheKernel() if "--drop-entries" in sys.argv else FakeMaps(),
+                          m.MapSizes()), HealthChecker(registry, lambda k: None),
                 OutlierDetector(registry, lambda s: None), SourceState("kubernetes"))
-    core.post(SourceChanged(Delta(upserts=tuple(service(i) for i in range(n)), full=True)))
+    rss_before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM back to the current RSS
+    start = time.process_time()
+    core.post(SourceChanged(Delta(upserts=services, full=True)))
     core.step(0, reconcile=False)
     core.reconcile(force=True)
+    first = time.process_time() - start
+    print(f"N={n}: first round {first:.2f} s CPU ({first / n * 1e6:.0f} us a service); RSS "
+          f"{rss_before} MiB before it, peak {_status_mib('VmHWM')} MiB during it")
+    gc.set_threshold(*thresholds)
     gc.collect()
     gc.freeze()
     generation = [0]

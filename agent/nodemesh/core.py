@@ -28,7 +28,7 @@ from .reconciler import (
     service_frontends,
     watched_endpoints,
 )
-from .snapshot import FrontendView, Snapshot, SourceState, frontend_view
+from .snapshot import FrontendView, Snapshot, SourceState
 from .sources import Delta
 
 if TYPE_CHECKING:
@@ -79,6 +79,10 @@ class Core:
         self._dirty: Set[ServiceKey] = set()
         self._conflicts: Dict[ServiceKey, List[str]] = {}
         self._failing: Set[FrontendKey] = set()
+        # Services given health-check targets or outlier settings: the others (nearly all)
+        # need no call to either (a first sync made 200,000 that did nothing).
+        self._checked: Set[ServiceKey] = set()
+        self._watched: Set[ServiceKey] = set()
         self._health_changed = False
         # Workloads and policies (agent/nodemesh/policy.py): recompiled when they or a
         # service change, before the round's service writes.
@@ -228,8 +232,19 @@ class Core:
                     self._conflicts.pop(key, None)
                 if wanted is not None:
                     wanted.update(rec.frontends_of(key))
-            self.health.set_service_targets(key, _health_targets(svc) if svc else {})
-            self.outlier.configure_service(key, svc)
+            if (svc is not None and svc.health_check is not None) or key in self._checked:
+                targets = _health_targets(svc) if svc else {}
+                self.health.set_service_targets(key, targets)
+                if targets:
+                    self._checked.add(key)
+                else:
+                    self._checked.discard(key)
+            if (svc is not None and svc.outlier_detection is not None) or key in self._watched:
+                self.outlier.configure_service(key, svc)
+                if svc is not None and svc.outlier_detection is not None:
+                    self._watched.add(key)
+                else:
+                    self._watched.discard(key)
         self._dirty.clear()
         self.snapshot = replace(self.snapshot,
                                 services=self.snapshot.services.updated(changes))
@@ -239,17 +254,19 @@ class Core:
         views: Dict[FrontendKey, Optional[FrontendView]] = {}
         # A round of the first sync publishes what it touched; the frontends still pending
         # (adopted, not listed yet: up to all of them) wait for the full round.
+        status, desired, programmed = rec.status, rec.desired, rec.programmed
+        failing = self._failing
         for fk in result.touched if listed_only else result.touched | rec.pending:
-            st = rec.status.get(fk)
+            st = status.get(fk)
             if st is None:
                 views[fk] = None
-                self._failing.discard(fk)
+                failing.discard(fk)
                 continue
-            views[fk] = frontend_view(fk, rec.desired.get(fk), rec.programmed.get(fk), st)
+            views[fk] = FrontendView(fk, desired.get(fk), programmed.get(fk), st)
             if st.state == ERROR:
-                self._failing.add(fk)
-            else:
-                self._failing.discard(fk)
+                failing.add(fk)
+            elif failing:
+                failing.discard(fk)
         snap = self.snapshot
         # The last round that did something (a quiet round would hide it); never changed again.
         # Readers want its counts and errors: the keys it touched (all 100,000 after a first

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import logging
 import random
 import time
@@ -48,6 +49,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    TypeVar,
 )
 
 from . import maglev, selection
@@ -66,12 +68,44 @@ ID_QUARANTINE = 10.0                 # seconds before a freed id is handed out a
 # e.g. 1,024 frontends at the default 16,381 rows or 50,000 at 331 rows.
 MAGLEV_MAX_ROWS = 1 << 24
 TABLE_BATCH = 1024  # Maglev tables staged (fds open) before they are swapped in
+WRITE_CHUNK = 4096  # frontends whose map writes are packed and written together
 
 
 class CapacityError(Exception):
     pass
 
 
+_Cls = TypeVar("_Cls", bound=type)
+
+
+def fast_init(cls: _Cls) -> _Cls:
+    """Give a frozen slots dataclass an __init__ that sets each field through its slot's
+    descriptor. The generated one calls object.__setattr__ per field, which looks the name up
+    again each time: a first sync builds 400,000 of these objects (keys, desired, programmed,
+    views), and their constructors were about a seventh of its CPU. Same signature, defaults
+    and __post_init__; the class stays frozen (assignment still raises)."""
+    params, body = [], []
+    namespace: Dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        assert f.default_factory is dataclasses.MISSING, f.name
+        if f.default is dataclasses.MISSING:
+            params.append(f.name)
+        else:
+            namespace[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        body.append(f"_set_{f.name}(self, {f.name})")
+    if hasattr(cls, "__post_init__"):
+        body.append("self.__post_init__()")
+    exec(f"def __init__(self, {', '.join(params)}):\n    " + "\n    ".join(body), namespace)
+    namespace["__init__"].__qualname__ = f"{cls.__qualname__}.__init__"
+    setattr(cls, "__init__", namespace["__init__"])
+    return cls
+
+
+@fast_init
 @dataclass(frozen=True, order=True, slots=True)
 class FrontendKey:
     family: int
@@ -82,30 +116,32 @@ class FrontendKey:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.family, self.vip, self.port,
-                                                self.protocol)))
+        _set_hash(self, hash((self.family, self.vip, self.port, self.protocol)))
 
     def __hash__(self) -> int:
         return self._hash
 
     def prefix(self) -> bytes:
         """The packed SvcKey without its slot: pack once per frontend, not once per slot."""
-        family, words = m.encode_addr(self.vip)  # cached
-        return m.key_prefix(family, words, self.port, m.PROTO_IDS[self.protocol])
+        return m.address_key_prefix(self.vip, self.port, m.PROTO_IDS[self.protocol])
 
     def map_key(self, slot: int = 0) -> bytes:
         """The packed SvcKey of this frontend's master (slot 0) or of one of its slots."""
-        return m.pack_svc_key(self.prefix(), slot)
+        return m.pack_master_key(self.prefix()) if slot == 0 else \
+            m.pack_svc_key(self.prefix(), slot)
 
     def slot_keys(self, bank: int, count: int) -> List[bytes]:
-        prefix = self.prefix()
-        return [m.pack_svc_key(prefix, m.slot_number(bank, i)) for i in range(1, count + 1)]
+        return m.pack_slot_keys(self.prefix(), bank, count)
 
     def __str__(self) -> str:
         host = f"[{self.vip}]" if self.family == m.FAMILY_V6 else self.vip
         return f"{host}:{self.port}/{self.protocol}"
 
 
+_set_hash = getattr(FrontendKey, "_hash").__set__  # the slot's descriptor
+
+
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DesiredFrontend:
     key: FrontendKey
@@ -138,6 +174,7 @@ class DesiredFrontend:
         return tuple(zip(flat[0::3], flat[1::3], flat[2::3]))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ProgrammedFrontend:
     """What the kernel holds for a frontend. Never changed in place: readers hold these."""
@@ -172,6 +209,7 @@ class Status:
 
 
 _DONE = Status(DONE)  # shared: most of 100,000 frontends are simply done
+_PENDING = Status(PENDING)  # shared: a first sync marks 100,000 frontends pending at once
 
 
 class StatusTable(Mapping[FrontendKey, Status]):
@@ -194,6 +232,14 @@ class StatusTable(Mapping[FrontendKey, Status]):
             return _DONE
         raise KeyError(key)
 
+    def get(self, key: FrontendKey, default: Any = None) -> Any:
+        # Mapping.get goes through __getitem__ and a KeyError for every frontend not
+        # programmed yet: 100,000 raised and caught in a first sync.
+        st = self._other.get(key)
+        if st is not None:
+            return st
+        return _DONE if key in self._programmed else default
+
     def __contains__(self, key: object) -> bool:
         return key in self._other or key in self._programmed
 
@@ -209,6 +255,12 @@ class StatusTable(Mapping[FrontendKey, Status]):
             self._other.pop(key, None)
         else:
             self._other[key] = st
+
+    def set_done(self, keys: Collection[FrontendKey]) -> None:
+        """Status done for frontends that are all in `programmed` (a round's committed ones)."""
+        pop = self._other.pop
+        for key in keys:
+            pop(key, None)
 
     def shrink(self) -> None:
         """Drop the table an emptied dict keeps (dicts never shrink): after a first sync it
@@ -293,9 +345,20 @@ class BackendIds(Mapping[BackendKey, int]):
             return False
         return True
 
+    @classmethod
+    def from_flat(cls, flat: Tuple[Any, ...]) -> "BackendIds":
+        """From (address, port, id, ...) with no (address, port) twice: kept as it is."""
+        ids = cls.__new__(cls)
+        ids._flat = flat
+        return ids
+
     def __iter__(self) -> Iterator[BackendKey]:
         flat = self._flat
         return zip(flat[0::3], flat[1::3])
+
+    def triples(self) -> Iterator[Tuple[str, int, int]]:
+        flat = self._flat
+        return zip(flat[0::3], flat[1::3], flat[2::3])
 
     def __len__(self) -> int:
         return len(self._flat) // 3
@@ -317,6 +380,13 @@ COMPACT_IDS = 8  # backends a frontend may have and still keep its ids in a Back
 def backend_id_map(ids: Dict[BackendKey, int]) -> Mapping[BackendKey, int]:
     """What a ProgrammedFrontend keeps of `ids`: compact when small, the dict otherwise."""
     return BackendIds(iter(ids.items())) if len(ids) <= COMPACT_IDS else ids
+
+
+def backend_triples(ids: Mapping[BackendKey, int]) -> Iterator[Tuple[str, int, int]]:
+    """(address, port, id) of every backend of a ProgrammedFrontend's backend_ids."""
+    if isinstance(ids, BackendIds):
+        return ids.triples()
+    return ((address, port, ident) for (address, port), ident in ids.items())
 
 
 class IdPool:
@@ -353,6 +423,26 @@ class IdPool:
             return self._reuse()  # full: a quarantined id beats failing
         raise CapacityError(f"no free {self.what} id: all {self.capacity} are in use "
                             f"(raise --map-{self.what}s)")
+
+    def allocate_many(self, count: int) -> List[int]:
+        """`count` ids, as many allocate() calls would give them; all or none."""
+        first = self._next
+        if not self._freed and first + count - 1 <= self.capacity:
+            # Nothing freed to reuse (a first sync): the next fresh ids, in one go.
+            self._next = first + count
+            add = self.used.add
+            for ident in range(first, first + count):
+                add(ident)
+            return list(range(first, first + count))
+        got: List[int] = []
+        try:
+            for _ in range(count):
+                got.append(self.allocate())
+        except CapacityError:
+            for ident in reversed(got):  # given back in order, ahead of the quarantined
+                self.unallocate(ident)
+            raise
+        return got
 
     def _reuse(self) -> int:
         _, ident = self._freed.popleft()
@@ -409,15 +499,23 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
     for vip, sp in svc.frontends():
         v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
         key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
-        backends = tuple(x for b in chosen if (":" in b.address) == v6
-                         for x in (b.address, b.target_port(sp), b.weight))
+        flat: List[Any] = []
+        target = sp.target_port
+        for b in chosen:
+            address = b.address
+            if (":" in address) == v6:
+                flat += (address, b.target_port(sp) if b.ports else target, b.weight)
+        backends = tuple(flat)
         out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
                                    svc.algorithm, backends, why, len(svc.backends), affinity,
                                    svc.terminate_connections_on_removal,
                                    maglev_table_size=svc.maglev_table_size
                                    if svc.algorithm == "maglev" else 0, limits=limits,
                                    proxy_port=svc.proxy_port if sp.protocol == "TCP" else None)
-    out.update(external_frontends(svc, ctx, affinity))
+    ports = svc.ports  # a call and a generator a service only when it may have some
+    if svc.external_ips or svc.load_balancer_ips or len(ports) > 1 or \
+            (ports and ports[0].node_port):
+        out.update(external_frontends(svc, ctx, affinity))
     return out
 
 
@@ -514,19 +612,26 @@ class Reconciler:
         Returns conflicts: frontends another service already owns are not taken over."""
         conflicts = []
         mine = {}
+        desired = self.desired
+        changed = []
         for fk, d in frontends.items():
-            other = self.desired.get(fk)
-            if other is not None and (other.namespace, other.service) != key:
+            other = desired.get(fk)
+            if other is None:
+                changed.append((fk, d))
+            elif (other.namespace, other.service) != key:
                 conflicts.append(f"{fk} is already {other.namespace}/{other.service}'s")
                 continue
+            elif other != d:
+                changed.append((fk, d))
             mine[fk] = d
-        for fk in [k for k in self.frontends_of(key) if k not in mine]:
-            self.desired.pop(fk, None)
-            self._mark(fk)
-        for fk, d in mine.items():
-            if self.desired.get(fk) != d:
-                self.desired[fk] = d
+        had = self.by_service.get(key)
+        if had is not None:
+            for fk in [k for k in self.frontends_of(key) if k not in mine]:
+                desired.pop(fk, None)
                 self._mark(fk)
+        for fk, d in changed:
+            desired[fk] = d
+            self._mark(fk)
         if mine:
             self.by_service[key] = next(iter(mine)) if len(mine) == 1 else tuple(mine)
         else:
@@ -546,7 +651,8 @@ class Reconciler:
         self.pending.add(fk)
         old = self.status.get(fk)
         # A new desired state is tried at once, even while an old failure backs off.
-        self.status[fk] = Status(PENDING, old.error if old else "", old.retries if old else 0)
+        self.status[fk] = _PENDING if old is None or not (old.error or old.retries) \
+            else Status(PENDING, old.error, old.retries)
 
     def _watch(self, key: ServiceKey, endpoints: FrozenSet[Endpoint]) -> None:
         old = self._watched_by.get(key, frozenset())
@@ -692,19 +798,33 @@ class Reconciler:
                 self._done(k, result)
             else:
                 changes.append(change)
-        committed = self._write(changes, failed, result)
+        # In chunks, each in the atomic order (backends, slots, masters): a first sync's
+        # packed writes are then a chunk's, not 700,000 elements' at once (the peak).
+        committed = []
+        for at in range(0, len(changes), WRITE_CHUNK):
+            committed += self._write(changes[at:at + WRITE_CHUNK], failed, result)
+        programmed = self.programmed
         for c in committed:
-            self.programmed[c.new.key] = c.new
-            fresh = set(c.new_backend_ids)
-            self._refer(c.new.key, {a: i for a, i in c.new.backend_ids.items() if i in fresh}, +1)
-            if c.old is None:
+            new = c.new
+            programmed[new.key] = new
+            if c.old is None:  # every id is new
+                self._refer(new.key, new.backend_ids, +1)
                 result.added += 1
             else:
+                if c.new_backend_ids:
+                    fresh = set(c.new_backend_ids)
+                    self._refer(new.key, {a: i for a, i in new.backend_ids.items()
+                                          if i in fresh}, +1)
                 result.changed += 1
-                dropped = set(c.dropped_backend_ids)
-                self._refer(c.old.key, {a: i for a, i in c.old.backend_ids.items()
-                                        if i in dropped}, -1, result, c.old.desired)
-            self._done(c.new.key, result)
+                if c.dropped_backend_ids:
+                    dropped = set(c.dropped_backend_ids)
+                    self._refer(c.old.key, {a: i for a, i in c.old.backend_ids.items()
+                                            if i in dropped}, -1, result, c.old.desired)
+        if committed:
+            keys = [c.new.key for c in committed]
+            self.pending.difference_update(keys)
+            self.status.set_done(keys)
+            result.touched.update(keys)
         self._delete_old_banks(committed, result)
         if only is None:
             self._sync_endpoint_health(result)
@@ -758,8 +878,19 @@ class Reconciler:
         """Count frontends per (address, port, protocol); one that reaches 0 is reported as
         removed, so sockets still connected to it can be ended."""
         proto = m.PROTO_IDS[fk.protocol]
+        count = self._count_endpoint
+        if step > 0:  # nothing reaches 0
+            refs = self._endpoint_refs
+            for address, port in backend_ids:
+                port_proto = (port << 8) | proto
+                v = refs.get(address)
+                if v is None:  # inline: the first sync's case, 300,000 times
+                    refs[address] = (port_proto << 32) | step
+                else:
+                    count(address, port_proto, step)
+            return
         for address, port in backend_ids:
-            if self._count_endpoint(address, (port << 8) | proto, step) <= 0:
+            if count(address, (port << 8) | proto, step) <= 0:
                 if result is not None:
                     result.removed_endpoints.append(
                         (address, port, fk.protocol, bool(desired and desired.terminate_tcp)))
@@ -799,17 +930,18 @@ class Reconciler:
         if old is not None and not old.damaged and old.desired == d:
             return None  # unchanged since it was last written: nothing to do
         ids: Dict[Tuple[str, int], int] = {}
-        new_ids: List[int] = []
         old_ids: Mapping[Tuple[str, int], int] = old.backend_ids if old else {}
         flat = d.flat_backends
         endpoints = list(zip(flat[0::3], flat[1::3]))  # (address, port) by backend index
-        weights = list(flat[2::3])
-        for ep in endpoints:
-            if ep in old_ids:
-                ids[ep] = old_ids[ep]
+        weights = flat[2::3]
+        if old_ids:
+            for ep in endpoints:
+                if ep in old_ids:
+                    ids[ep] = old_ids[ep]
         seq = selection.slots_for(d.algorithm, weights)
         # Compare before allocating: an unchanged frontend costs no id and no write.
-        table_rows = d.maglev_table_size if any(w > 0 for w in weights) else 0
+        table_rows = d.maglev_table_size \
+            if d.maglev_table_size and any(w > 0 for w in weights) else 0
         if old and not old.damaged and old.algorithm == d.algorithm and \
                 old.affinity_timeout == d.affinity_timeout and old.flags == d.flags and \
                 old.limits == d.limits and old.proxy_port == d.proxy_port and \
@@ -825,22 +957,33 @@ class Reconciler:
                                 f"past its limit of {self.maglev_max_rows} Maglev rows "
                                 f"({self.maglev_rows} in use); give it a smaller "
                                 f"maglev.tableSize")
+        missing = [ep for ep in dict.fromkeys(endpoints) if ep not in ids] if ids \
+            else list(dict.fromkeys(endpoints))
+        new_ids = self.backend_ids.allocate_many(len(missing))
         try:
-            for ep in endpoints:
-                if ep not in ids:
-                    ids[ep] = self.backend_ids.allocate()
-                    new_ids.append(ids[ep])
             svc_id = self.svc_ids.allocate() if old is None else old.svc_id
         except CapacityError:
             for i in new_ids:
                 self.backend_ids.unallocate(i)
             raise
-        slots = tuple(ids[endpoints[i]] for i in seq)
-        keep = set(ids.values())
-        dropped = [i for i in old_ids.values() if i not in keep]
+        ids.update(zip(missing, new_ids))
+        by_index = list(map(ids.__getitem__, endpoints))  # backend id by backend index
+        slots = tuple(map(by_index.__getitem__, seq))
+        if len(ids) == len(endpoints) and len(ids) <= COMPACT_IDS:
+            # No endpoint twice (nearly always): the desired triples with ids for weights.
+            flat_ids = list(flat)
+            flat_ids[2::3] = by_index
+            backend_ids: Mapping[BackendKey, int] = BackendIds.from_flat(tuple(flat_ids))
+        else:
+            backend_ids = backend_id_map(ids)
+        if old_ids:
+            keep = set(by_index)
+            dropped = [i for i in old_ids.values() if i not in keep]
+        else:
+            dropped = []
         new = ProgrammedFrontend(d.key, svc_id, (1 - old.bank) if old else 0, d.algorithm,
                                  ((old.revision if old else 0) + 1) & 0xFFFFFFFF, slots,
-                                 backend_id_map(ids), d,
+                                 backend_ids, d,
                                  affinity_timeout=d.affinity_timeout, maglev_rows=table_rows,
                                  flags=d.flags, limits=d.limits, proxy_port=d.proxy_port)
         self.maglev_rows += more_rows  # reserved now, given back if the change fails
@@ -906,27 +1049,33 @@ class Reconciler:
         # is published (the datapath creates a zeroed entry on first use).
         reused_svc = [m.u32(i) for i in self.svc_ids.take_reused()]
         reused_be = [m.u32(i) for i in self.backend_ids.take_reused()]
-        be_keys, be_values = [], []
-        for c in changes:
-            proto = m.PROTO_IDS[c.new.key.protocol]
-            # A damaged frontend may have lost its backend entries too: write them all.
-            fresh = set(c.new.backend_ids.values()) if c.old and c.old.damaged \
-                else set(c.new_backend_ids)
-            for (address, port), ident in c.new.backend_ids.items():
-                if ident in fresh:
-                    be_keys.append(m.pack_u32(ident))
-                    be_values.append(m.pack_backend(address, port, proto, c.new.svc_id,
-                                                    m.BACKEND_ACTIVE))
+        be_keys: List[bytes] = []
+        be_values: List[bytes] = []
         slot_keys: List[bytes] = []
         slot_values: List[bytes] = []
         master_keys: List[bytes] = []
+        pack_u32, pack_backend, active = m.pack_u32, m.pack_backend, m.BACKEND_ACTIVE
         for c in changes:
-            prefix = c.new.key.prefix()  # packed once per frontend, for its slots and master
-            bank = c.new.bank
-            slot_keys.extend(m.pack_svc_key(prefix, m.slot_number(bank, i))
-                             for i in range(1, len(c.new.slots) + 1))
-            slot_values.extend(m.pack_slot_value(ident) for ident in c.new.slots)
-            master_keys.append(m.pack_svc_key(prefix, 0))
+            new = c.new
+            key = new.key
+            proto = m.PROTO_IDS[key.protocol]
+            svc_id = new.svc_id
+            if c.old is None or c.old.damaged:
+                # All its ids are new, or a damaged frontend may have lost its backend
+                # entries too: write them all.
+                for address, port, ident in backend_triples(new.backend_ids):
+                    be_keys.append(pack_u32(ident))
+                    be_values.append(pack_backend(address, port, proto, svc_id, active))
+            elif c.new_backend_ids:
+                fresh = set(c.new_backend_ids)
+                for address, port, ident in backend_triples(new.backend_ids):
+                    if ident in fresh:
+                        be_keys.append(pack_u32(ident))
+                        be_values.append(pack_backend(address, port, proto, svc_id, active))
+            prefix = key.prefix()  # packed once per frontend, for its slots and master
+            slot_keys += m.pack_slot_keys(prefix, new.bank, len(new.slots))
+            slot_values += m.pack_slot_values(new.slots)
+            master_keys.append(m.pack_master_key(prefix))
         try:
             self.maps.delete_batch("svc_stats", reused_svc)
             self.maps.delete_batch("backend_stats", reused_be)

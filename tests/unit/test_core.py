@@ -291,3 +291,22 @@ def test_the_snapshot_keeps_the_last_rounds_counts_but_not_the_keys_it_touched()
     assert (last.added, last.writes > 0) == (50, True)
     # the touched keys (every frontend after a first sync) are for the publish, not readers
     assert last.touched == set() and last.removed_endpoints == []
+
+
+def test_health_checks_and_outlier_settings_follow_a_service_that_gains_and_loses_them():
+    # The core calls the checker and the detector only for services that have (or had) them.
+    from nodemesh.model import HealthCheck
+
+    core, _, _ = make()
+    plain = svc(1, "10.0.0.1")
+    synced(core, [plain])
+    core.reconcile()
+    assert core.health.snapshot() == [] and not core.outlier._services
+    checked = replace(plain, health_check=HealthCheck(),
+                      outlier_detection=OutlierDetection(consecutive_failures=3))
+    core.post(SourceChanged(Delta(upserts=(checked,))))
+    core.step(0)
+    assert len(core.health.snapshot()) == 1 and (plain.key in core.outlier._services)
+    core.post(SourceChanged(Delta(upserts=(plain,))))
+    core.step(0)
+    assert core.health.snapshot() == [] and not core.outlier._services

@@ -84,3 +84,18 @@ def test_addresses_round_trip_in_network_byte_order():
         assert m.decode_addr(family, words) == addr
     family, words = m.encode_addr("1.2.3.4")
     assert (family, bytes((m.u32 * 4)(*words))) == (m.FAMILY_V4, bytes([1, 2, 3, 4] + [0] * 12))
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
+def test_a_frontends_keys_packed_from_its_address_match_the_struct(address):
+    # The reconciler packs a frontend's keys from its VIP string and cached slot tails; they
+    # must be the bytes the field-by-field packers give, past the cached tails too (70 slots).
+    family, words = m.encode_addr(address)
+    prefix = m.address_key_prefix(address, 443, 17)
+    assert prefix == m.key_prefix(family, words, 443, 17)
+    assert m.pack_master_key(prefix) == m.pack_svc_key(prefix, 0)
+    for bank in (0, 1):
+        for count in (3, 70):
+            assert m.pack_slot_keys(prefix, bank, count) == \
+                [m.pack_svc_key(prefix, m.slot_number(bank, i)) for i in range(1, count + 1)]
+    assert m.pack_slot_values([7, 123456]) == [m.pack_slot_value(7), m.pack_slot_value(123456)]

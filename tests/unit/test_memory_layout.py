@@ -107,7 +107,7 @@ def test_publishing_one_change_at_100000_frontends_copies_one_small_shard():
 
     big = Shards().updated({i: i for i in range(100_000)})
     after = big.updated({5: 0})
-    copied = [new for old, new in zip(big._shards, after._shards) if new is not old]
+    copied = [new for old, new in zip(big.dicts(), after.dicts()) if new is not old]
     # about 25 entries (4,096 shards) where 256 shards copied about 400 a change
     assert len(copied) == 1 and len(copied[0]) <= 64, len(copied[0])
     assert after.get(5) == 0 and big.get(5) == 5 and len(after) == len(big) == 100_000
@@ -146,3 +146,14 @@ def test_a_one_frontend_service_is_indexed_by_its_bare_key_and_grows_to_several(
     assert rec.frontends_of(("default", "web")) == (tls,) and set(rec.programmed) == {tls}
     rec.apply([])
     assert rec.frontends_of(("default", "web")) == () and rec.programmed == {}
+
+
+def test_publishing_one_change_copies_one_group_of_shards_not_the_whole_table():
+    from nodemesh.snapshot import GROUPS, SHARDS, Shards
+
+    big = Shards().updated({i: i for i in range(100_000)})
+    after = big.updated({5: 0})
+    # 64 groups of 64 shards: one group tuple and the outer one are new (128 pointers copied,
+    # where a flat tuple of 4,096 was copied to a list and back each publish)
+    assert len(after._shards) == GROUPS and {len(g) for g in after._shards} == {SHARDS // GROUPS}
+    assert sum(1 for old, new in zip(big._shards, after._shards) if new is not old) == 1

@@ -9,7 +9,15 @@ from fakemaps import FakeMaps
 
 from nodemesh.datapath import maps as m
 from nodemesh.model import Backend, Service, ServicePort
-from nodemesh.reconciler import DONE, ERROR, ID_QUARANTINE, FrontendKey, IdPool, Reconciler
+from nodemesh.reconciler import (
+    DONE,
+    ERROR,
+    ID_QUARANTINE,
+    CapacityError,
+    FrontendKey,
+    IdPool,
+    Reconciler,
+)
 
 
 class Clock:
@@ -282,3 +290,61 @@ def test_endpoints_sharing_an_address_are_reported_apart_by_port_and_protocol():
         ("10.0.0.9", 8080, "TCP", False), ("10.0.0.9", 8080, "UDP", False),
         ("10.0.0.9", 8081, "TCP", False)]
     assert rec._endpoint_refs == {}
+
+
+def test_state_objects_built_by_the_fast_constructor_stay_frozen_with_their_defaults():
+    import dataclasses
+
+    from nodemesh.reconciler import DesiredFrontend, ProgrammedFrontend
+    from nodemesh.snapshot import FrontendView
+
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    assert key == FrontendKey(4, "10.96.0.1", 80, "TCP")
+    assert hash(key) == hash(FrontendKey(4, "10.96.0.1", 80, "TCP"))
+    assert dataclasses.replace(key, port=81) == FrontendKey(4, "10.96.0.1", 81, "TCP")
+    d = DesiredFrontend(key, "ns", "web", "http", "random", (("10.0.0.1", 8080, 1),), "ready", 1)
+    assert d.flat_backends == ("10.0.0.1", 8080, 1)  # __post_init__ still flattens
+    assert (d.affinity_timeout, d.limits, d.proxy_port, d.flags) == (0, (0, 0), None, 0)
+    p = ProgrammedFrontend(key, 1, 0, "random", 1, (5,), {("10.0.0.1", 8080): 5})
+    assert (p.count, p.slot_count, p.desired, p.damaged) == (-1, 1, None, False)
+    view = FrontendView(key, d, p, Reconciler(FakeMaps()).status.get(key, "none"))
+    for obj, name in ((key, "port"), (d, "service"), (p, "svc_id"), (view, "status")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, 1)
+
+
+def test_ids_taken_many_at_once_are_all_or_none_and_reuse_like_one_at_a_time():
+    now = [0.0]
+    pool = IdPool(5, "backend", quarantine=10, clock=lambda: now[0])
+    assert pool.allocate_many(3) == [1, 2, 3]
+    with pytest.raises(CapacityError):
+        pool.allocate_many(3)  # two left
+    assert len(pool) == 3
+    pool.release(2)
+    pool.release(1)
+    now[0] = 11.0
+    # As allocate() hands them out: first the ids the failed call gave back (nothing ever
+    # pointed at them), then the freed ones oldest-freed-first once quarantined.
+    assert pool.allocate_many(3) == [4, 5, 2]
+    assert pool.allocate_many(1) == [1]
+    assert len(pool) == 5
+
+
+def test_a_large_round_writes_chunk_by_chunk_each_in_the_atomic_order(monkeypatch):
+    # A first sync packs a chunk's writes at a time (the peak), each chunk still backends,
+    # then slots, then masters; a failed chunk leaves the others programmed.
+    import nodemesh.reconciler as r
+
+    monkeypatch.setattr(r, "WRITE_CHUNK", 4)
+    rec, maps, _ = make()
+    maps.fail("update", "backends", skip=1)  # the second chunk's backends
+    result = rec.apply([svc(f"s{i}", f"10.96.0.{i}", [f"10.0.0.{i}", f"10.0.1.{i}"])
+                        for i in range(1, 11)])
+    writes = [(name, n) for op, name, n in maps.calls if op == "update"]
+    assert writes == [("backends", 8), ("services", 8), ("services", 4),   # chunk 1
+                      ("backends", 8),                                     # chunk 2 fails
+                      ("backends", 4), ("services", 4), ("services", 2)]   # chunk 3
+    assert (result.added, result.failed) == (6, 4)
+    assert_no_leaks(rec, maps)
+    assert rec.reconcile(force=True).added == 4  # the failed chunk, retried
+    assert_no_leaks(rec, maps)
