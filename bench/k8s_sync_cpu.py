@@ -23,6 +23,13 @@ process CPU time:
                rounds left) and packs the map writes into an in-memory map
                (tests/fakemaps.py), and publishes its snapshot
   collect      the full gc.collect() the agent does before it freezes the first sync
+  (--source-only: no core at all, neither page rounds nor core round: the source's part)
+  per event    then (--events N, 1,000 by default) N watch events, each one EndpointSlice
+               MODIFIED (an endpoint's pod replaced: a new address), taken as the source's
+               watch thread takes an event's JSON line (json.loads, _Watcher._handle: parse,
+               assemble, the event counter) and its delivery thread the change (take_delta,
+               the last-sync gauge): the source's CPU a change, without HTTP and without the
+               two threads' wake-ups; in microseconds an event
 
 The GC thresholds are the agent's during a first sync (daemon._collect_less_while_syncing)
 when the agent code has them. --agent DIR times another checkout's agent/ (for example a
@@ -49,6 +56,10 @@ def main() -> None:
                         help="the checkout whose agent/ is timed (default: this one)")
     parser.add_argument("--no-worker", action="store_true",
                         help="parse every page in this process (the decoding worker off)")
+    parser.add_argument("--source-only", action="store_true",
+                        help="the source's part alone: no core (no page rounds, no core round)")
+    parser.add_argument("--events", type=int, default=1000, metavar="N",
+                        help="EndpointSlice MODIFIED events timed after the sync (0: none)")
     args = parser.parse_args()
     sys.path[:0] = [os.path.join(args.agent, "agent"), os.path.join(ROOT, "tests"),
                     os.path.join(ROOT, "bench")]
@@ -98,12 +109,15 @@ def main() -> None:
         _listing = threading.Lock()
         _decoder = k8s.PageDecoder(print) if hasattr(k8s, "PageDecoder") else None
         resync_seconds = 300
+        source = None  # the source's own counting, once the events are timed
 
         def _count(self, kind):
-            pass
+            if self.source is not None:
+                self.source._count(kind)
 
         def _mark_synced(self):
-            pass
+            if self.source is not None:
+                self.source._mark_synced()
 
     times = {}
     registry = CollectorRegistry()
@@ -122,7 +136,7 @@ def main() -> None:
             list_page(kind, items, seen)
             mark = time.process_time()
             delta = state.take_delta() if kind == "service" else None
-            if delta is not None and delta.partial:
+            if delta is not None and delta.partial and not args.source_only:
                 core.post(SourceChanged(delta))
                 core.step(0, reconcile=False)
                 core.reconcile_listed()
@@ -146,20 +160,52 @@ def main() -> None:
     mark = time.process_time()
     delta = state.take_delta()
     times["first delta"] = time.process_time() - mark
-    mark = time.process_time()
-    core.post(SourceChanged(delta))
-    core.step(0, reconcile=False)
-    result = core.reconcile(force=True)
-    times["core round"] = time.process_time() - mark
+    if not args.source_only:
+        mark = time.process_time()
+        core.post(SourceChanged(delta))
+        core.step(0, reconcile=False)
+        result = core.reconcile(force=True)
+        times["core round"] = time.process_time() - mark
     mark = time.process_time()
     gc.collect()
     times["collect"] = time.process_time() - mark
-    assert len(core.reconciler.programmed) == n, result
+    assert args.source_only or len(core.reconciler.programmed) == n, result
+    assert delta is not None and len(delta.upserts) == n
     times["total"] = time.process_time() - started
     times["total wall"] = time.monotonic() - wall
+    if args.events:
+        # Each event replaces one endpoint of another service's slice (a new address each
+        # time), as bench/k8s_source.py's changes do; the lines are made before timing.
+        import json
+        lines = []
+        for e in range(args.events):
+            obj = slice_object(e * (n // args.events), generation=e + 1)
+            obj["metadata"]["resourceVersion"] = str(10 ** 9 + e)
+            lines.append(json.dumps({"type": "MODIFIED", "object": obj}).encode())
+        source = Source()
+        # The source's own _count and _mark_synced (its metrics), without its client: a
+        # KubernetesSource built without __init__, given what those two read.
+        counting = object.__new__(k8s.KubernetesSource)
+        counting._metrics = k8s.source_metrics(CollectorRegistry())
+        counting._event_counters = {kind: counting._metrics.events.labels(
+            source="kubernetes", kind=kind) for kind in k8s.EVENT_KINDS}
+        counting._last_sync = counting._metrics.last_sync.labels(source="kubernetes")
+        source.source = counting
+        watcher = k8s._Watcher("endpointslice", None, source, state)
+        delivered = 0
+        mark = time.process_time()
+        for line in lines:
+            watcher._handle(json.loads(line))
+            delta = state.take_delta()
+            delivered += len(delta.upserts) if delta is not None else 0
+            source._mark_synced()
+        times["per event"] = (time.process_time() - mark) / args.events * 1e6
+        assert delivered == args.events, delivered
+    load = os.getloadavg()[0]
     load = os.getloadavg()[0]
     print(f"{n:,} services, agent {args.agent}: " +
-          ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items()) +
+          ", ".join(f"{name} {seconds:.0f} µs" if name == "per event" else
+                    f"{name} {seconds:.2f} s" for name, seconds in times.items()) +
           f" (CPU of this process, the worker's apart, and wall; 1-min load average "
           f"{load:.1f} on {os.cpu_count()} CPUs)")
 

@@ -7,7 +7,8 @@ the kernel: the breakdown behind "RSS at 100,000 services".
 For each N, in a fresh child process: N Services + N EndpointSlices (bench/k8s_source.py's
 objects, 3 endpoints each) are paged (500 a page) as tests/k8s_fake_apiserver.py serves them,
 then fed through the agent's own code as bench/k8s_sync_cpu.py does: the source's cluster
-state, its first delta, the core's first round into an in-memory map (tests/fakemaps.py,
+state (the slices listed first, then the services streamed page by page, as the agent does
+when it can), its first delta, the core's first round into an in-memory map (tests/fakemaps.py,
 whose stored entries are dropped before measuring: the kernel holds them in the agent), the
 snapshot the core publishes, and the full collection the agent does after its first sync.
 The pages (the server's bytes) are freed before tracing starts. Measured:
@@ -15,7 +16,9 @@ The pages (the server's bytes) are freed before tracing starts. Measured:
   by owner   the deep size (sys.getsizeof over gc.get_referents, each object counted once,
              for the first owner in the table's order that reaches it) of each structure the
              agent keeps: the source's cache, the core's desired services, the reconciler's
-             state, its id allocators, the readers' snapshot, the address-encoding cache
+             state, its id allocators, the readers' snapshot, the address-encoding cache;
+             and, apart, the source's own: its cache less what the core's desired services
+             reach (the Services and Backends both hold)
   by line    tracemalloc (1 frame) at ready, the top allocation sites, and by file
   process    RSS before the source (imports: Python, prometheus_client, the kubernetes
              client; no BCC, whose compiler runs in a child in the agent), RSS at ready, the
@@ -152,13 +155,23 @@ def child(n: int, trace: bool) -> dict:
     if trace:
         tracemalloc.start(1)
     state = k8s._ClusterState(lambda: None, lambda notes: None)
-    for kind, resource in (("service", "services"), ("endpointslice", "endpointslices")):
+    # As the agent lists: the slices first, then the services page by page, each page's
+    # services assembled and delivered at once (partial deltas, which the core programs: the
+    # same objects as the full delta's).
+    streams = hasattr(state, "stream_services")
+    order = (("endpointslice", "endpointslices"), ("service", "services")) if streams else \
+        (("service", "services"), ("endpointslice", "endpointslices"))
+    for kind, resource in order:
         seen: set = set()
         bodies = pages[resource]
+        if kind == "service" and streams and len(bodies) > 1:
+            state.stream_services()
         while bodies:  # the agent frees a page once it is parsed
             body = bodies.pop(0)
             state.list_page(kind, k8s._list_items(body.decode("utf-8"), {}), seen)
             del body
+            if kind == "service" and streams:
+                state.take_delta()
         state.list_done(kind, seen)
     del pages
     phase("list (pages decoded and parsed into the source's cache)")
@@ -215,6 +228,11 @@ def child(n: int, trace: bool) -> dict:
         ]
         out["owners"] = [(name, size, count, types) for name, (size, count, types) in
                          deep_sizes(owners).items()]
+        # The source's cache shares its Services (and their Backends) with the core, and
+        # the table above counts them as the source's: what the source alone holds is what
+        # is left of it once the core's desired services are walked first.
+        own = deep_sizes([("core", [core.services]), ("source", [state.__dict__])])["source"]
+        out["source_own"] = own
         if cache is not None:
             out["addr_cache"] = cache.currsize
     libc = ctypes.CDLL("libc.so.6")
@@ -271,6 +289,12 @@ def report(n: int, plain: dict, traced: dict) -> str:
         lines.append(f"| {name} | {mib(size)} | {size / per * 1024:.0f} B | {count:,} | "
                      f"{top} |")
     lines.append(f"| all owners | {mib(total)} | {total / per * 1024:.0f} B | | |")
+    if "source_own" in traced:
+        size, count, types = traced["source_own"]
+        top = ", ".join(f"{t} {b / max(n, 1):.0f}" for t, b, _ in types)
+        lines.append(f"| (of the source cache, not shared with the core's desired services: "
+                     f"the source's own) | {mib(size)} | {size / per * 1024:.0f} B | "
+                     f"{count:,} | {top} |")
     if "addr_cache" in traced:
         lines.append(f"| (not walked) encode_addr cache: {traced['addr_cache']:,} entries | "
                      "see maps.py below | | |")

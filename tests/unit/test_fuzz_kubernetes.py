@@ -12,7 +12,16 @@ from fuzzing import FUZZ, ODD_INTS, ODD_STRINGS, assert_programmable, mutated, v
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodemesh.sources.kubernetes import Translation, translate, translate_service
+from nodemesh.sources import kubernetes
+from nodemesh.sources.kubernetes import (
+    Translation,
+    object_key,
+    object_version,
+    parse_service,
+    parse_slice,
+    translate,
+    translate_service,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "k8s"
 # What translation does not read: mutating it would only spend examples.
@@ -231,3 +240,41 @@ FOUND = {
 @pytest.mark.parametrize("case", FOUND.values(), ids=FOUND.keys())
 def test_what_fuzzing_found_translates_or_is_skipped_with_a_note(case):
     check(*changed(*case))
+
+
+# -- the quick reads: each field is read without _typed when it has the type a valid API
+#    server sends; whatever they give must be what the checked reads (through _typed) give
+
+class CheckedDict(dict):
+    """Not exactly a dict: the quick reads (type(x) is dict) pass it to the checked ones."""
+
+
+class CheckedList(list):
+    """Not exactly a list: the checked reads take it."""
+
+
+# reprlib abbreviates a value by its type's name: with these, the notes read the same.
+CheckedDict.__name__, CheckedList.__name__ = "dict", "list"
+
+
+def the_checked_way(obj):
+    if isinstance(obj, dict):
+        return CheckedDict({key: the_checked_way(value) for key, value in obj.items()})
+    if isinstance(obj, list):
+        return CheckedList(the_checked_way(value) for value in obj)
+    return obj
+
+
+def parsed(service, slices, way):
+    notes = Translation()
+    records = [parse_service(way(service), notes)] + [parse_slice(way(s), notes) for s in slices]
+    return records, notes
+
+
+@settings(FUZZ, max_examples=300)
+@given(mutated_case() | built_case())
+def test_the_quick_reads_parse_what_the_checked_reads_parse(case):
+    service, slices = case
+    assert parsed(service, slices, lambda obj: obj) == parsed(service, slices, the_checked_way)
+    for obj in [service, *slices]:
+        assert kubernetes._key_and_version(obj) == (object_key(obj), object_version(obj))

@@ -426,3 +426,45 @@ def test_a_bad_algorithm_annotation_is_noted_and_the_service_still_programmed(an
     assert service is not None and service.vip == "10.96.0.10"
     assert service.maglev_table_size == 16381
     assert len(notes.invalid) == 1 and notes.invalid[0].startswith(message), notes.invalid
+
+
+# -- the source's cache (_ClusterState), without a server
+
+def cluster_state():
+    state = kubernetes._ClusterState(lambda: None, lambda notes: None)
+    state._listed.update({"service", "endpointslice"})
+    return state
+
+
+def test_a_service_keeps_one_key_tuple_with_its_slice():
+    # Three copies of ("default", "svc") a service were 5 MiB at 100,000: one is enough.
+    state = cluster_state()
+    state.put("endpointslice", make_slice(endpoints=[endpoint("10.244.0.5")]))
+    state.put("service", make_service())
+    (key,) = state._services
+    assert key == ("default", "svc")
+    assert key is state._slices[("default", "svc-abcde")].service
+
+
+def test_a_service_follows_its_slices_as_they_come_move_and_go():
+    state = cluster_state()
+    state.put("service", make_service())
+    state.take_delta()
+
+    def addresses():
+        delta = state.take_delta()
+        return [[b.address for b in s.backends] for s in delta.upserts] if delta else None
+
+    state.put("endpointslice", make_slice("svc-a", endpoints=[endpoint("10.244.0.5")]))
+    assert addresses() == [["10.244.0.5"]]
+    state.put("endpointslice", make_slice("svc-b", endpoints=[endpoint("10.244.0.4")]))
+    assert addresses() == [["10.244.0.4", "10.244.0.5"]]
+    state.delete("endpointslice", make_slice("svc-a"))
+    assert addresses() == [["10.244.0.4"]]
+    state.put("endpointslice", make_slice("svc-b", service="other",
+                                          endpoints=[endpoint("10.244.0.4")]))  # relabelled
+    assert addresses() == [[]]
+    state.put("endpointslice", make_slice("svc-c", endpoints=[endpoint("10.244.0.6")]))
+    assert addresses() == [["10.244.0.6"]]
+    assert state._slices_of == {("default", "other"): ("default", "svc-b"),
+                                ("default", "svc"): ("default", "svc-c")}
