@@ -9,7 +9,8 @@ targetRefs), on 127.0.0.1 from this process. The source runs in a subprocess of 
 RSS is the source's alone (Python, the kubernetes client, its cache and the delivered
 services), with a callback that writes each delta as a line. Reported:
 
-  synced        start() -> the first (full) delta, in the child; and the child's CPU time
+  synced        start() -> the full delta that ends the first sync (after the partial deltas
+                it streams page by page), in the child; and the child's CPU time
                 until then (what the wall time would be on an idle machine, give or take)
   RSS           before start(), after the sync, and the peak (VmHWM) over the whole run
   latency       one EndpointSlice changed at a time (an endpoint address replaced): the fake's
@@ -172,8 +173,11 @@ def run(n: int, changes: int) -> dict:
         child_process = psutil.Process(proc.pid)
         try:
             started = lines.get(timeout=60)
+            # The first sync streams: partial deltas page by page, then the full one.
             full = lines.get(timeout=120 + n / 500)
-            assert full["full"] and full["upserts"] == n, full
+            while not full["full"]:
+                full = lines.get(timeout=120 + n / 500)
+            assert full["upserts"] == n, full
             rss_synced = child_process.memory_info().rss
             cpu_before = sum(child_process.cpu_times()[:2])
 
