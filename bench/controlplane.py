@@ -55,7 +55,8 @@ switch lands on the new set, with no sampling delay. Measured:
                  loop are missing from it). The whole-agent figures above come from 10 ms
                  ticks: over C changes they are good to 10/C ms (--changes 200: 0.05 ms).
                  --profile DIR also writes a `py-spy record` of the loop (collapsed stacks
-                 per thread; a profiled run's CPU figures are not a plain run's)
+                 per thread, NODEMESH_BENCH_PROFILE_RATE samples a second, default 200; a
+                 profiled run's CPU figures are not a plain run's)
   /metrics       median (min-max) time of --scrapes GETs, and the body size
 
 --resync-seconds (default 3600) is passed to the agent so that its periodic prune of the
@@ -533,8 +534,9 @@ def start_profile(folder: Optional[str], pid: int, source: str,
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     os.makedirs(folder, exist_ok=True)
     out = os.path.join(folder, f"loop-{source}-{n}.txt")
+    rate = os.environ.get("NODEMESH_BENCH_PROFILE_RATE", "200")
     proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--nonblocking",
-                             "--rate", "200", "--format", "raw", "--output", out],
+                             "--rate", rate, "--format", "raw", "--output", out],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the first change
     return proc
