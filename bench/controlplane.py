@@ -46,14 +46,17 @@ switch lands on the new set, with no sampling delay. Measured:
                  against an unchanged service, at the same interval and for as long, and
                  gives the agent's CPU per probe connection above idle; that times the loop's
                  probe connections is taken off. What is left is the cost of the changes
-  by thread      the same three readings per thread (/proc/PID/task/*/stat, named by
-                 `py-spy dump` when py-spy sits next to this Python; numbered pool workers
-                 summed), printed and written below each table: the core loop (MainThread),
-                 the flow-event reader (flow-events), the source's threads, the metrics and
-                 admin servers. Ticks are 10 ms: a thread's per-change figure is only as
-                 good as its CPU over the loop (use --changes 100 for finer ones).
+  by thread      the same three readings per thread, in ns of CPU (/proc/PID/task/*/
+                 schedstat), printed and written below each table, named by their OS names
+                 (nodemesh.threadname; numbered pool workers summed): the core loop
+                 (MainThread (core)), the flow-event reader (nm-flow-ev), the Kubernetes
+                 watches (nm-k8s-svc, nm-k8s-eps) and delivery (nm-k8s-dlv), the metrics and
+                 admin servers; "all threads" is their sum (threads that ended during the
+                 loop are missing from it). The whole-agent figures above come from 10 ms
+                 ticks: over C changes they are good to 10/C ms (--changes 200: 0.05 ms).
                  --profile DIR also writes a `py-spy record` of the loop (collapsed stacks
-                 per thread; a profiled run's CPU figures are not a plain run's)
+                 per thread, NODEMESH_BENCH_PROFILE_RATE samples a second, default 200; a
+                 profiled run's CPU figures are not a plain run's)
   /metrics       median (min-max) time of --scrapes GETs, and the body size
 
 --resync-seconds (default 3600) is passed to the agent so that its periodic prune of the
@@ -490,40 +493,34 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(pid: int) -> Dict[int, float]:
-    """Each thread's user+system CPU seconds, by native thread id (/proc/PID/task/*/stat)."""
+    """Each thread's CPU seconds, by native thread id, to the nanosecond: the first field of
+    /proc/PID/task/TID/schedstat (time on a CPU), not stat's 10 ms ticks, so that a thread's
+    share of a change resolves to ~0.01 ms even over a short loop."""
     out: Dict[int, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
             continue  # the thread ended
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
     return out
 
 
 def thread_names(pid: int) -> Dict[int, str]:
-    """Native thread id -> Python thread name, from `py-spy dump` (next to this Python, or on
-    PATH; measuring only, not an agent dependency). Without py-spy: the kernel's comm."""
-    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    spy = spy if os.path.exists(spy) else (shutil.which("py-spy") or "")
+    """Native thread id -> name: the main thread (the core loop) is `MainThread (core)`; the
+    others carry their OS names (nodemesh.threadname: nm-k8s-svc, nm-flow-ev, ...), which
+    /proc/PID/task/TID/comm shows. A thread of another name (a library's) is `comm[tid]`."""
     names: Dict[int, str] = {}
-    if spy:
-        try:
-            text = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
-                                  text=True, timeout=60).stdout
-            for m in re.finditer(r'^Thread (?:0x)?([0-9A-Fa-f]+) \(\w+\): "([^"]*)"', text,
-                                 re.M):
-                names[int(m.group(1))] = m.group(2)
-        except (OSError, subprocess.SubprocessError, ValueError):
-            pass
     for tid in os.listdir(f"/proc/{pid}/task"):
-        if int(tid) not in names:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    names[int(tid)] = f"{f.read().strip()}[{tid}]"
-            except OSError:
-                pass
+        if int(tid) == pid:
+            names[pid] = "MainThread (core)"
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        names[int(tid)] = comm if comm.startswith("nm-") else f"{comm}[{tid}]"
     return names
 
 
@@ -537,8 +534,9 @@ def start_profile(folder: Optional[str], pid: int, source: str,
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     os.makedirs(folder, exist_ok=True)
     out = os.path.join(folder, f"loop-{source}-{n}.txt")
+    rate = os.environ.get("NODEMESH_BENCH_PROFILE_RATE", "200")
     proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--nonblocking",
-                             "--rate", "200", "--format", "raw", "--output", out],
+                             "--rate", rate, "--format", "raw", "--output", out],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the first change
     return proc
@@ -787,11 +785,14 @@ def thread_table(per_thread: Dict[str, dict], changes: int, tries: int) -> str:
     the CPU a probe connection costs it, and what is left per change."""
     lines = [f"| thread | CPU over the loop | idle | per probe connection | per change, "
              f"without the probe's {tries:,} connections |", "|---|---|---|---|---|"]
-    for g, t in sorted(per_thread.items(), key=lambda kv: -kv[1]["loop"]):
-        if t["loop"] < 0.005 and abs(t["change_only"]) < 0.0001:
-            continue  # below a tick: nothing to say
-        lines.append(f"| {g} | {t['loop']:.2f} s | {t['idle_rate'] * 100:.1f} % | "
-                     f"{t['probe_per_try'] * 1e6:.0f} us | {t['change_only'] * 1000:.2f} ms |")
+    total = {k: sum(t[k] for t in per_thread.values())
+             for k in ("loop", "idle_rate", "probe_per_try", "change_only")}
+    for g, t in [*sorted(per_thread.items(), key=lambda kv: -kv[1]["loop"]),
+                 ("all threads", total)]:
+        if t["loop"] < 0.0005 and abs(t["change_only"]) < 0.00001:
+            continue  # nothing to say
+        lines.append(f"| {g} | {t['loop']:.3f} s | {t['idle_rate'] * 100:.2f} % | "
+                     f"{t['probe_per_try'] * 1e6:.1f} us | {t['change_only'] * 1000:.3f} ms |")
     return "\n".join(lines)
 
 

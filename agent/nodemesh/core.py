@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
-from . import selection
+from . import selection, threadname
 from .health import HealthChecker, TargetKey
 from .model import HealthCheck, Service
 from .outlier import OutlierDetector
@@ -300,7 +300,7 @@ class Supervisor:
         self.threads: List[threading.Thread] = []
 
     def spawn(self, name: str, work: Callable[[], None]) -> None:
-        t = threading.Thread(target=self._run, args=(name, work), name=name, daemon=True)
+        t = threadname.Thread(target=self._run, args=(name, work), name=name, daemon=True)
         self.threads.append(t)
         t.start()
 

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from . import __version__
+from . import __version__, threadname
 from .model import HEALTH_CHECK_TYPES, HealthCheck
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class HealthChecker:
                 raise RuntimeError("a HealthChecker starts once")
             self._loop = asyncio.new_event_loop()
             self._stop_requested = self._loop.create_future()
-            self._thread = threading.Thread(target=self._run_loop, name="health-checks",
+            self._thread = threadname.Thread(target=self._run_loop, name="health-checks",
                                             daemon=True)
         self._loop.call_soon_threadsafe(self._sync_tasks)
         self._thread.start()

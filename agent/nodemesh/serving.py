@@ -31,6 +31,8 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter
 
+from . import threadname
+
 log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT = 5.0
@@ -107,8 +109,8 @@ class Server:
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = False
-        self._loop = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+        self._loop = threadname.Thread(target=self._serve, name=name, daemon=True)
+        self._workers = [threadname.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(WORKERS)]
 
     def start(self) -> None:

@@ -29,10 +29,11 @@ import logging
 import os
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+
+from .. import threadname
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +462,7 @@ def destroy_sockets(destinations: Iterable[Tuple[str, int]], protocol: str,
             failure.append(e)
 
     # The worker's setns() calls change only its own namespace, and it ends with the call.
-    worker = threading.Thread(target=work, name="nodemesh-sockterm", daemon=True)
+    worker = threadname.Thread(target=work, name="nodemesh-sockterm", daemon=True)
     worker.start()
     worker.join()
     result.seconds = time.monotonic() - started

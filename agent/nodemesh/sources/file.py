@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple, Union
 
-from .. import config, meshconfig
+from .. import config, meshconfig, threadname
 from ..model import Service
 from ..policy import Mesh
 from . import Delta, OnChange, OnError, ServiceKey
@@ -210,7 +210,7 @@ class FileSource:
 
     def start(self, on_change: OnChange, on_error: OnError) -> None:
         self._guarded(on_change, on_error, force=True)
-        self._thread = threading.Thread(target=self._run, args=(on_change, on_error),
+        self._thread = threadname.Thread(target=self._run, args=(on_change, on_error),
                                         name="file-source", daemon=True)
         self._thread.start()
 

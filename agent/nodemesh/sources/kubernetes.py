@@ -104,7 +104,7 @@ from typing import (
     Union,
 )
 
-from .. import maglev
+from .. import maglev, threadname
 from ..model import ALGORITHMS, Backend, Service, ServicePort, SessionAffinity, canonical_ip
 from . import Delta, OnChange, OnError
 from .kubernetes_decoder import DecodedPage, DecoderCrashed, PageDecoder
@@ -1159,7 +1159,7 @@ class _Watcher:
     def __init__(self, kind: str, list_function: Callable[..., Any], source: "KubernetesSource",
                  state: "_ClusterState", after_list: Optional[Callable[[], None]] = None,
                  first_list_after: Optional[threading.Event] = None):
-        self.thread = threading.Thread(target=self.run, name=f"kubernetes-{kind}-watch",
+        self.thread = threadname.Thread(target=self.run, name=f"kubernetes-{kind}-watch",
                                        daemon=True)
         self.kind = kind
         self._list_function = list_function
@@ -1435,7 +1435,7 @@ class _PageFetch:
         self._text: Optional[str] = None
         self._error: Optional[BaseException] = None
         self._done = threading.Event()
-        threading.Thread(target=self._run, args=(fetch, query), daemon=True,
+        threadname.Thread(target=self._run, args=(fetch, query), daemon=True,
                          name=f"kubernetes-{kind}-page").start()
 
     def _run(self, fetch: Callable[[Dict[str, Any]], str], query: Dict[str, Any]) -> None:
@@ -1580,7 +1580,7 @@ class KubernetesSource:
         if self.node_name:  # workloads are this node's pods: without a node, no identities
             self._watchers += self._mesh_watchers(core)
         self._core = core
-        delivery = threading.Thread(target=self._deliver_loop, name="kubernetes-delivery",
+        delivery = threadname.Thread(target=self._deliver_loop, name="kubernetes-delivery",
                                     daemon=True)
         self._threads = [*(w.thread for w in self._watchers), delivery]
         for thread in self._threads:

@@ -37,6 +37,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Deque, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
+from .. import threadname
+
 log = logging.getLogger(__name__)
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; the fcntl module has it from 3.10
@@ -333,7 +335,7 @@ class PageDecoder:
             pass
         if worker.pending:  # abandoned pages (the list failed): no need to finish them
             worker.process.kill()
-        threading.Thread(target=PageDecoder._reap_and_close, args=(worker,), daemon=True,
+        threadname.Thread(target=PageDecoder._reap_and_close, args=(worker,), daemon=True,
                          name="kubernetes-decoder-reap").start()
 
     @staticmethod
