@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -73,6 +74,8 @@ def main() -> int:
     from nodemesh.model import Backend, Service, ServicePort
     from nodemesh.reconciler import Reconciler
 
+    # SIGTERM (a timeout) tears down like Ctrl-C: the unhooked cgroup below is not the lab's
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     lab = new_lab("nmp", backends=1)
     plain = f"{lab.cgroup}-plain"  # the sibling without hooks, removed in finally
     dp = None
