@@ -14,10 +14,12 @@ to the same server (one backend), run round-robin (ABCABC...) so machine load sp
 
 Each connect is closed with an RST (SO_LINGER 0), so no TIME_WAIT piles up. With --perf DIR,
 each way's client is also profiled (perf record -g on its pid, one round) into DIR/<way>.data,
-and the top kernel symbols of each are printed, for comparing `__cgroup_bpf_run_filter_*`,
+and the top kernel symbols of each are printed (--perf-system: the whole machine's, while that
+way runs alone), for comparing `__cgroup_bpf_run_filter_*`,
 `bpf_sk_storage_free`, `tcp_call_bpf` and the like between the ways.
 
     sudo .venv/bin/python bench/sock_path.py [--connects 20000] [--rounds 5] [--perf /tmp/sp]
+        [--perf-system]
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=1000)
     ap.add_argument("--perf", default="", help="a folder: profile each way's client once")
+    ap.add_argument("--perf-system", action="store_true",
+                    help="with --perf: profile the whole machine (perf record -a) while each way "
+                    "runs alone, so the server's side and the RCU callbacks are seen too (and "
+                    "any other work on the machine: run it quietly)")
     args = ap.parse_args()
     if not 0 < args.connects <= 100000 or not 0 < args.rounds <= 20 or \
             not 0 < args.chunk <= args.connects:
@@ -138,8 +144,9 @@ def main() -> int:
             os.makedirs(args.perf, exist_ok=True)
             for w in WAYS:
                 data = os.path.join(args.perf, f"{w}.data")
-                rec_p = subprocess.Popen(["perf", "record", "-q", "-g", "-o", data, "-p",
-                                          str(procs[w].pid)], stderr=subprocess.DEVNULL)
+                who = ["-a"] if args.perf_system else ["-p", str(procs[w].pid)]
+                rec_p = subprocess.Popen(["perf", "record", "-q", "-g", "-o", data, *who],
+                                         stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
                 run(w)
                 rec_p.send_signal(2)
