@@ -211,6 +211,27 @@ class Direct(Variant):
     workloads = frozenset(WORKLOADS) - {"change"}
     unsupported = {"change": "no control plane: the client names the backend itself"}
 
+    def __init__(self, bench) -> None:
+        super().__init__(bench)
+        # A faithful baseline: its clients run in a cgroup of their own with nothing attached,
+        # beside the hooked one (the same depth), not in the bench's own (the cgroup v2 root),
+        # so that nodemesh's clients differ from direct's by the hooks and the VIP only
+        self.cgroup = self.plain_cgroup()
+
+    def plain_cgroup(self) -> str:
+        """A cgroup beside the lab's, with no hooks; recorded so that the next run reaps it
+        if this one crashes (reap_private_hooks)."""
+        lab = self.bench.lab
+        slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        cgroup = f"{lab.cgroup}-plain-{slug}"
+        record_private_hooks(lab.prefix, cgroup, None)
+        os.makedirs(cgroup, exist_ok=True)
+        return cgroup
+
+    def close(self) -> None:
+        if getattr(self, "cgroup", None):
+            remove_cgroup(self.cgroup)
+
     def program(self, n: int, specs: List[bl.SvcSpec]) -> Tuple[float, int]:
         self.specs = specs
         return 0.0, 0
@@ -833,7 +854,7 @@ def in_netns(name: str):
 STATE_DIR = "/run/nodemesh/bench-run"
 
 
-def record_private_hooks(prefix: str, cgroup: str, bpffs: str) -> None:
+def record_private_hooks(prefix: str, cgroup: str, bpffs: Optional[str]) -> None:
     import json
     os.makedirs(STATE_DIR, exist_ok=True)
     path = os.path.join(STATE_DIR, f"{prefix}.json")
@@ -842,7 +863,8 @@ def record_private_hooks(prefix: str, cgroup: str, bpffs: str) -> None:
         with open(path) as f:
             state = json.load(f)
     state["cgroups"].append(cgroup)
-    state["bpffs"].append(bpffs)
+    if bpffs:  # None: a cgroup with no hooks (direct's)
+        state["bpffs"].append(bpffs)
     with open(path, "w") as f:
         json.dump(state, f)
 

@@ -438,6 +438,25 @@ def test_the_hooks_a_half_made_variant_recorded_are_removed_at_the_end(monkeypat
     assert os.listdir(tmp_path / "state") == []
 
 
+def test_directs_clients_run_in_a_cgroup_without_hooks_beside_the_hooked_one(monkeypatch,
+                                                                            tmp_path):
+    # the pair is fair when nodemesh's clients differ from direct's by the hooks only: not
+    # the cgroup v2 root for one and a child cgroup for the other
+    monkeypatch.setattr(vr, "STATE_DIR", str(tmp_path / "state"))
+    hooked = tmp_path / "nodemesh-nmbx"
+    hooked.mkdir()
+    v = bare(vr.Direct)
+    v.bench = type("Bench", (), {"lab": type("Lab", (), {"cgroup": str(hooked),
+                                                         "prefix": "nmbx"})})()
+    v.cgroup = v.plain_cgroup()
+    assert os.path.dirname(v.cgroup) == str(tmp_path) and v.cgroup != str(hooked)
+    assert os.path.isdir(v.cgroup)
+    with open(tmp_path / "state" / "nmbx.json") as f:
+        assert json.load(f) == {"pid": os.getpid(), "cgroups": [v.cgroup], "bpffs": []}
+    v.close()
+    assert not os.path.exists(v.cgroup) and hooked.is_dir()
+
+
 def test_the_conn_tables_state_the_cpu_pressure_of_their_runs(monkeypatch, tmp_path):
     one, _ = two_parts(monkeypatch)
     for v in one.variants.values():
