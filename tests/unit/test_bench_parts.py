@@ -143,6 +143,20 @@ def bare(cls, name=None):
     return v
 
 
+def paired_conn_bench(names, *args):
+    """A Bench of bare variants whose clients name themselves, for the paired conn rounds:
+    no netns, no resets, no requests counted yet."""
+    bench = object.__new__(run.Bench)
+    bench.args = run.parse(["--sizes", "1", "--variants", ",".join(names), "--workloads",
+                            "conn", *args])
+    bench.variants = {name: bare(vr.VARIANTS[name], name) for name in names}
+    for v in bench.variants.values():
+        v.client = lambda port, v=v: v.name
+        v.resident_netns = lambda: []
+    bench.requests, bench.reset = {}, lambda *vs: None
+    return bench
+
+
 def test_the_tc_variant_gives_nodeports_to_the_measured_service_only():
     v = bare(vr.NodemeshTc)
     services = v.services(specs(4))
@@ -620,15 +634,7 @@ def test_a_runs_cost_is_its_own_cpu_and_the_rest_is_other_work(monkeypatch, tmp_
 
 
 def test_concurrent_pairs_run_each_target_variant_beside_direct(monkeypatch):
-    bench = object.__new__(run.Bench)
-    bench.args = run.parse(["--sizes", "1", "--variants", "direct,nodemesh,haproxy",
-                            "--workloads", "conn", "--order", "concurrent"])
-    bench.variants = {name: bare(vr.VARIANTS[name], name)
-                      for name in ("direct", "nodemesh", "haproxy")}
-    for v in bench.variants.values():
-        v.client = lambda port, v=v: v.name
-        v.resident_netns = lambda: []
-    bench.requests, bench.reset = {}, lambda *vs: None
+    bench = paired_conn_bench(("direct", "nodemesh", "haproxy"), "--order", "concurrent")
     beside = []
 
     def side_by_side(a, b, seconds):
@@ -660,14 +666,7 @@ def test_the_tc_path_is_paired_beside_direct_routed_and_judged_against_it(monkey
     runs beside direct-routed, and its target row is its ratio to that; the ratio to direct
     (no node hop) stays, as a reference labelled for what it is."""
     names = ("direct", "direct-aa", "nodemesh", "nodemesh-tc", "direct-routed")
-    bench = object.__new__(run.Bench)
-    bench.args = run.parse(["--sizes", "1", "--variants", ",".join(names), "--workloads",
-                            "conn"])
-    bench.variants = {name: bare(vr.VARIANTS[name], name) for name in names}
-    for v in bench.variants.values():
-        v.client = lambda port, v=v: v.name
-        v.resident_netns = lambda: []
-    bench.requests, bench.reset = {}, lambda *vs: None
+    bench = paired_conn_bench(names)
     beside = []
 
     def side_by_side(a, b, seconds):
