@@ -350,6 +350,25 @@ class Nodemesh(Variant):
 # nodemesh-tc: the node's outer veth and the external client behind it (a subnet of their own,
 # inside the two netns only: nothing routes to it, and the client has no other link)
 EXT_NODE, EXT_CLIENT = "10.98.0.1", "10.98.0.2"
+
+
+def external_client(lab, node_addr: str, client_addr: str):
+    """A node netns and a client netns outside the node, linked by one veth (ext in the node,
+    eth0 in the client) on node_addr/24 and client_addr/24, the node forwarding: nodemesh-tc's
+    external client and direct-routed's. Both made as lab backends, so the lab tears them down
+    (and reaps them after a crash). Returns the node's lab backend and the client's netns."""
+    node = lab.add_backend()
+    client = lab.add_backend().netns
+    sh(f"ip -n {client} link del eth0")  # off the bridge: the client reaches the node only
+    sh(f"ip -n {node.netns} link add ext type veth peer name eth0 netns {client}")
+    sh(f"ip -n {node.netns} addr add {node_addr}/24 dev ext")
+    sh(f"ip -n {node.netns} link set ext up")
+    sh(f"ip -n {client} addr add {client_addr}/24 dev eth0")
+    sh(f"ip -n {client} link set eth0 up")
+    for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0", "net.ipv4.conf.ext.rp_filter=0"):
+        sh(f"ip netns exec {node.netns} sysctl -qw {key}")
+    return node, client
 NODE_PORTS = {"http": 30080, "dns": 30053, "iperf": 30201}
 
 
@@ -382,19 +401,8 @@ class NodemeshTc(Nodemesh):
             self.tc.attach(["ext", "eth0"])
 
     def client_netns(self) -> str:
-        lab = self.bench.lab
-        # Both made as lab backends, so the lab tears them down (and reaps them after a crash).
-        self.node = lab.add_backend().netns
-        client = lab.add_backend().netns
-        sh(f"ip -n {client} link del eth0")  # off the bridge: the client reaches the node only
-        sh(f"ip -n {self.node} link add ext type veth peer name eth0 netns {client}")
-        sh(f"ip -n {self.node} addr add {EXT_NODE}/24 dev ext")
-        sh(f"ip -n {self.node} link set ext up")
-        sh(f"ip -n {client} addr add {EXT_CLIENT}/24 dev eth0")
-        sh(f"ip -n {client} link set eth0 up")
-        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.eth0.rp_filter=0", "net.ipv4.conf.ext.rp_filter=0"):
-            sh(f"ip netns exec {self.node} sysctl -qw {key}")
+        node, client = external_client(self.bench.lab, EXT_NODE, EXT_CLIENT)
+        self.node = node.netns
         return client
 
     def attach(self) -> None:
@@ -452,22 +460,11 @@ class DirectRouted(Direct):
                       "target is stated on them)" for w in WORKLOADS if w != "conn"}
 
     def client_netns(self) -> str:
-        lab = self.bench.lab
-        node_backend = lab.add_backend()  # lab backends: torn down (and reaped) with the lab
+        node_backend, client = external_client(self.bench.lab, ROUTED_NODE, ROUTED_CLIENT)
         self.node = node_backend.netns
-        client = lab.add_backend().netns
-        sh(f"ip -n {client} link del eth0")  # off the bridge: the client reaches the node only
-        sh(f"ip -n {self.node} link add ext type veth peer name eth0 netns {client}")
-        sh(f"ip -n {self.node} addr add {ROUTED_NODE}/24 dev ext")
-        sh(f"ip -n {self.node} link set ext up")
-        sh(f"ip -n {client} addr add {ROUTED_CLIENT}/24 dev eth0")
-        sh(f"ip -n {client} link set eth0 up")
         sh(f"ip -n {client} route add {self.bench.cluster_cidr} via {ROUTED_NODE}")
         sh(f"ip -n {self.bench.server.netns} route replace {ROUTED_SUBNET} "
            f"via {node_backend.ipv4}")
-        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.eth0.rp_filter=0", "net.ipv4.conf.ext.rp_filter=0"):
-            sh(f"ip netns exec {self.node} sysctl -qw {key}")
         self.forwarded_before = 0
         return client
 
