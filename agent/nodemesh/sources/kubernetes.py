@@ -314,6 +314,17 @@ _share_port, _share_ports, _share_label, _share_affinity = _Pool(), _Pool(), _Po
 _ports_seen: Dict[Tuple[Any, ...], ServicePort] = {}
 
 
+def _traffic_policy(spec: dict, field: str) -> str:
+    """spec.<field>: Cluster (also when unset) or Local; the common value read the quick way."""
+    policy = spec.get(field)
+    if policy == "Cluster":
+        return policy
+    policy = _typed(spec, field, str, "spec.") or "Cluster"
+    if policy not in ("Cluster", "Local"):
+        raise _Malformed(f"spec.{field}: {reprlib.repr(policy)} is not Cluster or Local")
+    return policy
+
+
 def parse_service(service: dict, notes: Translation) -> Optional[ParsedService]:
     """A Service -> its part of the translation, or None if it has nothing to program.
     A malformed field skips the service (or the port it is in), with a note."""
@@ -381,18 +392,8 @@ def _parse_service(service: dict, namespace: str,
             raise _Malformed(f"{path}clientIP.timeoutSeconds: {timeout} is not 1-86400")
         affinity = _share_affinity(SessionAffinity(timeout_seconds=timeout))
 
-    policy = spec.get("internalTrafficPolicy")
-    if policy != "Cluster":
-        policy = _typed(spec, "internalTrafficPolicy", str, "spec.") or "Cluster"
-        if policy not in ("Cluster", "Local"):
-            raise _Malformed(f"spec.internalTrafficPolicy: {reprlib.repr(policy)} is not "
-                             "Cluster or Local")
-    external_policy = spec.get("externalTrafficPolicy")
-    if external_policy != "Cluster":
-        external_policy = _typed(spec, "externalTrafficPolicy", str, "spec.") or "Cluster"
-        if external_policy not in ("Cluster", "Local"):
-            raise _Malformed(f"spec.externalTrafficPolicy: {reprlib.repr(external_policy)} is "
-                             "not Cluster or Local")
+    policy = _traffic_policy(spec, "internalTrafficPolicy")
+    external_policy = _traffic_policy(spec, "externalTrafficPolicy")
     external_ips: Tuple[str, ...] = ()
     if spec.get("externalIPs") is not None:
         external_ips = _external_addresses(_typed(spec, "externalIPs", list, "spec.", []),
