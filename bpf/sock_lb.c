@@ -75,22 +75,25 @@ static __always_inline void count(u32 reason)
 
 #include "lib/select.h"
 
+/* dst = src: an address as four words (IPv4 in word 0). */
+static __always_inline void nm_addr_copy(__u32 *dst, const __u32 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+}
+
 static __always_inline void remember(void *ctx, struct nm_backend *be, struct nm_svc_key *vip,
 				     u32 svc_id)
 {
 	struct nm_revnat_key rk = {};
 	struct nm_revnat_value rv = {};
 	rk.cookie = bpf_get_socket_cookie(ctx);
-	rk.addr[0] = be->addr[0];
-	rk.addr[1] = be->addr[1];
-	rk.addr[2] = be->addr[2];
-	rk.addr[3] = be->addr[3];
+	nm_addr_copy(rk.addr, be->addr);
 	rk.port = be->port;
 	rk.family = be->family;
-	rv.addr[0] = vip->addr[0];
-	rv.addr[1] = vip->addr[1];
-	rv.addr[2] = vip->addr[2];
-	rv.addr[3] = vip->addr[3];
+	nm_addr_copy(rv.addr, vip->addr);
 	rv.port = vip->port;
 	rv.svc_id = svc_id;
 	if (revnat.update(&rk, &rv))
@@ -106,16 +109,10 @@ static __always_inline void remember_connected(struct bpf_sock_addr *ctx, struct
 					       struct nm_svc_key *vip, u32 svc_id)
 {
 	struct nm_sock_revnat want = {};
-	want.backend[0] = be->addr[0];
-	want.backend[1] = be->addr[1];
-	want.backend[2] = be->addr[2];
-	want.backend[3] = be->addr[3];
+	nm_addr_copy(want.backend, be->addr);
 	want.backend_port = be->port;
 	want.family = be->family;
-	want.vip[0] = vip->addr[0];
-	want.vip[1] = vip->addr[1];
-	want.vip[2] = vip->addr[2];
-	want.vip[3] = vip->addr[3];
+	nm_addr_copy(want.vip, vip->addr);
 	want.vip_port = vip->port;
 	want.svc_id = svc_id;
 #ifndef NM_COST_TWO_STORAGES
