@@ -462,7 +462,7 @@ def destroy_sockets(destinations: Iterable[Tuple[str, int]], protocol: str,
             failure.append(e)
 
     # The worker's setns() calls change only its own namespace, and it ends with the call.
-    worker = threadname.Thread(target=work, name="nodemesh-sockterm", daemon=True)
+    worker = threadname.Thread(target=work, name="sockterm-netns-walk", daemon=True)
     worker.start()
     worker.join()
     result.seconds = time.monotonic() - started
