@@ -660,6 +660,38 @@ class IptablesLegacy(Iptables):
     backend = "legacy"
 
 
+def nft_chain_counters(netns: str, table: str, chains: Sequence[str]) -> List[int]:
+    """The packets of the first counter in each chain of an ip table, -1 where none, read
+    over netlink (pyroute2): one rule dump per chain, filtered by the kernel. `nft list
+    chain` loads the whole ruleset into its cache first: about 19 s a chain at 10,000
+    services here, where this takes milliseconds."""
+    from pyroute2 import netns as pynetns
+    from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETRULE, nft_rule_msg
+    from pyroute2.nftables.main import NFTables
+
+    pynetns.pushns(netns)
+    try:
+        nft = NFTables(nfgen_family=socket.AF_INET)
+    finally:
+        pynetns.popns()
+    counts = []
+    try:
+        for chain in chains:
+            msg = nft_rule_msg()
+            msg["nfgen_family"] = socket.AF_INET
+            msg["attrs"] = [("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain)]
+            packets = -1
+            for rule in nft.request_get(msg, NFT_MSG_GETRULE):
+                for expr in rule.get_attr("NFTA_RULE_EXPRESSIONS") or ():
+                    if packets < 0 and expr.get_attr("NFTA_EXPR_NAME") == "counter":
+                        packets = expr.get_attr("NFTA_EXPR_DATA").get_attr(
+                            "NFTA_COUNTER_PACKETS")
+            counts.append(packets)
+    finally:
+        nft.close()
+    return counts
+
+
 class Nftables(Variant):
     """kube-proxy's nftables mode. Programming is one `nft -f` of the whole table; a change
     is one transaction over the changed service's chains."""
@@ -687,13 +719,8 @@ class Nftables(Variant):
 
     def proof(self, n: int, requests: int) -> str:
         s = self.measured("http")
-        counts = []
-        for ep in s.endpoints:
-            out = subprocess.run(["ip", "netns", "exec", self.netns, "nft", "list", "chain",
-                                  "ip", "kube-proxy", s.nft_endpoint_chain(ep)],
-                                 capture_output=True, text=True).stdout
-            m = re.search(r"counter packets (\d+)", out)
-            counts.append(int(m.group(1)) if m else -1)
+        counts = nft_chain_counters(self.netns, "kube-proxy",
+                                    [s.nft_endpoint_chain(ep) for ep in s.endpoints])
         return (f"endpoint-chain DNAT packets {' / '.join(f'{c:,}' for c in counts)} "
                 f"(sum {sum(counts):,}) for {requests:,} requests")
 
