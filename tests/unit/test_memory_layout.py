@@ -189,3 +189,18 @@ def test_endpoints_counted_alike_share_one_count_object():
     rec.apply([svc(f"s{i}", f"10.96.1.{i}", [f"10.0.1.{i}"]) for i in range(1, 51)])
     assert len(rec._endpoint_refs) == 50 and len({id(v) for v in rec._endpoint_refs.values()}) == 1
 
+
+def test_the_svc_id_index_is_an_array_copied_per_chunk():
+    from nodemesh.snapshot import IdIndex, Shards
+
+    ids = range(1, 100_001)
+    index = IdIndex().updated({i: str(i) for i in ids})
+    assert len(index) == 100_000 and index.get(77) == "77" and index.get(0) is None
+    assert index.get(2 ** 32 - 1) is None and index.get(-1) is None
+    after = index.updated({77: None, 100_001: "new"})
+    assert after.get(77) is None and index.get(77) == "77" and len(after) == 100_000
+    changed = [c for c, d in zip(index._chunks, after._chunks) if c is not d]
+    assert len(changed) == 2  # 77's chunk and 100,001's, of 391
+    assert list(after.values())[-2:] == ["100000", "new"]
+    # about a sixth of the dicts of a Shards with the same ids
+    assert deep_size(index) * 4 < deep_size(Shards().updated({i: str(i) for i in ids}))
