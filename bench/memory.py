@@ -2,7 +2,7 @@
 """Where the agent's memory goes at N services from the Kubernetes source, without HTTP or
 the kernel: the breakdown behind "RSS at 100,000 services".
 
-    .venv/bin/python bench/memory.py 100000 [10000 ...] [--agent DIR] [--append]
+    .venv/bin/python bench/memory.py 100000 [10000 ...] [--agent DIR] [--columns] [--append]
 
 For each N, in a fresh child process: N Services + N EndpointSlices (bench/k8s_source.py's
 objects, 3 endpoints each) are paged (500 a page) as tests/k8s_fake_apiserver.py serves them,

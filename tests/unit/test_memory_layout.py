@@ -204,3 +204,19 @@ def test_the_svc_id_index_is_an_array_copied_per_chunk():
     assert list(after.values())[-2:] == ["100000", "new"]
     # about a sixth of the dicts of a Shards with the same ids
     assert deep_size(index) * 4 < deep_size(Shards().updated({i: str(i) for i in ids}))
+
+
+def test_a_new_desired_state_that_needs_no_write_keeps_the_packed_ids_right():
+    maps = FakeMaps()
+    rec = Reconciler(maps, m.MapSizes())
+    web = svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    rec.apply([web])
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    ids = dict(rec.programmed[key].backend_ids.items())
+    before = maps.writes()
+    # a fourth backend, not ready: the desired frontend changes (all_backends), the kernel not
+    rec.apply([replace(web, backends=web.backends + (Backend(address="10.0.0.4", ready=False),))])
+    p = rec.programmed[key]
+    assert maps.writes() == before and p.desired == rec.desired[key]
+    assert type(p.ids) is bytes and dict(p.backend_ids.items()) == ids
+    assert maps.serving(key) == sorted(ids)
