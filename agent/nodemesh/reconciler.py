@@ -187,7 +187,7 @@ class ProgrammedFrontend:
     endpoint twice and at most COMPACT_IDS backends (nearly all), the id of each of
     desired's backends in desired's order (u32s); otherwise (adopted, large) a Mapping.
     `slots` and `backend_ids` give them unpacked. At 100,000 frontends of 3 backends the
-    tuples, the BackendIds and the 300,000 id ints were about 20 MiB of the agent's RSS."""
+    tuples, the BackendIds and the 300,000 id ints were about 20 MiB of the heap."""
 
     key: FrontendKey
     svc_id: int
