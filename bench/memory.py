@@ -2,7 +2,7 @@
 """Where the agent's memory goes at N services from the Kubernetes source, without HTTP or
 the kernel: the breakdown behind "RSS at 100,000 services".
 
-    .venv/bin/python bench/memory.py 100000 [10000 ...] [--agent DIR] [--append]
+    .venv/bin/python bench/memory.py 100000 [10000 ...] [--agent DIR] [--columns] [--append]
 
 For each N, in a fresh child process: N Services + N EndpointSlices (bench/k8s_source.py's
 objects, 3 endpoints each) are paged (500 a page) as tests/k8s_fake_apiserver.py serves them,
@@ -246,6 +246,86 @@ def child(n: int, trace: bool) -> dict:
     return out
 
 
+def columns_prototype(n: int) -> dict:
+    """What the core's per-frontend state would take in columns, measured (tracemalloc) on
+    a prototype of n frontends of 3 backends, against the objects the agent builds now for
+    the same frontends (bench/core_round.py's services through Core and Reconciler).
+
+    The columns hold what the reconciler and the readers need of a frontend: its packed key
+    (20 bytes, the kernel's SvcKey without the slot) in one bytes object per frontend with a
+    dict key -> row (the one Python object a frontend keeps: lookups need a hash table), and
+    in array('I'/'H'/'B') columns its svc_id, bank, revision, algorithm, status, service row
+    (namespace and name stay in the Service the source holds), the offset and count of its
+    backends and slots in shared pools (address as 4 bytes, target port, weight, backend id;
+    slots as backend ids). No views: a reader would get a row's fields by index."""
+    import array
+    import tracemalloc
+
+    from core_round import service
+    from fakemaps import FakeMaps
+    from prometheus_client import CollectorRegistry
+
+    from nodemesh.core import Core, SourceChanged
+    from nodemesh.datapath import maps as m
+    from nodemesh.health import HealthChecker
+    from nodemesh.outlier import OutlierDetector
+    from nodemesh.reconciler import Reconciler
+    from nodemesh.snapshot import SourceState
+    from nodemesh.sources import Delta
+
+    services = tuple(service(i) for i in range(n))
+    gc.collect()
+    out: dict = {"n": n}
+    # the objects: the reconciler's desired and programmed state and the snapshot, as built
+    tracemalloc.start(1)
+    registry = CollectorRegistry()
+    core = Core(Reconciler(FakeMaps(), m.MapSizes()), HealthChecker(registry, lambda k: None),
+                OutlierDetector(registry, lambda s: None), SourceState("kubernetes"))
+    core.post(SourceChanged(Delta(upserts=services, full=True)))
+    core.step(0, reconcile=False)
+    core.reconcile(force=True)
+    for table in core.reconciler.maps.data.values():  # the kernel's copy
+        table.clear()
+    core.reconciler.maps.calls.clear()
+    gc.collect()
+    out["objects"] = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del core
+    gc.collect()
+    # the columns, filled with the same frontends
+    tracemalloc.start(1)
+    rows: Dict[bytes, int] = {}
+    svc_id, revision, be_offset, slot_offset, service_row = (array.array("I") for _ in range(5))
+    bank, algorithm, status, be_count, slot_count = (array.array("B") for _ in range(5))
+    be_addr, be_id, slot_ids = array.array("I"), array.array("I"), array.array("I")
+    be_port, be_weight = array.array("H"), array.array("H")
+    for row, svc in enumerate(services):
+        sp = svc.ports[0]
+        rows[m.address_key_prefix(svc.vip, sp.port, m.PROTO_IDS[sp.protocol])] = row
+        svc_id.append(row + 1)
+        revision.append(1)
+        bank.append(0)
+        algorithm.append(0)
+        status.append(0)
+        service_row.append(row)
+        be_offset.append(len(be_id))
+        be_count.append(len(svc.backends))
+        slot_offset.append(len(slot_ids))
+        slot_count.append(len(svc.backends))
+        for j, b in enumerate(svc.backends):
+            be_addr.append(int.from_bytes(m.raw_addr(b.address)[1][:4], "little"))
+            be_port.append(sp.target_port)
+            be_weight.append(b.weight)
+            be_id.append(row * 3 + j + 1)
+            slot_ids.append(row * 3 + j + 1)
+    gc.collect()
+    out["columns"] = tracemalloc.get_traced_memory()[0]
+    out["columns_index"] = sys.getsizeof(rows) + sum(sys.getsizeof(k) for k in rows) + \
+        sum(sys.getsizeof(v) for v in rows.values() if v > 256)
+    tracemalloc.stop()
+    return out
+
+
 def run_child(n: int, trace: bool, agent: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.join(agent, "agent"), os.path.join(ROOT, "tests"),
@@ -256,6 +336,31 @@ def run_child(n: int, trace: bool, agent: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"child N={n} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_columns(n: int, agent: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.join(agent, "agent"), os.path.join(ROOT, "tests"),
+         os.path.join(ROOT, "bench")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--columns-child",
+                           str(n)], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"columns child N={n} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def columns_report(c: dict) -> str:
+    n = max(c["n"], 1)
+    return "\n".join([
+        "", f"| the core's per-frontend state at {c['n']:,} frontends (tracemalloc, "
+        "columns_prototype) | size | a frontend |", "|---|---|---|",
+        f"| objects now: desired, programmed, status, snapshot views and shards "
+        f"(reconciler and core, after the first round) | {mib(c['objects'])} | "
+        f"{c['objects'] / n:.0f} B |",
+        f"| columns prototype: arrays and one packed key + dict entry a frontend | "
+        f"{mib(c['columns'])} | {c['columns'] / n:.0f} B |",
+        f"| of which the key -> row dict and its keys | {mib(c['columns_index'])} | "
+        f"{c['columns_index'] / n:.0f} B |", ""])
 
 
 def mib(x: float) -> str:
@@ -317,10 +422,15 @@ def main() -> int:
     if len(sys.argv) >= 3 and sys.argv[1] == "--child":
         print(json.dumps(child(int(sys.argv[2]), sys.argv[3] == "--trace")))
         return 0
+    if len(sys.argv) >= 3 and sys.argv[1] == "--columns-child":
+        print(json.dumps(columns_prototype(int(sys.argv[2]))))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sizes", type=int, nargs="+")
     ap.add_argument("--agent", default=ROOT, metavar="DIR",
                     help="the checkout whose agent/ is measured (default: this one)")
+    ap.add_argument("--columns", action="store_true",
+                    help="also measure the column prototype (columns_prototype) at each N")
     ap.add_argument("--append", action="store_true",
                     help="add a dated section to bench/results/controlplane.md")
     args = ap.parse_args()
@@ -330,6 +440,8 @@ def main() -> int:
         plain = run_child(n, False, args.agent)
         traced = run_child(n, True, args.agent)
         parts.append(report(n, plain, traced))
+        if args.columns:
+            parts[-1] += columns_report(run_columns(n, args.agent))
         print(parts[-1], flush=True)
     agent = "" if args.agent == ROOT else f" --agent {args.agent}"
     text = (f"## Memory breakdown, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"

@@ -256,7 +256,9 @@ class Core:
         # (adopted, not listed yet: up to all of them) wait for the full round.
         status, desired, programmed = rec.status, rec.desired, rec.programmed
         failing = self._failing
-        for fk in result.touched if listed_only else result.touched | rec.pending:
+        # Not the union when nothing is pending (a first round's 100,000 keys hashed again).
+        keys = result.touched if listed_only or not rec.pending else result.touched | rec.pending
+        for fk in keys:
             st = status.get(fk)
             if st is None:
                 views[fk] = None
