@@ -9,6 +9,12 @@
  *
  * Counting happens in sockops, never at connect(): a connect() that fails before the SYN
  * (no route, no port) never reaches TCP_CONNECT_CB, so it is never counted and cannot leak.
+ * A connection is counted once, in `active`, at TCP_CONNECT_CB, and taken back at CLOSE: what
+ * every reader uses is active + pending (least_connections, limits, the metric), so moving it
+ * from pending to active at ESTABLISHED cost two hash lookups and two atomics a connection for
+ * a split nobody reads. `pending` holds only what an older build counted (it moved a
+ * connection from pending to active at ESTABLISHED), and this build still does that move for
+ * such a socket.
  * Each counted socket remembers in its own storage what it counted against and in which state;
  * every decrement is of something that socket incremented, so counts never go negative. That
  * storage is the socket's sock_revnat, which the connect hook creates for its reverse
@@ -22,14 +28,14 @@
 #define NM_LIB_CONN_COUNT_H
 
 struct nm_conn_count {
-	__u64 active;  /* ESTABLISHED (and later, until CLOSE) */
-	__u64 pending; /* SYN_SENT: connect() in flight */
+	__u64 active;  /* from the SYN (TCP_CONNECT_CB) to CLOSE; an older build: from ESTABLISHED */
+	__u64 pending; /* an older build's SYN_SENT connections; this build only takes them back */
 };
 
 enum nm_sock_conn_state {
 	NM_SOCK_NONE = 0,    /* translated at connect(), not counted (yet) */
-	NM_SOCK_PENDING = 1, /* counted as pending */
-	NM_SOCK_ACTIVE = 2,  /* counted as active */
+	NM_SOCK_PENDING = 1, /* counted as pending (an older build, in SYN_SENT) */
+	NM_SOCK_ACTIVE = 2,  /* counted as active (this build: since its SYN) */
 };
 
 /* sock_revnat's flags: the socket's count state is in that storage's `state`. Unset (an older
@@ -187,7 +193,7 @@ static __always_inline void nm_count_add(struct nm_conn_count *c, int created, s
 }
 
 /* Move the socket's counts by (active, pending), backend and frontend alike: one lookup each,
- * also when ESTABLISHED moves a connection from pending to active. */
+ * also when ESTABLISHED moves an older build's connection from pending to active. */
 static __always_inline void nm_conn_add(struct nm_conn_ref *ref, s64 active, s64 pending)
 {
 	struct nm_conn_count zero = {};
@@ -263,12 +269,16 @@ static __always_inline int nm_conn_sockops(struct bpf_sock_ops *skops, struct nm
 		    ref->backend.addr[2] != remote->addr[2] ||
 		    ref->backend.addr[3] != remote->addr[3])
 			return 0;
-		*ref->state = NM_SOCK_PENDING;
-		nm_conn_add(ref, 0, 1);
+		/* Counted once, here, until CLOSE: ESTABLISHED then has no count to move. */
+		*ref->state = NM_SOCK_ACTIVE;
+		nm_conn_add(ref, 1, 0);
 		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (state == NM_SOCK_ACTIVE)
+			return 1; /* counted at its SYN: nothing to write */
 		if (state != NM_SOCK_PENDING)
 			return 0;
+		/* Counted as pending by an older build before an upgrade: move it as it would. */
 		*ref->state = NM_SOCK_ACTIVE;
 		nm_conn_add(ref, 1, -1);
 		return 1;

@@ -274,6 +274,41 @@ def test_least_connections_spares_a_backend_holding_long_connections(holding_lab
     assert wait_counts(datapath, {}) == {}
 
 
+IN_FLIGHT = r"""
+import errno, json, socket, sys
+s = socket.socket()
+s.setblocking(False)
+print(json.dumps(errno.errorcode.get(s.connect_ex((sys.argv[1], int(sys.argv[2]))))), flush=True)
+sys.stdin.readline()
+s.close()
+"""
+
+
+def test_a_connect_in_flight_is_counted_once_in_active_from_its_syn(holding_lab, datapath):
+    """This build counts a connection once, at its SYN (TCP_CONNECT_CB), in `active`, and takes
+    it back at CLOSE, so ESTABLISHED has no count to write (bpf/lib/conn_count.h). A connect to
+    a backend address nobody holds (its ARP goes unanswered: the SYN never gets a reply) is
+    counted while in flight, in active, pending untouched; nothing stays once it is closed."""
+    from nodemesh.datapath import maps as m
+    lab = holding_lab
+    silent = f"198.18.{lab.subnet}.200"
+    datapath.apply([Service("silent", "test", lab.vip4(23), (ServicePort(80, HOLD_PORT, "TCP"),),
+                            (Backend(silent),))])
+    proc = lab.spawn([sys.executable, "-c", IN_FLIGHT, lab.vip4(23), "80"],
+                     netns=lab.client_ns, in_cgroup=True, stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline()) == "EINPROGRESS"
+        raw = {(m.decode_addr(k.family, k.addr), m.port_host(k.port)): (v.active, v.pending)
+               for k, v in datapath.maps.items("conn_counts")}
+        assert raw[(silent, HOLD_PORT)] == (1, 0)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        lab.processes.remove(proc)
+    assert wait_counts(datapath, {}) == {}
+
+
 STORAGES = r"""
 import ctypes, json, socket, sys
 from nodemesh.datapath import bpfsys
