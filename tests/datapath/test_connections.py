@@ -381,3 +381,57 @@ def test_connections_an_older_agent_counted_close_under_this_one(holding_lab, lo
         if os.environ["NODEMESH_BPF_DIR"] != this:  # failed under the older build: the later
             monkeypatch.setenv("NODEMESH_BPF_DIR", this)  # tests of this module want this one
             restart()
+
+
+def test_max_connections_counts_what_an_older_build_counted_too(holding_lab, loaded, tmp_path,
+                                                                 monkeypatch):
+    """A frontend's connections are counted in svc_conns, an array by svc_id; an older build
+    counted them in the svc_conn_counts hash. After an upgrade maxConnections counts both, and
+    each connection is taken back where it was counted: nothing is left once all close."""
+    from nodemesh.datapath import bpfsys
+    from nodemesh.datapath import maps as m
+    from nodemesh.datapath.loader import bpf_source_dir
+    from nodemesh.reconciler import FrontendKey
+
+    this = str(bpf_source_dir())
+    older = tmp_path / "bpf"
+    shutil.copytree(this, older)
+    text = (older / "sock_lb.c").read_text()  # the former way, in a measuring build
+    (older / "sock_lb.c").write_text("#define NM_COST_SVC_HASH 1\n" + text)
+    lab = holding_lab
+    dp, rec = loaded
+    limited = svc(lab, limits=ConnectionLimits(max_connections=4))
+
+    def restart():  # in the module's shared objects, as in the restart test above
+        dp.close()
+        dp.__init__(lab.bpffs, lab.cgroup)
+        rec.__init__(dp.load())
+        rec.adopt()
+        dp.attach()
+        rec.apply([limited])
+
+    def frontend_counts():
+        svc_id = rec.programmed[FrontendKey(4, lab.vip4(20), 80, "TCP")].svc_id
+        hashed = {m.key_int(k): v.active + v.pending for k, v in rec.maps.items("svc_conn_counts")}
+        arr = m.ConnCount()
+        assert bpfsys.map_lookup(rec.maps.fd("svc_conns"), m.u32(svc_id), arr)
+        return hashed.get(svc_id, 0), arr.active + arr.pending
+
+    holder = Holder(lab, f"{lab.vip4(20)}:80")
+    try:
+        monkeypatch.setenv("NODEMESH_BPF_DIR", str(older))
+        restart()
+        assert all(r["ok"] for r in holder.open(2))
+        assert frontend_counts() == (2, 0)
+        monkeypatch.setenv("NODEMESH_BPF_DIR", this)
+        restart()
+        assert [r["ok"] for r in holder.open(3)] == [True, True, False]
+        assert frontend_counts() == (2, 2)
+        holder.close(4)
+        assert wait_counts(rec, {}) == {}
+        assert frontend_counts() == (0, 0)
+    finally:
+        holder.stop()
+        if os.environ["NODEMESH_BPF_DIR"] != this:  # failed under the older build: the later
+            monkeypatch.setenv("NODEMESH_BPF_DIR", this)  # tests of this module want this one
+            restart()
