@@ -14,6 +14,12 @@ run round-robin (ABAB...), --rounds times, each round a fresh load, so a change 
 load spreads over all of them.
 
     sudo .venv/bin/python bench/sock_cost.py [--connects 20000] [--rounds 3] [--variants full,flow]
+        [--services N]
+
+--services N programs N - 1 other services beside the measured one (VIPs from 10.96.0.1, never
+connected to; 3 endpoints each, distinct, so `endpoint_health` holds 3N entries as in an agent
+with N services): the maps every connection looks up (services, backends, endpoint_health)
+then have N services' entries, and a lookup whose cost grows with N shows.
 
 `full` is the build as shipped; `none` compiles out everything but the service lookup and the
 backend choice. `twostorages` (not a part compiled out: the way before one storage a socket)
@@ -50,6 +56,8 @@ PARTS = {
     "netns": "NM_COST_NO_NETNS",       # bpf_get_netns_cookie
     # not a part compiled out: the former way, count state in a second storage (sock_conn)
     "twostorages": "NM_COST_TWO_STORAGES",
+    # not a part compiled out: the former way, a frontend's count in the svc_conn_counts hash
+    "svchash": "NM_COST_SVC_HASH",
 }
 # One chunk of connects per line read; "<failures>" printed after each.
 CLIENT = r"""
@@ -92,7 +100,21 @@ def build(variant: str, src: Path, tmp: Path) -> Path:
     return out
 
 
-def measure(lab, variant_dir: Path, connects: int, chunk: int) -> Tuple[List[float], List[float]]:
+def filler_services(lab, n: int) -> list:
+    """n services never connected to, with 3 distinct endpoints each on addresses nobody
+    holds (VIPs 10.96.0.1 on; targetPort 10000 + i)."""
+    import ipaddress
+
+    from nodemesh.model import Backend, Service, ServicePort
+    first = ipaddress.IPv4Address("10.96.0.1")
+    return [Service(f"filler-{i}", "bench", str(first + i),
+                    (ServicePort(80, 10000 + i % 50000, "TCP", "http"),),
+                    tuple(Backend(f"198.18.{lab.subnet}.{201 + j}", 1) for j in range(3)))
+            for i in range(n)]
+
+
+def measure(lab, variant_dir: Path, connects: int, chunk: int,
+            services: int = 1) -> Tuple[List[float], List[float]]:
     """ns a connect of each chunk of `chunk` connects: connect4's, and sockops' (all its runs
     over the chunk, divided by the connects)."""
     from nodemesh import flows
@@ -112,7 +134,8 @@ def measure(lab, variant_dir: Path, connects: int, chunk: int) -> Tuple[List[flo
         flows.configure(maps, flows.DEFAULT_RATE, flows.DEFAULT_BURST, True)
         dp.attach()
         vip = lab.vip4(10)
-        rec.apply([Service("web", "bench", vip, (ServicePort(80, 8080, "TCP", "http"),),
+        rec.apply([*filler_services(lab, services - 1),
+                   Service("web", "bench", vip, (ServicePort(80, 8080, "TCP", "http"),),
                            tuple(Backend(b.ipv4, 1) for b in lab.backends))])
         fd = dp.programs["connect4"]
         ops_fd = dp.programs["sockops"]
@@ -157,13 +180,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=250,
                     help="connects a sample: each round gives connects/chunk samples")
+    ap.add_argument("--services", type=int, default=1,
+                    help="services programmed (the measured one and N - 1 others)")
     ap.add_argument("--variants", default="full,none," + ",".join(PARTS),
                     help="comma-separated: full, none, a part, or parts joined by +")
     args = ap.parse_args()
     if not 0 < args.connects <= 200000 or not 0 < args.rounds <= 20 or \
-            not 0 < args.chunk <= args.connects:
-        raise SystemExit("--connects must be in 1..200000, --rounds in 1..20 and --chunk in "
-                         "1..connects")
+            not 0 < args.chunk <= args.connects or not 0 < args.services <= 50000:
+        raise SystemExit("--connects must be in 1..200000, --rounds in 1..20, --chunk in "
+                         "1..connects and --services in 1..50000")
     variants = args.variants.split(",")
     for v in variants:
         if v not in ("full", "none") and not v.startswith("git:") and \
@@ -188,7 +213,8 @@ def main() -> int:
             lab.start_servers(tcp_ports=(8080,), udp_ports=())
             for r in range(args.rounds):
                 for v in variants:
-                    chunks, ops = measure(lab, builds[v], args.connects, args.chunk)
+                    chunks, ops = measure(lab, builds[v], args.connects, args.chunk,
+                                          args.services)
                     results[v] += chunks
                     lows[v].append(min(chunks))
                     ops_all[v] += ops
@@ -201,7 +227,8 @@ def main() -> int:
             lab.destroy()
     full = statistics.median(lows["full"]) if "full" in lows else None
     print(f"\n{src}: ns a connect, {args.connects} connects x {args.rounds} rounds "
-          f"in chunks of {args.chunk}; load {os.getloadavg()[0]:.1f}")
+          f"in chunks of {args.chunk}, {args.services} services; "
+          f"load {os.getloadavg()[0]:.1f}")
     print(f"  {'variant':24} {'connect4: lowest chunk':>22} {'median':>8} "
           f"{'sockops: lowest chunk':>22} {'median':>8}   (lowest: median of rounds' lowest)")
     for v in variants:

@@ -244,7 +244,8 @@ static __always_inline int pick(struct bpf_sock_addr *ctx, struct nm_svc_key *ke
 /* NM_COST_NO_*: parts compiled out, in bench/sock_cost.py's measuring builds only (never
  * defined by the agent), to attribute the connect hook's cost. NM_COST_TWO_STORAGES: the
  * former way (count state in sock_conn, a second storage), for before/after and for the
- * tests of sockets an older agent connected. */
+ * tests of sockets an older agent connected; NM_COST_SVC_HASH (lib/conn_count.h) likewise,
+ * a frontend's count in the svc_conn_counts hash instead of the svc_conns array. */
 
 /* Policy comes first, before the proxy redirect and the choice of a backend: a caller the
  * policy denies must not reach the service through the proxy either. 1: go on translating;

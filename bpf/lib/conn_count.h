@@ -4,11 +4,18 @@
  *
  * Reads:  services (slots), the socket's sock_revnat storage (sock_conn for sockets an older
  *         agent connected)
- * Writes: conn_counts (per backend endpoint), svc_conn_counts (per svc_id), the socket's state
- *         in sock_revnat (or sock_conn), conn_overflows (per-CPU, per svc_id)
+ * Writes: conn_counts (per backend endpoint), svc_conns (array, per svc_id; svc_conn_counts,
+ *         the hash before it, for sockets an older build counted), the socket's state in
+ *         sock_revnat (or sock_conn), conn_overflows (per-CPU, per svc_id)
  *
  * Counting happens in sockops, never at connect(): a connect() that fails before the SYN
  * (no route, no port) never reaches TCP_CONNECT_CB, so it is never counted and cannot leak.
+ * A connection is counted once, in `active`, at TCP_CONNECT_CB, and taken back at CLOSE: what
+ * every reader uses is active + pending (least_connections, limits, the metric), so moving it
+ * from pending to active at ESTABLISHED cost two hash lookups and two atomics a connection for
+ * a split nobody reads. `pending` holds only what an older build counted (it moved a
+ * connection from pending to active at ESTABLISHED), and this build still does that move for
+ * such a socket.
  * Each counted socket remembers in its own storage what it counted against and in which state;
  * every decrement is of something that socket incremented, so counts never go negative. That
  * storage is the socket's sock_revnat, which the connect hook creates for its reverse
@@ -22,19 +29,22 @@
 #define NM_LIB_CONN_COUNT_H
 
 struct nm_conn_count {
-	__u64 active;  /* ESTABLISHED (and later, until CLOSE) */
-	__u64 pending; /* SYN_SENT: connect() in flight */
+	__u64 active;  /* from the SYN (TCP_CONNECT_CB) to CLOSE; an older build: from ESTABLISHED */
+	__u64 pending; /* an older build's SYN_SENT connections; this build only takes them back */
 };
 
 enum nm_sock_conn_state {
 	NM_SOCK_NONE = 0,    /* translated at connect(), not counted (yet) */
-	NM_SOCK_PENDING = 1, /* counted as pending */
-	NM_SOCK_ACTIVE = 2,  /* counted as active */
+	NM_SOCK_PENDING = 1, /* counted as pending (an older build, in SYN_SENT) */
+	NM_SOCK_ACTIVE = 2,  /* counted as active (this build: since its SYN) */
 };
 
 /* sock_revnat's flags: the socket's count state is in that storage's `state`. Unset (an older
  * agent's connect hook wrote the storage), it is in sock_conn. */
 #define NM_SOCK_F_COUNTS 0x1
+/* Set by sockops with the count: the frontend's count is in svc_conns (an array by svc_id),
+ * not in svc_conn_counts (the hash an older build counted in, still counted down from). */
+#define NM_SOCK_F_SVC_ARRAY 0x2
 
 /* Per-socket storage of sockets an older agent's connect hook translated: the backend it chose,
  * and what sockops counted. This build keeps the same in sock_revnat (NM_SOCK_F_COUNTS); it
@@ -54,6 +64,15 @@ BPF_F_TABLE("hash:" NM_PIN_DIR "/conn_counts", struct nm_endpoint_key, struct nm
 	    conn_counts, NM_MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash:" NM_PIN_DIR "/svc_conn_counts", u32, struct nm_conn_count, svc_conn_counts,
 	    NM_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+/* Per frontend, by svc_id: an array, so counting a connection is an address computation (the
+ * verifier inlines array lookups), not a hash lookup, at its SYN and at its CLOSE. 16 bytes a
+ * possible frontend (2 MiB at the default 131,072), preallocated. A new pin beside
+ * svc_conn_counts, so main's pins are adopted as they are: sockets an older build counted are
+ * counted down in the hash (no NM_SOCK_F_SVC_ARRAY), and a frontend's load is the sum of both.
+ * A reused svc_id keeps the count of its former owner's connections still open, which they
+ * take back as they close (as the hash did): counts never go negative, so nobody zeroes it. */
+BPF_TABLE_PINNED("array", u32, struct nm_conn_count, svc_conns, NM_MAX_FRONTENDS,
+		 NM_PIN_DIR "/svc_conns");
 BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/conn_overflows", u32, u64, conn_overflows,
 	    NM_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
@@ -115,7 +134,8 @@ static __always_inline int nm_conn_choose(struct nm_svc_key *key, u8 bank, u8 al
 					  u32 svc_id, u32 n, u32 max_per_backend, u32 max_total,
 					  u32 *index)
 {
-	if (max_total && nm_load(svc_conn_counts.lookup(&svc_id)) >= max_total) {
+	if (max_total && nm_load(svc_conns.lookup(&svc_id)) +
+				 nm_load(svc_conn_counts.lookup(&svc_id)) >= max_total) {
 		nm_count_overflow(svc_id);
 		return -1;
 	}
@@ -157,6 +177,7 @@ struct nm_conn_ref {
 	struct nm_endpoint_key backend;
 	__u32 svc_id;
 	__u8 *state; /* enum nm_sock_conn_state */
+	__u8 *flags; /* sock_revnat's NM_SOCK_F_*; NULL for sock_conn (its counts: the hash) */
 };
 
 /* connect(), the former way: the chosen backend in sock_conn, for sockops to count. TCP only.
@@ -187,7 +208,7 @@ static __always_inline void nm_count_add(struct nm_conn_count *c, int created, s
 }
 
 /* Move the socket's counts by (active, pending), backend and frontend alike: one lookup each,
- * also when ESTABLISHED moves a connection from pending to active. */
+ * also when ESTABLISHED moves an older build's connection from pending to active. */
 static __always_inline void nm_conn_add(struct nm_conn_ref *ref, s64 active, s64 pending)
 {
 	struct nm_conn_count zero = {};
@@ -202,6 +223,13 @@ static __always_inline void nm_conn_add(struct nm_conn_ref *ref, s64 active, s64
 	if (c)
 		nm_count_add(c, created, active, pending);
 	u32 svc_id = ref->svc_id;
+	if (ref->flags && (*ref->flags & NM_SOCK_F_SVC_ARRAY)) {
+		/* Every decrement here is of this socket's own increment: no floor needed. */
+		struct nm_conn_count *a = svc_conns.lookup(&svc_id);
+		if (a)
+			nm_count_add(a, 0, active, pending);
+		return;
+	}
 	created = 0;
 	struct nm_conn_count *s = svc_conn_counts.lookup(&svc_id);
 	if (!s && grows) {
@@ -232,6 +260,7 @@ static __always_inline int nm_conn_ref_of(struct bpf_sock_ops *skops, struct nm_
 		ref->backend.family = sr->family;
 		ref->svc_id = sr->svc_id;
 		ref->state = &sr->state;
+		ref->flags = &sr->flags;
 		return 1;
 	}
 	struct nm_sock_conn *sc = sock_conn.sk_storage_get(sk, 0, 0);
@@ -240,6 +269,7 @@ static __always_inline int nm_conn_ref_of(struct bpf_sock_ops *skops, struct nm_
 	ref->backend = sc->backend;
 	ref->svc_id = sc->svc_id;
 	ref->state = &sc->state;
+	ref->flags = NULL;
 	return 1;
 }
 
@@ -263,12 +293,20 @@ static __always_inline int nm_conn_sockops(struct bpf_sock_ops *skops, struct nm
 		    ref->backend.addr[2] != remote->addr[2] ||
 		    ref->backend.addr[3] != remote->addr[3])
 			return 0;
-		*ref->state = NM_SOCK_PENDING;
-		nm_conn_add(ref, 0, 1);
+		/* Counted once, here, until CLOSE: ESTABLISHED then has no count to move. */
+		*ref->state = NM_SOCK_ACTIVE;
+#ifndef NM_COST_SVC_HASH /* measuring builds and tests: the former way, the hash */
+		if (ref->flags)
+			*ref->flags |= NM_SOCK_F_SVC_ARRAY;
+#endif
+		nm_conn_add(ref, 1, 0);
 		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (state == NM_SOCK_ACTIVE)
+			return 1; /* counted at its SYN: nothing to write */
 		if (state != NM_SOCK_PENDING)
 			return 0;
+		/* Counted as pending by an older build before an upgrade: move it as it would. */
 		*ref->state = NM_SOCK_ACTIVE;
 		nm_conn_add(ref, 1, -1);
 		return 1;
@@ -280,6 +318,8 @@ static __always_inline int nm_conn_sockops(struct bpf_sock_ops *skops, struct nm
 		else
 			nm_conn_add(ref, 0, -1);
 		*ref->state = NM_SOCK_NONE;
+		if (ref->flags) /* a socket that connects again is counted afresh */
+			*ref->flags &= ~NM_SOCK_F_SVC_ARRAY;
 		return 0;
 	}
 	return state != NM_SOCK_NONE;

@@ -118,12 +118,14 @@ static __always_inline void nm_latency_established(struct bpf_sock_ops *skops,
 	__sync_fetch_and_add(&st->connect_sum_us, us);
 }
 
-/* STATE_CB to CLOSE, called before nm_conn_sockops forgets the socket: a socket still counted
- * as active was established through the connect hook's translation, so count its end. */
+/* STATE_CB to CLOSE, called before nm_conn_sockops forgets the socket: a socket counted as
+ * active that leaves a state after the handshake (counting starts at the SYN, so SYN_SENT and
+ * SYN_RECV are not) was established through the connect hook's translation: count its end. */
 static __always_inline void nm_latency_closed(struct bpf_sock_ops *skops,
 					      struct nm_conn_ref *ref, u32 old_state)
 {
-	if (*ref->state != NM_SOCK_ACTIVE || !nm_latency_on())
+	if (*ref->state != NM_SOCK_ACTIVE || old_state == 2 /* SYN_SENT */ ||
+	    old_state == 3 /* SYN_RECV */ || !nm_latency_on())
 		return;
 	struct nm_latency_stats *st = nm_latency_stats_of(ref);
 	if (!st)

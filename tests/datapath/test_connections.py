@@ -274,6 +274,41 @@ def test_least_connections_spares_a_backend_holding_long_connections(holding_lab
     assert wait_counts(datapath, {}) == {}
 
 
+IN_FLIGHT = r"""
+import errno, json, socket, sys
+s = socket.socket()
+s.setblocking(False)
+print(json.dumps(errno.errorcode.get(s.connect_ex((sys.argv[1], int(sys.argv[2]))))), flush=True)
+sys.stdin.readline()
+s.close()
+"""
+
+
+def test_a_connect_in_flight_is_counted_once_in_active_from_its_syn(holding_lab, datapath):
+    """This build counts a connection once, at its SYN (TCP_CONNECT_CB), in `active`, and takes
+    it back at CLOSE, so ESTABLISHED has no count to write (bpf/lib/conn_count.h). A connect to
+    a backend address nobody holds (its ARP goes unanswered: the SYN never gets a reply) is
+    counted while in flight, in active, pending untouched; nothing stays once it is closed."""
+    from nodemesh.datapath import maps as m
+    lab = holding_lab
+    silent = f"198.18.{lab.subnet}.200"
+    datapath.apply([Service("silent", "test", lab.vip4(23), (ServicePort(80, HOLD_PORT, "TCP"),),
+                            (Backend(silent),))])
+    proc = lab.spawn([sys.executable, "-c", IN_FLIGHT, lab.vip4(23), "80"],
+                     netns=lab.client_ns, in_cgroup=True, stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline()) == "EINPROGRESS"
+        raw = {(m.decode_addr(k.family, k.addr), m.port_host(k.port)): (v.active, v.pending)
+               for k, v in datapath.maps.items("conn_counts")}
+        assert raw[(silent, HOLD_PORT)] == (1, 0)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        lab.processes.remove(proc)
+    assert wait_counts(datapath, {}) == {}
+
+
 STORAGES = r"""
 import ctypes, json, socket, sys
 from nodemesh.datapath import bpfsys
@@ -341,6 +376,60 @@ def test_connections_an_older_agent_counted_close_under_this_one(holding_lab, lo
         assert sum(wait_counts(rec, None, timeout=0.2).values()) == 9
         holder.close(9)
         assert wait_counts(rec, {}) == {}
+    finally:
+        holder.stop()
+        if os.environ["NODEMESH_BPF_DIR"] != this:  # failed under the older build: the later
+            monkeypatch.setenv("NODEMESH_BPF_DIR", this)  # tests of this module want this one
+            restart()
+
+
+def test_max_connections_counts_what_an_older_build_counted_too(holding_lab, loaded, tmp_path,
+                                                                 monkeypatch):
+    """A frontend's connections are counted in svc_conns, an array by svc_id; an older build
+    counted them in the svc_conn_counts hash. After an upgrade maxConnections counts both, and
+    each connection is taken back where it was counted: nothing is left once all close."""
+    from nodemesh.datapath import bpfsys
+    from nodemesh.datapath import maps as m
+    from nodemesh.datapath.loader import bpf_source_dir
+    from nodemesh.reconciler import FrontendKey
+
+    this = str(bpf_source_dir())
+    older = tmp_path / "bpf"
+    shutil.copytree(this, older)
+    text = (older / "sock_lb.c").read_text()  # the former way, in a measuring build
+    (older / "sock_lb.c").write_text("#define NM_COST_SVC_HASH 1\n" + text)
+    lab = holding_lab
+    dp, rec = loaded
+    limited = svc(lab, limits=ConnectionLimits(max_connections=4))
+
+    def restart():  # in the module's shared objects, as in the restart test above
+        dp.close()
+        dp.__init__(lab.bpffs, lab.cgroup)
+        rec.__init__(dp.load())
+        rec.adopt()
+        dp.attach()
+        rec.apply([limited])
+
+    def frontend_counts():
+        svc_id = rec.programmed[FrontendKey(4, lab.vip4(20), 80, "TCP")].svc_id
+        hashed = {m.key_int(k): v.active + v.pending for k, v in rec.maps.items("svc_conn_counts")}
+        arr = m.ConnCount()
+        assert bpfsys.map_lookup(rec.maps.fd("svc_conns"), m.u32(svc_id), arr)
+        return hashed.get(svc_id, 0), arr.active + arr.pending
+
+    holder = Holder(lab, f"{lab.vip4(20)}:80")
+    try:
+        monkeypatch.setenv("NODEMESH_BPF_DIR", str(older))
+        restart()
+        assert all(r["ok"] for r in holder.open(2))
+        assert frontend_counts() == (2, 0)
+        monkeypatch.setenv("NODEMESH_BPF_DIR", this)
+        restart()
+        assert [r["ok"] for r in holder.open(3)] == [True, True, False]
+        assert frontend_counts() == (2, 2)
+        holder.close(4)
+        assert wait_counts(rec, {}) == {}
+        assert frontend_counts() == (0, 0)
     finally:
         holder.stop()
         if os.environ["NODEMESH_BPF_DIR"] != this:  # failed under the older build: the later

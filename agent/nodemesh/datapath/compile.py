@@ -63,6 +63,9 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
         progs[hook.name] = fn.fd
     # By fd, not bpf[name]: BCC's Python Table has no class for sk_storage or sockhash maps.
     maps = {spec.name: lib.bpf_table_fd(bpf.module, spec.name.encode()) for spec in MAPS}
+    # A map the source does not declare (an older bpf/ loaded for before/after: sock_cost.py's
+    # git:<ref> variants, upgrade checks) is left out; the agent's own bpf/ declares them all.
+    maps = {name: fd for name, fd in maps.items() if fd >= 0}
     maps[RINGBUF] = bpf[RINGBUF.encode()].map_fd
     maps[FLOW_RINGBUF] = bpf[FLOW_RINGBUF.encode()].map_fd
     return bpf, progs, maps, time.monotonic() - started

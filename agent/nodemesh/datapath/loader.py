@@ -270,7 +270,9 @@ class Datapath:
         self.ringbuf_fd = fds.pop(RINGBUF)
         self.flow_ringbuf_fd = fds.pop(FLOW_RINGBUF)
         self.maps = Maps(fds)
-        self._map_ids = {spec.name: bpfsys.map_info(fds[spec.name]).id for spec in MAPS}
+        # Every map of MAPS, but for one an older bpf/ (NODEMESH_BPF_DIR) does not declare.
+        self._map_ids = {spec.name: bpfsys.map_info(fds[spec.name]).id for spec in MAPS
+                         if spec.name in fds}
         self._stamp_info()
         log.info("datapath loaded in %.2fs (%s pinned maps under %s)", self.load_seconds,
                  "adopted" if self.adopted else "new", self.bpffs)
@@ -373,7 +375,8 @@ class Datapath:
         if not self._holds_folder():
             return [f"pin folder {self.bpffs} was removed"]
         problems = [f"map pin {spec.name} is missing or holds another map" for spec in MAPS
-                    if _pinned_map_id(os.path.join(self.bpffs, spec.name))
+                    if spec.name in self._map_ids
+                    and _pinned_map_id(os.path.join(self.bpffs, spec.name))
                     != self._map_ids[spec.name]]
         try:
             cgid = bpfsys.cgroup_id(self.cgroup)
@@ -406,7 +409,7 @@ class Datapath:
             self._lock_fd = fd
         for spec in MAPS:
             pin = os.path.join(self.bpffs, spec.name)
-            if _pinned_map_id(pin) != self._map_ids[spec.name]:
+            if spec.name in self._map_ids and _pinned_map_id(pin) != self._map_ids[spec.name]:
                 if os.path.lexists(pin):
                     os.unlink(pin)
                 bpfsys.obj_pin(self.maps.fd(spec.name), pin)

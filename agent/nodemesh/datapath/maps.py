@@ -218,6 +218,7 @@ MAPS: Tuple[MapSpec, ...] = (
     MapSpec("sock_conn", bpfsys.MAP_TYPE_SK_STORAGE, ctypes.c_int, SockConn, "", 0),
     MapSpec("conn_counts", bpfsys.MAP_TYPE_HASH, EndpointKey, ConnCount, "NM_MAX_ENDPOINTS"),
     MapSpec("svc_conn_counts", bpfsys.MAP_TYPE_HASH, u32, ConnCount, "NM_MAX_FRONTENDS"),
+    MapSpec("svc_conns", bpfsys.MAP_TYPE_ARRAY, u32, ConnCount, "NM_MAX_FRONTENDS"),
     MapSpec("conn_overflows", bpfsys.MAP_TYPE_PERCPU_HASH, u32, u64, "NM_MAX_FRONTENDS"),
     # bpf/lib/identity.h, bpf/lib/policy.h
     MapSpec("identities", bpfsys.MAP_TYPE_HASH, u64, Identity, "", MAX_IDENTITIES),
