@@ -41,9 +41,11 @@ What it keeps, and what it delivers
     first, so that a Services list of several pages can stream before it: each page's
     services are assembled with their backends as they arrive and delivered as partial
     deltas (which delete nothing), and the agent programs them while the next page is
-    decoded. Then, after coalescing a burst (10 ms of
-    quiet, at most 50 ms after the first change), only the services whose translation
-    changed (upserts) and those that are gone or no longer programmable (deletes). A change
+    decoded. Then only the services whose translation changed (upserts) and those that are
+    gone or no longer programmable (deletes): a lone change at once, from the watch thread
+    that read it (no other thread woken); a burst (a change within 10 ms of the last
+    delivery) from the third thread, after 10 ms of quiet, at most 50 ms after the first
+    change it holds. A change
     that translates to what was delivered is not delivered. The work of an event or a delta
     follows its size, not the number of services.
 
@@ -1016,6 +1018,12 @@ class _ClusterState:
     def _put_slice(self, key: ServiceKey, version: Union[int, str, None], parsed: ParsedSlice,
                    notes: Translation) -> None:
         known = self._slices.get(key)
+        if known is not None and known[:4] == parsed[:4]:
+            # Nothing translation reads changed (a resourceVersion, a targetRef, a hint):
+            # keep the stored Backends (the delivered service holds them) and skip the
+            # service's re-assembly.
+            self._slices[key] = known._replace(version=parsed.version)
+            return
         self._slices[key] = parsed
         if known is not None and known.service not in (None, parsed.service):  # relabelled
             self._unlink(known.service, key, notes)
