@@ -350,6 +350,46 @@ def test_the_coalescing_window_is_ten_ms_of_quiet_and_at_most_fifty_ms(monkeypat
     assert script.deliveries(source) == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.parametrize("arrivals, expected", [
+    # A lone change: delivered at once, by the watch that read it.
+    ([0.0], [(0.0, "watch")]),
+    # Three changes 5 ms apart: the first at once; the others are a burst, delivered by the
+    # delivery thread once the stream has been quiet 10 ms.
+    ([0.0, 0.005, 0.010], [(0.0, "watch"), (0.02, "window")]),
+    # A change every 5 ms for 100 ms: the first at once, then never quiet, so one delivery
+    # each MAX_DELAY_SECONDS of the burst, the last once quiet.
+    ([i * 0.005 for i in range(20)], [(0.0, "watch"), (0.055, "window"), (0.105, "window")]),
+    # Two changes further apart than the quiet window: each at once.
+    ([0.0, 0.5], [(0.0, "watch"), (0.5, "watch")]),
+])
+def test_a_change_that_finds_the_source_idle_goes_at_once_and_a_burst_waits_for_the_window(
+        monkeypatch, arrivals, expected):
+    script = _ScriptedChanges(arrivals)
+    script.set = lambda: None  # the scripted arrival is the signal
+    source = object.__new__(KubernetesSource)  # no client: only the window is exercised
+    source._changed, source._stopping = script, threading.Event()
+    source._delivering, source._burst, source._last_delivery = threading.Lock(), False, -1.0
+    source._state = type("Synced", (), {"delivered": True})()
+    source._mark_synced = lambda: None
+    monkeypatch.setattr(kubernetes_source, "time", script)
+    deliveries = []
+
+    def deliver(by):
+        deliveries.append((script.now, by))
+        source._last_delivery = script.now
+        return True
+    source._deliver = lambda: deliver("watch")
+    while script.unseen:
+        script.now = max(script.now, script.unseen[0])  # the watch reads the next change
+        source._watch_changed()
+        script.clear()
+        if source._burst:  # left to the delivery thread (_deliver_loop)
+            source._coalesce()
+            deliver("window")
+            source._burst = False
+    assert [(pytest.approx(t, abs=1e-9), by) for t, by in deliveries] == expected
+
+
 def test_the_first_delivery_waits_until_both_collections_are_listed(api, run_source):
     api.fail_requests(500, resource="endpointslices")
     _, recorder = run_source()
