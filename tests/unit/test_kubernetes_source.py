@@ -896,6 +896,31 @@ def test_an_on_change_that_raises_does_not_stop_later_deliveries(api, kubeconfig
         source.stop()
 
 
+def test_a_delivery_that_fails_in_the_watch_is_retried_by_the_delivery_thread(
+        api, run_source, monkeypatch):
+    """A bug in taking the delta (here: one raise) must not end the watch that delivers:
+    the change goes to the delivery thread, and the watch reads on."""
+    source, recorder = run_source()
+    recorder.wait_for_change()
+    take_delta, failed = source._state.take_delta, []
+
+    def take_delta_once_broken():
+        if threading.current_thread().name.endswith("-watch") and not failed:
+            failed.append(True)
+            raise RuntimeError("take_delta blew up")
+        return take_delta()
+    monkeypatch.setattr(source._state, "take_delta", take_delta_once_broken)
+    time.sleep(2 * KubernetesSource.QUIET_SECONDS)  # idle: the watch delivers
+    before = len(recorder.changes)
+    add_web_endpoint(api, "10.244.8.1")
+    recorder.wait_for_change(lambda s: "10.244.8.1" in addresses(s, "shop", "web"),
+                             after=before)
+    add_web_endpoint(api, "10.244.8.2")
+    recorder.wait_for_change(lambda s: "10.244.8.2" in addresses(s, "shop", "web"),
+                             after=before)
+    assert failed and not recorder.errors
+
+
 # -- configuration errors are clear, and immediate
 
 def test_a_missing_kubeconfig_is_a_clear_error(tmp_path, registry):

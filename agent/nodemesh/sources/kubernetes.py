@@ -1726,6 +1726,11 @@ class KubernetesSource:
                 self._delivering.acquire(blocking=False):
             try:
                 delivered = self._deliver()
+            except Exception:  # noqa: BLE001 - a bug here must not end the watch
+                log.exception("kubernetes source: delivering from the watch failed")
+                delivered = False
+                self._burst = True
+                self._changed.set()  # the delivery thread tries again
             finally:
                 self._delivering.release()
             if delivered:
