@@ -11,13 +11,26 @@ calls and never blocks `nodemesh status`.
 from __future__ import annotations
 
 import collections
+import struct
 import threading
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 from .datapath import bpfsys
 from .datapath import maps as m
 from .datapath.observe import REASONS, VERDICT_IDS, VERDICTS, FlowBudget, FlowEvent, ObserveConfig
+from .datapath.ringbuf import cast
 
 if TYPE_CHECKING:
     from .snapshot import Snapshot
@@ -124,11 +137,35 @@ class Filter:
         return True
 
 
+class RawFlow(NamedTuple):
+    """A flow event as the ring buffer gave it, with the service it named when it came:
+    what the reader keeps, so that an event costs its copy and one name lookup. It is decoded
+    into a Flow only when someone asks (FlowLog.since): nearly every flow is never read."""
+    seq: int
+    data: bytes
+    name: Tuple[str, str]  # (namespace, service), ("", "") when the frontend is not known
+
+    def decode(self) -> Flow:
+        name = self.name
+        return decode(cast(self.data, FlowEvent), self.seq, lambda _svc_id: name)
+
+
+_SVC_ID = struct.Struct("=I")
+_SVC_ID_AT = FlowEvent.svc_id.offset
+
+
+def raw(data: bytes, seq: int, names: Callable[[int], Tuple[str, str]]) -> RawFlow:
+    """A ring-buffer record -> RawFlow, its service named now (the snapshot of this moment)."""
+    svc_id = _SVC_ID.unpack_from(data, _SVC_ID_AT)[0]
+    return RawFlow(seq, data, names(svc_id) if svc_id else ("", ""))
+
+
 class FlowLog:
-    """The last HISTORY flows, with a sequence number each; readers wait for news."""
+    """The last HISTORY flows, with a sequence number each; readers wait for news. It holds
+    Flows or RawFlows (what the ring-buffer reader adds); readers get Flows."""
 
     def __init__(self, size: int = HISTORY):
-        self._flows: Deque[Flow] = collections.deque(maxlen=size)
+        self._flows: Deque[Union[Flow, RawFlow]] = collections.deque(maxlen=size)
         self._cond = threading.Condition()
         self.seq = 0
 
@@ -138,7 +175,7 @@ class FlowLog:
     def add(self, flow: Flow) -> None:
         self.extend([flow])
 
-    def extend(self, flows: List[Flow]) -> None:
+    def extend(self, flows: Sequence[Union[Flow, RawFlow]]) -> None:
         """Add flows in seq order: one lock and one wake-up for a whole poll's worth."""
         if not flows:
             return
@@ -154,8 +191,14 @@ class FlowLog:
         with self._cond:
             if wait > 0 and self.seq <= seq:
                 self._cond.wait_for(lambda: self.seq > seq, timeout=min(wait, MAX_WAIT))
-            out = [f for f in self._flows if f.seq > seq and match(f)]
-            return out[-limit:], self.seq
+            newer, last = [f for f in self._flows if f.seq > seq], self.seq
+        # Decoded outside the lock: the reader's next batch does not wait for it.
+        out: List[Flow] = []
+        for f in newer:
+            flow = f.decode() if isinstance(f, RawFlow) else f
+            if match(flow):
+                out.append(flow)
+        return out[-limit:], last
 
 
 class ServiceNames:
@@ -174,13 +217,14 @@ class ServiceNames:
 
 def read(ring_fd: int, log: FlowLog, names: Callable[[int], Tuple[str, str]],
          stop: threading.Event) -> None:
-    """The worker: flow events from the ring buffer into the log, until stop."""
-    from .datapath.ringbuf import RingBuffer, cast
+    """The worker: flow events from the ring buffer into the log, until stop. Each is kept
+    as it came (RawFlow) and decoded only if read."""
+    from .datapath.ringbuf import RingBuffer
 
-    batch: List[Flow] = []
+    batch: List[Union[Flow, RawFlow]] = []
 
     def on_event(data: bytes) -> None:
-        batch.append(decode(cast(data, FlowEvent), log.next_seq() + len(batch), names))
+        batch.append(raw(data, log.next_seq() + len(batch), names))
 
     ring = RingBuffer(ring_fd)
     try:

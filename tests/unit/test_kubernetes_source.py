@@ -257,34 +257,45 @@ def test_each_of_20_spaced_changes_is_delivered_alone_and_the_latency_is_recorde
           f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} changes")
 
 
-def test_a_burst_of_changes_is_coalesced_into_few_deliveries(api, run_source, registry):
-    """Changes that come while a delivery is under way are merged into the next one. The
-    deliverer is held in on_change while the burst lands, so the machine's speed decides
-    nothing (a burst paced by sleeps against the 10 ms quiet window failed at load 8)."""
+def test_a_lone_change_is_delivered_by_the_watch_that_read_it(api, run_source):
+    """A change that finds the source idle goes to on_change from the EndpointSlice watch
+    thread itself: no hop through the delivery thread, and no coalescing wait."""
     source, recorder = run_source()
     recorder.wait_for_change()
-    gate, in_on_change = threading.Event(), threading.Event()
+    threads = []
     deliver = recorder.on_change
 
-    def held_on_change(delta):
-        in_on_change.set()
-        gate.wait(30)  # a bound only against a hung test
+    def on_change(delta):
+        threads.append(threading.current_thread().name)
         deliver(delta)
-    source._on_change = held_on_change
+    source._on_change = on_change
+    # Idle: the first sync's delivery is more than QUIET_SECONDS ago (a bound, not a timing).
+    time.sleep(2 * KubernetesSource.QUIET_SECONDS)
+    before = len(recorder.changes)
+    add_web_endpoint(api, "10.244.8.1")
+    recorder.wait_for_change(lambda s: "10.244.8.1" in addresses(s, "shop", "web"),
+                             after=before)
+    assert threads == ["kubernetes-endpointslice-watch"]
+
+
+def test_a_burst_of_changes_is_coalesced_into_few_deliveries(api, run_source, registry):
+    """Changes that come while a delivery is under way are merged into the next one, and the
+    watch keeps reading meanwhile. The delivery is held (its lock taken) while the burst
+    lands, so the machine's speed decides nothing (a burst paced by sleeps against the 10 ms
+    quiet window failed at load 8)."""
+    source, recorder = run_source()
+    recorder.wait_for_change()
     before = len(recorder.changes)
     modified = events(registry, "endpointslice_modified")
-    try:
-        add_web_endpoint(api, "10.244.8.1")
-        assert in_on_change.wait(WAIT_SECONDS), "the first change of the burst was not delivered"
-        for i in range(1, 20):  # the rest of a rolling update, while that delivery runs
+    with source._delivering:  # a delivery under way
+        for i in range(20):  # a rolling update
             add_web_endpoint(api, f"10.244.8.{i + 1}")
         wait_until(lambda: events(registry, "endpointslice_modified") >= modified + 20,
                    what="the source has seen all 20 changes")
-    finally:
-        gate.set()
+        assert len(recorder.changes) == before
     recorder.wait_for_change(lambda s: "10.244.8.20" in addresses(s, "shop", "web"),
                              after=before)
-    assert len(recorder.changes) - before == 2  # the first change, then the other 19 at once
+    assert len(recorder.changes) - before == 1  # all 20 at once
     assert len(addresses(recorder.latest(), "shop", "web")) == 24
 
 
@@ -337,6 +348,46 @@ def test_the_coalescing_window_is_ten_ms_of_quiet_and_at_most_fifty_ms(monkeypat
     monkeypatch.setattr(kubernetes_source, "time", script)
     assert (KubernetesSource.QUIET_SECONDS, KubernetesSource.MAX_DELAY_SECONDS) == (0.01, 0.05)
     assert script.deliveries(source) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("arrivals, expected", [
+    # A lone change: delivered at once, by the watch that read it.
+    ([0.0], [(0.0, "watch")]),
+    # Three changes 5 ms apart: the first at once; the others are a burst, delivered by the
+    # delivery thread once the stream has been quiet 10 ms.
+    ([0.0, 0.005, 0.010], [(0.0, "watch"), (0.02, "window")]),
+    # A change every 5 ms for 100 ms: the first at once, then never quiet, so one delivery
+    # each MAX_DELAY_SECONDS of the burst, the last once quiet.
+    ([i * 0.005 for i in range(20)], [(0.0, "watch"), (0.055, "window"), (0.105, "window")]),
+    # Two changes further apart than the quiet window: each at once.
+    ([0.0, 0.5], [(0.0, "watch"), (0.5, "watch")]),
+])
+def test_a_change_that_finds_the_source_idle_goes_at_once_and_a_burst_waits_for_the_window(
+        monkeypatch, arrivals, expected):
+    script = _ScriptedChanges(arrivals)
+    script.set = lambda: None  # the scripted arrival is the signal
+    source = object.__new__(KubernetesSource)  # no client: only the window is exercised
+    source._changed, source._stopping = script, threading.Event()
+    source._delivering, source._burst, source._last_delivery = threading.Lock(), False, -1.0
+    source._state = type("Synced", (), {"delivered": True})()
+    source._mark_synced = lambda: None
+    monkeypatch.setattr(kubernetes_source, "time", script)
+    deliveries = []
+
+    def deliver(by):
+        deliveries.append((script.now, by))
+        source._last_delivery = script.now
+        return True
+    source._deliver = lambda: deliver("watch")
+    while script.unseen:
+        script.now = max(script.now, script.unseen[0])  # the watch reads the next change
+        source._watch_changed()
+        script.clear()
+        if source._burst:  # left to the delivery thread (_deliver_loop)
+            source._coalesce()
+            deliver("window")
+            source._burst = False
+    assert [(pytest.approx(t, abs=1e-9), by) for t, by in deliveries] == expected
 
 
 def test_the_first_delivery_waits_until_both_collections_are_listed(api, run_source):
@@ -843,6 +894,31 @@ def test_an_on_change_that_raises_does_not_stop_later_deliveries(api, kubeconfig
         wait_until(lambda: len(delivered) == 2, what="a second delivery")
     finally:
         source.stop()
+
+
+def test_a_delivery_that_fails_in_the_watch_is_retried_by_the_delivery_thread(
+        api, run_source, monkeypatch):
+    """A bug in taking the delta (here: one raise) must not end the watch that delivers:
+    the change goes to the delivery thread, and the watch reads on."""
+    source, recorder = run_source()
+    recorder.wait_for_change()
+    take_delta, failed = source._state.take_delta, []
+
+    def take_delta_once_broken():
+        if threading.current_thread().name.endswith("-watch") and not failed:
+            failed.append(True)
+            raise RuntimeError("take_delta blew up")
+        return take_delta()
+    monkeypatch.setattr(source._state, "take_delta", take_delta_once_broken)
+    time.sleep(2 * KubernetesSource.QUIET_SECONDS)  # idle: the watch delivers
+    before = len(recorder.changes)
+    add_web_endpoint(api, "10.244.8.1")
+    recorder.wait_for_change(lambda s: "10.244.8.1" in addresses(s, "shop", "web"),
+                             after=before)
+    add_web_endpoint(api, "10.244.8.2")
+    recorder.wait_for_change(lambda s: "10.244.8.2" in addresses(s, "shop", "web"),
+                             after=before)
+    assert failed and not recorder.errors
 
 
 # -- configuration errors are clear, and immediate

@@ -468,3 +468,22 @@ def test_a_service_follows_its_slices_as_they_come_move_and_go():
     assert addresses() == [["10.244.0.6"]]
     assert state._slices_of == {("default", "other"): ("default", "svc-b"),
                                 ("default", "svc"): ("default", "svc-c")}
+
+
+def test_a_slice_update_that_changes_nothing_translated_does_not_reassemble_its_service(
+        monkeypatch):
+    # A new resourceVersion (a targetRef, a hint) changes no Backend: the service is not
+    # assembled again, and the stored slice keeps the Backends the delivered service holds.
+    state = cluster_state()
+    state.put("service", make_service())
+    state.put("endpointslice", make_slice(endpoints=[endpoint("10.244.0.5")]))
+    state.take_delta()
+    backends = state._slices[("default", "svc-abcde")].backends
+    assembled, assemble = [], kubernetes.assemble
+    monkeypatch.setattr(kubernetes, "assemble", lambda *a: assembled.append(a) or assemble(*a))
+    again = make_slice(endpoints=[endpoint("10.244.0.5")])
+    again["metadata"]["resourceVersion"] = "2"
+    state.put("endpointslice", again)
+    assert assembled == [] and state.take_delta() is None
+    stored = state._slices[("default", "svc-abcde")]
+    assert stored.version == 2 and stored.backends is backends

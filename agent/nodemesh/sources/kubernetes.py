@@ -41,9 +41,11 @@ What it keeps, and what it delivers
     first, so that a Services list of several pages can stream before it: each page's
     services are assembled with their backends as they arrive and delivered as partial
     deltas (which delete nothing), and the agent programs them while the next page is
-    decoded. Then, after coalescing a burst (10 ms of
-    quiet, at most 50 ms after the first change), only the services whose translation
-    changed (upserts) and those that are gone or no longer programmable (deletes). A change
+    decoded. Then only the services whose translation changed (upserts) and those that are
+    gone or no longer programmable (deletes): a lone change at once, from the watch thread
+    that read it (no other thread woken); a burst (a change within 10 ms of the last
+    delivery) from the third thread, after 10 ms of quiet, at most 50 ms after the first
+    change it holds. A change
     that translates to what was delivered is not delivered. The work of an event or a delta
     follows its size, not the number of services.
 
@@ -905,14 +907,21 @@ class _ClusterState:
                                                            "endpointslice": self._slices}
 
     # -- what the watchers call
-    def put(self, kind: str, obj: dict) -> None:
+    @property
+    def delivered(self) -> bool:
+        """The first full delta is out: from now on a delta carries only what changed."""
+        return self._delivered
+
+    def put(self, kind: str, obj: dict, signal: bool = True) -> None:
+        """An ADDED or MODIFIED object. signal=False: the caller delivers (or signals) itself,
+        as a watch does (KubernetesSource._watch_changed)."""
         key, version = _key_and_version(obj)
         self._apply(lambda notes: self._put[kind](
             key, version, _parse_slice_at(obj, key, version, notes) if kind == "endpointslice"
-            else _parse_service_at(obj, key[0], notes), notes))
+            else _parse_service_at(obj, key[0], notes), notes), signal)
 
-    def delete(self, kind: str, obj: dict) -> None:
-        self._apply(lambda notes: self._drop[kind](object_key(obj), notes))
+    def delete(self, kind: str, obj: dict, signal: bool = True) -> None:
+        self._apply(lambda notes: self._drop[kind](object_key(obj), notes), signal)
 
     def list_page(self, kind: str, items: Union[Iterable[dict], DecodedPage],
                   seen: Set[ServiceKey]) -> None:
@@ -971,16 +980,17 @@ class _ClusterState:
             self._listed.add(kind)
         self._apply(apply)
 
-    def _apply(self, change: Callable[[Translation], None]) -> None:
+    def _apply(self, change: Callable[[Translation], None], signal: bool = True) -> None:
         notes = Translation()
         with self._lock:
             change(notes)
-        self._report(notes)
+        self._report(notes, signal)
 
-    def _report(self, notes: Translation) -> None:
+    def _report(self, notes: Translation, signal: bool = True) -> None:
         if notes.skipped or notes.invalid:
             self._on_notes(notes)
-        self._on_dirty()
+        if signal:
+            self._on_dirty()
 
     # -- under the lock
     def _put_service(self, key: ServiceKey, version: Union[int, str, None],
@@ -1008,6 +1018,12 @@ class _ClusterState:
     def _put_slice(self, key: ServiceKey, version: Union[int, str, None], parsed: ParsedSlice,
                    notes: Translation) -> None:
         known = self._slices.get(key)
+        if known is not None and known[:4] == parsed[:4]:
+            # Nothing translation reads changed (a resourceVersion, a targetRef, a hint):
+            # keep the stored Backends (the delivered service holds them) and skip the
+            # service's re-assembly.
+            self._slices[key] = known._replace(version=parsed.version)
+            return
         self._slices[key] = parsed
         if known is not None and known.service not in (None, parsed.service):  # relabelled
             self._unlink(known.service, key, notes)
@@ -1173,6 +1189,9 @@ class _Watcher:
         self._response = None
         self.resource_version: Optional[str] = None
         self._consistent_list = False
+        # A Services or EndpointSlices watch hands its events to delivery itself
+        # (KubernetesSource._watch_changed); the pods' and policies' state signals its own.
+        self._delivers = isinstance(state, _ClusterState)
 
     def run(self) -> None:
         stopping = self._source._stopping
@@ -1330,16 +1349,24 @@ class _Watcher:
         if kind == "BOOKMARK":
             self._source._count("bookmark")
         elif kind in ("ADDED", "MODIFIED"):
-            self._state.put(self.kind, obj)
+            if self._delivers:
+                self._state.put(self.kind, obj, signal=False)
+            else:
+                self._state.put(self.kind, obj)
             self._source._count(f"{self.kind}_{kind.lower()}")
         elif kind == "DELETED":
-            self._state.delete(self.kind, obj)
+            if self._delivers:
+                self._state.delete(self.kind, obj, signal=False)
+            else:
+                self._state.delete(self.kind, obj)
             self._source._count(f"{self.kind}_deleted")
         else:
             log.debug("kubernetes %s watch: ignoring event type %r", self.kind, kind)
             return
         if version:
             self.resource_version = version
+        if kind != "BOOKMARK" and self._delivers:
+            self._source._watch_changed()
 
     def _call(self, **kwargs):
         from kubernetes.client.exceptions import ApiException
@@ -1513,8 +1540,14 @@ class KubernetesSource:
     # On two CPUs, the Services list only: it runs after the slices, once the compile is
     # done, while the core programs its pages; the worker then has the second CPU.
     DECODE_SERVICES_IN_WORKER = len(os.sched_getaffinity(0)) >= 2
-    QUIET_SECONDS = 0.01      # deliver once the stream has been quiet this long...
-    MAX_DELAY_SECONDS = 0.05  # ...or this long after the first change, whichever comes first
+    # The coalescing window. A watch event that finds the source idle (nothing delivered in
+    # the last QUIET_SECONDS, no burst held) is delivered at once, by the watch thread that
+    # read it: a lone change wakes no other thread of the source. One that comes sooner is
+    # part of a burst: the delivery thread holds it until the stream has been quiet
+    # QUIET_SECONDS, or MAX_DELAY_SECONDS after the first change it holds, whichever comes
+    # first.
+    QUIET_SECONDS = 0.01
+    MAX_DELAY_SECONDS = 0.05
 
     def __init__(self, kubeconfig: Optional[str] = None, node_name: Optional[str] = None,
                  resync_seconds: float = 300, registry=None):
@@ -1537,6 +1570,11 @@ class KubernetesSource:
         self._listing = threading.Lock()  # held by the watcher that is listing
         self._slices_listed = threading.Event()  # the services are listed after the slices
         self._changed = threading.Event()
+        # One delivery at a time (a watch thread's or the delivery thread's), so that deltas
+        # reach on_change in the order they were taken.
+        self._delivering = threading.Lock()
+        self._last_delivery = -math.inf  # time.monotonic() of the last delta delivered
+        self._burst = False  # a watch left a change to the delivery thread's window
         self._state = _ClusterState(on_dirty=self._changed.set, on_notes=self._report_notes)
         self._decoder = PageDecoder(on_crash=self._decoder_crashed)
         self._mesh_state: Optional[Any] = None  # pods on this node and MeshPolicies
@@ -1677,6 +1715,30 @@ class KubernetesSource:
             self._report_error(f"kubernetes: {message}")
 
     # -- delivery
+    def _watch_changed(self) -> None:
+        """A Service or EndpointSlice watch event changed the cluster state (in the calling
+        watch thread). If the source is idle, deliver it now, from this thread: a lone change
+        then costs no wake-up of the delivery thread, nor its cold re-read of the state, and
+        no wait. Else (a burst, or a delivery under way) leave it to the delivery thread's
+        window; the watch never waits for a delivery."""
+        if not self._burst and self._state.delivered and \
+                time.monotonic() - self._last_delivery >= self.QUIET_SECONDS and \
+                self._delivering.acquire(blocking=False):
+            try:
+                delivered = self._deliver()
+            except Exception:  # noqa: BLE001 - a bug here must not end the watch
+                log.exception("kubernetes source: delivering from the watch failed")
+                delivered = False
+                self._burst = True
+                self._changed.set()  # the delivery thread tries again
+            finally:
+                self._delivering.release()
+            if delivered:
+                self._mark_synced()
+        else:
+            self._burst = True
+            self._changed.set()
+
     def _deliver_loop(self) -> None:
         while not self._stopping.is_set():
             self._changed.wait()
@@ -1685,18 +1747,30 @@ class KubernetesSource:
             self._coalesce()
             if self._stopping.is_set():
                 return
-            delta = self._state.take_delta()
-            mesh = self._mesh_state.take_mesh() if self._mesh_state is not None else None
-            if mesh is not None:
-                delta = replace(delta, mesh=mesh) if delta is not None else \
-                    Delta(mesh=mesh, origin="kubernetes")
-            if delta is None:
-                continue  # not synced yet, or nothing the agent would see changed
-            try:
-                self._on_change(delta)
-            except Exception:  # noqa: BLE001 - a broken callback must not stop delivery
-                log.exception("kubernetes source: on_change raised")
-            self._mark_synced()
+            with self._delivering:
+                delivered = self._deliver()
+                # After the delivery: a change a watch applies meanwhile waits for the next
+                # window (it set _changed again), and does not go ahead of this delta.
+                self._burst = False
+            if delivered:
+                self._mark_synced()
+
+    def _deliver(self) -> bool:
+        """Take what changed and hand it to on_change, if anything did (with _delivering
+        held: deltas reach on_change in the order they were taken)."""
+        delta = self._state.take_delta()
+        mesh = self._mesh_state.take_mesh() if self._mesh_state is not None else None
+        if mesh is not None:
+            delta = replace(delta, mesh=mesh) if delta is not None else \
+                Delta(mesh=mesh, origin="kubernetes")
+        if delta is None:
+            return False  # not synced yet, or nothing the agent would see changed
+        try:
+            self._on_change(delta)
+        except Exception:  # noqa: BLE001 - a broken callback must not stop delivery
+            log.exception("kubernetes source: on_change raised")
+        self._last_delivery = time.monotonic()
+        return True
 
     def _coalesce(self) -> None:
         """Wait for a burst to end: QUIET_SECONDS of silence, at most MAX_DELAY_SECONDS."""
