@@ -192,6 +192,10 @@ class Agent:
             # round.
             self.source.start(self.desired, self.source_error)
             self.maps = self.datapath.load()
+            # The compiler's CPU is free now: a source that decodes in a worker may use it.
+            compile_done = getattr(self.source, "compile_done", None)
+            if compile_done is not None:
+                compile_done()
             write_mesh_config(self.maps, self.opts.mesh)
             reconciler = Reconciler(self.maps, self.sizes,
                                     maglev_max_rows=self.opts.maglev_max_rows)

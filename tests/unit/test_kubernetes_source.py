@@ -149,9 +149,11 @@ def run_source(kubeconfig, registry):
     """Start a source against the fake API; it is stopped after the test."""
     started = []
 
-    def start(**options):
+    def start(before_start=None, **options):
         options.setdefault("registry", registry)
         source = KubernetesSource(kubeconfig=kubeconfig, **options)
+        if before_start is not None:
+            before_start(source)
         recorder = Recorder()
         source.start(recorder.on_change, recorder.on_error)
         started.append(source)
@@ -634,6 +636,49 @@ def test_on_two_cpus_the_worker_decodes_the_services_list_and_not_the_slices(api
     assert keys(full.upserts) == [("default", "api"), ("shop", "web")]
     assert len(addresses(full.upserts, "shop", "web")) == 4
     assert decoded and {kind for kind, _ in decoded} == {"service"}
+
+
+def pages_by_parser(monkeypatch):
+    """Lists of one item a page, on two CPUs: the (kind, "worker" or "agent") of each page
+    that reached the cluster state, in order: decoded by the worker, or by the agent."""
+    monkeypatch.setattr(KubernetesSource, "DECODE_IN_WORKER", False)
+    monkeypatch.setattr(KubernetesSource, "DECODE_SERVICES_IN_WORKER", True)
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    list_page = kubernetes_source._ClusterState.list_page
+    pages = []
+
+    def record(state, kind, items, seen):
+        pages.append((kind, "worker" if isinstance(items, kubernetes_source.DecodedPage)
+                      else "agent"))
+        list_page(state, kind, items, seen)
+
+    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", record)
+    return pages
+
+
+def test_the_services_list_leaves_every_page_to_the_worker_while_the_agent_programs(
+        api, monkeypatch, run_source):
+    # The agent's process runs the core's rounds of the pages listed so far: it parses none
+    # of the services' pages itself, even while the worker (still starting) holds two.
+    for i in range(6):
+        api.put(new_service(f"more-{i}", f"10.96.40.{i + 1}"))
+    pages = pages_by_parser(monkeypatch)
+    _, recorder = run_source()
+    full = recorder.wait_for_delta(0)
+    assert len(full.upserts) == 8
+    services = [parser for kind, parser in pages if kind == "service"]
+    assert len(services) >= 10 and set(services) == {"worker"}
+
+
+def test_once_the_compile_is_done_the_worker_parses_slices_too(api, monkeypatch, run_source):
+    # On two CPUs the slices list runs beside the datapath's compile, in the agent's process
+    # alone; once the agent says the compile is over, the worker takes slices' pages too.
+    pages = pages_by_parser(monkeypatch)
+    _, recorder = run_source(before_start=lambda source: source.compile_done())
+    full = recorder.wait_for_delta(0)
+    assert keys(full.upserts) == [("default", "api"), ("shop", "web")]
+    assert len(addresses(full.upserts, "shop", "web")) == 4
+    assert ("endpointslice", "worker") in pages
 
 
 def test_a_crashed_decoding_worker_is_counted_and_its_pages_are_parsed_by_the_agent(

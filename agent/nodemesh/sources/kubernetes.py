@@ -1214,9 +1214,7 @@ class _Watcher:
         # each socket read of the other waits for the GIL (the convoy effect): two lists of
         # 100,000 objects at once took three times their CPU time.
         source = self._source
-        decoder = source._decoder if (source.DECODE_IN_WORKER and self.kind in (
-            "service", "endpointslice")) or (source.DECODE_SERVICES_IN_WORKER and
-                                              self.kind == "service") else None
+        decoder = source._decoder if self.kind in ("service", "endpointslice") else None
         with self._source._listing, contextlib.ExitStack() as stack:
             page = _PageFetch(self._page, query, self.kind)
             # Pages given to the decoding worker, oldest first, with their text (parsed here
@@ -1241,12 +1239,20 @@ class _Watcher:
                 # Pages whose metadata comes after their items (no server sends that) are
                 # parsed here: their token is known only then.
                 pending = None
-                if decoder is not None and head is not None and (token or handed) and \
-                        len(handed) < 2 and decoder.usable:
-                    if not stack_entered:  # the worker runs while this list does
-                        stack.enter_context(decoder.session())
-                        stack_entered = True
-                    pending = decoder.submit(self.kind, text.encode("utf-8"))
+                mode = self._worker_mode() if decoder is not None else None
+                if mode is not None and head is not None and \
+                        (token or handed or stack_entered) and decoder.usable:
+                    if mode == "only":
+                        # The services' pages: this process has the core's rounds of the
+                        # pages before to run meanwhile, so it leaves the parsing to the
+                        # worker and waits for its answers (without the GIL) instead.
+                        while len(handed) >= 2 and decoder.usable:
+                            self._take_decoded(decoder, *handed.popleft(), seen)
+                    if len(handed) < 2 and decoder.usable:
+                        if not stack_entered:  # the worker runs while this list does
+                            stack.enter_context(decoder.session())
+                            stack_entered = True
+                        pending = decoder.submit(self.kind, text.encode("utf-8"))
                 if pending is not None:
                     handed.append((pending, text))
                     metadata = head
@@ -1270,6 +1276,20 @@ class _Watcher:
                  self.resource_version)
         if self._after_list is not None:
             self._after_list()
+
+    def _worker_mode(self) -> Optional[str]:
+        """Whether the decoding worker takes this list's next page: "only" (every page, this
+        thread parses none), "share" (when it holds fewer than two: both processes parse),
+        or None (this thread parses every page). Asked page by page: the datapath's compile,
+        which the slices list runs alongside, may end half-way through it."""
+        source = self._source
+        if self.kind == "service":
+            return "only" if source.DECODE_IN_WORKER or source.DECODE_SERVICES_IN_WORKER \
+                else None
+        if source.DECODE_IN_WORKER or (source.DECODE_SERVICES_IN_WORKER and
+                                       source._compile_done.is_set()):
+            return "share"
+        return None
 
     def _take_decoded(self, decoder: PageDecoder, pending: Any, text: str,
                       seen: Set[ServiceKey]) -> None:
@@ -1510,8 +1530,10 @@ class KubernetesSource:
     # the lists alone 11.1-12.0 s -> 8.2-8.3 s of wall time with the worker, but start -> ready
     # unchanged (25.5 s and 25.4 s against 25.6 s and 23.8 s) for 4.5 s more CPU.
     DECODE_IN_WORKER = len(os.sched_getaffinity(0)) >= 3
-    # On two CPUs, the Services list only: it runs after the slices, once the compile is
-    # done, while the core programs its pages; the worker then has the second CPU.
+    # On two CPUs, the Services list (it runs after the slices, once the compile is done,
+    # while the core programs its pages: the worker parses all its pages, and this process
+    # only takes them), and the slices' pages once the agent says the compile is over
+    # (compile_done): then the second CPU is free.
     DECODE_SERVICES_IN_WORKER = len(os.sched_getaffinity(0)) >= 2
     QUIET_SECONDS = 0.01      # deliver once the stream has been quiet this long...
     MAX_DELAY_SECONDS = 0.05  # ...or this long after the first change, whichever comes first
@@ -1536,6 +1558,7 @@ class KubernetesSource:
         self._stopping = threading.Event()
         self._listing = threading.Lock()  # held by the watcher that is listing
         self._slices_listed = threading.Event()  # the services are listed after the slices
+        self._compile_done = threading.Event()  # compile_done(): a CPU for the worker
         self._changed = threading.Event()
         self._state = _ClusterState(on_dirty=self._changed.set, on_notes=self._report_notes)
         self._decoder = PageDecoder(on_crash=self._decoder_crashed)
@@ -1586,6 +1609,11 @@ class KubernetesSource:
         self._threads = [*(w.thread for w in self._watchers), delivery]
         for thread in self._threads:
             thread.start()
+
+    def compile_done(self) -> None:
+        """The agent's datapath compile (a child process) is over: on two CPUs the decoding
+        worker may take the slices' pages too, on the CPU the compiler had."""
+        self._compile_done.set()
 
     def _mesh_watchers(self, core) -> List["_Watcher"]:
         """Pods on this node (field selector spec.nodeName) and MeshPolicies, for workload
