@@ -854,6 +854,36 @@ def test_source_metrics_registered_elsewhere_first_are_reused(kubeconfig, regist
     assert events(registry, "relist") == 1
 
 
+def test_the_source_syncs_without_the_clients_generated_api_classes(api, kubeconfig):
+    # Their modules cost half a second of CPU on first use, in the agent's process while its
+    # first lists run: every call (lists, watches, pods, policies, the node) goes without.
+    import subprocess
+    import textwrap
+    script = textwrap.dedent(f"""
+        import sys, threading
+        from prometheus_client import CollectorRegistry
+        from nodemesh.sources.kubernetes import KubernetesSource
+        synced = threading.Event()
+        source = KubernetesSource(kubeconfig={str(kubeconfig)!r}, node_name="node-a",
+                                  registry=CollectorRegistry())
+        source.start(lambda delta: delta.full and synced.set(), print)
+        assert synced.wait(20), "no full delta"
+        for _ in range(200):
+            if source.node_zone == "zone-a" and source._mesh_state is not None:
+                break
+            threading.Event().wait(0.05)
+        source.stop()
+        print(source.node_zone, sorted(m for m in sys.modules
+                                       if m.startswith("kubernetes.client.api.")))
+    """)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=root, env={**__import__("os").environ,
+                                                     "PYTHONPATH": str(root / "agent")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "zone-a []"
+
+
 def test_the_node_zone_is_read_from_the_node_object(run_source):
     source, recorder = run_source(node_name="node-a")
     recorder.wait_for_change()

@@ -52,9 +52,11 @@ Why raw streaming (`_preload_content=False`) and not `kubernetes.watch.Watch`
     resourceVersion, quietly opens a new watch whenever a stream ends, and turns every
     object into the client's model classes. We need to see each of those events to relist,
     back off and count them, and we translate from the API's own JSON (the same shape as the
-    fixtures and `kubectl get -o json`). So we call the generated list functions with
-    watch=True and `_preload_content=False`, which returns the urllib3 response (non-2xx
-    still raises ApiException), and split the chunked stream into JSON lines ourselves.
+    fixtures and `kubectl get -o json`). So we ask for lists and watches with
+    `_preload_content=False`, which returns the urllib3 response (non-2xx still raises
+    ApiException), and split the chunked stream into JSON lines ourselves. The requests are
+    built by the ApiClient itself (_RestCalls), not by the generated CoreV1Api, whose
+    first use costs half a second of CPU at start.
 
 Running it against a cluster (see docs/kubernetes-source.md)
     nodemesh run --source kubernetes --kubeconfig ~/.kube/config --node-name $(hostname)
@@ -86,6 +88,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import (
@@ -1518,6 +1521,58 @@ def _import_client():
     return client, config
 
 
+class _RestCalls:
+    """The few API calls the source makes (lists, watches, a node), through the ApiClient
+    alone. The generated CoreV1Api costs ~0.5 s of CPU on first use (its module: hundreds of
+    pydantic-validated methods), on the agent's process while the first lists run; the
+    source needs none of that. The same keyword arguments as the generated functions and the
+    same answer: with _preload_content=False the urllib3 response, ApiException if the
+    status is not 2xx. An argument not named here is refused (KeyError)."""
+
+    QUERY = {"limit": "limit", "resource_version": "resourceVersion", "_continue": "continue",
+             "watch": "watch", "allow_watch_bookmarks": "allowWatchBookmarks",
+             "timeout_seconds": "timeoutSeconds", "field_selector": "fieldSelector",
+             "label_selector": "labelSelector"}
+
+    def __init__(self, api_client: Any) -> None:
+        self._api = api_client
+
+    @staticmethod
+    def usable(api_client: Any) -> bool:
+        """The client's request builder is there (kubernetes >= 32); older clients keep the
+        generated API classes."""
+        return all(callable(getattr(api_client, name, None))
+                   for name in ("param_serialize", "_call_with_legacy_options"))
+
+    def get(self, path: str, _preload_content: bool = False, _request_timeout: Any = None,
+            **params: Any) -> Any:
+        if _preload_content:
+            raise ValueError("the source reads every answer raw (_preload_content=False)")
+        query = [(self.QUERY[name], value) for name, value in params.items()
+                 if value is not None]
+        request = self._api.param_serialize(
+            method="GET", resource_path=path, query_params=query,
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        return self._api._call_with_legacy_options(request, {}, None, False,
+                                                   _request_timeout, True)
+
+    def list_service_for_all_namespaces(self, **kwargs: Any) -> Any:
+        return self.get("/api/v1/services", **kwargs)
+
+    def list_endpoint_slice_for_all_namespaces(self, **kwargs: Any) -> Any:
+        return self.get("/apis/discovery.k8s.io/v1/endpointslices", **kwargs)
+
+    def list_pod_for_all_namespaces(self, **kwargs: Any) -> Any:
+        return self.get("/api/v1/pods", **kwargs)
+
+    def list_cluster_custom_object(self, group: str, version: str, plural: str,
+                                   **kwargs: Any) -> Any:
+        return self.get(f"/apis/{group}/{version}/{plural}", **kwargs)
+
+    def read_node(self, name: str, **kwargs: Any) -> Any:
+        return self.get(f"/api/v1/nodes/{urllib.parse.quote(name, safe='')}", **kwargs)
+
+
 class KubernetesSource:
     """Desired services from a Kubernetes API server (Services + EndpointSlices)."""
 
@@ -1593,8 +1648,7 @@ class KubernetesSource:
         if self._threads:
             raise RuntimeError("KubernetesSource.start() called twice")
         self._on_change, self._on_error = on_change, on_error
-        core = self._client.CoreV1Api(self._new_api_client())
-        discovery = self._client.DiscoveryV1Api(self._new_api_client())
+        core, discovery = self._api("CoreV1Api"), self._api("DiscoveryV1Api")
         self._watchers = [
             _Watcher("service", core.list_service_for_all_namespaces, self, self._state,
                      after_list=self._refresh_node_zone, first_list_after=self._slices_listed),
@@ -1628,7 +1682,7 @@ class KubernetesSource:
             self._report_error(f"kubernetes: {message}")
 
         self._mesh_state = state = MeshState(self._changed.set, note, cgroup2_root())
-        custom = self._client.CustomObjectsApi(self._new_api_client())
+        custom = self._api("CustomObjectsApi")
         pods = functools.partial(core.list_pod_for_all_namespaces,
                                  field_selector=f"spec.nodeName={self.node_name}")
         policies = functools.partial(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
@@ -1649,6 +1703,14 @@ class KubernetesSource:
                 pass
         self._api_clients = []
         self._decoder.stop()
+
+    def _api(self, generated: str) -> Any:
+        """The calls of one watcher, on an ApiClient (a connection pool) of its own: direct
+        (_RestCalls), or the client's generated class of that name where it is too old."""
+        api_client = self._new_api_client()
+        if _RestCalls.usable(api_client):
+            return _RestCalls(api_client)
+        return getattr(self._client, generated)(api_client)
 
     # -- what the watchers call
     def _new_api_client(self):
