@@ -1539,8 +1539,8 @@ class _RestCalls:
 
     @staticmethod
     def usable(api_client: Any) -> bool:
-        """The client's request builder is there (kubernetes >= 32); older clients keep the
-        generated API classes."""
+        """The client's request builder is there (the pydantic-generated clients; 37.0.2
+        here); older clients keep the generated API classes."""
         return all(callable(getattr(api_client, name, None))
                    for name in ("param_serialize", "_call_with_legacy_options"))
 
