@@ -648,8 +648,8 @@ def pages_by_parser(monkeypatch):
     pages = []
 
     def record(state, kind, items, seen):
-        pages.append((kind, "worker" if isinstance(items, kubernetes_source.DecodedPage)
-                      else "agent"))
+        parser = "worker" if isinstance(items, kubernetes_source.DecodedPage) else "agent"
+        pages.append((kind, parser) if not state.delivered else ("relist", kind, parser))
         list_page(state, kind, items, seen)
 
     monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", record)
@@ -679,6 +679,20 @@ def test_once_the_compile_is_done_the_worker_parses_slices_too(api, monkeypatch,
     assert keys(full.upserts) == [("default", "api"), ("shop", "web")]
     assert len(addresses(full.upserts, "shop", "web")) == 4
     assert ("endpointslice", "worker") in pages
+
+
+def test_a_relist_after_the_first_sync_parses_the_slices_in_the_agent(api, registry,
+                                                                      monkeypatch, run_source):
+    # Once synced, a relist's slices are parsed here, where one whose resourceVersion did
+    # not move is not parsed at all; the worker would parse every one of them.
+    pages = pages_by_parser(monkeypatch)
+    _, recorder = run_source(before_start=lambda source: source.compile_done(),
+                             resync_seconds=0.5)
+    recorder.wait_for_delta(0)
+    wait_until(lambda: sum(1 for page in pages if page[:2] == ("relist", "endpointslice"))
+               >= 5, what="a relist of the slices")
+    relisted = {page[2] for page in pages if page[:2] == ("relist", "endpointslice")}
+    assert relisted == {"agent"}
 
 
 def test_a_crashed_decoding_worker_is_counted_and_its_pages_are_parsed_by_the_agent(

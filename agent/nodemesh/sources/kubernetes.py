@@ -907,6 +907,11 @@ class _ClusterState:
         self._stored: Dict[str, Dict[ServiceKey, Any]] = {"service": self._services,
                                                            "endpointslice": self._slices}
 
+    @property
+    def delivered(self) -> bool:
+        """The first full delta is out: the first sync is over."""
+        return self._delivered
+
     # -- what the watchers call
     def put(self, kind: str, obj: dict) -> None:
         key, version = _key_and_version(obj)
@@ -1284,12 +1289,17 @@ class _Watcher:
         """Whether the decoding worker takes this list's next page: "only" (every page, this
         thread parses none), "share" (when it holds fewer than two: both processes parse),
         or None (this thread parses every page). Asked page by page: the datapath's compile,
-        which the slices list runs alongside, may end half-way through it."""
+        which the slices list runs alongside, may end half-way through it. The first sync
+        is what the agent waits for; a later relist keeps to what it did before (on two
+        CPUs: the services shared with the worker, the slices parsed here, where a slice
+        whose resourceVersion did not move is not parsed at all)."""
         source = self._source
+        first_sync = not self._state.delivered
         if self.kind == "service":
-            return "only" if source.DECODE_IN_WORKER or source.DECODE_SERVICES_IN_WORKER \
-                else None
-        if source.DECODE_IN_WORKER or (source.DECODE_SERVICES_IN_WORKER and
+            if not (source.DECODE_IN_WORKER or source.DECODE_SERVICES_IN_WORKER):
+                return None
+            return "only" if first_sync else "share"
+        if source.DECODE_IN_WORKER or (first_sync and source.DECODE_SERVICES_IN_WORKER and
                                        source._compile_done.is_set()):
             return "share"
         return None
