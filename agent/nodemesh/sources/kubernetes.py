@@ -1539,10 +1539,13 @@ class _RestCalls:
     same answer: with _preload_content=False the urllib3 response, ApiException if the
     status is not 2xx. An argument not named here is refused (KeyError)."""
 
+    # Every query parameter of the generated list functions, by their argument names.
     QUERY = {"limit": "limit", "resource_version": "resourceVersion", "_continue": "continue",
              "watch": "watch", "allow_watch_bookmarks": "allowWatchBookmarks",
              "timeout_seconds": "timeoutSeconds", "field_selector": "fieldSelector",
-             "label_selector": "labelSelector"}
+             "label_selector": "labelSelector", "pretty": "pretty",
+             "resource_version_match": "resourceVersionMatch",
+             "send_initial_events": "sendInitialEvents", "shard_selector": "shardSelector"}
 
     def __init__(self, api_client: Any) -> None:
         self._api = api_client
