@@ -662,9 +662,14 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
         p = psutil.Process(agent.proc.pid)
         out = {"source": source, "n": n, "ready": ready, "datapath": agent.datapath_seconds(),
                "cpu_ready": cpu_seconds(p, children=True), "rss_ready": p.memory_info().rss,
-               "hwm_ready": vm_hwm(p.pid)}
+               "hwm_ready": vm_hwm(p.pid), "cpu_ready_own": cpu_seconds(p)}
+        # The agent's own process (its threads, not the compiler or decoding children) is
+        # what a first sync waits for on two CPUs: its CPU to ready moves less with the
+        # machine's load than the time to ready does.
         print(f"  {source} N={n:,}: ready in {ready:.2f}s, RSS "
-              f"{out['rss_ready'] / 2 ** 20:.0f} MiB", flush=True)
+              f"{out['rss_ready'] / 2 ** 20:.0f} MiB (VmHWM {out['hwm_ready'] / 2 ** 20:.0f} "
+              f"MiB); CPU of the agent's own process to ready {out['cpu_ready_own']:.2f} s",
+              flush=True)
 
         reader = MapReader(lab.bpffs)
         probe = Probe(lab, args.probe_interval)

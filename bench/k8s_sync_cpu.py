@@ -107,6 +107,7 @@ def main() -> None:
         DECODE_IN_WORKER = not args.no_worker
         DECODE_SERVICES_IN_WORKER = False  # the worker for both lists, or for neither
         _listing = threading.Lock()
+        _compile_done = threading.Event()  # no compile here
         _decoder = k8s.PageDecoder(print) if hasattr(k8s, "PageDecoder") else None
         resync_seconds = 300
         source = None  # the source's own counting, once the events are timed

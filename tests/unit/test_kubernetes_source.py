@@ -149,9 +149,11 @@ def run_source(kubeconfig, registry):
     """Start a source against the fake API; it is stopped after the test."""
     started = []
 
-    def start(**options):
+    def start(before_start=None, **options):
         options.setdefault("registry", registry)
         source = KubernetesSource(kubeconfig=kubeconfig, **options)
+        if before_start is not None:
+            before_start(source)
         recorder = Recorder()
         source.start(recorder.on_change, recorder.on_error)
         started.append(source)
@@ -687,6 +689,63 @@ def test_on_two_cpus_the_worker_decodes_the_services_list_and_not_the_slices(api
     assert decoded and {kind for kind, _ in decoded} == {"service"}
 
 
+def pages_by_parser(monkeypatch):
+    """Lists of one item a page, on two CPUs: the (kind, "worker" or "agent") of each page
+    that reached the cluster state, in order: decoded by the worker, or by the agent."""
+    monkeypatch.setattr(KubernetesSource, "DECODE_IN_WORKER", False)
+    monkeypatch.setattr(KubernetesSource, "DECODE_SERVICES_IN_WORKER", True)
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    list_page = kubernetes_source._ClusterState.list_page
+    pages = []
+
+    def record(state, kind, items, seen):
+        parser = "worker" if isinstance(items, kubernetes_source.DecodedPage) else "agent"
+        pages.append((kind, parser) if not state.delivered else ("relist", kind, parser))
+        list_page(state, kind, items, seen)
+
+    monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", record)
+    return pages
+
+
+def test_the_services_list_leaves_every_page_to_the_worker_while_the_agent_programs(
+        api, monkeypatch, run_source):
+    # The agent's process runs the core's rounds of the pages listed so far: it parses none
+    # of the services' pages itself, even while the worker (still starting) holds two.
+    for i in range(6):
+        api.put(new_service(f"more-{i}", f"10.96.40.{i + 1}"))
+    pages = pages_by_parser(monkeypatch)
+    _, recorder = run_source()
+    full = recorder.wait_for_delta(0)
+    assert len(full.upserts) == 8
+    services = [parser for kind, parser in pages if kind == "service"]
+    assert len(services) >= 10 and set(services) == {"worker"}
+
+
+def test_once_the_compile_is_done_the_worker_parses_slices_too(api, monkeypatch, run_source):
+    # On two CPUs the slices list runs beside the datapath's compile, in the agent's process
+    # alone; once the agent says the compile is over, the worker takes slices' pages too.
+    pages = pages_by_parser(monkeypatch)
+    _, recorder = run_source(before_start=lambda source: source.compile_done())
+    full = recorder.wait_for_delta(0)
+    assert keys(full.upserts) == [("default", "api"), ("shop", "web")]
+    assert len(addresses(full.upserts, "shop", "web")) == 4
+    assert ("endpointslice", "worker") in pages
+
+
+def test_a_relist_after_the_first_sync_parses_the_slices_in_the_agent(api, registry,
+                                                                      monkeypatch, run_source):
+    # Once synced, a relist's slices are parsed here, where one whose resourceVersion did
+    # not move is not parsed at all; the worker would parse every one of them.
+    pages = pages_by_parser(monkeypatch)
+    _, recorder = run_source(before_start=lambda source: source.compile_done(),
+                             resync_seconds=0.5)
+    recorder.wait_for_delta(0)
+    wait_until(lambda: sum(1 for page in pages if page[:2] == ("relist", "endpointslice"))
+               >= 5, what="a relist of the slices")
+    relisted = {page[2] for page in pages if page[:2] == ("relist", "endpointslice")}
+    assert relisted == {"agent"}
+
+
 def test_a_crashed_decoding_worker_is_counted_and_its_pages_are_parsed_by_the_agent(
         api, registry, monkeypatch, run_source):
     # The first worker dies before it answers (killed as it starts): the pages it held are
@@ -858,6 +917,36 @@ def test_source_metrics_registered_elsewhere_first_are_reused(kubeconfig, regist
     KubernetesSource(kubeconfig=kubeconfig, registry=registry)
     counter.labels(source="kubernetes", kind="relist").inc()
     assert events(registry, "relist") == 1
+
+
+def test_the_source_syncs_without_the_clients_generated_api_classes(api, kubeconfig):
+    # Their modules cost half a second of CPU on first use, in the agent's process while its
+    # first lists run: every call (lists, watches, pods, policies, the node) goes without.
+    import subprocess
+    import textwrap
+    script = textwrap.dedent(f"""
+        import sys, threading
+        from prometheus_client import CollectorRegistry
+        from nodemesh.sources.kubernetes import KubernetesSource
+        synced = threading.Event()
+        source = KubernetesSource(kubeconfig={str(kubeconfig)!r}, node_name="node-a",
+                                  registry=CollectorRegistry())
+        source.start(lambda delta: delta.full and synced.set(), print)
+        assert synced.wait(20), "no full delta"
+        for _ in range(200):
+            if source.node_zone == "zone-a" and source._mesh_state is not None:
+                break
+            threading.Event().wait(0.05)
+        source.stop()
+        print(source.node_zone, sorted(m for m in sys.modules
+                                       if m.startswith("kubernetes.client.api.")))
+    """)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=root, env={**__import__("os").environ,
+                                                     "PYTHONPATH": str(root / "agent")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "zone-a []"
 
 
 def test_the_node_zone_is_read_from_the_node_object(run_source):

@@ -54,9 +54,11 @@ Why raw streaming (`_preload_content=False`) and not `kubernetes.watch.Watch`
     resourceVersion, quietly opens a new watch whenever a stream ends, and turns every
     object into the client's model classes. We need to see each of those events to relist,
     back off and count them, and we translate from the API's own JSON (the same shape as the
-    fixtures and `kubectl get -o json`). So we call the generated list functions with
-    watch=True and `_preload_content=False`, which returns the urllib3 response (non-2xx
-    still raises ApiException), and split the chunked stream into JSON lines ourselves.
+    fixtures and `kubectl get -o json`). So we ask for lists and watches with
+    `_preload_content=False`, which returns the urllib3 response (non-2xx still raises
+    ApiException), and split the chunked stream into JSON lines ourselves. The requests are
+    built by the ApiClient itself (_RestCalls), not by the generated CoreV1Api, whose
+    first use costs half a second of CPU at start.
 
 Running it against a cluster (see docs/kubernetes-source.md)
     nodemesh run --source kubernetes --kubeconfig ~/.kube/config --node-name $(hostname)
@@ -88,6 +90,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import (
@@ -906,6 +909,11 @@ class _ClusterState:
         self._stored: Dict[str, Dict[ServiceKey, Any]] = {"service": self._services,
                                                            "endpointslice": self._slices}
 
+    @property
+    def delivered(self) -> bool:
+        """The first full delta is out: the first sync is over."""
+        return self._delivered
+
     # -- what the watchers call
     @property
     def delivered(self) -> bool:
@@ -1233,9 +1241,7 @@ class _Watcher:
         # each socket read of the other waits for the GIL (the convoy effect): two lists of
         # 100,000 objects at once took three times their CPU time.
         source = self._source
-        decoder = source._decoder if (source.DECODE_IN_WORKER and self.kind in (
-            "service", "endpointslice")) or (source.DECODE_SERVICES_IN_WORKER and
-                                              self.kind == "service") else None
+        decoder = source._decoder if self.kind in ("service", "endpointslice") else None
         with self._source._listing, contextlib.ExitStack() as stack:
             page = _PageFetch(self._page, query, self.kind)
             # Pages given to the decoding worker, oldest first, with their text (parsed here
@@ -1260,12 +1266,20 @@ class _Watcher:
                 # Pages whose metadata comes after their items (no server sends that) are
                 # parsed here: their token is known only then.
                 pending = None
-                if decoder is not None and head is not None and (token or handed) and \
-                        len(handed) < 2 and decoder.usable:
-                    if not stack_entered:  # the worker runs while this list does
-                        stack.enter_context(decoder.session())
-                        stack_entered = True
-                    pending = decoder.submit(self.kind, text.encode("utf-8"))
+                mode = self._worker_mode() if decoder is not None else None
+                if mode is not None and head is not None and \
+                        (token or handed or stack_entered) and decoder.usable:
+                    if mode == "only":
+                        # The services' pages: this process has the core's rounds of the
+                        # pages before to run meanwhile, so it leaves the parsing to the
+                        # worker and waits for its answers (without the GIL) instead.
+                        while len(handed) >= 2 and decoder.usable:
+                            self._take_decoded(decoder, *handed.popleft(), seen)
+                    if len(handed) < 2 and decoder.usable:
+                        if not stack_entered:  # the worker runs while this list does
+                            stack.enter_context(decoder.session())
+                            stack_entered = True
+                        pending = decoder.submit(self.kind, text.encode("utf-8"))
                 if pending is not None:
                     handed.append((pending, text))
                     metadata = head
@@ -1289,6 +1303,25 @@ class _Watcher:
                  self.resource_version)
         if self._after_list is not None:
             self._after_list()
+
+    def _worker_mode(self) -> Optional[str]:
+        """Whether the decoding worker takes this list's next page: "only" (every page, this
+        thread parses none), "share" (when it holds fewer than two: both processes parse),
+        or None (this thread parses every page). Asked page by page: the datapath's compile,
+        which the slices list runs alongside, may end half-way through it. The first sync
+        is what the agent waits for; a later relist keeps to what it did before (on two
+        CPUs: the services shared with the worker, the slices parsed here, where a slice
+        whose resourceVersion did not move is not parsed at all)."""
+        source = self._source
+        first_sync = not self._state.delivered
+        if self.kind == "service":
+            if not (source.DECODE_IN_WORKER or source.DECODE_SERVICES_IN_WORKER):
+                return None
+            return "only" if first_sync else "share"
+        if source.DECODE_IN_WORKER or (first_sync and source.DECODE_SERVICES_IN_WORKER and
+                                       source._compile_done.is_set()):
+            return "share"
+        return None
 
     def _take_decoded(self, decoder: PageDecoder, pending: Any, text: str,
                       seen: Set[ServiceKey]) -> None:
@@ -1525,6 +1558,61 @@ def _import_client():
     return client, config
 
 
+class _RestCalls:
+    """The few API calls the source makes (lists, watches, a node), through the ApiClient
+    alone. The generated CoreV1Api costs ~0.5 s of CPU on first use (its module: hundreds of
+    pydantic-validated methods), on the agent's process while the first lists run; the
+    source needs none of that. The same keyword arguments as the generated functions and the
+    same answer: with _preload_content=False the urllib3 response, ApiException if the
+    status is not 2xx. An argument not named here is refused (KeyError)."""
+
+    # Every query parameter of the generated list functions, by their argument names.
+    QUERY = {"limit": "limit", "resource_version": "resourceVersion", "_continue": "continue",
+             "watch": "watch", "allow_watch_bookmarks": "allowWatchBookmarks",
+             "timeout_seconds": "timeoutSeconds", "field_selector": "fieldSelector",
+             "label_selector": "labelSelector", "pretty": "pretty",
+             "resource_version_match": "resourceVersionMatch",
+             "send_initial_events": "sendInitialEvents", "shard_selector": "shardSelector"}
+
+    def __init__(self, api_client: Any) -> None:
+        self._api = api_client
+
+    @staticmethod
+    def usable(api_client: Any) -> bool:
+        """The client's request builder is there (the pydantic-generated clients; 37.0.2
+        here); older clients keep the generated API classes."""
+        return all(callable(getattr(api_client, name, None))
+                   for name in ("param_serialize", "_call_with_legacy_options"))
+
+    def get(self, path: str, _preload_content: bool = False, _request_timeout: Any = None,
+            **params: Any) -> Any:
+        if _preload_content:
+            raise ValueError("the source reads every answer raw (_preload_content=False)")
+        query = [(self.QUERY[name], value) for name, value in params.items()
+                 if value is not None]
+        request = self._api.param_serialize(
+            method="GET", resource_path=path, query_params=query,
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        return self._api._call_with_legacy_options(request, {}, None, False,
+                                                   _request_timeout, True)
+
+    def list_service_for_all_namespaces(self, **kwargs: Any) -> Any:
+        return self.get("/api/v1/services", **kwargs)
+
+    def list_endpoint_slice_for_all_namespaces(self, **kwargs: Any) -> Any:
+        return self.get("/apis/discovery.k8s.io/v1/endpointslices", **kwargs)
+
+    def list_pod_for_all_namespaces(self, **kwargs: Any) -> Any:
+        return self.get("/api/v1/pods", **kwargs)
+
+    def list_cluster_custom_object(self, group: str, version: str, plural: str,
+                                   **kwargs: Any) -> Any:
+        return self.get(f"/apis/{group}/{version}/{plural}", **kwargs)
+
+    def read_node(self, name: str, **kwargs: Any) -> Any:
+        return self.get(f"/api/v1/nodes/{urllib.parse.quote(name, safe='')}", **kwargs)
+
+
 class KubernetesSource:
     """Desired services from a Kubernetes API server (Services + EndpointSlices)."""
 
@@ -1537,8 +1625,10 @@ class KubernetesSource:
     # the lists alone 11.1-12.0 s -> 8.2-8.3 s of wall time with the worker, but start -> ready
     # unchanged (25.5 s and 25.4 s against 25.6 s and 23.8 s) for 4.5 s more CPU.
     DECODE_IN_WORKER = len(os.sched_getaffinity(0)) >= 3
-    # On two CPUs, the Services list only: it runs after the slices, once the compile is
-    # done, while the core programs its pages; the worker then has the second CPU.
+    # On two CPUs, the Services list (it runs after the slices, once the compile is done,
+    # while the core programs its pages: the worker parses all its pages, and this process
+    # only takes them), and the slices' pages once the agent says the compile is over
+    # (compile_done): then the second CPU is free.
     DECODE_SERVICES_IN_WORKER = len(os.sched_getaffinity(0)) >= 2
     # The coalescing window. A watch event that finds the source idle (nothing delivered in
     # the last QUIET_SECONDS, no burst held) is delivered at once, by the watch thread that
@@ -1569,6 +1659,7 @@ class KubernetesSource:
         self._stopping = threading.Event()
         self._listing = threading.Lock()  # held by the watcher that is listing
         self._slices_listed = threading.Event()  # the services are listed after the slices
+        self._compile_done = threading.Event()  # compile_done(): a CPU for the worker
         self._changed = threading.Event()
         # One delivery at a time (a watch thread's or the delivery thread's), so that deltas
         # reach on_change in the order they were taken.
@@ -1608,8 +1699,7 @@ class KubernetesSource:
         if self._threads:
             raise RuntimeError("KubernetesSource.start() called twice")
         self._on_change, self._on_error = on_change, on_error
-        core = self._client.CoreV1Api(self._new_api_client())
-        discovery = self._client.DiscoveryV1Api(self._new_api_client())
+        core, discovery = self._api("CoreV1Api"), self._api("DiscoveryV1Api")
         self._watchers = [
             _Watcher("service", core.list_service_for_all_namespaces, self, self._state,
                      after_list=self._refresh_node_zone, first_list_after=self._slices_listed),
@@ -1625,6 +1715,11 @@ class KubernetesSource:
         for thread in self._threads:
             thread.start()
 
+    def compile_done(self) -> None:
+        """The agent's datapath compile (a child process) is over: on two CPUs the decoding
+        worker may take the slices' pages too, on the CPU the compiler had."""
+        self._compile_done.set()
+
     def _mesh_watchers(self, core) -> List["_Watcher"]:
         """Pods on this node (field selector spec.nodeName) and MeshPolicies, for workload
         identities and policies (sources/kubernetes_mesh.py)."""
@@ -1638,7 +1733,7 @@ class KubernetesSource:
             self._report_error(f"kubernetes: {message}")
 
         self._mesh_state = state = MeshState(self._changed.set, note, cgroup2_root())
-        custom = self._client.CustomObjectsApi(self._new_api_client())
+        custom = self._api("CustomObjectsApi")
         pods = functools.partial(core.list_pod_for_all_namespaces,
                                  field_selector=f"spec.nodeName={self.node_name}")
         policies = functools.partial(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
@@ -1659,6 +1754,14 @@ class KubernetesSource:
                 pass
         self._api_clients = []
         self._decoder.stop()
+
+    def _api(self, generated: str) -> Any:
+        """The calls of one watcher, on an ApiClient (a connection pool) of its own: direct
+        (_RestCalls), or the client's generated class of that name where it is too old."""
+        api_client = self._new_api_client()
+        if _RestCalls.usable(api_client):
+            return _RestCalls(api_client)
+        return getattr(self._client, generated)(api_client)
 
     # -- what the watchers call
     def _new_api_client(self):

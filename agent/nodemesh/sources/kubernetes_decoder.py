@@ -9,9 +9,10 @@ Why a process: a big first list (100,000 Services and as many EndpointSlices) is
 JSON and parsing it into the source's records, pure Python under one GIL. A child process
 does that for the pages it is given (the same functions: parse_service, parse_slice) and
 hands back a DecodedPage, pickled: the records (model.Service / Backend) unpickle in about a
-quarter of the time it takes to decode and parse them. The source gives the child a page
-only when it has fewer than two pages in hand and parses the others itself, so both CPUs
-work and neither waits for the other.
+quarter of the time it takes to decode and parse them. The source keeps at most two pages
+in the child. While it has nothing else to do (the slices list) it parses the other pages
+itself, so both CPUs parse; while its process has the core's rounds to run (the services
+list, streamed) it waits for the child's answers instead, and the child parses every page.
 
 Supervision: a child that dies, or does not answer within RESULT_TIMEOUT_SECONDS, is logged
 and counted (on_crash), its pages fail with DecoderCrashed (the source parses them itself:
