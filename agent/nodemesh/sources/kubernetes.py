@@ -909,15 +909,11 @@ class _ClusterState:
         self._stored: Dict[str, Dict[ServiceKey, Any]] = {"service": self._services,
                                                            "endpointslice": self._slices}
 
-    @property
-    def delivered(self) -> bool:
-        """The first full delta is out: the first sync is over."""
-        return self._delivered
-
     # -- what the watchers call
     @property
     def delivered(self) -> bool:
-        """The first full delta is out: from now on a delta carries only what changed."""
+        """The first full delta is out (the first sync is over): from now on a delta carries
+        only what changed."""
         return self._delivered
 
     def put(self, kind: str, obj: dict, signal: bool = True) -> None:
