@@ -571,6 +571,10 @@ def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypat
         # Between two pages the snapshot goes away (as the second page is asked for: how far
         # parsing has got by then depends on the decoding worker and the machine's load).
         if watcher.kind == "service" and "_continue" in query and not expired:
+            # The slices were listed before the services; their watch opens right after. Let
+            # it open first: opened after the compaction, it would get a 410 of its own and
+            # "gone" would count 2 (seen under load).
+            api.wait_for(lambda: api.open_watches("endpointslices") > 0, timeout=5)
             expired.append(api.put(new_service("during-list", "10.96.33.33")))
             api.compact()
         return page(watcher, query)
