@@ -387,7 +387,25 @@ class IdSet:
 BackendKey = Tuple[str, int]  # (address, target port)
 
 
-class BackendIds(Mapping[BackendKey, int]):
+class _FlatKeys:
+    """The keys of an (address, port, x, ...) flat tuple `_flat`, for the mappings below."""
+
+    __slots__ = ()
+    _flat: Tuple[Any, ...]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]  # the subclass's __getitem__
+        except (KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[BackendKey]:
+        flat = self._flat
+        return zip(flat[0::3], flat[1::3])
+
+
+class BackendIds(_FlatKeys, Mapping[BackendKey, int]):
     """A small frontend's (address, port) -> backend id, kept as one flat tuple (address,
     port, id, address, port, id, ...): about 110 bytes for 3 backends, where a dict with its
     key tuples takes about 350. At 100,000 frontends that is 25 MB of the agent's RSS.
@@ -408,23 +426,12 @@ class BackendIds(Mapping[BackendKey, int]):
                 return flat[i + 2]  # type: ignore[no-any-return]
         raise KeyError(key)
 
-    def __contains__(self, key: object) -> bool:
-        try:
-            self[key]  # type: ignore[index]
-        except (KeyError, TypeError, ValueError):
-            return False
-        return True
-
     @classmethod
     def from_flat(cls, flat: Tuple[Any, ...]) -> "BackendIds":
         """From (address, port, id, ...) with no (address, port) twice: kept as it is."""
         ids = cls.__new__(cls)
         ids._flat = flat
         return ids
-
-    def __iter__(self) -> Iterator[BackendKey]:
-        flat = self._flat
-        return zip(flat[0::3], flat[1::3])
 
     def triples(self) -> Iterator[Tuple[str, int, int]]:
         flat = self._flat
@@ -444,7 +451,7 @@ class BackendIds(Mapping[BackendKey, int]):
         return f"BackendIds({dict(self.items())!r})"
 
 
-class AlignedIds(Mapping[BackendKey, int]):
+class AlignedIds(_FlatKeys, Mapping[BackendKey, int]):
     """A ProgrammedFrontend's (address, port) -> backend id when its ids are packed: the
     endpoints are its desired frontend's flat backends (address, port, weight, ...) and the
     ids a u32 each in the same order. Made on demand, read-only, equal to the dict."""
@@ -462,17 +469,6 @@ class AlignedIds(Mapping[BackendKey, int]):
             if flat[i] == address and flat[i + 1] == port:
                 return memoryview(self._ids).cast("I")[i // 3]
         raise KeyError(key)
-
-    def __contains__(self, key: object) -> bool:
-        try:
-            self[key]  # type: ignore[index]
-        except (KeyError, TypeError, ValueError):
-            return False
-        return True
-
-    def __iter__(self) -> Iterator[BackendKey]:
-        flat = self._flat
-        return zip(flat[0::3], flat[1::3])
 
     def triples(self) -> Iterator[Tuple[str, int, int]]:
         flat = self._flat
