@@ -341,32 +341,44 @@ def test_a_translated_tcp_socket_has_one_storage_that_holds_its_count_state(hold
     assert json.loads(out) == {"sock_revnat": 2, "sock_conn": False}  # 2: NM_SOCK_ACTIVE
 
 
-def test_connections_an_older_agent_counted_close_under_this_one(holding_lab, loaded, tmp_path,
-                                                                 monkeypatch):
-    """An older agent's connect hook kept a socket's count state in a second storage
-    (sock_conn; its sock_revnat has no NM_SOCK_F_COUNTS). After an upgrade this build's sockops
-    counts those sockets down from there: nothing stays counted once all have closed."""
+def older_build(tmp_path, define: str):
+    """This bpf/ copied, built the former way: `#define <define> 1` in sock_lb.c (a
+    measuring build's switch). Returns (this bpf/, the copy)."""
     from nodemesh.datapath.loader import bpf_source_dir
 
     this = str(bpf_source_dir())
     older = tmp_path / "bpf"
     shutil.copytree(this, older)
-    text = (older / "sock_lb.c").read_text()  # the former way, in a measuring build
-    (older / "sock_lb.c").write_text("#define NM_COST_TWO_STORAGES 1\n" + text)
+    text = (older / "sock_lb.c").read_text()
+    (older / "sock_lb.c").write_text(f"#define {define} 1\n" + text)
+    return this, str(older)
+
+
+def restart_with(lab, dp, rec, services) -> None:
+    """The agent restarted in the module's shared objects, as in the restart test above."""
+    dp.close()
+    dp.__init__(lab.bpffs, lab.cgroup)
+    rec.__init__(dp.load())
+    rec.adopt()
+    dp.attach()
+    rec.apply(services)
+
+
+def test_connections_an_older_agent_counted_close_under_this_one(holding_lab, loaded, tmp_path,
+                                                                 monkeypatch):
+    """An older agent's connect hook kept a socket's count state in a second storage
+    (sock_conn; its sock_revnat has no NM_SOCK_F_COUNTS). After an upgrade this build's sockops
+    counts those sockets down from there: nothing stays counted once all have closed."""
+    this, older = older_build(tmp_path, "NM_COST_TWO_STORAGES")
     lab = holding_lab
     dp, rec = loaded
 
-    def restart():  # in the module's shared objects, as in the restart test above
-        dp.close()
-        dp.__init__(lab.bpffs, lab.cgroup)
-        rec.__init__(dp.load())
-        rec.adopt()
-        dp.attach()
-        rec.apply([svc(lab)])
+    def restart():
+        restart_with(lab, dp, rec, [svc(lab)])
 
     holder = Holder(lab, f"{lab.vip4(20)}:80")
     try:
-        monkeypatch.setenv("NODEMESH_BPF_DIR", str(older))
+        monkeypatch.setenv("NODEMESH_BPF_DIR", older)
         restart()
         assert all(r["ok"] for r in holder.open(6))
         assert sum(wait_counts(rec, None, timeout=0.2).values()) == 6
@@ -390,25 +402,15 @@ def test_max_connections_counts_what_an_older_build_counted_too(holding_lab, loa
     each connection is taken back where it was counted: nothing is left once all close."""
     from nodemesh.datapath import bpfsys
     from nodemesh.datapath import maps as m
-    from nodemesh.datapath.loader import bpf_source_dir
     from nodemesh.reconciler import FrontendKey
 
-    this = str(bpf_source_dir())
-    older = tmp_path / "bpf"
-    shutil.copytree(this, older)
-    text = (older / "sock_lb.c").read_text()  # the former way, in a measuring build
-    (older / "sock_lb.c").write_text("#define NM_COST_SVC_HASH 1\n" + text)
+    this, older = older_build(tmp_path, "NM_COST_SVC_HASH")
     lab = holding_lab
     dp, rec = loaded
     limited = svc(lab, limits=ConnectionLimits(max_connections=4))
 
-    def restart():  # in the module's shared objects, as in the restart test above
-        dp.close()
-        dp.__init__(lab.bpffs, lab.cgroup)
-        rec.__init__(dp.load())
-        rec.adopt()
-        dp.attach()
-        rec.apply([limited])
+    def restart():
+        restart_with(lab, dp, rec, [limited])
 
     def frontend_counts():
         svc_id = rec.programmed[FrontendKey(4, lab.vip4(20), 80, "TCP")].svc_id
@@ -419,7 +421,7 @@ def test_max_connections_counts_what_an_older_build_counted_too(holding_lab, loa
 
     holder = Holder(lab, f"{lab.vip4(20)}:80")
     try:
-        monkeypatch.setenv("NODEMESH_BPF_DIR", str(older))
+        monkeypatch.setenv("NODEMESH_BPF_DIR", older)
         restart()
         assert all(r["ok"] for r in holder.open(2))
         assert frontend_counts() == (2, 0)
