@@ -16,6 +16,7 @@ containers that share the bpffs mount but not /run, and it cannot outlive the fo
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -588,7 +589,8 @@ def _remove_pins(real: str) -> List[str]:
                 bpfsys.close(fd)
         except bpfsys.BPFError as e:
             log.warning("%s: %s", pin, e)
-        os.unlink(pin)
+        with contextlib.suppress(FileNotFoundError):  # another cleanup got there first
+            os.unlink(pin)
         done.append(f"detached {name}")
     maps = {spec.name for spec in MAPS} | {spec.name for spec in tc.TC_MAPS}
     # info last: a cleanup cut short keeps its marker, so running it again finishes the job.
@@ -599,7 +601,8 @@ def _remove_pins(real: str) -> List[str]:
         if name not in maps or os.path.isdir(path):
             left.append(path)
             continue
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         done.append(f"unpinned {name}")
     done += [f"left {path}: nodemesh did not make it" for path in left]
     for folder in (links_dir, real):

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..datapath.loader import DatapathError, cgroup2_root
 from ..datapath.loader import cleanup as datapath_cleanup
-from .topology import _alive, kill_all, sh
+from .topology import _alive, kill_all, reaping, sh
 
 FABRIC_GW = "10.77.0.1"
 CLIENT_ADDR = "10.77.0.100"
@@ -308,12 +308,16 @@ def reap_stale() -> List[str]:
         m = owner.match(name)
         if m and not _alive(int(m.group(2))):
             dead.setdefault(m.group(1), []).append(name)
+    if not dead:
+        return []
     root = cgroup2_root()
-    for prefix, namespaces in dead.items():
-        bpffs = [os.path.join("/sys/fs/bpf", d) for d in os.listdir("/sys/fs/bpf")
-                 if d.startswith(prefix + "-")]
-        cgroups = [os.path.join(root, d) for d in os.listdir(root) if d.startswith(prefix + "-")]
-        _remove(namespaces, bpffs, cgroups)
+    with reaping():  # one reaper at a time; what another removed meanwhile is skipped
+        for prefix, namespaces in dead.items():
+            bpffs = [os.path.join("/sys/fs/bpf", d) for d in os.listdir("/sys/fs/bpf")
+                     if d.startswith(prefix + "-")]
+            cgroups = [os.path.join(root, d) for d in os.listdir(root)
+                       if d.startswith(prefix + "-")]
+            _remove(namespaces, bpffs, cgroups)
     return list(dead)
 
 

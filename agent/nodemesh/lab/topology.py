@@ -16,6 +16,8 @@ later run can reap what a crashed one left (reap_stale()).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -326,13 +328,31 @@ def _empty_cgroup(cgroup: str) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def reaping() -> Iterator[None]:
+    """Held while a reaper tears down what dead processes left (labs here, clusters in
+    cluster.py): the suite's xdist workers all reap as they start, and two teardowns of the
+    same leftovers race each other's unlinks."""
+    os.makedirs("/run/nodemesh", exist_ok=True)
+    with open("/run/nodemesh/.lab-reap.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def reap_stale() -> List[str]:
-    """Tear down labs whose owner process is gone (a crashed or killed earlier run)."""
-    reaped = []
-    for _, st in orphaned_states(STATE_DIR, "pid"):
-        teardown(st["prefix"], st["subnet"], st.get("host_link", False), st.get("cgroup", ""),
-                 st.get("backends", []), st.get("host_blackhole", False))
-        reaped.append(st["prefix"])
+    """Tear down labs whose owner process is gone (a crashed or killed earlier run).
+
+    One reaper at a time (an flock beside the state files): the suite's xdist workers all
+    start by reaping, and two teardowns of one lab raced each other's unlinks."""
+    reaped: List[str] = []
+    if not os.path.isdir(STATE_DIR):
+        return reaped
+    with reaping():
+        for _, st in orphaned_states(STATE_DIR, "pid"):
+            teardown(st["prefix"], st["subnet"], st.get("host_link", False),
+                     st.get("cgroup", ""), st.get("backends", []),
+                     st.get("host_blackhole", False))
+            reaped.append(st["prefix"])
     return reaped
 
 

@@ -1,0 +1,59 @@
+"""A run killed halfway leaves its lab behind (netns, cgroup, pinned maps and links); the next
+run's processes all reap it as they start, at the same time (the suite's xdist workers do).
+They must not trip over each other: one tears the lab down, the others find it gone."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+AGENT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "agent")
+
+MAKE_AND_DIE = """
+import os, signal
+from nodemesh.lab.topology import new_lab
+from nodemesh.datapath.loader import Datapath
+lab = new_lab("nmt", backends=1)
+dp = Datapath(lab.bpffs, lab.cgroup)
+dp.load()
+dp.attach()
+print(lab.prefix, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a crash: nothing torn down
+"""
+
+# Imported first, then all three let go at once, as the workers do.
+REAP = ("import sys\nfrom nodemesh.lab.topology import reap_stale\nprint('set', flush=True)\n"
+        "sys.stdin.readline()\nprint(reap_stale())")
+
+
+def python(code: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=AGENT)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def test_three_reapers_at_once_remove_a_crashed_lab_without_errors():
+    crashed = python(MAKE_AND_DIE)
+    out, err = crashed.communicate(timeout=300)
+    prefix = out.strip()
+    assert crashed.returncode == -9 and prefix, err
+    assert os.path.isdir(f"/sys/fs/bpf/{prefix}")  # pins and links left behind
+    reapers = [python(REAP) for _ in range(3)]
+    for p in reapers:
+        assert p.stdout.readline().strip() == "set"
+    for p in reapers:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = [(p.wait(timeout=120), *p.communicate()) for p in reapers]
+    for rc, out, err in results:
+        assert rc == 0, err
+    assert not os.path.exists(f"/sys/fs/bpf/{prefix}")
+    assert not os.path.exists(f"/run/nodemesh/lab/{prefix}.json")
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert prefix not in netns
