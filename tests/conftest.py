@@ -86,9 +86,11 @@ def _start_slow_tests_first(items):
 @pytest.fixture(scope="session", autouse=True)
 def _reap_stale_labs():
     if IS_ROOT:
+        from tcrun import reap_stale as reap_stale_tc
+
         from nodemesh.lab.topology import reap_stale
 
-        reaped = reap_stale()
+        reaped = reap_stale() + reap_stale_tc()
         if reaped:
             print(f"reaped labs left by an earlier run: {', '.join(reaped)}")
     yield

@@ -10,7 +10,7 @@ import ctypes
 import os
 import subprocess
 import uuid
-from typing import Tuple
+from typing import List, Tuple
 
 from nodemesh.datapath import bpfsys
 
@@ -71,6 +71,40 @@ def run(prog_fd: int, frame: bytes, ifindex: int) -> Tuple[int, bytes]:
 
 def sh(cmd: str) -> None:
     subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True)
+
+
+def reap_stale() -> List[str]:
+    """Remove what TC tests of dead processes left: netns nmtc<pid><hex6> (TestNetns) and
+    pin folders /sys/fs/bpf/nmtc-<pid>-<hex6> (the TC test modules), as a killed run leaves
+    them. Under the labs' reaping lock, so that the suite's workers do it once."""
+    import re
+    import shutil
+
+    from nodemesh.datapath.loader import DatapathError, cleanup
+    from nodemesh.lab.topology import _alive, reaping
+
+    reaped: List[str] = []
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    netns = [m.group(0) for m in (re.match(r"^nmtc(\d+)[0-9a-f]{6}$", line.split()[0])
+                                  for line in listed.splitlines() if line.strip())
+             if m and not _alive(int(m.group(1)))]
+    pins = [os.path.join("/sys/fs/bpf", d) for d in os.listdir("/sys/fs/bpf")
+            if (m := re.match(r"^nmtc-(\d+)-[0-9a-f]{6}$", d)) and not _alive(int(m.group(1)))]
+    if not netns and not pins:
+        return reaped
+    with reaping():
+        for name in netns:
+            if subprocess.run(["ip", "netns", "del", name], capture_output=True).returncode == 0:
+                reaped.append(name)
+        for folder in pins:
+            try:
+                cleanup(folder, force=True)
+            except DatapathError:  # no marker (a load cut short): the name says it is ours
+                shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:
+                continue
+            reaped.append(folder)
+    return reaped
 
 
 class TestNetns:

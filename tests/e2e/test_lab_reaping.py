@@ -57,3 +57,31 @@ def test_three_reapers_at_once_remove_a_crashed_lab_without_errors():
     assert not os.path.exists(f"/run/nodemesh/lab/{prefix}.json")
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in netns
+
+
+def test_what_tc_tests_of_a_dead_process_left_is_reaped_and_a_live_ones_kept():
+    import uuid
+
+    import tcrun
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nobody has now: a killed run's
+    tag = uuid.uuid4().hex[:6]
+    dead_ns, live_ns = f"nmtc{gone.pid}{tag}", f"nmtc{os.getpid()}{tag}"
+    dead_pins, live_pins = f"/sys/fs/bpf/nmtc-{gone.pid}-{tag}", f"/sys/fs/bpf/nmtc-{os.getpid()}-{tag}"
+    try:
+        for ns in (dead_ns, live_ns):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+        for folder in (dead_pins, live_pins):
+            os.mkdir(folder)
+        reaped = tcrun.reap_stale()
+        assert dead_ns in reaped and dead_pins in reaped
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert dead_ns not in listed and not os.path.exists(dead_pins)
+        assert live_ns in listed and os.path.isdir(live_pins)  # this process is alive
+    finally:
+        for ns in (dead_ns, live_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for folder in (dead_pins, live_pins):
+            if os.path.isdir(folder):
+                os.rmdir(folder)
