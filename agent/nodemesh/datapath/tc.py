@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from . import bpfsys
 from .maps import MapSizes, MapSpec, decode_addr, encode_addr, u8, u16, u32, u64
@@ -457,27 +457,38 @@ def detach(bpffs: str) -> List[str]:
     """Remove the filters this pin folder's agent added, in this network namespace, and the
     clsact qdiscs it created that are empty afterwards. Other filters and qdiscs stay."""
     from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
     done: List[str] = []
     created = _created_clsact(bpffs)
     ours = {filter_name(bpffs, PROG_INGRESS), filter_name(bpffs, PROG_EGRESS)}
     with IPRoute() as ipr:
         for link in ipr.get_links():
-            ifindex, ifname = link["index"], _attrs(link).get("IFLA_IFNAME")
-            remaining = 0
-            for parent in (PARENT_INGRESS, PARENT_EGRESS):
-                for prio, handle, name in list(_bpf_filters(ipr, ifindex, parent)):
-                    if name not in ours:
-                        remaining += 1
-                        continue
-                    ipr.tc("del-filter", "bpf", index=ifindex, handle=handle, parent=parent,
-                           prio=prio, protocol=ETH_P_ALL)
-                    done.append(f"removed TC filter {name.split(':')[0]} from {ifname}")
-            if ifindex in created and remaining == 0 and _has_clsact(ipr, ifindex) and \
-                    not _any_filter(ipr, ifindex):
-                ipr.tc("del", "clsact", index=ifindex)
-                done.append(f"removed clsact qdisc from {ifname}")
+            try:
+                _detach_link(ipr, link, ours, created, done)
+            except NetlinkError as e:
+                # The interface went away since the listing (a veth whose peer's netns was
+                # just deleted): its filters and qdiscs went with it.
+                if e.code != errno.ENODEV:
+                    raise
     return done
+
+
+def _detach_link(ipr, link, ours: Set[str], created: Set[int], done: List[str]) -> None:
+    ifindex, ifname = link["index"], _attrs(link).get("IFLA_IFNAME")
+    remaining = 0
+    for parent in (PARENT_INGRESS, PARENT_EGRESS):
+        for prio, handle, name in list(_bpf_filters(ipr, ifindex, parent)):
+            if name not in ours:
+                remaining += 1
+                continue
+            ipr.tc("del-filter", "bpf", index=ifindex, handle=handle, parent=parent,
+                   prio=prio, protocol=ETH_P_ALL)
+            done.append(f"removed TC filter {name.split(':')[0]} from {ifname}")
+    if ifindex in created and remaining == 0 and _has_clsact(ipr, ifindex) and \
+            not _any_filter(ipr, ifindex):
+        ipr.tc("del", "clsact", index=ifindex)
+        done.append(f"removed clsact qdisc from {ifname}")
 
 
 def _any_filter(ipr, ifindex: int) -> bool:
