@@ -59,22 +59,27 @@ PARTS = {
     # not a part compiled out: the former way, a frontend's count in the svc_conn_counts hash
     "svchash": "NM_COST_SVC_HASH",
 }
-# One chunk of connects per line read; "<failures>" printed after each.
+# One chunk of connects per line read; "<failures> <client CPU ns>" printed after each (also
+# bench/sock_path.py's client, which reads the CPU).
 CLIENT = r"""
-import socket, struct, sys
-vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import resource, socket, struct, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 linger = struct.pack("ii", 1, 0)
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 for line in sys.stdin:
     fails = 0
+    t0 = cpu()
     for _ in range(n):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         try:
-            s.connect((vip, port))
+            s.connect((host, port))
         except OSError:
             fails += 1
         s.close()
-    print(fails, flush=True)
+    print(fails, int((cpu() - t0) * 1e9), flush=True)
 """
 
 
@@ -153,7 +158,7 @@ def measure(lab, variant_dir: Path, connects: int, chunk: int,
                 before, ops_before = fdinfo(fd), fdinfo(ops_fd)
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
-                failed = proc.stdout.readline().strip()
+                failed = (proc.stdout.readline().split() or ["no answer"])[0]
                 after, ops_after = fdinfo(fd), fdinfo(ops_fd)
                 if failed != "0":
                     raise SystemExit(f"client failed: {failed!r} connects of {chunk}")

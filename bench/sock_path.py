@@ -35,28 +35,9 @@ from typing import Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "agent"))
 
+from sock_cost import CLIENT  # noqa: E402 - "<failures> <client CPU ns>" a chunk
+
 WAYS = ("direct", "hooked-backend", "nodemesh")
-# One chunk of connects per line read; "<failures> <client CPU ns>" printed after each.
-CLIENT = r"""
-import resource, socket, struct, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-linger = struct.pack("ii", 1, 0)
-def cpu():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-for line in sys.stdin:
-    fails = 0
-    t0 = cpu()
-    for _ in range(n):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        try:
-            s.connect((host, port))
-        except OSError:
-            fails += 1
-        s.close()
-    print(fails, int((cpu() - t0) * 1e9), flush=True)
-"""
 
 
 def main() -> int:
