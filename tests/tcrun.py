@@ -81,7 +81,7 @@ def reap_stale() -> List[str]:
     import shutil
 
     from nodemesh.datapath.loader import DatapathError, cleanup
-    from nodemesh.lab.topology import _alive, reaping
+    from nodemesh.lab.topology import _alive, reaping, remove_netns
 
     reaped: List[str] = []
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -94,7 +94,7 @@ def reap_stale() -> List[str]:
         return reaped
     with reaping():
         for name in netns:
-            if subprocess.run(["ip", "netns", "del", name], capture_output=True).returncode == 0:
+            if remove_netns(name):
                 reaped.append(name)
         for folder in pins:
             try:

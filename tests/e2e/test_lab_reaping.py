@@ -69,19 +69,52 @@ def test_what_tc_tests_of_a_dead_process_left_is_reaped_and_a_live_ones_kept():
     tag = uuid.uuid4().hex[:6]
     dead_ns, live_ns = f"nmtc{gone.pid}{tag}", f"nmtc{os.getpid()}{tag}"
     dead_pins, live_pins = f"/sys/fs/bpf/nmtc-{gone.pid}-{tag}", f"/sys/fs/bpf/nmtc-{os.getpid()}-{tag}"
+    server = None
     try:
         for ns in (dead_ns, live_ns):
             subprocess.run(["ip", "netns", "add", ns], check=True)
         for folder in (dead_pins, live_pins):
             os.mkdir(folder)
+        server = sleeper_in(dead_ns)
         reaped = tcrun.reap_stale()
         assert dead_ns in reaped and dead_pins in reaped
+        assert server.wait(timeout=10) == -9
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert dead_ns not in listed and not os.path.exists(dead_pins)
         assert live_ns in listed and os.path.isdir(live_pins)  # this process is alive
     finally:
+        if server is not None:
+            server.kill()
+            server.wait()
         for ns in (dead_ns, live_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         for folder in (dead_pins, live_pins):
             if os.path.isdir(folder):
                 os.rmdir(folder)
+
+
+def sleeper_in(netns: str) -> subprocess.Popen:
+    """A stand-in for a pod server: a process of its own session inside the netns."""
+    return subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", "sleep", "600"],
+                            start_new_session=True)
+
+
+def test_a_dead_clusters_netns_goes_with_the_servers_running_inside():
+    import uuid
+
+    from nodemesh.lab import cluster
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nobody has now: a killed run's
+    ns = f"{cluster.PREFIX}{gone.pid}x{uuid.uuid4().hex[:4]}-n0"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    server = sleeper_in(ns)
+    try:
+        assert ns.split("-")[0] in cluster.reap_stale()
+        assert server.wait(timeout=10) == -9  # killed, not left serving in a nameless netns
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert ns not in listed
+    finally:
+        server.kill()
+        server.wait()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

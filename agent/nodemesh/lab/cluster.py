@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..datapath.loader import DatapathError, cgroup2_root
 from ..datapath.loader import cleanup as datapath_cleanup
-from .topology import _alive, kill_all, reaping, sh
+from .topology import _alive, kill_all, reaping, remove_netns, sh
 
 FABRIC_GW = "10.77.0.1"
 CLIENT_ADDR = "10.77.0.100"
@@ -293,7 +293,7 @@ def _remove(namespaces: Sequence[str], bpffs: Sequence[str], cgroups: Sequence[s
         except OSError:
             pass
     for ns in namespaces:  # the TC filters go with the interfaces
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        remove_netns(ns)  # with the pod servers a crashed run left running inside
 
 
 def reap_stale() -> List[str]:

@@ -246,6 +246,19 @@ http {{
                  [b.netns for b in self.backends], self.host_blackhole)
 
 
+def remove_netns(name: str) -> bool:
+    """Kill every process inside the named netns, then delete it; True if it was deleted.
+
+    `ip netns del` only removes the name: a server still running inside keeps the namespace,
+    its veths and its sockets alive, unreachable, for as long as it runs."""
+    for pid in sh(f"ip netns pids {shlex.quote(name)}", check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    return sh(f"ip netns del {shlex.quote(name)}", check=False).returncode == 0
+
+
 def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
              backend_ns: Sequence[str], host_blackhole: bool = False) -> None:
     """Remove everything a lab made. Each step tolerates what is already gone."""
@@ -268,13 +281,7 @@ def teardown(prefix: str, subnet: int, host_link: bool, cgroup: str,
     except FileNotFoundError:
         pass
     for ns in [*backend_ns, f"{prefix}-c"]:
-        pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        sh(f"ip netns del {ns}", check=False)
+        remove_netns(ns)
     if host_link:
         sh(f"ip link del {prefix}h", check=False)
     if host_link or host_blackhole:
