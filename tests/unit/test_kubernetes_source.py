@@ -1033,3 +1033,40 @@ def test_without_the_client_package_the_error_says_what_to_install(monkeypatch, 
     monkeypatch.setitem(sys.modules, "kubernetes", None)  # makes `import kubernetes` fail
     with pytest.raises(KubernetesSourceError, match="pip install"):
         KubernetesSource(kubeconfig="/dev/null", registry=registry)
+
+
+# -- the watch stream's chunks, read below urllib3
+
+
+class _ChunkedResponse:
+    """What _json_lines reads: a chunked urllib3 response whose socket reader holds `raw`.
+    Its own stream() is what the agent no longer goes through for a chunked watch."""
+
+    chunked, chunk_left = True, None
+
+    def __init__(self, raw: bytes):
+        import io
+        self._fp = type("HTTPResponse", (), {"fp": io.BufferedReader(io.BytesIO(raw))})()
+
+    def stream(self, amt=None, decode_content=None):
+        raise AssertionError("urllib3's chunk generator read a chunked watch")
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def test_a_chunked_watch_is_read_from_its_socket_reader_one_event_a_line():
+    one, two, three = (json.dumps({"type": "MODIFIED", "object": {"n": i}}).encode() + b"\n"
+                       for i in range(3))
+    raw = (_chunk(one) + _chunk(two + three[:7]) + _chunk(three[7:]) + _chunk(b"\n")
+           + b"0\r\n\r\n")
+    lines = list(kubernetes_source._json_lines(_ChunkedResponse(raw)))
+    assert [json.loads(line)["object"]["n"] for line in lines] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("cut", [b"", b"8\r\n{\"type\"", b"zz\r\n"])
+def test_a_watch_stream_cut_inside_a_chunk_fails_the_watch_rather_than_ending_it(cut):
+    event = json.dumps({"type": "ADDED", "object": {}}).encode() + b"\n"
+    with pytest.raises(ConnectionError):
+        list(kubernetes_source._json_lines(_ChunkedResponse(_chunk(event) + cut)))

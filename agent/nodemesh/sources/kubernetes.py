@@ -1511,10 +1511,60 @@ class _PageFetch:
         return self._text
 
 
+class _StreamCut(ConnectionError):
+    """The watch stream ended inside a chunk, or without the chunked terminator."""
+
+
+_MAX_CHUNK_LINE = 1024  # urllib3's limit on a chunk-size line
+
+
+def _chunks(fp) -> Iterator[bytes]:
+    """The chunks of a chunked HTTP body, read from the socket's buffered reader: two C calls
+    a chunk (its size line, its data; and its CRLF), where urllib3's read_chunked runs a dozen
+    Python calls for each (_update_chunk_length, _handle_chunk, http.client's _safe_read
+    twice, _decode ...), on a watch event that finds every one of them cold. Ends at the
+    terminating chunk; a stream cut short raises _StreamCut (retried, as before)."""
+    readline, read = fp.readline, fp.read
+    while True:
+        line = readline(_MAX_CHUNK_LINE + 1)
+        if not line.endswith(b"\n"):
+            raise _StreamCut("the watch stream ended before the next chunk" if not line
+                             else "a chunk-size line of the watch stream is too long")
+        try:
+            size = int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            raise _StreamCut(f"bad chunk size {line[:40]!r} in the watch stream") from None
+        if size == 0:
+            return  # the terminator (trailers, if any, are left with the closed response)
+        data = read(size)
+        if len(data) != size or len(read(2)) != 2:  # the CRLF after the data: dropped
+            raise _StreamCut("the watch stream ended inside a chunk")
+        yield data
+
+
+def _chunk_reader(response) -> Any:
+    """The buffered reader under a chunked urllib3 response that nothing has read from yet,
+    or None (then urllib3's own stream is read)."""
+    if getattr(response, "chunked", False) is not True or \
+            getattr(response, "chunk_left", None) is not None:
+        return None
+    fp = getattr(getattr(response, "_fp", None), "fp", None)
+    return fp if hasattr(fp, "readline") and hasattr(fp, "read") else None
+
+
 def _json_lines(response) -> Iterator[bytes]:
     """The watch stream split into lines; one JSON event per line, chunks may split lines."""
+    fp = _chunk_reader(response)
+    chunks = _chunks(fp) if fp is not None else \
+        response.stream(amt=None, decode_content=False)
     buffer = b""
-    for chunk in response.stream(amt=None, decode_content=False):
+    for chunk in chunks:
+        if not buffer and chunk.find(b"\n") == len(chunk) - 1:
+            # The usual chunk: one whole event and its newline (the API server writes one
+            # event a chunk); handed on as it is, with no copy.
+            if chunk.strip():
+                yield chunk
+            continue
         buffer += chunk
         while True:
             newline = buffer.find(b"\n")
@@ -1824,16 +1874,13 @@ class KubernetesSource:
                 time.monotonic() - self._last_delivery >= self.QUIET_SECONDS and \
                 self._delivering.acquire(blocking=False):
             try:
-                delivered = self._deliver()
+                self._deliver()
             except Exception:  # noqa: BLE001 - a bug here must not end the watch
                 log.exception("kubernetes source: delivering from the watch failed")
-                delivered = False
                 self._burst = True
                 self._changed.set()  # the delivery thread tries again
             finally:
                 self._delivering.release()
-            if delivered:
-                self._mark_synced()
         else:
             self._burst = True
             self._changed.set()
@@ -1847,12 +1894,10 @@ class KubernetesSource:
             if self._stopping.is_set():
                 return
             with self._delivering:
-                delivered = self._deliver()
+                self._deliver()
                 # After the delivery: a change a watch applies meanwhile waits for the next
                 # window (it set _changed again), and does not go ahead of this delta.
                 self._burst = False
-            if delivered:
-                self._mark_synced()
 
     def _deliver(self) -> bool:
         """Take what changed and hand it to on_change, if anything did (with _delivering
@@ -1864,11 +1909,15 @@ class KubernetesSource:
                 Delta(mesh=mesh, origin="kubernetes")
         if delta is None:
             return False  # not synced yet, or nothing the agent would see changed
+        # Stamped before the hand-off, so that the watch thread's last work before its next
+        # read blocks is the on_change that wakes the core: the core then seldom finds the
+        # GIL still held and sleeps a second time for it.
+        self._last_delivery = time.monotonic()
+        self._mark_synced()
         try:
             self._on_change(delta)
         except Exception:  # noqa: BLE001 - a broken callback must not stop delivery
             log.exception("kubernetes source: on_change raised")
-        self._last_delivery = time.monotonic()
         return True
 
     def _coalesce(self) -> None:
