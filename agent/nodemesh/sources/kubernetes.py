@@ -1352,8 +1352,10 @@ class _Watcher:
         if self._source._stopping.is_set():  # stop() ran before we published the response
             self._abort_response()
         try:
+            decode = _DECODER.decode
             for line in _json_lines(response):
-                self._handle(json.loads(line))
+                # json.loads(bytes) less its encoding sniff: the API server writes UTF-8.
+                self._handle(decode(line.decode("utf-8", "surrogatepass")))
         finally:
             with self._response_lock:
                 self._response = None
