@@ -1513,60 +1513,10 @@ class _PageFetch:
         return self._text
 
 
-class _StreamCut(ConnectionError):
-    """The watch stream ended inside a chunk, or without the chunked terminator."""
-
-
-_MAX_CHUNK_LINE = 1024  # urllib3's limit on a chunk-size line
-
-
-def _chunks(fp) -> Iterator[bytes]:
-    """The chunks of a chunked HTTP body, read from the socket's buffered reader: two C calls
-    a chunk (its size line, its data; and its CRLF), where urllib3's read_chunked runs a dozen
-    Python calls for each (_update_chunk_length, _handle_chunk, http.client's _safe_read
-    twice, _decode ...), on a watch event that finds every one of them cold. Ends at the
-    terminating chunk; a stream cut short raises _StreamCut (retried, as before)."""
-    readline, read = fp.readline, fp.read
-    while True:
-        line = readline(_MAX_CHUNK_LINE + 1)
-        if not line.endswith(b"\n"):
-            raise _StreamCut("the watch stream ended before the next chunk" if not line
-                             else "a chunk-size line of the watch stream is too long")
-        try:
-            size = int(line.split(b";", 1)[0], 16)
-        except ValueError:
-            raise _StreamCut(f"bad chunk size {line[:40]!r} in the watch stream") from None
-        if size == 0:
-            return  # the terminator (trailers, if any, are left with the closed response)
-        data = read(size)
-        if len(data) != size or len(read(2)) != 2:  # the CRLF after the data: dropped
-            raise _StreamCut("the watch stream ended inside a chunk")
-        yield data
-
-
-def _chunk_reader(response) -> Any:
-    """The buffered reader under a chunked urllib3 response that nothing has read from yet,
-    or None (then urllib3's own stream is read)."""
-    if getattr(response, "chunked", False) is not True or \
-            getattr(response, "chunk_left", None) is not None:
-        return None
-    fp = getattr(getattr(response, "_fp", None), "fp", None)
-    return fp if hasattr(fp, "readline") and hasattr(fp, "read") else None
-
-
 def _json_lines(response) -> Iterator[bytes]:
     """The watch stream split into lines; one JSON event per line, chunks may split lines."""
-    fp = _chunk_reader(response)
-    chunks = _chunks(fp) if fp is not None else \
-        response.stream(amt=None, decode_content=False)
     buffer = b""
-    for chunk in chunks:
-        if not buffer and chunk.find(b"\n") == len(chunk) - 1:
-            # The usual chunk: one whole event and its newline (the API server writes one
-            # event a chunk); handed on as it is, with no copy.
-            if chunk.strip():
-                yield chunk
-            continue
+    for chunk in response.stream(amt=None, decode_content=False):
         buffer += chunk
         while True:
             newline = buffer.find(b"\n")
