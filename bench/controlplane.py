@@ -56,7 +56,14 @@ switch lands on the new set, with no sampling delay. Measured:
                  ticks: over C changes they are good to 10/C ms (--changes 200: 0.05 ms).
                  A last column counts, the same way, the times each thread was put on a CPU
                  a change (schedstat's third field): each thread a change wakes adds one or
-                 more, so it shows the hand-offs between threads
+                 more, so it shows the hand-offs between threads; and splits them into
+                 wake-ups after a block (voluntary_ctxt_switches in /proc/PID/task/TID/status)
+                 and preemptions (nonvoluntary_ctxt_switches: another task took the CPU, on
+                 two CPUs often the bench's own map poller or probe). The idle baseline
+                 subtracts the core's periodic wake (every 0.25 s while nothing comes) at its
+                 idle rate, but a change restarts that wait, so the loop has fewer of them
+                 than the baseline takes off: the core's figures a change are low by the
+                 difference (the wake costs next to nothing since branch chg5)
                  --profile DIR also writes a `py-spy record` of the loop (collapsed stacks
                  per thread, NODEMESH_BENCH_PROFILE_RATE samples a second, default 200; a
                  profiled run's CPU figures are not a plain run's)
@@ -523,6 +530,32 @@ def thread_runs(pid: int) -> Dict[int, float]:
     return out
 
 
+def thread_switches(pid: int, field: str) -> Dict[int, float]:
+    """Each thread's voluntary_ctxt_switches (it blocked: a wait, a read, the GIL, so each is
+    followed by a wake-up) or nonvoluntary_ctxt_switches (it was preempted: another task took
+    its CPU) from /proc/PID/task/TID/status. The two add up to schedstat's count of times on a
+    CPU, and tell a hand-off from a preemption by the bench's own poller or another load."""
+    out: Dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(field):
+                        out[int(tid)] = float(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended
+    return out
+
+
+def thread_counts(pid: int) -> Dict[str, Dict[int, float]]:
+    """The per-thread counts the by-thread table resolves a change into: times on a CPU,
+    and of those, wake-ups after a block and preemptions."""
+    return {"runs": thread_runs(pid),
+            "woken": thread_switches(pid, "voluntary_ctxt_switches:"),
+            "preempted": thread_switches(pid, "nonvoluntary_ctxt_switches:")}
+
+
 def thread_names(pid: int) -> Dict[int, str]:
     """Native thread id -> name: the main thread (the core loop) is `MainThread (core)`; the
     others carry their OS names (nodemesh.threadname: nm-k8s-svc, nm-flow-ev, ...), which
@@ -682,7 +715,7 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
         tries = 0  # the probe's connections during the loop
         names = thread_names(p.pid)
         spy = start_profile(args.profile, p.pid, source, n)
-        threads0, runs0 = thread_cpu(p.pid), thread_runs(p.pid)
+        threads0, counts0 = thread_cpu(p.pid), thread_counts(p.pid)
         cpu0 = cpu_seconds(p)
         loop0 = time.monotonic()
         for c in range(args.changes):
@@ -714,20 +747,22 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
         loop = time.monotonic() - loop0
         cpu_loop = cpu_seconds(p) - cpu0
         threads_loop = thread_delta(threads0, thread_cpu(p.pid), names)
-        runs_loop = thread_delta(runs0, thread_runs(p.pid), names)
+        counts = thread_counts(p.pid)
+        counts_loop = {k: thread_delta(counts0[k], counts[k], names) for k in counts}
         stop_profile(spy)
         idle_for = min(loop, args.idle_seconds)
         # Baseline 1, idle: nothing changes and nothing connects.
         names.update(thread_names(p.pid))
-        threads1, runs1, cpu1 = thread_cpu(p.pid), thread_runs(p.pid), cpu_seconds(p)
+        threads1, counts1, cpu1 = thread_cpu(p.pid), thread_counts(p.pid), cpu_seconds(p)
         time.sleep(idle_for)
         idle_rate = (cpu_seconds(p) - cpu1) / idle_for
         threads_idle = thread_delta(threads1, thread_cpu(p.pid), names)
-        runs_idle = thread_delta(runs1, thread_runs(p.pid), names)
+        counts = thread_counts(p.pid)
+        counts_idle = {k: thread_delta(counts1[k], counts[k], names) for k in counts}
         # Baseline 2, the probe alone: nothing changes, the probe connects to an unchanged
         # service at the loop's interval for as long, so every connection costs the agent
         # what it costs in the loop (flow events, connection and latency accounting).
-        threads2, runs2, cpu2 = thread_cpu(p.pid), thread_runs(p.pid), cpu_seconds(p)
+        threads2, counts2, cpu2 = thread_cpu(p.pid), thread_counts(p.pid), cpu_seconds(p)
         t2 = time.monotonic()
         still = current.get(0, SET_A)
         probe.arm(vip_of(0), ["(nobody)"], [names_of[k] for k in still], idle_for)
@@ -735,7 +770,8 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
         probe_for = time.monotonic() - t2
         probe_cpu = cpu_seconds(p) - cpu2
         threads_probe = thread_delta(threads2, thread_cpu(p.pid), names)
-        runs_probe = thread_delta(runs2, thread_runs(p.pid), names)
+        counts = thread_counts(p.pid)
+        counts_probe = {k: thread_delta(counts2[k], counts[k], names) for k in counts}
         probe_tries = res.get("tries", 0)
         # The agent's CPU per probe connection, above idle (0 if the probe made none).
         per_try = ((probe_cpu - idle_rate * probe_for) / probe_tries) if probe_tries else 0.0
@@ -756,12 +792,14 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
                              "probe_per_try": g_try,
                              "change_only": (threads_loop.get(g, 0.0) - rate * loop
                                              - g_try * tries) / args.changes}
-            # The same for the times the thread was put on a CPU: its wake-ups a change.
-            runs_rate = runs_idle.get(g, 0.0) / idle_for
-            runs_try = ((runs_probe.get(g, 0.0) - runs_rate * probe_for) / probe_tries
-                        if probe_tries else 0.0)
-            per_thread[g]["runs_per_change"] = (runs_loop.get(g, 0.0) - runs_rate * loop
-                                                - runs_try * tries) / args.changes
+            # The same for the times the thread was put on a CPU, and of those its wake-ups
+            # after a block and its preemptions, a change.
+            for k in counts_loop:
+                k_rate = counts_idle[k].get(g, 0.0) / idle_for
+                per_try_k = ((counts_probe[k].get(g, 0.0) - k_rate * probe_for) / probe_tries
+                             if probe_tries else 0.0)
+                per_thread[g][f"{k}_per_change"] = (counts_loop[k].get(g, 0.0) - k_rate * loop
+                                                    - per_try_k * tries) / args.changes
         out["threads"] = per_thread
         print(f"  {source} N={n:,}: {args.changes} changes in {loop:.1f}s; change->map p50 "
               f"{statistics.median(to_map) * 1000:.0f} ms; CPU/change "
@@ -816,16 +854,19 @@ def thread_table(per_thread: Dict[str, dict], changes: int, tries: int) -> str:
     the CPU a probe connection costs it, and what is left per change."""
     lines = [f"| thread | CPU over the loop | idle | per probe connection | per change, "
              f"without the probe's {tries:,} connections | times on a CPU a change, without "
-             f"the probe's |", "|---|---|---|---|---|---|"]
+             f"the probe's | of which woken / preempted |", "|---|---|---|---|---|---|---|"]
     total = {k: sum(t.get(k, 0.0) for t in per_thread.values())
-             for k in ("loop", "idle_rate", "probe_per_try", "change_only", "runs_per_change")}
+             for k in ("loop", "idle_rate", "probe_per_try", "change_only", "runs_per_change",
+                       "woken_per_change", "preempted_per_change")}
     for g, t in [*sorted(per_thread.items(), key=lambda kv: -kv[1]["loop"]),
                  ("all threads", total)]:
         if t["loop"] < 0.0005 and abs(t["change_only"]) < 0.00001:
             continue  # nothing to say
         lines.append(f"| {g} | {t['loop']:.3f} s | {t['idle_rate'] * 100:.2f} % | "
                      f"{t['probe_per_try'] * 1e6:.1f} us | {t['change_only'] * 1000:.3f} ms | "
-                     f"{t.get('runs_per_change', 0.0):.2f} |")
+                     f"{t.get('runs_per_change', 0.0):.2f} | "
+                     f"{t.get('woken_per_change', 0.0):.2f} / "
+                     f"{t.get('preempted_per_change', 0.0):.2f} |")
     return "\n".join(lines)
 
 

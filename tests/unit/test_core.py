@@ -171,6 +171,31 @@ def test_a_delta_touches_only_the_services_it_names():
     assert rec.set_calls == [] and maps.writes() == before
 
 
+def test_a_wake_with_nothing_to_do_runs_no_round_and_publishes_no_snapshot():
+    core, _, _ = make()
+    rounds = []
+    core.on_round = rounds.append
+    synced(core, [svc(1, "10.0.0.1")])
+    rounds.clear()
+    taken = core.snapshot
+    assert core.step(0) is None  # the loop's periodic wake, with no event
+    assert rounds == [] and core.snapshot is taken
+
+
+def test_a_wake_with_no_event_still_retries_a_failed_write_when_it_is_due():
+    core, rec, maps = make()
+    synced(core, [svc(1, "10.0.0.1")])
+    maps.fail("update", "backends")
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.2"),))))
+    core.step(0)
+    assert fk(1) in rec.pending and maps.serving(fk(1)) == [("10.0.0.1", 8080)]
+    now = rec.clock()
+    rec.clock = lambda: now + 60  # due now: the periodic wake is the retry's round
+    result = core.step(0)
+    assert result is not None and not rec.pending
+    assert maps.serving(fk(1)) == [("10.0.0.2", 8080)]
+
+
 def test_an_unchanged_service_in_a_delta_is_not_handed_on():
     core, rec, _ = make()
     synced(core, [svc(1, "10.0.0.1"), svc(2, "10.0.0.1")])

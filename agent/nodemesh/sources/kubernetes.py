@@ -1352,8 +1352,10 @@ class _Watcher:
         if self._source._stopping.is_set():  # stop() ran before we published the response
             self._abort_response()
         try:
+            decode = _DECODER.decode
             for line in _json_lines(response):
-                self._handle(json.loads(line))
+                # json.loads(bytes) less its encoding sniff: the API server writes UTF-8.
+                self._handle(decode(line.decode("utf-8", "surrogatepass")))
         finally:
             with self._response_lock:
                 self._response = None
@@ -1824,16 +1826,13 @@ class KubernetesSource:
                 time.monotonic() - self._last_delivery >= self.QUIET_SECONDS and \
                 self._delivering.acquire(blocking=False):
             try:
-                delivered = self._deliver()
+                self._deliver()
             except Exception:  # noqa: BLE001 - a bug here must not end the watch
                 log.exception("kubernetes source: delivering from the watch failed")
-                delivered = False
                 self._burst = True
                 self._changed.set()  # the delivery thread tries again
             finally:
                 self._delivering.release()
-            if delivered:
-                self._mark_synced()
         else:
             self._burst = True
             self._changed.set()
@@ -1847,12 +1846,10 @@ class KubernetesSource:
             if self._stopping.is_set():
                 return
             with self._delivering:
-                delivered = self._deliver()
+                self._deliver()
                 # After the delivery: a change a watch applies meanwhile waits for the next
                 # window (it set _changed again), and does not go ahead of this delta.
                 self._burst = False
-            if delivered:
-                self._mark_synced()
 
     def _deliver(self) -> bool:
         """Take what changed and hand it to on_change, if anything did (with _delivering
@@ -1864,11 +1861,15 @@ class KubernetesSource:
                 Delta(mesh=mesh, origin="kubernetes")
         if delta is None:
             return False  # not synced yet, or nothing the agent would see changed
+        # Stamped before the hand-off, so that the watch thread's last work before its next
+        # read blocks is the on_change that wakes the core: the core then seldom finds the
+        # GIL still held and sleeps a second time for it.
+        self._last_delivery = time.monotonic()
+        self._mark_synced()
         try:
             self._on_change(delta)
         except Exception:  # noqa: BLE001 - a broken callback must not stop delivery
             log.exception("kubernetes source: on_change raised")
-        self._last_delivery = time.monotonic()
         return True
 
     def _coalesce(self) -> None:
