@@ -120,6 +120,9 @@ def main() -> None:
             if self.source is not None:
                 self.source._mark_synced()
 
+        def _watch_changed(self):  # a watch's own delivery: this harness takes the delta
+            pass
+
     times = {}
     registry = CollectorRegistry()
     core = Core(Reconciler(FakeMaps(), m.MapSizes()), HealthChecker(registry, lambda key: None),
