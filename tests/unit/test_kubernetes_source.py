@@ -664,7 +664,7 @@ def decoded_pages(monkeypatch, *, in_worker: bool):
 
     def count_decoded(state, kind, items, seen):
         if isinstance(items, kubernetes_source.DecodedPage):
-            decoded.append((kind, [item.key for item in items.items]))
+            decoded.append((kind, [(row[0], row[1]) for row in items.items]))
         list_page(state, kind, items, seen)
 
     monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", count_decoded)
