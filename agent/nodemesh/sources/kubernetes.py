@@ -1372,19 +1372,23 @@ class _Watcher:
         """Whether the decoding worker takes this list's next page: "only" (every page, this
         thread parses none), "share" (when it holds fewer than two: both processes parse),
         or None (this thread parses every page). Asked page by page: the datapath's compile,
-        which the slices list runs alongside, may end half-way through it. The first sync
-        is what the agent waits for; a later relist keeps to what it did before (on two
-        CPUs: the services shared with the worker, the slices parsed here, where a slice
-        whose resourceVersion did not move is not parsed at all)."""
+        which the slices list runs alongside, may end half-way through it. While it runs,
+        the slices' pages are the worker's only: the compiler has the other CPU, and a page
+        costs this process a sixth of what it costs to parse it here (its rows taken), so
+        the worker, not this process, competes with the compiler. The first sync is what
+        the agent waits for; a later relist keeps to what it did before (on two CPUs: the
+        services shared with the worker, the slices parsed here, where a slice whose
+        resourceVersion did not move is not parsed at all)."""
         source = self._source
         first_sync = not self._state.delivered
         if self.kind == "service":
             if not (source.DECODE_IN_WORKER or source.DECODE_SERVICES_IN_WORKER):
                 return None
             return "only" if first_sync else "share"
-        if source.DECODE_IN_WORKER or (first_sync and source.DECODE_SERVICES_IN_WORKER and
-                                       source._compile_done.is_set()):
+        if source.DECODE_IN_WORKER:
             return "share"
+        if first_sync and source.DECODE_SERVICES_IN_WORKER:
+            return "share" if source._compile_done.is_set() else "only"
         return None
 
     def _take_decoded(self, decoder: PageDecoder, pending: Any, text: str,
