@@ -46,13 +46,15 @@ def one_slice_services():
     named = [{"name": "http", "port": 80, "targetPort": "web", "protocol": "TCP"}]
     slice_http = [{"name": "http", "port": 8080, "protocol": "TCP"}]
     services = [service("plain", http), service("extra-port", http), service("v6", http),
-                service("named", named), service("lonely", http)]
+                service("named", named), service("lonely", http), service("other-port", http)]
     slices = [endpoint_slice("plain-1", "plain", slice_http, ["10.1.0.2", "10.1.0.1"]),
               endpoint_slice("extra-port-1", "extra-port",
                              slice_http + [{"name": "metrics", "port": 9090}], ["10.1.1.1"]),
               endpoint_slice("v6-1", "v6", slice_http, ["fd00::1"], "IPv6"),
               endpoint_slice("named-1", "named", [{"name": "http", "port": 8443}],
-                             ["10.1.2.1"])]
+                             ["10.1.2.1"]),
+              endpoint_slice("other-port-1", "other-port", [{"name": "metrics", "port": 9090}],
+                             ["10.1.3.1"])]
     return services, slices
 
 
@@ -105,6 +107,7 @@ def test_the_agent_builds_the_same_services_from_the_workers_rows_as_from_the_js
     assert full[("one", "named")].ports[0].target_port == 8443
     assert ("one", "bad") not in full and ("one", "lonely") in full
     assert any("metrics" not in dict(b.ports) for b in full[("one", "extra-port")].backends)
+    assert [b.ports for b in full[("one", "other-port")].backends] == [()]
     assert any("bad" in m for _, invalid in from_rows[1] for m in invalid)
     assert any("v6-1" in m for skipped, _ in from_rows[1] for m in skipped)
     assert crashes == []

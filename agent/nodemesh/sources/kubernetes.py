@@ -1061,8 +1061,10 @@ class _ClusterState:
                 service = Service(*values)  # no slices yet (or none to take): no backends
             elif len(members) == 1 and not named_ports:
                 endpoint_slice = self._slices[members[0]]
-                if FAMILY_VERSIONS.get(endpoint_slice.address_type) in families and \
-                        all(name in port_names for name, _ in endpoint_slice.ports):
+                slice_ports = endpoint_slice.ports
+                if FAMILY_VERSIONS.get(endpoint_slice.address_type) in families and (
+                        slice_ports[0][0] in port_names if len(slice_ports) == 1 else
+                        all(name in port_names for name, _ in slice_ports)):
                     values[_BACKENDS_AT] = endpoint_slice.backends
                     service = Service(*values)
             if service is None:
