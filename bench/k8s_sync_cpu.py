@@ -23,6 +23,7 @@ process CPU time:
                rounds left) and packs the map writes into an in-memory map
                (tests/fakemaps.py), and publishes its snapshot
   collect      the full gc.collect() the agent does before it freezes the first sync
+  (--compiling: the slices' pages go where the agent sends them while its datapath compiles)
   (--source-only: no core at all, neither page rounds nor core round: the source's part)
   per event    then (--events N, 1,000 by default) N watch events, each one EndpointSlice
                MODIFIED (an endpoint's pod replaced: a new address), taken as the source's
@@ -56,6 +57,11 @@ def main() -> None:
                         help="the checkout whose agent/ is timed (default: this one)")
     parser.add_argument("--no-worker", action="store_true",
                         help="parse every page in this process (the decoding worker off)")
+    parser.add_argument("--compiling", action="store_true",
+                        help="the agent's settings on two CPUs while its datapath compiles "
+                        "(which here never ends): the slices' pages as the agent lists them "
+                        "then (the worker's only, or parsed in this process in older "
+                        "checkouts), the services' the worker's")
     parser.add_argument("--source-only", action="store_true",
                         help="the source's part alone: no core (no page rounds, no core round)")
     parser.add_argument("--events", type=int, default=1000, metavar="N",
@@ -104,8 +110,10 @@ def main() -> None:
         daemon._collect_less_while_syncing()
 
     class Source:  # what a _Watcher asks of its source, without a server
-        DECODE_IN_WORKER = not args.no_worker
-        DECODE_SERVICES_IN_WORKER = False  # the worker for both lists, or for neither
+        # The worker for both lists (shared), or for neither; or (--compiling) the agent's
+        # two-CPU settings, without the compile's end.
+        DECODE_IN_WORKER = not args.no_worker and not args.compiling
+        DECODE_SERVICES_IN_WORKER = args.compiling
         _listing = threading.Lock()
         _compile_done = threading.Event()  # no compile here
         _decoder = k8s.PageDecoder(print) if hasattr(k8s, "PageDecoder") else None
@@ -119,6 +127,9 @@ def main() -> None:
         def _mark_synced(self):
             if self.source is not None:
                 self.source._mark_synced()
+
+        def _watch_changed(self):  # a watch's own delivery: this harness takes the delta
+            pass
 
     times = {}
     registry = CollectorRegistry()

@@ -5,6 +5,8 @@ import os
 import signal
 from pathlib import Path
 
+from nodemesh.model import Backend, Service
+from nodemesh.sources import kubernetes
 from nodemesh.sources.kubernetes_decoder import (
     DecodedPage,
     DecoderCrashed,
@@ -25,13 +27,67 @@ def fixtures(prefix: str):
     return [json.loads(path.read_text()) for path in sorted(FIXTURES.glob(f"{prefix}-*.json"))]
 
 
-def test_the_worker_hands_back_exactly_what_the_source_parses_itself():
+def one_slice_services():
+    """Services of one EndpointSlice each (the agent builds these without assemble), and
+    the cases where it must not: a slice port the service lacks, a slice of the other
+    family, a named targetPort."""
+    def service(name, ports, vip="10.96.7.1"):
+        return {"metadata": {"name": name, "namespace": "one", "resourceVersion": "7"},
+                "spec": {"clusterIP": vip, "ports": ports}}
+
+    def endpoint_slice(name, service_name, ports, addresses, address_type="IPv4"):
+        return {"metadata": {"name": name, "namespace": "one", "resourceVersion": "8",
+                             "labels": {"kubernetes.io/service-name": service_name}},
+                "addressType": address_type, "ports": ports,
+                "endpoints": [{"addresses": [a], "conditions": {"ready": True},
+                               "nodeName": "node-a", "zone": "z1"} for a in addresses]}
+
+    http = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+    named = [{"name": "http", "port": 80, "targetPort": "web", "protocol": "TCP"}]
+    slice_http = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    services = [service("plain", http), service("extra-port", http), service("v6", http),
+                service("named", named), service("lonely", http), service("other-port", http)]
+    slices = [endpoint_slice("plain-1", "plain", slice_http, ["10.1.0.2", "10.1.0.1"]),
+              endpoint_slice("extra-port-1", "extra-port",
+                             slice_http + [{"name": "metrics", "port": 9090}], ["10.1.1.1"]),
+              endpoint_slice("v6-1", "v6", slice_http, ["fd00::1"], "IPv6"),
+              endpoint_slice("named-1", "named", [{"name": "http", "port": 8443}],
+                             ["10.1.2.1"]),
+              endpoint_slice("other-port-1", "other-port", [{"name": "metrics", "port": 9090}],
+                             ["10.1.3.1"])]
+    return services, slices
+
+
+def states_from(pages, decoded):
+    """The cluster state and its deltas after the slices' page, then the services' (streamed,
+    as the agent lists them), each page taken as the source takes it: decoded by the worker
+    (`decoded`), or parsed from its JSON in this process."""
+    notes = []
+    state = kubernetes._ClusterState(lambda: None, notes.append)
+    deltas = []
+    for kind, body in pages:
+        seen = set()
+        if kind == "service":
+            state.stream_services()
+        items = decoded[kind] if decoded else kubernetes._list_items(body.decode(), {})
+        state.list_page(kind, items, seen)
+        state.list_done(kind, seen)
+        deltas.append(state.take_delta())
+    # Notes by page, in any order (the worker's come before the ones assembling adds).
+    return deltas, [(sorted(n.skipped), sorted(n.invalid)) for n in notes], state
+
+
+def test_the_agent_builds_the_same_services_from_the_workers_rows_as_from_the_json():
     # Every fixture (named target ports, session affinity, dual stack, headless, external
-    # name) plus a malformed service: records, notes and metadata the same either way.
+    # name, two slices a service), services of one slice each (the quick way and each case
+    # that must not take it) and a malformed service: the same partial and full deltas, the
+    # same notes, the same cache, whichever process parsed the pages.
     malformed = {"metadata": {"name": "bad", "namespace": "shop"},
                  "spec": {"clusterIP": "10.96.1.1", "ports": [{"port": "http"}]}}
-    pages = [("service", page("Service", fixtures("service") + [malformed], **{"continue": "t"})),
-             ("endpointslice", page("EndpointSlice", fixtures("endpointslice")))]
+    services, slices = one_slice_services()
+    pages = [("endpointslice", page("EndpointSlice", fixtures("endpointslice") + slices)),
+             ("service", page("Service", fixtures("service") + services + [malformed],
+                              **{"continue": "t"}))]
     crashes = []
     decoder = PageDecoder(crashes.append)
     with decoder.session():
@@ -40,13 +96,40 @@ def test_the_worker_hands_back_exactly_what_the_source_parses_itself():
     for (kind, body), answer in zip(pages, answers):
         assert isinstance(answer, DecodedPage)
         assert answer == decode_page(kind, body)
-    assert answers[0].metadata == {"resourceVersion": "42", "continue": "t"}
-    assert [item.key for item in answers[0].items][-1] == ("shop", "bad")
-    assert answers[0].items[-1].parsed is None and any("bad" in m for m in answers[0].invalid)
-    assert any(item.parsed.service.session_affinity is not None
-               for item in answers[0].items if item.parsed is not None)
-    assert sum(len(item.parsed.backends) for item in answers[1].items) >= 4
+    assert answers[1].metadata == {"resourceVersion": "42", "continue": "t"}
+    from_rows = states_from(pages, {kind: answer for (kind, _), answer in zip(pages, answers)})
+    from_json = states_from(pages, None)
+    assert from_rows[:2] == from_json[:2]
+    assert from_rows[2]._services == from_json[2]._services
+    assert from_rows[2]._slices == from_json[2]._slices
+    full = {s.key: s for s in from_rows[0][-1].upserts}
+    assert full[("one", "plain")].backends[0].address == "10.1.0.1"  # in order
+    assert full[("one", "named")].ports[0].target_port == 8443
+    assert ("one", "bad") not in full and ("one", "lonely") in full
+    assert any("metrics" not in dict(b.ports) for b in full[("one", "extra-port")].backends)
+    assert [b.ports for b in full[("one", "other-port")].backends] == [()]
+    assert any("bad" in m for _, invalid in from_rows[1] for m in invalid)
+    assert any("v6-1" in m for skipped, _ in from_rows[1] for m in skipped)
     assert crashes == []
+
+
+def test_the_worker_hands_over_rows_of_plain_values_not_model_objects():
+    # A Service or Backend object unpickles through its constructor, a Python call per
+    # object in the agent's process; a row of plain values does not (the ports and session
+    # affinity aside: shared, one per page).
+    pages = [("service", page("Service", fixtures("service"))),
+             ("endpointslice", page("EndpointSlice", fixtures("endpointslice")))]
+
+    def objects(value):
+        if isinstance(value, (Service, Backend)):
+            yield value
+        elif isinstance(value, tuple):
+            for item in value:
+                yield from objects(item)
+
+    for kind, body in pages:
+        answer = decode_page(kind, body)
+        assert answer.items and not list(objects(answer.items))
 
 
 def test_a_page_that_is_not_json_fails_alone_and_the_worker_keeps_serving():

@@ -664,7 +664,7 @@ def decoded_pages(monkeypatch, *, in_worker: bool):
 
     def count_decoded(state, kind, items, seen):
         if isinstance(items, kubernetes_source.DecodedPage):
-            decoded.append((kind, [item.key for item in items.items]))
+            decoded.append((kind, [(row[0], row[1]) for row in items.items]))
         list_page(state, kind, items, seen)
 
     monkeypatch.setattr(kubernetes_source._ClusterState, "list_page", count_decoded)
@@ -679,18 +679,6 @@ def test_lists_of_many_pages_are_parsed_partly_by_the_decoding_worker(api, monke
     assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
     assert len(addresses(services, "shop", "web")) == 4
     assert decoded and {kind for kind, _ in decoded} <= {"service", "endpointslice"}
-
-
-def test_on_two_cpus_the_worker_decodes_the_services_list_and_not_the_slices(api, monkeypatch,
-                                                                           run_source):
-    # The slices list runs while BCC compiles the datapath (the second CPU is the
-    # compiler's); the services list, after it, while the core programs its pages.
-    decoded = decoded_pages(monkeypatch, in_worker=False)
-    _, recorder = run_source()
-    full = recorder.wait_for_delta(0)
-    assert keys(full.upserts) == [("default", "api"), ("shop", "web")]
-    assert len(addresses(full.upserts, "shop", "web")) == 4
-    assert decoded and {kind for kind, _ in decoded} == {"service"}
 
 
 def pages_by_parser(monkeypatch):
@@ -725,9 +713,30 @@ def test_the_services_list_leaves_every_page_to_the_worker_while_the_agent_progr
     assert len(services) >= 10 and set(services) == {"worker"}
 
 
-def test_once_the_compile_is_done_the_worker_parses_slices_too(api, monkeypatch, run_source):
-    # On two CPUs the slices list runs beside the datapath's compile, in the agent's process
-    # alone; once the agent says the compile is over, the worker takes slices' pages too.
+def test_while_the_datapath_compiles_the_worker_parses_every_page_of_both_lists(
+        api, monkeypatch, run_source):
+    # On two CPUs the slices list runs beside the datapath's compile: the compiler has the
+    # other CPU, and the agent's process takes the worker's rows for a sixth of what parsing
+    # costs it, so it parses none of the slices' pages itself (nor the services').
+    for i in range(4):
+        api.put(new_service(f"more-{i}", f"10.96.40.{i + 1}"))
+        endpoint_slice = fixture("endpointslice-web-q9d4m")
+        endpoint_slice["metadata"]["name"] = f"more-{i}-x1"
+        endpoint_slice["metadata"]["labels"]["kubernetes.io/service-name"] = f"more-{i}"
+        api.put(endpoint_slice)
+    pages = pages_by_parser(monkeypatch)
+    _, recorder = run_source()
+    full = recorder.wait_for_delta(0)
+    assert len(full.upserts) == 6 and len(addresses(full.upserts, "shop", "web")) == 4
+    assert addresses(full.upserts, "shop", "more-3") == addresses(full.upserts, "shop", "more-0") != []
+    slices = [parser for kind, parser in pages if kind == "endpointslice"]
+    assert len(slices) >= 7 and set(slices) == {"worker"}
+    assert {parser for kind, parser in pages if kind == "service"} == {"worker"}
+
+
+def test_once_the_compile_is_done_the_worker_shares_the_slices(api, monkeypatch, run_source):
+    # Once the agent says the compile is over, the worker and the agent's process both
+    # parse slices' pages: both CPUs are free until the services list.
     pages = pages_by_parser(monkeypatch)
     _, recorder = run_source(before_start=lambda source: source.compile_done())
     full = recorder.wait_for_delta(0)

@@ -767,13 +767,40 @@ def _with_backends(service: Service, ports: Tuple[ServicePort, ...],
     return Service(*values)
 
 
-def _shared(parsed: Any) -> Any:
-    """A record from the decoding worker, with its slice's service key in the agent's own
-    (interned) strings, as parse_slice makes it here."""
-    if type(parsed) is ParsedSlice and parsed.service is not None:
-        namespace, name = parsed.service
-        return parsed._replace(service=(sys.intern(namespace), sys.intern(name)))
-    return parsed
+# What the decoding worker hands over of each list item: a row of plain values (tuples,
+# strings, numbers; the ServicePorts and SessionAffinity as they are, one per page), which
+# unpickles without a Python call per object. The agent's process then builds each record
+# once: a Service with its backends (not a template, then the assembled copy), a slice's
+# Backends with their constructor. What parse_service / parse_slice decided (errors, notes,
+# defaults) is in the row: the agent's process checks nothing again.
+#   service row: (namespace, name, version, fields, named_ports, port_names, families),
+#                fields: model.Service's in order (backends empty), None if not programmed;
+#                port_names / families: of its ports / its VIPs (frozensets, shared)
+#   slice row:   (namespace, name, version, service_name, address_type, ports, backends),
+#                backends: one tuple of model.Backend's fields in order per Backend
+_NAME_AT, _NAMESPACE_AT = _SERVICE_FIELDS.index("name"), _SERVICE_FIELDS.index("namespace")
+_backend_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Backend)))
+_share_names, _share_families = _Pool(), _Pool()
+
+
+def service_row(key: ServiceKey, version: Union[int, str, None],
+                parsed: Optional[ParsedService]) -> Tuple[Any, ...]:
+    """The decoding worker's row of a parsed Service (see above)."""
+    if parsed is None:
+        return (key[0], key[1], version, None, (), None, None)
+    service = parsed.service
+    return (key[0], key[1], version, _service_values(service), parsed.named_ports,
+            _share_names(frozenset([p.name for p in service.ports])),
+            _share_families(frozenset([_family(vip) for vip in service.vips])))
+
+
+def slice_row(key: ServiceKey, parsed: ParsedSlice) -> Tuple[Any, ...]:
+    """The decoding worker's row of a parsed EndpointSlice (see above)."""
+    return (key[0], key[1], parsed.version,
+            parsed.service[1] if parsed.service is not None else None, parsed.address_type,
+            parsed.ports, tuple([_backend_values(backend) for backend in parsed.backends]))
+
+
 
 
 def _in_order(backends: Iterable[Backend]) -> Tuple[Backend, ...]:
@@ -936,14 +963,16 @@ class _ClusterState:
         stored, put = self._stored[kind], self._put[kind]
         if isinstance(items, DecodedPage):
             notes = Translation(skipped=list(items.skipped), invalid=list(items.invalid))
+            put_row = self._put_service_row if kind == "service" else self._put_slice_row
+            intern = sys.intern
             with self._lock:
-                for (namespace, name), version, parsed in items.items:
+                for row in items.items:
                     # The worker's strings are its own: share the agent's copies again.
-                    key = (sys.intern(namespace), name)
+                    key = (intern(row[0]), row[1])
                     seen.add(key)
                     known = stored.get(key)
-                    if known is None or known.version != version:
-                        put(key, version, _shared(parsed), notes)
+                    if known is None or known.version != row[2]:
+                        put_row(key, row, notes)
             self._report(notes)
             return
         notes = Translation()
@@ -1013,6 +1042,47 @@ class _ClusterState:
         self._services[key] = _ServiceRecord(version, service,
                                              parsed.named_ports if parsed else ())
         self._note_change(key, known.service if known else None, service)
+
+    def _put_service_row(self, key: ServiceKey, row: Tuple[Any, ...],
+                         notes: Translation) -> None:
+        """_put_service, from the decoding worker's row (service_row): the Service is built
+        once, with its backends, where assemble would only hand on its one slice's (nearly
+        every service); anything else goes through assemble, as _put_service does."""
+        _, _, version, fields, named_ports, port_names, families = row
+        members = self._members(key)
+        key = self._slices[members[0]].service or key if members else \
+            (key[0], sys.intern(key[1]))
+        known = self._services.get(key)
+        service = None
+        if fields is not None:
+            values = list(fields)
+            values[_NAMESPACE_AT], values[_NAME_AT] = key  # one copy of the key's strings
+            if not (self._delivered or self._streaming) or not members:
+                service = Service(*values)  # no slices yet (or none to take): no backends
+            elif len(members) == 1 and not named_ports:
+                endpoint_slice = self._slices[members[0]]
+                slice_ports = endpoint_slice.ports
+                if FAMILY_VERSIONS.get(endpoint_slice.address_type) in families and (
+                        slice_ports[0][0] in port_names if len(slice_ports) == 1 else
+                        all(name in port_names for name, _ in slice_ports)):
+                    values[_BACKENDS_AT] = endpoint_slice.backends
+                    service = Service(*values)
+            if service is None:
+                service = assemble(ParsedService(Service(*values), named_ports),
+                                   self._slices_for(key), notes)
+        if known is not None and service == known.service:
+            service = known.service  # keep the object the agent already holds
+        self._services[key] = _ServiceRecord(version, service, named_ports)
+        self._note_change(key, known.service if known else None, service)
+
+    def _put_slice_row(self, key: ServiceKey, row: Tuple[Any, ...],
+                       notes: Translation) -> None:
+        """_put_slice, from the decoding worker's row (slice_row)."""
+        _, _, version, service_name, address_type, ports, backends = row
+        self._put_slice(key, version, ParsedSlice(
+            (key[0], sys.intern(service_name)) if service_name is not None else None,
+            address_type, ports, tuple([Backend(*values) for values in backends]), version),
+            notes)
 
     def _drop_service(self, key: ServiceKey, notes: Translation) -> None:
         known = self._services.pop(key, None)
@@ -1304,19 +1374,23 @@ class _Watcher:
         """Whether the decoding worker takes this list's next page: "only" (every page, this
         thread parses none), "share" (when it holds fewer than two: both processes parse),
         or None (this thread parses every page). Asked page by page: the datapath's compile,
-        which the slices list runs alongside, may end half-way through it. The first sync
-        is what the agent waits for; a later relist keeps to what it did before (on two
-        CPUs: the services shared with the worker, the slices parsed here, where a slice
-        whose resourceVersion did not move is not parsed at all)."""
+        which the slices list runs alongside, may end half-way through it. While it runs,
+        the slices' pages are the worker's only: the compiler has the other CPU, and a page
+        costs this process a sixth of what it costs to parse it here (its rows taken), so
+        the worker, not this process, competes with the compiler. The first sync is what
+        the agent waits for; a later relist keeps to what it did before (on two CPUs: the
+        services shared with the worker, the slices parsed here, where a slice whose
+        resourceVersion did not move is not parsed at all)."""
         source = self._source
         first_sync = not self._state.delivered
         if self.kind == "service":
             if not (source.DECODE_IN_WORKER or source.DECODE_SERVICES_IN_WORKER):
                 return None
             return "only" if first_sync else "share"
-        if source.DECODE_IN_WORKER or (first_sync and source.DECODE_SERVICES_IN_WORKER and
-                                       source._compile_done.is_set()):
+        if source.DECODE_IN_WORKER:
             return "share"
+        if first_sync and source.DECODE_SERVICES_IN_WORKER:
+            return "share" if source._compile_done.is_set() else "only"
         return None
 
     def _take_decoded(self, decoder: PageDecoder, pending: Any, text: str,

@@ -8,11 +8,13 @@
 Why a process: a big first list (100,000 Services and as many EndpointSlices) is decoding
 JSON and parsing it into the source's records, pure Python under one GIL. A child process
 does that for the pages it is given (the same functions: parse_service, parse_slice) and
-hands back a DecodedPage, pickled: the records (model.Service / Backend) unpickle in about a
-quarter of the time it takes to decode and parse them. The source keeps at most two pages
-in the child. While it has nothing else to do (the slices list) it parses the other pages
-itself, so both CPUs parse; while its process has the core's rounds to run (the services
-list, streamed) it waits for the child's answers instead, and the child parses every page.
+hands back a DecodedPage, pickled: one row of plain values per item (no model objects, whose
+unpickling is a Python call each), from which the agent's process builds each Service and
+Backend once, in about a sixth of the time it takes to decode and parse them. The source
+keeps at most two pages in the child. While it has nothing else to do (the slices list) it
+parses the other pages itself, so both CPUs parse; while its process has the core's rounds
+to run (the services list, streamed) it waits for the child's answers instead, and the
+child parses every page.
 
 Supervision: a child that dies, or does not answer within RESULT_TIMEOUT_SECONDS, is logged
 and counted (on_crash), its pages fail with DecoderCrashed (the source parses them itself:
@@ -48,17 +50,12 @@ _LENGTH = struct.Struct("<Q")
 KINDS = ("service", "endpointslice")
 
 
-class Decoded(NamedTuple):
-    """One list item, decoded and parsed: what _ClusterState.list_page needs of it."""
-    key: Tuple[str, str]
-    version: Union[int, str, None]
-    parsed: Any  # ParsedService or None (service), ParsedSlice (endpointslice)
-
-
 class DecodedPage(NamedTuple):
-    """A list page as the worker hands it back."""
+    """A list page as the worker hands it back: one row of plain values per item
+    (kubernetes.service_row / slice_row), which the agent's process unpickles without a
+    Python call per object and turns into the source's records once (_ClusterState.list_page)."""
     metadata: Dict[str, Any]
-    items: Tuple[Decoded, ...]
+    items: Tuple[Tuple[Any, ...], ...]
     skipped: Tuple[str, ...]
     invalid: Tuple[str, ...]
 
@@ -68,21 +65,27 @@ class DecoderCrashed(Exception):
 
 
 def decode_page(kind: str, body: bytes) -> DecodedPage:
-    """What the worker does with one page; the same as the source does in its own process."""
+    """What the worker does with one page: parsed as the source parses a page in its own
+    process (_ClusterState.list_page: the same functions, so the same errors and notes),
+    each item handed over as a row."""
     from .kubernetes import (
         Translation,
+        _key_and_version,
         _list_items,
-        object_key,
-        object_version,
-        parse_service,
-        parse_slice,
+        _parse_service_at,
+        _parse_slice_at,
+        service_row,
+        slice_row,
     )
-    parse = parse_service if kind == "service" else parse_slice
     notes, fields = Translation(), {}  # type: ignore[var-annotated]
-    items = tuple(Decoded(object_key(obj), object_version(obj), parse(obj, notes))
-                  for obj in _list_items(body.decode("utf-8"), fields))
+    items = []
+    for obj in _list_items(body.decode("utf-8"), fields):
+        key, version = _key_and_version(obj)
+        items.append(service_row(key, version, _parse_service_at(obj, key[0], notes))
+                     if kind == "service" else
+                     slice_row(key, _parse_slice_at(obj, key, version, notes)))
     metadata = fields.get("metadata")
-    return DecodedPage(metadata if isinstance(metadata, dict) else {}, items,
+    return DecodedPage(metadata if isinstance(metadata, dict) else {}, tuple(items),
                        tuple(notes.skipped), tuple(notes.invalid))
 
 
