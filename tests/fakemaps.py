@@ -68,6 +68,12 @@ class FakeMaps:
                 raise self._error(errno.E2BIG, i)
             table[k] = v
 
+    def update_joined(self, name: str, keys: bytes, values: bytes) -> None:
+        spec = m.MAP_BY_NAME[name]
+        ks, vs = ctypes.sizeof(spec.key), ctypes.sizeof(spec.value)
+        self.update_packed(name, [keys[i:i + ks] for i in range(0, len(keys), ks)],
+                           [values[i:i + vs] for i in range(0, len(values), vs)])
+
     def delete_batch(self, name: str, keys: Sequence[object]) -> int:
         if not keys:
             return 0
