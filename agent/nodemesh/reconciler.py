@@ -275,6 +275,7 @@ class Status:
 
 _DONE = Status(DONE)  # shared: most of 100,000 frontends are simply done
 _PENDING = Status(PENDING)  # shared: a first sync marks 100,000 frontends pending at once
+DONE_STATUS = _DONE  # what StatusTable gives a programmed frontend with none stored
 
 
 class StatusTable(Mapping[FrontendKey, Status]):
@@ -307,6 +308,13 @@ class StatusTable(Mapping[FrontendKey, Status]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._other or key in self._programmed
+
+    @property
+    def stored(self) -> Callable[[FrontendKey], Optional[Status]]:
+        """The lookup of stored statuses (a dict's get, for readers of many keys that look
+        up `programmed` anyway): None if none is stored, and then the status is DONE_STATUS
+        if programmed, else there is none. Good until the table next changes."""
+        return self._other.get
 
     def __iter__(self) -> Iterator[FrontendKey]:
         yield from self._other
@@ -604,28 +612,51 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
     chosen, why = selection.eligible(svc.backends, svc, ctx)
     affinity = svc.session_affinity.timeout_seconds if svc.session_affinity else 0
     cl = svc.connection_limits
-    limits = (cl.max_connections_per_backend, cl.max_connections) if cl else (0, 0)
-    for vip, sp in svc.frontends():
+    limits = (cl.max_connections_per_backend, cl.max_connections) if cl else _NO_LIMITS
+    ports = svc.ports
+    # One VIP and one port, nearly every service: no generator.
+    pairs = ((svc.vip, ports[0]),) if len(ports) == 1 and not svc.extra_vips \
+        else svc.frontends()
+    for vip, sp in pairs:
         v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
-        key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
+        protocol = sp.protocol
+        # tuple.__new__: FrontendKey's own __new__ is a Python call (100,000 a first sync)
+        key = _new_key(FrontendKey, (m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port,
+                                     protocol))
         flat: List[Any] = []
         target = sp.target_port
         for b in chosen:
             address = b.address
             if (":" in address) == v6:
                 flat += (address, b.target_port(sp) if b.ports else target, b.weight)
-        backends = tuple(flat)
-        out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
-                                   svc.algorithm, backends, why, len(svc.backends), affinity,
-                                   svc.terminate_connections_on_removal,
-                                   maglev_table_size=svc.maglev_table_size
-                                   if svc.algorithm == "maglev" else 0, limits=limits,
-                                   proxy_port=svc.proxy_port if sp.protocol == "TCP" else None)
-    ports = svc.ports  # a call and a generator a service only when it may have some
+        out[key] = _new_desired(key, svc.namespace, svc.name, sp.name or str(sp.port),
+                                svc.algorithm, tuple(flat), why, len(svc.backends), affinity,
+                                svc.terminate_connections_on_removal,
+                                svc.maglev_table_size if svc.algorithm == "maglev" else 0, 0,
+                                limits, svc.proxy_port if protocol == "TCP" else None)
+    # external_frontends is a call and a generator a service: only when it may have some
     if svc.external_ips or svc.load_balancer_ips or len(ports) > 1 or \
             (ports and ports[0].node_port):
         out.update(external_frontends(svc, ctx, affinity))
     return out
+
+
+_new_key = tuple.__new__
+_NO_LIMITS = (0, 0)
+
+
+def _new_desired(*fields: Any) -> DesiredFrontend:
+    """A DesiredFrontend from all its fields in order, flat_backends already flat: without
+    the keyword defaults and __post_init__ of its constructor (service_frontends' path)."""
+    d = _desired_new(DesiredFrontend)
+    for set_field, value in zip(_DESIRED_SETTERS, fields):
+        set_field(d, value)
+    return d
+
+
+_desired_new = object.__new__
+_DESIRED_SETTERS = tuple(getattr(DesiredFrontend, f.name).__set__
+                         for f in dataclasses.fields(DesiredFrontend))
 
 
 def external_frontends(svc: Service, ctx: selection.Context, affinity: int
@@ -720,9 +751,20 @@ class Reconciler:
                     watched: FrozenSet[Endpoint] = frozenset()) -> List[str]:
         """What one service wants now. Marks changed frontends pending; writes nothing.
         Returns conflicts: frontends another service already owns are not taken over."""
+        desired = self.desired
+        if len(frontends) == 1 and key not in self.by_service:
+            # A service new to the reconciler with one frontend (a first sync's case) that no
+            # other service holds: what the general path below does, without its lists.
+            (fk, d), = frontends.items()
+            if fk not in desired:
+                desired[fk] = d
+                self._mark(fk)
+                self.by_service[key] = fk
+                if watched or key in self._watched_by:
+                    self._watch(key, watched)
+                return []
         conflicts = []
         mine = {}
-        desired = self.desired
         changed = []
         for fk, d in frontends.items():
             other = desired.get(fk)
@@ -759,9 +801,12 @@ class Reconciler:
 
     def _mark(self, fk: FrontendKey) -> None:
         self.pending.add(fk)
-        old = self.status.get(fk)
+        # The status table's dict: a status not stored is done (or none), and pending is
+        # stored in either case (StatusTable.__setitem__), without two calls through it.
+        other = self.status._other
+        old = other.get(fk)
         # A new desired state is tried at once, even while an old failure backs off.
-        self.status[fk] = _PENDING if old is None or not (old.error or old.retries) \
+        other[fk] = _PENDING if old is None or not (old.error or old.retries) \
             else Status(PENDING, old.error, old.retries)
 
     def _watch(self, key: ServiceKey, endpoints: FrozenSet[Endpoint]) -> None:
