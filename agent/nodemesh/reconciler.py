@@ -34,6 +34,7 @@ import ctypes
 import dataclasses
 import logging
 import random
+import socket
 import struct
 import time
 from dataclasses import dataclass, field, replace
@@ -265,6 +266,24 @@ def unpack_ids(packed: bytes) -> Tuple[int, ...]:
     return _U32S[n].unpack(packed) if n <= 64 else tuple(memoryview(packed).cast("I"))
 
 
+def raw_constructor(cls: type) -> Callable[..., Any]:
+    """A function making a `cls` from every field, positionally and in order, with no
+    defaults and no __post_init__: for bulk paths whose values are already in their final
+    form (flat backends, packed ids)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    namespace: Dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    body = ["self = _new(_cls)"]
+    for name in names:
+        namespace[f"_set_{name}"] = getattr(cls, name).__set__
+        body.append(f"_set_{name}(self, {name})")
+    body.append("return self")
+    exec(f"def make({', '.join(names)}):\n    " + "\n    ".join(body), namespace)
+    return namespace["make"]  # type: ignore[no-any-return]
+
+
+_new_programmed = raw_constructor(ProgrammedFrontend)
+
+
 @dataclass(frozen=True, slots=True)
 class Status:
     state: str                 # pending | done | error
@@ -366,6 +385,23 @@ class IdSet:
         if not self._bits[index] & bit:
             self._bits[index] |= bit
             self._len += 1
+
+    def add_range(self, start: int, stop: int) -> None:
+        """add() every id of range(start, stop), none of which is in the set yet (fresh ids:
+        a first sync takes 400,000 at a time), whole bytes at once."""
+        bits = self._bits
+        ident = start
+        while ident < stop and ident & 7:
+            bits[ident >> 3] |= 1 << (ident & 7)
+            ident += 1
+        whole = (stop - ident) >> 3
+        if whole:
+            bits[ident >> 3:(ident >> 3) + whole] = b"\xff" * whole
+            ident += whole << 3
+        while ident < stop:
+            bits[ident >> 3] |= 1 << (ident & 7)
+            ident += 1
+        self._len += max(0, stop - start)
 
     def discard(self, ident: int) -> None:
         if ident in self:
@@ -547,9 +583,7 @@ class IdPool:
         if not self._freed and first + count - 1 <= self.capacity:
             # Nothing freed to reuse (a first sync): the next fresh ids, in one go.
             self._next = first + count
-            add = self.used.add
-            for ident in range(first, first + count):
-                add(ident)
+            self.used.add_range(first, first + count)
             return list(range(first, first + count))
         got: List[int] = []
         try:
@@ -645,18 +679,7 @@ _new_key = tuple.__new__
 _NO_LIMITS = (0, 0)
 
 
-def _new_desired(*fields: Any) -> DesiredFrontend:
-    """A DesiredFrontend from all its fields in order, flat_backends already flat: without
-    the keyword defaults and __post_init__ of its constructor (service_frontends' path)."""
-    d = _desired_new(DesiredFrontend)
-    for set_field, value in zip(_DESIRED_SETTERS, fields):
-        set_field(d, value)
-    return d
-
-
-_desired_new = object.__new__
-_DESIRED_SETTERS = tuple(getattr(DesiredFrontend, f.name).__set__
-                         for f in dataclasses.fields(DesiredFrontend))
+_new_desired = raw_constructor(DesiredFrontend)
 
 
 def external_frontends(svc: Service, ctx: selection.Context, affinity: int
@@ -923,7 +946,8 @@ class Reconciler:
         result = RoundResult()
         if only is None:
             self._collect_garbage(result)
-            due = [k for k in self.pending if force or self.status[k].next_attempt <= started]
+            due = list(self.pending) if force else \
+                [k for k in self.pending if self.status[k].next_attempt <= started]
         else:
             due = [k for k in only if k in self.pending and k in self.desired]
         failed: Dict[FrontendKey, str] = {}
@@ -1030,11 +1054,17 @@ class Reconciler:
         slot_values: List[bytes] = []
         master_keys: List[bytes] = []
         master_values: List[bytes] = []
-        pack_backend, active, proto_ids = m.pack_backend, m.BACKEND_ACTIVE, m.PROTO_IDS
-        master_tail, bank_tails = m.pack_master_key(b""), _BANK0_TAILS
-        new_frontend, pack_master = ProgrammedFrontend, m.pack_master_value
-        algorithm_ids, svc_f_affinity, svc_f_proxy_off = \
-            m.ALGORITHM_IDS, m.SVC_F_AFFINITY, m.SVC_F_PROXY_OFF
+        # Each packer inline (see maps.pack_backend, address_key_prefix, pack_master_value):
+        # a call each was a fifth of this loop.
+        active, proto_ids, v4, v6 = m.BACKEND_ACTIVE, m.PROTO_IDS, m.FAMILY_V4, m.FAMILY_V6
+        pton, af4, af6, htons, v4_rest = socket.inet_pton, socket.AF_INET, socket.AF_INET6, \
+            socket.htons, m.V4_REST
+        backend_rest, key_rest, master = \
+            m.pack_backend_rest, m.pack_key_prefix_rest, m.pack_master_fields
+        master_tail, bank_tails, slot_values_of = \
+            m.pack_master_key(b""), _BANK0_TAILS, m.pack_slot_values_joined
+        new_frontend, algorithm_ids, svc_f_affinity, svc_f_proxy_off = \
+            _new_programmed, m.ALGORITHM_IDS, m.SVC_F_AFFINITY, m.SVC_F_PROXY_OFF
         at = 0
         for d, svc_id in zip(fresh, svc_ids):
             key = d.key
@@ -1043,34 +1073,51 @@ class Reconciler:
             ids = be_ids[at:at + n]
             at += n
             packed = _U32S[n].pack(*ids)  # equal weights: the slots are the backends, in order
-            news.append(new_frontend(key, svc_id, 0, d.algorithm, 1, packed, packed, d,
-                                     affinity_timeout=d.affinity_timeout, flags=d.flags,
-                                     limits=d.limits, proxy_port=d.proxy_port))
-            proto = proto_ids[key.protocol]
-            prefix = key.prefix()
+            affinity, proxy, limits = d.affinity_timeout, d.proxy_port, d.limits
+            news.append(new_frontend(key, svc_id, 0, d.algorithm, 1, packed, packed, d, False,
+                                     -1, affinity, 0, d.flags, limits, proxy))
+            family, vip, port, protocol = key
+            proto = proto_ids[protocol]
+            prefix = (pton(af4, vip) + v4_rest if family == v4 else pton(af6, vip)) + \
+                key_rest(htons(port), proto, family)
             if n:
                 be_keys.append(packed)
                 for i in range(0, n * 3, 3):
-                    be_values.append(pack_backend(flat[i], flat[i + 1], proto, svc_id, active))
+                    address = flat[i]
+                    if ":" in address:
+                        be_values.append(pton(af6, address) + backend_rest(
+                            htons(flat[i + 1]), proto, v6, svc_id, active))
+                    else:
+                        be_values.append(pton(af4, address) + v4_rest + backend_rest(
+                            htons(flat[i + 1]), proto, v4, svc_id, active))
                 slot_keys.append(prefix + prefix.join(bank_tails[n]))
-                slot_values.append(m.pack_slot_values_joined(ids))
+                slot_values.append(slot_values_of(ids))
             master_keys.append(prefix + master_tail)
-            proxy = d.proxy_port
-            master_values.append(pack_master(
-                svc_id, n, 0, algorithm_ids[d.algorithm], 1,
-                (svc_f_affinity if d.affinity_timeout else 0) | d.flags
+            master_values.append(master(
+                0, svc_id, n, 0, algorithm_ids[d.algorithm],
+                (svc_f_affinity if affinity else 0) | d.flags
                 | (svc_f_proxy_off if proxy == 0 else 0),
-                d.affinity_timeout, 0, *d.limits, proxy_port=proxy or 0))
+                htons(proxy or 0), 1, affinity, *limits))
         done = self._commit(lambda: [_Change(None, p, list(unpack_ids(p.ids)), [], True)
                                      for p in news], _Packed(
             b"".join(be_keys), b"".join(be_values), b"".join(slot_keys), b"".join(slot_values),
             b"".join(master_keys), b"".join(master_values)), failed, result, tables=False)
         programmed = self.programmed
-        refer = self._refer
+        refs, shared, count = self._endpoint_refs, self._ref_ints.get, self._count_endpoint
         for p in news[:done]:
             programmed[p.key] = p
+            # _refer(+1) inline
+            proto = proto_ids[p.key.protocol]
             flat = p.desired.flat_backends  # type: ignore[union-attr]
-            refer(p.key, zip(flat[0::3], flat[1::3]), +1)
+            for i in range(0, len(flat), 3):
+                address = flat[i]
+                port_proto = (flat[i + 1] << 8) | proto
+                v = refs.get(address)
+                if v is None:
+                    v = (port_proto << 32) | 1
+                    refs[address] = shared(v) or self._shared(v)
+                else:
+                    count(address, port_proto, 1)
         result.added += done
         return [p.key for p in news[:done]]
 

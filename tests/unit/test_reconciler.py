@@ -439,3 +439,16 @@ def test_a_failed_master_write_in_the_bulk_path_undoes_only_the_frontends_not_wr
     result = rec.reconcile()
     assert (result.added, result.failed) == (3, 0)
     assert_no_leaks(rec, maps)
+
+
+def test_an_id_range_taken_at_once_sets_the_same_bits_as_one_at_a_time():
+    from nodemesh.reconciler import IdSet
+
+    for start, stop in ((1, 2), (1, 8), (3, 21), (8, 16), (5, 200), (9, 9)):
+        one, many = IdSet(256), IdSet(256)
+        one.add(250)
+        many.add(250)
+        for i in range(start, stop):
+            one.add(i)
+        many.add_range(start, stop)
+        assert set(many) == set(one) and len(many) == len(one), (start, stop)

@@ -452,6 +452,13 @@ def pack_backend(address: str, port: int, proto: int, svc_id: int, state: int) -
 _inet_pton, _htons, _AF_INET, _AF_INET6 = \
     socket.inet_pton, socket.htons, socket.AF_INET, socket.AF_INET6
 
+# The packers behind pack_backend, key prefixes and pack_master_value, for loops that inline
+# them (the reconciler's bulk path: 400,000 elements a first sync). Fields in struct order.
+V4_REST = _V4_REST
+pack_backend_rest = _BACKEND_REST.pack      # port (network order), proto, family, svc_id, state
+pack_key_prefix_rest = _KEY_PREFIX_REST.pack  # port (network order), proto, family
+pack_master_fields = _SVC_VALUE.pack
+
 
 def pack_u32(value: int) -> bytes:
     return _U32.pack(value)
