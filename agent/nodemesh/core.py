@@ -21,6 +21,7 @@ from .health import HealthChecker, TargetKey
 from .model import HealthCheck, Service
 from .outlier import OutlierDetector
 from .reconciler import (
+    DONE_STATUS,
     ERROR,
     FrontendKey,
     Reconciler,
@@ -232,16 +233,19 @@ class Core:
                 rec.remove_service(key)
                 self._conflicts.pop(key, None)
             else:
-                conflicts = rec.set_service(key, service_frontends(svc, ctx),
-                                            watched_endpoints(svc))
+                frontends = service_frontends(svc, ctx)
+                conflicts = rec.set_service(key, frontends, watched_endpoints(svc))
                 if conflicts:
                     self._conflicts[key] = conflicts
                     log.error("%s/%s not programmed where another service has the same "
                               "frontend: %s", key[0], key[1], "; ".join(conflicts))
+                    if wanted is not None:
+                        wanted.update(rec.frontends_of(key))
                 else:
-                    self._conflicts.pop(key, None)
-                if wanted is not None:
-                    wanted.update(rec.frontends_of(key))
+                    if self._conflicts:
+                        self._conflicts.pop(key, None)
+                    if wanted is not None:  # with no conflict, what it owns is what it wants
+                        wanted.update(frontends)
             if (svc is not None and svc.health_check is not None) or key in self._checked:
                 targets = _health_targets(svc) if svc else {}
                 self.health.set_service_targets(key, targets)
@@ -264,17 +268,21 @@ class Core:
         views: Dict[FrontendKey, Optional[FrontendView]] = {}
         # A round of the first sync publishes what it touched; the frontends still pending
         # (adopted, not listed yet: up to all of them) wait for the full round.
-        status, desired, programmed = rec.status, rec.desired, rec.programmed
+        desired, programmed = rec.desired, rec.programmed
+        # StatusTable.get inline: a status not stored is done if programmed (else none).
+        stored, done = rec.status.stored, DONE_STATUS
         failing = self._failing
         # Not the union when nothing is pending (a first round's 100,000 keys hashed again).
         keys = result.touched if listed_only or not rec.pending else result.touched | rec.pending
+        view = FrontendView
         for fk in keys:
-            st = status.get(fk)
+            p = programmed.get(fk)
+            st = stored(fk) or (done if p is not None else None)
             if st is None:
                 views[fk] = None
                 failing.discard(fk)
                 continue
-            views[fk] = FrontendView(fk, desired.get(fk), programmed.get(fk), st)
+            views[fk] = view(fk, desired.get(fk), p, st)
             if st.state == ERROR:
                 failing.add(fk)
             elif failing:

@@ -34,6 +34,7 @@ import ctypes
 import dataclasses
 import logging
 import random
+import socket
 import struct
 import time
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,7 @@ from typing import (
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     Set,
@@ -108,21 +110,16 @@ def fast_init(cls: _Cls) -> _Cls:
     return cls
 
 
-@fast_init
-@dataclass(frozen=True, order=True, slots=True)
-class FrontendKey:
+class FrontendKey(NamedTuple):
+    """A frontend: (family, vip, port, protocol). A tuple, so that the dicts and sets of the
+    reconciler and the snapshot hash it in C: a first sync of 100,000 frontends hashed these
+    keys 2.4 million times, and a Python __hash__ (even returning a cached value) was about a
+    tenth of its CPU. Compares, sorts and hashes as its fields in that order."""
+
     family: int
     vip: str
     port: int
     protocol: str
-    # Keys are hashed in every map of the reconciler and the snapshot: hash once.
-    _hash: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        _set_hash(self, hash((self.family, self.vip, self.port, self.protocol)))
-
-    def __hash__(self) -> int:
-        return self._hash
 
     def prefix(self) -> bytes:
         """The packed SvcKey without its slot: pack once per frontend, not once per slot."""
@@ -141,7 +138,6 @@ class FrontendKey:
         return f"{host}:{self.port}/{self.protocol}"
 
 
-_set_hash = getattr(FrontendKey, "_hash").__set__  # the slot's descriptor
 
 
 @fast_init
@@ -270,6 +266,24 @@ def unpack_ids(packed: bytes) -> Tuple[int, ...]:
     return _U32S[n].unpack(packed) if n <= 64 else tuple(memoryview(packed).cast("I"))
 
 
+def raw_constructor(cls: type) -> Callable[..., Any]:
+    """A function making a `cls` from every field, positionally and in order, with no
+    defaults and no __post_init__: for bulk paths whose values are already in their final
+    form (flat backends, packed ids)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    namespace: Dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    body = ["self = _new(_cls)"]
+    for name in names:
+        namespace[f"_set_{name}"] = getattr(cls, name).__set__
+        body.append(f"_set_{name}(self, {name})")
+    body.append("return self")
+    exec(f"def make({', '.join(names)}):\n    " + "\n    ".join(body), namespace)
+    return namespace["make"]  # type: ignore[no-any-return]
+
+
+_new_programmed = raw_constructor(ProgrammedFrontend)
+
+
 @dataclass(frozen=True, slots=True)
 class Status:
     state: str                 # pending | done | error
@@ -280,6 +294,7 @@ class Status:
 
 _DONE = Status(DONE)  # shared: most of 100,000 frontends are simply done
 _PENDING = Status(PENDING)  # shared: a first sync marks 100,000 frontends pending at once
+DONE_STATUS = _DONE  # what StatusTable gives a programmed frontend with none stored
 
 
 class StatusTable(Mapping[FrontendKey, Status]):
@@ -312,6 +327,13 @@ class StatusTable(Mapping[FrontendKey, Status]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._other or key in self._programmed
+
+    @property
+    def stored(self) -> Callable[[FrontendKey], Optional[Status]]:
+        """The lookup of stored statuses (a dict's get, for readers of many keys that look
+        up `programmed` anyway): None if none is stored, and then the status is DONE_STATUS
+        if programmed, else there is none. Good until the table next changes."""
+        return self._other.get
 
     def __iter__(self) -> Iterator[FrontendKey]:
         yield from self._other
@@ -363,6 +385,23 @@ class IdSet:
         if not self._bits[index] & bit:
             self._bits[index] |= bit
             self._len += 1
+
+    def add_range(self, start: int, stop: int) -> None:
+        """add() every id of range(start, stop), none of which is in the set yet (fresh ids:
+        a first sync takes 400,000 at a time), whole bytes at once."""
+        bits = self._bits
+        ident = start
+        while ident < stop and ident & 7:
+            bits[ident >> 3] |= 1 << (ident & 7)
+            ident += 1
+        whole = (stop - ident) >> 3
+        if whole:
+            bits[ident >> 3:(ident >> 3) + whole] = b"\xff" * whole
+            ident += whole << 3
+        while ident < stop:
+            bits[ident >> 3] |= 1 << (ident & 7)
+            ident += 1
+        self._len += max(0, stop - start)
 
     def discard(self, ident: int) -> None:
         if ident in self:
@@ -544,9 +583,7 @@ class IdPool:
         if not self._freed and first + count - 1 <= self.capacity:
             # Nothing freed to reuse (a first sync): the next fresh ids, in one go.
             self._next = first + count
-            add = self.used.add
-            for ident in range(first, first + count):
-                add(ident)
+            self.used.add_range(first, first + count)
             return list(range(first, first + count))
         got: List[int] = []
         try:
@@ -609,28 +646,40 @@ def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEX
     chosen, why = selection.eligible(svc.backends, svc, ctx)
     affinity = svc.session_affinity.timeout_seconds if svc.session_affinity else 0
     cl = svc.connection_limits
-    limits = (cl.max_connections_per_backend, cl.max_connections) if cl else (0, 0)
-    for vip, sp in svc.frontends():
+    limits = (cl.max_connections_per_backend, cl.max_connections) if cl else _NO_LIMITS
+    ports = svc.ports
+    # One VIP and one port, nearly every service: no generator.
+    pairs = ((svc.vip, ports[0]),) if len(ports) == 1 and not svc.extra_vips \
+        else svc.frontends()
+    for vip, sp in pairs:
         v6 = ":" in vip  # addresses are canonical: only IPv6 has colons
-        key = FrontendKey(m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port, sp.protocol)
+        protocol = sp.protocol
+        # tuple.__new__: FrontendKey's own __new__ is a Python call (100,000 a first sync)
+        key = _new_key(FrontendKey, (m.FAMILY_V6 if v6 else m.FAMILY_V4, vip, sp.port,
+                                     protocol))
         flat: List[Any] = []
         target = sp.target_port
         for b in chosen:
             address = b.address
             if (":" in address) == v6:
                 flat += (address, b.target_port(sp) if b.ports else target, b.weight)
-        backends = tuple(flat)
-        out[key] = DesiredFrontend(key, svc.namespace, svc.name, sp.name or str(sp.port),
-                                   svc.algorithm, backends, why, len(svc.backends), affinity,
-                                   svc.terminate_connections_on_removal,
-                                   maglev_table_size=svc.maglev_table_size
-                                   if svc.algorithm == "maglev" else 0, limits=limits,
-                                   proxy_port=svc.proxy_port if sp.protocol == "TCP" else None)
-    ports = svc.ports  # a call and a generator a service only when it may have some
+        out[key] = _new_desired(key, svc.namespace, svc.name, sp.name or str(sp.port),
+                                svc.algorithm, tuple(flat), why, len(svc.backends), affinity,
+                                svc.terminate_connections_on_removal,
+                                svc.maglev_table_size if svc.algorithm == "maglev" else 0, 0,
+                                limits, svc.proxy_port if protocol == "TCP" else None)
+    # external_frontends is a call and a generator a service: only when it may have some
     if svc.external_ips or svc.load_balancer_ips or len(ports) > 1 or \
             (ports and ports[0].node_port):
         out.update(external_frontends(svc, ctx, affinity))
     return out
+
+
+_new_key = tuple.__new__
+_NO_LIMITS = (0, 0)
+
+
+_new_desired = raw_constructor(DesiredFrontend)
 
 
 def external_frontends(svc: Service, ctx: selection.Context, affinity: int
@@ -725,9 +774,20 @@ class Reconciler:
                     watched: FrozenSet[Endpoint] = frozenset()) -> List[str]:
         """What one service wants now. Marks changed frontends pending; writes nothing.
         Returns conflicts: frontends another service already owns are not taken over."""
+        desired = self.desired
+        if len(frontends) == 1 and key not in self.by_service:
+            # A service new to the reconciler with one frontend (a first sync's case) that no
+            # other service holds: what the general path below does, without its lists.
+            (fk, d), = frontends.items()
+            if fk not in desired:
+                desired[fk] = d
+                self._mark(fk)
+                self.by_service[key] = fk
+                if watched or key in self._watched_by:
+                    self._watch(key, watched)
+                return []
         conflicts = []
         mine = {}
-        desired = self.desired
         changed = []
         for fk, d in frontends.items():
             other = desired.get(fk)
@@ -764,9 +824,12 @@ class Reconciler:
 
     def _mark(self, fk: FrontendKey) -> None:
         self.pending.add(fk)
-        old = self.status.get(fk)
+        # The status table's dict: a status not stored is done (or none), and pending is
+        # stored in either case (StatusTable.__setitem__), without two calls through it.
+        other = self.status._other
+        old = other.get(fk)
         # A new desired state is tried at once, even while an old failure backs off.
-        self.status[fk] = _PENDING if old is None or not (old.error or old.retries) \
+        other[fk] = _PENDING if old is None or not (old.error or old.retries) \
             else Status(PENDING, old.error, old.retries)
 
     def _watch(self, key: ServiceKey, endpoints: FrozenSet[Endpoint]) -> None:
@@ -883,7 +946,8 @@ class Reconciler:
         result = RoundResult()
         if only is None:
             self._collect_garbage(result)
-            due = [k for k in self.pending if force or self.status[k].next_attempt <= started]
+            due = list(self.pending) if force else \
+                [k for k in self.pending if self.status[k].next_attempt <= started]
         else:
             due = [k for k in only if k in self.pending and k in self.desired]
         failed: Dict[FrontendKey, str] = {}
@@ -891,15 +955,20 @@ class Reconciler:
                    k in self.programmed]
         self._delete(deletes, failed, result)
         changes: List[_Change] = []
+        fresh: List[DesiredFrontend] = []  # nothing programmed or adopted: see _add_fresh
+        desired, programmed = self.desired, self.programmed
         for k in due:
-            d = self.desired.get(k)
+            d = desired.get(k)
             if d is None:
-                if k not in self.programmed:  # deleted (or never written): forget it
+                if k not in programmed:  # deleted (or never written): forget it
                     self.pending.discard(k)
                     self.status.pop(k, None)
                     result.touched.add(k)
                 continue
-            old = self.programmed.get(k)
+            old = programmed.get(k)
+            if old is None and _is_plain(d):
+                fresh.append(d)
+                continue
             try:
                 change = self._plan(d, old)
             except (CapacityError, ValueError) as e:
@@ -918,7 +987,9 @@ class Reconciler:
         committed = []
         for at in range(0, len(changes), WRITE_CHUNK):
             committed += self._write(changes[at:at + WRITE_CHUNK], failed, result)
-        programmed = self.programmed
+        added: List[FrontendKey] = []
+        for at in range(0, len(fresh), WRITE_CHUNK):
+            added += self._add_fresh(fresh[at:at + WRITE_CHUNK], failed, result)
         for c in committed:
             new = c.new
             programmed[new.key] = new
@@ -927,16 +998,16 @@ class Reconciler:
                 result.added += 1
             else:
                 if c.new_backend_ids:
-                    fresh = set(c.new_backend_ids)
+                    fresh_ids = set(c.new_backend_ids)
                     self._refer(new.key, {a: i for a, i in new.backend_ids.items()
-                                          if i in fresh}, +1)
+                                          if i in fresh_ids}, +1)
                 result.changed += 1
                 if c.dropped_backend_ids:
                     dropped = set(c.dropped_backend_ids)
                     self._refer(c.old.key, {a: i for a, i in c.old.backend_ids.items()
                                             if i in dropped}, -1, result, c.old.desired)
-        if committed:
-            keys = [c.new.key for c in committed]
+        if committed or added:
+            keys = [c.new.key for c in committed] + added if committed else added
             self.pending.difference_update(keys)
             self.status.set_done(keys)
             result.touched.update(keys)
@@ -955,6 +1026,119 @@ class Reconciler:
         self.last_result = result
         self._log(result, failed)
         return result
+
+    def _add_fresh(self, fresh: List[DesiredFrontend], failed: Dict[FrontendKey, str],
+                   result: RoundResult) -> List[FrontendKey]:
+        """Write frontends that have nothing in the kernel (no programmed or adopted state)
+        and are plain (_is_plain): what _plan and _write do for them, packed straight from
+        the desired frontends without a _Change or a list of bytes per element. Nearly all of
+        a first sync's 100,000. Same ids in the same order, the same writes in the same
+        order (backends, slots, masters). Returns the frontends added."""
+        if not fresh:
+            return []
+        try:
+            svc_ids = self.svc_ids.allocate_many(len(fresh))
+        except CapacityError:  # each fails (or not) on its own, as _plan says why
+            return self._add_one_by_one(fresh, failed, result)
+        try:
+            be_ids = self.backend_ids.allocate_many(
+                sum(len(d.flat_backends) for d in fresh) // 3)
+        except CapacityError:
+            for i in reversed(svc_ids):
+                self.svc_ids.unallocate(i)
+            return self._add_one_by_one(fresh, failed, result)
+        news: List[ProgrammedFrontend] = []
+        be_keys: List[bytes] = []
+        be_values: List[bytes] = []
+        slot_keys: List[bytes] = []
+        slot_values: List[bytes] = []
+        master_keys: List[bytes] = []
+        master_values: List[bytes] = []
+        # Each packer inline (see maps.pack_backend, address_key_prefix, pack_master_value):
+        # a call each was a fifth of this loop.
+        active, proto_ids, v4, v6 = m.BACKEND_ACTIVE, m.PROTO_IDS, m.FAMILY_V4, m.FAMILY_V6
+        pton, af4, af6, htons, v4_rest = socket.inet_pton, socket.AF_INET, socket.AF_INET6, \
+            socket.htons, m.V4_REST
+        backend_rest, key_rest, master = \
+            m.pack_backend_rest, m.pack_key_prefix_rest, m.pack_master_fields
+        master_tail, bank_tails, slot_values_of = \
+            m.pack_master_key(b""), _BANK0_TAILS, m.pack_slot_values_joined
+        new_frontend, algorithm_ids, svc_f_affinity, svc_f_proxy_off = \
+            _new_programmed, m.ALGORITHM_IDS, m.SVC_F_AFFINITY, m.SVC_F_PROXY_OFF
+        at = 0
+        for d, svc_id in zip(fresh, svc_ids):
+            key = d.key
+            flat = d.flat_backends
+            n = len(flat) // 3
+            ids = be_ids[at:at + n]
+            at += n
+            packed = _U32S[n].pack(*ids)  # equal weights: the slots are the backends, in order
+            affinity, proxy, limits = d.affinity_timeout, d.proxy_port, d.limits
+            news.append(new_frontend(key, svc_id, 0, d.algorithm, 1, packed, packed, d, False,
+                                     -1, affinity, 0, d.flags, limits, proxy))
+            family, vip, port, protocol = key
+            proto = proto_ids[protocol]
+            prefix = (pton(af4, vip) + v4_rest if family == v4 else pton(af6, vip)) + \
+                key_rest(htons(port), proto, family)
+            if n:
+                be_keys.append(packed)
+                for i in range(0, n * 3, 3):
+                    address = flat[i]
+                    if ":" in address:
+                        be_values.append(pton(af6, address) + backend_rest(
+                            htons(flat[i + 1]), proto, v6, svc_id, active))
+                    else:
+                        be_values.append(pton(af4, address) + v4_rest + backend_rest(
+                            htons(flat[i + 1]), proto, v4, svc_id, active))
+                slot_keys.append(prefix + prefix.join(bank_tails[n]))
+                slot_values.append(slot_values_of(ids))
+            master_keys.append(prefix + master_tail)
+            master_values.append(master(
+                0, svc_id, n, 0, algorithm_ids[d.algorithm],
+                (svc_f_affinity if affinity else 0) | d.flags
+                | (svc_f_proxy_off if proxy == 0 else 0),
+                htons(proxy or 0), 1, affinity, *limits))
+        done = self._commit(lambda: [_Change(None, p, list(unpack_ids(p.ids)), [], True)
+                                     for p in news], _Packed(
+            b"".join(be_keys), b"".join(be_values), b"".join(slot_keys), b"".join(slot_values),
+            b"".join(master_keys), b"".join(master_values)), failed, result, tables=False)
+        programmed = self.programmed
+        refs, shared, count = self._endpoint_refs, self._ref_ints.get, self._count_endpoint
+        for p in news[:done]:
+            programmed[p.key] = p
+            # _refer(+1) inline
+            proto = proto_ids[p.key.protocol]
+            flat = p.desired.flat_backends  # type: ignore[union-attr]
+            for i in range(0, len(flat), 3):
+                address = flat[i]
+                port_proto = (flat[i + 1] << 8) | proto
+                v = refs.get(address)
+                if v is None:
+                    v = (port_proto << 32) | 1
+                    refs[address] = shared(v) or self._shared(v)
+                else:
+                    count(address, port_proto, 1)
+        result.added += done
+        return [p.key for p in news[:done]]
+
+    def _add_one_by_one(self, fresh: List[DesiredFrontend], failed: Dict[FrontendKey, str],
+                        result: RoundResult) -> List[FrontendKey]:
+        """_add_fresh's frontends through _plan and _write (ids short: each says why)."""
+        changes = []
+        for d in fresh:
+            try:
+                change = self._plan(d, None)
+            except (CapacityError, ValueError) as e:
+                failed[d.key] = str(e)
+                continue
+            assert change is not None
+            changes.append(change)
+        committed = self._write(changes, failed, result)
+        for c in committed:
+            self.programmed[c.new.key] = c.new
+            self._refer(c.new.key, c.new.endpoints(), +1)
+        result.added += len(committed)
+        return [c.new.key for c in committed]
 
     def _done(self, k: FrontendKey, result: RoundResult) -> None:
         self.pending.discard(k)
@@ -1175,10 +1359,6 @@ class Reconciler:
         """Steps 1-4. Returns the changes whose master was written."""
         if not changes:
             return []
-        # A reused id may still have its previous owner's counters: clear them before the id
-        # is published (the datapath creates a zeroed entry on first use).
-        reused_svc = [m.u32(i) for i in self.svc_ids.take_reused()]
-        reused_be = [m.u32(i) for i in self.backend_ids.take_reused()]
         be_keys: List[bytes] = []
         be_values: List[bytes] = []
         slot_keys: List[bytes] = []
@@ -1207,35 +1387,45 @@ class Reconciler:
             slot_keys += m.pack_slot_keys(prefix, new.bank, len(slot_ids))
             slot_values += m.pack_slot_values(slot_ids)
             master_keys.append(m.pack_master_key(prefix))
+        master_values = [_master_value(c.new) for c in changes]
+        done = self._commit(lambda: changes, _Packed(
+            b"".join(be_keys), b"".join(be_values), b"".join(slot_keys), b"".join(slot_values),
+            b"".join(master_keys), b"".join(master_values)), failed, result, tables=True)
+        return changes[:done]
+
+    def _commit(self, changes: Callable[[], List[_Change]], packed: "_Packed",
+                failed: Dict[FrontendKey, str], result: RoundResult, tables: bool) -> int:
+        """Steps 1-4 for packed writes, in that order; `changes()` gives the _Change of each
+        master, in order (made only if something fails). Returns the masters written: those
+        of the first that many changes."""
+        # A reused id may still have its previous owner's counters: clear them before the id
+        # is published (the datapath creates a zeroed entry on first use).
+        reused_svc = [m.u32(i) for i in self.svc_ids.take_reused()]
+        reused_be = [m.u32(i) for i in self.backend_ids.take_reused()]
+        table_writes = 0
         try:
             self.maps.delete_batch("svc_stats", reused_svc)
             self.maps.delete_batch("backend_stats", reused_be)
-            self.maps.update_packed("backends", be_keys, be_values)
-            self.maps.update_packed("services", slot_keys, slot_values)
-            table_writes = self._swap_tables(changes)
+            self.maps.update_joined("backends", packed.be_keys, packed.be_values)
+            self.maps.update_joined("services", packed.slot_keys, packed.slot_values)
+            if tables:
+                table_writes = self._swap_tables(changes())
         except OSError as e:
             # Nothing points at what we wrote yet: take it back, keep the old sets serving.
-            self._give_back_rows(changes)
-            self._undo(changes, slot_keys, be_keys)
-            for c in changes:
+            lost = changes()
+            self._give_back_rows(lost)
+            self._undo(lost, _split(packed.slot_keys, _SVC_KEY_SIZE),
+                       _split(packed.be_keys, 4))
+            for c in lost:
                 failed[c.new.key] = f"map write failed ({_reason(e)}); the previous state " \
                                     f"keeps serving"
-            return []
-        master_values = [m.pack_master_value(c.new.svc_id, c.new.slot_count, c.new.bank,
-                                             m.ALGORITHM_IDS[c.new.algorithm], c.new.revision,
-                                             (m.SVC_F_AFFINITY if c.new.affinity_timeout else 0)
-                                             | c.new.flags
-                                             | (m.SVC_F_PROXY_OFF if c.new.proxy_port == 0
-                                                else 0),
-                                             c.new.affinity_timeout, c.new.maglev_rows,
-                                             *c.new.limits, proxy_port=c.new.proxy_port or 0)
-                         for c in changes]
-        done = len(master_keys)
+            return 0
+        done = len(packed.master_keys) // _SVC_KEY_SIZE
         try:
-            self.maps.update_packed("services", master_keys, master_values)
+            self.maps.update_joined("services", packed.master_keys, packed.master_values)
         except OSError as e:
             done = getattr(e, "done", 0)
-            lost = changes[done:]
+            lost = changes()[done:]
             self._revert_tables(lost)
             self._give_back_rows(lost)
             self._undo(lost, [k for c in lost for k in c.new.key.slot_keys(c.new.bank,
@@ -1244,8 +1434,9 @@ class Reconciler:
             for c in lost:
                 failed[c.new.key] = f"master write failed ({_reason(e)}); the previous state " \
                                     f"keeps serving"
-        result.writes += len(be_keys) + len(slot_keys) + table_writes + done
-        return changes[:done]
+        result.writes += (len(packed.be_keys) >> 2) + \
+            len(packed.slot_keys) // _SVC_KEY_SIZE + table_writes + done
+        return done
 
     def _undo(self, changes: List[_Change], slot_keys: List[bytes], be_keys: List[bytes]) -> None:
         """Take back slots and backends no master points at. What cannot be deleted now is
@@ -1460,3 +1651,48 @@ def _svc_key(ident: Tuple[Any, ...], slot: int) -> bytes:
 def _reason(e: OSError) -> str:
     return e.strerror or str(e)
 
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A batch of frontends' writes, each map's elements packed and joined end to end."""
+    be_keys: bytes
+    be_values: bytes
+    slot_keys: bytes
+    slot_values: bytes
+    master_keys: bytes
+    master_values: bytes
+
+
+_SVC_KEY_SIZE = ctypes.sizeof(m.SvcKey)
+
+
+def _split(joined: bytes, size: int) -> List[bytes]:
+    return [joined[i:i + size] for i in range(0, len(joined), size)]
+
+
+def _master_value(p: ProgrammedFrontend) -> bytes:
+    return m.pack_master_value(p.svc_id, p.slot_count, p.bank, m.ALGORITHM_IDS[p.algorithm],
+                               p.revision,
+                               (m.SVC_F_AFFINITY if p.affinity_timeout else 0) | p.flags
+                               | (m.SVC_F_PROXY_OFF if p.proxy_port == 0 else 0),
+                               p.affinity_timeout, p.maglev_rows, *p.limits,
+                               proxy_port=p.proxy_port or 0)
+
+
+# The keys' slot fields of bank 0's first slots, by count (a frontend's slot keys are its
+# prefix before each).
+_BANK0_TAILS = tuple(tuple(m.pack_svc_key(b"", m.slot_number(0, i)) for i in range(1, n + 1))
+                     for n in range(COMPACT_IDS + 1))
+_ONES = tuple((1,) * n for n in range(COMPACT_IDS + 1))
+
+
+def _is_plain(d: DesiredFrontend) -> bool:
+    """A frontend _add_fresh can write: no Maglev table, at most COMPACT_IDS backends, all of
+    weight 1 (one slot each, in order, whatever the algorithm: selection.slots_for) and no
+    endpoint twice. Kubernetes' frontends are all plain."""
+    flat = d.flat_backends
+    n = len(flat) // 3
+    if n > COMPACT_IDS or d.maglev_table_size or flat[2::3] != _ONES[n]:
+        return False
+    return n < 2 or len(set(zip(flat[0::3], flat[1::3]))) == n

@@ -217,10 +217,13 @@ class Snapshot:
         """A new Snapshot with these frontends' views replaced (None: gone), and the svc_id
         index kept in step, at the cost of the views given, never of N."""
         by_id: Dict[int, Optional[FrontendView]] = {}
-        for key in views:  # first the ids these frontends held, then what they hold now
-            old = self.frontends.get(key)
-            if old is not None and old.programmed is not None and old.desired is not None:
-                by_id[old.programmed.svc_id] = None
+        if len(self.frontends):  # (a first sync's first round has none to look up)
+            shards = self.frontends._shards  # Shards.get inline: 100,000 keys a first sync
+            for key in views:  # first the ids these frontends held, then what they hold now
+                i = hash(key) % SHARDS
+                old = shards[i >> _SHIFT][i & (_PER_GROUP - 1)].get(key)
+                if old is not None and old.programmed is not None and old.desired is not None:
+                    by_id[old.programmed.svc_id] = None
         for view in views.values():
             if view is not None and view.programmed is not None and view.desired is not None:
                 by_id[view.programmed.svc_id] = view
