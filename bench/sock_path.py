@@ -11,6 +11,9 @@ to the same server (one backend), run round-robin (ABCABC...) so machine load sp
   hooked-backend  the client in the hooked cgroup, connecting to the backend's address: every
                   hook runs, nothing is translated (the hooks' machinery alone)
   nodemesh        the client in the hooked cgroup, connecting to the VIP: translated
+  nodemesh+stats  the same while this process holds BPF_ENABLE_STATS (as the agent does by
+                  default, --bpf-stats on): every BPF program run on the node then reads the
+                  clock twice (sched_clock: kvm-clock's pvclock on this VM)
 
 Each connect is closed with an RST (SO_LINGER 0), so no TIME_WAIT piles up. With --perf DIR,
 each way's client is also profiled (perf record -g on its pid, one round) into DIR/<way>.data,
@@ -46,7 +49,7 @@ sys.path.insert(0, os.path.join(ROOT, "agent"))
 
 from sock_cost import CLIENT  # noqa: E402 - "<failures> <client CPU ns>" a chunk
 
-WAYS = ("direct", "hooked-backend", "nodemesh")
+WAYS = ("direct", "hooked-backend", "nodemesh", "nodemesh+stats")
 
 
 def main() -> int:
@@ -67,6 +70,8 @@ def main() -> int:
         raise SystemExit("--connects must be in 1..100000, --rounds in 1..20 and --chunk in "
                          "1..connects")
     from nodemesh import flows
+    from nodemesh.bpfstats import enable_stats
+    from nodemesh.datapath import bpfsys
     from nodemesh.datapath.loader import Datapath, cleanup
     from nodemesh.lab.topology import new_lab
     from nodemesh.model import Backend, Service, ServicePort
@@ -95,7 +100,7 @@ def main() -> int:
         rec.apply([Service("web", "bench", vip, (ServicePort(80, 8080, "TCP", "http"),),
                            (Backend(be, 1),))])
         target = {"direct": (be, "8080"), "hooked-backend": (be, "8080"),
-                  "nodemesh": (vip, "80")}
+                  "nodemesh": (vip, "80"), "nodemesh+stats": (vip, "80")}
         for way in WAYS:
             cg = plain if way == "direct" else lab.cgroup
             cmd = (f"echo $$ > {cg}/cgroup.procs && exec ip netns exec {lab.client_ns} "
@@ -105,9 +110,16 @@ def main() -> int:
                                           stdout=subprocess.PIPE, text=True,
                                           start_new_session=True)
         ns: Dict[str, List[float]] = {w: [] for w in WAYS}
+        lows: Dict[str, List[float]] = {w: [] for w in WAYS}  # each round's least disturbed
 
         def run(way: str) -> List[float]:
-            p = procs[way]
+            stats = enable_stats() if way.endswith("+stats") else None
+            try:
+                return _chunks(procs[way])
+            finally:
+                bpfsys.close(stats)
+
+        def _chunks(p: subprocess.Popen) -> List[float]:
             assert p.stdin is not None and p.stdout is not None
             out = []
             for _ in range(max(args.connects // args.chunk, 1)):
@@ -115,7 +127,7 @@ def main() -> int:
                 p.stdin.flush()
                 fails, cpu_ns = p.stdout.readline().split()
                 if fails != "0":
-                    raise SystemExit(f"{way}: {fails} of {args.chunk} connects failed")
+                    raise SystemExit(f"{fails} of {args.chunk} connects failed")
                 out.append(int(cpu_ns) / args.chunk)
             return out
 
@@ -125,17 +137,21 @@ def main() -> int:
             for w in (WAYS if r % 2 == 0 else tuple(reversed(WAYS))):
                 chunks = run(w)
                 ns[w].append(statistics.median(chunks))
+                lows[w].append(min(chunks))
             print(f"round {r + 1}: " + ", ".join(f"{w} {ns[w][-1] / 1000:.2f}" for w in WAYS)
                   + f" us CPU a connect (load {os.getloadavg()[0]:.1f})", flush=True)
         print(f"\nclient CPU a connect+close, median of {args.rounds} rounds' chunk medians "
               f"({args.connects} connects a way and round, chunks of {args.chunk}); "
               f"load {os.getloadavg()[0]:.1f}")
         base = statistics.median(ns["direct"])
+        base_low = statistics.median(lows["direct"])
         for w in WAYS:
             ratios = sorted(d / x for d, x in zip(ns["direct"], ns[w]))
+            low = statistics.median(lows[w])
             print(f"  {w:15} {statistics.median(ns[w]) / 1000:7.2f} us  "
-                  f"+{(statistics.median(ns[w]) - base) / 1000:5.2f} us over direct; "
-                  f"direct/this per round {ratios[0]:.3f}..{ratios[-1]:.3f}")
+                  f"{(statistics.median(ns[w]) - base) / 1000:+5.2f} us over direct; "
+                  f"direct/this per round {ratios[0]:.3f}..{ratios[-1]:.3f}; lowest chunk "
+                  f"(median of rounds) {low / 1000:.2f} us, {(low - base_low) / 1000:+5.2f}")
         if args.perf:
             os.makedirs(args.perf, exist_ok=True)
             for w in WAYS:
