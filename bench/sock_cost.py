@@ -27,6 +27,14 @@ creates a TCP socket's second storage (sock_conn) for sockops' count state, for 
 
     sudo .venv/bin/python bench/sock_cost.py --variants twostorages,full --rounds 5
 
+`--build-into DIR` only writes the builds (DIR/<variant>) for other benchmarks to load, e.g.
+the pair with every part but the lookup and the choice compiled out:
+
+    sudo .venv/bin/python bench/sock_cost.py --variants none --build-into /tmp/nm-builds
+    sudo NODEMESH_BPF_DIR=/tmp/nm-builds/none .venv/bin/python bench/run.py --sizes 1 \
+        --variants direct,nodemesh --workloads conn --seconds 1 --pair-rounds 60 --reps 1 \
+        --skip-extra --output /tmp/pair-none.md
+
 `git:<ref>` is the bpf/ folder of a commit (`git archive`), loaded by this agent: before/after
 across commits, e.g. `--variants git:main,full`. Each connect's sockops runs are measured too
 (a connect closed with an RST runs sockops 7 times: TIMEOUT_INIT, RWND_INIT, NEEDS_ECN,
@@ -189,7 +197,16 @@ def main() -> int:
                     help="services programmed (the measured one and N - 1 others)")
     ap.add_argument("--variants", default="full,none," + ",".join(PARTS),
                     help="comma-separated: full, none, a part, or parts joined by +")
+    ap.add_argument("--build-into", metavar="DIR",
+                    help="only write each variant's build to DIR/<variant> and exit: for "
+                    "NODEMESH_BPF_DIR=DIR/<variant> bench/run.py ... (the pair with a build)")
     args = ap.parse_args()
+    if args.build_into:
+        from nodemesh.datapath.loader import bpf_source_dir as source_dir
+        os.makedirs(args.build_into, exist_ok=True)
+        for v in args.variants.split(","):
+            print(build(v, source_dir(), Path(args.build_into)))
+        return 0
     if not 0 < args.connects <= 200000 or not 0 < args.rounds <= 20 or \
             not 0 < args.chunk <= args.connects or not 0 < args.services <= 50000:
         raise SystemExit("--connects must be in 1..200000, --rounds in 1..20, --chunk in "

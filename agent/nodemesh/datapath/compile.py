@@ -8,7 +8,9 @@ compiler crash (LLVM aborts the process on some errors) also ends only the child
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import socket
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Dict, Optional, Set, Tuple
 
 from .maps import MAPS, MapSizes
+
+log = logging.getLogger(__name__)
 
 RINGBUF = "failure_events"
 FLOW_RINGBUF = "flow_events"  # bpf/lib/flow.h
@@ -47,6 +51,34 @@ def source_text(path: Path, root: Optional[Path] = None,
     return _LOCAL_INCLUDE.sub(expand, path.read_text())
 
 
+# The verifier gives up with EAGAIN when a signal is pending (a profiler's ptrace stops, a
+# SIGCHLD); libbpf retries BPF_PROG_LOAD 5 times at once, which a burst outlasts. Retry again,
+# after a pause that lets the burst end, and only for EAGAIN: any other error is final.
+LOAD_ATTEMPTS = 5
+LOAD_RETRY_PAUSE = 0.05  # seconds before the 2nd attempt, doubled each time: 0.75 s in all
+
+
+def load_program(bpf, function: str, prog_type: int, attach_type: int = -1,
+                 attempts: int = LOAD_ATTEMPTS, pause: float = LOAD_RETRY_PAUSE):
+    """bpf.load_func, tried up to `attempts` times while the kernel answers EAGAIN."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return bpf.load_func(function.encode(), prog_type, attach_type=attach_type)
+        except Exception as e:  # BCC raises a bare Exception naming strerror(errno)
+            if attempt == attempts or not _is_eagain(e):
+                raise
+            log.warning("loading BPF program %s: %s (attempt %d of %d); trying again in "
+                        "%.2fs", function, e, attempt, attempts, pause)
+            time.sleep(pause)
+            pause *= 2
+    raise AssertionError("unreachable")
+
+
+def _is_eagain(e: Exception) -> bool:
+    # BCC words it "Failed to load BPF program <name>: " + strerror(errno), from this call.
+    return str(e).endswith(os.strerror(errno.EAGAIN))
+
+
 def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict[str, int],
                                                                    Dict[str, int], float]:
     """(the BCC object, program fds by hook name, map fds by name, seconds)."""
@@ -59,7 +91,7 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
     bpf = BPF(text=source_text(src_dir / "sock_lb.c").encode(), cflags=cflags)
     progs = {}
     for hook in HOOKS:
-        fn = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type)
+        fn = load_program(bpf, hook.function, hook.prog_type, hook.attach_type)
         progs[hook.name] = fn.fd
     # By fd, not bpf[name]: BCC's Python Table has no class for sk_storage or sockhash maps.
     maps = {spec.name: lib.bpf_table_fd(bpf.module, spec.name.encode()) for spec in MAPS}
