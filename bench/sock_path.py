@@ -211,6 +211,7 @@ def wrk_ways(seconds: float, rounds: int, perf: str = "") -> int:
     """bench/run.py's conn workload, direct and nodemesh alone in turn, and where its CPU goes."""
     import re
     import resource
+    import shutil
     import tempfile
 
     from nodemesh import flows
@@ -223,12 +224,12 @@ def wrk_ways(seconds: float, rounds: int, perf: str = "") -> int:
 
     lab = new_lab("nmw", backends=1)
     plain = f"{lab.cgroup}-plain"
+    work = tempfile.mkdtemp(prefix="nm-sockpath-")  # nginx's config, pid and logs
     dp = None
     stats = None
     rows: Dict[str, List[Dict[str, float]]] = {w: [] for w in WRK_WAYS}
     try:
         os.makedirs(plain, exist_ok=True)
-        work = tempfile.mkdtemp(prefix="nm-sockpath-")
         be = lab.backends[0]
         lab.start_nginx(be, 8080, "ok", work, connections=8192)
         nginx = [int(x) for x in subprocess.run(["ip", "netns", "pids", be.netns],
@@ -321,6 +322,7 @@ def wrk_ways(seconds: float, rounds: int, perf: str = "") -> int:
             dp.close()
         cleanup(lab.bpffs)
         lab.destroy()
+        shutil.rmtree(work, ignore_errors=True)
         try:
             os.rmdir(plain)
         except OSError:
