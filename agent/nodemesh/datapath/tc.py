@@ -154,12 +154,12 @@ def compile_and_load_tc(bpffs: str, sizes: MapSizes, settings: TcSettings, src_d
     in bpffs already (the loader loads sock_lb.c first)."""
     from bcc import BPF  # Debian's python3-bpfcc
 
-    from .compile import source_text
+    from .compile import load_program, source_text
 
     started = time.monotonic()
     cflags = [f'-DNM_PIN_DIR="{bpffs}"', f"-I{src_dir}", *sizes.cflags(), *settings.cflags()]
     bpf = BPF(text=source_text(src_dir / "tc_nodeport.c").encode(), cflags=cflags)
-    progs = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
+    progs = {name: load_program(bpf, name, BPF.SCHED_CLS).fd  # EAGAIN retried, as sock_lb's
              for name in (PROG_INGRESS, PROG_EGRESS)}
     maps = {spec.name: bpf[spec.name.encode()].map_fd for spec in TC_MAPS}
     return bpf, progs, maps, time.monotonic() - started
