@@ -434,6 +434,14 @@ def main() -> int:
     ap.add_argument("--append", action="store_true",
                     help="add a dated section to bench/results/controlplane.md")
     args = ap.parse_args()
+    args.agent = os.path.abspath(args.agent)
+    if not os.path.isdir(os.path.join(args.agent, "agent", "nodemesh")):
+        # Else the child's import falls back on the installed (editable) nodemesh: it would
+        # measure this checkout and say it measured the other.
+        if os.path.isdir(os.path.join(args.agent, "nodemesh")):  # its agent/ folder given
+            args.agent = os.path.dirname(args.agent)
+        else:
+            ap.error(f"--agent {args.agent}: no agent/nodemesh in it (give a checkout's root)")
     load0 = os.getloadavg()[0]
     parts = []
     for n in args.sizes:
