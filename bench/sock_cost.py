@@ -126,26 +126,34 @@ def filler_services(lab, n: int) -> list:
             for i in range(n)]
 
 
+def hooks_up(dp):
+    """Load the datapath `dp` (adopting its pins), turn flow events on at the agent's default
+    rate, attach the hooks; the Reconciler that programs it."""
+    from nodemesh import flows
+    from nodemesh.reconciler import Reconciler
+
+    maps = dp.load()
+    rec = Reconciler(maps)
+    rec.adopt()
+    flows.configure(maps, flows.DEFAULT_RATE, flows.DEFAULT_BURST, True)
+    dp.attach()
+    return rec
+
+
 def measure(lab, variant_dir: Path, connects: int, chunk: int,
             services: int = 1) -> Tuple[List[float], List[float]]:
     """ns a connect of each chunk of `chunk` connects: connect4's, and sockops' (all its runs
     over the chunk, divided by the connects)."""
-    from nodemesh import flows
     from nodemesh.bpfstats import enable_stats, fdinfo
     from nodemesh.datapath import bpfsys
     from nodemesh.datapath.loader import Datapath, cleanup
     from nodemesh.model import Backend, Service, ServicePort
-    from nodemesh.reconciler import Reconciler
 
     os.environ["NODEMESH_BPF_DIR"] = str(variant_dir)
     dp = Datapath(lab.bpffs, lab.cgroup)
     stats = None
     try:
-        maps = dp.load()
-        rec = Reconciler(maps)
-        rec.adopt()
-        flows.configure(maps, flows.DEFAULT_RATE, flows.DEFAULT_BURST, True)
-        dp.attach()
+        rec = hooks_up(dp)
         vip = lab.vip4(10)
         rec.apply([*filler_services(lab, services - 1),
                    Service("web", "bench", vip, (ServicePort(80, 8080, "TCP", "http"),),

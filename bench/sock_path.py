@@ -47,7 +47,7 @@ from typing import Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "agent"))
 
-from sock_cost import CLIENT  # noqa: E402 - "<failures> <client CPU ns>" a chunk
+from sock_cost import CLIENT, hooks_up  # noqa: E402 - "<failures> <client CPU ns>" a chunk
 
 WAYS = ("direct", "hooked-backend", "nodemesh", "nodemesh+stats")
 
@@ -69,13 +69,11 @@ def main() -> int:
             not 0 < args.chunk <= args.connects:
         raise SystemExit("--connects must be in 1..100000, --rounds in 1..20 and --chunk in "
                          "1..connects")
-    from nodemesh import flows
     from nodemesh.bpfstats import enable_stats
     from nodemesh.datapath import bpfsys
     from nodemesh.datapath.loader import Datapath, cleanup
     from nodemesh.lab.topology import new_lab
     from nodemesh.model import Backend, Service, ServicePort
-    from nodemesh.reconciler import Reconciler
 
     # SIGTERM (a timeout) tears down like Ctrl-C: the unhooked cgroup below is not the lab's
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -91,11 +89,7 @@ def main() -> int:
         os.makedirs(plain, exist_ok=True)
         lab.start_servers(tcp_ports=(8080,), udp_ports=())
         dp = Datapath(lab.bpffs, lab.cgroup)
-        maps = dp.load()
-        rec = Reconciler(maps)
-        rec.adopt()
-        flows.configure(maps, flows.DEFAULT_RATE, flows.DEFAULT_BURST, True)
-        dp.attach()
+        rec = hooks_up(dp)
         vip, be = lab.vip4(10), lab.backends[0].ipv4
         rec.apply([Service("web", "bench", vip, (ServicePort(80, 8080, "TCP", "http"),),
                            (Backend(be, 1),))])
@@ -214,13 +208,11 @@ def wrk_ways(seconds: float, rounds: int, perf: str = "") -> int:
     import shutil
     import tempfile
 
-    from nodemesh import flows
     from nodemesh.bpfstats import enable_stats, fdinfo
     from nodemesh.datapath import bpfsys
     from nodemesh.datapath.loader import Datapath, cleanup
     from nodemesh.lab.topology import new_lab
     from nodemesh.model import Backend, Service, ServicePort
-    from nodemesh.reconciler import Reconciler
 
     lab = new_lab("nmw", backends=1)
     plain = f"{lab.cgroup}-plain"
@@ -238,11 +230,7 @@ def wrk_ways(seconds: float, rounds: int, perf: str = "") -> int:
             subprocess.run(["taskset", "-a", "-pc", "1", str(pid)], stdout=subprocess.DEVNULL,
                            check=True)
         dp = Datapath(lab.bpffs, lab.cgroup)
-        maps = dp.load()
-        rec = Reconciler(maps)
-        rec.adopt()
-        flows.configure(maps, flows.DEFAULT_RATE, flows.DEFAULT_BURST, True)
-        dp.attach()
+        rec = hooks_up(dp)
         vip = lab.vip4(10)
         rec.apply([Service("web", "bench", vip, (ServicePort(80, 8080, "TCP", "http"),),
                            (Backend(be.ipv4, 1),))])
