@@ -138,8 +138,6 @@ class FrontendKey(NamedTuple):
         return f"{host}:{self.port}/{self.protocol}"
 
 
-
-
 @fast_init
 @dataclass(frozen=True, slots=True)
 class DesiredFrontend:
@@ -1650,7 +1648,6 @@ def _svc_key(ident: Tuple[Any, ...], slot: int) -> bytes:
 
 def _reason(e: OSError) -> str:
     return e.strerror or str(e)
-
 
 
 @dataclass(frozen=True)

@@ -801,8 +801,6 @@ def slice_row(key: ServiceKey, parsed: ParsedSlice) -> Tuple[Any, ...]:
             parsed.ports, tuple([_backend_values(backend) for backend in parsed.backends]))
 
 
-
-
 def _in_order(backends: Iterable[Backend]) -> Tuple[Backend, ...]:
     """IPv4 before IPv6, then by number, as ipaddress orders them (and cheaper)."""
     def order(backend: Backend) -> Tuple[int, bytes]:
@@ -1028,19 +1026,26 @@ class _ClusterState:
     # -- under the lock
     def _put_service(self, key: ServiceKey, version: Union[int, str, None],
                      parsed: Optional[ParsedService], notes: Translation) -> None:
-        members = self._members(key)
-        # One tuple for the key, its slice's and the dicts', one string for the key's name,
-        # the Service's and the label's.
-        key = self._slices[members[0]].service or key if members else \
-            (key[0], sys.intern(key[1]))
-        known = self._services.get(key)
+        members, key = self._service_key(key)
         service = parsed.service if parsed else None
         if parsed and (self._delivered or self._streaming):
             service = assemble(parsed, self._slices_for(key), notes)
+        self._record_service(key, version, service, parsed.named_ports if parsed else ())
+
+    def _service_key(self, key: ServiceKey) -> Tuple[List[ServiceKey], ServiceKey]:
+        """The service's slices, and its key as the agent keeps it: one tuple for the key,
+        its slice's and the dicts', one string for the key's name, the Service's and the
+        label's."""
+        members = self._members(key)
+        return members, (self._slices[members[0]].service or key if members else
+                         (key[0], sys.intern(key[1])))
+
+    def _record_service(self, key: ServiceKey, version: Union[int, str, None],
+                        service: Optional[Service], named_ports: Tuple[str, ...]) -> None:
+        known = self._services.get(key)
         if known is not None and service == known.service:
             service = known.service  # keep the object the agent already holds
-        self._services[key] = _ServiceRecord(version, service,
-                                             parsed.named_ports if parsed else ())
+        self._services[key] = _ServiceRecord(version, service, named_ports)
         self._note_change(key, known.service if known else None, service)
 
     def _put_service_row(self, key: ServiceKey, row: Tuple[Any, ...],
@@ -1049,10 +1054,7 @@ class _ClusterState:
         once, with its backends, where assemble would only hand on its one slice's (nearly
         every service); anything else goes through assemble, as _put_service does."""
         _, _, version, fields, named_ports, port_names, families = row
-        members = self._members(key)
-        key = self._slices[members[0]].service or key if members else \
-            (key[0], sys.intern(key[1]))
-        known = self._services.get(key)
+        members, key = self._service_key(key)
         service = None
         if fields is not None:
             values = list(fields)
@@ -1070,10 +1072,7 @@ class _ClusterState:
             if service is None:
                 service = assemble(ParsedService(Service(*values), named_ports),
                                    self._slices_for(key), notes)
-        if known is not None and service == known.service:
-            service = known.service  # keep the object the agent already holds
-        self._services[key] = _ServiceRecord(version, service, named_ports)
-        self._note_change(key, known.service if known else None, service)
+        self._record_service(key, version, service, named_ports)
 
     def _put_slice_row(self, key: ServiceKey, row: Tuple[Any, ...],
                        notes: Translation) -> None:
@@ -1925,7 +1924,7 @@ class KubernetesSource:
                 # window (it set _changed again), and does not go ahead of this delta.
                 self._burst = False
 
-    def _deliver(self) -> bool:
+    def _deliver(self) -> None:
         """Take what changed and hand it to on_change, if anything did (with _delivering
         held: deltas reach on_change in the order they were taken)."""
         delta = self._state.take_delta()
@@ -1934,7 +1933,7 @@ class KubernetesSource:
             delta = replace(delta, mesh=mesh) if delta is not None else \
                 Delta(mesh=mesh, origin="kubernetes")
         if delta is None:
-            return False  # not synced yet, or nothing the agent would see changed
+            return  # not synced yet, or nothing the agent would see changed
         # Stamped before the hand-off, so that the watch thread's last work before its next
         # read blocks is the on_change that wakes the core, which may otherwise find the GIL
         # still held and sleep on it once more (~0.15 of changes; 0.12 with this order, one
@@ -1945,7 +1944,6 @@ class KubernetesSource:
             self._on_change(delta)
         except Exception:  # noqa: BLE001 - a broken callback must not stop delivery
             log.exception("kubernetes source: on_change raised")
-        return True
 
     def _coalesce(self) -> None:
         """Wait for a burst to end: QUIET_SECONDS of silence, at most MAX_DELAY_SECONDS."""
