@@ -1059,8 +1059,8 @@ class Reconciler:
             socket.htons, m.V4_REST
         backend_rest, key_rest, master = \
             m.pack_backend_rest, m.pack_key_prefix_rest, m.pack_master_fields
-        master_tail, bank_tails, slot_values_of = \
-            m.pack_master_key(b""), _BANK0_TAILS, m.pack_slot_values_joined
+        master_tail, slot_keys_of, slot_values_of = \
+            m.pack_master_key(b""), m.pack_slot_keys_joined, m.pack_slot_values_joined
         new_frontend, algorithm_ids, svc_f_affinity, svc_f_proxy_off = \
             _new_programmed, m.ALGORITHM_IDS, m.SVC_F_AFFINITY, m.SVC_F_PROXY_OFF
         at = 0
@@ -1088,7 +1088,7 @@ class Reconciler:
                     else:
                         be_values.append(pton(af4, address) + v4_rest + backend_rest(
                             htons(flat[i + 1]), proto, v4, svc_id, active))
-                slot_keys.append(prefix + prefix.join(bank_tails[n]))
+                slot_keys.append(slot_keys_of(prefix, 0, n))
                 slot_values.append(slot_values_of(ids))
             master_keys.append(prefix + master_tail)
             master_values.append(master(
@@ -1677,10 +1677,6 @@ def _master_value(p: ProgrammedFrontend) -> bytes:
                                proxy_port=p.proxy_port or 0)
 
 
-# The keys' slot fields of bank 0's first slots, by count (a frontend's slot keys are its
-# prefix before each).
-_BANK0_TAILS = tuple(tuple(m.pack_svc_key(b"", m.slot_number(0, i)) for i in range(1, n + 1))
-                     for n in range(COMPACT_IDS + 1))
 _ONES = tuple((1,) * n for n in range(COMPACT_IDS + 1))
 
 
