@@ -62,6 +62,16 @@ PARTS = {
     "flow": "NM_COST_NO_FLOW",         # nm_flow_emit
     "revnat": "NM_COST_NO_REVNAT",     # the socket's storage: reverse translation + count state
     "netns": "NM_COST_NO_NETNS",       # bpf_get_netns_cookie
+    # sockops' parts (its ns a connect shows them): the endpoint_health lookups, and
+    # lib/latency.h's (two backend_latency LRU lookups a connection)
+    "health": "NM_COST_NO_HEALTH",
+    "latency": "NM_COST_NO_LATENCY",
+    # not a part compiled out: conn_counts and endpoint_health as arrays by an endpoint id (a
+    # stand-in id, so counts are wrong): what that change would save in sockops, measured
+    "eparray": "NM_COST_EP_ARRAY",
+    # not a part compiled out: no state callbacks (so no CLOSE: counts only grow), for the
+    # cgroup-BPF run machinery of the 2-4 STATE_CB runs a connection (bench/sock_path.py)
+    "nostatecb": "NM_COST_NO_STATE_CB",
     # not a part compiled out: the former way, count state in a second storage (sock_conn)
     "twostorages": "NM_COST_TWO_STORAGES",
     # not a part compiled out: the former way, a frontend's count in the svc_conn_counts hash
@@ -104,7 +114,9 @@ def build(variant: str, src: Path, tmp: Path) -> Path:
     if variant == "full":
         parts: List[str] = []
     elif variant == "none":
-        parts = [p for p, d in PARTS.items() if d.startswith("NM_COST_NO_")]
+        # the connect hook's parts (as sock5 measured `none`): sockops keeps its lookups
+        parts = [p for p, d in PARTS.items()
+                 if d.startswith("NM_COST_NO_") and p not in ("health", "latency", "nostatecb")]
     else:
         parts = variant.split("+")
     defines = "".join(f"#define {PARTS[p]} 1\n" for p in parts)

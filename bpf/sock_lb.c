@@ -486,6 +486,22 @@ static __always_inline void endpoint_of(struct bpf_sock_ops *skops, struct nm_en
 
 #include "lib/latency.h"
 
+/* The endpoint's passive-health entry, if the agent watches it. Measuring builds only
+ * (bench/sock_cost.py): NM_COST_NO_HEALTH looks nothing up, NM_COST_EP_ARRAY an array entry by
+ * a stand-in endpoint id, whose `watched` test is a field the agent would set. */
+static __always_inline struct nm_endpoint_health *nm_health_of(struct nm_endpoint_key *ek)
+{
+#if defined(NM_COST_NO_HEALTH)
+	return NULL;
+#elif defined(NM_COST_EP_ARRAY)
+	u32 ep = nm_cost_endpoint_id(ek);
+	struct nm_endpoint_health *h = cost_ep_health.lookup(&ep);
+	return h && h->last_failure_ns >> 63 ? h : NULL;
+#else
+	return endpoint_health.lookup(ek);
+#endif
+}
+
 /* Connect outcomes of client sockets in the cgroup, for endpoints the agent watches:
  * a connect that reaches ESTABLISHED is a success; one that goes from SYN_SENT to CLOSE was
  * refused, reset before it was established, or timed out (also when the application gave up
@@ -523,13 +539,15 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	int counted = nm_conn_sockops(skops, sc, &ek);
 	switch (op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
-		if (counted || endpoint_health.lookup(&ek))
+#ifndef NM_COST_NO_STATE_CB /* measuring builds only: no CLOSE, so counts never go down */
+		if (counted || nm_health_of(&ek))
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							 BPF_SOCK_OPS_STATE_CB_FLAG);
+#endif
 		break;
 	}
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
-		struct nm_endpoint_health *h = endpoint_health.lookup(&ek);
+		struct nm_endpoint_health *h = nm_health_of(&ek);
 		if (h) {
 			h->consecutive_failures = 0;
 			__sync_fetch_and_add(&h->successes, 1);
@@ -546,7 +564,7 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB: {
 		if (old_state != NM_TCP_SYN_SENT)
 			break;
-		struct nm_endpoint_health *h = endpoint_health.lookup(&ek);
+		struct nm_endpoint_health *h = nm_health_of(&ek);
 		if (!h)
 			break;
 		u64 consecutive = __sync_fetch_and_add(&h->consecutive_failures, 1) + 1;

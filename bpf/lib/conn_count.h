@@ -73,6 +73,18 @@ BPF_F_TABLE("hash:" NM_PIN_DIR "/svc_conn_counts", u32, struct nm_conn_count, sv
  * take back as they close (as the hash did): counts never go negative, so nobody zeroes it. */
 BPF_TABLE_PINNED("array", u32, struct nm_conn_count, svc_conns, NM_MAX_FRONTENDS,
 		 NM_PIN_DIR "/svc_conns");
+#ifdef NM_COST_EP_ARRAY
+/* bench/sock_cost.py's `eparray` build only (never the agent's): what conn_counts and
+ * endpoint_health would cost in sockops as arrays indexed by an endpoint id carried in the
+ * socket's storage. The id here is a stand-in (the backend port's low bits): counts are
+ * per-port, not per endpoint, which is fine for measuring and wrong for anything else. */
+BPF_ARRAY(cost_ep_counts, struct nm_conn_count, 1024);
+BPF_ARRAY(cost_ep_health, struct nm_endpoint_health, 1024);
+static __always_inline u32 nm_cost_endpoint_id(struct nm_endpoint_key *ek)
+{
+	return ek->port & 1023;
+}
+#endif
 BPF_F_TABLE("percpu_hash:" NM_PIN_DIR "/conn_overflows", u32, u64, conn_overflows,
 	    NM_MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
@@ -214,12 +226,17 @@ static __always_inline void nm_conn_add(struct nm_conn_ref *ref, s64 active, s64
 	struct nm_conn_count zero = {};
 	int grows = active > 0 || pending > 0;
 	int created = 0;
+#ifdef NM_COST_EP_ARRAY /* measuring build only: an array by a stand-in endpoint id */
+	u32 ep = nm_cost_endpoint_id(&ref->backend);
+	struct nm_conn_count *c = cost_ep_counts.lookup(&ep);
+#else
 	struct nm_conn_count *c = conn_counts.lookup(&ref->backend);
 	if (!c && grows) {
 		conn_counts.insert(&ref->backend, &zero); /* fails harmlessly if another CPU won */
 		c = conn_counts.lookup(&ref->backend);
 		created = 1;
 	}
+#endif
 	if (c)
 		nm_count_add(c, created, active, pending);
 	u32 svc_id = ref->svc_id;

@@ -88,6 +88,9 @@ static __always_inline struct nm_latency_stats *nm_latency_stats_of(struct nm_co
 
 static __always_inline int nm_latency_on(void)
 {
+#ifdef NM_COST_NO_LATENCY /* measuring builds only (bench/sock_cost.py) */
+	return 0;
+#endif
 	struct nm_observe_config *cfg = nm_observe();
 	return cfg && cfg->latency;
 }
