@@ -35,6 +35,15 @@ the pair with every part but the lookup and the choice compiled out:
         --variants direct,nodemesh --workloads conn --seconds 1 --pair-rounds 60 --reps 1 \
         --skip-extra --output /tmp/pair-none.md
 
+sockops' parts have builds too, judged by sockops' column: `health` (no endpoint_health
+lookup), `latency` (no backend_latency), `eparray` (conn_counts and endpoint_health as arrays
+by a stand-in endpoint id: what an endpoint-id design would save), `nostatecb` (no state
+callbacks; counts never go down):
+
+    sudo .venv/bin/python bench/sock_cost.py \
+        --variants full,health,latency,eparray,eparray+latency --connects 6000 --chunk 100 \
+        --rounds 6
+
 `git:<ref>` is the bpf/ folder of a commit (`git archive`), loaded by this agent: before/after
 across commits, e.g. `--variants git:main,full`. Each connect's sockops runs are measured too
 (a connect closed with an RST runs sockops 7 times: TIMEOUT_INIT, RWND_INIT, NEEDS_ECN,
