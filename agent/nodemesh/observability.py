@@ -25,7 +25,7 @@ class Settings:
     flow_events_rate: int = flows.DEFAULT_RATE    # per second per CPU; 0: off
     flow_events_burst: int = flows.DEFAULT_BURST
     backend_latency: bool = True
-    bpf_stats: bool = True  # BPF_ENABLE_STATS: every BPF program on the node reads the clock
+    bpf_stats: bool = False  # BPF_ENABLE_STATS: every BPF program on the node reads the clock
 
 
 class FlowCollector(Collector):

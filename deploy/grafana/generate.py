@@ -68,7 +68,7 @@ PANELS: List[Tuple[str, str, str, List[Tuple[str, str]]]] = [
       (f"sum by (reason) (rate(nodemesh_flow_events_lost_total{{{SEL}}}[{RATE}]))",
        "lost {{reason}}")]),
     ("Datapath cost: kernel ns per connection", "ns", "Kernel time of every nodemesh program "
-     "(BPF_ENABLE_STATS) per balanced connection",
+     "(BPF_ENABLE_STATS) per balanced connection; empty unless the agent runs with --bpf-stats on",
      [(f"1e9 * sum by (node) (rate(nodemesh_bpf_program_run_seconds_total{{{SEL}}}[{RATE}])) "
        f"/ sum by (node) (rate(nodemesh_service_connections_total{{{SEL}}}[{RATE}]))",
        "{{node}}"),
