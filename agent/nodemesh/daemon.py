@@ -174,21 +174,26 @@ class Agent:
             raise loader.DatapathError(f"BPF is not usable: {access.detail} ({access.fix}); "
                                        f"'nodemesh preflight' checks the whole node")
         cgroup = loader.check_cgroup(self.opts.cgroup or loader.cgroup2_root())
-        # The compile (a child, ~4 s of clang's CPU) starts first: the source's client import
-        # and config take most of a second of this process's CPU, on the other CPU meanwhile.
+        try:
+            self.metrics_server = metrics.MetricsServer(self, self.registry,
+                                                        self.opts.metrics_addr)
+        except OSError as e:
+            raise loader.DatapathError(f"--metrics-addr {self.opts.metrics_addr}: "
+                                       f"{e.strerror}") from None
+        # The compile (a child, ~4 s of clang's CPU) starts before the source is built: the
+        # source's client import and config take most of a second of this process's CPU, on
+        # the other CPU meanwhile.
         self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes,
                                         self.opts.mesh.accelerate_local)
-        self.datapath.start_load()
         try:
+            self.datapath.start_load()
             self.source = self._make_source()
-            try:
-                self.metrics_server = metrics.MetricsServer(self, self.registry,
-                                                            self.opts.metrics_addr)
-            except OSError as e:
-                raise loader.DatapathError(f"--metrics-addr {self.opts.metrics_addr}: "
-                                           f"{e.strerror}") from None
         except BaseException:
-            self.datapath.close()  # ends the compile: this start is over before it began
+            # This start is over before it began: the compile ends, what it made in a folder
+            # that held no pins is removed, and nothing else was touched.
+            self.datapath.abandon_load()
+            self.datapath.close()
+            self.metrics_server.stop()
             raise
         self.metrics_server.start()
         log.info("metrics on http://%s/metrics", self.metrics_server.address)

@@ -19,6 +19,9 @@ class _RecordingDatapath:
     def start_load(self):
         self.calls.append("compile started")
 
+    def abandon_load(self):
+        self.calls.append("compile abandoned")
+
     def close(self):
         self.calls.append("datapath closed")
 
@@ -41,25 +44,27 @@ def test_the_compile_starts_before_the_source_is_built(recorded, monkeypatch):
         raise SystemExit("nodemesh run --source kubernetes: kubeconfig /nowhere: not found")
 
     monkeypatch.setattr(daemon.Agent, "_make_source", make_source)
-    agent = daemon.Agent(daemon.Options(source="kubernetes", cgroup="/sys/fs/cgroup/x"))
+    agent = daemon.Agent(daemon.Options(source="kubernetes", cgroup="/sys/fs/cgroup/x",
+                                        metrics_addr="127.0.0.1:0"))
     with pytest.raises(SystemExit, match="kubeconfig /nowhere"):
         agent.run()
     # A bad kubeconfig still ends the start with its message, and the compile with it.
-    assert recorded == ["compile started", "source built", "datapath closed"]
+    assert recorded == ["compile started", "source built", "compile abandoned",
+                        "datapath closed"]
 
 
 @pytest.mark.root
-def test_an_abandoned_compile_leaves_no_compiler_running():
-    from nodemesh.datapath.compile import CompileChild
-    from nodemesh.datapath.maps import MapSizes
-
+def test_a_start_abandoned_while_compiling_leaves_no_compiler_and_no_folder():
     folder = f"/sys/fs/bpf/nm-abandon-{uuid.uuid4().hex[:8]}"
-    os.makedirs(folder)
+    datapath = loader.Datapath(folder)
     try:
-        child = CompileChild(folder, MapSizes(), loader.bpf_source_dir())
-        child.abandon()
-        assert child._proc.returncode is not None  # reaped, not left to finish the compile
+        datapath.start_load()
+        child = datapath._compiling
+        datapath.abandon_load()
+        datapath.close()
+        assert child is not None and child._proc.returncode is not None  # reaped, not left
+        assert not os.path.exists(folder)  # nothing pinned by the failed start
     finally:
-        for name in os.listdir(folder):  # pins, had the child got that far: it is killed
-            os.unlink(os.path.join(folder, name))
-        os.rmdir(folder)
+        datapath.close()
+        if os.path.isdir(folder):
+            loader.cleanup(folder, force=True)

@@ -260,10 +260,18 @@ class Datapath:
             self._compiling = CompileChild(self.bpffs, self.sizes, bpf_source_dir())
 
     def abandon_load(self) -> None:
-        """Stop a compile start_load() started and load() will not collect."""
+        """Stop a compile start_load() started and load() will not collect. In a folder that
+        held no pins, what the start made (the folder, any pin the child got to) is removed:
+        a start that ends before its load leaves nothing."""
         if self._compiling is not None:
             self._compiling.abandon()
             self._compiling = None
+            if not self.adopted and self._lock_fd is not None:
+                try:
+                    _remove_pins(self.bpffs)  # under our lock: all of it is the child's
+                except Exception as e:  # the start's own error is the one to report
+                    log.warning("removing what an abandoned start made in %s: %s",
+                                self.bpffs, e)
 
     def _prepare(self) -> None:
         ensure_bpffs(self.bpffs)
