@@ -5,8 +5,9 @@ The caller of run() is the core loop's thread (core.Core): it owns desired state
 only caller of the reconciler. Sources, health checks and the ring-buffer reader post events
 to it; socket termination and the ring-buffer reader are supervised workers.
 
-Start:  the source starts (its events wait in the core's queue) while the programs load
-        against the pinned maps (adopting them) -> adopt programmed state -> the pages of
+Start:  the datapath's compile starts in a child first; then the source is built and
+        starts (its events wait in the core's queue) while the programs load against the
+        pinned maps (adopting them) -> adopt programmed state -> the pages of
         the source's first sync as they come (partial deltas: written, nothing deleted) ->
         its first full set -> first full round (deletes what nobody wants) -> attach (swap
         into existing links) -> ready.
@@ -173,17 +174,29 @@ class Agent:
             raise loader.DatapathError(f"BPF is not usable: {access.detail} ({access.fix}); "
                                        f"'nodemesh preflight' checks the whole node")
         cgroup = loader.check_cgroup(self.opts.cgroup or loader.cgroup2_root())
-        self.source = self._make_source()
         try:
             self.metrics_server = metrics.MetricsServer(self, self.registry,
                                                         self.opts.metrics_addr)
         except OSError as e:
             raise loader.DatapathError(f"--metrics-addr {self.opts.metrics_addr}: "
                                        f"{e.strerror}") from None
-        self.metrics_server.start()
-        log.info("metrics on http://%s/metrics", self.metrics_server.address)
+        # The compile (a child, ~4 s of clang's CPU) starts before the source is built: the
+        # source's client import and config take most of a second of this process's CPU, on
+        # the other CPU meanwhile.
         self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes,
                                         self.opts.mesh.accelerate_local)
+        try:
+            self.datapath.start_load()
+            self.source = self._make_source()
+        except BaseException:
+            # This start is over before it began: the compile ends, what it made in a folder
+            # that held no pins is removed, and nothing else was touched.
+            self.datapath.abandon_load()
+            self.datapath.close()
+            self.metrics_server.stop()
+            raise
+        self.metrics_server.start()
+        log.info("metrics on http://%s/metrics", self.metrics_server.address)
         thresholds = _collect_less_while_syncing()
         try:
             # Listing 100,000 Services and EndpointSlices takes seconds of CPU, and so does the

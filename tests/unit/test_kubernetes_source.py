@@ -561,6 +561,25 @@ def test_the_next_page_is_asked_for_while_this_one_is_parsed(api, monkeypatch, r
     assert len(service_pages()) == 4  # each page once: none asked for twice
 
 
+def test_the_pages_of_a_list_are_fetched_on_one_thread_not_one_each(api, monkeypatch,
+                                                                     run_source):
+    # A thread per page: each Thread.start() waits for the GIL the core's rounds hold.
+    monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)
+    page = kubernetes_source._Watcher._page
+    fetched_on = []
+
+    def record_thread(watcher, query):
+        if watcher.kind == "service":
+            fetched_on.append(threading.current_thread())  # objects: idents are reused
+        return page(watcher, query)
+
+    monkeypatch.setattr(kubernetes_source._Watcher, "_page", record_thread)
+    _, recorder = run_source()
+    services = recorder.wait_for_change()
+    assert sorted(by_key(services)) == [("default", "api"), ("shop", "web")]
+    assert len(fetched_on) == 4 and len(set(fetched_on)) == 1
+
+
 def test_an_expired_continue_token_starts_the_list_over(api, registry, monkeypatch,
                                                         run_source):
     monkeypatch.setattr(kubernetes_source._Watcher, "PAGE_SIZE", 1)

@@ -107,32 +107,59 @@ def compile_in_child(bpffs: str, sizes: MapSizes, src_dir, tc=None) -> Tuple[Dic
                                                                             Dict[str, int], float]:
     """Run the compile in a child; return the fds it passed back (now ours) and its time.
     With tc (a TcSettings), the child compiles the TC unit (tc_nodeport.c) instead."""
-    import subprocess
+    return CompileChild(bpffs, sizes, src_dir, tc).result()
 
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        env = dict(os.environ, NODEMESH_FD_SOCKET=str(child.fileno()))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nodemesh.datapath.compile", bpffs, json.dumps(asdict(sizes)),
-             str(src_dir), *([json.dumps(asdict(tc))] if tc is not None else [])],
-            pass_fds=(child.fileno(),), env=env,
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-        child.close()
-        msg, fds, _, _ = socket.recv_fds(parent, 1 << 16, 64)
-        rc = proc.wait()
-    finally:
-        parent.close()
-    if not msg:
-        raise RuntimeError(f"the compiler process died (exit {rc}); its messages are above")
-    header = json.loads(msg)
-    if not header["ok"]:
-        for fd in fds:
-            os.close(fd)
-        raise RuntimeError(header["error"])
-    names = header["progs"] + header["maps"]
-    by_name = dict(zip(names, fds))
-    return ({n: by_name[n] for n in header["progs"]}, {n: by_name[n] for n in header["maps"]},
-            header["seconds"])
+
+class CompileChild:
+    """The compile, started in a child process now and collected by result(): the agent
+    starts it before it builds its source (the Kubernetes client's import and config take a
+    second of one CPU at start, the compile's clang four), so that both CPUs work from the
+    start. abandon() ends a child whose result nobody will take."""
+
+    def __init__(self, bpffs: str, sizes: MapSizes, src_dir, tc=None) -> None:
+        import subprocess
+
+        self._parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            env = dict(os.environ, NODEMESH_FD_SOCKET=str(child.fileno()))
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "nodemesh.datapath.compile", bpffs,
+                 json.dumps(asdict(sizes)), str(src_dir),
+                 *([json.dumps(asdict(tc))] if tc is not None else [])],
+                pass_fds=(child.fileno(),), env=env,
+                cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        except BaseException:
+            self._parent.close()
+            raise
+        finally:
+            child.close()
+
+    def result(self) -> Tuple[Dict[str, int], Dict[str, int], float]:
+        """Wait for the child: (program fds by name, map fds by name, its seconds)."""
+        try:
+            msg, fds, _, _ = socket.recv_fds(self._parent, 1 << 16, 64)
+            rc = self._proc.wait()
+        finally:
+            self._parent.close()
+        if not msg:
+            raise RuntimeError(f"the compiler process died (exit {rc}); its messages are above")
+        header = json.loads(msg)
+        if not header["ok"]:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError(header["error"])
+        names = header["progs"] + header["maps"]
+        by_name = dict(zip(names, fds))
+        return ({n: by_name[n] for n in header["progs"]},
+                {n: by_name[n] for n in header["maps"]}, header["seconds"])
+
+    def abandon(self) -> None:
+        """End the child (the agent stops before it took the result): fds it sent are closed
+        with the socket; maps it already pinned stay, as after any stopped start."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._parent.close()
 
 
 def _child_main() -> int:

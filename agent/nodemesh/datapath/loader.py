@@ -26,10 +26,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from . import bpfsys
 from .maps import ABI_VERSION, MAPS, Info, Maps, MapSizes, u32
+
+if TYPE_CHECKING:
+    from .compile import CompileChild
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +236,7 @@ class Datapath:
         self.load_seconds = 0.0
         self._lock_fd: Optional[int] = None
         self._map_ids: Dict[str, int] = {}
+        self._compiling: Optional["CompileChild"] = None  # start_load()'s CompileChild
 
     # -- load -------------------------------------------------------------------------------
     def check_pins(self) -> bool:
@@ -246,6 +250,34 @@ class Datapath:
                                 + f"\nrun 'nodemesh cleanup --bpffs {self.bpffs}' to start afresh")
         return found
 
+    def start_load(self) -> None:
+        """Take the folder and start the compile in its child; load() collects it. The agent
+        calls this first thing, so that the compile runs while the rest of it starts."""
+        from .compile import CompileChild
+
+        if self._compiling is None:
+            self._prepare()
+            self._compiling = CompileChild(self.bpffs, self.sizes, bpf_source_dir())
+
+    def abandon_load(self) -> None:
+        """Stop a compile start_load() started and load() will not collect. In a folder that
+        held no pins, what the start made (the folder, any pin the child got to) is removed:
+        a start that ends before its load leaves nothing."""
+        if self._compiling is not None:
+            self._compiling.abandon()
+            self._compiling = None
+            if not self.adopted and self._lock_fd is not None:
+                try:
+                    _remove_pins(self.bpffs)  # under our lock: all of it is the child's
+                except Exception as e:  # the start's own error is the one to report
+                    log.warning("removing what an abandoned start made in %s: %s",
+                                self.bpffs, e)
+
+    def _prepare(self) -> None:
+        ensure_bpffs(self.bpffs)
+        self._lock_fd = self._take_lock()  # before reading or writing anything in the folder
+        self.adopted = self.check_pins()
+
     def load(self, in_process: bool = False) -> Maps:
         """Compile, load and open the pinned maps (adopting existing ones).
 
@@ -253,12 +285,15 @@ class Datapath:
         (see compile.py); in_process keeps BCC's object (tests read its generated types)."""
         from .compile import FLOW_RINGBUF, RINGBUF, compile_and_load, compile_in_child
 
-        ensure_bpffs(self.bpffs)
-        self._lock_fd = self._take_lock()  # before reading or writing anything in the folder
-        self.adopted = self.check_pins()
+        compiling, self._compiling = self._compiling, None
+        if compiling is None:
+            self._prepare()
         src = bpf_source_dir()
         try:
-            if in_process:
+            if compiling is not None:
+                progs, fds, self.load_seconds = compiling.result()
+                self._owned_fds = [*progs.values(), *fds.values()]
+            elif in_process:
                 self.bpf, progs, fds, self.load_seconds = compile_and_load(self.bpffs,
                                                                            self.sizes, src)
             else:
@@ -445,6 +480,7 @@ class Datapath:
     def close(self) -> None:
         """Drop this process's fds (and the folder's lock). Programs stay attached through
         their pinned links."""
+        self.abandon_load()  # a compile started for a load that never came
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()

@@ -83,6 +83,7 @@ import logging
 import math
 import operator
 import os
+import queue
 import random
 import re
 import reprlib
@@ -1308,7 +1309,9 @@ class _Watcher:
         source = self._source
         decoder = source._decoder if self.kind in ("service", "endpointslice") else None
         with self._source._listing, contextlib.ExitStack() as stack:
-            page = _PageFetch(self._page, query, self.kind)
+            fetcher = _PageFetcher(self._page, self.kind)
+            stack.callback(fetcher.close)
+            page = fetcher.ask(query)
             # Pages given to the decoding worker, oldest first, with their text (parsed here
             # if the worker fails them).
             handed: Deque[Tuple[Any, str]] = collections.deque()
@@ -1322,8 +1325,7 @@ class _Watcher:
                 # the relist starts over.
                 head = _list_head(text)
                 token = head.get("continue") if head is not None else None
-                following = _PageFetch(self._page, {"_continue": token}, self.kind) \
-                    if token else None
+                following = fetcher.ask({"_continue": token}) if token else None
                 if token and self.kind == "service":
                     self._state.stream_services()
                 # A list of more than one page is decoded on both CPUs: the worker is given a
@@ -1357,7 +1359,7 @@ class _Watcher:
                 if not metadata.get("continue"):
                     break
                 page = following if following is not None and token == metadata["continue"] \
-                    else _PageFetch(self._page, {"_continue": metadata["continue"]}, self.kind)
+                    else fetcher.ask({"_continue": metadata["continue"]})
             self._state.list_done(self.kind, seen)
         self._consistent_list = False
         self._backoff.reset()  # the server answers: a later failure starts from a short wait
@@ -1558,19 +1560,47 @@ def _list_head(text: str) -> Optional[Dict[str, Any]]:
     return None
 
 
-class _PageFetch:
-    """One list page fetched on a thread of its own (daemon: a stopping agent does not wait
-    for it), while the caller parses the page before it."""
+class _PageFetcher:
+    """The pages of one list, fetched in the order asked on one thread for the whole list
+    (daemon: a stopping agent does not wait for it), while the caller parses the page
+    before. Not a thread per page: each Thread.start() waits for the new thread to take the
+    GIL, which the core's rounds hold during the streamed Services list (0.38 s of the
+    listing thread's time over 200 pages, in a profile)."""
 
-    def __init__(self, fetch: Callable[[Dict[str, Any]], str], query: Dict[str, Any],
-                 kind: str):
+    def __init__(self, fetch: Callable[[Dict[str, Any]], str], kind: str):
+        self._fetch = fetch
+        self._asked: "queue.SimpleQueue[Optional[_PageFetch]]" = queue.SimpleQueue()
+        threadname.Thread(target=self._run, daemon=True,
+                          name=f"kubernetes-{kind}-page").start()
+
+    def ask(self, query: Dict[str, Any]) -> "_PageFetch":
+        page = _PageFetch(query)
+        self._asked.put(page)
+        return page
+
+    def close(self) -> None:
+        """The thread ends after the page it is fetching (a list that stopped half-way)."""
+        self._asked.put(None)
+
+    def _run(self) -> None:
+        while True:
+            page = self._asked.get()
+            if page is None:
+                return
+            page._run(self._fetch)
+
+
+class _PageFetch:
+    """One list page, asked of a _PageFetcher: result() waits for it."""
+
+    def __init__(self, query: Dict[str, Any]):
+        self._query = query
         self._text: Optional[str] = None
         self._error: Optional[BaseException] = None
         self._done = threading.Event()
-        threadname.Thread(target=self._run, args=(fetch, query), daemon=True,
-                         name=f"kubernetes-{kind}-page").start()
 
-    def _run(self, fetch: Callable[[Dict[str, Any]], str], query: Dict[str, Any]) -> None:
+    def _run(self, fetch: Callable[[Dict[str, Any]], str]) -> None:
+        query = self._query
         try:
             self._text = fetch(query)
         except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
