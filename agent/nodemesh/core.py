@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 from . import selection, threadname
 from .health import HealthChecker, TargetKey
@@ -91,6 +91,12 @@ class Core:
         self.policy: Optional["PolicyTable"] = None
         self._mesh_dirty = False
         self.snapshot = Snapshot(source=source)  # replaced, never changed: readers hold it
+        # What a round folded in for the snapshot (the source's state, the services' records)
+        # waits here for the round's one publish: a Snapshot built once a change, not three
+        # times (see _unpublished).
+        self._source_next: Optional[SourceState] = None
+        self._services_next: Dict[ServiceKey, Optional[Service]] = {}
+        self._plain_context: Optional[selection.Context] = None  # see selection_context
 
     # -- any thread -------------------------------------------------------------------------
     def post(self, event: Event) -> None:
@@ -110,15 +116,19 @@ class Core:
             first = self.events.get(timeout=max(0.0, timeout))
         except queue.Empty:
             first = None
-        batch = [] if first is None else [first]
-        while True:
-            try:
-                batch.append(self.events.get_nowait())
-            except queue.Empty:
-                break
-        for event in batch:
-            self._fold(event)
+        if first is not None:
+            # The drain only after an event: a wake that timed out found the queue empty
+            # (what came since waits for the next wait, which returns at once).
+            self._fold(first)
+            get = self.events.get_nowait
+            while True:
+                try:
+                    event = get()
+                except queue.Empty:
+                    break
+                self._fold(event)
         if not self.synced or not reconcile:
+            self._publish_folded()
             return None
         if first is None and not self._quiet_round_has_work():
             # The loop's periodic wake (for signals, checks, retries): nothing came and
@@ -126,6 +136,22 @@ class Core:
             # services 0.09-0.12 % -> 0.07-0.09 %, bench/results/controlplane.md, chg5).
             return None
         return self.reconcile()
+
+    def _unpublished(self, snap: Snapshot) -> Dict[str, Any]:
+        """The snapshot fields folded in since the last publish (for `replace`), cleared."""
+        changes: Dict[str, Any] = {}
+        if self._source_next is not None:
+            changes["source"], self._source_next = self._source_next, None
+        if self._services_next:
+            changes["services"] = snap.services.updated(self._services_next)
+            self._services_next = {}
+        return changes
+
+    def _publish_folded(self) -> None:
+        """Publish what was folded in, with no round (before the first sync, or a step
+        told not to reconcile)."""
+        if self._source_next is not None or self._services_next:
+            self.snapshot = replace(self.snapshot, **self._unpublished(self.snapshot))
 
     def _quiet_round_has_work(self) -> bool:
         """A wake with no event still has a round to run: something dirty, a retry pending,
@@ -199,24 +225,33 @@ class Core:
             if d.mesh is not None and d.mesh != self.mesh:
                 self.mesh, self._mesh_dirty = d.mesh, True
             if not d.partial:  # a part of the first sync is no load of its own
-                src = self.snapshot.source
-                self.snapshot = replace(self.snapshot, source=replace(
-                    src, ok=True, error=None, loads=src.loads + 1, last_change=time.time()))
+                src = self._source_next or self.snapshot.source
+                self._source_next = replace(src, ok=True, error=None, loads=src.loads + 1,
+                                            last_change=time.time())
         elif isinstance(event, SourceFailed):
             log.error("desired state rejected; the last good state keeps serving:\n%s",
                       event.message)
-            src = self.snapshot.source
-            self.snapshot = replace(self.snapshot, source=replace(
-                src, ok=False, error=event.message, failures=src.failures + 1,
-                last_change=time.time()))
+            src = self._source_next or self.snapshot.source
+            self._source_next = replace(src, ok=False, error=event.message,
+                                        failures=src.failures + 1, last_change=time.time())
         elif isinstance(event, BackendsChanged):
             self._dirty.update(k for k in event.services if k in self.services)
             self._health_changed = True
 
     def selection_context(self) -> selection.Context:
         unhealthy = {(k.namespace, k.service, k.address) for k in self.health.unhealthy_keys()}
-        return selection.Context(node_name=self.node_name, node_zone=self.node_zone(),
-                                 unhealthy=frozenset(unhealthy | self.outlier.ejected()))
+        ejected = self.outlier.ejected()
+        zone = self.node_zone()
+        if unhealthy or ejected:
+            return selection.Context(node_name=self.node_name, node_zone=zone,
+                                     unhealthy=frozenset(unhealthy | ejected))
+        # Nearly always nothing is taken out: the same context as last time, if in the same
+        # zone (a Context is immutable), rather than a new one and a frozenset a change.
+        plain = self._plain_context
+        if plain is None or plain.node_zone != zone or plain.node_name != self.node_name:
+            plain = self._plain_context = selection.Context(node_name=self.node_name,
+                                                            node_zone=zone)
+        return plain
 
     def _push_dirty(self, wanted: Optional[Set[FrontendKey]] = None) -> None:
         """Hand each dirty service's wants to the reconciler, health checks and outlier
@@ -261,8 +296,7 @@ class Core:
                 else:
                     self._watched.discard(key)
         self._dirty.clear()
-        self.snapshot = replace(self.snapshot,
-                                services=self.snapshot.services.updated(changes))
+        self._services_next.update(changes)  # published with the round's frontends
 
     def _publish(self, result: RoundResult, listed_only: bool = False) -> None:
         rec = self.reconciler
@@ -296,7 +330,8 @@ class Core:
             if (result or snap.last_round is None) else snap.last_round
         self.snapshot = snap.with_frontends(
             views, generation=snap.generation + 1, last_round=last, failing=len(self._failing),
-            conflicts=tuple(c for cs in self._conflicts.values() for c in cs))
+            conflicts=tuple(c for cs in self._conflicts.values() for c in cs),
+            **self._unpublished(snap))
 
 
 def _health_targets(svc: Service) -> Dict[TargetKey, HealthCheck]:

@@ -83,6 +83,7 @@ class Agent:
         # The core loop's queue exists before the core: the source starts while the datapath
         # loads (BCC compiles in a child process), and what it sends meanwhile waits here.
         self.events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._reload_children: Dict[str, Tuple[Any, Any]] = {}
         self.source: Any = None
         self.ready = False
         self.exit_code = 0
@@ -112,13 +113,25 @@ class Agent:
     def desired(self, delta: Delta) -> None:
         """The source's on_change: only enqueued, so a source never waits for the kernel."""
         if not delta.partial:  # a page of the first sync is no reload
-            self.own_metrics.reloads.labels(self.source_name).inc()
-            self.own_metrics.last_reload_success.labels(self.source_name).set(1)
+            reloads, last_success = self._reload_metrics()
+            reloads.inc()
+            last_success.set(1)
         self.events.put(SourceChanged(delta))
+
+    def _reload_metrics(self) -> Tuple[Any, Any]:
+        """The source's reloads counter and last-reload gauge: their labels looked up once
+        per source name, not twice a change."""
+        name = self.source_name
+        children = self._reload_children.get(name)
+        if children is None:
+            children = self._reload_children[name] = (
+                self.own_metrics.reloads.labels(name),
+                self.own_metrics.last_reload_success.labels(name))
+        return children
 
     def source_error(self, message: str) -> None:
         self.own_metrics.reload_failures.labels(self.source_name).inc()
-        self.own_metrics.last_reload_success.labels(self.source_name).set(0)
+        self._reload_metrics()[1].set(0)
         self.events.put(SourceFailed(message))
 
     def _count_restart(self, name: str) -> None:
@@ -290,9 +303,10 @@ class Agent:
             # signal to any thread, and then nothing wakes this wait: keep it short so that
             # SIGHUP and SIGTERM are handled within a quarter of a second.
             timeout = min(0.25, next_check - now, next_prune - now)
-            due = self.core.reconciler.next_attempt()
-            if due is not None:
-                timeout = min(timeout, due - now)
+            if self.core.reconciler.pending:  # (nothing to retry: no scan, nearly always)
+                due = self.core.reconciler.next_attempt()
+                if due is not None:
+                    timeout = min(timeout, due - now)
             returns_in = self.outlier.expire()  # ejections whose time is up come back here
             if returns_in is not None:
                 timeout = min(timeout, returns_in)

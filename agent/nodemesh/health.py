@@ -275,6 +275,8 @@ class HealthChecker:
             return True if state is None else state.healthy
 
     def unhealthy_keys(self) -> Set[TargetKey]:
+        if not self._targets:  # no service has health checks (the core asks each change)
+            return set()
         with self._lock:
             return {key for key, state in self._targets.items() if not state.healthy}
 

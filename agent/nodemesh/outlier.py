@@ -156,6 +156,8 @@ class OutlierDetector:
 
     def expire(self) -> Optional[float]:
         """Return ejected backends whose time is up. Returns seconds to the next return."""
+        if not self.state:  # no service watches its backends (nearly always): no lock taken
+            return None
         changed: Set[Tuple[str, str]] = set()
         nxt = None
         with self.lock:
@@ -175,6 +177,8 @@ class OutlierDetector:
         return nxt
 
     def ejected(self) -> Set[Key]:
+        if not self.state:  # nothing ever ejected (the core asks each change): no lock taken
+            return set()
         with self.lock:
             return {k for k, st in self.state.items() if st.until is not None}
 

@@ -815,3 +815,27 @@ def test_a_tables_rounds_leave_out_the_baselines_extra_bracketing_runs():
     bench.variants["nodemesh-tc"].data["conn"][1] = [1.0] * 5
     bench.variants["nodemesh-tc"].data["conn_pair"][1] = [1.0] * 4
     assert run.rounds(bench, "conn", 1) == 5
+
+
+def test_the_map_poller_is_sched_batch_while_it_polls_and_as_before_after():
+    """Its wake-ups every 0.5 ms preempted the agent's core loop mid-round (0.2-0.4 times a
+    change on a quiet machine): a SCHED_BATCH thread never preempts on wake-up."""
+    import time
+
+    import controlplane
+
+    reader = object.__new__(controlplane.MapReader)
+    seen = []
+    masters = iter([b"old", b"new"])
+
+    def master(vip):
+        seen.append(os.sched_getscheduler(0))
+        return next(masters)
+
+    reader.master = master
+    reader.backends = lambda vip: frozenset({"10.0.0.2"})
+    before = os.sched_getscheduler(0)
+    reader.wait_switch("10.96.0.1", b"old", frozenset({"10.0.0.2"}),
+                       deadline=time.monotonic() + 5)
+    assert seen and set(seen) == {os.SCHED_BATCH}
+    assert os.sched_getscheduler(0) == before

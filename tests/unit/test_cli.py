@@ -62,3 +62,33 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before the writer writes
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 141 and "Traceback" not in err, err
+
+
+def test_the_agents_log_records_skip_what_its_format_never_prints(monkeypatch):
+    """A line a round: the caller's frame, thread and process are not looked up, and the
+    line reads the same."""
+    import logging
+
+    from nodemesh import cli
+
+    for name in ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("nodemesh.test-lean-records")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("reconciled: %d", 1)
+        cli.lean_log_records()
+        logger.warning("reconciled: %d", 1)
+    finally:
+        logger.removeHandler(handler)
+    before, after = records
+    assert before.thread is not None and before.pathname.endswith("test_cli.py")
+    assert after.thread is None and after.process is None and after.processName is None
+    assert after.pathname == "(unknown file)"
+    formatter = logging.Formatter(cli.LOG_FORMAT)
+    after.created, after.msecs = before.created, before.msecs
+    assert formatter.format(after) == formatter.format(before)

@@ -335,3 +335,49 @@ def test_health_checks_and_outlier_settings_follow_a_service_that_gains_and_lose
     core.post(SourceChanged(Delta(upserts=(plain,))))
     core.step(0)
     assert core.health.snapshot() == [] and not core.outlier._services
+
+
+class PublishCounting(Core):
+    """Counts the snapshots the core makes readers see (each a Snapshot built)."""
+
+    published = 0
+
+    def __setattr__(self, name, value):
+        if name == "snapshot":
+            self.published += 1
+        super().__setattr__(name, value)
+
+
+def test_a_change_round_builds_one_snapshot_with_the_source_services_and_frontends():
+    # A change used to build three Snapshots (the source's load, the services, the
+    # frontends); readers see one, complete, and a round builds only that one.
+    registry = CollectorRegistry()
+    core = PublishCounting(Reconciler(FakeMaps()), HealthChecker(registry, lambda key: None),
+                           OutlierDetector(registry, lambda services: None),
+                           SourceState("file"))
+    synced(core, [svc(1, "10.0.0.1"), svc(2, "10.0.0.2")])
+    before, loads = core.published, core.snapshot.source.loads
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.9"),))))
+    assert core.step(0).changed == 1
+    snap = core.snapshot
+    assert core.published - before == 1
+    assert snap.source.loads == loads + 1 and snap.source.ok
+    assert snap.services.get(("default", "s1")).backends[0].address == "10.0.0.9"
+    assert snap.frontends.get(fk(1)).programmed is not None
+    # Before the first full set, or told not to reconcile, a step still publishes what it
+    # folded in: the source's failure is seen at once.
+    core.post(SourceFailed("bad"))
+    core.step(0, reconcile=False)
+    assert core.snapshot.source.ok is False and core.snapshot.services is snap.services
+
+
+def test_the_selection_context_is_reused_while_nothing_is_taken_out():
+    core, _, _ = make()
+    first = core.selection_context()
+    assert core.selection_context() is first and first.unhealthy == frozenset()
+    core.outlier.state[("default", "s1", "10.0.0.1")] = type(
+        "Ejected", (), {"until": 1.0})()
+    taken = core.selection_context()
+    assert taken.unhealthy == {("default", "s1", "10.0.0.1")}
+    core.outlier.state.clear()
+    assert core.selection_context() is first

@@ -1061,3 +1061,22 @@ def test_without_the_client_package_the_error_says_what_to_install(monkeypatch, 
     monkeypatch.setitem(sys.modules, "kubernetes", None)  # makes `import kubernetes` fail
     with pytest.raises(KubernetesSourceError, match="pip install"):
         KubernetesSource(kubeconfig="/dev/null", registry=registry)
+
+
+def test_a_delivery_with_no_pod_or_policy_changed_builds_no_mesh(monkeypatch, tmp_path):
+    """Every delivery asks the mesh state for a Mesh: with nothing put, dropped or listed
+    since the last one it answers at once, without sorting and building it again."""
+    from nodemesh.sources import kubernetes_mesh as km
+
+    state = km.MeshState(lambda: None, lambda note: None, str(tmp_path))
+    state.list_done("pod", set())
+    state.list_done("meshpolicy", set())
+    assert state.take_mesh() == km.Mesh((), ())
+    built = []
+    real = km.Mesh
+    monkeypatch.setattr(km, "Mesh", lambda *a: built.append(a) or real(*a))
+    assert state.take_mesh() is None and built == []
+    state.list_done("meshpolicy", set())  # a relist: looked at again, the same Mesh
+    assert state.take_mesh() is None and len(built) == 1
+    state.delete("meshpolicy", {"metadata": {"namespace": "a", "name": "gone"}})
+    assert state.take_mesh() is None and len(built) == 2

@@ -77,6 +77,9 @@ class MeshState:
         self._versions: Dict[str, Dict[Key, str]] = {"pod": {}, "meshpolicy": {}}
         self._listed: Set[str] = set()
         self._sent: Optional[Mesh] = None
+        # Something was put, dropped or listed since take_mesh last built a Mesh: every
+        # delivery of the source asks, nearly always with nothing new (see take_mesh).
+        self._stale = True
 
     @staticmethod
     def _key(obj: dict) -> Key:
@@ -108,9 +111,11 @@ class MeshState:
             for key in [k for k in self._versions[kind] if k not in seen]:
                 self._drop(kind, key)
             self._listed.add(kind)
+            self._stale = True
         self._on_dirty()
 
     def _put(self, kind: str, key: Key, obj: dict) -> None:
+        self._stale = True
         self._versions[kind][key] = (obj.get("metadata") or {}).get("resourceVersion", "")
         if kind == "pod":
             self._pods[key] = obj
@@ -132,6 +137,7 @@ class MeshState:
             self._missing.discard(key)
 
     def _drop(self, kind: str, key: Key) -> None:
+        self._stale = True
         self._versions[kind].pop(key, None)
         if kind == "pod":
             self._pods.pop(key, None)
@@ -151,6 +157,9 @@ class MeshState:
         with self._lock:
             if not {"pod", "meshpolicy"} <= self._listed:
                 return None
+            if not self._stale and not self._missing:
+                return None  # nothing changed since the last Mesh built: a Service's change
+            self._stale = False
             for key in list(self._missing):
                 self._resolve(key)
             mesh = Mesh(tuple(w for _, w in sorted(self._workloads.items()) if w is not None),
