@@ -8,32 +8,77 @@ compare equal.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Tuple
+from dataclasses import FrozenInstanceError, dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 PROTOCOLS = ("TCP", "UDP")
 ALGORITHMS = ("random", "round_robin", "maglev", "least_connections")
 HEALTH_CHECK_TYPES = ("tcp", "http")
 
 
-@dataclass(frozen=True, slots=True)
 class Backend:
     """One endpoint of a service.
 
     The conditions follow EndpointSlice semantics: `ready` backends take new connections;
     `serving` + `terminating` ones are used only when no backend is ready.
+
+    Frozen, compared and hashed by its fields, like the model's dataclasses, and built the
+    same way: Backend(address, weight=1, node=None, zone=None, ready=True, serving=True,
+    terminating=False, ports=()). It is not one: a cluster has hundreds of thousands, so it
+    keeps four slots, not eight (64 bytes, not 96): node and zone as one shared pair, the
+    weight and the three conditions as one small int (cached by Python: no object of its
+    own). `FIELDS` names the fields in constructor order; with_ports() is replace(ports=).
     """
 
+    __slots__ = ("address", "ports", "_where", "_state")
+    FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating", "ports")
+
     address: str
-    weight: int = 1
-    node: Optional[str] = None
-    zone: Optional[str] = None
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
     # Per-service-port target ports (service port name -> port), as EndpointSlices carry them.
     # Empty for file-configured backends, which use ServicePort.target_port.
-    ports: Tuple[Tuple[str, int], ...] = ()
+    ports: Tuple[Tuple[str, int], ...]
+    _where: Tuple[Optional[str], Optional[str]]  # (node, zone), shared (_WHERE)
+    _state: int  # weight << 3 | terminating << 2 | serving << 1 | ready
+
+    def __init__(self, address: str, weight: int = 1, node: Optional[str] = None,
+                 zone: Optional[str] = None, ready: bool = True, serving: bool = True,
+                 terminating: bool = False, ports: Tuple[Tuple[str, int], ...] = ()) -> None:
+        where = (node, zone)
+        shared = _WHERE.get(where)
+        if shared is None:
+            shared = where
+            if len(_WHERE) < _WHERE_SIZE:
+                _WHERE[where] = where
+        _set_address(self, address)
+        _set_ports(self, ports)
+        _set_where(self, shared)
+        # int(): a bool weight (or a numpy int) is stored as the int it stands for
+        _set_state(self, int(weight) << 3 | (4 if terminating else 0) | (2 if serving else 0)
+                   | (1 if ready else 0))
+
+    @property
+    def weight(self) -> int:
+        return self._state >> 3
+
+    @property
+    def node(self) -> Optional[str]:
+        return self._where[0]
+
+    @property
+    def zone(self) -> Optional[str]:
+        return self._where[1]
+
+    @property
+    def ready(self) -> bool:
+        return self._state & 1 == 1
+
+    @property
+    def serving(self) -> bool:
+        return self._state & 2 == 2
+
+    @property
+    def terminating(self) -> bool:
+        return self._state & 4 == 4
 
     @property
     def family(self) -> int:
@@ -44,6 +89,59 @@ class Backend:
             if name == service_port.name:
                 return port
         return service_port.target_port
+
+    def with_ports(self, ports: Tuple[Tuple[str, int], ...]) -> "Backend":
+        """This backend with other target ports (dataclasses.replace(backend, ports=...))."""
+        other = _new_backend(Backend)
+        _set_address(other, self.address)
+        _set_ports(other, ports)
+        _set_where(other, self._where)
+        _set_state(other, self._state)
+        return other
+
+    def _key(self) -> Tuple[Any, ...]:
+        return (self.address, self._state, self._where, self.ports)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Backend:
+            return NotImplemented
+        return self is other or (
+            self.address == other.address and  # type: ignore[attr-defined]
+            self._state == other._state and self._where == other._where and  # type: ignore[attr-defined]
+            self.ports == other.ports)  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (Backend, tuple([getattr(self, name) for name in Backend.FIELDS]))
+
+    def __copy__(self) -> "Backend":
+        return self
+
+    def __deepcopy__(self, memo: Any) -> "Backend":
+        return self
+
+    def __repr__(self) -> str:
+        return "Backend(" + ", ".join(f"{name}={getattr(self, name)!r}"
+                                      for name in Backend.FIELDS) + ")"
+
+
+# (node, zone) -> the one shared pair: nodes and zones repeat across every backend of a node.
+# Bounded: past it (more nodes than any cluster has), a backend keeps a pair of its own.
+_WHERE: Dict[Tuple[Optional[str], Optional[str]], Tuple[Optional[str], Optional[str]]] = {}
+_WHERE_SIZE = 1 << 16
+_set_address = Backend.address.__set__  # type: ignore[attr-defined]
+_set_ports = Backend.ports.__set__  # type: ignore[attr-defined]
+_set_where = Backend._where.__set__  # type: ignore[attr-defined]
+_set_state = Backend._state.__set__  # type: ignore[attr-defined]
+_new_backend = object.__new__
 
 
 @dataclass(frozen=True, slots=True)

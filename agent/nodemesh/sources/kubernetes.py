@@ -722,7 +722,7 @@ def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
         # Slice ports are named after the service port; their number is the resolved target.
         if any(name not in port_names for name, _ in endpoint_slice.ports):
             kept = tuple(p for p in endpoint_slice.ports if p[0] in port_names)
-            backends = tuple(replace(b, ports=kept) for b in backends)
+            backends = tuple(b.with_ports(kept) for b in backends)
         if backends:
             usable.append(backends)
     if len(usable) <= 1:
@@ -737,7 +737,7 @@ def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
             names = {name for name, _ in known.ports}
             extra = tuple(p for p in backend.ports if p[0] not in names)
             if extra:
-                by_address[backend.address] = replace(known, ports=known.ports + extra)
+                by_address[backend.address] = known.with_ports(known.ports + extra)
         backends = _in_order(by_address.values())
 
     ports = template.ports
@@ -779,7 +779,7 @@ def _with_backends(service: Service, ports: Tuple[ServicePort, ...],
 #   slice row:   (namespace, name, version, service_name, address_type, ports, backends),
 #                backends: one tuple of model.Backend's fields in order per Backend
 _NAME_AT, _NAMESPACE_AT = _SERVICE_FIELDS.index("name"), _SERVICE_FIELDS.index("namespace")
-_backend_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Backend)))
+_backend_values = operator.attrgetter(*Backend.FIELDS)
 _share_names, _share_families = _Pool(), _Pool()
 
 
