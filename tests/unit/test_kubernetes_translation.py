@@ -1,6 +1,10 @@
 """Kubernetes Services + EndpointSlices (API JSON) -> model.Service, with no server involved."""
 import copy
+import dataclasses
+import gc
 import json
+import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -466,8 +470,7 @@ def test_a_service_follows_its_slices_as_they_come_move_and_go():
     assert addresses() == [[]]
     state.put("endpointslice", make_slice("svc-c", endpoints=[endpoint("10.244.0.6")]))
     assert addresses() == [["10.244.0.6"]]
-    assert state._slices_of == {("default", "other"): ("default", "svc-b"),
-                                ("default", "svc"): ("default", "svc-c")}
+    assert state._slices_of == {("default", "other"): "svc-b", ("default", "svc"): "svc-c"}
 
 
 def test_a_slice_update_that_changes_nothing_translated_does_not_reassemble_its_service(
@@ -487,3 +490,46 @@ def test_a_slice_update_that_changes_nothing_translated_does_not_reassemble_its_
     assert assembled == [] and state.take_delta() is None
     stored = state._slices[("default", "svc-abcde")]
     assert stored.version == 2 and stored.backends is backends
+
+
+def test_a_backend_is_four_slots_and_keeps_its_fields_meaning():
+    # 300,000 Backends at 100,000 services: 64 bytes each, not a dataclass's 96.
+    backend = Backend("10.244.0.5", 3, "node-a", "zone-a", False, True, True, (("http", 8080),))
+    assert sys.getsizeof(backend) <= 64
+    assert (backend.address, backend.weight, backend.node, backend.zone, backend.ready,
+            backend.serving, backend.terminating, backend.ports) == \
+        ("10.244.0.5", 3, "node-a", "zone-a", False, True, True, (("http", 8080),))
+    same = Backend(address="10.244.0.5", weight=3, node="node-a", zone="zone-a", ready=False,
+                   terminating=True, ports=(("http", 8080),))
+    assert same == backend and hash(same) == hash(backend)
+    assert pickle.loads(pickle.dumps(backend)) == backend
+    assert Backend("10.244.0.5") != Backend("10.244.0.5", ready=False)
+    assert Backend("10.244.0.5") != Backend("10.244.0.5", weight=2)
+    assert Backend("10.244.0.5", zone="a") != Backend("10.244.0.5", node="a")
+    assert backend.with_ports(()) == Backend("10.244.0.5", 3, "node-a", "zone-a", False, True,
+                                             True)
+    assert Backend("10.244.0.5", node="node-a", zone="zone-a")._where is backend._where
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backend.weight = 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backend.address = "10.244.0.6"  # type: ignore[misc]
+
+
+def test_the_cache_keeps_no_tuple_for_a_slice_key():
+    # (namespace, slice name) a slice was 6 MiB at 100,000: the names are kept per namespace.
+    state = cluster_state()
+    state.put("endpointslice", make_slice(endpoints=[endpoint("10.244.0.5")]))
+    state.put("service", make_service())
+    assert ("default", "svc-abcde") in state._slices and len(state._slices) == 1
+    seen, stack, tuples = set(), [state.__dict__], []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, type) or callable(obj):
+            continue
+        seen.add(id(obj))
+        if type(obj) is tuple and obj == ("default", "svc-abcde"):
+            tuples.append(obj)
+        stack.extend(gc.get_referents(obj))
+    assert tuples == []
+    state.delete("endpointslice", make_slice())
+    assert len(state._slices) == 0 and list(state._slices) == []

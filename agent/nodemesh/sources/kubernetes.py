@@ -904,6 +904,66 @@ class _ServiceRecord(NamedTuple):
     named_ports: Tuple[str, ...]
 
 
+class _ByNamespace:
+    """A dict keyed by (namespace, name), kept as one dict of names per namespace: the key's
+    tuple is not stored (64 bytes an object; the name and the namespace are strings the
+    cluster state keeps anyway). What _ClusterState asks of a dict, with the same keys."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self) -> None:
+        self._names: Dict[str, Dict[str, Any]] = {}
+
+    def get(self, key: ServiceKey, default: Any = None) -> Any:
+        names = self._names.get(key[0])
+        return default if names is None else names.get(key[1], default)
+
+    def __getitem__(self, key: ServiceKey) -> Any:
+        return self._names[key[0]][key[1]]
+
+    def __setitem__(self, key: ServiceKey, value: Any) -> None:
+        names = self._names.get(key[0])
+        if names is None:
+            names = self._names[key[0]] = {}
+        names[key[1]] = value
+
+    def pop(self, key: ServiceKey, default: Any = None) -> Any:
+        names = self._names.get(key[0])
+        if names is None:
+            return default
+        value = names.pop(key[1], default)
+        if not names:
+            del self._names[key[0]]
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        names = self._names.get(key[0]) if isinstance(key, tuple) and len(key) == 2 else None
+        return names is not None and key[1] in names  # type: ignore[index]
+
+    def __len__(self) -> int:
+        return sum(len(names) for names in self._names.values())
+
+    def __iter__(self) -> Iterator[ServiceKey]:
+        for namespace, names in self._names.items():
+            for name in names:
+                yield (namespace, name)
+
+    def items(self) -> Iterator[Tuple[ServiceKey, Any]]:
+        for namespace, names in self._names.items():
+            for name, value in names.items():
+                yield (namespace, name), value
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _ByNamespace):
+            return self._names == other._names
+        return isinstance(other, dict) and dict(self.items()) == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"_ByNamespace({dict(self.items())!r})"
+
+
 class _ClusterState:
     """The parsed collections, every service kept translated, and what changed since the last
     delivery. Work per event follows the event: one object parsed, one service assembled.
@@ -917,10 +977,12 @@ class _ClusterState:
         self._on_dirty = on_dirty
         self._on_notes = on_notes
         self._services: Dict[ServiceKey, _ServiceRecord] = {}
-        self._slices: Dict[ServiceKey, ParsedSlice] = {}     # keyed by the slice's own name
-        # Service key -> the keys of its slices; one slice (nearly every service) as its bare
-        # key, not in a tuple of one: _members() reads either.
-        self._slices_of: Dict[ServiceKey, Union[ServiceKey, Tuple[ServiceKey, ...]]] = {}
+        # Keyed by the slice's own (namespace, name), without a tuple for it (_ByNamespace).
+        self._slices = _ByNamespace()
+        # Service key -> the names of its slices (in the service's namespace, as a slice's
+        # kubernetes.io/service-name label means); one slice (nearly every service) as its
+        # bare name, not in a tuple of one: _members() reads either.
+        self._slices_of: Dict[ServiceKey, Union[str, Tuple[str, ...]]] = {}
         # Service key -> what the last delivery said of it, for keys changed since; filled
         # only once the first (full) delivery is out.
         self._changed: Dict[ServiceKey, Optional[Service]] = {}
@@ -931,7 +993,7 @@ class _ClusterState:
         self._listed: Set[str] = set()                       # collections listed at least once
         self._put = {"service": self._put_service, "endpointslice": self._put_slice}
         self._drop = {"service": self._drop_service, "endpointslice": self._drop_slice}
-        self._stored: Dict[str, Dict[ServiceKey, Any]] = {"service": self._services,
+        self._stored: Dict[str, Any] = {"service": self._services,
                                                            "endpointslice": self._slices}
 
     # -- what the watchers call
@@ -1101,9 +1163,9 @@ class _ClusterState:
         if known is not None and known.service not in (None, parsed.service):  # relabelled
             self._unlink(known.service, key, notes)
         if parsed.service is not None:
-            members = self._members(parsed.service)
-            if key not in members:
-                self._slices_of[parsed.service] = members + (key,) if members else key
+            names = self._slice_names(parsed.service)
+            if key[1] not in names:
+                self._slices_of[parsed.service] = names + (key[1],) if names else key[1]
             self._reassemble(parsed.service, notes)
 
     def _drop_slice(self, key: ServiceKey, notes: Translation) -> None:
@@ -1113,18 +1175,21 @@ class _ClusterState:
 
     def _unlink(self, service: ServiceKey, slice_key: ServiceKey, notes: Translation) -> None:
         """The slice is no longer the service's: assemble the service without it."""
-        members = tuple(k for k in self._members(service) if k != slice_key)
-        if members:
-            self._slices_of[service] = members if len(members) > 1 else members[0]
+        names = tuple(name for name in self._slice_names(service) if name != slice_key[1])
+        if names:
+            self._slices_of[service] = names if len(names) > 1 else names[0]
         else:
             self._slices_of.pop(service, None)
         self._reassemble(service, notes)
 
     def _members(self, service: ServiceKey) -> Tuple[ServiceKey, ...]:
         """The keys of the service's slices."""
-        members = self._slices_of.get(service, ())
-        return (members,) if members and type(members[0]) is str else \
-            members  # type: ignore[return-value]
+        return tuple([(service[0], name) for name in self._slice_names(service)])
+
+    def _slice_names(self, service: ServiceKey) -> Tuple[str, ...]:
+        """The names of the service's slices."""
+        names = self._slices_of.get(service, ())
+        return (names,) if type(names) is str else names
 
     def _slices_for(self, service: ServiceKey) -> List[Tuple[str, ParsedSlice]]:
         return [(key[1], self._slices[key]) for key in self._members(service)]
