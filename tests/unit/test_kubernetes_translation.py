@@ -470,7 +470,17 @@ def test_a_service_follows_its_slices_as_they_come_move_and_go():
     assert addresses() == [[]]
     state.put("endpointslice", make_slice("svc-c", endpoints=[endpoint("10.244.0.6")]))
     assert addresses() == [["10.244.0.6"]]
-    assert state._slices_of == {("default", "other"): "svc-b", ("default", "svc"): "svc-c"}
+    assert state._orphans == {("default", "other"): "svc-b"}
+    assert state._services[("default", "svc")].slices == "svc-c"
+    # A service deleted keeps its slices' names for when it comes back (as a slice listed
+    # before its service does), and the slice's service is assembled with them.
+    state.delete("service", make_service())
+    assert state.take_delta().deletes == (("default", "svc"),)
+    assert state._orphans == {("default", "other"): "svc-b", ("default", "svc"): "svc-c"}
+    state.put("service", make_service())
+    assert addresses() == [["10.244.0.6"]]
+    state.delete("endpointslice", make_slice("svc-b", service="other"))
+    assert state._orphans == {}
 
 
 def test_a_slice_update_that_changes_nothing_translated_does_not_reassemble_its_service(
