@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from nodemesh.model import Backend, Service, ServicePort, SessionAffinity, canonical_ip
+from nodemesh.model import (
+    Backend,
+    ConnectionLimits,
+    HealthCheck,
+    OutlierDetection,
+    Service,
+    ServicePort,
+    SessionAffinity,
+    canonical_ip,
+)
 from nodemesh.sources import kubernetes
 from nodemesh.sources.kubernetes import (
     Translation,
@@ -543,3 +552,40 @@ def test_the_cache_keeps_no_tuple_for_a_slice_key():
     assert tuples == []
     state.delete("endpointslice", make_slice())
     assert len(state._slices) == 0 and list(state._slices) == []
+
+
+def test_a_service_is_seven_slots_and_keeps_every_field_of_the_dataclass_it_was():
+    # 100,000 Services: 96 bytes each, not the 21-slot dataclass's 200. The 15 fields most
+    # services set alike are one shared tuple; each still reads, compares and replaces alone.
+    names = [f.name for f in dataclasses.fields(Service)]
+    assert names[:5] == ["name", "namespace", "vip", "ports", "backends"] and len(names) == 21
+    values = dict(
+        name="web", namespace="shop", vip="10.96.0.1", ports=(ServicePort(80, 8080),),
+        backends=(Backend("10.244.0.5"),), algorithm="maglev",
+        session_affinity=SessionAffinity(60), health_check=HealthCheck(type="http"),
+        extra_vips=("fd00::1",), internal_traffic_policy="Local",
+        traffic_distribution="PreferClose", outlier_detection=OutlierDetection(3),
+        panic_threshold_percent=20, terminate_connections_on_removal=True, proxy_port=15001,
+        labels=(("app", "web"),), maglev_table_size=251, external_ips=("192.0.2.1",),
+        load_balancer_ips=("192.0.2.2",), external_traffic_policy="Local",
+        connection_limits=ConnectionLimits(5, 6))
+    assert sorted(values) == sorted(names)
+    service = Service(**values)
+    assert sys.getsizeof(service) <= 96
+    assert {name: getattr(service, name) for name in names} == values
+    assert Service(*[values[name] for name in names]) == service  # positional, in order
+    assert dataclasses.asdict(service)["connection_limits"] == {
+        "max_connections_per_backend": 5, "max_connections": 6}
+    plain = Service("x", "y", "10.96.0.9", ())
+    for name in names:
+        other = dataclasses.replace(service, **{name: getattr(plain, name)})
+        assert other != service and getattr(other, name) != values[name]
+        assert all(getattr(other, n) == values[n] for n in names if n != name)
+        assert dataclasses.replace(other, **{name: values[name]}) == service
+        assert hash(dataclasses.replace(other, **{name: values[name]})) == hash(service)
+    assert pickle.loads(pickle.dumps(service)) == service
+    assert Service("a", "b", "10.96.0.2", ())._rest is Service("c", "d", "10.96.0.3", ())._rest
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        service.algorithm = "random"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        service.name = "other"  # type: ignore[misc]
