@@ -91,6 +91,12 @@ class Backend:
                 return port
         return service_port.target_port
 
+    def values(self) -> Tuple[Any, ...]:
+        """Every field, in FIELDS' order (one call, where reading them by name is six)."""
+        state, where = self._state, self._where
+        return (self.address, state >> 3, where[0], where[1], state & 1 == 1, state & 2 == 2,
+                state & 4 == 4, self.ports)
+
     def with_ports(self, ports: Tuple[Tuple[str, int], ...]) -> "Backend":
         """This backend with other target ports (dataclasses.replace(backend, ports=...))."""
         other = _new_backend(Backend)
@@ -337,6 +343,13 @@ class Service:
     @property
     def connection_limits(self) -> Optional[ConnectionLimits]:
         return self._rest[14]  # type: ignore[no-any-return]
+
+    def values(self) -> Tuple[Any, ...]:
+        """Every field, in the constructor's order (one call, where reading them by name is
+        fifteen property calls)."""
+        rest = self._rest
+        return (self.name, self.namespace, self.vip, self.ports, self.backends, *rest[:10],
+                self.labels, *rest[10:])
 
     def with_backends(self, ports: Tuple[ServicePort, ...],
                       backends: Tuple[Backend, ...]) -> "Service":

@@ -522,6 +522,7 @@ def test_a_backend_is_four_slots_and_keeps_its_fields_meaning():
                    terminating=True, ports=(("http", 8080),))
     assert same == backend and hash(same) == hash(backend)
     assert pickle.loads(pickle.dumps(backend)) == backend
+    assert backend.values() == tuple(getattr(backend, name) for name in Backend.FIELDS)
     assert Backend("10.244.0.5") != Backend("10.244.0.5", ready=False)
     assert Backend("10.244.0.5") != Backend("10.244.0.5", weight=2)
     assert Backend("10.244.0.5", zone="a") != Backend("10.244.0.5", node="a")
@@ -574,6 +575,7 @@ def test_a_service_is_seven_slots_and_keeps_every_field_of_the_dataclass_it_was(
     assert sys.getsizeof(service) <= 96
     assert {name: getattr(service, name) for name in names} == values
     assert Service(*[values[name] for name in names]) == service  # positional, in order
+    assert service.values() == tuple(values[name] for name in names)
     assert dataclasses.asdict(service)["connection_limits"] == {
         "max_connections_per_backend": 5, "max_connections": 6}
     plain = Service("x", "y", "10.96.0.9", ())

@@ -81,7 +81,6 @@ import itertools
 import json
 import logging
 import math
-import operator
 import os
 import random
 import re
@@ -754,7 +753,7 @@ def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
 
 
 _SERVICE_FIELDS = tuple(f.name for f in dataclasses.fields(Service))
-_service_values = operator.attrgetter(*_SERVICE_FIELDS)
+_service_values = Service.values  # every field, in order: one call
 _PORTS_AT, _BACKENDS_AT = _SERVICE_FIELDS.index("ports"), _SERVICE_FIELDS.index("backends")
 
 
@@ -777,7 +776,7 @@ def _with_backends(service: Service, ports: Tuple[ServicePort, ...],
 #   slice row:   (namespace, name, version, service_name, address_type, ports, backends),
 #                backends: one tuple of model.Backend's fields in order per Backend
 _NAME_AT, _NAMESPACE_AT = _SERVICE_FIELDS.index("name"), _SERVICE_FIELDS.index("namespace")
-_backend_values = operator.attrgetter(*Backend.FIELDS)
+_backend_values = Backend.values  # every field, in order: one call
 _share_names, _share_families = _Pool(), _Pool()
 
 
