@@ -238,7 +238,7 @@ class Service:
     that set them alike, so a Service keeps seven slots (96 bytes), not 21 (200).
     """
 
-    __slots__ = ("name", "namespace", "vip", "ports", "backends", "labels", "_rest")
+    __slots__ = ("name", "namespace", "vip", "ports", "backends", "_labels", "_rest")
     __dataclass_fields__: ClassVar[Dict[str, "Field[Any]"]] = \
         _ServiceFields.__dataclass_fields__
     __dataclass_params__ = _ServiceFields.__dataclass_params__  # type: ignore[attr-defined]
@@ -248,7 +248,9 @@ class Service:
     vip: str
     ports: Tuple[ServicePort, ...]
     backends: Tuple[Backend, ...]
-    labels: Tuple[Tuple[str, str], ...]
+    # The labels as one flat tuple (key, value, key, value ...), shared when alike (_LABELS):
+    # a tuple of pairs is a tuple more a label (64 bytes each), for a reader or two.
+    _labels: Tuple[str, ...]
     _rest: Tuple[Any, ...]  # the fields of _REST, in its order; shared (_RESTS)
 
     def __init__(
@@ -281,8 +283,24 @@ class Service:
         _set_vip(self, vip)
         _set_service_ports(self, ports)
         _set_backends(self, backends)
-        _set_labels(self, labels)
+        try:
+            flat = _LABELS.get(labels) if labels else ()
+        except TypeError:  # not hashable (a list in it): flattened, not shared
+            flat = None
+        if flat is None:
+            if any(len(pair) != 2 for pair in labels):
+                raise ValueError(f"labels: {labels!r} are not (key, value) pairs")
+            flat = tuple([text for pair in labels for text in pair])
+            with contextlib.suppress(TypeError):
+                if len(_LABELS) < _LABELS_SIZE:
+                    _LABELS[labels] = flat = _FLAT_LABELS.setdefault(flat, flat)
+        _set_labels(self, flat)
         _set_rest(self, shared)
+
+    @property
+    def labels(self) -> Tuple[Tuple[str, str], ...]:
+        flat = self._labels
+        return tuple(zip(flat[::2], flat[1::2]))
 
     @property
     def algorithm(self) -> str:
@@ -360,7 +378,7 @@ class Service:
         _set_vip(other, self.vip)
         _set_service_ports(other, ports)
         _set_backends(other, backends)
-        _set_labels(other, self.labels)
+        _set_labels(other, self._labels)
         _set_rest(other, self._rest)
         return other
 
@@ -370,12 +388,12 @@ class Service:
         return self is other or (
             self.name == other.name and self.namespace == other.namespace and
             self.vip == other.vip and self.ports == other.ports and
-            self.backends == other.backends and self.labels == other.labels and
+            self.backends == other.backends and self._labels == other._labels and
             self._rest == other._rest)
 
     def __hash__(self) -> int:
         return hash((self.name, self.namespace, self.vip, self.ports, self.backends,
-                     self.labels, self._rest))
+                     self._labels, self._rest))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise FrozenInstanceError(f"cannot assign to field {name!r}")
@@ -440,12 +458,16 @@ _set_namespace = vars(Service)["namespace"].__set__
 _set_vip = vars(Service)["vip"].__set__
 _set_service_ports = vars(Service)["ports"].__set__
 _set_backends = vars(Service)["backends"].__set__
-_set_labels = vars(Service)["labels"].__set__
+_set_labels = vars(Service)["_labels"].__set__
+# Labels as given (pairs) -> their flat tuple, one copy of each: bounded, as _RESTS.
+_LABELS: Dict[Tuple[Tuple[str, str], ...], Tuple[str, ...]] = {}
+_FLAT_LABELS: Dict[Tuple[str, ...], Tuple[str, ...]] = {}
+_LABELS_SIZE = 1 << 12
 _set_rest = vars(Service)["_rest"].__set__
 _new_service = object.__new__
 # The constructor's order (positional callers rely on it) and the slots + _REST cover it.
 assert _SERVICE_FIELDS == tuple(Service.__init__.__code__.co_varnames[1:22])
-assert set(_SERVICE_FIELDS) == set(Service.__slots__[:-1] + _REST)
+assert set(_SERVICE_FIELDS) == {*Service.__slots__[:-1], *_REST} - {"_labels"} | {"labels"}
 
 
 def canonical_ip(text: str) -> str:

@@ -591,3 +591,18 @@ def test_a_service_is_seven_slots_and_keeps_every_field_of_the_dataclass_it_was(
         service.algorithm = "random"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         service.name = "other"  # type: ignore[misc]
+
+
+def test_a_service_keeps_its_labels_as_one_flat_tuple_shared_when_alike():
+    # A tuple of pairs is a tuple more a label: 48 bytes a service with one label of its
+    # own and one in common. They read back as the pairs they were given.
+    labels = (("app.kubernetes.io/name", "web"), ("app.kubernetes.io/part-of", "shop"))
+    one = Service("web", "shop", "10.96.0.1", (), labels=labels)
+    two = Service("web2", "shop", "10.96.0.2", (), labels=tuple(list(labels)))
+    assert one.labels == labels and two.labels == labels and Service("a", "b", "c", ()).labels == ()
+    assert one._labels == ("app.kubernetes.io/name", "web", "app.kubernetes.io/part-of", "shop")
+    assert one._labels is two._labels
+    assert dataclasses.replace(one, labels=()).labels == ()
+    assert dataclasses.replace(one, name="web2", vip="10.96.0.2") == two
+    with pytest.raises(ValueError, match="labels"):
+        Service("web", "shop", "10.96.0.1", (), labels=(("a", "b", "c"),))  # type: ignore[arg-type]
