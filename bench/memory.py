@@ -173,7 +173,9 @@ def child(n: int, trace: bool) -> dict:
             if kind == "service" and streams:
                 state.take_delta()
         state.list_done(kind, seen)
-    del pages
+    # The agent's list keeps its `seen` keys (and their names: the JSON's copies, not the
+    # cache's) only while it lists: so does this one.
+    del pages, seen
     phase("list (pages decoded and parsed into the source's cache)")
     delta = state.take_delta()
     phase("first delta (every service assembled)")

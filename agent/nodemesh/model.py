@@ -7,33 +7,79 @@ compare equal.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Tuple
+from dataclasses import Field, FrozenInstanceError, dataclass, field
+from typing import Any, ClassVar, Dict, Iterator, Optional, Tuple
 
 PROTOCOLS = ("TCP", "UDP")
 ALGORITHMS = ("random", "round_robin", "maglev", "least_connections")
 HEALTH_CHECK_TYPES = ("tcp", "http")
 
 
-@dataclass(frozen=True, slots=True)
 class Backend:
     """One endpoint of a service.
 
     The conditions follow EndpointSlice semantics: `ready` backends take new connections;
     `serving` + `terminating` ones are used only when no backend is ready.
+
+    Frozen, compared and hashed by its fields, like the model's dataclasses, and built the
+    same way: Backend(address, weight=1, node=None, zone=None, ready=True, serving=True,
+    terminating=False, ports=()). It is not one: a cluster has hundreds of thousands, so it
+    keeps four slots, not eight (64 bytes, not 96): node and zone as one shared pair, the
+    weight and the three conditions as one small int (cached by Python: no object of its
+    own). `FIELDS` names the fields in constructor order; with_ports() is replace(ports=).
     """
 
+    __slots__ = ("address", "ports", "_where", "_state")
+    FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating", "ports")
+
     address: str
-    weight: int = 1
-    node: Optional[str] = None
-    zone: Optional[str] = None
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
     # Per-service-port target ports (service port name -> port), as EndpointSlices carry them.
     # Empty for file-configured backends, which use ServicePort.target_port.
-    ports: Tuple[Tuple[str, int], ...] = ()
+    ports: Tuple[Tuple[str, int], ...]
+    _where: Tuple[Optional[str], Optional[str]]  # (node, zone), shared (_WHERE)
+    _state: int  # weight << 3 | terminating << 2 | serving << 1 | ready
+
+    def __init__(self, address: str, weight: int = 1, node: Optional[str] = None,
+                 zone: Optional[str] = None, ready: bool = True, serving: bool = True,
+                 terminating: bool = False, ports: Tuple[Tuple[str, int], ...] = ()) -> None:
+        where = (node, zone)
+        shared = _WHERE.get(where)
+        if shared is None:
+            shared = where
+            if len(_WHERE) < _WHERE_SIZE:
+                _WHERE[where] = where
+        _set_address(self, address)
+        _set_ports(self, ports)
+        _set_where(self, shared)
+        # int(): a bool weight (or a numpy int) is stored as the int it stands for
+        _set_state(self, int(weight) << 3 | (4 if terminating else 0) | (2 if serving else 0)
+                   | (1 if ready else 0))
+
+    @property
+    def weight(self) -> int:
+        return self._state >> 3
+
+    @property
+    def node(self) -> Optional[str]:
+        return self._where[0]
+
+    @property
+    def zone(self) -> Optional[str]:
+        return self._where[1]
+
+    @property
+    def ready(self) -> bool:
+        return self._state & 1 == 1
+
+    @property
+    def serving(self) -> bool:
+        return self._state & 2 == 2
+
+    @property
+    def terminating(self) -> bool:
+        return self._state & 4 == 4
 
     @property
     def family(self) -> int:
@@ -44,6 +90,64 @@ class Backend:
             if name == service_port.name:
                 return port
         return service_port.target_port
+
+    def values(self) -> Tuple[Any, ...]:
+        """Every field, in FIELDS' order (one call, where reading them by name is six)."""
+        state, where = self._state, self._where
+        return (self.address, state >> 3, where[0], where[1], state & 1 == 1, state & 2 == 2,
+                state & 4 == 4, self.ports)
+
+    def with_ports(self, ports: Tuple[Tuple[str, int], ...]) -> "Backend":
+        """This backend with other target ports (dataclasses.replace(backend, ports=...))."""
+        other = _new_backend(Backend)
+        _set_address(other, self.address)
+        _set_ports(other, ports)
+        _set_where(other, self._where)
+        _set_state(other, self._state)
+        return other
+
+    def _key(self) -> Tuple[Any, ...]:
+        return (self.address, self._state, self._where, self.ports)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Backend:
+            return NotImplemented
+        return self is other or (
+            self.address == other.address and self._state == other._state and
+            self._where == other._where and self.ports == other.ports)
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (Backend, tuple([getattr(self, name) for name in Backend.FIELDS]))
+
+    def __copy__(self) -> "Backend":
+        return self
+
+    def __deepcopy__(self, memo: Any) -> "Backend":
+        return self
+
+    def __repr__(self) -> str:
+        return "Backend(" + ", ".join(f"{name}={getattr(self, name)!r}"
+                                      for name in Backend.FIELDS) + ")"
+
+
+# (node, zone) -> the one shared pair: nodes and zones repeat across every backend of a node.
+# Bounded: past it (more nodes than any cluster has), a backend keeps a pair of its own.
+_WHERE: Dict[Tuple[Optional[str], Optional[str]], Tuple[Optional[str], Optional[str]]] = {}
+_WHERE_SIZE = 1 << 16
+_set_address = vars(Backend)["address"].__set__
+_set_ports = vars(Backend)["ports"].__set__
+_set_where = vars(Backend)["_where"].__set__
+_set_state = vars(Backend)["_state"].__set__
+_new_backend = object.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +193,11 @@ class ConnectionLimits:
     max_connections: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Service:
+@dataclass(frozen=True)
+class _ServiceFields:
+    """Service's fields: their names, order, defaults and types (dataclasses.fields(Service),
+    dataclasses.replace(service, ...) and asdict read them from here). Never built."""
+
     name: str
     namespace: str
     vip: str
@@ -119,6 +226,194 @@ class Service:
     external_traffic_policy: str = "Cluster"  # Cluster (SNAT) | Local (client kept, local only)
     connection_limits: Optional[ConnectionLimits] = None
 
+
+class Service:
+    """A service: its addresses, ports and backends, and how its traffic is balanced.
+
+    Frozen, compared and hashed by its fields, like the model's dataclasses; built the same
+    way (the fields, their order and defaults are _ServiceFields', and dataclasses.fields(),
+    replace() and asdict() take a Service as they take a dataclass). It is not one: a cluster
+    has 100,000, and of its 21 fields 15 are set alike in nearly every service (the
+    algorithm, the policies, the options). Those sit in one tuple shared by the services
+    that set them alike, so a Service keeps seven slots (96 bytes), not 21 (200).
+    """
+
+    __slots__ = ("name", "namespace", "vip", "ports", "backends", "_labels", "_rest")
+    __dataclass_fields__: ClassVar[Dict[str, "Field[Any]"]] = \
+        _ServiceFields.__dataclass_fields__
+    __dataclass_params__ = _ServiceFields.__dataclass_params__  # type: ignore[attr-defined]
+
+    name: str
+    namespace: str
+    vip: str
+    ports: Tuple[ServicePort, ...]
+    backends: Tuple[Backend, ...]
+    # The labels as one flat tuple (key, value, key, value ...), shared when alike (_LABELS):
+    # a tuple of pairs is a tuple more a label (64 bytes each), for a reader or two.
+    _labels: Tuple[str, ...]
+    _rest: Tuple[Any, ...]  # the fields of _REST, in its order; shared (_RESTS)
+
+    def __init__(
+            self, name: str, namespace: str, vip: str, ports: Tuple[ServicePort, ...], backends:
+            Tuple[Backend, ...] = (), algorithm: str = "random", session_affinity:
+            Optional[SessionAffinity] = None, health_check: Optional[HealthCheck] = None,
+            extra_vips: Tuple[str, ...] = (), internal_traffic_policy: str = "Cluster",
+            traffic_distribution: Optional[str] = None, outlier_detection:
+            Optional[OutlierDetection] = None, panic_threshold_percent: int = 50,
+            terminate_connections_on_removal: bool = False, proxy_port: Optional[int] = None,
+            labels: Tuple[Tuple[str, str], ...] = (), maglev_table_size: int = 16381,
+            external_ips: Tuple[str, ...] = (), load_balancer_ips: Tuple[str, ...] = (),
+            external_traffic_policy: str = "Cluster", connection_limits:
+            Optional[ConnectionLimits] = None) -> None:
+        rest = (algorithm, session_affinity, health_check, extra_vips, internal_traffic_policy,
+                traffic_distribution, outlier_detection, panic_threshold_percent,
+                terminate_connections_on_removal, proxy_port, maglev_table_size, external_ips,
+                load_balancer_ips, external_traffic_policy, connection_limits)
+        try:
+            shared = _RESTS.get(rest)
+        except TypeError:  # a field that is no hashable value (a list): kept, not shared
+            shared = None
+        if shared is None:
+            shared = rest
+            with contextlib.suppress(TypeError):
+                if len(_RESTS) < _RESTS_SIZE:
+                    _RESTS[rest] = rest
+        _set_name(self, name)
+        _set_namespace(self, namespace)
+        _set_vip(self, vip)
+        _set_service_ports(self, ports)
+        _set_backends(self, backends)
+        try:
+            flat = _LABELS.get(labels) if labels else ()
+        except TypeError:  # not hashable (a list in it): flattened, not shared
+            flat = None
+        if flat is None:
+            if any(len(pair) != 2 for pair in labels):
+                raise ValueError(f"labels: {labels!r} are not (key, value) pairs")
+            flat = tuple([text for pair in labels for text in pair])
+            with contextlib.suppress(TypeError):
+                if len(_LABELS) < _LABELS_SIZE:
+                    _LABELS[labels] = flat = _FLAT_LABELS.setdefault(flat, flat)
+        _set_labels(self, flat)
+        _set_rest(self, shared)
+
+    @property
+    def labels(self) -> Tuple[Tuple[str, str], ...]:
+        flat = self._labels
+        return tuple(zip(flat[::2], flat[1::2]))
+
+    @property
+    def algorithm(self) -> str:
+        return self._rest[0]  # type: ignore[no-any-return]
+
+    @property
+    def session_affinity(self) -> Optional[SessionAffinity]:
+        return self._rest[1]  # type: ignore[no-any-return]
+
+    @property
+    def health_check(self) -> Optional[HealthCheck]:
+        return self._rest[2]  # type: ignore[no-any-return]
+
+    @property
+    def extra_vips(self) -> Tuple[str, ...]:
+        return self._rest[3]  # type: ignore[no-any-return]
+
+    @property
+    def internal_traffic_policy(self) -> str:
+        return self._rest[4]  # type: ignore[no-any-return]
+
+    @property
+    def traffic_distribution(self) -> Optional[str]:
+        return self._rest[5]  # type: ignore[no-any-return]
+
+    @property
+    def outlier_detection(self) -> Optional[OutlierDetection]:
+        return self._rest[6]  # type: ignore[no-any-return]
+
+    @property
+    def panic_threshold_percent(self) -> int:
+        return self._rest[7]  # type: ignore[no-any-return]
+
+    @property
+    def terminate_connections_on_removal(self) -> bool:
+        return self._rest[8]  # type: ignore[no-any-return]
+
+    @property
+    def proxy_port(self) -> Optional[int]:
+        return self._rest[9]  # type: ignore[no-any-return]
+
+    @property
+    def maglev_table_size(self) -> int:
+        return self._rest[10]  # type: ignore[no-any-return]
+
+    @property
+    def external_ips(self) -> Tuple[str, ...]:
+        return self._rest[11]  # type: ignore[no-any-return]
+
+    @property
+    def load_balancer_ips(self) -> Tuple[str, ...]:
+        return self._rest[12]  # type: ignore[no-any-return]
+
+    @property
+    def external_traffic_policy(self) -> str:
+        return self._rest[13]  # type: ignore[no-any-return]
+
+    @property
+    def connection_limits(self) -> Optional[ConnectionLimits]:
+        return self._rest[14]  # type: ignore[no-any-return]
+
+    def values(self) -> Tuple[Any, ...]:
+        """Every field, in the constructor's order (one call, where reading them by name is
+        fifteen property calls)."""
+        rest = self._rest
+        return (self.name, self.namespace, self.vip, self.ports, self.backends, *rest[:10],
+                self.labels, *rest[10:])
+
+    def with_backends(self, ports: Tuple[ServicePort, ...],
+                      backends: Tuple[Backend, ...]) -> "Service":
+        """replace(self, ports=ports, backends=backends), without looking at the others."""
+        other = _new_service(Service)
+        _set_name(other, self.name)
+        _set_namespace(other, self.namespace)
+        _set_vip(other, self.vip)
+        _set_service_ports(other, ports)
+        _set_backends(other, backends)
+        _set_labels(other, self._labels)
+        _set_rest(other, self._rest)
+        return other
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Service:
+            return NotImplemented
+        return self is other or (
+            self.name == other.name and self.namespace == other.namespace and
+            self.vip == other.vip and self.ports == other.ports and
+            self.backends == other.backends and self._labels == other._labels and
+            self._rest == other._rest)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.namespace, self.vip, self.ports, self.backends,
+                     self._labels, self._rest))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (Service, tuple([getattr(self, name) for name in _SERVICE_FIELDS]))
+
+    def __copy__(self) -> "Service":
+        return self
+
+    def __deepcopy__(self, memo: Any) -> "Service":
+        return self
+
+    def __repr__(self) -> str:
+        return "Service(" + ", ".join(f"{name}={getattr(self, name)!r}"
+                                      for name in _SERVICE_FIELDS) + ")"
+
     @property
     def key(self) -> Tuple[str, str]:
         return (self.namespace, self.name)
@@ -146,6 +441,33 @@ class Service:
             if sp.node_port:
                 for v6 in families:
                     yield ("::" if v6 else "0.0.0.0"), sp.node_port, sp
+
+
+_SERVICE_FIELDS = tuple(_ServiceFields.__dataclass_fields__)
+_REST = ("algorithm", "session_affinity", "health_check", "extra_vips",
+         "internal_traffic_policy", "traffic_distribution", "outlier_detection",
+         "panic_threshold_percent", "terminate_connections_on_removal", "proxy_port",
+         "maglev_table_size", "external_ips", "load_balancer_ips", "external_traffic_policy",
+         "connection_limits")
+# The tuples of those fields, shared: a cluster's services set them in a few ways. Bounded:
+# past it, a service keeps a tuple of its own.
+_RESTS: Dict[Tuple[Any, ...], Tuple[Any, ...]] = {}
+_RESTS_SIZE = 1 << 12
+_set_name = vars(Service)["name"].__set__
+_set_namespace = vars(Service)["namespace"].__set__
+_set_vip = vars(Service)["vip"].__set__
+_set_service_ports = vars(Service)["ports"].__set__
+_set_backends = vars(Service)["backends"].__set__
+_set_labels = vars(Service)["_labels"].__set__
+# Labels as given (pairs) -> their flat tuple, one copy of each: bounded, as _RESTS.
+_LABELS: Dict[Tuple[Tuple[str, str], ...], Tuple[str, ...]] = {}
+_FLAT_LABELS: Dict[Tuple[str, ...], Tuple[str, ...]] = {}
+_LABELS_SIZE = 1 << 12
+_set_rest = vars(Service)["_rest"].__set__
+_new_service = object.__new__
+# The constructor's order (positional callers rely on it) and the slots + _REST cover it.
+assert _SERVICE_FIELDS == tuple(Service.__init__.__code__.co_varnames[1:22])
+assert set(_SERVICE_FIELDS) == {*Service.__slots__[:-1], *_REST} - {"_labels"} | {"labels"}
 
 
 def canonical_ip(text: str) -> str:

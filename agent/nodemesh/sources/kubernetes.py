@@ -81,7 +81,6 @@ import itertools
 import json
 import logging
 import math
-import operator
 import os
 import queue
 import random
@@ -723,7 +722,7 @@ def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
         # Slice ports are named after the service port; their number is the resolved target.
         if any(name not in port_names for name, _ in endpoint_slice.ports):
             kept = tuple(p for p in endpoint_slice.ports if p[0] in port_names)
-            backends = tuple(replace(b, ports=kept) for b in backends)
+            backends = tuple(b.with_ports(kept) for b in backends)
         if backends:
             usable.append(backends)
     if len(usable) <= 1:
@@ -738,7 +737,7 @@ def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
             names = {name for name, _ in known.ports}
             extra = tuple(p for p in backend.ports if p[0] not in names)
             if extra:
-                by_address[backend.address] = replace(known, ports=known.ports + extra)
+                by_address[backend.address] = known.with_ports(known.ports + extra)
         backends = _in_order(by_address.values())
 
     ports = template.ports
@@ -755,17 +754,15 @@ def assemble(parsed: ParsedService, slices: Iterable[Tuple[str, ParsedSlice]],
 
 
 _SERVICE_FIELDS = tuple(f.name for f in dataclasses.fields(Service))
-_service_values = operator.attrgetter(*_SERVICE_FIELDS)
+_service_values = Service.values  # every field, in order: one call
 _PORTS_AT, _BACKENDS_AT = _SERVICE_FIELDS.index("ports"), _SERVICE_FIELDS.index("backends")
 
 
 def _with_backends(service: Service, ports: Tuple[ServicePort, ...],
                    backends: Tuple[Backend, ...]) -> Service:
-    """replace(service, ports=ports, backends=backends), in a third of its time: every field
-    read in one call and passed by position (every field of Service is an __init__ one)."""
-    values = list(_service_values(service))
-    values[_PORTS_AT], values[_BACKENDS_AT] = ports, backends
-    return Service(*values)
+    """replace(service, ports=ports, backends=backends), the other fields' shared tuple
+    taken as it is (Service.with_backends)."""
+    return service.with_backends(ports, backends)
 
 
 # What the decoding worker hands over of each list item: a row of plain values (tuples,
@@ -780,7 +777,7 @@ def _with_backends(service: Service, ports: Tuple[ServicePort, ...],
 #   slice row:   (namespace, name, version, service_name, address_type, ports, backends),
 #                backends: one tuple of model.Backend's fields in order per Backend
 _NAME_AT, _NAMESPACE_AT = _SERVICE_FIELDS.index("name"), _SERVICE_FIELDS.index("namespace")
-_backend_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Backend)))
+_backend_values = Backend.values  # every field, in order: one call
 _share_names, _share_families = _Pool(), _Pool()
 
 
@@ -903,6 +900,69 @@ class _ServiceRecord(NamedTuple):
     # programmed (headless ...).
     service: Optional[Service]
     named_ports: Tuple[str, ...]
+    # The names of its slices (in its namespace): one (nearly every service) as its bare
+    # name, not in a tuple of one. Here rather than in a dict of their own: 5 MiB at 100,000.
+    slices: Union[str, Tuple[str, ...]] = ()
+
+
+class _ByNamespace:
+    """A dict keyed by (namespace, name), kept as one dict of names per namespace: the key's
+    tuple is not stored (64 bytes an object; the name and the namespace are strings the
+    cluster state keeps anyway). What _ClusterState asks of a dict, with the same keys."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self) -> None:
+        self._names: Dict[str, Dict[str, Any]] = {}
+
+    def get(self, key: ServiceKey, default: Any = None) -> Any:
+        names = self._names.get(key[0])
+        return default if names is None else names.get(key[1], default)
+
+    def __getitem__(self, key: ServiceKey) -> Any:
+        return self._names[key[0]][key[1]]
+
+    def __setitem__(self, key: ServiceKey, value: Any) -> None:
+        names = self._names.get(key[0])
+        if names is None:
+            names = self._names[key[0]] = {}
+        names[key[1]] = value
+
+    def pop(self, key: ServiceKey, default: Any = None) -> Any:
+        names = self._names.get(key[0])
+        if names is None:
+            return default
+        value = names.pop(key[1], default)
+        if not names:
+            del self._names[key[0]]
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        names = self._names.get(key[0]) if isinstance(key, tuple) and len(key) == 2 else None
+        return names is not None and key[1] in names  # type: ignore[index]
+
+    def __len__(self) -> int:
+        return sum(len(names) for names in self._names.values())
+
+    def __iter__(self) -> Iterator[ServiceKey]:
+        for namespace, names in self._names.items():
+            for name in names:
+                yield (namespace, name)
+
+    def items(self) -> Iterator[Tuple[ServiceKey, Any]]:
+        for namespace, names in self._names.items():
+            for name, value in names.items():
+                yield (namespace, name), value
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _ByNamespace):
+            return self._names == other._names
+        return isinstance(other, dict) and dict(self.items()) == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"_ByNamespace({dict(self.items())!r})"
 
 
 class _ClusterState:
@@ -918,10 +978,13 @@ class _ClusterState:
         self._on_dirty = on_dirty
         self._on_notes = on_notes
         self._services: Dict[ServiceKey, _ServiceRecord] = {}
-        self._slices: Dict[ServiceKey, ParsedSlice] = {}     # keyed by the slice's own name
-        # Service key -> the keys of its slices; one slice (nearly every service) as its bare
-        # key, not in a tuple of one: _members() reads either.
-        self._slices_of: Dict[ServiceKey, Union[ServiceKey, Tuple[ServiceKey, ...]]] = {}
+        # Keyed by the slice's own (namespace, name), without a tuple for it (_ByNamespace).
+        self._slices = _ByNamespace()
+        # A stored service's record holds the names of its slices (a slice's
+        # kubernetes.io/service-name label names a service of its own namespace); the names
+        # of those whose service is not stored (yet: the slices are listed first) are here.
+        # Emptied by the services list: replaced then (a dict keeps its table when emptied).
+        self._orphans: Dict[ServiceKey, Union[str, Tuple[str, ...]]] = {}
         # Service key -> what the last delivery said of it, for keys changed since; filled
         # only once the first (full) delivery is out.
         self._changed: Dict[ServiceKey, Optional[Service]] = {}
@@ -932,7 +995,7 @@ class _ClusterState:
         self._listed: Set[str] = set()                       # collections listed at least once
         self._put = {"service": self._put_service, "endpointslice": self._put_slice}
         self._drop = {"service": self._drop_service, "endpointslice": self._drop_slice}
-        self._stored: Dict[str, Dict[ServiceKey, Any]] = {"service": self._services,
+        self._stored: Dict[str, Any] = {"service": self._services,
                                                            "endpointslice": self._slices}
 
     # -- what the watchers call
@@ -1046,7 +1109,9 @@ class _ClusterState:
         known = self._services.get(key)
         if known is not None and service == known.service:
             service = known.service  # keep the object the agent already holds
-        self._services[key] = _ServiceRecord(version, service, named_ports)
+        self._services[key] = _ServiceRecord(
+            version, service, named_ports,
+            known.slices if known is not None else self._take_orphans(key))
         self._note_change(key, known.service if known else None, service)
 
     def _put_service_row(self, key: ServiceKey, row: Tuple[Any, ...],
@@ -1087,6 +1152,8 @@ class _ClusterState:
     def _drop_service(self, key: ServiceKey, notes: Translation) -> None:
         known = self._services.pop(key, None)
         if known is not None:
+            if known.slices:
+                self._orphans[key] = known.slices
             self._note_change(key, known.service, None)
 
     def _put_slice(self, key: ServiceKey, version: Union[int, str, None], parsed: ParsedSlice,
@@ -1102,9 +1169,9 @@ class _ClusterState:
         if known is not None and known.service not in (None, parsed.service):  # relabelled
             self._unlink(known.service, key, notes)
         if parsed.service is not None:
-            members = self._members(parsed.service)
-            if key not in members:
-                self._slices_of[parsed.service] = members + (key,) if members else key
+            names = self._slice_names(parsed.service)
+            if key[1] not in names:
+                self._set_slice_names(parsed.service, names + (key[1],))
             self._reassemble(parsed.service, notes)
 
     def _drop_slice(self, key: ServiceKey, notes: Translation) -> None:
@@ -1114,18 +1181,36 @@ class _ClusterState:
 
     def _unlink(self, service: ServiceKey, slice_key: ServiceKey, notes: Translation) -> None:
         """The slice is no longer the service's: assemble the service without it."""
-        members = tuple(k for k in self._members(service) if k != slice_key)
-        if members:
-            self._slices_of[service] = members if len(members) > 1 else members[0]
-        else:
-            self._slices_of.pop(service, None)
+        self._set_slice_names(service, tuple(name for name in self._slice_names(service)
+                                             if name != slice_key[1]))
         self._reassemble(service, notes)
 
     def _members(self, service: ServiceKey) -> Tuple[ServiceKey, ...]:
         """The keys of the service's slices."""
-        members = self._slices_of.get(service, ())
-        return (members,) if members and type(members[0]) is str else \
-            members  # type: ignore[return-value]
+        return tuple([(service[0], name) for name in self._slice_names(service)])
+
+    def _slice_names(self, service: ServiceKey) -> Tuple[str, ...]:
+        """The names of the service's slices."""
+        record = self._services.get(service)
+        names = record.slices if record is not None else self._orphans.get(service, ())
+        return (names,) if type(names) is str else names  # type: ignore[return-value]
+
+    def _set_slice_names(self, service: ServiceKey, names: Tuple[str, ...]) -> None:
+        value = names if len(names) != 1 else names[0]
+        record = self._services.get(service)
+        if record is not None:
+            self._services[service] = record._replace(slices=value)
+        elif value:
+            self._orphans[service] = value
+        else:
+            self._take_orphans(service)
+
+    def _take_orphans(self, service: ServiceKey) -> Union[str, Tuple[str, ...]]:
+        """The names of a service's slices listed before it, taken from _orphans."""
+        names = self._orphans.pop(service, ())
+        if names and not self._orphans:
+            self._orphans = {}  # a new, small table: the emptied one keeps its size
+        return names
 
     def _slices_for(self, service: ServiceKey) -> List[Tuple[str, ParsedSlice]]:
         return [(key[1], self._slices[key]) for key in self._members(service)]
