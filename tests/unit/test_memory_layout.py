@@ -251,3 +251,22 @@ def test_a_new_desired_state_that_needs_no_write_keeps_the_packed_ids_right():
     assert maps.writes() == before and p.desired == rec.desired[key]
     assert type(p.ids) is bytes and dict(p.backend_ids.items()) == ids
     assert maps.serving(key) == sorted(ids)
+
+
+def test_a_first_written_frontend_stores_only_its_ids_and_reads_the_rest_from_desired():
+    from nodemesh.reconciler import ProgrammedFrontend
+
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    rec.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"])])
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    p = rec.programmed[key]
+    assert p._rest is None and sys.getsizeof(p) <= 80  # 15 slots were 152 bytes with GC's
+    assert (p.bank, p.algorithm, p.revision, p.damaged, p.count, p.maglev_rows, p.flags,
+            p.limits, p.proxy_port, p.affinity_timeout) == \
+        (0, "random", 1, False, -1, 0, 0, (0, 0), None, 0)
+    # the constructor makes the same record from every field, and keeps what differs
+    again = ProgrammedFrontend(**p.fields())
+    assert again == p and again._rest is None
+    damaged = p.replace(damaged=True)
+    assert damaged.damaged and damaged._rest is not None and damaged != p
+    assert damaged.replace(damaged=False) == p
