@@ -336,3 +336,31 @@ def test_health_checks_and_outlier_settings_follow_a_service_that_gains_and_lose
     core.post(SourceChanged(Delta(upserts=(plain,))))
     core.step(0)
     assert core.health.snapshot() == [] and not core.outlier._services
+
+
+def test_a_done_frontend_is_stored_as_its_programmed_state_and_read_as_its_view():
+    # A FrontendView a frontend was 6 MiB at 100,000: the view of a done frontend is
+    # (key, p.desired, p, done), so the snapshot keeps p and builds the view when read.
+    from nodemesh.reconciler import DONE_STATUS, ERROR, ProgrammedFrontend
+    from nodemesh.snapshot import FrontendView
+
+    core, rec, maps = make()
+    synced(core, [svc(1, "10.0.0.1"), svc(2, "10.0.0.2")])
+    stored = [v for d in core.snapshot.frontends.dicts() for v in d.values()]
+    assert len(stored) == 2 and all(type(v) is ProgrammedFrontend for v in stored)
+    view = core.snapshot.frontends.get(fk(1))
+    assert type(view) is FrontendView and view.status is DONE_STATUS
+    assert view.programmed is rec.programmed[fk(1)] and view.desired is rec.desired[fk(1)]
+    assert core.snapshot.by_svc_id.get(view.programmed.svc_id) == view
+    assert sorted(v.key for v in core.snapshot.frontends.values()) == [fk(1), fk(2)]
+    # a frontend whose change failed is not what its programmed state says: a view, with
+    # the error, the old programmed state and the new desired one
+    maps.fail("update", "backends")
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.3"),))))
+    core.step(0)
+    failing = core.snapshot.frontends.get(fk(1))
+    assert failing.status.state == ERROR and "injected" in failing.status.error
+    assert failing.desired.backends == (("10.0.0.3", 8080, 1),)
+    assert failing.programmed.desired.backends == (("10.0.0.1", 8080, 1),)
+    assert core.snapshot.by_svc_id.get(failing.programmed.svc_id) == failing
+    assert type(core.snapshot.frontends.get(fk(2))) is FrontendView
