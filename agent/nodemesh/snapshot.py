@@ -230,6 +230,22 @@ class FrontendViews(Shards[FrontendKey, Any]):
                 yield convert(stored) if type(stored) is programmed else stored
 
 
+    def programmed(self) -> Iterator[Tuple[ProgrammedFrontend, Desired]]:
+        """(programmed, desired) of every frontend that has both, without building views:
+        for the scrape, which reads 100,000 of them."""
+        programmed = ProgrammedFrontend
+        for d in self.dicts():
+            for stored in d.values():
+                if type(stored) is programmed:
+                    desired = stored.desired
+                    if desired is not None:  # (always: stored_view)
+                        yield stored, desired
+                else:
+                    p, desired = stored.programmed, stored.desired
+                    if p is not None and desired is not None:
+                        yield p, desired
+
+
 class ViewIndex(IdIndex[Any]):
     """The views by svc_id, stored as FrontendViews stores them."""
 
