@@ -18,9 +18,9 @@ bpf(2) syscalls. --cold also times rounds that each start with the CPU caches ev
 --drop-entries keeps no services/backends entries in the in-memory map
 (the kernel holds them, not the agent's heap), for the first round's peak RSS. --profile
 adds a cProfile (CPU clock) of a third pass. --scrape times the per-frontend scrape
-(render_large) over the first round's snapshot at both detail levels. For a side-by-side,
-run this script with PYTHONPATH at a `git archive` of another commit's agent (and this
-checkout's tests), and alternate.
+(render_large and collect) over the first round's snapshot at both detail levels. For a
+side-by-side, run this script with PYTHONPATH at a `git archive` of another commit's agent
+(and this checkout's tests), and alternate.
 """
 import cProfile
 import gc
@@ -125,8 +125,8 @@ def main() -> None:
 
 
 def scrape(core) -> None:
-    """CPU of the per-frontend scrape (metrics.DatapathCollector.render_large) over the
-    published snapshot, at both detail levels, with kernel counters for every frontend (the
+    """CPU of the per-frontend scrape (metrics.DatapathCollector.render_large and collect)
+    over the published snapshot, at both detail levels, with kernel counters for every frontend (the
     maps' reads stubbed: the readers' walk of the snapshot is what is timed). Median of 5."""
     from types import SimpleNamespace
 
@@ -142,13 +142,21 @@ def scrape(core) -> None:
         def items(self, name):
             return iter(())
 
-    agent = SimpleNamespace(maps=Counters(), snapshot=core.snapshot, core=core)
+        def counters(self):
+            return {}
+
+        def count(self, name):
+            return 0
+
+    agent = SimpleNamespace(maps=Counters(), snapshot=core.snapshot, core=core,
+                            sizes=m.MapSizes())
     for detail in (metrics.DETAIL_SERVICE, metrics.DETAIL_BACKEND):
         collector = metrics.DatapathCollector(agent, detail)
         times = []
         for _ in range(5):
             start = time.process_time()
             size = len(collector.render_large())
+            list(collector.collect())  # the families with the map entries counted
             times.append(time.process_time() - start)
         print(f"N={len(ids)}: scrape ({detail} detail) {sorted(times)[2] * 1000:.0f} ms CPU, "
               f"{size} bytes")

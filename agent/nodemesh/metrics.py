@@ -109,14 +109,13 @@ class DatapathCollector(Collector):
                                 "backoff; see nodemesh services)", value=snap.failing)
         entries = {"services": 0, "backends": 0, "maglev": 0}
         maglev_rows = 0
-        for view in snap.frontends.values():
-            p = view.programmed
-            if p is not None:
-                entries["services"] += 1 + p.slot_count
-                entries["backends"] += len(p.backend_ids)
-                if p.maglev_rows:
-                    entries["maglev"] += 1
-                    maglev_rows += p.maglev_rows
+        for p in snap.frontends.programmed_states():  # (no view built)
+            entries["services"] += 1 + p.slot_count
+            # not len(backend_ids): a PlainFrontend's would choose its backends again
+            entries["backends"] += p.backend_count
+            if p.maglev_rows:
+                entries["maglev"] += 1
+                maglev_rows += p.maglev_rows
         yield GaugeMetricFamily("nodemesh_maglev_rows",
                                 "Rows of the Maglev tables in use (4 bytes each in the kernel, "
                                 "and as much again for each table's spare)", value=maglev_rows)

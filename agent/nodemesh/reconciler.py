@@ -519,8 +519,15 @@ class ProgrammedFrontend:
         return ids  # type: ignore[no-any-return]
 
     @property
+    def backend_count(self) -> int:
+        """len(backend_ids), without making them."""
+        ids = self.ids
+        return len(ids) >> 2 if type(ids) is bytes else len(ids)
+
+    @property
     def slot_count(self) -> int:
-        return len(self.packed_slots) >> 2 if self.count < 0 else self.count
+        r = self._rest
+        return len(self.packed_slots) >> 2 if r is None or r[4] < 0 else r[4]
 
 
 _set_p_key = getattr(ProgrammedFrontend, "key").__set__

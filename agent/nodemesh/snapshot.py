@@ -230,6 +230,16 @@ class FrontendViews(Shards[FrontendKey, Any]):
                 yield convert(stored) if type(stored) is programmed else stored
 
 
+    def programmed_states(self) -> Iterator[ProgrammedFrontend]:
+        """Every frontend's ProgrammedFrontend (desired or not), without building views."""
+        programmed = ProgrammedFrontend
+        for d in self.dicts():
+            for stored in d.values():
+                if type(stored) is programmed:
+                    yield stored
+                elif stored.programmed is not None:
+                    yield stored.programmed
+
     def programmed(self) -> Iterator[Tuple[ProgrammedFrontend, Desired]]:
         """(programmed, desired) of every frontend that has both, without building views:
         for the scrape, which reads 100,000 of them."""
