@@ -2,7 +2,7 @@
 """CPU of a one-service change round at N services, in-process: no kernel, no source.
 
     PYTHONPATH=agent:tests .venv/bin/python bench/core_round.py 100000 300 [--drop-entries]
-        [--profile] [--cold]
+        [--profile] [--cold] [--scrape]
 
 Builds N services (3 backends each, one TCP port) in the agent's Core and Reconciler over
 tests/fakemaps.py, runs the first round (all N in one round, with the agent's collector
@@ -17,9 +17,10 @@ bpf(2) syscalls. --cold also times rounds that each start with the CPU caches ev
 64 MiB buffer written between them, untimed), as a lone change meets them in the agent.
 --drop-entries keeps no services/backends entries in the in-memory map
 (the kernel holds them, not the agent's heap), for the first round's peak RSS. --profile
-adds a cProfile (CPU clock) of a third pass. For a side-by-side, run this script with
-PYTHONPATH at a `git archive` of another commit's agent (and this checkout's tests), and
-alternate.
+adds a cProfile (CPU clock) of a third pass. --scrape times the per-frontend scrape
+(render_large and collect) over the first round's snapshot at both detail levels. For a
+side-by-side, run this script with PYTHONPATH at a `git archive` of another commit's agent
+(and this checkout's tests), and alternate.
 """
 import cProfile
 import gc
@@ -108,6 +109,8 @@ def main() -> None:
         generation[0] += changes
         return (time.process_time() - start) / changes
 
+    if "--scrape" in sys.argv:
+        scrape(core)
     print(f"N={n}: {rounds() * 1000:.3f} ms CPU a round (warm-up)")
     print(f"N={n}: {rounds() * 1000:.3f} ms CPU a round")
     if "--cold" in sys.argv:
@@ -119,6 +122,44 @@ def main() -> None:
         rounds()
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
+def scrape(core) -> None:
+    """CPU of the per-frontend scrape (metrics.DatapathCollector.render_large and collect)
+    over the published snapshot, at both detail levels, with kernel counters for every frontend (the
+    maps' reads stubbed: the readers' walk of the snapshot is what is timed). Median of 5."""
+    from types import SimpleNamespace
+
+    from nodemesh import metrics
+
+    ids = [v.programmed.svc_id for v in core.snapshot.frontends.values()]
+    svc_stats = {i: {"connections": 7, "no_backend": 0, "proxy_redirects": 0} for i in ids}
+
+    class Counters:
+        def percpu_sums(self, name):
+            return svc_stats if name == "svc_stats" else {}
+
+        def items(self, name):
+            return iter(())
+
+        def counters(self):
+            return {}
+
+        def count(self, name):
+            return 0
+
+    agent = SimpleNamespace(maps=Counters(), snapshot=core.snapshot, core=core,
+                            sizes=m.MapSizes())
+    for detail in (metrics.DETAIL_SERVICE, metrics.DETAIL_BACKEND):
+        collector = metrics.DatapathCollector(agent, detail)
+        times = []
+        for _ in range(5):
+            start = time.process_time()
+            size = len(collector.render_large())
+            list(collector.collect())  # the families with the map entries counted
+            times.append(time.process_time() - start)
+        print(f"N={len(ids)}: scrape ({detail} detail) {sorted(times)[2] * 1000:.0f} ms CPU, "
+              f"{size} bytes")
 
 
 def cold_rounds(core, service, n: int, generation: list, changes: int) -> float:

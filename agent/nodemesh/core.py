@@ -24,6 +24,7 @@ from .reconciler import (
     DONE_STATUS,
     ERROR,
     FrontendKey,
+    ProgrammedFrontend,
     Reconciler,
     RoundResult,
     service_frontends,
@@ -300,7 +301,9 @@ class Core:
 
     def _publish(self, result: RoundResult, listed_only: bool = False) -> None:
         rec = self.reconciler
-        views: Dict[FrontendKey, Optional[FrontendView]] = {}
+        # What the snapshot stores (snapshot.stored_view): a done frontend written from what
+        # it still wants is its ProgrammedFrontend; the view is built when a reader asks.
+        views: Dict[FrontendKey, Union[FrontendView, ProgrammedFrontend, None]] = {}
         # A round of the first sync publishes what it touched; the frontends still pending
         # (adopted, not listed yet: up to all of them) wait for the full round.
         desired, programmed = rec.desired, rec.programmed
@@ -317,7 +320,13 @@ class Core:
                 views[fk] = None
                 failing.discard(fk)
                 continue
-            views[fk] = view(fk, desired.get(fk), p, st)
+            d = desired.get(fk)
+            if st is done and p is not None and d is not None and p.desired is d:
+                views[fk] = p
+                if failing:
+                    failing.discard(fk)
+                continue
+            views[fk] = view(fk, d, p, st)
             if st.state == ERROR:
                 failing.add(fk)
             elif failing:

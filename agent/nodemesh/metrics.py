@@ -32,6 +32,7 @@ from prometheus_client.utils import floatToGoString
 
 from . import __version__, serving
 from .datapath import maps as m
+from .reconciler import PlainFrontend
 from .snapshot import Snapshot, label_value
 
 if TYPE_CHECKING:
@@ -108,14 +109,13 @@ class DatapathCollector(Collector):
                                 "backoff; see nodemesh services)", value=snap.failing)
         entries = {"services": 0, "backends": 0, "maglev": 0}
         maglev_rows = 0
-        for view in snap.frontends.values():
-            p = view.programmed
-            if p is not None:
-                entries["services"] += 1 + p.slot_count
-                entries["backends"] += len(p.backend_ids)
-                if p.maglev_rows:
-                    entries["maglev"] += 1
-                    maglev_rows += p.maglev_rows
+        for p in snap.frontends.programmed_states():  # (no view built)
+            entries["services"] += 1 + p.slot_count
+            # not len(backend_ids): a PlainFrontend's would choose its backends again
+            entries["backends"] += p.backend_count
+            if p.maglev_rows:
+                entries["maglev"] += 1
+                maglev_rows += p.maglev_rows
         yield GaugeMetricFamily("nodemesh_maglev_rows",
                                 "Rows of the Maglev tables in use (4 bytes each in the kernel, "
                                 "and as much again for each table's spare)", value=maglev_rows)
@@ -163,11 +163,20 @@ class DatapathCollector(Collector):
         be_active: Dict[str, int] = {}
         over: Dict[str, int] = {}
         redirects: Dict[str, int] = {}  # per service (namespace, service), as documented
-        for view in snap.frontends.values():
-            p = view.programmed
-            if p is None or view.desired is None:
-                continue  # not in the kernel yet, or adopted but not desired
-            labels = view.labels  # formatted here: the snapshot keeps no label strings
+        plain = PlainFrontend
+        # Frontends in the kernel and desired (not those being written for the first time or
+        # adopted and not desired), read from the snapshot without building their views.
+        for p, d in snap.frontends.programmed():
+            if type(d) is plain:
+                svc = d.svc
+                namespace, name = svc.namespace, svc.name
+            else:
+                namespace, name = d.namespace, d.service
+            # formatted here: the snapshot keeps no label strings
+            service_labels = f'namespace="{label_value(namespace)}",' \
+                             f'service="{label_value(name)}"'
+            key = p.key
+            labels = f'{service_labels},port="{key.port}",protocol="{key.protocol}"'
             st = svc_stats.get(p.svc_id)  # the datapath creates it on first use
             if st is None:
                 conns.setdefault(labels, 0)
@@ -179,10 +188,9 @@ class DatapathCollector(Collector):
                 over[labels] = over.get(labels, 0) + \
                     overflows.get(p.svc_id, {}).get("value", 0)
             if st is not None and st["proxy_redirects"]:
-                redirects[view.service_labels] = redirects.get(view.service_labels, 0) \
+                redirects[service_labels] = redirects.get(service_labels, 0) \
                     + st["proxy_redirects"]
             if per_backend:
-                service_labels = view.service_labels
                 for (address, port), ident in p.backend_ids.items():
                     bl = f'{service_labels},backend="{backend_label(address, port)}"'
                     be_conns[bl] = be_conns.get(bl, 0) + \

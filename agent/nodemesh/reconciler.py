@@ -55,6 +55,7 @@ from typing import (
     Set,
     Tuple,
     TypeVar,
+    Union,
 )
 
 from . import maglev, selection
@@ -170,9 +171,179 @@ class DesiredFrontend:
         flat = self.flat_backends
         return tuple(zip(flat[0::3], flat[1::3], flat[2::3]))
 
+    def fields(self) -> Tuple[Any, ...]:
+        """Every field, in order (what equality compares)."""
+        return (self.key, self.namespace, self.service, self.port_name, self.algorithm,
+                self.flat_backends, self.selection, self.all_backends, self.affinity_timeout,
+                self.terminate_tcp, self.maglev_table_size, self.flags, self.limits,
+                self.proxy_port)
 
-@fast_init
-@dataclass(frozen=True, slots=True)
+
+class PlainFrontend:
+    """The desired state of a plain service's one frontend (_plain_service: one VIP, one
+    port, no external frontends, no Maglev, at most COMPACT_IDS backends of weight 0 or 1 at
+    distinct addresses: every Kubernetes ClusterIP service of a usual size), kept as what it
+    is a function of: the service and the selection context of the round that handed it
+    over. Its backends are chosen again when read (the first write, a change, a reader of
+    the backends). A DesiredFrontend and its flat tuple were about 256 bytes a frontend
+    (24 MiB at 100,000); this is 56. Reads as a DesiredFrontend, and compares equal to the
+    DesiredFrontend with the same fields; `full()` makes that one."""
+
+    __slots__ = ("key", "svc", "ctx")
+    key: FrontendKey
+    svc: Service
+    ctx: selection.Context
+    maglev_table_size = 0
+    flags = 0
+
+    def __init__(self, key: FrontendKey, svc: Service,
+                 ctx: selection.Context = selection.NO_CONTEXT):
+        self.key, self.svc, self.ctx = key, svc, ctx
+
+    def chosen(self) -> Tuple[Tuple[Any, ...], str]:
+        """(flat backends, why): what service_frontends puts in a DesiredFrontend."""
+        # A change reads its old and new frontend's backends several times (compare, plan,
+        # count references): the last few choices are kept. A tuple replaced whole, so a
+        # reader's thread sees one or the other, never a half-made one.
+        recent = _recent_choices[0]
+        for d, got in recent:
+            if d is self:
+                return got
+        got = self._choose()
+        _recent_choices[0] = ((self, got),) + recent[:3]
+        return got
+
+    def _choose(self) -> Tuple[Tuple[Any, ...], str]:
+        svc = self.svc
+        chosen, why = selection.eligible(svc.backends, svc, self.ctx)
+        sp = svc.ports[0]
+        target = sp.target_port
+        v6 = self.key.family == m.FAMILY_V6
+        flat: List[Any] = []
+        for b in chosen:
+            address = b.address
+            if (":" in address) == v6:
+                flat += (address, b.target_port(sp) if b.ports else target, b.weight)
+        return tuple(flat), why
+
+    @property
+    def flat_backends(self) -> Tuple[Any, ...]:
+        return self.chosen()[0]
+
+    @property
+    def selection(self) -> str:
+        return self.chosen()[1]
+
+    @property
+    def backends(self) -> Tuple[Tuple[str, int, int], ...]:
+        flat = self.flat_backends
+        return tuple(zip(flat[0::3], flat[1::3], flat[2::3]))
+
+    @property
+    def namespace(self) -> str:
+        return self.svc.namespace
+
+    @property
+    def service(self) -> str:
+        return self.svc.name
+
+    @property
+    def port_name(self) -> str:
+        sp = self.svc.ports[0]
+        return sp.name or str(sp.port)
+
+    @property
+    def algorithm(self) -> str:
+        return self.svc.algorithm
+
+    @property
+    def all_backends(self) -> int:
+        return len(self.svc.backends)
+
+    @property
+    def affinity_timeout(self) -> int:
+        sa = self.svc.session_affinity
+        return sa.timeout_seconds if sa else 0
+
+    @property
+    def terminate_tcp(self) -> bool:
+        return self.svc.terminate_connections_on_removal
+
+    @property
+    def limits(self) -> Tuple[int, int]:
+        cl = self.svc.connection_limits
+        return (cl.max_connections_per_backend, cl.max_connections) if cl else _NO_LIMITS
+
+    @property
+    def proxy_port(self) -> Optional[int]:
+        return self.svc.proxy_port if self.key.protocol == "TCP" else None
+
+    def fields(self) -> Tuple[Any, ...]:
+        flat, why = self.chosen()
+        return (self.key, self.namespace, self.service, self.port_name, self.algorithm, flat,
+                why, self.all_backends, self.affinity_timeout, self.terminate_tcp, 0, 0,
+                self.limits, self.proxy_port)
+
+    def full(self) -> DesiredFrontend:
+        """The same desired state, materialised."""
+        return DesiredFrontend(*self.fields())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is PlainFrontend:
+            if self.svc is other.svc and self.key == other.key and \
+                    (self.ctx is other.ctx or self.ctx == other.ctx):
+                return True  # the same function of the same arguments
+            return self.fields() == other.fields()
+        if isinstance(other, DesiredFrontend):
+            return self.fields() == other.fields()
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self) -> int:
+        return hash(self.fields())
+
+    def __repr__(self) -> str:
+        return f"Plain{self.full()!r}"
+
+
+Desired = Union[DesiredFrontend, PlainFrontend]
+_recent_choices: List[Tuple[Tuple[PlainFrontend, Tuple[Tuple[Any, ...], str]], ...]] = [()]
+
+
+def _new_plain(key: FrontendKey, svc: Service, ctx: selection.Context) -> PlainFrontend:
+    p = _new_object(PlainFrontend)
+    _set_plain_key(p, key)
+    _set_plain_svc(p, svc)
+    _set_plain_ctx(p, ctx)
+    return p
+
+
+_new_object = object.__new__
+_set_plain_key = getattr(PlainFrontend, "key").__set__
+_set_plain_svc = getattr(PlainFrontend, "svc").__set__
+_set_plain_ctx = getattr(PlainFrontend, "ctx").__set__
+
+
+def _plain_service(svc: Service) -> bool:
+    """A service whose one frontend a PlainFrontend describes (see there); whichever of its
+    backends selection then allows, the frontend is _is_plain."""
+    ports = svc.ports
+    if len(ports) != 1 or svc.extra_vips or svc.external_ips or svc.load_balancer_ips or \
+            ports[0].node_port or svc.algorithm == "maglev":
+        return False
+    backends = svc.backends
+    n = len(backends)
+    if n > COMPACT_IDS:
+        return False
+    for b in backends:
+        if b.weight > 1:
+            return False
+    return n < 2 or len({b.address for b in backends}) == n
+
+
 class ProgrammedFrontend:
     """What the kernel holds for a frontend. Never changed in place: readers hold these.
 
@@ -181,31 +352,139 @@ class ProgrammedFrontend:
     endpoint twice and at most COMPACT_IDS backends (nearly all), the id of each of
     desired's backends in desired's order (u32s); otherwise (adopted, large) a Mapping.
     `slots` and `backend_ids` give them unpacked. At 100,000 frontends of 3 backends the
-    tuples, the BackendIds and the 300,000 id ints were about 20 MiB of the heap."""
+    tuples, the BackendIds and the 300,000 id ints were about 20 MiB of the heap.
 
+    The fields after `desired` (and bank, algorithm, revision) are, for nearly every frontend,
+    what a first write from `desired` gives them (bank 0, revision 1, not damaged, its
+    algorithm, affinity, flags, limits and proxy port, no Maglev table): such a frontend
+    stores none of them (`_rest` None) and reads them from `desired`. Fifteen slots were
+    152 bytes a frontend; six are 80 (7 MiB less at 100,000)."""
+
+    __slots__ = ("key", "svc_id", "packed_slots", "ids", "desired", "_rest")
     key: FrontendKey
     svc_id: int
-    bank: int
-    algorithm: str
-    revision: int
     packed_slots: bytes                    # backend id per slot (a tuple is packed)
     ids: Any                               # u32 per desired backend, or a Mapping (above)
-    desired: Optional[DesiredFrontend] = None
-    damaged: bool = False                  # kernel state disagrees; rewrite on next round
-    count: int = -1                        # slots in the kernel's active bank (-1: len(slots))
-    affinity_timeout: int = 0
-    maglev_rows: int = 0                   # size of its Maglev table in the kernel; 0: none
-    flags: int = 0
-    limits: Tuple[int, int] = (0, 0)
-    proxy_port: Optional[int] = None
+    desired: Optional["Desired"]
+    # (bank, algorithm, revision, damaged, count, affinity_timeout, maglev_rows, flags,
+    # limits, proxy_port), or None: those of a first write from `desired`
+    _rest: Optional[Tuple[Any, ...]]
 
-    def __post_init__(self) -> None:
+    def __init__(self, key: FrontendKey, svc_id: int, bank: int, algorithm: str,
+                 revision: int, packed_slots: Any, ids: Any,
+                 desired: Optional["Desired"] = None, damaged: bool = False, count: int = -1,
+                 affinity_timeout: int = 0, maglev_rows: int = 0, flags: int = 0,
+                 limits: Tuple[int, int] = (0, 0), proxy_port: Optional[int] = None):
         # Packed ids must have the desired frontend they follow (their count is its
         # backends'): _plan and _with_desired make them so; not checked here, on the hot path.
-        if type(self.packed_slots) is not bytes:  # tests give a sequence
-            _set_packed_slots(self, pack_ids(self.packed_slots))
-        if type(self.ids) is dict:
-            _set_ids(self, backend_id_map(self.ids))
+        if type(packed_slots) is not bytes:  # tests give a sequence
+            packed_slots = pack_ids(packed_slots)
+        if type(ids) is dict:
+            ids = backend_id_map(ids)
+        rest: Optional[Tuple[Any, ...]] = (bank, algorithm, revision, damaged, count,
+                                           affinity_timeout, maglev_rows, flags, limits,
+                                           proxy_port)
+        if desired is not None and rest == _first_write(desired):
+            rest = None
+        _set_p_key(self, key)
+        _set_p_svc_id(self, svc_id)
+        _set_packed_slots(self, packed_slots)
+        _set_ids(self, ids)
+        _set_p_desired(self, desired)
+        _set_p_rest(self, rest)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    @property
+    def bank(self) -> int:
+        r = self._rest
+        return 0 if r is None else r[0]
+
+    @property
+    def algorithm(self) -> str:
+        r = self._rest
+        if r is None:
+            assert self.desired is not None
+            return self.desired.algorithm
+        return r[1]  # type: ignore[no-any-return]
+
+    @property
+    def revision(self) -> int:
+        r = self._rest
+        return 1 if r is None else r[2]
+
+    @property
+    def damaged(self) -> bool:
+        r = self._rest
+        return False if r is None else r[3]
+
+    @property
+    def count(self) -> int:
+        r = self._rest
+        return -1 if r is None else r[4]
+
+    @property
+    def affinity_timeout(self) -> int:
+        r = self._rest
+        if r is None:
+            assert self.desired is not None
+            return self.desired.affinity_timeout
+        return r[5]  # type: ignore[no-any-return]
+
+    @property
+    def maglev_rows(self) -> int:
+        r = self._rest
+        return 0 if r is None else r[6]
+
+    @property
+    def flags(self) -> int:
+        r = self._rest
+        if r is None:
+            assert self.desired is not None
+            return self.desired.flags
+        return r[7]  # type: ignore[no-any-return]
+
+    @property
+    def limits(self) -> Tuple[int, int]:
+        r = self._rest
+        if r is None:
+            assert self.desired is not None
+            return self.desired.limits
+        return r[8]  # type: ignore[no-any-return]
+
+    @property
+    def proxy_port(self) -> Optional[int]:
+        r = self._rest
+        if r is None:
+            assert self.desired is not None
+            return self.desired.proxy_port
+        return r[9]  # type: ignore[no-any-return]
+
+    def fields(self) -> Dict[str, Any]:
+        """Every field by name, as the constructor takes them."""
+        return {"key": self.key, "svc_id": self.svc_id, "bank": self.bank,
+                "algorithm": self.algorithm, "revision": self.revision,
+                "packed_slots": self.packed_slots, "ids": self.ids, "desired": self.desired,
+                "damaged": self.damaged, "count": self.count,
+                "affinity_timeout": self.affinity_timeout, "maglev_rows": self.maglev_rows,
+                "flags": self.flags, "limits": self.limits, "proxy_port": self.proxy_port}
+
+    def replace(self, **changes: Any) -> "ProgrammedFrontend":
+        """A copy with these fields changed (dataclasses.replace's)."""
+        return ProgrammedFrontend(**{**self.fields(), **changes})
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not ProgrammedFrontend:
+            return NotImplemented
+        return self is other or tuple(self.fields().values()) == tuple(other.fields().values())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.fields().values()))
+
+    def __repr__(self) -> str:
+        return "ProgrammedFrontend(" + ", ".join(f"{k}={v!r}" for k, v in
+                                                 self.fields().items()) + ")"
 
     @property
     def slots(self) -> Tuple[int, ...]:
@@ -240,12 +519,43 @@ class ProgrammedFrontend:
         return ids  # type: ignore[no-any-return]
 
     @property
+    def backend_count(self) -> int:
+        """len(backend_ids), without making them."""
+        ids = self.ids
+        return len(ids) >> 2 if type(ids) is bytes else len(ids)
+
+    @property
     def slot_count(self) -> int:
-        return len(self.packed_slots) >> 2 if self.count < 0 else self.count
+        r = self._rest
+        return len(self.packed_slots) >> 2 if r is None or r[4] < 0 else r[4]
 
 
+_set_p_key = getattr(ProgrammedFrontend, "key").__set__
+_set_p_svc_id = getattr(ProgrammedFrontend, "svc_id").__set__
 _set_packed_slots = getattr(ProgrammedFrontend, "packed_slots").__set__
 _set_ids = getattr(ProgrammedFrontend, "ids").__set__
+_set_p_desired = getattr(ProgrammedFrontend, "desired").__set__
+_set_p_rest = getattr(ProgrammedFrontend, "_rest").__set__
+
+
+def _first_write(d: "Desired") -> Tuple[Any, ...]:
+    """The fields after `desired` that a first write from d gives (ProgrammedFrontend._rest)."""
+    return (0, d.algorithm, 1, False, -1, d.affinity_timeout, 0, d.flags, d.limits,
+            d.proxy_port)
+
+
+def _new_first_write(key: FrontendKey, svc_id: int, packed_slots: bytes, ids: Any,
+                     desired: "Desired") -> ProgrammedFrontend:
+    """A ProgrammedFrontend first written from `desired`, as its constructor would make it,
+    without the comparison (the bulk path's 100,000 of a first sync)."""
+    p: ProgrammedFrontend = _new_object(ProgrammedFrontend)
+    _set_p_key(p, key)
+    _set_p_svc_id(p, svc_id)
+    _set_packed_slots(p, packed_slots)
+    _set_ids(p, ids)
+    _set_p_desired(p, desired)
+    _set_p_rest(p, None)
+    return p
 
 
 _U32S = [struct.Struct(f"{n}I") for n in range(65)]
@@ -279,7 +589,6 @@ def raw_constructor(cls: type) -> Callable[..., Any]:
     return namespace["make"]  # type: ignore[no-any-return]
 
 
-_new_programmed = raw_constructor(ProgrammedFrontend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,9 +947,16 @@ class RoundResult:
 
 
 def service_frontends(svc: Service, ctx: selection.Context = selection.NO_CONTEXT
-                      ) -> Dict[FrontendKey, DesiredFrontend]:
+                      ) -> Dict[FrontendKey, Desired]:
     """The frontends one service wants, with the backends selection allows now."""
-    out: Dict[FrontendKey, DesiredFrontend] = {}
+    if _plain_service(svc):
+        # Its desired state is a function of (svc, ctx): kept as that, not materialised.
+        sp = svc.ports[0]
+        vip = svc.vip
+        key = _new_key(FrontendKey, (m.FAMILY_V6 if ":" in vip else m.FAMILY_V4, vip,
+                                     sp.port, sp.protocol))
+        return {key: _new_plain(key, svc, ctx)}
+    out: Dict[FrontendKey, Desired] = {}
     chosen, why = selection.eligible(svc.backends, svc, ctx)
     affinity = svc.session_affinity.timeout_seconds if svc.session_affinity else 0
     cl = svc.connection_limits
@@ -707,8 +1023,8 @@ def external_frontends(svc: Service, ctx: selection.Context, affinity: int
 
 def desired_frontends(services: Sequence[Service],
                       ctx: selection.Context = selection.NO_CONTEXT
-                      ) -> Dict[FrontendKey, DesiredFrontend]:
-    out: Dict[FrontendKey, DesiredFrontend] = {}
+                      ) -> Dict[FrontendKey, Desired]:
+    out: Dict[FrontendKey, Desired] = {}
     for svc in services:
         out.update(service_frontends(svc, ctx))
     return out
@@ -742,7 +1058,7 @@ class Reconciler:
         self.sizes = sizes
         self.clock = clock
         self.programmed: Dict[FrontendKey, ProgrammedFrontend] = {}
-        self.desired: Dict[FrontendKey, DesiredFrontend] = {}
+        self.desired: Dict[FrontendKey, Desired] = {}
         self.status = StatusTable(self.programmed)
         self.pending: Set[FrontendKey] = set()
         # A service's frontends: the FrontendKey itself when it has one (most have), a tuple
@@ -768,7 +1084,7 @@ class Reconciler:
         return self.maps.items(name)
 
     # -- desired state (the core loop) ----------------------------------------------------
-    def set_service(self, key: ServiceKey, frontends: Dict[FrontendKey, DesiredFrontend],
+    def set_service(self, key: ServiceKey, frontends: Mapping[FrontendKey, Desired],
                     watched: FrozenSet[Endpoint] = frozenset()) -> List[str]:
         """What one service wants now. Marks changed frontends pending; writes nothing.
         Returns conflicts: frontends another service already owns are not taken over."""
@@ -953,7 +1269,7 @@ class Reconciler:
                    k in self.programmed]
         self._delete(deletes, failed, result)
         changes: List[_Change] = []
-        fresh: List[DesiredFrontend] = []  # nothing programmed or adopted: see _add_fresh
+        fresh: List[Desired] = []  # nothing programmed or adopted: see _add_fresh
         desired, programmed = self.desired, self.programmed
         for k in due:
             d = desired.get(k)
@@ -1025,7 +1341,7 @@ class Reconciler:
         self._log(result, failed)
         return result
 
-    def _add_fresh(self, fresh: List[DesiredFrontend], failed: Dict[FrontendKey, str],
+    def _add_fresh(self, fresh: List[Desired], failed: Dict[FrontendKey, str],
                    result: RoundResult) -> List[FrontendKey]:
         """Write frontends that have nothing in the kernel (no programmed or adopted state)
         and are plain (_is_plain): what _plan and _write do for them, packed straight from
@@ -1038,9 +1354,10 @@ class Reconciler:
             svc_ids = self.svc_ids.allocate_many(len(fresh))
         except CapacityError:  # each fails (or not) on its own, as _plan says why
             return self._add_one_by_one(fresh, failed, result)
+        # A PlainFrontend chooses its backends when asked: once here for the whole chunk.
+        flats = [d.flat_backends for d in fresh]
         try:
-            be_ids = self.backend_ids.allocate_many(
-                sum(len(d.flat_backends) for d in fresh) // 3)
+            be_ids = self.backend_ids.allocate_many(sum(map(len, flats)) // 3)
         except CapacityError:
             for i in reversed(svc_ids):
                 self.svc_ids.unallocate(i)
@@ -1062,18 +1379,16 @@ class Reconciler:
         master_tail, slot_keys_of, slot_values_of = \
             m.pack_master_key(b""), m.pack_slot_keys_joined, m.pack_slot_values_joined
         new_frontend, algorithm_ids, svc_f_affinity, svc_f_proxy_off = \
-            _new_programmed, m.ALGORITHM_IDS, m.SVC_F_AFFINITY, m.SVC_F_PROXY_OFF
+            _new_first_write, m.ALGORITHM_IDS, m.SVC_F_AFFINITY, m.SVC_F_PROXY_OFF
         at = 0
-        for d, svc_id in zip(fresh, svc_ids):
+        for d, svc_id, flat in zip(fresh, svc_ids, flats):
             key = d.key
-            flat = d.flat_backends
             n = len(flat) // 3
             ids = be_ids[at:at + n]
             at += n
             packed = _U32S[n].pack(*ids)  # equal weights: the slots are the backends, in order
             affinity, proxy, limits = d.affinity_timeout, d.proxy_port, d.limits
-            news.append(new_frontend(key, svc_id, 0, d.algorithm, 1, packed, packed, d, False,
-                                     -1, affinity, 0, d.flags, limits, proxy))
+            news.append(new_frontend(key, svc_id, packed, packed, d))
             family, vip, port, protocol = key
             proto = proto_ids[protocol]
             prefix = (pton(af4, vip) + v4_rest if family == v4 else pton(af6, vip)) + \
@@ -1102,11 +1417,10 @@ class Reconciler:
             b"".join(master_keys), b"".join(master_values)), failed, result, tables=False)
         programmed = self.programmed
         refs, shared, count = self._endpoint_refs, self._ref_ints.get, self._count_endpoint
-        for p in news[:done]:
+        for p, flat in zip(news[:done], flats):
             programmed[p.key] = p
             # _refer(+1) inline
             proto = proto_ids[p.key.protocol]
-            flat = p.desired.flat_backends  # type: ignore[union-attr]
             for i in range(0, len(flat), 3):
                 address = flat[i]
                 port_proto = (flat[i + 1] << 8) | proto
@@ -1119,7 +1433,7 @@ class Reconciler:
         result.added += done
         return [p.key for p in news[:done]]
 
-    def _add_one_by_one(self, fresh: List[DesiredFrontend], failed: Dict[FrontendKey, str],
+    def _add_one_by_one(self, fresh: List[Desired], failed: Dict[FrontendKey, str],
                         result: RoundResult) -> List[FrontendKey]:
         """_add_fresh's frontends through _plan and _write (ids short: each says why)."""
         changes = []
@@ -1171,7 +1485,7 @@ class Reconciler:
 
     def _refer(self, fk: FrontendKey, backend_ids: Iterable[Tuple[str, int]], step: int,
                result: Optional[RoundResult] = None,
-               desired: Optional[DesiredFrontend] = None) -> None:
+               desired: Optional[Desired] = None) -> None:
         """Count frontends per (address, port, protocol); one that reaches 0 is reported as
         removed, so sockets still connected to it can be ended."""
         proto = m.PROTO_IDS[fk.protocol]
@@ -1237,7 +1551,7 @@ class Reconciler:
             ints[value] = value
         return value
 
-    def _plan(self, d: DesiredFrontend, old: Optional[ProgrammedFrontend]) -> Optional[_Change]:
+    def _plan(self, d: Desired, old: Optional[ProgrammedFrontend]) -> Optional[_Change]:
         if old is not None and not old.damaged and old.desired == d:
             return None  # unchanged since it was last written: nothing to do
         ids: Dict[Tuple[str, int], int] = {}
@@ -1582,11 +1896,11 @@ class Reconciler:
             if got != (p.svc_id, p.slot_count, p.bank):
                 drift.append(f"{fk}: kernel has {got}, expected "
                              f"{(p.svc_id, p.slot_count, p.bank)}")
-                self.programmed[fk] = replace(p, damaged=True)
+                self.programmed[fk] = p.replace(damaged=True)
                 self._mark(fk)
             elif p.maglev_rows and self.tables.size(p.svc_id) != p.maglev_rows:
                 drift.append(f"{fk}: its Maglev table is missing or of another size")
-                self.programmed[fk] = replace(p, damaged=True)
+                self.programmed[fk] = p.replace(damaged=True)
                 self._mark(fk)
         unknown = [_svc_key(ident, 0) for ident in kernel]
         if unknown:
@@ -1614,7 +1928,7 @@ class Reconciler:
         return self.reconcile(force=True)
 
 
-def _with_desired(old: ProgrammedFrontend, d: DesiredFrontend) -> ProgrammedFrontend:
+def _with_desired(old: ProgrammedFrontend, d: Desired) -> ProgrammedFrontend:
     """`old` as written, now wanted as `d` (which needed no write; an adopted frontend's
     first round). Packed ids follow the desired backends' order: packed in d's order when d's
     backends are exactly old's, else kept as a Mapping (the ids it holds stay its own until
@@ -1628,7 +1942,7 @@ def _with_desired(old: ProgrammedFrontend, d: DesiredFrontend) -> ProgrammedFron
             ids = pack_ids([have[ep] for ep in endpoints])
         elif type(ids) is bytes:
             ids = BackendIds(iter(have.items()))
-    return replace(old, desired=d, ids=ids)
+    return old.replace(desired=d, ids=ids)
 
 
 def _proxy_port(master: m.SvcValue) -> Optional[int]:
@@ -1680,10 +1994,12 @@ def _master_value(p: ProgrammedFrontend) -> bytes:
 _ONES = tuple((1,) * n for n in range(COMPACT_IDS + 1))
 
 
-def _is_plain(d: DesiredFrontend) -> bool:
+def _is_plain(d: Desired) -> bool:
     """A frontend _add_fresh can write: no Maglev table, at most COMPACT_IDS backends, all of
     weight 1 (one slot each, in order, whatever the algorithm: selection.slots_for) and no
     endpoint twice. Kubernetes' frontends are all plain."""
+    if type(d) is PlainFrontend:
+        return True  # whichever backends it chooses (_plain_service)
     flat = d.flat_backends
     n = len(flat) // 3
     if n > COMPACT_IDS or d.maglev_table_size or flat[2::3] != _ONES[n]:

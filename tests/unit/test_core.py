@@ -221,7 +221,8 @@ def test_a_reader_keeps_the_snapshot_it_took_while_the_loop_moves_on():
     view = taken.frontends.get(fk(1))
     core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.2"), svc(2, "10.0.0.3")))))
     core.step(0)
-    assert taken.frontends.get(fk(1)) is view and taken.frontends.get(fk(2)) is None
+    # views are built at each read (snapshot.FrontendViews): the same view, not the same object
+    assert taken.frontends.get(fk(1)) == view and taken.frontends.get(fk(2)) is None
     assert len(taken.services) == 1 and len(core.snapshot.services) == 2
     assert core.snapshot.frontends.get(fk(1)).desired.backends == (("10.0.0.2", 8080, 1),)
     assert core.snapshot.generation > taken.generation
@@ -247,7 +248,7 @@ def test_the_svc_id_index_follows_every_round_and_a_released_id_names_nobody():
     core.step(0)
     snap = core.snapshot
     assert snap.by_svc_id.get(ids[2]) is None and len(snap.by_svc_id) == 2
-    assert snap.by_svc_id.get(ids[1]) is snap.frontends.get(fk(1))  # the new view, same id
+    assert snap.by_svc_id.get(ids[1]) == snap.frontends.get(fk(1))  # the new view, same id
     assert snap.by_svc_id.get(ids[1]).desired.backends == (("10.0.0.9", 8080, 1),)
     assert taken.by_svc_id.get(ids[2]).desired.service == "s2"  # a held snapshot keeps its own
 
@@ -381,3 +382,31 @@ def test_the_selection_context_is_reused_while_nothing_is_taken_out():
     assert taken.unhealthy == {("default", "s1", "10.0.0.1")}
     core.outlier.state.clear()
     assert core.selection_context() is first
+
+
+def test_a_done_frontend_is_stored_as_its_programmed_state_and_read_as_its_view():
+    # A FrontendView a frontend was 6 MiB at 100,000: the view of a done frontend is
+    # (key, p.desired, p, done), so the snapshot keeps p and builds the view when read.
+    from nodemesh.reconciler import DONE_STATUS, ERROR, ProgrammedFrontend
+    from nodemesh.snapshot import FrontendView
+
+    core, rec, maps = make()
+    synced(core, [svc(1, "10.0.0.1"), svc(2, "10.0.0.2")])
+    stored = [v for d in core.snapshot.frontends.dicts() for v in d.values()]
+    assert len(stored) == 2 and all(type(v) is ProgrammedFrontend for v in stored)
+    view = core.snapshot.frontends.get(fk(1))
+    assert type(view) is FrontendView and view.status is DONE_STATUS
+    assert view.programmed is rec.programmed[fk(1)] and view.desired is rec.desired[fk(1)]
+    assert core.snapshot.by_svc_id.get(view.programmed.svc_id) == view
+    assert sorted(v.key for v in core.snapshot.frontends.values()) == [fk(1), fk(2)]
+    # a frontend whose change failed is not what its programmed state says: a view, with
+    # the error, the old programmed state and the new desired one
+    maps.fail("update", "backends")
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.3"),))))
+    core.step(0)
+    failing = core.snapshot.frontends.get(fk(1))
+    assert failing.status.state == ERROR and "injected" in failing.status.error
+    assert failing.desired.backends == (("10.0.0.3", 8080, 1),)
+    assert failing.programmed.desired.backends == (("10.0.0.1", 8080, 1),)
+    assert core.snapshot.by_svc_id.get(failing.programmed.svc_id) == failing
+    assert type(core.snapshot.frontends.get(fk(2))) is FrontendView

@@ -8,7 +8,14 @@ from fakemaps import FakeMaps
 
 from nodemesh.datapath import maps as m
 from nodemesh.model import Backend, Service, ServicePort
-from nodemesh.reconciler import COMPACT_IDS, BackendIds, FrontendKey, Reconciler
+from nodemesh.reconciler import (
+    COMPACT_IDS,
+    BackendIds,
+    DesiredFrontend,
+    FrontendKey,
+    PlainFrontend,
+    Reconciler,
+)
 
 
 def deep_size(obj, stop=(str, int, type)):
@@ -94,16 +101,40 @@ def test_the_address_encoding_cache_stays_small_at_100000_addresses():
 
 def test_a_desired_frontend_keeps_its_backends_in_one_flat_tuple():
     rec = Reconciler(FakeMaps(), m.MapSizes())
-    rec.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])])
+    web = svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    # a weight of 2: not a plain service, its desired state is a DesiredFrontend
+    rec.apply([replace(web, backends=web.backends[:2] + (replace(web.backends[2], weight=2),))])
     key = FrontendKey(4, "10.96.0.1", 80, "TCP")
     d = rec.desired[key]
-    triples = (("10.0.0.1", 8080, 1), ("10.0.0.2", 8080, 1), ("10.0.0.3", 8080, 1))
+    assert type(d) is DesiredFrontend
+    triples = (("10.0.0.1", 8080, 1), ("10.0.0.2", 8080, 1), ("10.0.0.3", 8080, 2))
     assert d.backends == triples
     # built from triples it is the same frontend (what tests and readers construct)
     assert replace(d, flat_backends=triples) == d
     # one tuple of 9 (112 bytes) where 4 tuples took 256: about 14 MiB at 100,000 frontends
     own = deep_size(d) - deep_size(key)
     assert own <= 360, own  # 472 with a tuple per backend
+
+
+def test_a_plain_frontend_keeps_its_service_and_chooses_its_backends_when_read():
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    web = svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    rec.apply([web])
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    d = rec.desired[key]
+    assert type(d) is PlainFrontend and d.svc is web
+    assert d.backends == (("10.0.0.1", 8080, 1), ("10.0.0.2", 8080, 1), ("10.0.0.3", 8080, 1))
+    # it is the DesiredFrontend service_frontends made before, field for field
+    full = d.full()
+    assert type(full) is DesiredFrontend and full == d and d == full and not full != d
+    assert full.selection == d.selection == "ready" and full.all_backends == 3
+    # its own bytes: the object (its key, service and context are shared); a DesiredFrontend
+    # and its flat tuple were 256 bytes a frontend, 24 MiB at 100,000
+    assert set(map(id, gc.get_referents(d))) <= {id(d.key), id(web), id(d.ctx), id(PlainFrontend)}
+    assert sys.getsizeof(d) <= 56, sys.getsizeof(d)
+    # the programmed frontend's packed ids follow the backends it chooses
+    assert dict(rec.programmed[key].backend_ids.items()) == {
+        ("10.0.0.1", 8080): 1, ("10.0.0.2", 8080): 2, ("10.0.0.3", 8080): 3}
 
 
 def test_a_frontend_view_formats_its_labels_at_scrape_and_stores_none():
@@ -220,3 +251,22 @@ def test_a_new_desired_state_that_needs_no_write_keeps_the_packed_ids_right():
     assert maps.writes() == before and p.desired == rec.desired[key]
     assert type(p.ids) is bytes and dict(p.backend_ids.items()) == ids
     assert maps.serving(key) == sorted(ids)
+
+
+def test_a_first_written_frontend_stores_only_its_ids_and_reads_the_rest_from_desired():
+    from nodemesh.reconciler import ProgrammedFrontend
+
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    rec.apply([svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"])])
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    p = rec.programmed[key]
+    assert p._rest is None and sys.getsizeof(p) <= 80  # 15 slots were 152 bytes with GC's
+    assert (p.bank, p.algorithm, p.revision, p.damaged, p.count, p.maglev_rows, p.flags,
+            p.limits, p.proxy_port, p.affinity_timeout) == \
+        (0, "random", 1, False, -1, 0, 0, (0, 0), None, 0)
+    # the constructor makes the same record from every field, and keeps what differs
+    again = ProgrammedFrontend(**p.fields())
+    assert again == p and again._rest is None
+    damaged = p.replace(damaged=True)
+    assert damaged.damaged and damaged._rest is not None and damaged != p
+    assert damaged.replace(damaged=False) == p
