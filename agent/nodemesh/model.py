@@ -17,6 +17,21 @@ ALGORITHMS = ("random", "round_robin", "maglev", "least_connections")
 HEALTH_CHECK_TYPES = ("tcp", "http")
 
 
+@dataclass(frozen=True)
+class _BackendFields:
+    """Backend's fields: their names, order, defaults and types (dataclasses.fields(Backend),
+    dataclasses.replace(backend, ...) and asdict read them from here). Never built."""
+
+    address: str
+    weight: int = 1
+    node: Optional[str] = None
+    zone: Optional[str] = None
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    ports: Tuple[Tuple[str, int], ...] = ()
+
+
 class Backend:
     """One endpoint of a service.
 
@@ -28,10 +43,15 @@ class Backend:
     terminating=False, ports=()). It is not one: a cluster has hundreds of thousands, so it
     keeps four slots, not eight (64 bytes, not 96): node and zone as one shared pair, the
     weight and the three conditions as one small int (cached by Python: no object of its
-    own). `FIELDS` names the fields in constructor order; with_ports() is replace(ports=).
+    own). `FIELDS` names the fields in constructor order; with_ports() is replace(ports=),
+    cheaper; dataclasses.fields(), replace() and asdict() take a Backend as they take a
+    dataclass (the fields are _BackendFields').
     """
 
     __slots__ = ("address", "ports", "_where", "_state")
+    __dataclass_fields__: ClassVar[Dict[str, "Field[Any]"]] = \
+        _BackendFields.__dataclass_fields__
+    __dataclass_params__ = _BackendFields.__dataclass_params__  # type: ignore[attr-defined]
     FIELDS = ("address", "weight", "node", "zone", "ready", "serving", "terminating", "ports")
 
     address: str

@@ -529,6 +529,11 @@ def test_a_backend_is_four_slots_and_keeps_its_fields_meaning():
     assert backend.with_ports(()) == Backend("10.244.0.5", 3, "node-a", "zone-a", False, True,
                                              True)
     assert Backend("10.244.0.5", node="node-a", zone="zone-a")._where is backend._where
+    # the dataclass functions take it as they took the dataclass it was
+    assert [f.name for f in dataclasses.fields(backend)] == list(Backend.FIELDS)
+    assert dataclasses.replace(backend, weight=2) == Backend(
+        "10.244.0.5", 2, "node-a", "zone-a", False, True, True, (("http", 8080),))
+    assert dataclasses.asdict(Backend("10.244.0.5"))["serving"] is True
     with pytest.raises(dataclasses.FrozenInstanceError):
         backend.weight = 2  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
