@@ -24,7 +24,10 @@ switch lands on the new set, with no sampling delay. Measured:
                  requests over a 100,000-service start took the agent's GIL); "datapath" is the
                  agent's own "datapath loaded in" (BPF compile + load) within it
   CPU to ready   the agent's user+system CPU at ready, its compiler child included
-  RSS ready      psutil RSS right after ready; peak = VmHWM at the end of the run
+  RSS ready      psutil RSS right after ready; settled = once the agent has logged "first sync
+                 frozen" (a moment after ready: it then collects, freezes the first sync out
+                 of the cyclic collector and gives the heap the start freed back to the OS):
+                 what the agent keeps while it serves; peak = VmHWM at the end of the run
   change -> map  the source event (file: just after the rename into place returns; folder:
                  the same for one of the 100 files; kubernetes: just before the fake API
                  server's write of the EndpointSlice) -> the frontend's master entry in the
@@ -511,6 +514,16 @@ class Agent:
             time.sleep(0.01)
         raise RuntimeError(f"agent not ready in {timeout:.0f}s:\n{self.log_tail()}")
 
+    def wait_logged(self, text: bytes, timeout: float) -> bool:
+        """Whether the agent's log says `text` within `timeout` seconds (read every 10 ms)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log, "rb") as f:
+                if text in f.read():
+                    return True
+            time.sleep(0.01)
+        return False
+
     def log_tail(self, chars: int = 3000) -> str:
         try:
             with open(self.log) as f:
@@ -754,6 +767,11 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
               f"with its children {out['cpu_ready']:.2f} s; this bench's process (the "
               f"source's server: {source}) meanwhile {out['cpu_ready_bench']:.2f} s",
               flush=True)
+        settled = agent.wait_logged(b"first sync frozen", timeout=60.0)
+        out["rss_settled"] = p.memory_info().rss if settled else None
+        if settled:
+            print(f"  {source} N={n:,}: RSS settled (first sync frozen, freed heap returned) "
+                  f"{out['rss_settled'] / 2 ** 20:.0f} MiB", flush=True)
 
         reader = MapReader(lab.bpffs)
         probe = Probe(lab, args.probe_interval)
@@ -924,14 +942,16 @@ def thread_table(per_thread: Dict[str, dict], changes: int, tries: int) -> str:
 def row(r: dict, changes: int) -> str:
     mib = 2 ** 20
     if "error" in r:
-        return f"| {r['n']:,} | failed: {r['error']} |" + " |" * 9
+        return f"| {r['n']:,} | failed: {r['error']} |" + " |" * 10
     conn = (f"{ms(statistics.median(r['to_conn']))} / {ms(pct(r['to_conn'], 99))}"
             if r["to_conn"] else "n/a")
     if r["probe_failures"]:
         conn += f" ({len(r['probe_failures'])} of {changes} not seen)"
     dp = f" ({r['datapath']:.2f} s datapath)" if r.get("datapath") is not None else ""
+    settled = (f"{r['rss_settled'] / mib:.0f} MiB" if r.get("rss_settled") is not None
+               else "n/a")
     return (f"| {r['n']:,} | {r['ready']:.2f} s{dp} | {r['cpu_ready']:.2f} s | "
-            f"{r['rss_ready'] / mib:.0f} MiB | {r['hwm_end'] / mib:.0f} MiB | "
+            f"{r['rss_ready'] / mib:.0f} MiB | {settled} | {r['hwm_end'] / mib:.0f} MiB | "
             f"{ms(statistics.median(r['to_map']))} / {ms(pct(r['to_map'], 99))} "
             f"(max {ms(max(r['to_map']))}) | {conn} | "
             f"{cpu_text(r['cpu_per_change'], changes)} | "
@@ -940,11 +960,12 @@ def row(r: dict, changes: int) -> str:
             f"{ms(max(r['scrape']))}) | {r['scrape_bytes'] / 1024:,.0f} KiB |")
 
 
-HEADER = ("| services | start → /readyz 200 | agent CPU to ready | RSS ready | peak RSS (VmHWM) "
+HEADER = ("| services | start → /readyz 200 | agent CPU to ready | RSS ready | RSS settled "
+          "| peak RSS (VmHWM) "
           "| change → kernel map p50 / p99 | change → first connection on the new set "
           "p50 / p99 | agent CPU / change | agent CPU / change without the probe's connections "
           "| agent idle CPU | /metrics scrape median (min–max) "
-          "| /metrics size |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| /metrics size |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table(source: str, results: List[dict], args) -> str:
