@@ -414,13 +414,17 @@ def test_deleting_a_slice_removes_its_backends_and_deleting_a_service_removes_it
 
 
 def test_a_slice_that_arrives_before_its_service_is_attached_when_the_service_comes(
-        api, run_source):
+        api, registry, run_source):
     _, recorder = run_source()
     recorder.wait_for_change()
     endpoint_slice = fixture("endpointslice-web-q9d4m")
     endpoint_slice["metadata"]["name"] = "late-x1"
     endpoint_slice["metadata"]["labels"]["kubernetes.io/service-name"] = "late"
     api.put(endpoint_slice)
+    # The two kinds come on two watches: the slice must be in the cache before the service's
+    # event, or this is the other case (a slice for a known service), and under load the
+    # service's watch can win the race (the first change then has the service alone).
+    wait_until(lambda: events(registry, "endpointslice_added") >= 1, what="the slice seen")
     api.put(new_service("late", "10.96.50.50"))
     services = recorder.wait_for_change(lambda s: ("shop", "late") in by_key(s))
     assert addresses(services, "shop", "late") == ["10.244.3.4"]
