@@ -199,6 +199,21 @@ def test_a_full_id_space_reuses_a_quarantined_id_rather_than_fail():
         pool.allocate()
 
 
+def test_a_round_of_a_few_frontends_logs_at_debug_a_sync_or_a_failure_at_info(caplog):
+    rec, maps, _ = make()
+    many = [svc(f"s{i}", f"10.96.4.{i}", ["10.0.0.1"]) for i in range(1, 21)]
+    with caplog.at_level(logging.DEBUG, logger="nodemesh.reconciler"):
+        rec.apply(many)  # 20 frontends: a sync's worth
+        rec.apply(many[:-1] + [svc("s20", "10.96.4.20", ["10.0.0.2"])])  # one changed
+        maps.fail("update", "backends")
+        rec.apply(many[:-1] + [svc("s20", "10.96.4.20", ["10.0.0.3"])])  # one failed
+    summaries = [(r.levelno, r.getMessage()) for r in caplog.records
+                 if r.getMessage().startswith("reconciled:")]
+    assert [level for level, _ in summaries] == [logging.INFO, logging.DEBUG, logging.INFO]
+    assert "20 frontends added" in summaries[0][1] and "1 changed" in summaries[1][1]
+    assert "1 failed" in summaries[2][1]
+
+
 def test_after_an_overflow_a_good_config_programs_at_once_with_one_summary_log_line(caplog):
     sizes = m.MapSizes(frontends=4)  # 3 frontend ids
     rec, maps, clock = make(sizes)
