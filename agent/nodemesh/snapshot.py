@@ -287,6 +287,16 @@ class SourceState:
     last_change: Optional[float] = None
 
 
+def _indexed_svc_id(stored: Any) -> Optional[int]:
+    """The svc_id under which by_svc_id holds a stored view (a FrontendView, or a done
+    frontend's ProgrammedFrontend): only frontends both desired and programmed have one."""
+    if type(stored) is ProgrammedFrontend:
+        return stored.svc_id
+    if stored.programmed is not None and stored.desired is not None:
+        return stored.programmed.svc_id  # type: ignore[no-any-return]
+    return None
+
+
 @dataclass(frozen=True)
 class Snapshot:
     generation: int = 0
@@ -306,24 +316,17 @@ class Snapshot:
         FrontendView or as what stored_view makes of one (a done frontend's
         ProgrammedFrontend)."""
         by_id: Dict[int, Any] = {}
-        programmed = ProgrammedFrontend
         if len(self.frontends):  # (a first sync's first round has none to look up)
             shards = self.frontends._shards  # Shards.get inline: 100,000 keys a first sync
             for key in views:  # first the ids these frontends held, then what they hold now
                 i = hash(key) % SHARDS
                 old = shards[i >> _SHIFT][i & (_PER_GROUP - 1)].get(key)
-                if old is None:
-                    continue
-                if type(old) is programmed:
-                    by_id[old.svc_id] = None
-                elif old.programmed is not None and old.desired is not None:
-                    by_id[old.programmed.svc_id] = None
+                svc_id = None if old is None else _indexed_svc_id(old)
+                if svc_id is not None:
+                    by_id[svc_id] = None
         for view in views.values():
-            if view is None:
-                continue
-            if type(view) is programmed:
-                by_id[view.svc_id] = view
-            elif view.programmed is not None and view.desired is not None:
-                by_id[view.programmed.svc_id] = view
+            svc_id = None if view is None else _indexed_svc_id(view)
+            if svc_id is not None:
+                by_id[svc_id] = view
         return replace(self, frontends=self.frontends.updated(views),
                        by_svc_id=self.by_svc_id.updated(by_id), **changes)
