@@ -272,6 +272,22 @@ class Service:
     # a tuple of pairs is a tuple more a label (64 bytes each), for a reader or two.
     _labels: Tuple[str, ...]
     _rest: Tuple[Any, ...]  # the fields of _REST, in its order; shared (_RESTS)
+    # The fields kept in _rest, read through properties made from _REST (below the class).
+    algorithm: str
+    session_affinity: Optional[SessionAffinity]
+    health_check: Optional[HealthCheck]
+    extra_vips: Tuple[str, ...]
+    internal_traffic_policy: str
+    traffic_distribution: Optional[str]
+    outlier_detection: Optional[OutlierDetection]
+    panic_threshold_percent: int
+    terminate_connections_on_removal: bool
+    proxy_port: Optional[int]
+    maglev_table_size: int
+    external_ips: Tuple[str, ...]
+    load_balancer_ips: Tuple[str, ...]
+    external_traffic_policy: str
+    connection_limits: Optional[ConnectionLimits]
 
     def __init__(
             self, name: str, namespace: str, vip: str, ports: Tuple[ServicePort, ...], backends:
@@ -321,66 +337,6 @@ class Service:
     def labels(self) -> Tuple[Tuple[str, str], ...]:
         flat = self._labels
         return tuple(zip(flat[::2], flat[1::2]))
-
-    @property
-    def algorithm(self) -> str:
-        return self._rest[0]  # type: ignore[no-any-return]
-
-    @property
-    def session_affinity(self) -> Optional[SessionAffinity]:
-        return self._rest[1]  # type: ignore[no-any-return]
-
-    @property
-    def health_check(self) -> Optional[HealthCheck]:
-        return self._rest[2]  # type: ignore[no-any-return]
-
-    @property
-    def extra_vips(self) -> Tuple[str, ...]:
-        return self._rest[3]  # type: ignore[no-any-return]
-
-    @property
-    def internal_traffic_policy(self) -> str:
-        return self._rest[4]  # type: ignore[no-any-return]
-
-    @property
-    def traffic_distribution(self) -> Optional[str]:
-        return self._rest[5]  # type: ignore[no-any-return]
-
-    @property
-    def outlier_detection(self) -> Optional[OutlierDetection]:
-        return self._rest[6]  # type: ignore[no-any-return]
-
-    @property
-    def panic_threshold_percent(self) -> int:
-        return self._rest[7]  # type: ignore[no-any-return]
-
-    @property
-    def terminate_connections_on_removal(self) -> bool:
-        return self._rest[8]  # type: ignore[no-any-return]
-
-    @property
-    def proxy_port(self) -> Optional[int]:
-        return self._rest[9]  # type: ignore[no-any-return]
-
-    @property
-    def maglev_table_size(self) -> int:
-        return self._rest[10]  # type: ignore[no-any-return]
-
-    @property
-    def external_ips(self) -> Tuple[str, ...]:
-        return self._rest[11]  # type: ignore[no-any-return]
-
-    @property
-    def load_balancer_ips(self) -> Tuple[str, ...]:
-        return self._rest[12]  # type: ignore[no-any-return]
-
-    @property
-    def external_traffic_policy(self) -> str:
-        return self._rest[13]  # type: ignore[no-any-return]
-
-    @property
-    def connection_limits(self) -> Optional[ConnectionLimits]:
-        return self._rest[14]  # type: ignore[no-any-return]
 
     def values(self) -> Tuple[Any, ...]:
         """Every field, in the constructor's order (one call, where reading them by name is
@@ -485,8 +441,18 @@ _FLAT_LABELS: Dict[Tuple[str, ...], Tuple[str, ...]] = {}
 _LABELS_SIZE = 1 << 12
 _set_rest = vars(Service)["_rest"].__set__
 _new_service = object.__new__
-# The constructor's order (positional callers rely on it) and the slots + _REST cover it.
+
+
+def _rest_field(i: int) -> "property":
+    return property(lambda self: self._rest[i])
+
+
+for _i, _name in enumerate(_REST):
+    setattr(Service, _name, _rest_field(_i))
+# The constructor's order (positional callers rely on it), _rest's order (the constructor
+# builds it in _REST's), and the slots + _REST cover it.
 assert _SERVICE_FIELDS == tuple(Service.__init__.__code__.co_varnames[1:22])
+assert _REST == tuple(name for name in _SERVICE_FIELDS[5:] if name != "labels")
 assert set(_SERVICE_FIELDS) == {*Service.__slots__[:-1], *_REST} - {"_labels"} | {"labels"}
 
 
