@@ -369,6 +369,18 @@ class ProgrammedFrontend:
     # (bank, algorithm, revision, damaged, count, affinity_timeout, maglev_rows, flags,
     # limits, proxy_port), or None: those of a first write from `desired`
     _rest: Optional[Tuple[Any, ...]]
+    # Read through properties made from _PROGRAMMED_REST (below the class): _rest's field,
+    # or, with no _rest, what a first write from `desired` gives it.
+    bank: int
+    algorithm: str
+    revision: int
+    damaged: bool                          # kernel state disagrees; rewrite on next round
+    count: int                             # slots in the kernel's active bank (-1: len(slots))
+    affinity_timeout: int
+    maglev_rows: int                       # size of its Maglev table in the kernel; 0: none
+    flags: int
+    limits: Tuple[int, int]
+    proxy_port: Optional[int]
 
     def __init__(self, key: FrontendKey, svc_id: int, bank: int, algorithm: str,
                  revision: int, packed_slots: Any, ids: Any,
@@ -395,71 +407,6 @@ class ProgrammedFrontend:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    @property
-    def bank(self) -> int:
-        r = self._rest
-        return 0 if r is None else r[0]
-
-    @property
-    def algorithm(self) -> str:
-        r = self._rest
-        if r is None:
-            assert self.desired is not None
-            return self.desired.algorithm
-        return r[1]  # type: ignore[no-any-return]
-
-    @property
-    def revision(self) -> int:
-        r = self._rest
-        return 1 if r is None else r[2]
-
-    @property
-    def damaged(self) -> bool:
-        r = self._rest
-        return False if r is None else r[3]
-
-    @property
-    def count(self) -> int:
-        r = self._rest
-        return -1 if r is None else r[4]
-
-    @property
-    def affinity_timeout(self) -> int:
-        r = self._rest
-        if r is None:
-            assert self.desired is not None
-            return self.desired.affinity_timeout
-        return r[5]  # type: ignore[no-any-return]
-
-    @property
-    def maglev_rows(self) -> int:
-        r = self._rest
-        return 0 if r is None else r[6]
-
-    @property
-    def flags(self) -> int:
-        r = self._rest
-        if r is None:
-            assert self.desired is not None
-            return self.desired.flags
-        return r[7]  # type: ignore[no-any-return]
-
-    @property
-    def limits(self) -> Tuple[int, int]:
-        r = self._rest
-        if r is None:
-            assert self.desired is not None
-            return self.desired.limits
-        return r[8]  # type: ignore[no-any-return]
-
-    @property
-    def proxy_port(self) -> Optional[int]:
-        r = self._rest
-        if r is None:
-            assert self.desired is not None
-            return self.desired.proxy_port
-        return r[9]  # type: ignore[no-any-return]
 
     def fields(self) -> Dict[str, Any]:
         """Every field by name, as the constructor takes them."""
@@ -542,6 +489,23 @@ def _first_write(d: "Desired") -> Tuple[Any, ...]:
     """The fields after `desired` that a first write from d gives (ProgrammedFrontend._rest)."""
     return (0, d.algorithm, 1, False, -1, d.affinity_timeout, 0, d.flags, d.limits,
             d.proxy_port)
+
+
+# ProgrammedFrontend._rest's fields in order, each with what a first write gives it: a
+# constant, or None for desired's field of the same name (_first_write, field by field).
+_PROGRAMMED_REST = (("bank", 0), ("algorithm", None), ("revision", 1), ("damaged", False),
+                    ("count", -1), ("affinity_timeout", None), ("maglev_rows", 0),
+                    ("flags", None), ("limits", None), ("proxy_port", None))
+
+
+def _programmed_field(i: int, name: str, first: Any) -> "property":
+    if first is None:
+        return property(lambda p: getattr(p.desired, name) if p._rest is None else p._rest[i])
+    return property(lambda p: first if p._rest is None else p._rest[i])
+
+
+for _i, (_name, _first) in enumerate(_PROGRAMMED_REST):
+    setattr(ProgrammedFrontend, _name, _programmed_field(_i, _name, _first))
 
 
 def _new_first_write(key: FrontendKey, svc_id: int, packed_slots: bytes, ids: Any,
