@@ -32,7 +32,36 @@ class _BackendFields:
     ports: Tuple[Tuple[str, int], ...] = ()
 
 
-class Backend:
+class _Frozen:
+    """What the model's slot classes share with a frozen dataclass: no assignment, copies are
+    the object itself, pickling and repr by the fields of __dataclass_fields__ (in the
+    constructor's order)."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[Dict[str, "Field[Any]"]]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        cls = type(self)
+        return (cls, tuple([getattr(self, name) for name in cls.__dataclass_fields__]))
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + "(" + ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in self.__dataclass_fields__) + ")"
+
+
+class Backend(_Frozen):
     """One endpoint of a service.
 
     The conditions follow EndpointSlice semantics: `ready` backends take new connections;
@@ -139,24 +168,6 @@ class Backend:
     def __hash__(self) -> int:
         return hash(self._key())
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> Tuple[Any, ...]:
-        return (Backend, tuple([getattr(self, name) for name in Backend.FIELDS]))
-
-    def __copy__(self) -> "Backend":
-        return self
-
-    def __deepcopy__(self, memo: Any) -> "Backend":
-        return self
-
-    def __repr__(self) -> str:
-        return "Backend(" + ", ".join(f"{name}={getattr(self, name)!r}"
-                                      for name in Backend.FIELDS) + ")"
 
 
 # (node, zone) -> the one shared pair: nodes and zones repeat across every backend of a node.
@@ -247,7 +258,7 @@ class _ServiceFields:
     connection_limits: Optional[ConnectionLimits] = None
 
 
-class Service:
+class Service(_Frozen):
     """A service: its addresses, ports and backends, and how its traffic is balanced.
 
     Frozen, compared and hashed by its fields, like the model's dataclasses; built the same
@@ -371,24 +382,6 @@ class Service:
         return hash((self.name, self.namespace, self.vip, self.ports, self.backends,
                      self._labels, self._rest))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> Tuple[Any, ...]:
-        return (Service, tuple([getattr(self, name) for name in _SERVICE_FIELDS]))
-
-    def __copy__(self) -> "Service":
-        return self
-
-    def __deepcopy__(self, memo: Any) -> "Service":
-        return self
-
-    def __repr__(self) -> str:
-        return "Service(" + ", ".join(f"{name}={getattr(self, name)!r}"
-                                      for name in _SERVICE_FIELDS) + ")"
 
     @property
     def key(self) -> Tuple[str, str]:
