@@ -158,7 +158,10 @@ def main() -> None:
     for kind, collection in order:
         by_token = {token: body for token, body in pages[collection]}
         watcher = k8s._Watcher(kind, None, Source(), state)
-        watcher._page = lambda query, by_token=by_token: \
+        # As the agent's own _page gives them: bytes (boot7 on), text before.
+        as_bytes = k8s._Watcher._page.__annotations__.get("return") in ("bytes", bytes)
+        watcher._page = lambda query, by_token=by_token, as_bytes=as_bytes: \
+            by_token[query.get("_continue")] if as_bytes else \
             by_token[query.get("_continue")].decode("utf-8")
         watcher._list()
     times["list"] = time.process_time() - started

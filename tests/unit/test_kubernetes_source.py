@@ -1084,3 +1084,26 @@ def test_a_delivery_with_no_pod_or_policy_changed_builds_no_mesh(monkeypatch, tm
     assert state.take_mesh() is None and len(built) == 1
     state.delete("meshpolicy", {"metadata": {"namespace": "a", "name": "gone"}})
     assert state.take_mesh() is None and len(built) == 2
+
+
+def test_a_pages_head_is_read_from_its_start_and_from_the_whole_page_when_it_runs_past_it():
+    # The list keeps each page in bytes (the worker takes them as they came): only the start
+    # is decoded for the continue token, and a start that cuts the metadata (or a character)
+    # short never gives a wrong or missing token.
+    items = [{"metadata": {"name": "é" * 40}}] * 200
+    short = {"resourceVersion": "7", "continue": "next"}
+    long = {"resourceVersion": "7", "continue": "t" * (kubernetes_source._HEAD_BYTES + 10)}
+    for metadata in (short, long):
+        body = json.dumps({"kind": "ServiceList", "apiVersion": "v1", "metadata": metadata,
+                           "items": items}, ensure_ascii=False).encode("utf-8")
+        assert len(body) > kubernetes_source._HEAD_BYTES
+        assert kubernetes_source._page_head(body) == metadata
+    # Cut inside a two-byte character, just after the metadata: still the metadata.
+    head = json.dumps({"kind": "L", "metadata": short}).encode()[:-1] + b',"x":"'
+    pad = kubernetes_source._HEAD_BYTES - len(head) - 1
+    body = head + b"a" * pad + "é".encode() + b'", "items": []}'
+    assert body[:kubernetes_source._HEAD_BYTES].endswith(b"\xc3")
+    assert kubernetes_source._page_head(body) == short
+    # Metadata after the items (no API server sends it): no head, the page is parsed whole.
+    assert kubernetes_source._page_head(json.dumps(
+        {"items": items, "metadata": short}).encode()) is None

@@ -1399,16 +1399,19 @@ class _Watcher:
             page = fetcher.ask(query)
             # Pages given to the decoding worker, oldest first, with their text (parsed here
             # if the worker fails them).
-            handed: Deque[Tuple[Any, str]] = collections.deque()
+            handed: Deque[Tuple[Any, bytes]] = collections.deque()
             stack_entered = False
             while True:
-                text = page.result()
+                # The page stays bytes: the worker is given them as they came (no decode
+                # and encode again of ~1 MB a page in this process), and only the pages
+                # parsed here are decoded.
+                body = page.result()
                 # The next page is asked for before this one is parsed, so that the server
                 # (and the network) produce it while we parse: the page's metadata comes
                 # before its items, and holds the token. Further pages name only the token
                 # (with a resourceVersion they are refused); an expired token is a 410, and
                 # the relist starts over.
-                head = _list_head(text)
+                head = _page_head(body)
                 token = head.get("continue") if head is not None else None
                 following = fetcher.ask({"_continue": token}) if token else None
                 if token and self.kind == "service":
@@ -1431,13 +1434,14 @@ class _Watcher:
                         if not stack_entered:  # the worker runs while this list does
                             stack.enter_context(decoder.session())
                             stack_entered = True
-                        pending = decoder.submit(self.kind, text.encode("utf-8"))
+                        pending = decoder.submit(self.kind, body)
                 if pending is not None:
-                    handed.append((pending, text))
+                    handed.append((pending, body))
                     metadata = head
                 else:
                     fields: Dict[str, Any] = {}
-                    self._state.list_page(self.kind, _list_items(text, fields), seen)
+                    self._state.list_page(self.kind, _list_items(body.decode("utf-8"), fields),
+                                          seen)
                     metadata = fields.get("metadata") or {}
                 while handed and (handed[0][0].done() or not metadata.get("continue")):
                     self._take_decoded(decoder, *handed.popleft(), seen)
@@ -1479,22 +1483,22 @@ class _Watcher:
             return "share" if source._compile_done.is_set() else "only"
         return None
 
-    def _take_decoded(self, decoder: PageDecoder, pending: Any, text: str,
+    def _take_decoded(self, decoder: PageDecoder, pending: Any, body: bytes,
                       seen: Set[ServiceKey]) -> None:
         """A page the worker decoded; or, if the worker failed it, the page parsed here."""
         try:
             decoded = decoder.result(pending)
         except DecoderCrashed:
-            self._state.list_page(self.kind, _list_items(text, {}), seen)
+            self._state.list_page(self.kind, _list_items(body.decode("utf-8"), {}), seen)
             return
         self._state.list_page(self.kind, decoded, seen)
 
-    def _page(self, query: Dict[str, Any]) -> str:
-        """One page of a list, as text."""
+    def _page(self, query: Dict[str, Any]) -> bytes:
+        """One page of a list, as the server sent it (UTF-8 JSON)."""
         response = self._call(limit=self.PAGE_SIZE, **query,
                               _request_timeout=(self.CONNECT_TIMEOUT_SECONDS, 120))
         try:
-            return str(response.data.decode("utf-8"))
+            return bytes(response.data)
         finally:
             response.release_conn()
 
@@ -1645,6 +1649,22 @@ def _list_head(text: str) -> Optional[Dict[str, Any]]:
     return None
 
 
+_HEAD_BYTES = 4096  # a List's metadata (kind, apiVersion, resourceVersion, continue) is less
+
+
+def _page_head(body: bytes) -> Optional[Dict[str, Any]]:
+    """_list_head of a page still in bytes: only its start is decoded, unless the metadata
+    does not end within it (a truncated start either fails to decode or says nothing)."""
+    if len(body) > _HEAD_BYTES:
+        try:
+            head = _list_head(body[:_HEAD_BYTES].decode("utf-8", "ignore"))
+        except ValueError:
+            head = None
+        if head is not None:
+            return head
+    return _list_head(body.decode("utf-8"))
+
+
 class _PageFetcher:
     """The pages of one list, fetched in the order asked on one thread for the whole list
     (daemon: a stopping agent does not wait for it), while the caller parses the page
@@ -1652,7 +1672,7 @@ class _PageFetcher:
     GIL, which the core's rounds hold during the streamed Services list (0.38 s of the
     listing thread's time over 200 pages, in a profile)."""
 
-    def __init__(self, fetch: Callable[[Dict[str, Any]], str], kind: str):
+    def __init__(self, fetch: Callable[[Dict[str, Any]], bytes], kind: str):
         self._fetch = fetch
         self._asked: "queue.SimpleQueue[Optional[_PageFetch]]" = queue.SimpleQueue()
         threadname.Thread(target=self._run, daemon=True,
@@ -1680,25 +1700,25 @@ class _PageFetch:
 
     def __init__(self, query: Dict[str, Any]):
         self._query = query
-        self._text: Optional[str] = None
+        self._body: Optional[bytes] = None
         self._error: Optional[BaseException] = None
         self._done = threading.Event()
 
-    def _run(self, fetch: Callable[[Dict[str, Any]], str]) -> None:
+    def _run(self, fetch: Callable[[Dict[str, Any]], bytes]) -> None:
         query = self._query
         try:
-            self._text = fetch(query)
+            self._body = fetch(query)
         except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
             self._error = error
         finally:
             self._done.set()
 
-    def result(self) -> str:
+    def result(self) -> bytes:
         self._done.wait()
         if self._error is not None:
             raise self._error
-        assert self._text is not None
-        return self._text
+        assert self._body is not None
+        return self._body
 
 
 def _json_lines(response) -> Iterator[bytes]:
