@@ -97,10 +97,6 @@ class Core:
         # times (see _unpublished).
         self._source_next: Optional[SourceState] = None
         self._services_next: Dict[ServiceKey, Optional[Service]] = {}
-        # The frontends the first sync's rounds (reconcile_listed) touched: published once, by
-        # the first full round, not a snapshot a page (each copied the shards it touched:
-        # ~500 of 4,096 a page of 500 services, 200 pages; ~1 s of the core's CPU at 100,000).
-        self._listed_unpublished: List[Set[FrontendKey]] = []
         self._plain_context: Optional[selection.Context] = None  # see selection_context
 
     # -- any thread -------------------------------------------------------------------------
@@ -154,14 +150,8 @@ class Core:
 
     def _publish_folded(self) -> None:
         """Publish what was folded in, with no round (before the first sync, or a step
-        told not to reconcile). While the first sync's rounds wait to be published, so do
-        the services they folded (published with their frontends); the source's state is
-        published at once."""
-        if self._listed_unpublished:
-            if self._source_next is not None:
-                self.snapshot = replace(self.snapshot, source=self._source_next)
-                self._source_next = None
-        elif self._source_next is not None or self._services_next:
+        told not to reconcile)."""
+        if self._source_next is not None or self._services_next:
             self.snapshot = replace(self.snapshot, **self._unpublished(self.snapshot))
 
     def _quiet_round_has_work(self) -> bool:
@@ -194,9 +184,7 @@ class Core:
         self._push_dirty(listed)
         result = self.reconciler.reconcile(force=True, only=listed)
         self.on_round(result)
-        # Not published yet: readers wait for the full set (the agent is not ready before
-        # it), and the first full round publishes these frontends with its own.
-        self._listed_unpublished.append(result.touched)
+        self._publish(result, listed_only=True)
         return result
 
     def _apply_mesh(self) -> None:
@@ -311,20 +299,19 @@ class Core:
         self._dirty.clear()
         self._services_next.update(changes)  # published with the round's frontends
 
-    def _publish(self, result: RoundResult) -> None:
+    def _publish(self, result: RoundResult, listed_only: bool = False) -> None:
         rec = self.reconciler
         # What the snapshot stores (snapshot.stored_view): a done frontend written from what
         # it still wants is its ProgrammedFrontend; the view is built when a reader asks.
         views: Dict[FrontendKey, Union[FrontendView, ProgrammedFrontend, None]] = {}
+        # A round of the first sync publishes what it touched; the frontends still pending
+        # (adopted, not listed yet: up to all of them) wait for the full round.
         desired, programmed = rec.desired, rec.programmed
         # StatusTable.get inline: a status not stored is done if programmed (else none).
         stored, done = rec.status.stored, DONE_STATUS
         failing = self._failing
         # Not the union when nothing is pending (a first round's 100,000 keys hashed again).
-        keys = result.touched if not rec.pending else result.touched | rec.pending
-        if self._listed_unpublished:  # the first sync's rounds, published with this one
-            keys = keys.union(*self._listed_unpublished)
-            self._listed_unpublished = []
+        keys = result.touched if listed_only or not rec.pending else result.touched | rec.pending
         view = FrontendView
         for fk in keys:
             p = programmed.get(fk)

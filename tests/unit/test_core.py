@@ -153,31 +153,6 @@ def test_after_a_restart_with_nothing_changed_the_pages_and_the_full_set_write_n
     assert len(core.snapshot.frontends) == 6
 
 
-def test_the_first_syncs_pages_are_published_once_with_the_full_round():
-    # A snapshot a page copied the shards each page touched (200 pages at 100,000): the
-    # pages' frontends and services are published by the full round, in one snapshot, and
-    # the source's state as it comes.
-    core, _, maps = make()
-    first = core.snapshot
-    listed(core, svc(1, "10.0.0.1"), svc(2, "10.0.0.2"))
-    listed(core, svc(3, "10.0.0.3"))
-    assert maps.serving(fk(3)) == [("10.0.0.3", 8080)]  # programmed page by page
-    assert core.snapshot.frontends is first.frontends and core.snapshot.services is \
-        first.services and len(core.snapshot.frontends) == 0
-    core.post(SourceFailed("a later page is unreadable"))
-    core.step(0, reconcile=False)
-    assert core.snapshot.source.ok is False and len(core.snapshot.services) == 0
-    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.1"), svc(3, "10.0.0.4"),
-                                           svc(4, "10.0.0.5")), full=True)))
-    core.step(0, reconcile=False)
-    core.reconcile(force=True)
-    snap = core.snapshot
-    # s2: listed, then not in the full set; s3's view is what the full round wrote
-    assert [i for i in range(1, 5) if snap.frontends.get(fk(i)) is not None] == [1, 3, 4]
-    assert len(snap.frontends) == 3 and len(snap.services) == 3
-    assert snap.frontends.get(fk(3)).desired.backends == (("10.0.0.4", 8080, 1),)
-
-
 def test_a_delta_touches_only_the_services_it_names():
     core, rec, maps = make()
     synced(core, [svc(i, "10.0.0.1") for i in range(1, 51)])
