@@ -314,6 +314,10 @@ class _Pool:
 
 
 _share_port, _share_ports, _share_label, _share_affinity = _Pool(), _Pool(), _Pool(), _Pool()
+# An endpoint's address: one copy for the slices of every service a pod backs (and, from the
+# decoding worker, for every occurrence in its pages: each is a new string there). Most
+# addresses are a single pod's: past the first 4096 the pool only looks them up.
+_share_address = _Pool()
 # A Service port as the API sends it (port, targetPort, protocol, name, nodePort) -> its
 # checked, shared ServicePort: most services repeat a few ports (80 -> 8080 TCP "http").
 _ports_seen: Dict[Tuple[Any, ...], ServicePort] = {}
@@ -682,7 +686,8 @@ def _parse_slice_at(endpoint_slice: dict, key: ServiceKey, version: Union[int, s
             if address not in by_address:
                 # Positional: this runs for every endpoint of 100,000 slices.
                 by_address[address] = (packed, Backend(
-                    address, 1, node, zone, ready, serving, terminating, shared_ports))
+                    _share_address(address), 1, node, zone, ready, serving, terminating,
+                    shared_ports))
     # By number, as _in_order has it (one family in a slice: the packed forms compare).
     ordered = sorted(by_address.values()) if len(by_address) > 1 else by_address.values()
     return ParsedSlice(service, address_type, shared_ports,
@@ -1144,9 +1149,11 @@ class _ClusterState:
                        notes: Translation) -> None:
         """_put_slice, from the decoding worker's row (slice_row)."""
         _, _, version, service_name, address_type, ports, backends = row
+        share = _share_address
         self._put_slice(key, version, ParsedSlice(
             (key[0], sys.intern(service_name)) if service_name is not None else None,
-            address_type, ports, tuple([Backend(*values) for values in backends]), version),
+            address_type, ports, tuple([Backend(share(values[0]), *values[1:])
+                                        for values in backends]), version),
             notes)
 
     def _drop_service(self, key: ServiceKey, notes: Translation) -> None:
