@@ -490,23 +490,22 @@ def _freeze_first_sync(thresholds: Tuple[int, int, int]) -> None:
              "in %.2fs", gc.get_freeze_count(), unreachable, time.monotonic() - started)
 
 
-# glibc's mallopt() parameters (malloc.h)
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+# glibc's mallopt() parameter (malloc.h)
+_M_ARENA_MAX = -8
 MALLOC_ARENAS = 1
-MMAP_THRESHOLD = 256 * 1024
 
 
 def tune_allocator() -> bool:
-    """glibc's malloc set for this process, before its first thread: one arena, and blocks of
-    256 KiB or more (a list page's text, the tables of dicts of 10,000 entries and more) in
-    their own mappings, always. Returns whether it was set.
+    """One glibc malloc arena for the whole process: called at start, before its first
+    thread. Returns whether it was set.
 
-    glibc gives every thread that mallocs an arena of its own (up to 8 a CPU): the agent's
-    page, watch and server threads kept 15 arenas with ~18 MiB resident at 100,000 services,
-    beside the main one. Python allocates under the GIL, so one arena makes nobody wait.
-    And glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, so
-    that after the first list page the others came from the arenas and left holes there.
-    The operator's own setting (MALLOC_ARENA_MAX, GLIBC_TUNABLES) is left alone."""
+    glibc gives every thread that mallocs an arena of its own (up to 8 a CPU): at 100,000
+    Kubernetes services the agent kept 16 (its page, watch and server threads), their free
+    space resident beside the main heap's, ~12 MiB of RSS at ready more than with one
+    (bench/results/controlplane.md). Python allocates under the GIL, so one arena makes
+    nobody wait. (A fixed mmap threshold on top, so that the list pages never sit in the
+    arena, measured 2-3 MiB worse: not set.) The operator's own setting (MALLOC_ARENA_MAX,
+    GLIBC_TUNABLES) is left alone."""
     if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc" in os.environ.get(
             "GLIBC_TUNABLES", ""):
         return False
@@ -514,8 +513,7 @@ def tune_allocator() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False  # not glibc
-    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS)) and \
-        bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
 
 
 def _return_freed_memory() -> None:
