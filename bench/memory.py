@@ -218,7 +218,7 @@ def child(n: int, trace: bool) -> dict:
     order = (("endpointslice", "endpointslices"), ("service", "services")) if streams else \
         (("service", "services"), ("endpointslice", "endpointslices"))
     for kind, resource in order:
-        seen: set = set()
+        seen: Any = getattr(k8s, "_SeenKeys", set)()  # what the agent's list keeps
         bodies = pages[resource]
         if kind == "service" and streams and len(bodies) > 1:
             state.stream_services()
