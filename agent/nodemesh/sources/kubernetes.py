@@ -975,8 +975,8 @@ class _SeenKeys:
     names are strings the cache keeps anyway (a service's interned, a slice's its key). A
     set of (namespace, name) tuples held one tuple a listed object (and, for a service, a
     copy of its name) until the list's end: allocated between the objects the cache keeps,
-    they left their 64-byte blocks free inside Python's arenas, 12 MiB of RSS at 100,000
-    services that nothing filled again. What _ClusterState asks of a set, with the same
+    they left their 64-byte blocks free inside Python's arenas (~100,000 more at ready at
+    100,000 services, 6 MiB of RSS). What _ClusterState asks of a set, with the same
     keys."""
 
     __slots__ = ("_names",)
