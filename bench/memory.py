@@ -58,6 +58,60 @@ def vm_hwm() -> int:
     return 0
 
 
+def allocator() -> Dict[str, int]:
+    """Where the process's resident memory sits, beyond what tracemalloc sees: pymalloc's
+    arenas (sys._debugmallocstats: allocated, and the bytes in blocks in use), glibc's heap
+    (malloc_info: arenas, their system bytes, the free bytes in them, mmapped blocks) and
+    /proc/self/smaps_rollup (anonymous against file-backed: the shared libraries)."""
+    import re
+    import tempfile
+
+    out: Dict[str, int] = {}
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode()
+    for key, pattern in (("pymalloc_arenas", r"# arenas allocated current\s+=\s+([\d,]+)"),
+                         ("pymalloc_used", r"# bytes in allocated blocks\s+=\s+([\d,]+)")):
+        found = re.search(pattern, text)
+        if found:
+            out[key] = int(found.group(1).replace(",", ""))
+    if "pymalloc_arenas" in out:
+        out["pymalloc_arenas"] *= 1 << 20  # 1 MiB an arena (Python 3.10+)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.open_memstream.restype = ctypes.c_void_p
+        buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+        stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+        libc.malloc_info(0, ctypes.c_void_p(stream))
+        libc.fclose(ctypes.c_void_p(stream))
+        info = (buf.value or b"").decode()
+        libc.free(buf)
+    except (OSError, AttributeError):
+        info = ""
+    tail = info[info.rfind("</heap>"):]
+    out["glibc_arenas"] = info.count("<heap nr=")
+    for key, pattern in (("glibc_system", r'<system type="current" size="(\d+)"'),
+                         ("glibc_free", r'<total type="rest" count="\d+" size="(\d+)"'),
+                         ("glibc_mmapped", r'<total type="mmap" count="\d+" size="(\d+)"')):
+        found = re.search(pattern, tail)
+        if found:
+            out[key] = int(found.group(1))
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("Rss", "Anonymous"):
+                out["smaps_" + name.lower()] = int(rest.split()[0]) * 1024
+    return out
+
+
 def deep_sizes(owners: List[Tuple[str, List[Any]]]
                ) -> Dict[str, Tuple[int, int, List[Tuple[str, int, int]]]]:
     """(bytes, objects, top types) per owner, each object counted once, for the first owner
@@ -135,6 +189,8 @@ def child(n: int, trace: bool) -> dict:
     from nodemesh.sources import kubernetes as k8s
 
     out: dict = {"n": n}
+    # As the agent's start does (cli.cmd_run), before this process's first thread.
+    out["tuned"] = bool(getattr(daemon, "tune_allocator", lambda: False)())
     gc.collect()
     out["rss_imports"] = rss()
     pages = pages_of(n)
@@ -162,7 +218,7 @@ def child(n: int, trace: bool) -> dict:
     order = (("endpointslice", "endpointslices"), ("service", "services")) if streams else \
         (("service", "services"), ("endpointslice", "endpointslices"))
     for kind, resource in order:
-        seen: set = set()
+        seen: Any = getattr(k8s, "_SeenKeys", set)()  # what the agent's list keeps
         bodies = pages[resource]
         if kind == "service" and streams and len(bodies) > 1:
             state.stream_services()
@@ -244,6 +300,7 @@ def child(n: int, trace: bool) -> dict:
     out["trim_seconds"] = time.perf_counter() - t
     out["rss_trimmed"] = rss()
     out["trim_gave"] = before - out["rss_trimmed"]
+    out["allocator"] = allocator()
     out["frontends"] = len(reconciler.programmed)
     return out
 
@@ -385,7 +442,23 @@ def report(n: int, plain: dict, traced: dict) -> str:
              f"| not traced, after the trim: RSS − imports − traced (arenas' free space, "
              f"fragmentation) | "
              f"{mib(plain['rss_trimmed'] - plain['rss_imports'] - traced['traced'])} |",
-             "",
+             ]
+    a = plain.get("allocator")
+    if a:
+        file_backed = a.get("smaps_rss", 0) - a.get("smaps_anonymous", 0)
+        lines += [
+            f"| of the RSS after the trim: file-backed (the interpreter's and the libraries' "
+            f"code) | {mib(file_backed)} |",
+            f"| pymalloc (objects of 512 bytes or less): arenas / in blocks in use / free in "
+            f"them | {mib(a.get('pymalloc_arenas', 0))} / {mib(a.get('pymalloc_used', 0))} / "
+            f"{mib(a.get('pymalloc_arenas', 0) - a.get('pymalloc_used', 0))} |",
+            f"| glibc malloc (larger objects, C libraries): arenas, their bytes / free in them "
+            f"(mostly given back by the trim) / mmapped blocks | {a.get('glibc_arenas', 0)}, "
+            f"{mib(a.get('glibc_system', 0))} / {mib(a.get('glibc_free', 0))} / "
+            f"{mib(a.get('glibc_mmapped', 0))} |",
+            f"| the agent's allocator set-up (daemon.tune_allocator) applied | "
+            f"{'yes' if plain.get('tuned') else 'no'} |"]
+    lines += ["",
              "| owner (deep size, each object counted once, first owner wins) | size | "
              "a service | objects | largest types (bytes a service) |",
              "|---|---|---|---|---|"]

@@ -208,8 +208,9 @@ def lean_log_records() -> None:
 
 
 def cmd_run(args) -> int:
-    from .daemon import Agent, Options, install_signals
+    from .daemon import Agent, Options, install_signals, tune_allocator
 
+    tune_allocator()  # before any thread: see there
     lean_log_records()
     from .datapath.loader import DatapathError
     from .datapath.maps import MapSizes
