@@ -37,6 +37,8 @@ FUNCTIONS = [
     ("nodemesh.datapath.maps", "Maps.delete_batch"),
     ("nodemesh.datapath.bpfsys", "map_update_batch"),
     ("nodemesh.datapath.bpfsys", "map_delete_batch"),
+    ("nodemesh.datapath.bpfsys", "map_update_packed"),
+    ("nodemesh.datapath.bpfsys", "map_delete_packed"),
     ("logging", "StreamHandler.emit"),
     ("nodemesh.snapshot", "Snapshot.with_frontends"), ("nodemesh.snapshot", "Shards.updated"),
     ("nodemesh.snapshot", "IdIndex.updated"),
