@@ -293,6 +293,10 @@ class PlainFrontend:
             if self.svc is other.svc and self.key == other.key and \
                     (self.ctx is other.ctx or self.ctx == other.ctx):
                 return True  # the same function of the same arguments
+            # A change's new and old frontend (set_service, _plan) differ in their backends
+            # nearly always: those first, without building both field tuples.
+            if self.key != other.key or self.chosen() != other.chosen():
+                return False
             return self.fields() == other.fields()
         if isinstance(other, DesiredFrontend):
             return self.fields() == other.fields()

@@ -4,6 +4,7 @@ import gc
 import sys
 from dataclasses import replace
 
+import pytest
 from fakemaps import FakeMaps
 
 from nodemesh.datapath import maps as m
@@ -135,6 +136,22 @@ def test_a_plain_frontend_keeps_its_service_and_chooses_its_backends_when_read()
     # the programmed frontend's packed ids follow the backends it chooses
     assert dict(rec.programmed[key].backend_ids.items()) == {
         ("10.0.0.1", 8080): 1, ("10.0.0.2", 8080): 2, ("10.0.0.3", 8080): 3}
+
+
+def test_a_changed_plain_frontend_is_told_apart_by_its_backends_without_its_fields(
+        monkeypatch):
+    """set_service and _plan compare a service's new frontend with its old one each change:
+    their backends differ nearly always, and that answers without two field tuples each."""
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    web = svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    rec.apply([web])
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    old = rec.desired[key]
+    moved = PlainFrontend(key, svc("web", "10.96.0.1", ["10.0.0.4", "10.0.0.5", "10.0.0.6"]))
+    same = PlainFrontend(key, svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"]))
+    assert old == same and old.fields() == same.fields()  # equal, field for field
+    monkeypatch.setattr(PlainFrontend, "fields", lambda self: pytest.fail("fields built"))
+    assert old != moved and not old == moved and moved != old
 
 
 def test_a_frontend_view_formats_its_labels_at_scrape_and_stores_none():
