@@ -293,6 +293,10 @@ class PlainFrontend:
             if self.svc is other.svc and self.key == other.key and \
                     (self.ctx is other.ctx or self.ctx == other.ctx):
                 return True  # the same function of the same arguments
+            # A change's new and old frontend (set_service, _plan) differ in their backends
+            # nearly always: those first, without building both field tuples.
+            if self.key != other.key or self.chosen() != other.chosen():
+                return False
             return self.fields() == other.fields()
         if isinstance(other, DesiredFrontend):
             return self.fields() == other.fields()
@@ -1667,8 +1671,9 @@ class Reconciler:
                         be_values.append(pack_backend(address, port, proto, svc_id, active))
             prefix = key.prefix()  # packed once per frontend, for its slots and master
             slot_ids = unpack_ids(new.packed_slots)
-            slot_keys += m.pack_slot_keys(prefix, new.bank, len(slot_ids))
-            slot_values += m.pack_slot_values(slot_ids)
+            # A frontend's slots packed in one go each (a bytes for all of them, not one a slot)
+            slot_keys.append(m.pack_slot_keys_joined(prefix, new.bank, len(slot_ids)))
+            slot_values.append(m.pack_slot_values_joined(slot_ids))
             master_keys.append(m.pack_master_key(prefix))
         master_values = [_master_value(c.new) for c in changes]
         done = self._commit(lambda: changes, _Packed(
@@ -1683,8 +1688,9 @@ class Reconciler:
         of the first that many changes."""
         # A reused id may still have its previous owner's counters: clear them before the id
         # is published (the datapath creates a zeroed entry on first use).
-        reused_svc = [m.u32(i) for i in self.svc_ids.take_reused()]
-        reused_be = [m.u32(i) for i in self.backend_ids.take_reused()]
+        pack_u32 = m.pack_u32
+        reused_svc = [pack_u32(i) for i in self.svc_ids.take_reused()]
+        reused_be = [pack_u32(i) for i in self.backend_ids.take_reused()]
         table_writes = 0
         try:
             self.maps.delete_batch("svc_stats", reused_svc)
@@ -1789,10 +1795,12 @@ class Reconciler:
     def _delete_unreferenced(self, slots: List[bytes], backends: List[int], svc_ids: List[int],
                              result: RoundResult) -> None:
         try:
+            # Keys packed to bytes, once for both maps of the backends: the maps' cheap path.
+            backend_keys = [m.pack_u32(b) for b in backends]
             result.writes += self.maps.delete_batch("services", slots)
-            result.writes += self.maps.delete_batch("backends", [m.u32(b) for b in backends])
-            self.maps.delete_batch("backend_stats", [m.u32(b) for b in backends])
-            self.maps.delete_batch("svc_stats", [m.u32(s) for s in svc_ids])
+            result.writes += self.maps.delete_batch("backends", backend_keys)
+            self.maps.delete_batch("backend_stats", backend_keys)
+            self.maps.delete_batch("svc_stats", [m.pack_u32(s) for s in svc_ids])
         except OSError as e:
             log.warning("deleting unreferenced map entries failed (%s); retried next round",
                         _reason(e))

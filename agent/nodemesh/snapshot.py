@@ -9,7 +9,8 @@ were a fifth of a one-service round's CPU).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import dataclasses
+from dataclasses import dataclass, field
 from typing import (
     Any,
     Dict,
@@ -39,12 +40,15 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 SHARDS = 4096
-# The shards sit in GROUPS tuples of SHARDS // GROUPS: a change copies its group's tuple and
-# the outer one (128 pointers), where one flat tuple of 4,096 was copied twice a publish (to
-# a list and back), three publishes a round: about a tenth of a one-service round.
-GROUPS = 64
-_PER_GROUP = SHARDS // GROUPS
+# The shards sit in GROUPS tuples of SHARDS // GROUPS, themselves in GROUPS tuples of
+# GROUPS: a change copies its shard, that shard's group and middle tuple and the outer one
+# (48 pointers). One flat tuple of 4,096 was copied twice a publish (to a list and back),
+# three publishes a round: about a tenth of a one-service round; two levels of 64 still had
+# a change copy 128 pointers a map, and the collector's young pass visit each, cold.
+GROUPS = 16
+_PER_GROUP = SHARDS // GROUPS // GROUPS
 _SHIFT = _PER_GROUP.bit_length() - 1
+_MID_SHIFT = 2 * _SHIFT
 _EMPTY: Dict[Any, Any] = {}  # every shard of a new Shards: never mutated (updated() copies)
 _GONE = object()
 
@@ -54,20 +58,22 @@ class Shards(Generic[K, V]):
 
     __slots__ = ("_shards", "_len")
 
-    def __init__(self, shards: Optional[Tuple[Tuple[Dict[K, V], ...], ...]] = None,
+    def __init__(self, shards: Optional[Tuple[Tuple[Tuple[Dict[K, V], ...], ...], ...]] = None,
                  length: int = 0):
-        self._shards: Tuple[Tuple[Dict[K, V], ...], ...] = \
-            shards or ((_EMPTY,) * _PER_GROUP,) * GROUPS
+        self._shards: Tuple[Tuple[Tuple[Dict[K, V], ...], ...], ...] = \
+            shards or (((_EMPTY,) * _PER_GROUP,) * GROUPS,) * GROUPS
         self._len = length
 
     def updated(self, changes: Mapping[K, Optional[V]]) -> Self:
         """A new Shards with `changes` applied (None deletes); self is left as it was."""
         if not changes:
             return self
-        groups = list(self._shards)
+        outer = list(self._shards)
+        copied_mids: Dict[int, List[Tuple[Dict[K, V], ...]]] = {}
         copied_groups: Dict[int, List[Dict[K, V]]] = {}
         copied: Dict[int, Dict[K, V]] = {}
         length = self._len
+        mask = _PER_GROUP - 1
         for key, value in changes.items():
             i = hash(key) % SHARDS
             d = copied.get(i)
@@ -75,9 +81,13 @@ class Shards(Generic[K, V]):
                 g = i >> _SHIFT
                 group = copied_groups.get(g)
                 if group is None:
-                    group = copied_groups[g] = list(groups[g])
-                d = copied[i] = dict(group[i & (_PER_GROUP - 1)])
-                group[i & (_PER_GROUP - 1)] = d
+                    o = i >> _MID_SHIFT
+                    mid = copied_mids.get(o)
+                    if mid is None:
+                        mid = copied_mids[o] = list(outer[o])
+                    group = copied_groups[g] = list(mid[g & mask])
+                d = copied[i] = dict(group[i & mask])
+                group[i & mask] = d
             if value is None:
                 if d.pop(key, _GONE) is not _GONE:
                     length -= 1
@@ -86,17 +96,21 @@ class Shards(Generic[K, V]):
                 d[key] = value
                 length += len(d) - before
         for g, group in copied_groups.items():
-            groups[g] = tuple(group)
-        return type(self)(tuple(groups), length)
+            copied_mids[g >> _SHIFT][g & mask] = tuple(group)
+        for o, mid in copied_mids.items():
+            outer[o] = tuple(mid)
+        return type(self)(tuple(outer), length)
 
     def get(self, key: K) -> Optional[V]:
         i = hash(key) % SHARDS
-        return self._shards[i >> _SHIFT][i & (_PER_GROUP - 1)].get(key)
+        mask = _PER_GROUP - 1
+        return self._shards[i >> _MID_SHIFT][(i >> _SHIFT) & mask][i & mask].get(key)
 
     def dicts(self) -> Iterator[Dict[K, V]]:
         """The 4,096 shards (tests look at what a change copied)."""
-        for group in self._shards:
-            yield from group
+        for mid in self._shards:
+            for group in mid:
+                yield from group
 
     def values(self) -> Iterator[V]:
         for d in self.dicts():
@@ -106,52 +120,70 @@ class Shards(Generic[K, V]):
         return self._len
 
 
-_CHUNK_BITS = 8
+_CHUNK_BITS = 6
 _CHUNK = 1 << _CHUNK_BITS
+_GROUP_BITS = 5
+_GROUP = 1 << _GROUP_BITS
 _EMPTY_CHUNK: Tuple[Any, ...] = (None,) * _CHUNK
+_EMPTY_GROUP: Tuple[Tuple[Any, ...], ...] = (_EMPTY_CHUNK,) * _GROUP
 
 
 class IdIndex(Generic[V]):
     """An immutable mapping of small ints (the kernel's svc_ids, 1..131,071 by default) as an
-    array in chunks of 256 tuples, copied per chunk on change. At 100,000 ids it is about
-    0.8 MiB, where a Shards of them was about 5 MiB of dicts; a change copies one chunk and
-    the outer tuple (about 400 pointers at 100,000). get() is None for any id not held."""
+    array in chunks of 64, the chunks in groups of 32, copied per chunk and group on change.
+    At 100,000 ids it is about 0.8 MiB, where a Shards of them was about 5 MiB of dicts; a
+    change copies one chunk, its group and the outer tuple (about 150 pointers at 100,000).
+    One level of 256-id chunks had the change copy ~650 pointers, and the collector's young
+    pass then visited each of them, cold. get() is None for any id not held."""
 
-    __slots__ = ("_chunks", "_len")
+    __slots__ = ("_groups", "_len")
 
-    def __init__(self, chunks: Tuple[Tuple[Optional[V], ...], ...] = (), length: int = 0):
-        self._chunks = chunks
+    def __init__(self, groups: Tuple[Tuple[Tuple[Optional[V], ...], ...], ...] = (),
+                 length: int = 0):
+        self._groups = groups
         self._len = length
 
     def updated(self, changes: Mapping[int, Optional[V]]) -> Self:
         """A new IdIndex with `changes` applied (None deletes); self is left as it was."""
         if not changes:
             return self
-        chunks: List[Tuple[Optional[V], ...]] = list(self._chunks)
+        groups: List[Tuple[Tuple[Optional[V], ...], ...]] = list(self._groups)
+        copied_groups: Dict[int, List[Tuple[Optional[V], ...]]] = {}
         copied: Dict[int, List[Optional[V]]] = {}
         length = self._len
         for ident, value in changes.items():
             c = ident >> _CHUNK_BITS
             chunk = copied.get(c)
             if chunk is None:
-                if c >= len(chunks):
-                    chunks.extend([_EMPTY_CHUNK] * (c + 1 - len(chunks)))
-                chunk = copied[c] = list(chunks[c])
+                g = c >> _GROUP_BITS
+                group = copied_groups.get(g)
+                if group is None:
+                    if g >= len(groups):
+                        groups.extend([_EMPTY_GROUP] * (g + 1 - len(groups)))
+                    group = copied_groups[g] = list(groups[g])
+                chunk = copied[c] = list(group[c & (_GROUP - 1)])
             i = ident & (_CHUNK - 1)
             length += (value is not None) - (chunk[i] is not None)
             chunk[i] = value
         for c, chunk in copied.items():
-            chunks[c] = tuple(chunk)
-        return type(self)(tuple(chunks), length)
+            copied_groups[c >> _GROUP_BITS][c & (_GROUP - 1)] = tuple(chunk)
+        for g, group in copied_groups.items():
+            groups[g] = tuple(group)
+        return type(self)(tuple(groups), length)
 
     def get(self, ident: int) -> Optional[V]:
-        c = ident >> _CHUNK_BITS
-        if ident < 0 or c >= len(self._chunks):
+        g = ident >> (_CHUNK_BITS + _GROUP_BITS)
+        if ident < 0 or g >= len(self._groups):
             return None
-        return self._chunks[c][ident & (_CHUNK - 1)]
+        return self._groups[g][(ident >> _CHUNK_BITS) & (_GROUP - 1)][ident & (_CHUNK - 1)]
+
+    def chunks(self) -> Iterator[Tuple[Optional[V], ...]]:
+        """The chunks of 64 ids, in order (tests look at what a change copied)."""
+        for group in self._groups:
+            yield from group
 
     def values(self) -> Iterator[V]:
-        for chunk in self._chunks:
+        for chunk in self.chunks():
             for v in chunk:
                 if v is not None:
                     yield v
@@ -320,7 +352,8 @@ class Snapshot:
             shards = self.frontends._shards  # Shards.get inline: 100,000 keys a first sync
             for key in views:  # first the ids these frontends held, then what they hold now
                 i = hash(key) % SHARDS
-                old = shards[i >> _SHIFT][i & (_PER_GROUP - 1)].get(key)
+                old = shards[i >> _MID_SHIFT][(i >> _SHIFT) & (_PER_GROUP - 1)][
+                    i & (_PER_GROUP - 1)].get(key)
                 svc_id = None if old is None else _indexed_svc_id(old)
                 if svc_id is not None:
                     by_id[svc_id] = None
@@ -328,5 +361,17 @@ class Snapshot:
             svc_id = None if view is None else _indexed_svc_id(view)
             if svc_id is not None:
                 by_id[svc_id] = view
-        return replace(self, frontends=self.frontends.updated(views),
-                       by_svc_id=self.by_svc_id.updated(by_id), **changes)
+        changes["frontends"] = self.frontends.updated(views)
+        changes["by_svc_id"] = self.by_svc_id.updated(by_id)
+        if not _SNAPSHOT_FIELDS.issuperset(changes):
+            raise TypeError(f"Snapshot has no field {sorted(set(changes) - _SNAPSHOT_FIELDS)}")
+        # replace() without dataclasses' machinery (a field walk and a frozen __init__ of
+        # object.__setattr__ calls): a Snapshot has no __post_init__ to run, once a round.
+        new = object.__new__(type(self))
+        fields_ = new.__dict__
+        fields_.update(self.__dict__)
+        fields_.update(changes)
+        return new
+
+
+_SNAPSHOT_FIELDS = frozenset(f.name for f in dataclasses.fields(Snapshot))

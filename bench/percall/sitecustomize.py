@@ -14,6 +14,7 @@ where its ~1.5 ms goes (it took 6 of 146 samples of the core as running); this d
 A function some agent copy lacks is reported and skipped.
 """
 import os
+import sys
 
 # (module, function or Class.method): the change path, core and source threads
 FUNCTIONS = [
@@ -37,6 +38,8 @@ FUNCTIONS = [
     ("nodemesh.datapath.maps", "Maps.delete_batch"),
     ("nodemesh.datapath.bpfsys", "map_update_batch"),
     ("nodemesh.datapath.bpfsys", "map_delete_batch"),
+    ("nodemesh.datapath.bpfsys", "map_update_packed"),
+    ("nodemesh.datapath.bpfsys", "map_delete_packed"),
     ("logging", "StreamHandler.emit"),
     ("nodemesh.snapshot", "Snapshot.with_frontends"), ("nodemesh.snapshot", "Shards.updated"),
     ("nodemesh.snapshot", "IdIndex.updated"),
@@ -83,7 +86,7 @@ def _install(out: str) -> None:
         try:
             wrap(module, qualname)
         except Exception as e:  # noqa: BLE001 - another copy of the agent may lack it
-            print("percall: cannot wrap", module, qualname, e)
+            print("percall: cannot wrap", module, qualname, e, file=sys.stderr)
     import nodemesh.core
     import nodemesh.reconciler
     nodemesh.core.service_frontends = nodemesh.reconciler.service_frontends  # imported by name

@@ -4,6 +4,7 @@ import gc
 import sys
 from dataclasses import replace
 
+import pytest
 from fakemaps import FakeMaps
 
 from nodemesh.datapath import maps as m
@@ -137,6 +138,22 @@ def test_a_plain_frontend_keeps_its_service_and_chooses_its_backends_when_read()
         ("10.0.0.1", 8080): 1, ("10.0.0.2", 8080): 2, ("10.0.0.3", 8080): 3}
 
 
+def test_a_changed_plain_frontend_is_told_apart_by_its_backends_without_its_fields(
+        monkeypatch):
+    """set_service and _plan compare a service's new frontend with its old one each change:
+    their backends differ nearly always, and that answers without two field tuples each."""
+    rec = Reconciler(FakeMaps(), m.MapSizes())
+    web = svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    rec.apply([web])
+    key = FrontendKey(4, "10.96.0.1", 80, "TCP")
+    old = rec.desired[key]
+    moved = PlainFrontend(key, svc("web", "10.96.0.1", ["10.0.0.4", "10.0.0.5", "10.0.0.6"]))
+    same = PlainFrontend(key, svc("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"]))
+    assert old == same and old.fields() == same.fields()  # equal, field for field
+    monkeypatch.setattr(PlainFrontend, "fields", lambda self: pytest.fail("fields built"))
+    assert old != moved and not old == moved and moved != old
+
+
 def test_a_frontend_view_formats_its_labels_at_scrape_and_stores_none():
     from nodemesh.reconciler import Status
     from nodemesh.snapshot import frontend_view
@@ -203,10 +220,15 @@ def test_publishing_one_change_copies_one_group_of_shards_not_the_whole_table():
 
     big = Shards().updated({i: i for i in range(100_000)})
     after = big.updated({5: 0})
-    # 64 groups of 64 shards: one group tuple and the outer one are new (128 pointers copied,
-    # where a flat tuple of 4,096 was copied to a list and back each publish)
-    assert len(after._shards) == GROUPS and {len(g) for g in after._shards} == {SHARDS // GROUPS}
+    # 16 tuples of 16 groups of 16 shards: one group tuple, its middle one and the outer one
+    # are new (48 pointers copied, where a flat tuple of 4,096 was copied to a list and back
+    # each publish)
+    assert len(after._shards) == GROUPS and {len(g) for g in after._shards} == {GROUPS}
+    assert {len(g) for mid in after._shards for g in mid} == {SHARDS // GROUPS // GROUPS}
     assert sum(1 for old, new in zip(big._shards, after._shards) if new is not old) == 1
+    assert sum(1 for old, new in zip((g for m in big._shards for g in m),
+                                     (g for m in after._shards for g in m)) if new is not old) == 1
+    assert sum(1 for old, new in zip(big.dicts(), after.dicts()) if new is not old) == 1
 
 
 def test_endpoints_counted_alike_share_one_count_object():
@@ -230,8 +252,8 @@ def test_the_svc_id_index_is_an_array_copied_per_chunk():
     assert index.get(2 ** 32 - 1) is None and index.get(-1) is None
     after = index.updated({77: None, 100_001: "new"})
     assert after.get(77) is None and index.get(77) == "77" and len(after) == 100_000
-    changed = [c for c, d in zip(index._chunks, after._chunks) if c is not d]
-    assert len(changed) == 2  # 77's chunk and 100,001's, of 391
+    changed = [c for c, d in zip(index.chunks(), after.chunks()) if c is not d]
+    assert len(changed) == 2  # 77's chunk and 100,001's, of 1,568 (49 groups of 32)
     assert list(after.values())[-2:] == ["100000", "new"]
     # about a sixth of the dicts of a Shards with the same ids
     assert deep_size(index) * 4 < deep_size(Shards().updated({i: str(i) for i in ids}))

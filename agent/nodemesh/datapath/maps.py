@@ -239,6 +239,8 @@ MAPS: Tuple[MapSpec, ...] = (
             "NM_MAX_LATENCY"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
+_KEY_SIZE = {m.name: ctypes.sizeof(m.key) for m in MAPS}
+_VALUE_SIZE = {m.name: ctypes.sizeof(m.value) for m in MAPS}
 
 
 @dataclass(frozen=True)
@@ -497,20 +499,20 @@ class Maps:
         bytes object per element."""
         if not keys:
             return
-        spec = MAP_BY_NAME[name]
-        n = len(keys) // ctypes.sizeof(spec.key)
-        karr = (spec.key * n).from_buffer_copy(keys)
-        varr = (spec.value * n).from_buffer_copy(values)
-        bpfsys.map_update_batch(self.fds[name], karr, varr, n)
+        if len(values) != len(keys) // _KEY_SIZE[name] * _VALUE_SIZE[name]:
+            raise ValueError(f"{name}: {len(keys)} bytes of keys and {len(values)} bytes of "
+                             f"values are not as many elements")
+        bpfsys.map_update_packed(self.fds[name], keys, values, len(keys) // _KEY_SIZE[name])
 
     def delete_batch(self, name: str, keys: Sequence[object]) -> int:
+        """Delete keys (packed bytes each, or ctypes key objects); those already gone are
+        skipped. Returns how many went."""
         if not keys:
             return 0
-        spec = MAP_BY_NAME[name]
-        if isinstance(keys[0], bytes):
-            arr = (spec.key * len(keys)).from_buffer_copy(b"".join(keys))
-        else:
-            arr = (spec.key * len(keys))(*keys)
+        if type(keys[0]) is bytes:
+            return bpfsys.map_delete_packed(self.fds[name], b"".join(keys),  # type: ignore
+                                            len(keys))
+        arr = (MAP_BY_NAME[name].key * len(keys))(*keys)
         return bpfsys.map_delete_batch(self.fds[name], arr, len(keys))
 
     # -- reads ------------------------------------------------------------------------------
