@@ -81,3 +81,35 @@ def test_a_list_remembers_what_it_named_by_the_caches_own_names_and_relists_righ
         state.list_done("service", seen)
         assert ("shop", "web") in seen and ("shop", "old") not in seen
     assert set(state._services) == {("shop", "web"), ("shop", "new")}
+
+
+def test_one_key_tuple_a_service_for_the_cache_the_service_and_the_core():
+    # The cache's key, the delivered Service's key and what the core keys it by are one
+    # tuple (Service.key was a property: a tuple of its own for each holder, 56 bytes).
+    from fakemaps import FakeMaps
+    from prometheus_client import CollectorRegistry
+
+    from nodemesh.core import Core, SourceChanged
+    from nodemesh.health import HealthChecker
+    from nodemesh.outlier import OutlierDetector
+    from nodemesh.reconciler import Reconciler
+    from nodemesh.snapshot import SourceState
+
+    state = kubernetes._ClusterState(lambda: None, lambda notes: None)
+    for kind, body in (("endpointslice", slice_page(("web", ["10.1.0.7"]))),
+                       ("service", service_page("web"))):
+        seen = kubernetes._SeenKeys()
+        state.list_page(kind, pickle.loads(pickle.dumps(decode_page(kind, body))), seen)
+        state.list_done(kind, seen)
+    delta = state.take_delta()
+    (service,) = delta.upserts
+    (cache_key,) = list(state._services)
+    assert service.key is cache_key and service.key is service.key
+    registry = CollectorRegistry()
+    core = Core(Reconciler(FakeMaps()), HealthChecker(registry, lambda key: None),
+                OutlierDetector(registry, lambda services: None), SourceState("kubernetes"))
+    core.post(SourceChanged(delta))
+    core.step(0)
+    (core_key,) = list(core.services)
+    assert core_key is cache_key
+    assert all(k is cache_key for k in core.reconciler.by_service)
