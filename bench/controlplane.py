@@ -9,13 +9,21 @@ Sources (--sources, comma-separated):
   file        one YAML file with every service
   dir         a folder of 100 *.yaml files (N/100 services each; a change rewrites one file)
   kubernetes  tests/k8s_fake_apiserver.py on 127.0.0.1, N Services + N EndpointSlices shaped
-              as bench/k8s_source.py makes them, endpoints pointed at the lab's backends
+              as bench/k8s_source.py makes them (the real services' on the lab's backends)
 
 Every service has 3 backends, one TCP port 80 -> 8080, a VIP in 10.96.0.0/15 (the formula of
-bench/k8s_source.py). The agent runs as root with --metrics-detail service, its own --bpffs,
---admin-socket and --metrics-addr 127.0.0.1:PORT, its hooks on a Lab's child cgroup
-(agent/nodemesh/lab), cold (no pins) for every N. The lab has 6 backends running the lab
-server (answers with its name): every service starts on set A = b1 b2 b3; a change moves
+bench/k8s_source.py). Each service has its own 3 endpoint addresses, as a cluster's services
+have their own pods: bench/k8s_source.py's formula, 300,000 distinct addresses in 10.128.0.0/10
+at 100,000 (a range the lab never routes; also blackholed in the client netns), for every
+source. Only the services the probe and the change loop use (svc-0 and the --changes services
+the loop picks) start on the lab's real backends (set A). Until 2026-11-29 every service had
+the same three lab addresses, 300,000 equal strings: a shape that flattered any sharing of
+equal addresses (branch mem7's address pool in the Kubernetes source, -18 MiB in it).
+
+The agent runs as root with --metrics-detail service, its own --bpffs, --admin-socket and
+--metrics-addr 127.0.0.1:PORT, its hooks on a Lab's child cgroup (agent/nodemesh/lab), cold
+(no pins) for every N. The lab has 6 backends running the lab server (answers with its
+name): those real services start on set A = b1 b2 b3; a change moves
 one service to the other set (A <-> B = b4 b5 b6), so every connection made after the
 switch lands on the new set, with no sampling delay. Measured:
 
@@ -110,7 +118,7 @@ import threading
 import time
 import traceback
 import urllib.request
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _p in (os.path.join(ROOT, "agent"), os.path.join(ROOT, "tests"),
@@ -121,6 +129,7 @@ for _p in (os.path.join(ROOT, "agent"), os.path.join(ROOT, "tests"),
 from k8s_source import vm_hwm  # noqa: E402  (bench/ is on the path above)
 
 VIP_RANGE = "10.96.0.0/15"  # 131,072 addresses; blackholed in the lab's client netns
+POD_RANGE = "10.128.0.0/10"  # the services' own endpoint addresses; blackholed there too
 FILES = 100                 # files of the folder variant
 SET_A = (0, 1, 2)           # lab backend indexes every service starts on
 SET_B = (3, 4, 5)           # ... and the other set a change moves a service to
@@ -130,6 +139,19 @@ STATE_DIR = "/run/nodemesh/bench-controlplane"
 def vip_of(i: int) -> str:
     """Service i's VIP: bench/k8s_source.py's service_object() formula (checked in main)."""
     return f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}"
+
+
+def own_addresses(i: int) -> List[str]:
+    """Service i's own 3 endpoint addresses: bench/k8s_source.py's slice_object() formula
+    (checked in main; in POD_RANGE; distinct across services, as pods' are in a cluster)."""
+    return [f"10.{128 + n // 65536}.{n // 256 % 256}.{n % 256}"
+            for n in range(i * 3, i * 3 + 3)]
+
+
+def real_services(n: int, changes: int) -> set:
+    """The services that start on the lab's real backends: svc-0 (the probe's baseline) and
+    every service the change loop moves (the loop's formula below)."""
+    return {0} | {(c * 7919) % n for c in range(changes)}
 
 
 # -- the probe: runs in the client netns, inside the hooked cgroup ----------------------------
@@ -339,12 +361,12 @@ class FileVariant:
     name = "file"
     title = "file source, one file"
 
-    def __init__(self, workdir: str, n: int, addresses_a: Sequence[str]):
+    def __init__(self, workdir: str, n: int, initial: Callable[[int], Sequence[str]]):
         self.n = n
         self.staging = os.path.join(workdir, "staging")
         os.makedirs(self.staging, exist_ok=True)
         self.path = os.path.join(workdir, "services.yaml")
-        self.lines = [service_line(i, addresses_a) for i in range(n)]
+        self.lines = [service_line(i, initial(i)) for i in range(n)]
         replace_file(self.staging, self.path, "services:\n" + "".join(self.lines))
 
     def args(self) -> List[str]:
@@ -362,7 +384,7 @@ class DirVariant:
     name = "dir"
     title = f"file source, a folder of {FILES} files"
 
-    def __init__(self, workdir: str, n: int, addresses_a: Sequence[str]):
+    def __init__(self, workdir: str, n: int, initial: Callable[[int], Sequence[str]]):
         self.n = n
         self.staging = os.path.join(workdir, "staging")
         os.makedirs(self.staging, exist_ok=True)
@@ -370,7 +392,7 @@ class DirVariant:
         os.makedirs(self.folder, exist_ok=True)
         self.files: List[List[str]] = [[] for _ in range(FILES)]
         for i in range(n):
-            self.files[self.file_of(i)].append(service_line(i, addresses_a))
+            self.files[self.file_of(i)].append(service_line(i, initial(i)))
         for k in range(FILES):
             replace_file(self.staging, self.file_path(k), self.text(k))
 
@@ -400,7 +422,7 @@ class K8sVariant:
     name = "kubernetes"
     title = "Kubernetes source (tests/k8s_fake_apiserver.py)"
 
-    def __init__(self, workdir: str, n: int, addresses_a: Sequence[str]):
+    def __init__(self, workdir: str, n: int, initial: Callable[[int], Sequence[str]]):
         import k8s_source  # bench/k8s_source.py: the object shapes
         from k8s_fake_apiserver import FakeApiServer
 
@@ -411,7 +433,7 @@ class K8sVariant:
             with open(os.path.join(ROOT, "tests", "fixtures", "k8s", "node-a.json")) as f:
                 self.api.add_node(json.load(f))
             self.api.load(k8s_source.service_object(i) for i in range(n))
-            self.api.load(self.slice(i, 0, addresses_a) for i in range(n))
+            self.api.load(self.slice(i, 0, initial(i)) for i in range(n))
         except BaseException:
             self.api._server.server_close()  # not started: stop() would wait for serve_forever
             raise
@@ -419,7 +441,7 @@ class K8sVariant:
         self.kubeconfig = self.api.write_kubeconfig(os.path.join(workdir, "kubeconfig"))
 
     def slice(self, i: int, generation: int, addresses: Sequence[str]) -> dict:
-        """bench/k8s_source.py's EndpointSlice, its endpoints on the lab's backends."""
+        """bench/k8s_source.py's EndpointSlice, its endpoints on the given addresses."""
         obj = self.k8s.slice_object(i, generation)
         assert len(obj["endpoints"]) == len(addresses), "3 endpoints per slice expected"
         for endpoint, address in zip(obj["endpoints"], addresses):
@@ -735,9 +757,11 @@ def run_one(args, lab, workdir: str, state: State, source: str, n: int) -> dict:
     names_of = {i: lab.backends[i].name for i in range(len(lab.backends))}
     addrs = {i: lab.backends[i].ipv4 for i in range(len(lab.backends))}
     set_a = [addrs[i] for i in SET_A]
+    real = real_services(n, args.changes)
     run_dir = tempfile.mkdtemp(prefix=f"{source}-{n}-", dir=workdir)
     t = time.monotonic()
-    variant = VARIANTS[source](run_dir, n, set_a)
+    variant = VARIANTS[source](run_dir, n,
+                               lambda i: set_a if i in real else own_addresses(i))
     prepared = time.monotonic() - t
     # What the source holds (the fake API server's 200,000 stored objects at 100,000) lives
     # until the run ends: out of the cyclic collector's reach, or each full collection in
@@ -1027,6 +1051,8 @@ def main() -> int:
     try:
         import k8s_source
         assert k8s_source.service_object(70000)["spec"]["clusterIP"] == vip_of(70000)
+        assert [e["addresses"][0] for e in k8s_source.slice_object(70000)["endpoints"]] == \
+            own_addresses(70000)
     except ImportError:
         pass  # the kubernetes variant reports it
 
@@ -1042,6 +1068,7 @@ def main() -> int:
     try:
         lab = new_lab("nmcp", backends=len(SET_A) + len(SET_B))
         sh(f"ip -n {lab.client_ns} route replace blackhole {VIP_RANGE}")
+        sh(f"ip -n {lab.client_ns} route replace blackhole {POD_RANGE}")
         lab.start_servers(tcp_ports=(8080,), udp_ports=())
         print(f"lab {lab.prefix}: cgroup {lab.cgroup}, pins {lab.bpffs}", flush=True)
         for source in sources:

@@ -1,7 +1,9 @@
 """Active health checks: is each backend answering on the port it serves?
 
 One background thread runs one asyncio event loop; every target is a task on it, so a thousand
-backends cost a thousand sockets in flight at worst, never a thousand threads. The daemon hands
+backends cost a thousand sockets in flight at worst, never a thousand threads. The loop, its
+thread and asyncio itself (2.7 MiB of RSS imported) start with the first target: an agent
+whose services have no health checks never pays for them. The daemon hands
 over the complete set of targets (`set_targets`) whenever desired state changes, reads verdicts
 with `healthy()` / `unhealthy_keys()`, and is told through `on_change()` when a verdict flips,
 so it can recompute the selection set.
@@ -20,7 +22,6 @@ close, so an orderly FIN would leave one TIME_WAIT socket per check for 60 s (1,
 """
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import ipaddress
@@ -32,12 +33,15 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from . import __version__, threadname
 from .model import HEALTH_CHECK_TYPES, HealthCheck
+
+if TYPE_CHECKING:  # imported where a check runs: see the module's docstring
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,6 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     2.5, 5.0)
 RESULTS = ("success", "failure", "timeout")
 _NO_TASK = (None, None, None)
-# asyncio.timeout (3.11+) keeps a cancellation that races the timeout; wait_for before 3.12
-# can swallow it.
-_timeout = getattr(asyncio, "timeout", None)
 STOP_JOIN_SECONDS = 2.0
 
 # Errors that say this node is short of resources, not that the backend is down: such a check
@@ -177,6 +178,7 @@ class HealthChecker:
         self._thread: Optional[threading.Thread] = None
         self._stop_requested: Optional[asyncio.Future] = None
         self._semaphore: Optional[asyncio.Semaphore] = None  # made on the loop's thread
+        self._started = False
         self._stopped = False
         self._last_skip_logged = float("-inf")
 
@@ -194,15 +196,32 @@ class HealthChecker:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
+        """Checks may run from now on; the loop and its thread start with the first target."""
         with self._lock:
-            if self._thread is not None or self._stopped:
+            if self._started or self._stopped:
                 raise RuntimeError("a HealthChecker starts once")
-            self._loop = asyncio.new_event_loop()
-            self._stop_requested = self._loop.create_future()
-            self._thread = threadname.Thread(target=self._run_loop, name="health-checks",
-                                            daemon=True)
-        self._loop.call_soon_threadsafe(self._sync_tasks)
+            self._started = True
+        self._resync(None)
+
+    def _loop_locked(self) -> Tuple[Optional[asyncio.AbstractEventLoop], bool]:
+        """The checker's loop (None before start, after stop, or while there is no target),
+        started here with the first target; and whether it was started just now. Called with
+        self._lock held."""
+        if not self._started or self._stopped:
+            return None, False
+        if self._loop is not None:
+            return self._loop, False
+        if not self._targets:
+            return None, False
+        import asyncio
+        self._loop = asyncio.new_event_loop()
+        self._stop_requested = self._loop.create_future()
+        self._thread = threadname.Thread(target=self._run_loop, name="health-checks",
+                                        daemon=True)
+        # Started under the lock, so a stop() never finds a thread it cannot join yet; the
+        # thread takes the lock only in its first _sync_tasks, after start() returned.
         self._thread.start()
+        return self._loop, True
 
     def stop(self) -> None:
         """Cancel every check (in flight or waiting) and end the thread. Idempotent."""
@@ -260,10 +279,11 @@ class HealthChecker:
 
     def _resync(self, keys: Optional[Set[TargetKey]]) -> None:
         with self._lock:
-            loop = self._loop if not self._stopped else None
+            loop, new = self._loop_locked()
         if loop is not None:
             try:
-                loop.call_soon_threadsafe(self._sync_tasks, keys)
+                # A loop started just now has no task yet: it syncs every target.
+                loop.call_soon_threadsafe(self._sync_tasks, None if new else keys)
             except RuntimeError:
                 pass  # stopping
 
@@ -304,6 +324,7 @@ class HealthChecker:
 
     # -- the checker thread -----------------------------------------------------------------
     def _run_loop(self) -> None:
+        import asyncio
         loop = self._loop
         asyncio.set_event_loop(loop)
         try:
@@ -312,6 +333,7 @@ class HealthChecker:
             loop.close()
 
     async def _serve(self) -> None:
+        import asyncio
         await self._stop_requested
         tasks = [task for _, _, task in self._tasks.values()]
         self._tasks.clear()
@@ -357,6 +379,7 @@ class HealthChecker:
 
     async def _check_forever(self, key: TargetKey, state: TargetState,
                              check: HealthCheck) -> None:
+        import asyncio
         loop = asyncio.get_running_loop()
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self._max_concurrent)
@@ -416,15 +439,19 @@ class HealthChecker:
 
     async def _probe(self, key: TargetKey, check: HealthCheck) -> Outcome:
         """One check, never raising: the result, the classified error, and its duration."""
+        import asyncio
         phase = ["connect"]  # where a timeout struck, for the error text
         started = self._clock()
+        # asyncio.timeout (3.11+) keeps a cancellation that races the timeout; wait_for before
+        # 3.12 can swallow it.
+        timeout = getattr(asyncio, "timeout", None)
         try:
             if check.type == "http":
                 coro = _http_check(key, check, phase)
             else:
                 coro = _tcp_check(key)
-            if _timeout is not None:
-                async with _timeout(check.timeout_seconds):
+            if timeout is not None:
+                async with timeout(check.timeout_seconds):
                     error = await coro
             else:
                 error = await asyncio.wait_for(coro, check.timeout_seconds)
@@ -471,6 +498,7 @@ def _sockaddr(address: str, port: int) -> Tuple[int, tuple]:
 
 
 async def _connect(key: TargetKey) -> socket.socket:
+    import asyncio
     family, addr = _sockaddr(key.address, key.port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -505,6 +533,7 @@ def http_request(key: TargetKey, path: str) -> bytes:
 
 
 async def _http_check(key: TargetKey, check: HealthCheck, phase: List[str]) -> Optional[str]:
+    import asyncio
     # Plain socket calls rather than asyncio streams: no transport, protocol, reader and writer
     # to build for each check.
     sock = await _connect(key)

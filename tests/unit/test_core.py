@@ -410,3 +410,29 @@ def test_a_done_frontend_is_stored_as_its_programmed_state_and_read_as_its_view(
     assert failing.programmed.desired.backends == (("10.0.0.1", 8080, 1),)
     assert core.snapshot.by_svc_id.get(failing.programmed.svc_id) == failing
     assert type(core.snapshot.frontends.get(fk(2))) is FrontendView
+
+
+def test_a_full_set_after_partial_deltas_keeps_the_keys_and_drops_and_dirties_only_what_moved():
+    # The first sync's full set after its partial deltas: the core's dict keeps the key
+    # tuples it holds (new ones, the old freed, left a 64-byte hole each at 100,000
+    # services), takes what changed, drops what the full set no longer names.
+    core, rec, maps = make()
+    core.post(SourceChanged(Delta(upserts=(svc(1, "10.0.0.1"), svc(2, "10.0.0.2"),
+                                           svc(3, "10.0.0.3")), partial=True)))
+    core.step(0, reconcile=False)
+    core.reconcile_listed()  # programmed, nothing dirty
+    entries = maps.count("services")  # three services' entries
+    kept = svc(1, "10.0.0.1")
+    same = core.services[("default", "s2")]
+    keys_before = {k: k for k in core.services}
+    core.post(SourceChanged(Delta(upserts=(kept, same, svc(4, "10.0.0.4")), full=True)))
+    core.step(0, reconcile=False)
+    assert set(core.services) == {("default", "s1"), ("default", "s2"), ("default", "s4")}
+    assert core.services[("default", "s1")] is kept and core.services[("default", "s2")] is same
+    assert all(k is keys_before[k] for k in core.services if k in keys_before)
+    # s1 equal (not dirty), s2 the same object, s3 gone, s4 new.
+    assert core._dirty == {("default", "s3"), ("default", "s4")}
+    assert core.synced
+    core.step(0)
+    assert {s.name for s in core.snapshot.services.values()} == {"s1", "s2", "s4"}
+    assert maps.count("services") == entries  # s3's gone, s4's in

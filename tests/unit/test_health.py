@@ -771,3 +771,32 @@ if __name__ == "__main__":
     print(AcceptServer(loop, "127.0.0.1").port, http_port, flush=True)
     sys.stdin.read()
     loop.close()
+
+
+def test_no_loop_thread_or_asyncio_until_a_service_has_a_health_check():
+    # A fresh interpreter: asyncio (2.7 MiB of RSS) and the checker's thread are paid only
+    # once a target exists; then checks run, and stop() ends the thread.
+    script = """
+import sys, threading
+from prometheus_client import CollectorRegistry
+from nodemesh.health import HealthChecker, TargetKey
+from nodemesh.model import HealthCheck
+checker = HealthChecker(CollectorRegistry(), lambda key: None)
+checker.start()
+checker.set_targets({})
+checker.set_service_targets(("ns", "svc"), {})
+assert "asyncio" not in sys.modules, "asyncio imported with no target"
+assert checker._thread is None, "a checker thread with no target"
+target = TargetKey("ns", "svc", "127.0.0.1", 1)
+checker.set_service_targets(("ns", "svc"), {target: HealthCheck(
+    type="tcp", interval_seconds=0.05, timeout_seconds=0.5, unhealthy_threshold=1,
+    healthy_threshold=1)})
+assert checker._thread is not None and checker._thread.is_alive(), "no thread with a target"
+checker.stop()
+assert not checker._thread.is_alive(), "the thread outlived stop()"
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -81,3 +81,57 @@ def test_a_list_remembers_what_it_named_by_the_caches_own_names_and_relists_righ
         state.list_done("service", seen)
         assert ("shop", "web") in seen and ("shop", "old") not in seen
     assert set(state._services) == {("shop", "web"), ("shop", "new")}
+
+
+def test_one_key_tuple_a_service_for_the_cache_the_service_and_the_core():
+    # The cache's key, the delivered Service's key and what the core keys it by are one
+    # tuple (Service.key was a property: a tuple of its own for each holder, 56 bytes).
+    from fakemaps import FakeMaps
+    from prometheus_client import CollectorRegistry
+
+    from nodemesh.core import Core, SourceChanged
+    from nodemesh.health import HealthChecker
+    from nodemesh.outlier import OutlierDetector
+    from nodemesh.reconciler import Reconciler
+    from nodemesh.snapshot import SourceState
+
+    state = kubernetes._ClusterState(lambda: None, lambda notes: None)
+    for kind, body in (("endpointslice", slice_page(("web", ["10.1.0.7"]))),
+                       ("service", service_page("web"))):
+        seen = kubernetes._SeenKeys()
+        state.list_page(kind, pickle.loads(pickle.dumps(decode_page(kind, body))), seen)
+        state.list_done(kind, seen)
+    delta = state.take_delta()
+    (service,) = delta.upserts
+    (cache_key,) = list(state._services)
+    assert service.key is cache_key and service.key is service.key
+    registry = CollectorRegistry()
+    core = Core(Reconciler(FakeMaps()), HealthChecker(registry, lambda key: None),
+                OutlierDetector(registry, lambda services: None), SourceState("kubernetes"))
+    core.post(SourceChanged(delta))
+    core.step(0)
+    (core_key,) = list(core.services)
+    assert core_key is cache_key
+    assert all(k is cache_key for k in core.reconciler.by_service)
+
+
+def test_services_labelled_with_their_own_names_share_one_labels_tuple():
+    # app.kubernetes.io/name: <the service's name> made every service's labels its own tuple
+    # (80 bytes a service); kept as a stand-in for the name, services labelled alike share
+    # one, and every reader still sees each service's own labels.
+    from nodemesh.model import Service, ServicePort
+
+    ports = (ServicePort(port=80, target_port=8080),)
+
+    def service(name, app):
+        return Service(name=name, namespace="shop", vip="10.96.0.1", ports=ports,
+                       labels=(("app.kubernetes.io/name", app), ("tier", "front")))
+
+    web, api, odd = service("web", "web"), service("api", "api"), service("odd", "web")
+    assert web._labels is api._labels
+    assert web.labels == (("app.kubernetes.io/name", "web"), ("tier", "front"))
+    assert api.labels == (("app.kubernetes.io/name", "api"), ("tier", "front"))
+    assert odd.labels == (("app.kubernetes.io/name", "web"), ("tier", "front"))
+    assert web == service("web", "web") and hash(web) == hash(service("web", "web"))
+    assert web != odd and pickle.loads(pickle.dumps(api)) == api
+    assert pickle.loads(pickle.dumps(api)).labels == api.labels

@@ -110,7 +110,15 @@ from typing import (
 )
 
 from .. import maglev, threadname
-from ..model import ALGORITHMS, Backend, Service, ServicePort, SessionAffinity, canonical_ip
+from ..model import (
+    ALGORITHMS,
+    Backend,
+    Service,
+    ServicePort,
+    SessionAffinity,
+    canonical_ip,
+    share_key,
+)
 from . import Delta, OnChange, OnError
 from .kubernetes_decoder import DecodedPage, DecoderCrashed, PageDecoder
 
@@ -1149,6 +1157,8 @@ class _ClusterState:
         known = self._services.get(key)
         if known is not None and service == known.service:
             service = known.service  # keep the object the agent already holds
+        elif service is not None:
+            share_key(service, key)  # the cache's key is the Service's (and the core's)
         self._services[key] = _ServiceRecord(
             version, service, named_ports,
             known.slices if known is not None else self._take_orphans(key))
