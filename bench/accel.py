@@ -170,6 +170,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" /
                                          f"accel-{time.strftime('%Y-%m-%d')}.md"))
     args = ap.parse_args()
+    import sigterm  # bench/: a kill tears the lab down too
+    sigterm.exit_on_sigterm()
     lab = new_lab("nmb", backends=0, host_blackhole=True)
     workdir = Path(f"/tmp/{lab.prefix}-accel")
     workdir.mkdir(exist_ok=True)

@@ -1066,6 +1066,8 @@ def main() -> int:
     lab = None
     results: Dict[str, List[dict]] = {s: [] for s in sources}
     try:
+        import sigterm  # bench/: a kill tears the lab down too
+        sigterm.exit_on_sigterm()
         lab = new_lab("nmcp", backends=len(SET_A) + len(SET_B))
         sh(f"ip -n {lab.client_ns} route replace blackhole {VIP_RANGE}")
         sh(f"ip -n {lab.client_ns} route replace blackhole {POD_RANGE}")

@@ -77,6 +77,8 @@ def main() -> int:
     command = "bench/observability.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if os.environ.get("NODEMESH_BPF_DIR"):  # a side-by-side run of another build's C sources
         command = f"NODEMESH_BPF_DIR={os.environ['NODEMESH_BPF_DIR']} {command}"
+    import sigterm  # bench/: a kill tears the lab down too
+    sigterm.exit_on_sigterm()
     lab = new_lab("nmo", backends=1)
     workdir = tempfile.mkdtemp(prefix="nodemesh-bench-obs-")
     bench = Bench(SimpleNamespace(variants=["nodemesh"], load_timeout=60.0), lab, workdir)

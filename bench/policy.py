@@ -99,6 +99,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     args = ap.parse_args()
+    import sigterm  # bench/: a kill tears the lab down too
+    sigterm.exit_on_sigterm()
     lab = new_lab("nmbp", backends=1, host_blackhole=True)
     workdir = tempfile.mkdtemp(prefix="nodemesh-policy-bench-")
     cgroups = []

@@ -1818,6 +1818,8 @@ def main() -> int:
     args.parts = [this_part(args, command, time.time())]
     started = time.monotonic()
     vr.reap_private_hooks()
+    import sigterm  # bench/: a kill tears the lab down too
+    sigterm.exit_on_sigterm()
     lab = new_lab("nmb", backends=1)
     workdir = tempfile.mkdtemp(prefix="nodemesh-bench-")
     bench = Bench(args, lab, workdir)

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     seconds = args.minutes * 60
     reap_stale()
+    import sigterm  # bench/: a kill tears the lab down too
+    sigterm.exit_on_sigterm()
     lab = new_lab("nms", backends=3, host_link=True)
     workdir = tempfile.mkdtemp(prefix="nodemesh-soak-")
     agent = AgentProcess(lab, workdir)

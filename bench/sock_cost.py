@@ -259,6 +259,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="nm-sockcost-") as tmp:
         # Every build is made before the first run, so editing bpf/ meanwhile changes nothing.
         builds = {v: build(v, src, Path(tmp)) for v in variants}
+        import sigterm  # bench/: a kill tears the lab down too
+        sigterm.exit_on_sigterm()
         lab = new_lab("nmb", backends=3)
         try:
             lab.start_servers(tcp_ports=(8080,), udp_ports=())

@@ -280,6 +280,8 @@ def bench(args, sizes: List[int], chosen: List[str]) -> int:
     from tcrun import InNetns
 
     workdir = tempfile.mkdtemp(prefix="nm-bench-tc-")
+    import sigterm  # bench/: a kill tears the lab down too
+    sigterm.exit_on_sigterm()
     c = new_cluster(workdir, 3)
     results: Dict[Tuple[int, str], List[Run]] = {}
     facts: List[str] = [f"load average at the start: "

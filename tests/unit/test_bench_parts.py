@@ -20,8 +20,9 @@ import threading
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "bench"))
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "bench")
+sys.path.insert(0, BENCH)
 
 import baselines as bl  # noqa: E402
 import run  # noqa: E402
@@ -839,3 +840,33 @@ def test_the_map_poller_is_sched_batch_while_it_polls_and_as_before_after():
                        deadline=time.monotonic() + 5)
     assert seen and set(seen) == {os.SCHED_BATCH}
     assert os.sched_getscheduler(0) == before
+
+
+def test_a_benchmark_killed_with_sigterm_runs_its_teardown(tmp_path):
+    # `timeout`, a CI job's end and `kill` send SIGTERM, whose default ends Python with no
+    # `finally`: bench/run.py, killed so, left its lab's netns, hooked cgroups and servers.
+    # Each benchmark that builds a lab calls sigterm.exit_on_sigterm() first (bench/sigterm.py).
+    marker = tmp_path / "torn-down"
+    script = (
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {BENCH!r})\n"
+        "import sigterm\n"
+        "sigterm.exit_on_sigterm()\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(30)\n"
+        "finally:\n"
+        f"    open({str(marker)!r}, 'w').close()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.terminate()
+        assert proc.wait(timeout=10) == 143
+    finally:
+        proc.kill()
+        proc.wait()
+    assert marker.exists(), "the benchmark's finally (its teardown) did not run"
+    for name in ("accel", "controlplane", "observability", "policy", "run", "soak",
+                 "sock_cost", "tc"):
+        with open(os.path.join(BENCH, f"{name}.py")) as f:
+            assert "sigterm.exit_on_sigterm()" in f.read(), f"bench/{name}.py"
