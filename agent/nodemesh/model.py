@@ -487,6 +487,49 @@ def share_key(service: Service, key: Tuple[str, str]) -> Service:
     return service
 
 
+def service_parts(service: Service) -> Optional[Tuple[Any, ...]]:
+    """What a Service holds but its key and backends, as plain values: (vip, ports, flat
+    labels, the other fields' tuple), for service_from_parts in another process (a source's
+    decoding worker), where Service() would check and share them all again. None if a label
+    value is the text of the name's stand-in (_NAME) without being it: that would not survive
+    the trip."""
+    labels = service._labels
+    if _NAME in labels and any(text == _NAME and text is not _NAME for text in labels):
+        return None
+    return (service.vip, service.ports, labels, service._rest)
+
+
+def service_from_parts(key: Tuple[str, str], backends: Tuple[Backend, ...],
+                       parts: Tuple[Any, ...]) -> Service:
+    """The Service of `key` with `backends` and service_parts' `parts` of one that Service()
+    built, maybe in another process (unpickled: the labels' and the fields' tuples are shared
+    again here, and the name's stand-in in the labels is this process's own again)."""
+    vip, ports, labels, rest = parts
+    if labels:
+        shared = _FLAT_LABELS.get(labels)
+        if shared is None:
+            shared = tuple([_NAME if text == _NAME else text for text in labels])
+            if len(_FLAT_LABELS) < _LABELS_SIZE:
+                _FLAT_LABELS[shared] = shared
+        labels = shared
+    try:
+        shared_rest = _RESTS.get(rest)
+    except TypeError:  # a field that is no hashable value: kept, not shared (as Service())
+        shared_rest = rest
+    if shared_rest is None:
+        shared_rest = rest
+        if len(_RESTS) < _RESTS_SIZE:
+            _RESTS[rest] = rest
+    service = _new_service(Service)
+    _set_key(service, key)
+    _set_vip(service, vip)
+    _set_service_ports(service, ports)
+    _set_backends(service, backends)
+    _set_labels(service, labels)
+    _set_rest(service, shared_rest)
+    return service
+
+
 def canonical_ip(text: str) -> str:
     """Canonical text of an IP address; raises ValueError for anything else."""
     return ipaddress.ip_address(text.strip()).compressed

@@ -181,3 +181,26 @@ def test_after_too_many_crashes_no_worker_is_started(monkeypatch):
         assert decoder.submit("service", page("Service", [])) is None
     assert decoder.crashes == 1 and not decoder.usable
     assert "no more processes" in crashes[0] and "decoded in the agent's process" in crashes[0]
+
+
+def test_a_service_rebuilt_from_its_parts_in_another_process_is_the_service():
+    """model.service_parts / service_from_parts, as the worker's rows carry a Service: the
+    name's stand-in in the labels comes back as this process's own (labels reads it by
+    identity), and a label that only looks like it is not handed over that way."""
+    import pickle
+
+    from nodemesh import model
+    from nodemesh.model import Backend, ServicePort, service_from_parts, service_parts
+    port = ServicePort(port=80, target_port=8080, protocol="TCP", name="http")
+    backends = (Backend("10.1.0.1", ports=(("http", 8080),)),)
+    for labels in [(), (("app", "web"),), (("app", "web"), ("tier", "x")),
+                   (("app", "other"), ("team", "web"))]:
+        service = Service(name="web", namespace="one", vip="10.96.0.1", ports=(port,),
+                          backends=backends, labels=labels, algorithm="maglev")
+        parts = pickle.loads(pickle.dumps(service_parts(service)))
+        rebuilt = service_from_parts(("one", "web"), backends, parts)
+        assert rebuilt == service and rebuilt.labels == service.labels == labels
+        assert rebuilt.values() == service.values()
+    lookalike = Service(name="web", namespace="one", vip="10.96.0.1", ports=(port,),
+                        labels=(("app", "web"), ("odd", "".join(list(model._NAME)))))
+    assert service_parts(lookalike) is None

@@ -117,6 +117,8 @@ from ..model import (
     ServicePort,
     SessionAffinity,
     canonical_ip,
+    service_from_parts,
+    service_parts,
     share_key,
 )
 from . import Delta, OnChange, OnError
@@ -784,13 +786,17 @@ def _with_backends(service: Service, ports: Tuple[ServicePort, ...],
 # once: a Service with its backends (not a template, then the assembled copy), a slice's
 # Backends with their constructor. What parse_service / parse_slice decided (errors, notes,
 # defaults) is in the row: the agent's process checks nothing again.
-#   service row: (namespace, name, version, fields, named_ports, port_names, families),
-#                fields: model.Service's in order (backends empty), None if not programmed;
-#                port_names / families: of its ports / its VIPs (frozensets, shared)
+#   service row: (namespace, name, version, parts, named_ports, port_names, families),
+#                parts: model.service_parts' (a Service built from them is one call of
+#                service_from_parts, not Service()'s checks and sharing again); where it
+#                has none, model.Service's fields in order (backends empty); None if not
+#                programmed; port_names / families: of its ports / its VIPs (frozensets,
+#                shared)
 #   slice row:   (namespace, name, version, service_name, address_type, ports, backends),
 #                backends: one tuple of model.Backend's fields in order per Backend
 _NAME_AT, _NAMESPACE_AT = _SERVICE_FIELDS.index("name"), _SERVICE_FIELDS.index("namespace")
 _backend_values = Backend.values  # every field, in order: one call
+_PARTS_LENGTH = 4  # of model.service_parts' tuple (a Service's fields are 21)
 _share_names, _share_families = _Pool(), _Pool()
 
 
@@ -800,7 +806,9 @@ def service_row(key: ServiceKey, version: Union[int, str, None],
     if parsed is None:
         return (key[0], key[1], version, None, (), None, None)
     service = parsed.service
-    return (key[0], key[1], version, _service_values(service), parsed.named_ports,
+    parts = service_parts(service)
+    return (key[0], key[1], version, _service_values(service) if parts is None else parts,
+            parsed.named_ports,
             _share_names(frozenset([p.name for p in service.ports])),
             _share_families(frozenset([_family(vip) for vip in service.vips])))
 
@@ -1173,20 +1181,27 @@ class _ClusterState:
         members, key = self._service_key(key)
         service = None
         if fields is not None:
-            values = list(fields)
-            values[_NAMESPACE_AT], values[_NAME_AT] = key  # one copy of the key's strings
+            # The key's strings are the agent's own (one copy of each), not the row's.
+            if len(fields) == _PARTS_LENGTH:
+                def build(backends: Tuple[Backend, ...]) -> Service:
+                    return service_from_parts(key, backends, fields)
+            else:
+                def build(backends: Tuple[Backend, ...]) -> Service:
+                    values = list(fields)
+                    values[_NAMESPACE_AT], values[_NAME_AT] = key
+                    values[_BACKENDS_AT] = backends
+                    return Service(*values)
             if not (self._delivered or self._streaming) or not members:
-                service = Service(*values)  # no slices yet (or none to take): no backends
+                service = build(())  # no slices yet (or none to take): no backends
             elif len(members) == 1 and not named_ports:
                 endpoint_slice = self._slices[members[0]]
                 slice_ports = endpoint_slice.ports
                 if FAMILY_VERSIONS.get(endpoint_slice.address_type) in families and (
                         slice_ports[0][0] in port_names if len(slice_ports) == 1 else
                         all(name in port_names for name, _ in slice_ports)):
-                    values[_BACKENDS_AT] = endpoint_slice.backends
-                    service = Service(*values)
+                    service = build(endpoint_slice.backends)
             if service is None:
-                service = assemble(ParsedService(Service(*values), named_ports),
+                service = assemble(ParsedService(build(()), named_ports),
                                    self._slices_for(key), notes)
         self._record_service(key, version, service, named_ports)
 
