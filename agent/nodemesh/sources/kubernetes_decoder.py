@@ -67,19 +67,21 @@ class DecoderCrashed(Exception):
 def decode_page(kind: str, body: bytes) -> DecodedPage:
     """What the worker does with one page: parsed as the source parses a page in its own
     process (_ClusterState.list_page: the same functions, so the same errors and notes),
-    each item handed over as a row."""
+    each item handed over as a row. Decoded whole (_page_items), not an item at a time as
+    in the source's process."""
     from .kubernetes import (
         Translation,
         _key_and_version,
-        _list_items,
+        _page_items,
         _parse_service_at,
         _parse_slice_at,
         service_row,
         slice_row,
     )
-    notes, fields = Translation(), {}  # type: ignore[var-annotated]
+    notes = Translation()
     items = []
-    for obj in _list_items(body.decode("utf-8"), fields):
+    objects, fields = _page_items(body.decode("utf-8"))
+    for obj in objects:
         key, version = _key_and_version(obj)
         items.append(service_row(key, version, _parse_service_at(obj, key[0], notes))
                      if kind == "service" else
