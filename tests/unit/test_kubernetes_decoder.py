@@ -205,19 +205,3 @@ def test_a_service_rebuilt_from_its_parts_in_another_process_is_the_service():
                         labels=(("app", "web"), ("odd", "".join(list(model._NAME)))))
     assert service_parts(lookalike) is None
 
-
-def test_a_page_is_decoded_whole_as_it_is_an_item_at_a_time():
-    """kubernetes._page_items (the worker's: one json.loads) and _list_items (the agent's: an
-    item at a time) agree, also where json.loads alone would read a page another way."""
-    import pytest
-    bodies = ['{"items": null, "kind": "L"}', ' {"kind": "L"} ', '{"metadata": {"items": 1}}',
-              '{"items": [{"a": 1}], "items": [{"b": 2}]}', '{"items": [{"a": 1}]} trailing',
-              '{"items": [1, "x", null, {"metadata": 5}], "metadata": {"continue": "c"}}',
-              page("Service", fixtures("service"), **{"continue": "t"}).decode()]
-    for body in bodies:
-        fields = {}
-        items = list(kubernetes._list_items(body, fields))
-        assert kubernetes._page_items(body) == (items, fields)
-    for body in ['[]', '{"items": [{"a": 1}', '{"items": [{"a": 1},']:
-        with pytest.raises(ValueError):
-            kubernetes._page_items(body)

@@ -1695,22 +1695,6 @@ def _list_items(text: str, fields: Dict[str, Any]) -> Iterator[dict]:
         index = skip(index, ",")
 
 
-def _page_items(text: str) -> Tuple[List[Any], Dict[str, Any]]:
-    """A List's items and its other top-level fields, as _list_items has them: the whole
-    page in one json.loads, for the decoding worker's process, which keeps nothing of it
-    (_list_items' reason to decode an item at a time). One decoder pass makes each key string
-    once a page, not once an item: ~2-3 us an item less at 100,000 Services. A page that
-    json.loads would read another way than _list_items (not one "items" key, items that are
-    not an array) goes through _list_items."""
-    if text.count('"items"') == 1:
-        # raw_decode: what follows the List is not read, as _list_items does not read it
-        page = _DECODER.raw_decode(text, _SPACE.match(text).end())[0]
-        if type(page) is dict and type(page.get("items")) is list:
-            return page.pop("items"), page
-    fields: Dict[str, Any] = {}
-    return list(_list_items(text, fields)), fields
-
-
 def _list_head(text: str) -> Optional[Dict[str, Any]]:
     """A List's metadata, read without decoding its items, if it comes before them (as the
     API server sends it); None if it does not."""
