@@ -12,10 +12,11 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 from typing import Any, Callable, List, Optional, Tuple
 
-from . import __version__, api, config
+from . import __version__, api
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -139,6 +140,8 @@ def _table(rows: List[List[str]], header: List[str]) -> str:
 
 def cmd_check(args) -> int:
     """Validate a config file, or every file of a config folder (as `run` would read them)."""
+    from . import config  # (its YAML and model: not imported before `run` starts its compile)
+
     folder = os.path.isdir(args.config)
     results: List[Any] = []  # (file, its services or its ConfigError)
     claims = config.Claims()
@@ -208,15 +211,10 @@ def lean_log_records() -> None:
 
 
 def cmd_run(args) -> int:
-    from .daemon import Agent, Options, install_signals, tune_allocator
-
-    tune_allocator()  # before any thread: see there
-    lean_log_records()
+    from .datapath import loader
     from .datapath.loader import DatapathError
     from .datapath.maps import MapSizes
     from .datapath.tc import TcSettings
-    from .mesh import MeshOptions
-    from .observability import Settings
 
     tc = TcSettings(ct_entries=args.map_conntrack, tcp_syn_seconds=args.ct_tcp_syn_timeout,
                     tcp_established_seconds=args.ct_tcp_established_timeout,
@@ -227,6 +225,53 @@ def cmd_run(args) -> int:
         for problem in tc.problems():
             logging.getLogger("nodemesh").error("%s", problem)
         return 2
+    sizes = MapSizes(service_entries=args.map_service_entries, frontends=args.map_frontends,
+                     backends=args.map_backends, revnat=args.map_revnat)
+    # The compile (clang in a child, ~2 s of a CPU and on the critical path of every start)
+    # starts before the agent's own modules are imported (~0.1-0.2 s of this CPU, more on a
+    # loaded node). A SIGTERM or SIGINT that comes before the agent's handlers are in place
+    # is kept for them: the start then stops as any stopped start does (Agent.run), ending
+    # the compile and cleaning up.
+    stopped: List[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _: stopped.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    datapath = None
+    try:
+        datapath = loader.start(args.bpffs, args.cgroup, sizes, args.accelerate_local)
+        from .daemon import install_signals, tune_allocator
+
+        tune_allocator()  # before any thread (the compile is a process, not one): see there
+        lean_log_records()
+        agent = _make_agent(args, sizes, tc)
+    except BaseException as e:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if datapath is not None:
+            datapath.abandon_load()
+            datapath.close()
+        if isinstance(e, DatapathError):
+            logging.getLogger("nodemesh").error("%s", e)
+            return 2
+        raise
+    install_signals(agent)
+    if stopped:
+        agent.stop()
+    try:
+        return agent.run(datapath)
+    except DatapathError as e:
+        logging.getLogger("nodemesh").error("%s", e)
+        return 2
+    except RuntimeError as e:
+        logging.getLogger("nodemesh").error("%s", e)
+        return 2
+
+
+def _make_agent(args, sizes, tc) -> Any:
+    """`nodemesh run`'s Agent, from its options."""
+    from .daemon import Agent, Options
+    from .mesh import MeshOptions
+    from .observability import Settings
+
     opts = Options(config=args.config, source=args.source, kubeconfig=args.kubeconfig,
                    metrics_addr=args.metrics_addr, metrics_detail=args.metrics_detail,
                    cgroup=args.cgroup, bpffs=args.bpffs,
@@ -237,26 +282,14 @@ def cmd_run(args) -> int:
                                     proxy_uid=args.proxy_uid if args.proxy_uid >= 0 else None,
                                     proxy_cgroup=args.proxy_cgroup,
                                     accelerate_local=args.accelerate_local),
-                   sizes=MapSizes(service_entries=args.map_service_entries,
-                                  frontends=args.map_frontends,
-                                  backends=args.map_backends,
-                                  revnat=args.map_revnat),
+                   sizes=sizes,
                    maglev_max_rows=args.maglev_max_rows,
                    interfaces=tuple(dict.fromkeys(args.interface)), tc=tc,
                    observe=Settings(flow_events_rate=args.flow_events_rate,
                                     flow_events_burst=args.flow_events_burst,
                                     backend_latency=args.backend_latency == "on",
                                     bpf_stats=args.bpf_stats == "on"))
-    agent = Agent(opts)
-    install_signals(agent)
-    try:
-        return agent.run()
-    except DatapathError as e:
-        logging.getLogger("nodemesh").error("%s", e)
-        return 2
-    except RuntimeError as e:
-        logging.getLogger("nodemesh").error("%s", e)
-        return 2
+    return Agent(opts)
 
 
 def _admin(args, endpoint: str) -> Any:

@@ -178,35 +178,31 @@ class Agent:
     def _node_zone(self) -> Optional[str]:
         return self.opts.node_zone or getattr(self.source, "node_zone", None)
 
-    def run(self) -> int:
-        from .preflight import _bpf_syscall
-
-        # What a node lacks is said before anything is touched, not as a traceback later.
-        access = _bpf_syscall()
-        if not access.ok:
-            raise loader.DatapathError(f"BPF is not usable: {access.detail} ({access.fix}); "
-                                       f"'nodemesh preflight' checks the whole node")
-        cgroup = loader.check_cgroup(self.opts.cgroup or loader.cgroup2_root())
+    def run(self, datapath: Optional[loader.Datapath] = None) -> int:
+        """Start, serve until stopped, stop; returns the exit code. `datapath` is one that
+        loader.start() started already (its compile running); without it, run starts it."""
+        if datapath is None:
+            datapath = loader.start(self.opts.bpffs, self.opts.cgroup, self.sizes,
+                                    self.opts.mesh.accelerate_local)
+        # The compile (a child, ~2 s of clang's CPU) started first: the source's client import
+        # and config take most of a second of this process's CPU, on the other CPU meanwhile.
+        self.datapath = datapath
+        cgroup = datapath.cgroup
         try:
-            self.metrics_server = metrics.MetricsServer(self, self.registry,
-                                                        self.opts.metrics_addr)
-        except OSError as e:
-            raise loader.DatapathError(f"--metrics-addr {self.opts.metrics_addr}: "
-                                       f"{e.strerror}") from None
-        # The compile (a child, ~4 s of clang's CPU) starts before the source is built: the
-        # source's client import and config take most of a second of this process's CPU, on
-        # the other CPU meanwhile.
-        self.datapath = loader.Datapath(self.opts.bpffs, cgroup, self.sizes,
-                                        self.opts.mesh.accelerate_local)
-        try:
-            self.datapath.start_load()
+            try:
+                self.metrics_server = metrics.MetricsServer(self, self.registry,
+                                                            self.opts.metrics_addr)
+            except OSError as e:
+                raise loader.DatapathError(f"--metrics-addr {self.opts.metrics_addr}: "
+                                           f"{e.strerror}") from None
             self.source = self._make_source()
         except BaseException:
             # This start is over before it began: the compile ends, what it made in a folder
             # that held no pins is removed, and nothing else was touched.
-            self.datapath.abandon_load()
-            self.datapath.close()
-            self.metrics_server.stop()
+            datapath.abandon_load()
+            datapath.close()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             raise
         self.metrics_server.start()
         log.info("metrics on http://%s/metrics", self.metrics_server.address)

@@ -79,6 +79,14 @@ def _is_eagain(e: Exception) -> bool:
     return str(e).endswith(os.strerror(errno.EAGAIN))
 
 
+# BCC optimises the module twice: clang's own -O2 pipeline runs while it compiles, then BCC runs
+# LLVM's -O3 pipeline over the result (bpf_module.cc, run_pass_manager). The second pass alone
+# makes near the same code (sock_lb.c: 0-4 % more instructions a program, the same per-connect
+# cost in bench/sock_cost.py) for ~0.3 s less of clang's CPU, and the compile is on the critical
+# path of every start (bench/results/controlplane.md, "The start's fixed costs").
+SINGLE_OPT_PASS = ("-Xclang", "-disable-llvm-passes")
+
+
 def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict[str, int],
                                                                    Dict[str, int], float]:
     """(the BCC object, program fds by hook name, map fds by name, seconds)."""
@@ -86,7 +94,7 @@ def compile_and_load(bpffs: str, sizes: MapSizes, src_dir) -> Tuple[object, Dict
 
     from .loader import HOOKS
 
-    cflags = [f'-DNM_PIN_DIR="{bpffs}"', f"-I{src_dir}", *sizes.cflags()]
+    cflags = [f'-DNM_PIN_DIR="{bpffs}"', f"-I{src_dir}", *sizes.cflags(), *SINGLE_OPT_PASS]
     started = time.monotonic()
     bpf = BPF(text=source_text(src_dir / "sock_lb.c").encode(), cflags=cflags)
     progs = {}
