@@ -275,15 +275,21 @@ class Core:
         ctx = self.selection_context()
         rec = self.reconciler
         changes: Dict[ServiceKey, Optional[Service]] = {}
+        services, checked, watched = self.services, self._checked, self._watched
         for key in self._dirty:
-            svc = self.services.get(key)
+            svc = services.get(key)
             changes[key] = svc
             if svc is None:
                 rec.remove_service(key)
                 self._conflicts.pop(key, None)
+                simple = False
             else:
+                # No health check, no outlier detection (nearly every service): nothing to
+                # watch, and no checker or detector to tell unless it had them before.
+                simple = svc.simple()
                 frontends = service_frontends(svc, ctx)
-                conflicts = rec.set_service(key, frontends, watched_endpoints(svc))
+                conflicts = rec.set_service(key, frontends, _NOTHING_WATCHED if simple
+                                            else watched_endpoints(svc))
                 if conflicts:
                     self._conflicts[key] = conflicts
                     log.error("%s/%s not programmed where another service has the same "
@@ -295,6 +301,8 @@ class Core:
                         self._conflicts.pop(key, None)
                     if wanted is not None:  # with no conflict, what it owns is what it wants
                         wanted.update(frontends)
+            if simple and not (checked and key in checked) and not (watched and key in watched):
+                continue
             if (svc is not None and svc.health_check is not None) or key in self._checked:
                 targets = _health_targets(svc) if svc else {}
                 self.health.set_service_targets(key, targets)
@@ -353,6 +361,9 @@ class Core:
             views, generation=snap.generation + 1, last_round=last, failing=len(self._failing),
             conflicts=tuple(c for cs in self._conflicts.values() for c in cs),
             **self._unpublished(snap))
+
+
+_NOTHING_WATCHED: FrozenSet[Tuple[str, int]] = frozenset()  # watched_endpoints of a simple one
 
 
 def _health_targets(svc: Service) -> Dict[TargetKey, HealthCheck]:

@@ -60,7 +60,7 @@ from typing import (
 
 from . import maglev, selection
 from .datapath import maps as m
-from .model import Service
+from .model import Service, all_serving
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +215,24 @@ class PlainFrontend:
 
     def _choose(self) -> Tuple[Tuple[Any, ...], str]:
         svc = self.svc
-        chosen, why = selection.eligible(svc.backends, svc, self.ctx)
+        chosen: Sequence[Any]
+        if selection.all_eligible(svc, self.ctx):
+            chosen, why = svc.backends, "ready"  # what eligible gives, without its lists
+        else:
+            chosen, why = selection.eligible(svc.backends, svc, self.ctx)
         sp = svc.ports[0]
-        target = sp.target_port
+        target, name = sp.target_port, sp.name
         v6 = self.key.family == m.FAMILY_V6
         flat: List[Any] = []
         for b in chosen:
             address = b.address
             if (":" in address) == v6:
-                flat += (address, b.target_port(sp) if b.ports else target, b.weight)
+                port = target  # Backend.target_port(sp) inline: 300,000 calls a first sync
+                for port_name, number in b.ports:
+                    if port_name == name:
+                        port = number
+                        break
+                flat += (address, port, b.weight)
         return tuple(flat), why
 
     @property
@@ -335,16 +344,20 @@ def _plain_service(svc: Service) -> bool:
     """A service whose one frontend a PlainFrontend describes (see there); whichever of its
     backends selection then allows, the frontend is _is_plain."""
     ports = svc.ports
-    if len(ports) != 1 or svc.extra_vips or svc.external_ips or svc.load_balancer_ips or \
-            ports[0].node_port or svc.algorithm == "maglev":
+    if len(ports) != 1 or ports[0].node_port:
+        return False
+    # Service.simple: a shared answer for those options (and more), nearly always yes.
+    if not svc.simple() and (svc.extra_vips or svc.external_ips or svc.load_balancer_ips or
+                             svc.algorithm == "maglev"):
         return False
     backends = svc.backends
     n = len(backends)
     if n > COMPACT_IDS:
         return False
-    for b in backends:
-        if b.weight > 1:
-            return False
+    if not all_serving(backends):  # (weight 1 each, then: nothing more to check)
+        for b in backends:
+            if b.weight > 1:
+                return False
     return n < 2 or len({b.address for b in backends}) == n
 
 
