@@ -10,6 +10,7 @@ So the work of a round follows the change, and a quiet round costs nearly nothin
 from __future__ import annotations
 
 import logging
+import operator
 import queue
 import threading
 import time
@@ -332,6 +333,14 @@ class Core:
         failing = self._failing
         # Not the union when nothing is pending (a first round's 100,000 keys hashed again).
         keys = result.touched if listed_only or not rec.pending else result.touched | rec.pending
+        added = rec.last_added
+        if added and len(added) <= len(keys):
+            # First written this round (nearly all of a first sync's page round): each one's
+            # stored view is itself, in one go; the loop below looks at the others.
+            views.update(zip(map(_key_of, added), added))
+            if failing:
+                failing.difference_update(views)
+            keys = keys.difference(views)
         view = FrontendView
         for fk in keys:
             p = programmed.get(fk)
@@ -363,6 +372,7 @@ class Core:
             **self._unpublished(snap))
 
 
+_key_of = operator.attrgetter("key")
 _NOTHING_WATCHED: FrozenSet[Tuple[str, int]] = frozenset()  # watched_endpoints of a simple one
 
 

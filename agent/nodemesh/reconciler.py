@@ -1060,6 +1060,10 @@ class Reconciler:
         self._endpoint_refs: Dict[str, Any] = {}
         self._ref_ints: Dict[int, int] = {}  # one object per value: see _shared
         self.last_result: Optional[RoundResult] = None
+        # The frontends the last round first wrote through _add_fresh: each done, and written
+        # from what it wants now (desired[key] is its desired), so its snapshot view is
+        # itself (snapshot.stored_view): the core publishes them without a look each.
+        self.last_added: List[ProgrammedFrontend] = []
 
     def _items(self, name: str) -> Iterator[Tuple[Any, Any]]:
         """A map's elements as its ctypes key and value types (see maps.MAPS)."""
@@ -1240,6 +1244,7 @@ class Reconciler:
         round without `only`."""
         started = self.clock()
         result = RoundResult()
+        self.last_added = []
         if only is None:
             self._collect_garbage(result)
             due = list(self.pending) if force else \
@@ -1413,6 +1418,7 @@ class Reconciler:
                 else:
                     count(address, port_proto, 1)
         result.added += done
+        self.last_added += news[:done]
         return [p.key for p in news[:done]]
 
     def _add_one_by_one(self, fresh: List[Desired], failed: Dict[FrontendKey, str],

@@ -51,6 +51,7 @@ _PER_GROUP = SHARDS // GROUPS // GROUPS
 _SHIFT = _PER_GROUP.bit_length() - 1
 _MID_SHIFT = 2 * _SHIFT
 _EMPTY: Dict[Any, Any] = {}  # every shard of a new Shards: never mutated (updated() copies)
+_GONE = object()
 
 
 class Shards(Generic[K, V]):
@@ -68,36 +69,33 @@ class Shards(Generic[K, V]):
         """A new Shards with `changes` applied (None deletes); self is left as it was."""
         if not changes:
             return self
-        shards, mask = self._shards, _PER_GROUP - 1
-        # First each key into its shard's copy (a first sync's page round gives 500 keys,
-        # nearly each to a shard of its own: the work a key is kept to its hash and one
-        # store), then each copied shard into copies of its group and middle tuple.
-        copied: Dict[int, Dict[K, V]] = {}
-        get = copied.get
-        for key, value in changes.items():
-            i = hash(key) % SHARDS
-            d = get(i)
-            if d is None:
-                d = copied[i] = dict(shards[i >> _MID_SHIFT][(i >> _SHIFT) & mask][i & mask])
-            if value is None:
-                d.pop(key, None)
-            else:
-                d[key] = value
-        outer = list(shards)
+        outer = list(self._shards)
         copied_mids: Dict[int, List[Tuple[Dict[K, V], ...]]] = {}
         copied_groups: Dict[int, List[Dict[K, V]]] = {}
+        copied: Dict[int, Dict[K, V]] = {}
         length = self._len
-        for i, d in copied.items():
-            g = i >> _SHIFT
-            group = copied_groups.get(g)
-            if group is None:
-                o = i >> _MID_SHIFT
-                mid = copied_mids.get(o)
-                if mid is None:
-                    mid = copied_mids[o] = list(outer[o])
-                group = copied_groups[g] = list(mid[g & mask])
-            length += len(d) - len(group[i & mask])
-            group[i & mask] = d
+        mask = _PER_GROUP - 1
+        for key, value in changes.items():
+            i = hash(key) % SHARDS
+            d = copied.get(i)
+            if d is None:
+                g = i >> _SHIFT
+                group = copied_groups.get(g)
+                if group is None:
+                    o = i >> _MID_SHIFT
+                    mid = copied_mids.get(o)
+                    if mid is None:
+                        mid = copied_mids[o] = list(outer[o])
+                    group = copied_groups[g] = list(mid[g & mask])
+                d = copied[i] = dict(group[i & mask])
+                group[i & mask] = d
+            if value is None:
+                if d.pop(key, _GONE) is not _GONE:
+                    length -= 1
+            else:
+                before = len(d)
+                d[key] = value
+                length += len(d) - before
         for g, group in copied_groups.items():
             copied_mids[g >> _SHIFT][g & mask] = tuple(group)
         for o, mid in copied_mids.items():
