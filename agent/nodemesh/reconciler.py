@@ -1350,10 +1350,8 @@ class Reconciler:
                 self.svc_ids.unallocate(i)
             return self._add_one_by_one(fresh, failed, result)
         news: List[ProgrammedFrontend] = []
-        be_keys: List[bytes] = []
         be_values: List[bytes] = []
         slot_keys: List[bytes] = []
-        slot_values: List[bytes] = []
         master_keys: List[bytes] = []
         master_values: List[bytes] = []
         # Each packer inline (see maps.pack_backend, address_key_prefix, pack_master_value):
@@ -1367,13 +1365,15 @@ class Reconciler:
             m.pack_master_key(b""), m.pack_slot_keys_joined, m.pack_slot_values_joined
         new_frontend, algorithm_ids, svc_f_affinity, svc_f_proxy_off = \
             _new_first_write, m.ALGORITHM_IDS, m.SVC_F_AFFINITY, m.SVC_F_PROXY_OFF
+        # Each frontend's ids are the next of be_ids, in order: the chunk's backend keys and
+        # slot values are be_ids packed whole (below), each frontend's ids a slice of them.
+        all_packed = pack_ids(be_ids)
         at = 0
         for d, svc_id, flat in zip(fresh, svc_ids, flats):
             key = d.key
             n = len(flat) // 3
-            ids = be_ids[at:at + n]
-            at += n
-            packed = _U32S[n].pack(*ids)  # equal weights: the slots are the backends, in order
+            packed = all_packed[at:at + 4 * n]  # equal weights: the slots are the backends
+            at += 4 * n
             affinity, proxy, limits = d.affinity_timeout, d.proxy_port, d.limits
             news.append(new_frontend(key, svc_id, packed, packed, d))
             family, vip, port, protocol = key
@@ -1381,7 +1381,6 @@ class Reconciler:
             prefix = (pton(af4, vip) + v4_rest if family == v4 else pton(af6, vip)) + \
                 key_rest(htons(port), proto, family)
             if n:
-                be_keys.append(packed)
                 for i in range(0, n * 3, 3):
                     address = flat[i]
                     if ":" in address:
@@ -1391,7 +1390,6 @@ class Reconciler:
                         be_values.append(pton(af4, address) + v4_rest + backend_rest(
                             htons(flat[i + 1]), proto, v4, svc_id, active))
                 slot_keys.append(slot_keys_of(prefix, 0, n))
-                slot_values.append(slot_values_of(ids))
             master_keys.append(prefix + master_tail)
             master_values.append(master(
                 0, svc_id, n, 0, algorithm_ids[d.algorithm],
@@ -1400,7 +1398,7 @@ class Reconciler:
                 htons(proxy or 0), 1, affinity, *limits))
         done = self._commit(lambda: [_Change(None, p, list(unpack_ids(p.ids)), [], True)
                                      for p in news], _Packed(
-            b"".join(be_keys), b"".join(be_values), b"".join(slot_keys), b"".join(slot_values),
+            all_packed, b"".join(be_values), b"".join(slot_keys), slot_values_of(be_ids),
             b"".join(master_keys), b"".join(master_values)), failed, result, tables=False)
         programmed = self.programmed
         refs, shared, count = self._endpoint_refs, self._ref_ints.get, self._count_endpoint
