@@ -232,10 +232,15 @@ class Core:
                 for key in d.deletes:
                     if self.services.pop(key, None) is not None:
                         self._dirty.add(key)
+                services, dirty = self.services, self._dirty
                 for svc in d.upserts:
-                    if self.services.get(svc.key) != svc:
-                        self.services[svc.key] = svc
-                        self._dirty.add(svc.key)
+                    k = svc.key
+                    was = services.get(k)
+                    # `was != svc` only for a service known before: None != svc is a call
+                    # to Service.__eq__ (NotImplemented), 100,000 in a first sync's pages.
+                    if was is None or (was is not svc and was != svc):
+                        services[k] = svc
+                        dirty.add(k)
             if d.mesh is not None and d.mesh != self.mesh:
                 self.mesh, self._mesh_dirty = d.mesh, True
             if not d.partial:  # a part of the first sync is no load of its own
@@ -338,6 +343,7 @@ class Core:
             # First written this round (nearly all of a first sync's page round): each one's
             # stored view is itself, in one go; the loop below looks at the others.
             views.update(zip(map(_key_of, added), added))
+            rec.last_added = []  # read: not held (a whole first round's are 0.8 MiB)
             if failing:
                 failing.difference_update(views)
             keys = keys.difference(views)

@@ -1062,7 +1062,8 @@ class Reconciler:
         self.last_result: Optional[RoundResult] = None
         # The frontends the last round first wrote through _add_fresh: each done, and written
         # from what it wants now (desired[key] is its desired), so its snapshot view is
-        # itself (snapshot.stored_view): the core publishes them without a look each.
+        # itself (snapshot.stored_view): the core publishes them without a look each, and
+        # empties the list once read.
         self.last_added: List[ProgrammedFrontend] = []
 
     def _items(self, name: str) -> Iterator[Tuple[Any, Any]]:
@@ -1245,19 +1246,19 @@ class Reconciler:
         started = self.clock()
         result = RoundResult()
         self.last_added = []
+        desired, programmed = self.desired, self.programmed  # (the same dicts all round)
         if only is None:
             self._collect_garbage(result)
             due = list(self.pending) if force else \
                 [k for k in self.pending if self.status[k].next_attempt <= started]
         else:
-            due = [k for k in only if k in self.pending and k in self.desired]
+            pending = self.pending
+            due = [k for k in only if k in pending and k in desired]
         failed: Dict[FrontendKey, str] = {}
-        deletes = [self.programmed[k] for k in due if k not in self.desired and
-                   k in self.programmed]
+        deletes = [programmed[k] for k in due if k not in desired and k in programmed]
         self._delete(deletes, failed, result)
         changes: List[_Change] = []
         fresh: List[Desired] = []  # nothing programmed or adopted: see _add_fresh
-        desired, programmed = self.desired, self.programmed
         for k in due:
             d = desired.get(k)
             if d is None:
