@@ -10,6 +10,7 @@ So the work of a round follows the change, and a quiet round costs nearly nothin
 from __future__ import annotations
 
 import logging
+import operator
 import queue
 import threading
 import time
@@ -231,10 +232,15 @@ class Core:
                 for key in d.deletes:
                     if self.services.pop(key, None) is not None:
                         self._dirty.add(key)
+                services, dirty = self.services, self._dirty
                 for svc in d.upserts:
-                    if self.services.get(svc.key) != svc:
-                        self.services[svc.key] = svc
-                        self._dirty.add(svc.key)
+                    k = svc.key
+                    was = services.get(k)
+                    # `was != svc` only for a service known before: None != svc is a call
+                    # to Service.__eq__ (NotImplemented), 100,000 in a first sync's pages.
+                    if was is None or (was is not svc and was != svc):
+                        services[k] = svc
+                        dirty.add(k)
             if d.mesh is not None and d.mesh != self.mesh:
                 self.mesh, self._mesh_dirty = d.mesh, True
             if not d.partial:  # a part of the first sync is no load of its own
@@ -275,15 +281,21 @@ class Core:
         ctx = self.selection_context()
         rec = self.reconciler
         changes: Dict[ServiceKey, Optional[Service]] = {}
+        services, checked, watched = self.services, self._checked, self._watched
         for key in self._dirty:
-            svc = self.services.get(key)
+            svc = services.get(key)
             changes[key] = svc
             if svc is None:
                 rec.remove_service(key)
                 self._conflicts.pop(key, None)
+                simple = False
             else:
+                # No health check, no outlier detection (nearly every service): nothing to
+                # watch, and no checker or detector to tell unless it had them before.
+                simple = svc.simple()
                 frontends = service_frontends(svc, ctx)
-                conflicts = rec.set_service(key, frontends, watched_endpoints(svc))
+                conflicts = rec.set_service(key, frontends, _NOTHING_WATCHED if simple
+                                            else watched_endpoints(svc))
                 if conflicts:
                     self._conflicts[key] = conflicts
                     log.error("%s/%s not programmed where another service has the same "
@@ -295,6 +307,8 @@ class Core:
                         self._conflicts.pop(key, None)
                     if wanted is not None:  # with no conflict, what it owns is what it wants
                         wanted.update(frontends)
+            if simple and not (checked and key in checked) and not (watched and key in watched):
+                continue
             if (svc is not None and svc.health_check is not None) or key in self._checked:
                 targets = _health_targets(svc) if svc else {}
                 self.health.set_service_targets(key, targets)
@@ -324,6 +338,15 @@ class Core:
         failing = self._failing
         # Not the union when nothing is pending (a first round's 100,000 keys hashed again).
         keys = result.touched if listed_only or not rec.pending else result.touched | rec.pending
+        added = rec.last_added
+        if added and len(added) <= len(keys):
+            # First written this round (nearly all of a first sync's page round): each one's
+            # stored view is itself, in one go; the loop below looks at the others.
+            views.update(zip(map(_key_of, added), added))
+            rec.last_added = []  # read: not held (a whole first round's are 0.8 MiB)
+            if failing:
+                failing.difference_update(views)
+            keys = keys.difference(views)
         view = FrontendView
         for fk in keys:
             p = programmed.get(fk)
@@ -353,6 +376,10 @@ class Core:
             views, generation=snap.generation + 1, last_round=last, failing=len(self._failing),
             conflicts=tuple(c for cs in self._conflicts.values() for c in cs),
             **self._unpublished(snap))
+
+
+_key_of = operator.attrgetter("key")
+_NOTHING_WATCHED: FrozenSet[Tuple[str, int]] = frozenset()  # watched_endpoints of a simple one
 
 
 def _health_targets(svc: Service) -> Dict[TargetKey, HealthCheck]:

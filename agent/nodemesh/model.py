@@ -357,6 +357,23 @@ class Service(_Frozen):
         return (self.name, self.namespace, self.vip, self.ports, self.backends, *rest[:10],
                 self.labels, *rest[10:])
 
+    def simple(self) -> bool:
+        """One VIP (no extra, external or load-balancer addresses), not Maglev, no health
+        check, no outlier detection, internalTrafficPolicy Cluster, no trafficDistribution
+        and a panic threshold of at most 100 %: what nearly every Kubernetes service is, and
+        what the first sync's fast paths (reconciler._plain_service, PlainFrontend's choice,
+        the core's checks) need to know of its options. Those sit in the shared _rest tuple,
+        so the answer is kept per tuple (a handful in a cluster), not worked out per service.
+        """
+        rest = self._rest
+        got = _SIMPLE.get(id(rest))
+        if got is not None and got[0] is rest:
+            return got[1]
+        simple = _simple_rest(rest)
+        if len(_SIMPLE) < _RESTS_SIZE:
+            _SIMPLE[id(rest)] = (rest, simple)  # the tuple kept: its id is not reused
+        return simple
+
     def with_backends(self, ports: Tuple[ServicePort, ...],
                       backends: Tuple[Backend, ...]) -> "Service":
         """replace(self, ports=ports, backends=backends), without looking at the others."""
@@ -477,6 +494,31 @@ assert _SERVICE_FIELDS == tuple(Service.__init__.__code__.co_varnames[1:22])
 assert _REST == tuple(name for name in _SERVICE_FIELDS[5:] if name != "labels")
 assert set(_SERVICE_FIELDS) == {*Service.__slots__[1:-1], *_REST} - {"_labels"} | {
     "labels", "name", "namespace"}
+
+
+# id(a _rest tuple) -> (the tuple, Service.simple() of it): see Service.simple.
+_SIMPLE: Dict[int, Tuple[Tuple[Any, ...], bool]] = {}
+
+
+def _simple_rest(rest: Tuple[Any, ...]) -> bool:
+    fields = dict(zip(_REST, rest))
+    threshold = fields["panic_threshold_percent"]
+    return (not fields["extra_vips"] and not fields["external_ips"]
+            and not fields["load_balancer_ips"] and fields["algorithm"] != "maglev"
+            and fields["health_check"] is None and fields["outlier_detection"] is None
+            and fields["internal_traffic_policy"] != "Local"
+            and fields["traffic_distribution"] is None
+            and type(threshold) is int and threshold <= 100)
+
+
+def all_serving(backends: Tuple[Backend, ...]) -> bool:
+    """Every backend ready, not terminating and of weight 1 (selection.eligible's candidates
+    before health and topology, all of them, in one slot each): one look at each packed
+    state, where the properties are three calls a backend."""
+    for b in backends:
+        if b._state & 5 != 1 or b._state >> 3 != 1:
+            return False
+    return True
 
 
 def share_key(service: Service, key: Tuple[str, str]) -> Service:

@@ -60,7 +60,7 @@ from typing import (
 
 from . import maglev, selection
 from .datapath import maps as m
-from .model import Service
+from .model import Service, all_serving
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +215,24 @@ class PlainFrontend:
 
     def _choose(self) -> Tuple[Tuple[Any, ...], str]:
         svc = self.svc
-        chosen, why = selection.eligible(svc.backends, svc, self.ctx)
+        chosen: Sequence[Any]
+        if selection.all_eligible(svc, self.ctx):
+            chosen, why = svc.backends, "ready"  # what eligible gives, without its lists
+        else:
+            chosen, why = selection.eligible(svc.backends, svc, self.ctx)
         sp = svc.ports[0]
-        target = sp.target_port
+        target, name = sp.target_port, sp.name
         v6 = self.key.family == m.FAMILY_V6
         flat: List[Any] = []
         for b in chosen:
             address = b.address
             if (":" in address) == v6:
-                flat += (address, b.target_port(sp) if b.ports else target, b.weight)
+                port = target  # Backend.target_port(sp) inline: 300,000 calls a first sync
+                for port_name, number in b.ports:
+                    if port_name == name:
+                        port = number
+                        break
+                flat += (address, port, b.weight)
         return tuple(flat), why
 
     @property
@@ -335,16 +344,20 @@ def _plain_service(svc: Service) -> bool:
     """A service whose one frontend a PlainFrontend describes (see there); whichever of its
     backends selection then allows, the frontend is _is_plain."""
     ports = svc.ports
-    if len(ports) != 1 or svc.extra_vips or svc.external_ips or svc.load_balancer_ips or \
-            ports[0].node_port or svc.algorithm == "maglev":
+    if len(ports) != 1 or ports[0].node_port:
+        return False
+    # Service.simple: a shared answer for those options (and more), nearly always yes.
+    if not svc.simple() and (svc.extra_vips or svc.external_ips or svc.load_balancer_ips or
+                             svc.algorithm == "maglev"):
         return False
     backends = svc.backends
     n = len(backends)
     if n > COMPACT_IDS:
         return False
-    for b in backends:
-        if b.weight > 1:
-            return False
+    if not all_serving(backends):  # (weight 1 each, then: nothing more to check)
+        for b in backends:
+            if b.weight > 1:
+                return False
     return n < 2 or len({b.address for b in backends}) == n
 
 
@@ -1047,6 +1060,11 @@ class Reconciler:
         self._endpoint_refs: Dict[str, Any] = {}
         self._ref_ints: Dict[int, int] = {}  # one object per value: see _shared
         self.last_result: Optional[RoundResult] = None
+        # The frontends the last round first wrote through _add_fresh: each done, and written
+        # from what it wants now (desired[key] is its desired), so its snapshot view is
+        # itself (snapshot.stored_view): the core publishes them without a look each, and
+        # empties the list once read.
+        self.last_added: List[ProgrammedFrontend] = []
 
     def _items(self, name: str) -> Iterator[Tuple[Any, Any]]:
         """A map's elements as its ctypes key and value types (see maps.MAPS)."""
@@ -1227,19 +1245,20 @@ class Reconciler:
         round without `only`."""
         started = self.clock()
         result = RoundResult()
+        self.last_added = []
+        desired, programmed = self.desired, self.programmed  # (the same dicts all round)
         if only is None:
             self._collect_garbage(result)
             due = list(self.pending) if force else \
                 [k for k in self.pending if self.status[k].next_attempt <= started]
         else:
-            due = [k for k in only if k in self.pending and k in self.desired]
+            pending = self.pending
+            due = [k for k in only if k in pending and k in desired]
         failed: Dict[FrontendKey, str] = {}
-        deletes = [self.programmed[k] for k in due if k not in self.desired and
-                   k in self.programmed]
+        deletes = [programmed[k] for k in due if k not in desired and k in programmed]
         self._delete(deletes, failed, result)
         changes: List[_Change] = []
         fresh: List[Desired] = []  # nothing programmed or adopted: see _add_fresh
-        desired, programmed = self.desired, self.programmed
         for k in due:
             d = desired.get(k)
             if d is None:
@@ -1332,10 +1351,8 @@ class Reconciler:
                 self.svc_ids.unallocate(i)
             return self._add_one_by_one(fresh, failed, result)
         news: List[ProgrammedFrontend] = []
-        be_keys: List[bytes] = []
         be_values: List[bytes] = []
         slot_keys: List[bytes] = []
-        slot_values: List[bytes] = []
         master_keys: List[bytes] = []
         master_values: List[bytes] = []
         # Each packer inline (see maps.pack_backend, address_key_prefix, pack_master_value):
@@ -1349,13 +1366,15 @@ class Reconciler:
             m.pack_master_key(b""), m.pack_slot_keys_joined, m.pack_slot_values_joined
         new_frontend, algorithm_ids, svc_f_affinity, svc_f_proxy_off = \
             _new_first_write, m.ALGORITHM_IDS, m.SVC_F_AFFINITY, m.SVC_F_PROXY_OFF
+        # Each frontend's ids are the next of be_ids, in order: the chunk's backend keys and
+        # slot values are be_ids packed whole (below), each frontend's ids a slice of them.
+        all_packed = pack_ids(be_ids)
         at = 0
         for d, svc_id, flat in zip(fresh, svc_ids, flats):
             key = d.key
             n = len(flat) // 3
-            ids = be_ids[at:at + n]
-            at += n
-            packed = _U32S[n].pack(*ids)  # equal weights: the slots are the backends, in order
+            packed = all_packed[at:at + 4 * n]  # equal weights: the slots are the backends
+            at += 4 * n
             affinity, proxy, limits = d.affinity_timeout, d.proxy_port, d.limits
             news.append(new_frontend(key, svc_id, packed, packed, d))
             family, vip, port, protocol = key
@@ -1363,7 +1382,6 @@ class Reconciler:
             prefix = (pton(af4, vip) + v4_rest if family == v4 else pton(af6, vip)) + \
                 key_rest(htons(port), proto, family)
             if n:
-                be_keys.append(packed)
                 for i in range(0, n * 3, 3):
                     address = flat[i]
                     if ":" in address:
@@ -1373,7 +1391,6 @@ class Reconciler:
                         be_values.append(pton(af4, address) + v4_rest + backend_rest(
                             htons(flat[i + 1]), proto, v4, svc_id, active))
                 slot_keys.append(slot_keys_of(prefix, 0, n))
-                slot_values.append(slot_values_of(ids))
             master_keys.append(prefix + master_tail)
             master_values.append(master(
                 0, svc_id, n, 0, algorithm_ids[d.algorithm],
@@ -1382,7 +1399,7 @@ class Reconciler:
                 htons(proxy or 0), 1, affinity, *limits))
         done = self._commit(lambda: [_Change(None, p, list(unpack_ids(p.ids)), [], True)
                                      for p in news], _Packed(
-            b"".join(be_keys), b"".join(be_values), b"".join(slot_keys), b"".join(slot_values),
+            all_packed, b"".join(be_values), b"".join(slot_keys), slot_values_of(be_ids),
             b"".join(master_keys), b"".join(master_values)), failed, result, tables=False)
         programmed = self.programmed
         refs, shared, count = self._endpoint_refs, self._ref_ints.get, self._count_endpoint
@@ -1400,6 +1417,7 @@ class Reconciler:
                 else:
                     count(address, port_proto, 1)
         result.added += done
+        self.last_added += news[:done]
         return [p.key for p in news[:done]]
 
     def _add_one_by_one(self, fresh: List[Desired], failed: Dict[FrontendKey, str],

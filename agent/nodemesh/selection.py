@@ -18,7 +18,7 @@ from functools import reduce
 from math import gcd
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from .model import Backend, Service
+from .model import Backend, Service, all_serving
 
 MAX_SLOTS = 16384  # per frontend; slot indexes are 15 bits in the key
 
@@ -77,6 +77,16 @@ def eligible(backends: Sequence[Backend], service: Optional[Service] = None,
             return zone_ok, "zone-local"
         return healthy, "zone-spillover" if zone_all else why
     return healthy, why if len(healthy) == len(candidates) else why + "-healthy"
+
+
+def all_eligible(service: Service, ctx: Context = NO_CONTEXT) -> bool:
+    """True only if eligible(service.backends, service, ctx) is every backend, in order, for
+    "ready": it has backends, all ready, not terminating and of weight 1, nothing is taken
+    out, and its options (Service.simple) leave topology and panic out of it. Nearly every
+    frontend of a first sync, whose choice then costs one pass over the backends' states
+    rather than eligible's lists. False says nothing: ask eligible."""
+    return bool(service.backends) and not ctx.unhealthy and service.simple() and \
+        all_serving(service.backends)
 
 
 def slot_counts(weights: Sequence[int], max_slots: int = MAX_SLOTS) -> List[int]:

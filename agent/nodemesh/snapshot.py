@@ -363,7 +363,11 @@ class Snapshot:
                 svc_id = None if old is None else _indexed_svc_id(old)
                 if svc_id is not None:
                     by_id[svc_id] = None
+        programmed = ProgrammedFrontend
         for view in views.values():
+            if type(view) is programmed:  # _indexed_svc_id inline: nearly every view is
+                by_id[view.svc_id] = view
+                continue
             svc_id = None if view is None else _indexed_svc_id(view)
             if svc_id is not None:
                 by_id[svc_id] = view

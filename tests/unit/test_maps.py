@@ -99,3 +99,12 @@ def test_a_frontends_keys_packed_from_its_address_match_the_struct(address):
             assert m.pack_slot_keys(prefix, bank, count) == \
                 [m.pack_svc_key(prefix, m.slot_number(bank, i)) for i in range(1, count + 1)]
     assert m.pack_slot_values([7, 123456]) == [m.pack_slot_value(7), m.pack_slot_value(123456)]
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 64, 65, 12_288])
+def test_joined_slot_values_are_each_slot_value_end_to_end_at_any_count(count):
+    ids = [(i * 2_654_435_761) % 524_287 + 1 for i in range(count)]
+    joined = m.pack_slot_values_joined(ids)
+    assert joined == b"".join(m.pack_slot_value(i) for i in ids)
+    assert [m.SvcValue.from_buffer_copy(joined, at).backend_id
+            for at in range(0, len(joined), ctypes.sizeof(m.SvcValue))] == ids

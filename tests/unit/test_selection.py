@@ -3,9 +3,11 @@ import random
 
 import pytest
 
-from nodemesh.model import Backend
+from nodemesh.model import Backend, HealthCheck, OutlierDetection, Service, ServicePort
 from nodemesh.selection import (
     MAX_SLOTS,
+    Context,
+    all_eligible,
     eligible,
     expanded_sequence,
     slot_counts,
@@ -121,3 +123,52 @@ def test_serving_terminating_backends_are_used_when_none_is_ready():
 
 def test_no_eligible_backend_leaves_the_set_empty():
     assert eligible([b("10.0.0.1", ready=False, serving=False)]) == ([], "none")
+
+
+def _random_service(rng, i):
+    backends = tuple(
+        Backend(f"10.1.{i % 250}.{j}", weight=rng.choice([0, 1, 1, 1, 2]),
+                node=rng.choice([None, "n1", "n2"]), zone=rng.choice([None, "a", "b"]),
+                ready=rng.random() < 0.85, serving=rng.random() < 0.9,
+                terminating=rng.random() < 0.1)
+        for j in range(rng.randint(0, 4)))
+    return Service(
+        f"s{i}", "ns", "10.96.0.1", (ServicePort(80, 8080),), backends,
+        algorithm=rng.choice(["random", "round_robin", "maglev"]),
+        health_check=rng.choice([None, None, HealthCheck()]),
+        outlier_detection=rng.choice([None, None, OutlierDetection()]),
+        extra_vips=rng.choice([(), (), ("fd00::1",)]),
+        internal_traffic_policy=rng.choice(["Cluster", "Cluster", "Local"]),
+        traffic_distribution=rng.choice([None, None, "PreferClose"]),
+        panic_threshold_percent=rng.choice([0, 50, 50, 100, 150]))
+
+
+def test_all_eligible_is_said_only_where_eligible_keeps_every_backend_for_ready():
+    rng = random.Random(8)
+    contexts = [Context(), Context("n1", "a"),
+                Context("n1", "a", frozenset({("ns", f"s{i}", f"10.1.{i % 250}.0")
+                                              for i in range(3000)}))]
+    said = 0
+    for i in range(3000):
+        svc = _random_service(rng, i)
+        for ctx in contexts:
+            if all_eligible(svc, ctx):
+                said += 1
+                assert eligible(svc.backends, svc, ctx) == (list(svc.backends), "ready"), svc
+    assert said > 20  # the fast answer is given, not only ever declined
+
+
+def test_the_usual_service_is_simple_and_any_option_that_matters_makes_it_not():
+    def svc(**options):
+        return Service("a", "ns", "10.96.0.1", (ServicePort(80, 8080),), (Backend("10.1.0.1"),),
+                       **options)
+
+    assert svc().simple() and svc(algorithm="round_robin").simple()
+    assert all_eligible(svc(), Context("n1", "a"))
+    for options in ({"health_check": HealthCheck()}, {"outlier_detection": OutlierDetection()},
+                    {"extra_vips": ("fd00::1",)}, {"external_ips": ("192.0.2.1",)},
+                    {"load_balancer_ips": ("192.0.2.2",)}, {"algorithm": "maglev"},
+                    {"internal_traffic_policy": "Local"},
+                    {"traffic_distribution": "PreferClose"}, {"panic_threshold_percent": 101}):
+        assert not svc(**options).simple(), options
+        assert not all_eligible(svc(**options)), options
