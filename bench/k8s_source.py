@@ -119,6 +119,31 @@ SLICE_MANAGED_FIELDS = [{
         "f:ownerReferences": {".": {}, 'k:{"uid":"..."}': {}}}, "f:ports": {}}}]
 
 
+def served_pages(n: int, head, limit: int = 500) -> dict:
+    """The list pages the fake API server serves for N Services and N EndpointSlices of this
+    file's shape, `limit` a page, by collection ("services", "endpointslices"): a list of
+    (the continue token the page was asked with, None for the first; its body), in order.
+    `head(body)` is the page's list metadata (the agent's own reader, of whichever checkout a
+    benchmark times). For benchmarks that feed a source its pages without HTTP."""
+    from k8s_fake_apiserver import COLLECTIONS, FakeApiServer
+
+    api = FakeApiServer()
+    api.load(service_object(i) for i in range(n))
+    api.load(slice_object(i) for i in range(n))
+    pages = {}
+    for collection in ("services", "endpointslices"):
+        bodies, query = [], {"limit": str(limit)}
+        while True:
+            _, body = api._list_body(COLLECTIONS[collection], None, query)
+            bodies.append((query.get("continue"), body))
+            token = head(body).get("continue")
+            if not token:
+                break
+            query = {"continue": token, "limit": str(limit)}
+        pages[collection] = bodies
+    return pages
+
+
 # -- the child: the source alone, reporting every delta on stdout
 
 def child(kubeconfig: str) -> None:

@@ -70,8 +70,7 @@ def main() -> None:
     sys.path[:0] = [os.path.join(args.agent, "agent"), os.path.join(ROOT, "tests"),
                     os.path.join(ROOT, "bench")]
     from fakemaps import FakeMaps
-    from k8s_fake_apiserver import COLLECTIONS, FakeApiServer
-    from k8s_source import service_object, slice_object
+    from k8s_source import served_pages, slice_object
     from prometheus_client import CollectorRegistry
 
     from nodemesh import daemon
@@ -84,26 +83,16 @@ def main() -> None:
     from nodemesh.sources import kubernetes as k8s
 
     n = args.services
-    api = FakeApiServer()
-    api.load(service_object(i) for i in range(n))
-    api.load(slice_object(i) for i in range(n))
-    pages = {}
-    for collection in ("services", "endpointslices"):
-        bodies, query = [], {"limit": "500"}
-        while True:
-            _, body = api._list_body(COLLECTIONS[collection], None, query)
-            bodies.append((query.get("continue"), body))
-            metadata = k8s._list_head(body.decode()) if hasattr(k8s, "_list_head") else None
-            if metadata is None:  # an older checkout: read the page's metadata the long way
-                fields: dict = {}
-                for _ in k8s._list_items(body.decode(), fields):
-                    pass
-                metadata = fields["metadata"]
-            if not metadata.get("continue"):
-                break
-            query = {"continue": metadata["continue"], "limit": "500"}
-        pages[collection] = bodies
-    del api
+
+    def head(body: bytes) -> dict:
+        if hasattr(k8s, "_list_head"):
+            return k8s._list_head(body.decode())
+        fields: dict = {}  # an older checkout: read the page's metadata the long way
+        for _ in k8s._list_items(body.decode(), fields):
+            pass
+        return fields["metadata"]
+
+    pages = served_pages(n, head)
     gc.collect()
     gc.freeze()  # the pages are the server's, not the agent's: out of the collector's sight
     if hasattr(daemon, "_collect_less_while_syncing"):

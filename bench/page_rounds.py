@@ -38,8 +38,7 @@ def main() -> None:
     sys.path[:0] = [os.path.join(args.agent, "agent"), os.path.join(ROOT, "tests"),
                     os.path.join(ROOT, "bench")]
     from fakemaps import FakeMaps
-    from k8s_fake_apiserver import COLLECTIONS, FakeApiServer
-    from k8s_source import service_object, slice_object
+    from k8s_source import served_pages
     from prometheus_client import CollectorRegistry
 
     from nodemesh import daemon, snapshot
@@ -52,21 +51,9 @@ def main() -> None:
     from nodemesh.sources import kubernetes as k8s
 
     n = args.services
-    api = FakeApiServer()
-    api.load(service_object(i) for i in range(n))
-    api.load(slice_object(i) for i in range(n))
-    pages: Dict[str, Dict[Any, bytes]] = {}
-    for collection in ("services", "endpointslices"):
-        bodies, query = {}, {"limit": "500"}
-        while True:
-            _, body = api._list_body(COLLECTIONS[collection], None, query)
-            bodies[query.get("continue")] = body
-            metadata = k8s._list_head(body.decode())
-            if not metadata.get("continue"):
-                break
-            query = {"continue": metadata["continue"], "limit": "500"}
-        pages[collection] = bodies
-    del api
+    served = served_pages(n, lambda body: k8s._list_head(body.decode()))
+    pages: Dict[str, Dict[Any, bytes]] = {c: dict(bodies) for c, bodies in served.items()}
+    del served
 
     class Source:  # what a _Watcher asks of its source, without a server or a worker
         DECODE_IN_WORKER = False
