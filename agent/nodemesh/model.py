@@ -7,7 +7,6 @@ compare equal.
 """
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 from dataclasses import Field, FrozenInstanceError, dataclass, field
 from typing import Any, ClassVar, Dict, Iterator, Optional, Tuple
@@ -318,15 +317,7 @@ class Service(_Frozen):
                 traffic_distribution, outlier_detection, panic_threshold_percent,
                 terminate_connections_on_removal, proxy_port, maglev_table_size, external_ips,
                 load_balancer_ips, external_traffic_policy, connection_limits)
-        try:
-            shared = _RESTS.get(rest)
-        except TypeError:  # a field that is no hashable value (a list): kept, not shared
-            shared = None
-        if shared is None:
-            shared = rest
-            with contextlib.suppress(TypeError):
-                if len(_RESTS) < _RESTS_SIZE:
-                    _RESTS[rest] = rest
+        shared = _shared_rest(rest)
         _set_key(self, (namespace, name))
         _set_vip(self, vip)
         _set_service_ports(self, ports)
@@ -473,13 +464,32 @@ def _flat_labels(labels: Tuple[Tuple[str, str], ...], name: str) -> Tuple[str, .
     if name in values:
         named = tuple([_NAME if i % 2 and text == name else text
                        for i, text in enumerate(flat)])
-        shared = _FLAT_LABELS.get(named)
-        if shared is not None:
-            return shared
-        if len(_FLAT_LABELS) < _LABELS_SIZE:
-            _FLAT_LABELS[named] = named
-        return named
+        return _shared_flat(named)
     return flat
+
+
+def _shared_flat(flat: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The one copy of a flat labels tuple alike to `flat` (bounded: past _LABELS_SIZE, its own)."""
+    shared = _FLAT_LABELS.get(flat)
+    if shared is None:
+        shared = flat
+        if len(_FLAT_LABELS) < _LABELS_SIZE:
+            _FLAT_LABELS[flat] = flat
+    return shared
+
+
+def _shared_rest(rest: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """The one copy of a Service's other fields alike to `rest` (bounded, as _shared_flat);
+    one with a field that is no hashable value (a list) is kept as it is, not shared."""
+    try:
+        shared = _RESTS.get(rest)
+    except TypeError:
+        return rest
+    if shared is None:
+        shared = rest
+        if len(_RESTS) < _RESTS_SIZE:
+            _RESTS[rest] = rest
+    return shared
 
 
 def _rest_field(i: int) -> "property":
@@ -548,27 +558,17 @@ def service_from_parts(key: Tuple[str, str], backends: Tuple[Backend, ...],
     again here, and the name's stand-in in the labels is this process's own again)."""
     vip, ports, labels, rest = parts
     if labels:
-        shared = _FLAT_LABELS.get(labels)
-        if shared is None:
-            shared = tuple([_NAME if text == _NAME else text for text in labels])
-            if len(_FLAT_LABELS) < _LABELS_SIZE:
-                _FLAT_LABELS[shared] = shared
-        labels = shared
-    try:
-        shared_rest = _RESTS.get(rest)
-    except TypeError:  # a field that is no hashable value: kept, not shared (as Service())
-        shared_rest = rest
-    if shared_rest is None:
-        shared_rest = rest
-        if len(_RESTS) < _RESTS_SIZE:
-            _RESTS[rest] = rest
+        # Found as it came when alike ones are shared already; else with this process's own
+        # stand-in for the name (an unpickled copy of _NAME is only equal to it).
+        labels = _FLAT_LABELS.get(labels) or _shared_flat(
+            tuple([_NAME if text == _NAME else text for text in labels]))
     service = _new_service(Service)
     _set_key(service, key)
     _set_vip(service, vip)
     _set_service_ports(service, ports)
     _set_backends(service, backends)
     _set_labels(service, labels)
-    _set_rest(service, shared_rest)
+    _set_rest(service, _shared_rest(rest))
     return service
 
 
