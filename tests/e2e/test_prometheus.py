@@ -112,30 +112,31 @@ def wait_scraped(prom, expr, want, timeout=15):
     raise AssertionError(f"{expr} = {got}, waited for {want}")
 
 
-def quantile(buckets, q):
-    """Prometheus' histogram_quantile over cumulative [(le, count)], le ascending."""
-    total = buckets[-1][1]
-    rank = q * total
+def _crossing(buckets, q):
+    """Where rank q x total falls in cumulative [(le, count)], le ascending: the rank and the
+    bucket's (lower bound, count below it, upper bound, count up to it)."""
+    rank = q * buckets[-1][1]
     prev_le, prev_count = 0.0, 0.0
     for le, count in buckets:
         if count >= rank:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+            return rank, prev_le, prev_count, le, count
         prev_le, prev_count = le, count
     raise AssertionError("unreachable")
+
+
+def quantile(buckets, q):
+    """Prometheus' histogram_quantile over cumulative [(le, count)], le ascending."""
+    rank, prev_le, prev_count, le, count = _crossing(buckets, q)
+    if le == float("inf"):
+        return prev_le
+    return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
 
 
 def quantile_bucket(buckets, q):
     """The bounds (lower, upper) of the bucket histogram_quantile(q) interpolates in, over
     cumulative [(le, count)]; for the +Inf bucket both are the last finite bound."""
-    rank = q * buckets[-1][1]
-    prev_le = 0.0
-    for le, count in buckets:
-        if count >= rank:
-            return (prev_le, prev_le if le == float("inf") else le)
-        prev_le = le
-    raise AssertionError("unreachable")
+    _, prev_le, _, le, _ = _crossing(buckets, q)
+    return (prev_le, prev_le if le == float("inf") else le)
 
 
 def test_prometheus_rate_and_histogram_quantile_agree_with_the_test_traffic(lab, agent,
